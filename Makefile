@@ -1,0 +1,42 @@
+# loraplane: the two commands a newcomer needs are `make demo` and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+CARGO ?= cargo
+TOOLS := .tools
+
+.PHONY: help bootstrap test fmt-check clippy unit crd-check crdgen demo
+
+help:
+	@echo "make demo   - run the local demo (what exists so far)"
+	@echo "make test   - everything CI checks: tools, fmt, clippy, tests, CRD drift"
+	@echo "make crdgen - regenerate crds/loratrainingjob.yaml from the Rust types"
+
+## Installs what the tests need into .tools/ (git-ignored); fails loudly on anything missing.
+bootstrap:
+	@tests/tools/bootstrap.sh
+
+test: bootstrap fmt-check clippy unit crd-check
+	@echo "make test: all checks passed"
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+unit:
+	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(CARGO) nextest run --workspace --locked --no-fail-fast
+
+crd-check:
+	@$(CARGO) run --quiet --locked -p loraplane-crds --bin crdgen > target/crd-check.yaml
+	@diff -u crds/loratrainingjob.yaml target/crd-check.yaml \
+	  || { echo "crds/loratrainingjob.yaml is stale: run 'make crdgen' and commit it"; exit 1; }
+	@echo "crd-check: crds/loratrainingjob.yaml matches the types"
+
+crdgen:
+	$(CARGO) run --quiet -p loraplane-crds --bin crdgen -- --write
+
+demo: bootstrap
+	@tests/tools/demo.sh
