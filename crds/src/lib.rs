@@ -1,9 +1,12 @@
-//! loraplane's shared contracts: the `LoRATrainingJob` custom resource (and, as later parts
-//! land, the trainer's config file and the regions/pools configuration). Every crate that
+//! loraplane's shared contracts: the `LoRATrainingJob` custom resource (`v1alpha1`), the
+//! trainer's config file, progress lines and exit codes (`trainer`), and the regions / node
+//! pools / model families configuration (`platform`). Every crate that
 //! writes or reads these uses the types from here, so the operator, the API and the trainer
 //! cannot drift apart.
 
 pub mod logging;
+pub mod platform;
+pub mod trainer;
 pub mod v1alpha1;
 
 pub use v1alpha1::{LoRATrainingJob, LoRATrainingJobSpec, LoRATrainingJobStatus};

@@ -1,0 +1,395 @@
+//! The platform configuration: regions (jurisdiction, S3 endpoint, buckets), GPU node pools,
+//! model families and operator defaults. One YAML file, mounted from the chart into the operator
+//! and the API, so both place data and pods by the same map.
+//!
+//! `PlatformConfig::from_yaml` parses and validates; an invalid file fails start-up with a
+//! message naming the bad field.
+
+use std::collections::{BTreeMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::trainer::S3Endpoint;
+use crate::v1alpha1::{ModelFamily, Residency};
+
+/// The jurisdiction a region's data centres are in.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub enum Jurisdiction {
+    /// Inside the European Economic Area.
+    Eea,
+    /// In the United States.
+    Us,
+    /// Anywhere else (only `residency: any` jobs go there).
+    Other,
+}
+
+impl Jurisdiction {
+    /// Whether a job with this residency may be processed here.
+    pub fn allows(self, residency: Residency) -> bool {
+        match residency {
+            Residency::Any => true,
+            Residency::Eea => self == Jurisdiction::Eea,
+            Residency::Us => self == Jurisdiction::Us,
+        }
+    }
+}
+
+/// The whole platform configuration.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PlatformConfig {
+    /// Regions jobs may run in.
+    pub regions: Vec<RegionConfig>,
+    /// GPU node pools, each in one region.
+    pub pools: Vec<PoolConfig>,
+    /// Model families the platform trains.
+    pub families: Vec<FamilyConfig>,
+    /// Operator defaults.
+    #[serde(default)]
+    pub defaults: Defaults,
+}
+
+/// A region: where its nodes are, under which law, and its buckets.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RegionConfig {
+    /// Region name, as in the nodes' `topology.kubernetes.io/region` label.
+    pub name: String,
+    /// `eea`, `us` or `other`.
+    pub jurisdiction: Jurisdiction,
+    /// The region's S3 endpoint.
+    pub s3: S3Endpoint,
+    /// The region's buckets.
+    pub buckets: Buckets,
+}
+
+/// The buckets of one region.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Buckets {
+    /// Uploaded datasets.
+    pub datasets: String,
+    /// Training checkpoints.
+    pub checkpoints: String,
+    /// Trained LoRA files.
+    pub outputs: String,
+}
+
+/// A Kubernetes toleration for a pool's taints.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TolerationConfig {
+    /// Taint key.
+    pub key: String,
+    /// `Equal` (default) or `Exists`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<String>,
+    /// Taint value (with `Equal`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// `NoSchedule`, `PreferNoSchedule` or `NoExecute`; empty matches all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effect: Option<String>,
+}
+
+/// A GPU node pool.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Pool name, unique across regions.
+    pub name: String,
+    /// The region the pool's nodes are in.
+    pub region: String,
+    /// Labels that select the pool's nodes (the pod's nodeSelector).
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations for the pool's taints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<TolerationConfig>,
+    /// GPU product, as in `nvidia.com/gpu.product`.
+    pub gpu_product: String,
+    /// Memory per GPU in GiB.
+    pub gpu_memory_gib: u32,
+    /// Spot (preemptible) capacity.
+    #[serde(default)]
+    pub spot: bool,
+    /// Price per GPU-hour, used to rank otherwise equal pools.
+    #[serde(default)]
+    pub hourly_price: f64,
+}
+
+/// How to train one model family.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FamilyConfig {
+    /// `sd15` or `sdxl`.
+    pub family: ModelFamily,
+    /// Minimum memory per GPU in GiB.
+    pub min_gpu_memory_gib: u32,
+    /// Base weights in the diffusers layout (a path in the trainer image or an `s3://` prefix).
+    pub weights: String,
+    /// Trainer container image.
+    pub trainer_image: String,
+    /// Extra trainer arguments.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trainer_args: Vec<String>,
+}
+
+/// Operator defaults.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Defaults {
+    /// Seconds a pod may stay unschedulable before the next candidate pool is tried.
+    #[serde(default = "default_scheduling_timeout")]
+    pub scheduling_timeout_seconds: u64,
+    /// Checkpoint interval when the job does not set one.
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// First retry delay after a trainer crash; doubles per failure.
+    #[serde(default = "default_backoff_seconds")]
+    pub backoff_seconds: u64,
+    /// Size of the job's scratch claim in GiB.
+    #[serde(default = "default_scratch_gib")]
+    pub scratch_gib: u32,
+}
+
+fn default_scheduling_timeout() -> u64 {
+    300
+}
+fn default_checkpoint_every() -> u64 {
+    100
+}
+fn default_backoff_seconds() -> u64 {
+    10
+}
+fn default_scratch_gib() -> u32 {
+    50
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults {
+            scheduling_timeout_seconds: default_scheduling_timeout(),
+            checkpoint_every: default_checkpoint_every(),
+            backoff_seconds: default_backoff_seconds(),
+            scratch_gib: default_scratch_gib(),
+        }
+    }
+}
+
+/// Why a platform configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file is not valid YAML for the schema.
+    #[error("platform config: {0}")]
+    Parse(#[from] serde_yaml::Error),
+    /// A field's value breaks a rule.
+    #[error("platform config: {field}: {message}")]
+    Invalid {
+        /// Path of the bad field, e.g. `pools[2].region`.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+impl PlatformConfig {
+    /// Parses and validates a YAML configuration.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let config: PlatformConfig = serde_yaml::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the rules serde cannot: unique names, pools in known regions, sane numbers.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.regions.is_empty() {
+            return Err(invalid("regions", "at least one region is required"));
+        }
+        let mut regions = HashSet::new();
+        for (i, r) in self.regions.iter().enumerate() {
+            if !is_dns_label(&r.name) {
+                return Err(invalid(
+                    format!("regions[{i}].name"),
+                    format!("{:?} is not a DNS label", r.name),
+                ));
+            }
+            if !regions.insert(r.name.as_str()) {
+                return Err(invalid(
+                    format!("regions[{i}].name"),
+                    format!("duplicate region {:?}", r.name),
+                ));
+            }
+            for (field, bucket) in [
+                ("datasets", &r.buckets.datasets),
+                ("checkpoints", &r.buckets.checkpoints),
+                ("outputs", &r.buckets.outputs),
+            ] {
+                if bucket.len() < 3
+                    || bucket.len() > 63
+                    || !bucket.chars().all(|c| {
+                        c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.'
+                    })
+                {
+                    return Err(invalid(
+                        format!("regions[{i}].buckets.{field}"),
+                        format!("{bucket:?} is not a valid bucket name"),
+                    ));
+                }
+            }
+            if !(r.s3.endpoint.starts_with("http://") || r.s3.endpoint.starts_with("https://")) {
+                return Err(invalid(
+                    format!("regions[{i}].s3.endpoint"),
+                    "must be an http:// or https:// URL",
+                ));
+            }
+        }
+        let mut pools = HashSet::new();
+        for (i, p) in self.pools.iter().enumerate() {
+            if !pools.insert(p.name.as_str()) {
+                return Err(invalid(
+                    format!("pools[{i}].name"),
+                    format!("duplicate pool {:?}", p.name),
+                ));
+            }
+            if !regions.contains(p.region.as_str()) {
+                return Err(invalid(
+                    format!("pools[{i}].region"),
+                    format!("unknown region {:?}", p.region),
+                ));
+            }
+            if p.node_selector.is_empty() {
+                return Err(invalid(
+                    format!("pools[{i}].nodeSelector"),
+                    "must select the pool's nodes",
+                ));
+            }
+            if p.gpu_memory_gib == 0 {
+                return Err(invalid(
+                    format!("pools[{i}].gpuMemoryGib"),
+                    "must be at least 1",
+                ));
+            }
+            if !(p.hourly_price.is_finite() && p.hourly_price >= 0.0) {
+                return Err(invalid(
+                    format!("pools[{i}].hourlyPrice"),
+                    "must be a non-negative number",
+                ));
+            }
+        }
+        let mut families = HashSet::new();
+        for (i, f) in self.families.iter().enumerate() {
+            if !families.insert(f.family) {
+                return Err(invalid(
+                    format!("families[{i}].family"),
+                    format!("duplicate family {}", f.family.as_str()),
+                ));
+            }
+            if f.trainer_image.is_empty() {
+                return Err(invalid(
+                    format!("families[{i}].trainerImage"),
+                    "must not be empty",
+                ));
+            }
+        }
+        if self.defaults.scheduling_timeout_seconds == 0 {
+            return Err(invalid(
+                "defaults.schedulingTimeoutSeconds",
+                "must be at least 1",
+            ));
+        }
+        if self.defaults.checkpoint_every == 0 {
+            return Err(invalid("defaults.checkpointEvery", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// The region with this name.
+    pub fn region(&self, name: &str) -> Option<&RegionConfig> {
+        self.regions.iter().find(|r| r.name == name)
+    }
+
+    /// The configuration of a model family.
+    pub fn family(&self, family: ModelFamily) -> Option<&FamilyConfig> {
+        self.families.iter().find(|f| f.family == family)
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+regions:
+  - name: eu-west
+    jurisdiction: eea
+    s3: {endpoint: "http://127.0.0.1:8333", region: eu-west, forcePathStyle: true}
+    buckets: {datasets: datasets-eu-west, checkpoints: checkpoints-eu-west, outputs: outputs-eu-west}
+  - name: us-east
+    jurisdiction: us
+    s3: {endpoint: "https://s3.us-east-1.amazonaws.com", region: us-east-1}
+    buckets: {datasets: datasets-us-east, checkpoints: checkpoints-us-east, outputs: outputs-us-east}
+pools:
+  - name: eu-west-l4
+    region: eu-west
+    nodeSelector: {loraplane.io/node-pool: eu-west-l4}
+    gpuProduct: NVIDIA-L4
+    gpuMemoryGib: 24
+    hourlyPrice: 0.8
+families:
+  - family: sdxl
+    minGpuMemoryGib: 16
+    weights: /models/sdxl
+    trainerImage: ghcr.io/loraplane/trainer:0.1.0
+"#;
+
+    #[test]
+    fn a_good_config_parses_with_defaults() {
+        let c = PlatformConfig::from_yaml(GOOD).unwrap();
+        assert_eq!(c.defaults.scheduling_timeout_seconds, 300);
+        assert_eq!(
+            c.region("eu-west").map(|r| r.jurisdiction),
+            Some(Jurisdiction::Eea)
+        );
+    }
+
+    #[test]
+    fn errors_name_the_bad_field() {
+        let bad = GOOD.replace(
+            "region: eu-west\n    nodeSelector",
+            "region: mars\n    nodeSelector",
+        );
+        let err = PlatformConfig::from_yaml(&bad).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "platform config: pools[0].region: unknown region \"mars\""
+        );
+        let bad = GOOD.replace("gpuMemoryGib: 24", "gpuMemoryGib: 24\n    colour: red");
+        let err = PlatformConfig::from_yaml(&bad).unwrap_err().to_string();
+        assert!(err.contains("unknown field `colour`"), "{err}");
+    }
+
+    #[test]
+    fn residency_maps_to_jurisdictions() {
+        assert!(Jurisdiction::Eea.allows(Residency::Eea));
+        assert!(!Jurisdiction::Us.allows(Residency::Eea));
+        assert!(!Jurisdiction::Other.allows(Residency::Us));
+        assert!(Jurisdiction::Other.allows(Residency::Any));
+    }
+}

@@ -1,0 +1,307 @@
+//! The trainer contract: the config file the operator writes and the trainer reads, the
+//! progress lines the trainer prints on stdout, the summary it leaves in the container's
+//! termination-message file, and the exit codes that tell "bad input, do not retry" from
+//! "crashed, retry".
+//!
+//! The operator mounts the config file (from a Secret, since it holds the customer's trigger
+//! word and description) and passes `--config PATH`; S3 credentials come from a separate
+//! Secret as the standard `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` environment variables.
+//! Nothing else about the job reaches the pod.
+//!
+//! Progress travels through the pod's log: the operator reads the newest lines through the
+//! `pods/log` subresource, which works on a locked-down pod (no network path from the pod to
+//! the operator, no extra credentials) and on any conformant cluster.
+
+use serde::{Deserialize, Serialize};
+
+use crate::v1alpha1::{ConceptType, LrScheduler, MixedPrecision, ModelFamily};
+
+/// Exit code of a successful run.
+pub const EXIT_OK: i32 = 0;
+/// Exit code for input that can never succeed (invalid config, dataset or base model): the
+/// operator fails the job without retrying.
+pub const EXIT_BAD_INPUT: i32 = 2;
+/// Any other non-zero exit code (including 137 for a kill) is a crash the operator retries
+/// within `backoffLimit`.
+pub const EXIT_CRASH: i32 = 1;
+
+/// Prefix of every machine-readable line on the trainer's stdout, so that other output (a
+/// library's warning) never parses as progress.
+pub const EVENT_PREFIX: &str = "LORAPLANE ";
+
+/// The trainer's whole input, one file. Unknown keys are rejected.
+#[derive(Serialize, Deserialize, Clone, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrainerConfig {
+    /// The job this run belongs to (namespace/name/uid), for object keys and metadata.
+    pub job: JobRef,
+    /// The base model to adapt.
+    pub base_model: BaseModelSource,
+    /// The dataset zip and its checksum.
+    pub dataset: DatasetSource,
+    /// The concept: type and trigger word (sensitive) and description (sensitive).
+    pub concept: ConceptConfig,
+    /// Hyperparameters, fully resolved (no defaults left to the trainer's judgement).
+    pub training: TrainingConfig,
+    /// Where checkpoints go (`s3://bucket/prefix/` or a local directory); the newest one is
+    /// resumed from when present.
+    pub checkpoints: String,
+    /// Where the LoRA files go (`s3://bucket/prefix/` or a local directory).
+    pub output: String,
+    /// The S3 endpoint for `s3://` locations; absent means local paths only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Endpoint>,
+    /// Scratch directory (the job's claim, or a memory-backed volume for zero retention).
+    pub work_dir: String,
+    /// Where to write the final summary (Kubernetes' `terminationMessagePath`).
+    #[serde(default = "default_termination_message_path")]
+    pub termination_message_path: String,
+    /// Print a progress line every this many steps.
+    #[serde(default = "default_log_every")]
+    pub log_every: u32,
+}
+
+impl std::fmt::Debug for TrainerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The concept holds customer text; everything else is safe to show.
+        f.debug_struct("TrainerConfig")
+            .field("job", &self.job)
+            .field("base_model", &self.base_model)
+            .field("dataset", &self.dataset)
+            .field("concept", &"<redacted>")
+            .field("training", &self.training)
+            .field("checkpoints", &self.checkpoints)
+            .field("output", &self.output)
+            .field("s3", &self.s3)
+            .field("work_dir", &self.work_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn default_termination_message_path() -> String {
+    "/dev/termination-log".to_string()
+}
+
+fn default_log_every() -> u32 {
+    10
+}
+
+/// Which job a run belongs to.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JobRef {
+    /// Namespace of the LoRATrainingJob.
+    pub namespace: String,
+    /// Name of the LoRATrainingJob.
+    pub name: String,
+    /// UID of the LoRATrainingJob.
+    pub uid: String,
+}
+
+/// The base model: family and a diffusers-layout folder (local path or `s3://` prefix).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BaseModelSource {
+    /// `sd15` or `sdxl`.
+    pub family: ModelFamily,
+    /// Folder with `model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`...
+    pub path: String,
+}
+
+/// The dataset zip.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DatasetSource {
+    /// `s3://bucket/key.zip` or a local path.
+    pub uri: String,
+    /// Lowercase hex SHA-256 the zip must have.
+    pub sha256: String,
+}
+
+/// The concept. Sensitive: never logged.
+#[derive(Serialize, Deserialize, Clone, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConceptConfig {
+    /// Character, style or object.
+    #[serde(rename = "type")]
+    pub concept_type: ConceptType,
+    /// Trigger word prepended to captions that lack it.
+    pub trigger_word: String,
+    /// Free-text description (may seed captions of images without a `.txt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// Fully resolved hyperparameters.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrainingConfig {
+    /// Optimiser steps.
+    pub steps: u64,
+    /// LoRA rank.
+    pub rank: u32,
+    /// LoRA alpha (adapter scale = alpha / rank).
+    pub alpha: f64,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// `constant` or `cosine`.
+    pub lr_scheduler: LrScheduler,
+    /// Linear warmup steps.
+    #[serde(default)]
+    pub lr_warmup_steps: u64,
+    /// Images per step.
+    pub batch_size: u32,
+    /// Training resolution (long side of each bucket), a multiple of 64.
+    pub resolution: u32,
+    /// Random seed.
+    pub seed: u64,
+    /// Checkpoint every this many steps.
+    pub checkpoint_every: u64,
+    /// `fp32`, `fp16` or `bf16` (CPU runs compute in fp32 whatever is asked).
+    pub mixed_precision: MixedPrecision,
+    /// Noise offset (0 disables it).
+    #[serde(default)]
+    pub noise_offset: f64,
+    /// Min-SNR gamma; absent disables the weighting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_snr_gamma: Option<f64>,
+}
+
+/// An S3-compatible endpoint.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct S3Endpoint {
+    /// Endpoint URL, e.g. `https://s3.eu-west-1.amazonaws.com` or `http://127.0.0.1:8333`.
+    pub endpoint: String,
+    /// Signing region.
+    pub region: String,
+    /// Path-style addressing (`endpoint/bucket/key`), needed by SeaweedFS and MinIO.
+    #[serde(default)]
+    pub force_path_style: bool,
+}
+
+/// One machine-readable line on the trainer's stdout: `LORAPLANE {json}`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(tag = "event", rename_all = "camelCase")]
+pub enum TrainerEvent {
+    /// Training progress.
+    #[serde(rename_all = "camelCase")]
+    Progress {
+        /// Steps completed.
+        step: u64,
+        /// Steps in total.
+        total_steps: u64,
+        /// Smoothed loss.
+        loss: f64,
+        /// Recent throughput.
+        steps_per_second: f64,
+        /// Estimated seconds left.
+        eta_seconds: u64,
+    },
+    /// A checkpoint was written.
+    #[serde(rename_all = "camelCase")]
+    Checkpoint {
+        /// The step it holds.
+        step: u64,
+        /// Where it is.
+        uri: String,
+    },
+    /// Training resumed from a checkpoint.
+    #[serde(rename_all = "camelCase")]
+    Resumed {
+        /// The step resumed from.
+        step: u64,
+    },
+}
+
+impl TrainerEvent {
+    /// The stdout line for this event.
+    pub fn to_line(&self) -> String {
+        // Serialising these plain structs cannot fail; fall back to an empty object anyway.
+        format!(
+            "{EVENT_PREFIX}{}",
+            serde_json::to_string(self).unwrap_or_else(|_| "{}".into())
+        )
+    }
+
+    /// Parses a stdout line; `None` for lines that are not trainer events.
+    pub fn parse_line(line: &str) -> Option<TrainerEvent> {
+        serde_json::from_str(line.trim_end().strip_prefix(EVENT_PREFIX)?).ok()
+    }
+}
+
+/// How a run ended, as written to the termination-message file (at most 4 KiB, Kubernetes'
+/// limit).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainerSummary {
+    /// `succeeded`, `badInput` or `crashed`.
+    pub outcome: Outcome,
+    /// Steps completed.
+    pub step: u64,
+    /// The LoRA files written (empty unless succeeded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<ArtifactInfo>,
+    /// One line saying what went wrong (never customer text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// How a run ended.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum Outcome {
+    /// The LoRA was written and uploaded.
+    Succeeded,
+    /// The input can never work: do not retry.
+    BadInput,
+    /// Something broke: retry.
+    Crashed,
+}
+
+/// One output file.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ArtifactInfo {
+    /// `kohya` or `diffusers`.
+    pub format: String,
+    /// Where it is.
+    pub uri: String,
+    /// Lowercase hex SHA-256.
+    pub sha256: String,
+    /// Size in bytes.
+    pub bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_lines_round_trip_and_ignore_other_output() {
+        let ev = TrainerEvent::Progress {
+            step: 10,
+            total_steps: 100,
+            loss: 0.25,
+            steps_per_second: 2.0,
+            eta_seconds: 45,
+        };
+        let line = ev.to_line();
+        assert!(
+            line.starts_with("LORAPLANE {\"event\":\"progress\""),
+            "{line}"
+        );
+        assert_eq!(TrainerEvent::parse_line(&line), Some(ev));
+        assert_eq!(TrainerEvent::parse_line("warning: something"), None);
+    }
+
+    #[test]
+    fn unknown_config_keys_are_rejected() {
+        let err =
+            serde_json::from_str::<JobRef>(r#"{"namespace":"a","name":"b","uid":"c","extra":1}"#)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+        assert!(err.contains("unknown field `extra`"), "{err}");
+    }
+}
