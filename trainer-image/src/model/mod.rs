@@ -1,0 +1,1 @@
+//! The diffusion model built from a diffusers folder. SKELETON: being written.
