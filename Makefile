@@ -6,7 +6,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TOOLS := .tools
 
-.PHONY: help bootstrap test fmt-check clippy unit crd-check crdgen demo
+.PHONY: help bootstrap test fmt-check clippy unit chart-test crd-check crdgen demo
 
 help:
 	@echo "make demo   - run the local demo (what exists so far)"
@@ -17,7 +17,7 @@ help:
 bootstrap:
 	@tests/tools/bootstrap.sh
 
-test: bootstrap fmt-check clippy unit crd-check
+test: bootstrap fmt-check clippy unit chart-test crd-check
 	@echo "make test: all checks passed"
 
 fmt-check:
@@ -31,9 +31,13 @@ unit:
 
 crd-check:
 	@$(CARGO) run --quiet --locked -p loraplane-crds --bin crdgen > target/crd-check.yaml
-	@diff -u crds/loratrainingjob.yaml target/crd-check.yaml \
-	  || { echo "crds/loratrainingjob.yaml is stale: run 'make crdgen' and commit it"; exit 1; }
+	@for f in crds/loratrainingjob.yaml charts/loraplane/files/loratrainingjob.yaml; do \
+	  diff -u $$f target/crd-check.yaml || { echo "$$f is stale: run 'make crdgen' and commit it"; exit 1; }; \
+	done
 	@echo "crd-check: crds/loratrainingjob.yaml matches the types"
+
+chart-test:
+	$(TOOLS)/venv/bin/python -m pytest -q -p no:cacheprovider charts/loraplane/tests
 
 crdgen:
 	$(CARGO) run --quiet -p loraplane-crds --bin crdgen -- --write

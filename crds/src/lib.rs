@@ -15,6 +15,8 @@ use kube::CustomResourceExt;
 
 /// Where `crdgen` writes the generated CRD, relative to the workspace root.
 pub const CRD_YAML_PATH: &str = "crds/loratrainingjob.yaml";
+/// The Helm chart's copy of the generated CRD (the chart cannot read outside its folder).
+pub const CHART_CRD_YAML_PATH: &str = "charts/loraplane/files/loratrainingjob.yaml";
 
 /// Errors of rendering the CRD.
 #[derive(Debug, thiserror::Error)]

@@ -273,6 +273,10 @@ pub enum MixedPrecision {
         .message("spec.training.checkpointEvery must not exceed spec.training.steps")
 )]
 #[x_kube(
+    validation = Rule::new("self.learningRate > 0.0")
+        .message("spec.training.learningRate must be greater than 0")
+)]
+#[x_kube(
     validation = Rule::new("!has(self.lrWarmupSteps) || self.lrWarmupSteps < self.steps")
         .message("spec.training.lrWarmupSteps must be smaller than spec.training.steps")
 )]
@@ -292,9 +296,9 @@ pub struct Training {
     #[schemars(range(min = 0.001, max = 1024.0))]
     pub alpha: f64,
 
-    /// Peak learning rate of AdamW.
+    /// Peak learning rate of AdamW, greater than 0 and at most 1.
     #[serde(default = "default_learning_rate")]
-    #[schemars(range(min = 1e-7, max = 1.0))]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub learning_rate: f64,
 
     /// Learning-rate schedule: `constant` or `cosine`.

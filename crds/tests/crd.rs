@@ -52,14 +52,15 @@ fn yaml_files(dir: &Path) -> Vec<PathBuf> {
 }
 
 #[test]
-fn checked_in_crd_matches_the_types() {
-    let checked_in = std::fs::read_to_string(workspace_root().join(loraplane_crds::CRD_YAML_PATH))
-        .unwrap_or_default();
+fn checked_in_crds_match_the_types() {
     let generated = loraplane_crds::crd_yaml().unwrap();
-    assert!(
-        checked_in == generated,
-        "crds/loratrainingjob.yaml differs from the Rust types: run `make crdgen` and commit the result"
-    );
+    for path in [loraplane_crds::CRD_YAML_PATH, loraplane_crds::CHART_CRD_YAML_PATH] {
+        let checked_in = std::fs::read_to_string(workspace_root().join(path)).unwrap_or_default();
+        assert!(
+            checked_in == generated,
+            "{path} differs from the Rust types: run `make crdgen` and commit the result"
+        );
+    }
 }
 
 #[test]

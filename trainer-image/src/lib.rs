@@ -3,5 +3,26 @@
 //!
 //! - `model`: the diffusion model (UNet with LoRA adapters, text encoders, VAE encoder) built
 //!   from diffusers `config.json` files and safetensors, with differentiable ops throughout.
+//! - `config`: the job's config file, checked key by key.
+//! - `dataset`: zip validation, captions, centre crop.
+//! - `schedule`: DDPM noise schedule, targets, min-SNR weights, learning-rate schedule.
+//! - `optim`: AdamW with saveable state and gradient clipping.
+//! - `rng`: the seeded, saveable random source.
+//! - `checkpoint`, `tensors`: checkpoint files and safetensors with metadata.
+//! - `export`: kohya and diffusers/PEFT LoRA files.
+//! - `storage`: local paths and S3.
+//! - `progress`: event lines and the termination summary.
+//! - `train`: one run, end to end.
 
+pub mod checkpoint;
+pub mod config;
+pub mod dataset;
+pub mod export;
 pub mod model;
+pub mod optim;
+pub mod progress;
+pub mod rng;
+pub mod schedule;
+pub mod storage;
+pub mod tensors;
+pub mod train;

@@ -1,27 +1,98 @@
-//! `loraplane-trainer`: placeholder entry point. The real binary arrives with its issue; until then it
-//! sets up logging the project's way and says what it is.
+//! `loraplane-trainer --config FILE`: trains one LoRA as the job's config file says, prints
+//! `LORAPLANE {json}` progress lines, leaves a summary in the termination-message file and
+//! exits 0 (done), 2 (bad input: do not retry) or 1 (crash: retry).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use clap::Parser;
 use loraplane_crds::logging::{self, LogFormat};
+use loraplane_crds::trainer::{EXIT_BAD_INPUT, EXIT_CRASH, EXIT_OK, Outcome, TrainerSummary};
+use loraplane_trainer::{config, progress, train};
 
 /// Command-line flags.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
+    /// The job's config file (YAML or JSON `TrainerConfig`).
+    #[arg(long)]
+    config: PathBuf,
     /// Log output format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "LOG_FORMAT")]
     log_format: LogFormat,
 }
 
-fn main() -> std::process::ExitCode {
+fn code(c: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(c).unwrap_or(1))
+}
+
+/// Where the summary goes when the config itself is unusable: the path it names if that much
+/// can be read, else Kubernetes' default.
+fn fallback_summary_path(config: &Path) -> PathBuf {
+    std::fs::read_to_string(config)
+        .ok()
+        .and_then(|t| serde_yaml::from_str::<serde_yaml::Value>(&t).ok())
+        .and_then(|v| {
+            v.get("terminationMessagePath")
+                .and_then(|p| p.as_str().map(PathBuf::from))
+        })
+        .unwrap_or_else(|| PathBuf::from("/dev/termination-log"))
+}
+
+fn finish(path: &Path, summary: &TrainerSummary) {
+    if let Err(e) = progress::write_summary(path, summary) {
+        tracing::warn!(path = %path.display(), error = %e, "could not write the termination message");
+    }
+}
+
+fn main() -> ExitCode {
     let args = Args::parse();
     if let Err(err) = logging::init(args.log_format) {
         eprintln!("loraplane-trainer: {err}");
-        return std::process::ExitCode::FAILURE;
+        return code(EXIT_CRASH);
     }
+    let cfg = match config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("loraplane-trainer: {e}");
+            let summary = TrainerSummary {
+                outcome: Outcome::BadInput,
+                step: 0,
+                artifacts: vec![],
+                error: Some(e.to_string()),
+            };
+            finish(&fallback_summary_path(&args.config), &summary);
+            return code(EXIT_BAD_INPUT);
+        }
+    };
     tracing::info!(
-        version = env!("CARGO_PKG_VERSION"),
-        "loraplane-trainer is not implemented yet"
+        job = %cfg.job.name,
+        family = cfg.base_model.family.as_str(),
+        steps = cfg.training.steps,
+        "starting training"
     );
-    std::process::ExitCode::SUCCESS
+    let summary_path = PathBuf::from(&cfg.termination_message_path);
+    match train::run(&cfg, &train::RunOptions::default()) {
+        Ok(report) => {
+            tracing::info!(artifacts = report.summary.artifacts.len(), "training finished");
+            finish(&summary_path, &report.summary);
+            code(EXIT_OK)
+        }
+        Err(e) => {
+            let bad = e.is_bad_input();
+            let step = match &e {
+                train::TrainError::Interrupted { step } => *step,
+                _ => 0,
+            };
+            eprintln!("loraplane-trainer: {e}");
+            let summary = TrainerSummary {
+                outcome: if bad { Outcome::BadInput } else { Outcome::Crashed },
+                step,
+                artifacts: vec![],
+                error: Some(e.to_string()),
+            };
+            finish(&summary_path, &summary);
+            code(if bad { EXIT_BAD_INPUT } else { EXIT_CRASH })
+        }
+    }
 }

@@ -1,7 +1,8 @@
 //! Writes the `LoRATrainingJob` CRD generated from the Rust types.
 //!
-//! `crdgen` prints it to stdout; `crdgen --write` rewrites `crds/loratrainingjob.yaml` (run from
-//! the workspace root). A test fails whenever the checked-in file differs from the types.
+//! `crdgen` prints it to stdout; `crdgen --write` rewrites `crds/loratrainingjob.yaml` and the
+//! chart's copy (run from the workspace root). A test fails whenever a checked-in file differs
+//! from the types.
 
 use std::process::ExitCode;
 
@@ -18,17 +19,12 @@ fn main() -> ExitCode {
         print!("{yaml}");
         return ExitCode::SUCCESS;
     }
-    match std::fs::write(loraplane_crds::CRD_YAML_PATH, yaml) {
-        Ok(()) => {
-            eprintln!("crdgen: wrote {}", loraplane_crds::CRD_YAML_PATH);
-            ExitCode::SUCCESS
+    for path in [loraplane_crds::CRD_YAML_PATH, loraplane_crds::CHART_CRD_YAML_PATH] {
+        if let Err(err) = std::fs::write(path, &yaml) {
+            eprintln!("crdgen: cannot write {path} (run from the workspace root): {err}");
+            return ExitCode::FAILURE;
         }
-        Err(err) => {
-            eprintln!(
-                "crdgen: cannot write {} (run from the workspace root): {err}",
-                loraplane_crds::CRD_YAML_PATH
-            );
-            ExitCode::FAILURE
-        }
+        eprintln!("crdgen: wrote {path}");
     }
+    ExitCode::SUCCESS
 }

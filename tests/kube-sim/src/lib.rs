@@ -12,3 +12,161 @@
 pub mod cluster;
 pub mod logs;
 pub mod schema;
+pub mod apiserver;
+
+use std::path::Path;
+
+/// The generated LoRATrainingJob CRD, compiled in.
+const LORAPLANE_CRD: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../crds/loratrainingjob.yaml"
+));
+
+/// Errors of starting or using the emulator.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// The apiserver could not start.
+    #[error("starting the apiserver: {0}")]
+    StartApiServer(#[from] apiserver::ApiServerError),
+    /// The kube client could not be built.
+    #[error("building a kube client for {url}: {message}")]
+    BuildClient {
+        /// The server URL.
+        url: String,
+        /// Why.
+        message: String,
+    },
+    /// The simulated cluster could not start.
+    #[error("starting the simulated cluster: {0}")]
+    StartCluster(#[from] cluster::ClusterError),
+    /// The kubeconfig could not be written.
+    #[error("writing kubeconfig {path}: {source}")]
+    WriteKubeconfig {
+        /// Where.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// What to start.
+#[derive(Debug, Clone, Default)]
+pub struct SimConfig {
+    /// Nodes to simulate; `None`: no nodes, no scheduler, no kubelets (apiserver only).
+    pub topology: Option<cluster::Topology>,
+    /// How kubelets run containers.
+    pub kubelet: cluster::KubeletConfig,
+    /// CRD objects installed at start.
+    pub crds: Vec<serde_json::Value>,
+}
+
+impl SimConfig {
+    /// Adds loraplane's generated `LoRATrainingJob` CRD (`crds/loratrainingjob.yaml`).
+    pub fn with_loraplane_crd(mut self) -> Self {
+        match serde_yaml::from_str::<serde_json::Value>(LORAPLANE_CRD) {
+            Ok(crd) => self.crds.push(crd),
+            // The file is compiled in and checked by this crate's tests.
+            Err(e) => tracing::error!(error = %e, "crds/loratrainingjob.yaml does not parse"),
+        }
+        self
+    }
+}
+
+/// A running emulator: the apiserver and, with a topology, the simulated cluster.
+#[derive(Debug)]
+pub struct KubeSim {
+    server: apiserver::ApiServer,
+    client: kube::Client,
+    cluster: Option<cluster::Cluster>,
+    logs: logs::PodLogs,
+}
+
+/// A `kube::Client` for a plain-HTTP emulator URL.
+pub fn client_for(url: &str) -> Result<kube::Client, SimError> {
+    let err = |message: String| SimError::BuildClient {
+        url: url.to_string(),
+        message,
+    };
+    let uri: axum::http::Uri = url.parse().map_err(|e| err(format!("{e}")))?;
+    let mut config = kube::Config::new(uri);
+    config.default_namespace = "default".to_string();
+    config.read_timeout = None;
+    kube::Client::try_from(config).map_err(|e| err(e.to_string()))
+}
+
+/// The kubeconfig text for a server URL: no TLS, no auth, namespace `default`.
+pub fn kubeconfig_yaml(url: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: kube-sim\n  cluster:\n    server: {url}\ncontexts:\n- name: kube-sim\n  context:\n    cluster: kube-sim\n    user: kube-sim\n    namespace: default\ncurrent-context: kube-sim\nusers:\n- name: kube-sim\n  user: {{}}\npreferences: {{}}\n"
+    )
+}
+
+impl KubeSim {
+    /// Starts the apiserver on 127.0.0.1 (free port), installs the CRDs and, with a topology,
+    /// starts the simulated cluster.
+    pub async fn start(config: SimConfig) -> Result<KubeSim, SimError> {
+        let logs = logs::PodLogs::default();
+        let server = apiserver::ApiServer::start(&config.crds, logs.clone()).await?;
+        let client = client_for(&server.url())?;
+        let cluster = match config.topology {
+            Some(topology) => Some(
+                cluster::Cluster::start(client.clone(), topology, config.kubelet, logs.clone())
+                    .await?,
+            ),
+            None => None,
+        };
+        Ok(KubeSim {
+            server,
+            client,
+            cluster,
+            logs,
+        })
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    /// A `kube::Client` talking to the emulator over HTTP.
+    pub fn client(&self) -> kube::Client {
+        self.client.clone()
+    }
+
+    /// Writes a kubeconfig for `kubectl --kubeconfig` / `KUBECONFIG`.
+    pub fn write_kubeconfig(&self, path: &Path) -> Result<(), SimError> {
+        std::fs::write(path, kubeconfig_yaml(&self.url())).map_err(|source| {
+            SimError::WriteKubeconfig {
+                path: path.display().to_string(),
+                source,
+            }
+        })
+    }
+
+    /// Fault injection (error rate, latency, apiserver restart).
+    pub fn faults(&self) -> &apiserver::Faults {
+        self.server.faults()
+    }
+
+    /// The simulated cluster, when started with a topology.
+    pub fn cluster(&self) -> Option<&cluster::Cluster> {
+        self.cluster.as_ref()
+    }
+
+    /// The container log store behind `pods/log`.
+    pub fn logs(&self) -> logs::PodLogs {
+        self.logs.clone()
+    }
+
+    /// The apiserver (direct access to storage, for benchmarks and white-box tests).
+    pub fn apiserver(&self) -> &apiserver::ApiServer {
+        &self.server
+    }
+
+    /// Stops the cluster and the apiserver.
+    pub async fn shutdown(self) {
+        drop(self.cluster);
+        self.server.shutdown();
+        tokio::task::yield_now().await;
+    }
+}

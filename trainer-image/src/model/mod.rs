@@ -1,1 +1,395 @@
-//! The diffusion model built from a diffusers folder. SKELETON: being written.
+//! The diffusion model the trainer trains through, built from a diffusers folder: the
+//! architecture comes from each component's `config.json`, the weights from its safetensors,
+//! so any conforming SD1.5 or SDXL checkpoint loads, full size or tiny.
+//!
+//! Only the UNet is on the training path. It is written from differentiable candle ops
+//! (`ops`): candle's fused softmax/layer-norm/rms-norm kernels have no backward pass and would
+//! silently cut the graph. The text encoders and the VAE encoder are frozen and forward-only.
+//!
+//! `DiffusionModel` is the facade the training pipeline calls; `tiny` writes small random
+//! checkpoints in the exact diffusers layout for tests and demos.
+
+pub mod clip;
+pub mod lora;
+pub mod ops;
+pub mod tiny;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+mod weights;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde::Deserialize;
+
+pub use lora::{Adapter, LoraSpec};
+pub use loraplane_crds::v1alpha1::ModelFamily;
+
+/// Everything that can go wrong loading or running the model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A config or tokenizer file could not be read.
+    #[error("reading {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A JSON config file is malformed.
+    #[error("parsing {path}: {source}")]
+    ParseConfig {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    /// A config is well-formed JSON but describes something this trainer cannot build.
+    #[error("unsupported model config {path}: {reason}")]
+    UnsupportedConfig { path: PathBuf, reason: String },
+    /// A safetensors file could not be read or parsed.
+    #[error("reading weights {path}: {source}")]
+    ReadWeights {
+        path: PathBuf,
+        source: candle_core::Error,
+    },
+    /// A weight the architecture needs is missing or has the wrong shape.
+    #[error("loading tensor `{tensor}` of {component}: {source}")]
+    LoadTensor {
+        component: String,
+        tensor: String,
+        source: candle_core::Error,
+    },
+    /// The tokenizer files are missing or malformed.
+    #[error("loading tokenizer from {path}: {reason}")]
+    LoadTokenizer { path: PathBuf, reason: String },
+    /// Adapter tensors handed in (e.g. from a checkpoint) do not fit the model.
+    #[error("setting adapter `{name}`: {reason}")]
+    SetAdapters { name: String, reason: String },
+    /// A tensor computation failed (shape mismatch in the inputs, out of memory, ...).
+    #[error("model computation failed: {0}")]
+    Forward(#[from] candle_core::Error),
+    /// Writing a (tiny) model to disk failed.
+    #[error("writing {path}: {reason}")]
+    WriteModel { path: PathBuf, reason: String },
+}
+
+/// Text conditioning for the UNet.
+#[derive(Debug, Clone)]
+pub struct TextConditioning {
+    /// Per-token hidden states, (B, 77, cross_attention_dim).
+    pub hidden: Tensor,
+    /// SDXL only: pooled, projected embedding of `text_encoder_2`, (B, projection_dim).
+    pub pooled: Option<Tensor>,
+}
+
+impl TextConditioning {
+    /// Moves/casts the conditioning, e.g. after loading it from a cache.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self, ModelError> {
+        Ok(Self {
+            hidden: self.hidden.to_dtype(dtype)?,
+            pooled: self.pooled.as_ref().map(|p| p.to_dtype(dtype)).transpose()?,
+        })
+    }
+}
+
+/// The noise schedule the base model was trained with (`scheduler/scheduler_config.json`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct SchedulerConfig {
+    #[serde(default = "default_train_timesteps")]
+    pub num_train_timesteps: usize,
+    #[serde(default = "default_beta_start")]
+    pub beta_start: f64,
+    #[serde(default = "default_beta_end")]
+    pub beta_end: f64,
+    /// `linear`, `scaled_linear` or `squaredcos_cap_v2`.
+    #[serde(default = "default_beta_schedule")]
+    pub beta_schedule: String,
+    /// `epsilon` or `v_prediction`.
+    #[serde(default = "default_prediction_type")]
+    pub prediction_type: String,
+}
+
+fn default_train_timesteps() -> usize {
+    1000
+}
+fn default_beta_start() -> f64 {
+    0.00085
+}
+fn default_beta_end() -> f64 {
+    0.012
+}
+fn default_beta_schedule() -> String {
+    "scaled_linear".to_string()
+}
+fn default_prediction_type() -> String {
+    "epsilon".to_string()
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            num_train_timesteps: default_train_timesteps(),
+            beta_start: default_beta_start(),
+            beta_end: default_beta_end(),
+            beta_schedule: default_beta_schedule(),
+            prediction_type: default_prediction_type(),
+        }
+    }
+}
+
+/// A loaded base model with LoRA adapters on its UNet.
+pub struct DiffusionModel {
+    family: ModelFamily,
+    dtype: DType,
+    device: Device,
+    unet: unet::UNet2DConditionModel,
+    text_encoders: Vec<(tokenizer::ClipTokenizer, clip::ClipTextModel)>,
+    vae: vae::VaeEncoder,
+    scheduler: SchedulerConfig,
+}
+
+impl std::fmt::Debug for DiffusionModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiffusionModel")
+            .field("family", &self.family)
+            .field("dtype", &self.dtype)
+            .field("adapters", &self.unet.adapters().len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Loads a diffusers folder in f32 (the CPU training dtype).
+pub fn load(
+    dir: &Path,
+    family: ModelFamily,
+    lora: LoraSpec,
+    device: &Device,
+) -> Result<DiffusionModel, ModelError> {
+    load_with_dtype(dir, family, lora, device, DType::F32)
+}
+
+/// Loads a diffusers folder with every weight and adapter in `dtype` (f64 for gradient
+/// checks, f16/bf16 on GPUs).
+pub fn load_with_dtype(
+    dir: &Path,
+    family: ModelFamily,
+    lora: LoraSpec,
+    device: &Device,
+    dtype: DType,
+) -> Result<DiffusionModel, ModelError> {
+    let unet_cfg: unet::UNetConfig = read_config(&dir.join("unet").join("config.json"))?;
+    check_family(dir, family, &unet_cfg)?;
+    let unet_vb = weights::Weights::from_dir(&dir.join("unet"), "unet", dtype, device)?;
+    let unet = unet::UNet2DConditionModel::load(&unet_vb, &unet_cfg, Some(&lora))?;
+    drop(unet_vb);
+
+    let mut text_encoders = Vec::new();
+    let names: &[(&str, &str)] = match family {
+        ModelFamily::Sd15 => &[("text_encoder", "tokenizer")],
+        ModelFamily::Sdxl => &[
+            ("text_encoder", "tokenizer"),
+            ("text_encoder_2", "tokenizer_2"),
+        ],
+    };
+    for (enc, tok) in names {
+        let tokenizer = tokenizer::ClipTokenizer::from_dir(&dir.join(tok))?;
+        let cfg: clip::ClipTextConfig = read_config(&dir.join(enc).join("config.json"))?;
+        let vb = weights::Weights::from_dir(&dir.join(enc), enc, dtype, device)?;
+        let with_projection = family == ModelFamily::Sdxl && *enc == "text_encoder_2";
+        let model = clip::ClipTextModel::load(&vb, &cfg, with_projection)?;
+        text_encoders.push((tokenizer, model));
+    }
+
+    let vae_cfg: vae::VaeConfig = read_config(&dir.join("vae").join("config.json"))?;
+    let vae_vb = weights::Weights::from_dir(&dir.join("vae"), "vae", dtype, device)?;
+    let vae = vae::VaeEncoder::load(&vae_vb, &vae_cfg)?;
+
+    let sched_path = dir.join("scheduler").join("scheduler_config.json");
+    let scheduler = if sched_path.exists() {
+        read_config(&sched_path)?
+    } else {
+        SchedulerConfig::default()
+    };
+
+    Ok(DiffusionModel {
+        family,
+        dtype,
+        device: device.clone(),
+        unet,
+        text_encoders,
+        vae,
+        scheduler,
+    })
+}
+
+fn check_family(dir: &Path, family: ModelFamily, cfg: &unet::UNetConfig) -> Result<(), ModelError> {
+    let is_xl = cfg.addition_embed_type.as_deref() == Some("text_time");
+    if is_xl != (family == ModelFamily::Sdxl) {
+        return Err(ModelError::UnsupportedConfig {
+            path: dir.join("unet").join("config.json"),
+            reason: format!(
+                "family {family:?} does not match the UNet (addition_embed_type {:?})",
+                cfg.addition_embed_type
+            ),
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn read_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ModelError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ModelError::ReadFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| ModelError::ParseConfig {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+impl DiffusionModel {
+    pub fn family(&self) -> ModelFamily {
+        self.family
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Number of latent channels the UNet expects.
+    pub fn latent_channels(&self) -> usize {
+        self.unet.config().in_channels
+    }
+
+    /// Pixel-to-latent downscale factor of the VAE (8 for real checkpoints).
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.scale_factor()
+    }
+
+    /// Token sequence length of the text encoders (77).
+    pub fn max_token_length(&self) -> usize {
+        self.text_encoders
+            .first()
+            .map(|(t, _)| t.max_length())
+            .unwrap_or(77)
+    }
+
+    /// Tokenizes and encodes captions: SD1.5 uses the last hidden state of `text_encoder`;
+    /// SDXL concatenates the penultimate hidden states of both encoders and adds the pooled
+    /// projection of `text_encoder_2`. Frozen: the result carries no gradient.
+    pub fn encode_prompts(&self, captions: &[String]) -> Result<TextConditioning, ModelError> {
+        let mut hiddens = Vec::new();
+        let mut pooled = None;
+        for (tokenizer, encoder) in &self.text_encoders {
+            let mut ids = Vec::with_capacity(captions.len());
+            let mut eos = Vec::with_capacity(captions.len());
+            for caption in captions {
+                let (row, eos_pos) = tokenizer.encode_padded(caption);
+                ids.push(row);
+                eos.push(eos_pos);
+            }
+            let out = encoder.forward(&ids, &eos, &self.device)?;
+            match self.family {
+                ModelFamily::Sd15 => hiddens.push(out.last_hidden),
+                ModelFamily::Sdxl => {
+                    hiddens.push(out.penultimate_hidden);
+                    if out.text_embeds.is_some() {
+                        pooled = out.text_embeds;
+                    }
+                }
+            }
+        }
+        let hidden = Tensor::cat(&hiddens, 2)?.detach();
+        Ok(TextConditioning {
+            hidden,
+            pooled: pooled.map(|p| p.detach()),
+        })
+    }
+
+    /// Encodes images (B, 3, H, W) in [-1, 1] to scaled latents (the posterior mean, not a
+    /// sample, so caching is deterministic). Frozen: the result carries no gradient.
+    pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor, ModelError> {
+        let pixels = pixels.to_dtype(self.dtype)?.to_device(&self.device)?;
+        Ok(self.vae.encode(&pixels)?.detach())
+    }
+
+    /// Predicts noise (or v) for noisy latents (B, C, h, w) at per-sample timesteps (B,).
+    /// SDXL needs `cond.pooled` and `time_ids` (B, 6): original size, crop top-left, target
+    /// size, as in diffusers.
+    pub fn predict(
+        &self,
+        noisy: &Tensor,
+        timesteps: &Tensor,
+        cond: &TextConditioning,
+        time_ids: Option<&Tensor>,
+    ) -> Result<Tensor, ModelError> {
+        let added = match self.family {
+            ModelFamily::Sd15 => None,
+            ModelFamily::Sdxl => {
+                let pooled = cond.pooled.as_ref().ok_or_else(|| {
+                    candle_core::Error::Msg("SDXL needs pooled text embeddings".into())
+                })?;
+                let ids = time_ids.ok_or_else(|| {
+                    candle_core::Error::Msg("SDXL needs time ids (B, 6)".into())
+                })?;
+                Some((pooled, ids))
+            }
+        };
+        Ok(self.unet.forward(noisy, timesteps, &cond.hidden, added)?)
+    }
+
+    /// Every LoRA adapter with its diffusers module path, e.g.
+    /// `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`, in a stable order.
+    pub fn adapters(&self) -> Vec<(String, Adapter)> {
+        self.unet.adapters()
+    }
+
+    /// The trainable variables (every adapter's `down` and `up`), for the optimizer.
+    pub fn trainable_vars(&self) -> Vec<Var> {
+        self.adapters()
+            .into_iter()
+            .flat_map(|(_, a)| [a.down, a.up])
+            .collect()
+    }
+
+    /// Overwrites adapter weights (resume from a checkpoint). Keys are
+    /// `{module path}.down` / `{module path}.up`; every adapter must be present with its
+    /// exact shape.
+    pub fn load_adapters(&self, tensors: &HashMap<String, Tensor>) -> Result<(), ModelError> {
+        for (name, adapter) in self.adapters() {
+            for (suffix, var) in [("down", &adapter.down), ("up", &adapter.up)] {
+                let key = format!("{name}.{suffix}");
+                let t = tensors.get(&key).ok_or_else(|| ModelError::SetAdapters {
+                    name: key.clone(),
+                    reason: "missing".to_string(),
+                })?;
+                if t.dims() != var.dims() {
+                    return Err(ModelError::SetAdapters {
+                        name: key,
+                        reason: format!("shape {:?}, expected {:?}", t.dims(), var.dims()),
+                    });
+                }
+                var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The adapter weights keyed as `load_adapters` expects.
+    pub fn adapter_tensors(&self) -> HashMap<String, Tensor> {
+        let mut out = HashMap::new();
+        for (name, a) in self.adapters() {
+            out.insert(format!("{name}.down"), a.down.as_tensor().clone());
+            out.insert(format!("{name}.up"), a.up.as_tensor().clone());
+        }
+        out
+    }
+
+    /// The base model's noise schedule.
+    pub fn scheduler_config(&self) -> SchedulerConfig {
+        self.scheduler.clone()
+    }
+}

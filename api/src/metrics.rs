@@ -1,0 +1,79 @@
+//! Prometheus metrics of the API: requests by route and status, webhook events by type and
+//! outcome, retention deletions, GC lag and bytes erased. Labels carry only route templates,
+//! event types and outcomes: never ids.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+};
+
+/// The API's metrics.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by route template, method and status.
+    pub requests: IntCounterVec,
+    /// Webhook events by type and outcome.
+    pub webhook_events: IntCounterVec,
+    /// Retention deletions by what was deleted (`inputs`, `outputs`, `erasure`).
+    pub retention_deletions: IntCounterVec,
+    /// Seconds between a deletion's due time and the deletion.
+    pub gc_lag: Histogram,
+    /// Bytes deleted from S3 by retention and erasure.
+    pub bytes_erased: IntCounter,
+}
+
+impl Metrics {
+    /// Registers every metric in a fresh registry.
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("loraplane_api_requests_total", "HTTP requests by route and status"),
+            &["route", "method", "status"],
+        )?;
+        let webhook_events = IntCounterVec::new(
+            Opts::new(
+                "loraplane_api_webhook_events_total",
+                "Stripe webhook events by type and outcome",
+            ),
+            &["type", "outcome"],
+        )?;
+        let retention_deletions = IntCounterVec::new(
+            Opts::new(
+                "loraplane_api_retention_deletions_total",
+                "Retention and erasure deletions by what was deleted",
+            ),
+            &["what"],
+        )?;
+        let gc_lag = Histogram::with_opts(
+            HistogramOpts::new(
+                "loraplane_api_gc_lag_seconds",
+                "Seconds between a retention due time and the deletion",
+            )
+            .buckets(vec![0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0]),
+        )?;
+        let bytes_erased = IntCounter::new(
+            "loraplane_api_bytes_erased_total",
+            "Bytes deleted from S3 by retention and erasure",
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(webhook_events.clone()))?;
+        registry.register(Box::new(retention_deletions.clone()))?;
+        registry.register(Box::new(gc_lag.clone()))?;
+        registry.register(Box::new(bytes_erased.clone()))?;
+        Ok(Metrics {
+            registry,
+            requests,
+            webhook_events,
+            retention_deletions,
+            gc_lag,
+            bytes_erased,
+        })
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

@@ -1,0 +1,473 @@
+//! Orders, the pure part: what a paid order says (from Stripe metadata or the service API's
+//! JSON), how it becomes a `LoRATrainingJobSpec` with the plan's resolved policy, and the
+//! deterministic, non-reversible names that make delivery idempotent.
+//!
+//! Identifiers from the payment world (checkout sessions, payment intents, order ids) never
+//! appear in the cluster in clear: they are keyed-hashed (HMAC-SHA256 with the API's id key),
+//! so names and labels are stable for the same order yet say nothing about the payment.
+
+use std::collections::BTreeMap;
+
+use hmac::{Hmac, Mac};
+use loraplane_crds::platform::PlatformConfig;
+use loraplane_crds::v1alpha1::{
+    BaseModel, Concept, ConceptType, DataUse, Dataset, GpuProduct, LoRATrainingJobSpec,
+    ModelFamily, Placement, RegionName, Residency, Resources, Retention, RetentionMode, Training,
+};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use crate::config::{Plan, parse_residency};
+
+/// Label on a job holding the hashed order id.
+pub const LABEL_ORDER: &str = "loraplane.io/order";
+/// Label on a job holding the hashed payment id (refunds and disputes find jobs by it).
+pub const LABEL_PAYMENT: &str = "loraplane.io/payment";
+/// Label on a job holding the hashed idempotency key of the request that created it.
+pub const LABEL_IDEMPOTENCY: &str = "loraplane.io/idempotency-key";
+/// Annotation holding the hash of the request body that created the job.
+pub const ANNOTATION_REQUEST: &str = "loraplane.io/request-sha256";
+/// Label on a job telling how it was ordered.
+pub const LABEL_SOURCE: &str = "loraplane.io/source";
+/// Label on a job holding the plan name.
+pub const LABEL_PLAN: &str = "loraplane.io/plan";
+
+/// A keyed hash of an identifier, as 32 lowercase hex digits (128 bits).
+pub fn hash_id(key: &[u8], kind: &str, id: &str) -> String {
+    let Ok(mut mac) = <Hmac<Sha256> as Mac>::new_from_slice(key) else {
+        return String::new();
+    };
+    mac.update(kind.as_bytes());
+    mac.update(b"\0");
+    mac.update(id.as_bytes());
+    let mut h = hex::encode(mac.finalize().into_bytes());
+    h.truncate(32);
+    h
+}
+
+/// The job name of an order: the same order always gets the same name, whatever the path.
+pub fn job_name(order_hash: &str) -> String {
+    format!("ltj-{}", &order_hash[..order_hash.len().min(24)])
+}
+
+/// A paid order's details.
+#[derive(Serialize, Deserialize, Clone, PartialEq, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Order {
+    /// `sd15` or `sdxl`.
+    pub family: String,
+    /// `character`, `style` or `object`.
+    pub concept_type: String,
+    /// The word that invokes the concept (sensitive).
+    pub trigger_word: String,
+    /// Free-text description (sensitive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The plan name.
+    pub plan: String,
+    /// `eea`, `us` or `any`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub residency: Option<String>,
+    /// The upload id returned by `POST /v1/uploads`.
+    pub upload_id: String,
+    /// Training steps; the plan's maximum when empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<i64>,
+}
+
+impl std::fmt::Debug for Order {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Orders end up in error chains; the customer's words must not.
+        f.debug_struct("Order")
+            .field("family", &self.family)
+            .field("plan", &self.plan)
+            .field("upload_id", &self.upload_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why an order cannot become a job. Each variant is a machine code in API errors.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum OrderError {
+    /// A required field is missing.
+    #[error("order lacks {0}")]
+    Missing(&'static str),
+    /// A field has an unusable value.
+    #[error("order field {field} is invalid: {message}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// Why.
+        message: String,
+    },
+    /// The plan is unknown.
+    #[error("unknown plan {0:?}")]
+    UnknownPlan(String),
+    /// The upload's region is not allowed for the order.
+    #[error("the upload is in region {0:?}, which the order's residency or plan does not allow")]
+    RegionNotAllowed(String),
+}
+
+impl OrderError {
+    /// The machine code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            OrderError::Missing(_) => "order_field_missing",
+            OrderError::Invalid { .. } => "order_field_invalid",
+            OrderError::UnknownPlan(_) => "unknown_plan",
+            OrderError::RegionNotAllowed(_) => "region_not_allowed",
+        }
+    }
+}
+
+impl Order {
+    /// Reads an order from a checkout session's metadata (Stripe keys are snake_case).
+    pub fn from_metadata(m: &BTreeMap<String, String>) -> Result<Order, OrderError> {
+        let get = |k: &'static str| m.get(k).cloned().ok_or(OrderError::Missing(k));
+        Ok(Order {
+            family: get("family")?,
+            concept_type: get("concept_type")?,
+            trigger_word: get("trigger_word")?,
+            description: m.get("concept").cloned().filter(|s| !s.is_empty()),
+            plan: get("plan")?,
+            residency: m.get("residency").cloned(),
+            upload_id: get("upload_id")?,
+            steps: match m.get("steps") {
+                Some(s) => Some(s.parse().map_err(|_| OrderError::Invalid {
+                    field: "steps",
+                    message: "not an integer".into(),
+                })?),
+                None => None,
+            },
+        })
+    }
+}
+
+/// An upload id: the region whose bucket holds it and a random token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadId {
+    /// Region name.
+    pub region: String,
+    /// 32 lowercase hex digits.
+    pub token: String,
+}
+
+impl UploadId {
+    /// Parses `REGION.TOKEN`.
+    pub fn parse(s: &str) -> Option<UploadId> {
+        let (region, token) = s.split_once('.')?;
+        let region_ok = !region.is_empty()
+            && region.len() <= 63
+            && region
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        let token_ok =
+            token.len() == 32 && token.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase());
+        (region_ok && token_ok).then(|| UploadId {
+            region: region.into(),
+            token: token.into(),
+        })
+    }
+
+    /// The id as handed to clients.
+    pub fn to_id(&self) -> String {
+        format!("{}.{}", self.region, self.token)
+    }
+
+    /// The object key in the region's dataset bucket; namespaced, so a tenant can only ever
+    /// reach its own uploads.
+    pub fn key(&self, namespace: &str) -> String {
+        format!("uploads/{namespace}/{}.zip", self.token)
+    }
+}
+
+/// Everything [`build_spec`] needs besides the order.
+#[derive(Debug)]
+pub struct SpecInputs<'a> {
+    /// The resolved plan.
+    pub plan: &'a Plan,
+    /// The platform's regions.
+    pub platform: &'a PlatformConfig,
+    /// The parsed upload id.
+    pub upload: &'a UploadId,
+    /// The dataset bucket of the upload's region.
+    pub dataset_bucket: &'a str,
+    /// The namespace of the job.
+    pub namespace: &'a str,
+    /// SHA-256 of the validated dataset zip.
+    pub dataset_sha256: &'a str,
+}
+
+/// Turns an order into a job spec with the plan's policy written in.
+pub fn build_spec(order: &Order, inp: &SpecInputs<'_>) -> Result<LoRATrainingJobSpec, OrderError> {
+    let family = match order.family.as_str() {
+        "sd15" => ModelFamily::Sd15,
+        "sdxl" => ModelFamily::Sdxl,
+        _ => {
+            return Err(OrderError::Invalid {
+                field: "family",
+                message: "must be sd15 or sdxl".into(),
+            });
+        }
+    };
+    let concept_type = match order.concept_type.as_str() {
+        "character" => ConceptType::Character,
+        "style" => ConceptType::Style,
+        "object" => ConceptType::Object,
+        _ => {
+            return Err(OrderError::Invalid {
+                field: "conceptType",
+                message: "must be character, style or object".into(),
+            });
+        }
+    };
+    let tw = &order.trigger_word;
+    if tw.is_empty()
+        || tw.chars().count() > 64
+        || tw.contains([',', '\r', '\n'])
+        || tw.trim() != tw
+    {
+        return Err(OrderError::Invalid {
+            field: "triggerWord",
+            message: "1 to 64 characters, no commas or line breaks, no surrounding blanks".into(),
+        });
+    }
+    if order.description.as_ref().is_some_and(|d| d.chars().count() > 2000) {
+        return Err(OrderError::Invalid {
+            field: "description",
+            message: "at most 2000 characters".into(),
+        });
+    }
+    let residency = parse_residency(order.residency.as_deref().unwrap_or("any")).ok_or(
+        OrderError::Invalid {
+            field: "residency",
+            message: "must be eea, us or any".into(),
+        },
+    )?;
+    let plan = inp.plan;
+    let steps = order.steps.unwrap_or(plan.max_steps);
+    if !(1..=plan.max_steps).contains(&steps) {
+        return Err(OrderError::Invalid {
+            field: "steps",
+            message: format!("must be between 1 and the plan's maximum {}", plan.max_steps),
+        });
+    }
+    let region = inp
+        .platform
+        .region(&inp.upload.region)
+        .ok_or_else(|| OrderError::RegionNotAllowed(inp.upload.region.clone()))?;
+    let plan_allows = |r: &str| plan.allowed_regions.is_empty() || plan.allowed_regions.iter().any(|a| a == r);
+    if !region.jurisdiction.allows(residency) || !plan_allows(&region.name) {
+        return Err(OrderError::RegionNotAllowed(region.name.clone()));
+    }
+    // The placement allow-list is the plan's regions inside the residency; empty means all.
+    let regions: Vec<RegionName> = inp
+        .platform
+        .regions
+        .iter()
+        .filter(|r| r.jurisdiction.allows(residency) && plan_allows(&r.name))
+        .map(|r| RegionName(r.name.clone()))
+        .collect();
+    let all_allowed = plan.allowed_regions.is_empty();
+    let zero = plan.retention == RetentionMode::ZeroRetention;
+    let training = Training {
+        steps,
+        checkpoint_every: None,
+        ..Training::default()
+    };
+    let mut resources = Resources::default();
+    resources.gpu.min_memory_gi_b = plan.min_gpu_memory_gib;
+    resources.gpu.products = plan.gpu_products.iter().cloned().map(GpuProduct).collect();
+    Ok(LoRATrainingJobSpec {
+        base_model: BaseModel {
+            family,
+            weights: None,
+        },
+        concept: Concept {
+            concept_type,
+            trigger_word: tw.clone(),
+            description: order.description.clone(),
+        },
+        dataset: Dataset {
+            uri: format!("s3://{}/{}", inp.dataset_bucket, inp.upload.key(inp.namespace)),
+            sha256: inp.dataset_sha256.to_string(),
+            region: Some(region.name.clone()),
+        },
+        training,
+        resources,
+        placement: Placement {
+            residency,
+            regions: if all_allowed { Vec::new() } else { regions },
+            ..Placement::default()
+        },
+        retention: Retention {
+            mode: plan.retention,
+            keep_inputs_seconds: Some(if zero { 0 } else { plan.keep_inputs_seconds }),
+            keep_outputs_seconds: Some(plan.keep_outputs_seconds),
+        },
+        data_use: DataUse {
+            training_consent: plan.training_consent && !zero,
+        },
+        suspend: false,
+        managed_by: None,
+        active_deadline_seconds: None,
+        backoff_limit: 3,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn platform() -> PlatformConfig {
+        PlatformConfig::from_yaml(
+            r#"
+regions:
+  - name: eu-west
+    jurisdiction: eea
+    s3: {endpoint: "http://127.0.0.1:1", region: us-east-1, forcePathStyle: true}
+    buckets: {datasets: ds-eu, checkpoints: ck-eu, outputs: out-eu}
+  - name: eu-north
+    jurisdiction: eea
+    s3: {endpoint: "http://127.0.0.1:1", region: us-east-1, forcePathStyle: true}
+    buckets: {datasets: ds-eun, checkpoints: ck-eun, outputs: out-eun}
+  - name: us-east
+    jurisdiction: us
+    s3: {endpoint: "http://127.0.0.1:1", region: us-east-1, forcePathStyle: true}
+    buckets: {datasets: ds-us, checkpoints: ck-us, outputs: out-us}
+pools: []
+families: []
+"#,
+        )
+        .unwrap()
+    }
+
+    fn plan() -> Plan {
+        Plan {
+            retention: RetentionMode::Standard,
+            keep_inputs_seconds: 100,
+            keep_outputs_seconds: 200,
+            training_consent: true,
+            allowed_regions: vec![],
+            gpu_products: vec!["NVIDIA-L4".into()],
+            min_gpu_memory_gib: Some(20),
+            max_steps: 500,
+        }
+    }
+
+    fn order() -> Order {
+        Order {
+            family: "sdxl".into(),
+            concept_type: "character".into(),
+            trigger_word: "zxq".into(),
+            description: Some("my dog".into()),
+            plan: "basic".into(),
+            residency: Some("eea".into()),
+            upload_id: "eu-west.0123456789abcdef0123456789abcdef".into(),
+            steps: None,
+        }
+    }
+
+    fn build(order: &Order, plan: &Plan) -> Result<LoRATrainingJobSpec, OrderError> {
+        let platform = platform();
+        let upload = UploadId::parse(&order.upload_id).unwrap();
+        let bucket = platform.region(&upload.region).map(|r| r.buckets.datasets.clone()).unwrap_or_default();
+        build_spec(
+            order,
+            &SpecInputs {
+                plan,
+                platform: &platform,
+                upload: &upload,
+                dataset_bucket: &bucket,
+                namespace: "orders",
+                dataset_sha256: &"a".repeat(64),
+            },
+        )
+    }
+
+    #[test]
+    fn the_plan_policy_is_written_into_the_spec() {
+        let spec = build(&order(), &plan()).unwrap();
+        assert_eq!(spec.training.steps, 500);
+        assert_eq!(spec.retention.keep_inputs_seconds, Some(100));
+        assert_eq!(spec.retention.keep_outputs_seconds, Some(200));
+        assert!(spec.data_use.training_consent);
+        assert_eq!(spec.placement.residency, Residency::Eea);
+        assert!(spec.placement.regions.is_empty());
+        assert_eq!(spec.dataset.region.as_deref(), Some("eu-west"));
+        assert_eq!(
+            spec.dataset.uri,
+            "s3://ds-eu/uploads/orders/0123456789abcdef0123456789abcdef.zip"
+        );
+        assert_eq!(spec.resources.gpu.min_memory_gi_b, Some(20));
+        // The spec serialises into something the CRD schema accepts.
+        let job = loraplane_crds::v1alpha1::LoRATrainingJob::new("x", spec);
+        assert!(serde_json::to_value(&job).is_ok());
+    }
+
+    #[test]
+    fn zero_retention_plans_keep_no_inputs_and_never_consent() {
+        let p = Plan {
+            retention: RetentionMode::ZeroRetention,
+            keep_outputs_seconds: 3600,
+            ..plan()
+        };
+        let spec = build(&order(), &p).unwrap();
+        assert_eq!(spec.retention.keep_inputs_seconds, Some(0));
+        assert!(!spec.data_use.training_consent);
+    }
+
+    #[test]
+    fn residency_and_plan_regions_restrict_the_upload_region() {
+        let mut o = order();
+        o.upload_id = "us-east.0123456789abcdef0123456789abcdef".into();
+        assert_eq!(build(&o, &plan()), Err(OrderError::RegionNotAllowed("us-east".into())));
+        let p = Plan {
+            allowed_regions: vec!["eu-north".into()],
+            ..plan()
+        };
+        assert_eq!(build(&order(), &p), Err(OrderError::RegionNotAllowed("eu-west".into())));
+        let mut o = order();
+        o.upload_id = "eu-north.0123456789abcdef0123456789abcdef".into();
+        let spec = build(&o, &p).unwrap();
+        assert_eq!(spec.placement.regions, vec![RegionName("eu-north".into())]);
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let mut o = order();
+        o.steps = Some(501);
+        assert!(matches!(build(&o, &plan()), Err(OrderError::Invalid { field: "steps", .. })));
+        let mut o = order();
+        o.trigger_word = "a, b".into();
+        assert!(matches!(build(&o, &plan()), Err(OrderError::Invalid { field: "triggerWord", .. })));
+        let mut o = order();
+        o.family = "flux".into();
+        assert!(matches!(build(&o, &plan()), Err(OrderError::Invalid { field: "family", .. })));
+        let m = BTreeMap::from([("family".to_string(), "sdxl".to_string())]);
+        assert_eq!(Order::from_metadata(&m), Err(OrderError::Missing("concept_type")));
+    }
+
+    #[test]
+    fn names_are_stable_keyed_and_reveal_nothing() {
+        let a = hash_id(b"k1", "session", "cs_123");
+        assert_eq!(a, hash_id(b"k1", "session", "cs_123"));
+        assert_ne!(a, hash_id(b"k2", "session", "cs_123"));
+        assert_ne!(a, hash_id(b"k1", "payment", "cs_123"));
+        assert_eq!(a.len(), 32);
+        assert!(!a.contains("123"));
+        let name = job_name(&a);
+        assert_eq!(name.len(), 28);
+        assert!(name.starts_with("ltj-"));
+    }
+
+    #[test]
+    fn upload_ids_parse_strictly() {
+        let u = UploadId::parse("eu-west.0123456789abcdef0123456789abcdef").unwrap();
+        assert_eq!(u.region, "eu-west");
+        assert_eq!(u.key("acme"), "uploads/acme/0123456789abcdef0123456789abcdef.zip");
+        assert!(UploadId::parse("eu-west.../../etc").is_none());
+        assert!(UploadId::parse("EU.0123456789abcdef0123456789abcdef").is_none());
+        assert!(UploadId::parse("eu-west").is_none());
+    }
+}

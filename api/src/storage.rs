@@ -1,0 +1,281 @@
+//! S3, the I/O part: one client per region (each region has its own endpoint and buckets),
+//! presigned URLs, fetching an upload for validation, and deleting every object under a prefix.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region, RequestChecksumCalculation};
+use aws_sdk_s3::presigning::PresigningConfig;
+use loraplane_crds::platform::{Buckets, PlatformConfig};
+
+/// Static S3 credentials of the API.
+#[derive(Clone)]
+pub struct S3Credentials {
+    /// Access key id.
+    pub access_key: String,
+    /// Secret key.
+    pub secret_key: String,
+}
+
+impl std::fmt::Debug for S3Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Credentials").finish_non_exhaustive()
+    }
+}
+
+/// Why an S3 operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The region is not configured.
+    #[error("region {0:?} is not configured")]
+    UnknownRegion(String),
+    /// Presigning failed.
+    #[error("presign {0}: {1}")]
+    Presign(&'static str, String),
+    /// Reading an object failed.
+    #[error("get object: {0}")]
+    GetObject(String),
+    /// Listing objects failed.
+    #[error("list objects: {0}")]
+    ListObjects(String),
+    /// Deleting an object failed.
+    #[error("delete object: {0}")]
+    DeleteObject(String),
+    /// A URI is not `s3://bucket/key`.
+    #[error("not an s3:// URI")]
+    BadUri,
+}
+
+fn err_text<E: std::error::Error + 'static>(e: &E) -> String {
+    format!("{}", aws_sdk_s3::error::DisplayErrorContext(e))
+}
+
+/// A region's client and buckets.
+#[derive(Debug, Clone)]
+pub struct RegionStore {
+    /// The client.
+    pub client: aws_sdk_s3::Client,
+    /// The buckets.
+    pub buckets: Buckets,
+}
+
+/// S3 access for every configured region.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    regions: HashMap<String, RegionStore>,
+}
+
+/// What a prefix deletion removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Deleted {
+    /// Objects deleted.
+    pub objects: u64,
+    /// Bytes deleted.
+    pub bytes: u64,
+}
+
+impl std::ops::AddAssign for Deleted {
+    fn add_assign(&mut self, o: Deleted) {
+        self.objects += o.objects;
+        self.bytes += o.bytes;
+    }
+}
+
+/// Splits `s3://bucket/key` into bucket and key.
+pub fn parse_uri(uri: &str) -> Result<(&str, &str), StorageError> {
+    uri.strip_prefix("s3://")
+        .and_then(|r| r.split_once('/'))
+        .filter(|(b, _)| !b.is_empty())
+        .ok_or(StorageError::BadUri)
+}
+
+impl Storage {
+    /// Builds a client per region of the platform.
+    pub fn new(platform: &PlatformConfig, creds: &S3Credentials) -> Storage {
+        let mut regions = HashMap::new();
+        for r in &platform.regions {
+            let conf = aws_sdk_s3::Config::builder()
+                .behavior_version(BehaviorVersion::latest())
+                .endpoint_url(&r.s3.endpoint)
+                .region(Region::new(r.s3.region.clone()))
+                .credentials_provider(Credentials::new(
+                    creds.access_key.clone(),
+                    creds.secret_key.clone(),
+                    None,
+                    None,
+                    "loraplane-api",
+                ))
+                .force_path_style(r.s3.force_path_style)
+                // Presigned PUTs must be usable by any HTTP client, which will not add
+                // flexible-checksum headers.
+                .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+                .build();
+            regions.insert(
+                r.name.clone(),
+                RegionStore {
+                    client: aws_sdk_s3::Client::from_conf(conf),
+                    buckets: r.buckets.clone(),
+                },
+            );
+        }
+        Storage { regions }
+    }
+
+    /// The store of a region.
+    pub fn region(&self, name: &str) -> Result<&RegionStore, StorageError> {
+        self.regions
+            .get(name)
+            .ok_or_else(|| StorageError::UnknownRegion(name.to_string()))
+    }
+
+    /// Every region's store.
+    pub fn all(&self) -> impl Iterator<Item = (&String, &RegionStore)> {
+        self.regions.iter()
+    }
+
+    /// The region whose buckets include `bucket`.
+    pub fn region_of_bucket(&self, bucket: &str) -> Option<&RegionStore> {
+        self.regions.values().find(|r| {
+            r.buckets.datasets == bucket || r.buckets.checkpoints == bucket || r.buckets.outputs == bucket
+        })
+    }
+
+    /// A presigned PUT URL.
+    pub async fn presign_put(
+        &self,
+        region: &str,
+        bucket: &str,
+        key: &str,
+        expires: Duration,
+    ) -> Result<String, StorageError> {
+        let conf = PresigningConfig::expires_in(expires)
+            .map_err(|e| StorageError::Presign("put", e.to_string()))?;
+        let req = self
+            .region(region)?
+            .client
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .presigned(conf)
+            .await
+            .map_err(|e| StorageError::Presign("put", err_text(&e)))?;
+        Ok(req.uri().to_string())
+    }
+
+    /// A presigned GET URL for an object in any configured bucket.
+    pub async fn presign_get(
+        &self,
+        bucket: &str,
+        key: &str,
+        expires: Duration,
+    ) -> Result<String, StorageError> {
+        let store = self
+            .region_of_bucket(bucket)
+            .ok_or_else(|| StorageError::UnknownRegion(bucket.to_string()))?;
+        let conf = PresigningConfig::expires_in(expires)
+            .map_err(|e| StorageError::Presign("get", e.to_string()))?;
+        let req = store
+            .client
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .presigned(conf)
+            .await
+            .map_err(|e| StorageError::Presign("get", err_text(&e)))?;
+        Ok(req.uri().to_string())
+    }
+
+    /// Fetches an object if it exists and is at most `max` bytes; `Ok(Err(size))` when larger.
+    pub async fn fetch(
+        &self,
+        region: &str,
+        bucket: &str,
+        key: &str,
+        max: u64,
+    ) -> Result<Option<Result<Vec<u8>, u64>>, StorageError> {
+        let client = &self.region(region)?.client;
+        let out = match client.get_object().bucket(bucket).key(key).send().await {
+            Ok(o) => o,
+            Err(e) => {
+                if e.as_service_error().is_some_and(|s| s.is_no_such_key()) {
+                    return Ok(None);
+                }
+                if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) {
+                    return Ok(None);
+                }
+                return Err(StorageError::GetObject(err_text(&e)));
+            }
+        };
+        let len = out.content_length().unwrap_or(0).max(0) as u64;
+        if len > max {
+            return Ok(Some(Err(len)));
+        }
+        let bytes = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| StorageError::GetObject(e.to_string()))?
+            .into_bytes();
+        if bytes.len() as u64 > max {
+            return Ok(Some(Err(bytes.len() as u64)));
+        }
+        Ok(Some(Ok(bytes.to_vec())))
+    }
+
+    /// Deletes every object under `prefix` in `bucket` (of whichever region owns the bucket).
+    pub async fn delete_prefix(&self, bucket: &str, prefix: &str) -> Result<Deleted, StorageError> {
+        let Some(store) = self.region_of_bucket(bucket) else {
+            return Err(StorageError::UnknownRegion(bucket.to_string()));
+        };
+        let mut deleted = Deleted::default();
+        let mut token: Option<String> = None;
+        loop {
+            let page = store
+                .client
+                .list_objects_v2()
+                .bucket(bucket)
+                .prefix(prefix)
+                .set_continuation_token(token.clone())
+                .send()
+                .await;
+            let page = match page {
+                Ok(p) => p,
+                Err(e) => {
+                    if e.as_service_error().is_some_and(|s| s.is_no_such_bucket()) {
+                        return Ok(deleted);
+                    }
+                    return Err(StorageError::ListObjects(err_text(&e)));
+                }
+            };
+            for obj in page.contents() {
+                let Some(key) = obj.key() else { continue };
+                store
+                    .client
+                    .delete_object()
+                    .bucket(bucket)
+                    .key(key)
+                    .send()
+                    .await
+                    .map_err(|e| StorageError::DeleteObject(err_text(&e)))?;
+                deleted.objects += 1;
+                deleted.bytes += obj.size().unwrap_or(0).max(0) as u64;
+            }
+            token = page.next_continuation_token().map(str::to_string);
+            if token.is_none() || page.is_truncated() != Some(true) {
+                return Ok(deleted);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s3_uris_split_into_bucket_and_key() {
+        assert_eq!(parse_uri("s3://b/k/x.zip").unwrap(), ("b", "k/x.zip"));
+        assert!(parse_uri("s3:///k").is_err());
+        assert!(parse_uri("http://b/k").is_err());
+    }
+}

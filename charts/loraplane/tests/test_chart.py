@@ -1,0 +1,163 @@
+"""The loraplane chart, rendered and linted by Helm's own Go SDK (helm-python-sdk) and every
+rendered object validated strictly by kubernetes-validate for the Kubernetes version the
+workspace targets. Run by `make test` (target `chart-test`) with the tools `make bootstrap`
+installs into .tools/venv."""
+
+import copy
+import json
+import pathlib
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+CHART = pathlib.Path(__file__).resolve().parents[1]
+ROOT = CHART.parents[1]
+# The Kubernetes version chosen once for the workspace (k8s-openapi feature v1_33).
+K8S_VERSION = "1.33.0"
+VALUES_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
+# Kinds served by CRDs that kubernetes-validate has no schema for.
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
+
+
+def render(values=None):
+    with helm.Chart.load(str(CHART)) as chart:
+        out = chart.render(values or {}, name="loraplane", namespace="loraplane-system")
+    objects = []
+    for text in out.values():
+        objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return objects
+
+
+def values_of(path):
+    return yaml.safe_load(path.read_text()) if path else {}
+
+
+def by_kind(objects, kind):
+    return [o for o in objects if o["kind"] == kind]
+
+
+def test_lint_reports_no_errors():
+    result = helm.lint(str(CHART))
+    errors = [m for m in result["messages"] if m["severity"] >= 3] + list(result["errors"] or [])
+    assert not errors, errors
+
+
+@pytest.mark.parametrize("values_file", [None, *VALUES_FILES], ids=lambda p: p.name if p else "defaults")
+def test_every_rendered_object_is_valid_for_the_target_kubernetes(values_file):
+    objects = render(values_of(values_file))
+    assert objects
+    for obj in objects:
+        if (obj["apiVersion"], obj["kind"]) in CRD_KINDS:
+            with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+                kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+            continue
+        try:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']}: {err.message} at {list(err.path)}")
+
+
+def test_chart_ships_the_generated_crd():
+    shipped = (CHART / "files" / "loratrainingjob.yaml").read_text()
+    generated = (ROOT / "crds" / "loratrainingjob.yaml").read_text()
+    assert shipped == generated, "charts/loraplane/files/loratrainingjob.yaml is stale: run `make crdgen`"
+    crd = by_kind(render(), "CustomResourceDefinition")[0]
+    assert crd["spec"] == yaml.safe_load(generated)["spec"]
+    assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_crds_can_be_left_to_another_tool():
+    assert not by_kind(render({"crds": {"install": False}}), "CustomResourceDefinition")
+
+
+def test_workloads_are_locked_down_and_replicated():
+    objects = render()
+    deployments = {d["metadata"]["name"]: d for d in by_kind(objects, "Deployment")}
+    assert deployments["loraplane-operator"]["spec"]["replicas"] >= 2
+    assert deployments["loraplane-api"]["spec"]["replicas"] >= 2
+    for dep in deployments.values():
+        pod = dep["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"], c["name"]
+            assert sc["capabilities"]["drop"] == ["ALL"], c["name"]
+            assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+            assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+            assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert len(by_kind(objects, "PodDisruptionBudget")) == 2
+
+
+def test_no_secret_material_is_rendered():
+    objects = render(values_of(CHART / "ci" / "multi-region-values.yaml"))
+    assert not by_kind(objects, "Secret"), "credentials must come from existing Secrets"
+    api = next(d for d in by_kind(objects, "Deployment") if d["metadata"]["name"] == "loraplane-api")
+    env = {e["name"]: e for e in api["spec"]["template"]["spec"]["containers"][0]["env"]}
+    for name in ("STRIPE_WEBHOOK_SECRET", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert "secretKeyRef" in env[name]["valueFrom"], name
+
+
+def test_platform_config_reaches_the_operator_and_api():
+    objects = render(values_of(CHART / "ci" / "eea-only-values.yaml"))
+    config = next(c for c in by_kind(objects, "ConfigMap") if c["metadata"]["name"] == "loraplane-config")
+    platform = yaml.safe_load(config["data"]["platform.yaml"])
+    assert {r["jurisdiction"] for r in platform["regions"]} == {"eea"}
+    # An empty trainerImage is filled with the chart's trainer image.
+    assert platform["families"][0]["trainerImage"].endswith("/loraplane-trainer:0.1.0")
+    api = yaml.safe_load(config["data"]["api.yaml"])
+    assert api["plans"][0]["retention"]["mode"] == "zeroRetention"
+
+
+def test_trainer_network_policy_lands_in_every_tenant_namespace():
+    objects = render(values_of(CHART / "ci" / "multi-region-values.yaml"))
+    trainer = [p for p in by_kind(objects, "NetworkPolicy") if p["metadata"]["name"].endswith("-trainer")]
+    assert sorted(p["metadata"]["namespace"] for p in trainer) == ["tenant-acme", "tenant-globex"]
+    for p in trainer:
+        assert p["spec"]["ingress"] == []
+        cidrs = {peer["ipBlock"]["cidr"] for rule in p["spec"]["egress"] for peer in rule["to"] if "ipBlock" in peer}
+        assert cidrs == {"52.0.0.0/8", "3.0.0.0/8"}
+
+
+def test_monitoring_can_be_switched_off():
+    objects = render(values_of(CHART / "ci" / "monitoring-off-values.yaml"))
+    kinds = {o["kind"] for o in objects}
+    assert not kinds & {"ServiceMonitor", "PrometheusRule", "NetworkPolicy"}
+    assert not [c for c in by_kind(objects, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
+
+
+def test_dashboard_is_valid_json_with_the_sidecar_label():
+    objects = render()
+    dash = next(c for c in by_kind(objects, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard"))
+    assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
+    panels = json.loads(dash["data"]["loraplane.json"])["panels"]
+    titles = " ".join(p["title"] for p in panels)
+    for topic in ("phase", "Queue", "GPU-hours", "Failovers", "Retention", "API latency"):
+        assert topic in titles
+
+
+BAD_VALUES = [
+    ({"operator": {"replicas": 0}}, "replicas"),
+    ({"platform": {"regions": [{"name": "mars-1", "jurisdiction": "mars"}]}}, "jurisdiction"),
+    ({"api": {"tenants": [{"name": "acme", "namespace": "tenant-acme", "tokenSha256": "hunter2"}]}}, "tokenSha256"),
+    ({"api": {"stripe": {"webhookSecret": "whsec_plaintext"}}}, "webhookSecret"),
+    ({"s3": {"accessKeyId": "AKIA..."}}, "accessKeyId"),
+    ({"monitoring": {"prometheusRule": {"jobFailureRatio": 3}}}, "jobFailureRatio"),
+]
+
+
+def merge(base, patch):
+    out = copy.deepcopy(base)
+    for k, v in patch.items():
+        out[k] = merge(out.get(k, {}), v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@pytest.mark.parametrize("patch,field", BAD_VALUES, ids=[f for _, f in BAD_VALUES])
+def test_bad_values_are_rejected_naming_the_field(patch, field):
+    with helm.Chart.load(str(CHART)) as chart:
+        values = merge(chart.values, patch)
+        with pytest.raises(Exception) as err:
+            chart.validate_schema(values)
+    assert field in str(err.value), str(err.value)

@@ -1,0 +1,12 @@
+//! `loraplane-operator`: reconciles LoRATrainingJobs into scratch claims, trainer-config
+//! Secrets and locked-down GPU pods on node pools in the regions a job's data may go to, keeps
+//! their status true, fails over on lost capacity and cleans up through owner references.
+//!
+//! Pure decisions (`placement`, `status`, `progress`, `resources`) are kept apart from the
+//! I/O that observes and applies them (`controller`, `leader`, `server`).
+
+pub mod config;
+pub mod placement;
+pub mod progress;
+pub mod resources;
+pub mod status;

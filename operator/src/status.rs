@@ -1,0 +1,678 @@
+//! The decision half of reconciliation, as pure functions: from the job, what was observed of
+//! its current pod, the ranked placement candidates and the clock, compute the new status and
+//! what must change in the cluster (create the next attempt's pod, delete the current one).
+//!
+//! Failure classification, the heart of failover:
+//! - exit code 2 (bad input) fails the job at once: retrying cannot help;
+//! - any other non-zero exit is a trainer crash and counts against `spec.backoffLimit`, retried
+//!   after an exponential back-off;
+//! - a pod disrupted by the platform (DisruptionTarget condition, its node gone, the pod
+//!   deleted under us) is a preemption or node loss: the job moves on from its last checkpoint
+//!   without consuming `backoffLimit`;
+//! - a pod unschedulable for longer than the scheduling timeout is deleted and the next pool of
+//!   the failover round is tried.
+//!
+//! Attempts are numbered by their index in `status.attempts` and pods are named after it, so a
+//! repeated decision (a restarted operator, a lost status write) recreates the same pod name and
+//! can never run two pods for one attempt.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use loraplane_crds::LoRATrainingJob;
+use loraplane_crds::platform::Defaults;
+use loraplane_crds::trainer::{EXIT_BAD_INPUT, Outcome, TrainerSummary};
+use loraplane_crds::v1alpha1::{
+    Artifact, Attempt, LoRATrainingJobStatus, Phase, PlacementStatus,
+};
+
+use crate::placement::Candidate;
+use crate::progress::{self, LogProgress};
+
+/// Attempt end reasons written to `status.attempts[].reason`.
+pub mod reason {
+    /// The pod waited for a node longer than the scheduling timeout.
+    pub const UNSCHEDULABLE: &str = "Unschedulable";
+    /// The pod was disrupted (spot reclaim, scheduler preemption, eviction).
+    pub const PREEMPTED: &str = "Preempted";
+    /// The pod's node disappeared or the pod vanished.
+    pub const NODE_LOST: &str = "NodeLost";
+    /// The trainer exited non-zero.
+    pub const TRAINER_FAILED: &str = "TrainerFailed";
+    /// The trainer refused its input (exit code 2).
+    pub const BAD_INPUT: &str = "BadInput";
+    /// The job was suspended.
+    pub const SUSPENDED: &str = "Suspended";
+    /// The job ran out of `activeDeadlineSeconds`.
+    pub const DEADLINE_EXCEEDED: &str = "DeadlineExceeded";
+    /// The trainer finished.
+    pub const COMPLETED: &str = "Completed";
+}
+
+/// The pod phases the decision cares about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodPhase {
+    /// Not running yet.
+    Pending,
+    /// Running.
+    Running,
+    /// Exited 0.
+    Succeeded,
+    /// Exited non-zero or was killed.
+    Failed,
+}
+
+/// What the decision needs to know about the current attempt's pod.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodView {
+    /// Pod name.
+    pub name: String,
+    /// When it was created.
+    pub created: Option<Timestamp>,
+    /// Phase.
+    pub phase: PodPhase,
+    /// Bound node.
+    pub node: Option<String>,
+    /// Whether the bound node still exists (true when unbound).
+    pub node_exists: bool,
+    /// Set when the pod is being deleted.
+    pub deleting: bool,
+    /// `PodScheduled=False, reason=Unschedulable` message, if any.
+    pub unschedulable: Option<String>,
+    /// `DisruptionTarget=True` reason, or a pod status reason that means the platform killed
+    /// it (`Evicted`, `NodeLost`, `Preempting`...).
+    pub disruption: Option<String>,
+    /// The trainer container's exit code, once terminated.
+    pub exit_code: Option<i32>,
+    /// The trainer's termination message.
+    pub summary: Option<TrainerSummary>,
+}
+
+impl PodView {
+    /// Extracts the view from a pod; `node_exists` comes from the Node cache.
+    pub fn from_pod(pod: &Pod, node_exists: impl Fn(&str) -> bool) -> PodView {
+        let status = pod.status.as_ref();
+        let phase = match status.and_then(|s| s.phase.as_deref()) {
+            Some("Running") => PodPhase::Running,
+            Some("Succeeded") => PodPhase::Succeeded,
+            Some("Failed") => PodPhase::Failed,
+            _ => PodPhase::Pending,
+        };
+        let conditions = status.and_then(|s| s.conditions.as_ref());
+        let find = |t: &str| conditions.and_then(|cs| cs.iter().find(|c| c.type_ == t));
+        let unschedulable = find("PodScheduled")
+            .filter(|c| c.status == "False" && c.reason.as_deref() == Some("Unschedulable"))
+            .map(|c| c.message.clone().unwrap_or_default());
+        let disruption = find("DisruptionTarget")
+            .filter(|c| c.status == "True")
+            .map(|c| c.reason.clone().unwrap_or_else(|| "DisruptionTarget".into()))
+            .or_else(|| {
+                status
+                    .and_then(|s| s.reason.clone())
+                    .filter(|r| matches!(r.as_str(), "Evicted" | "NodeLost" | "Preempting" | "Shutdown" | "Terminated" | "NodeShutdown"))
+            });
+        let terminated = status
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.name == crate::resources::TRAINER_CONTAINER).or(cs.first()))
+            .and_then(|c| c.state.as_ref())
+            .and_then(|s| s.terminated.as_ref());
+        let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+        PodView {
+            name: pod.metadata.name.clone().unwrap_or_default(),
+            created: pod.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            phase,
+            node_exists: node.as_deref().is_none_or(&node_exists),
+            node,
+            deleting: pod.metadata.deletion_timestamp.is_some(),
+            unschedulable,
+            disruption,
+            exit_code: terminated.map(|t| t.exit_code),
+            summary: terminated
+                .and_then(|t| t.message.as_deref())
+                .and_then(|m| serde_json::from_str(m).ok()),
+        }
+    }
+}
+
+/// Everything the decision is computed from.
+#[derive(Debug, Clone)]
+pub struct Inputs<'a> {
+    /// The job.
+    pub job: &'a LoRATrainingJob,
+    /// The current attempt's pod, when one was found.
+    pub pod: Option<PodView>,
+    /// Placement candidates for a new attempt, best first (see `placement::rank`), or the
+    /// reason none can be computed.
+    pub candidates: Result<Vec<Candidate>, String>,
+    /// The trainer's log tail, when read.
+    pub log: Option<LogProgress>,
+    /// Platform defaults.
+    pub defaults: &'a Defaults,
+    /// The clock.
+    pub now: Timestamp,
+    /// How often a running job is polled.
+    pub progress_interval: Duration,
+}
+
+/// A new attempt to start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewAttempt {
+    /// Index in `status.attempts`.
+    pub index: usize,
+    /// Pod name.
+    pub pod_name: String,
+    /// Pool.
+    pub pool: String,
+    /// Region.
+    pub region: String,
+}
+
+/// A Kubernetes Event to publish on the job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Note {
+    /// Warning rather than Normal.
+    pub warning: bool,
+    /// PascalCase reason.
+    pub reason: String,
+    /// Human-readable message (never customer text).
+    pub message: String,
+}
+
+/// Facts for metrics, emitted only once the status that records them is written.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Signal {
+    /// The job started running for the first time, this many seconds after creation.
+    FirstRunning(f64),
+    /// The job moved from one placement to another.
+    Failover {
+        /// Region left.
+        from: String,
+        /// Region entered.
+        to: String,
+        /// Why.
+        reason: String,
+    },
+    /// A pod was preempted or lost its node.
+    Preempted {
+        /// Region.
+        region: String,
+        /// Pool.
+        pool: String,
+    },
+    /// An attempt ended after using GPUs for this long.
+    GpuSeconds {
+        /// Region.
+        region: String,
+        /// Pool.
+        pool: String,
+        /// GPU-seconds.
+        seconds: f64,
+    },
+}
+
+/// The decision.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    /// The status to write.
+    pub status: LoRATrainingJobStatus,
+    /// A pod to delete.
+    pub delete_pod: Option<String>,
+    /// An attempt to start.
+    pub create: Option<NewAttempt>,
+    /// Events to publish.
+    pub notes: Vec<Note>,
+    /// Metric facts.
+    pub signals: Vec<Signal>,
+    /// When to look again even if nothing changes.
+    pub requeue: Option<Duration>,
+}
+
+/// The pod name of attempt `index`.
+pub fn pod_name(job_name: &str, index: usize) -> String {
+    let suffix = format!("-a{index}");
+    let keep = 63usize.saturating_sub(suffix.len());
+    let base: String = job_name.chars().take(keep).collect();
+    format!("{}{suffix}", base.trim_end_matches(['-', '.']))
+}
+
+/// Pools tried in the current failover round: those whose attempts ended `Unschedulable` since
+/// the last attempt that actually ran.
+pub fn tried_pools(status: Option<&LoRATrainingJobStatus>) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    if let Some(st) = status {
+        for a in st.attempts.iter().rev() {
+            if a.reason.as_deref() != Some(reason::UNSCHEDULABLE) {
+                break;
+            }
+            out.insert(a.pool.clone());
+        }
+    }
+    out
+}
+
+/// Seconds the job has had a pod, over all attempts: `activeDeadlineSeconds` counts this, so
+/// suspended time (and waiting between attempts) is excluded.
+pub fn active_seconds(attempts: &[Attempt], now: Timestamp) -> i64 {
+    attempts
+        .iter()
+        .filter_map(|a| {
+            let start = a.start_time.as_ref()?.0;
+            let end = a.end_time.as_ref().map_or(now, |t| t.0);
+            Some((end.as_second() - start.as_second()).max(0))
+        })
+        .sum()
+}
+
+/// The back-off before retrying after the `failures`-th crash: base × 2^(failures-1), at most
+/// ten minutes.
+pub fn backoff(defaults: &Defaults, failures: i32) -> Duration {
+    let exp = u32::try_from(failures.saturating_sub(1).clamp(0, 16)).unwrap_or(0);
+    Duration::from_secs(defaults.backoff_seconds.saturating_mul(1u64 << exp).min(600))
+}
+
+/// Sets a condition, keeping `lastTransitionTime` when the status did not change.
+pub fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    let status = if status { "True" } else { "False" }.to_string();
+    let existing = conditions.iter_mut().find(|c| c.type_ == type_);
+    match existing {
+        Some(c) => {
+            if c.status != status {
+                c.last_transition_time = Time(now);
+            }
+            c.status = status;
+            c.reason = reason.to_string();
+            c.message = message.to_string();
+            c.observed_generation = generation;
+        }
+        None => conditions.push(Condition {
+            type_: type_.to_string(),
+            status,
+            reason: reason.to_string(),
+            message: message.to_string(),
+            observed_generation: generation,
+            last_transition_time: Time(now),
+        }),
+    }
+}
+
+fn condition_true(st: &LoRATrainingJobStatus, type_: &str) -> bool {
+    st.conditions
+        .iter()
+        .any(|c| c.type_ == type_ && c.status == "True")
+}
+
+/// Computes the next status and the changes to make.
+pub fn decide(inputs: &Inputs<'_>) -> Plan {
+    let job = inputs.job;
+    let now = inputs.now;
+    let generation = job.metadata.generation;
+    let spec = &job.spec;
+    let old = job.status.clone().unwrap_or_default();
+    let mut plan = Plan {
+        status: old.clone(),
+        ..Plan::default()
+    };
+    let st = &mut plan.status;
+    st.observed_generation = generation;
+    let old_phase = old.phase;
+    if old_phase.is_some_and(Phase::is_terminal) {
+        return plan;
+    }
+    let total_steps = spec.training.steps;
+    let mut cond = |st: &mut LoRATrainingJobStatus, t: &str, s: bool, r: &str, m: &str| {
+        set_condition(&mut st.conditions, t, s, r, m, generation, now);
+    };
+
+    if let Some(log) = &inputs.log {
+        st.progress = progress::merge(st.progress.as_ref(), log, total_steps, now);
+    }
+
+    // Step 1: what happened to the open attempt (the last one, while it has no end time).
+    let open = st.attempts.last().is_some_and(|a| a.end_time.is_none());
+    // `Some((reason, counts_as_failure, failover))` once the open attempt is over.
+    let mut ended: Option<(&'static str, String)> = None;
+    let mut terminal: Option<(Phase, &'static str, String)> = None;
+    let deadline_hit = spec
+        .active_deadline_seconds
+        .is_some_and(|d| active_seconds(&st.attempts, now) >= d);
+
+    if open {
+        let idx = st.attempts.len() - 1;
+        match &inputs.pod {
+            None => {
+                ended = Some((
+                    if spec.suspend { reason::SUSPENDED } else { reason::NODE_LOST },
+                    "the training pod disappeared".into(),
+                ));
+            }
+            Some(pod) => {
+                if let Some(node) = &pod.node {
+                    st.attempts[idx].node = Some(node.clone());
+                    if let Some(p) = st.placement.as_mut() {
+                        p.node = Some(node.clone());
+                    }
+                }
+                // A pod being deleted that we did not delete (its attempt is still open) was
+                // taken by the platform: an eviction, a drain, a reclaimed spot node.
+                let disrupted = pod.disruption.is_some() || !pod.node_exists || pod.deleting;
+                match pod.phase {
+                    PodPhase::Succeeded => {
+                        ended = Some((reason::COMPLETED, "the trainer finished".into()));
+                        if let Some(summary) = &pod.summary {
+                            st.artifacts = summary
+                                .artifacts
+                                .iter()
+                                .map(|a| Artifact {
+                                    format: a.format.clone(),
+                                    uri: a.uri.clone(),
+                                    sha256: a.sha256.clone(),
+                                    bytes: i64::try_from(a.bytes).unwrap_or(i64::MAX),
+                                })
+                                .collect();
+                        }
+                        let mut p = st.progress.clone().unwrap_or_default();
+                        p.total_steps = total_steps;
+                        p.step = total_steps;
+                        p.eta_seconds = Some(0);
+                        p.summary = Some(progress::summary(p.step, p.total_steps));
+                        st.progress = Some(p);
+                        terminal = Some((
+                            Phase::Succeeded,
+                            "Completed",
+                            "the LoRA was trained and uploaded".into(),
+                        ));
+                    }
+                    _ if disrupted && pod.exit_code != Some(0) => {
+                        let why = if pod.node_exists {
+                            reason::PREEMPTED
+                        } else {
+                            reason::NODE_LOST
+                        };
+                        ended = Some((
+                            why,
+                            format!(
+                                "pod {} was disrupted ({})",
+                                pod.name,
+                                pod.disruption.clone().unwrap_or_else(|| "node gone".into())
+                            ),
+                        ));
+                    }
+                    PodPhase::Failed => {
+                        let code = pod.exit_code;
+                        let detail = pod
+                            .summary
+                            .as_ref()
+                            .and_then(|s| s.error.clone())
+                            .unwrap_or_else(|| "no summary".into());
+                        let bad_input = code == Some(EXIT_BAD_INPUT)
+                            || pod.summary.as_ref().map(|s| s.outcome) == Some(Outcome::BadInput);
+                        if bad_input {
+                            ended = Some((reason::BAD_INPUT, detail.clone()));
+                            terminal = Some((
+                                Phase::Failed,
+                                reason::BAD_INPUT,
+                                format!("the trainer refused its input: {detail}"),
+                            ));
+                        } else {
+                            let failures = st.failures.unwrap_or(0) + 1;
+                            st.failures = Some(failures);
+                            let msg = format!(
+                                "trainer exited with code {} ({detail}); failure {failures} of backoffLimit {}",
+                                code.map_or("?".into(), |c| c.to_string()),
+                                spec.backoff_limit
+                            );
+                            ended = Some((reason::TRAINER_FAILED, msg.clone()));
+                            if failures > spec.backoff_limit {
+                                terminal = Some((
+                                    Phase::Failed,
+                                    "BackoffLimitExceeded",
+                                    msg,
+                                ));
+                            }
+                        }
+                    }
+                    _ if deadline_hit => {
+                        ended = Some((reason::DEADLINE_EXCEEDED, "activeDeadlineSeconds reached".into()));
+                    }
+                    _ if spec.suspend => {
+                        ended = Some((reason::SUSPENDED, "the job was suspended".into()));
+                    }
+                    PodPhase::Pending if pod.node.is_none() => {
+                        let waited = pod
+                            .created
+                            .map_or(0, |c| (now.as_second() - c.as_second()).max(0));
+                        let timeout = i64::try_from(inputs.defaults.scheduling_timeout_seconds)
+                            .unwrap_or(i64::MAX);
+                        // A pod the scheduler has not even marked yet counts as unschedulable
+                        // too: what matters to the customer is the wait.
+                        if waited >= timeout {
+                            ended = Some((
+                                reason::UNSCHEDULABLE,
+                                format!(
+                                    "pod {} found no node for {waited}s: {}",
+                                    pod.name,
+                                    pod.unschedulable.clone().unwrap_or_default()
+                                ),
+                            ));
+                        } else {
+                            st.phase = Some(Phase::Scheduling);
+                            let msg = pod
+                                .unschedulable
+                                .clone()
+                                .unwrap_or_else(|| "waiting for a node".into());
+                            cond(st, "Scheduled", false, "WaitingForNode", &msg);
+                            let left = u64::try_from(timeout - waited).unwrap_or(1).max(1);
+                            plan.requeue = Some(Duration::from_secs(left));
+                        }
+                    }
+                    PodPhase::Pending => {
+                        st.phase = Some(Phase::Scheduling);
+                        let msg = format!("pod {} bound to node {}", pod.name, pod.node.clone().unwrap_or_default());
+                        cond(st, "Scheduled", true, "Scheduled", &msg);
+                        cond(st, "Running", false, "ContainerCreating", "the trainer is starting");
+                        plan.requeue = Some(inputs.progress_interval);
+                    }
+                    PodPhase::Running => {
+                        st.phase = Some(Phase::Running);
+                        let node = pod.node.clone().unwrap_or_default();
+                        cond(st, "Scheduled", true, "Scheduled", &format!("pod {} bound to node {node}", pod.name));
+                        cond(st, "Running", true, "TrainerRunning", &format!("training on node {node}"));
+                        if st.start_time.is_none() {
+                            st.start_time = Some(Time(now));
+                            if let Some(created) = job.metadata.creation_timestamp.as_ref() {
+                                let secs = now.duration_since(created.0).as_secs_f64().max(0.0);
+                                plan.signals.push(Signal::FirstRunning(secs));
+                            }
+                        }
+                        let mut requeue = inputs.progress_interval;
+                        if let Some(d) = spec.active_deadline_seconds {
+                            let left = d - active_seconds(&st.attempts, now);
+                            requeue = requeue.min(Duration::from_secs(u64::try_from(left).unwrap_or(0).max(1)));
+                        }
+                        plan.requeue = Some(requeue);
+                    }
+                }
+            }
+        }
+    }
+
+    // Step 2: close the open attempt.
+    if let Some((why, message)) = &ended {
+        let idx = st.attempts.len() - 1;
+        let attempt = &mut st.attempts[idx];
+        attempt.reason = Some((*why).to_string());
+        attempt.end_time = Some(Time(now));
+        let (region, pool) = (attempt.region.clone(), attempt.pool.clone());
+        let gpus = f64::from(spec.resources.gpu.count.max(1));
+        if let Some(start) = &attempt.start_time {
+            let secs = now.duration_since(start.0).as_secs_f64().max(0.0) * gpus;
+            plan.signals.push(Signal::GpuSeconds { region: region.clone(), pool: pool.clone(), seconds: secs });
+        }
+        if let Some(pod) = &inputs.pod
+            && !pod.deleting
+            && !matches!(pod.phase, PodPhase::Succeeded | PodPhase::Failed)
+        {
+            plan.delete_pod = Some(pod.name.clone());
+        }
+        if matches!(*why, reason::PREEMPTED | reason::NODE_LOST) {
+            plan.signals.push(Signal::Preempted { region: region.clone(), pool: pool.clone() });
+        }
+        let warning = !matches!(*why, reason::COMPLETED | reason::SUSPENDED);
+        plan.notes.push(Note {
+            warning,
+            reason: format!("Attempt{why}"),
+            message: format!("attempt {idx} in {pool} ({region}) ended: {message}"),
+        });
+        if *why == reason::DEADLINE_EXCEEDED {
+            terminal = Some((Phase::Failed, reason::DEADLINE_EXCEEDED, format!("the job ran for its activeDeadlineSeconds ({}s)", spec.active_deadline_seconds.unwrap_or(0))));
+        }
+    } else if !open && deadline_hit {
+        terminal = Some((Phase::Failed, reason::DEADLINE_EXCEEDED, format!("the job ran for its activeDeadlineSeconds ({}s)", spec.active_deadline_seconds.unwrap_or(0))));
+    }
+
+    // Step 3: terminal outcomes.
+    if let Some((phase, why, message)) = terminal {
+        st.phase = Some(phase);
+        st.completion_time = Some(Time(now));
+        match phase {
+            Phase::Succeeded => {
+                cond(st, "Running", false, "Completed", "the trainer finished");
+                cond(st, "Complete", true, why, &message);
+            }
+            _ => {
+                cond(st, "Running", false, why, &message);
+                cond(st, "Failed", true, why, &message);
+            }
+        }
+        plan.requeue = None;
+        finish_notes(&mut plan, old_phase);
+        return plan;
+    }
+
+    // Step 4: no attempt running: suspend, back off, or start the next attempt.
+    let st = &mut plan.status;
+    let running_attempt = st.attempts.last().is_some_and(|a| a.end_time.is_none());
+    if spec.suspend {
+        cond(st, "Suspended", true, "JobSuspended", "the pod is removed; the claim and checkpoints are kept");
+        if !running_attempt {
+            st.phase = Some(Phase::Pending);
+            cond(st, "Running", false, "JobSuspended", "the job is suspended");
+        }
+        finish_notes(&mut plan, old_phase);
+        return plan;
+    }
+    if condition_true(st, "Suspended") {
+        cond(st, "Suspended", false, "JobResumed", "the job resumes from its last checkpoint");
+    }
+    if running_attempt {
+        finish_notes(&mut plan, old_phase);
+        return plan;
+    }
+    if let Some(last) = st.attempts.last()
+        && last.reason.as_deref() == Some(reason::TRAINER_FAILED)
+        && let Some(end) = &last.end_time
+    {
+        let wait = backoff(inputs.defaults, st.failures.unwrap_or(1));
+        let since = now.duration_since(end.0).as_secs_f64().max(0.0);
+        if since < wait.as_secs_f64() {
+            st.phase = Some(Phase::Pending);
+            cond(st, "Running", false, "BackOff", &format!("retrying after a trainer failure in {}s", (wait.as_secs_f64() - since).ceil()));
+            plan.requeue = Some(Duration::from_secs_f64((wait.as_secs_f64() - since).max(0.05)));
+            finish_notes(&mut plan, old_phase);
+            return plan;
+        }
+    }
+    let candidates = match &inputs.candidates {
+        Ok(c) => c,
+        Err(why) => {
+            st.phase = Some(Phase::Failed);
+            st.completion_time = Some(Time(now));
+            cond(st, "Failed", true, "InvalidSpec", why);
+            finish_notes(&mut plan, old_phase);
+            return plan;
+        }
+    };
+    let Some(next) = candidates.first() else {
+        st.phase = Some(Phase::Pending);
+        cond(st, "Scheduled", false, "NoEligiblePool", "no configured node pool satisfies the job's residency, region allow-list, GPU and spot policy");
+        plan.requeue = Some(Duration::from_secs(60));
+        finish_notes(&mut plan, old_phase);
+        return plan;
+    };
+    let index = st.attempts.len();
+    let name = pod_name(job.metadata.name.as_deref().unwrap_or("job"), index);
+    let resumed = st.progress.as_ref().and_then(|p| p.last_checkpoint_step).unwrap_or(0);
+    if let Some(prev) = st.attempts.last()
+        && let Some(why) = prev.reason.clone()
+    {
+        plan.signals.push(Signal::Failover { from: prev.region.clone(), to: next.region.clone(), reason: why.clone() });
+        plan.notes.push(Note {
+            warning: false,
+            reason: "Failover".into(),
+            message: format!("attempt {index} moves from {} ({}) to {} ({}) after {why}, resuming from step {resumed}", prev.pool, prev.region, next.pool, next.region),
+        });
+    }
+    st.attempts.push(Attempt {
+        region: next.region.clone(),
+        pool: next.pool.clone(),
+        node: None,
+        reason: None,
+        start_time: Some(Time(now)),
+        end_time: None,
+        resumed_from_step: Some(resumed),
+    });
+    st.placement = Some(PlacementStatus {
+        region: next.region.clone(),
+        pool: next.pool.clone(),
+        node: None,
+        pod: Some(name.clone()),
+    });
+    st.phase = Some(Phase::Scheduling);
+    cond(st, "Scheduled", false, "PodCreated", &format!("pod {name} created for pool {} in {}", next.pool, next.region));
+    cond(st, "Running", false, "WaitingForNode", "the trainer has not started yet");
+    if st.progress.is_none() {
+        st.progress = Some(loraplane_crds::v1alpha1::Progress {
+            step: 0,
+            total_steps,
+            summary: Some(progress::summary(0, total_steps)),
+            ..Default::default()
+        });
+    }
+    plan.create = Some(NewAttempt { index, pod_name: name, pool: next.pool.clone(), region: next.region.clone() });
+    plan.requeue = Some(Duration::from_secs(inputs.defaults.scheduling_timeout_seconds.max(1)));
+    finish_notes(&mut plan, old_phase);
+    plan
+}
+
+/// Adds the phase-transition event.
+fn finish_notes(plan: &mut Plan, old_phase: Option<Phase>) {
+    let new_phase = plan.status.phase;
+    if new_phase != old_phase
+        && let Some(phase) = new_phase
+    {
+        let message = plan
+            .status
+            .conditions
+            .iter()
+            .filter(|c| c.status == "True" || phase == Phase::Pending)
+            .max_by_key(|c| c.last_transition_time.0)
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        plan.notes.push(Note {
+            warning: phase == Phase::Failed,
+            reason: phase.as_str().to_string(),
+            message: format!("phase {} -> {}: {message}", old_phase.map_or("<none>", Phase::as_str), phase.as_str()),
+        });
+    }
+}

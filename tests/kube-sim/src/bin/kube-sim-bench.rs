@@ -1,0 +1,2 @@
+//! Benchmark of the emulator (written below).
+fn main() {}

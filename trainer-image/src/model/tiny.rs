@@ -1,0 +1,358 @@
+//! Tiny random SD1.5-/SDXL-style checkpoints in the exact diffusers folder layout, with real
+//! diffusers/transformers config keys, for tests, the demo and benchmarks (no model
+//! downloads anywhere).
+//!
+//! Weights are produced by running the real loaders against a recording backend that
+//! invents a seeded random tensor for every name and shape asked for, so the written files
+//! contain precisely the tensors a loader of this architecture reads.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::VarBuilder;
+use candle_nn::var_builder::SimpleBackend;
+use serde_json::{Value, json};
+
+use super::lora::{SplitMix64, fnv1a};
+use super::tokenizer::{BpeVocab, EOS, write, write_err};
+use super::weights::Weights;
+use super::{ModelError, ModelFamily, clip, read_config, unet, vae};
+
+/// Words the tiny tokenizer's merges are learnt from (typical caption vocabulary).
+const CORPUS: &[&str] = &[
+    "a", "photo", "of", "the", "in", "on", "with", "and", "person", "man", "woman", "dog", "cat",
+    "portrait", "picture", "painting", "style", "standing", "sitting", "smiling", "wearing",
+    "red", "blue", "green", "black", "white", "yellow", "hat", "shirt", "dress", "jacket",
+    "glasses", "background", "street", "city", "forest", "beach", "mountain", "studio",
+    "lighting", "close", "up", "full", "body", "face", "hair", "long", "short", "blonde",
+    "brown", "eyes", "looking", "at", "camera", "outdoors", "indoors", "night", "day", "sunset",
+    "high", "quality", "detailed", "sharp", "focus", "cinematic", "sks", "zxq", "ohwx",
+    "character", "object", "toy", "car", "house", "tree", "flower", "garden", "table", "chair",
+    "holding", "walking", "running", "happy", "young", "old", "beautiful", "small", "large",
+    "front", "side", "view", "from", "above", "below", "illustration", "drawing", "anime",
+    "realistic", "render", "art", "digital", "oil", "watercolor", "sketch", "by", "an",
+    "is", "this", "that", "two", "three", "one", "people", "group", "children", "playing",
+];
+
+/// Target vocabulary size of the tiny tokenizers (bytes, byte+`</w>`, merges, specials).
+const TINY_VOCAB: usize = 1000;
+
+/// Writes a tiny random model of `family` into `dir` (created if needed).
+pub fn write_tiny_model(dir: &Path, family: ModelFamily, seed: u64) -> Result<(), ModelError> {
+    std::fs::create_dir_all(dir).map_err(|e| write_err(dir, e))?;
+    let xl = family == ModelFamily::Sdxl;
+
+    let vocab = BpeVocab::train(CORPUS, TINY_VOCAB - 512 - 2);
+    vocab.write_vocab_merges(&dir.join("tokenizer"), EOS)?;
+    if xl {
+        // As in SDXL's `tokenizer_2`, which pads with "!" instead of the EOS token.
+        vocab.write_vocab_merges(&dir.join("tokenizer_2"), "!")?;
+    }
+    let vocab_size = vocab.len();
+    let (bos, eos) = (vocab_size - 2, vocab_size - 1);
+
+    let mut index = json!({
+        "_class_name": if xl { "StableDiffusionXLPipeline" } else { "StableDiffusionPipeline" },
+        "_diffusers_version": "0.31.0",
+        "scheduler": ["diffusers", if xl { "EulerDiscreteScheduler" } else { "PNDMScheduler" }],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    });
+    if let Some(obj) = index.as_object_mut() {
+        if xl {
+            obj.insert(
+                "text_encoder_2".into(),
+                json!(["transformers", "CLIPTextModelWithProjection"]),
+            );
+            obj.insert("tokenizer_2".into(), json!(["transformers", "CLIPTokenizer"]));
+            obj.insert("force_zeros_for_empty_prompt".into(), json!(true));
+        } else {
+            obj.insert("safety_checker".into(), json!([null, null]));
+            obj.insert("feature_extractor".into(), json!([null, null]));
+            obj.insert("requires_safety_checker".into(), json!(false));
+        }
+    }
+    write(&dir.join("model_index.json"), &index)?;
+
+    write(
+        &dir.join("scheduler").join("scheduler_config.json"),
+        &json!({
+            "_class_name": if xl { "EulerDiscreteScheduler" } else { "PNDMScheduler" },
+            "_diffusers_version": "0.31.0",
+            "num_train_timesteps": 1000,
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "prediction_type": "epsilon",
+            "steps_offset": 1,
+            "timestep_spacing": "leading",
+            "trained_betas": null,
+            "clip_sample": false,
+            "set_alpha_to_one": false,
+            "skip_prk_steps": true,
+        }),
+    )?;
+
+    let text_cfg = |hidden_act: &str, with_projection: bool| -> Value {
+        json!({
+            "_name_or_path": "loraplane/tiny",
+            "architectures": [if with_projection { "CLIPTextModelWithProjection" } else { "CLIPTextModel" }],
+            "model_type": "clip_text_model",
+            "vocab_size": vocab_size,
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 77,
+            "hidden_act": hidden_act,
+            "layer_norm_eps": 1e-5,
+            "projection_dim": 32,
+            "bos_token_id": bos,
+            "eos_token_id": eos,
+            "pad_token_id": 1,
+            "initializer_range": 0.02,
+            "torch_dtype": "float32",
+        })
+    };
+    write_component(
+        dir,
+        "text_encoder",
+        "model.safetensors",
+        &text_cfg("quick_gelu", false),
+        seed,
+        |vb, path| {
+            let cfg: clip::ClipTextConfig = read_config(path)?;
+            clip::ClipTextModel::load(vb, &cfg, false).map(|_| ())
+        },
+    )?;
+    if xl {
+        write_component(
+            dir,
+            "text_encoder_2",
+            "model.safetensors",
+            &text_cfg("gelu", true),
+            seed,
+            |vb, path| {
+                let cfg: clip::ClipTextConfig = read_config(path)?;
+                clip::ClipTextModel::load(vb, &cfg, true).map(|_| ())
+            },
+        )?;
+    }
+
+    let unet_cfg = if xl {
+        json!({
+            "_class_name": "UNet2DConditionModel",
+            "_diffusers_version": "0.31.0",
+            "sample_size": 8,
+            "in_channels": 4,
+            "out_channels": 4,
+            "center_input_sample": false,
+            "flip_sin_to_cos": true,
+            "freq_shift": 0,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+            "mid_block_type": "UNetMidBlock2DCrossAttn",
+            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+            "only_cross_attention": false,
+            "block_out_channels": [32, 64],
+            "layers_per_block": 1,
+            "downsample_padding": 1,
+            "mid_block_scale_factor": 1,
+            "act_fn": "silu",
+            "norm_num_groups": 32,
+            "norm_eps": 1e-5,
+            "cross_attention_dim": 64,
+            "transformer_layers_per_block": [1, 2],
+            "attention_head_dim": [2, 4],
+            "num_attention_heads": null,
+            "dual_cross_attention": false,
+            "use_linear_projection": true,
+            "class_embed_type": null,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 32 + 6 * 8,
+            "num_class_embeds": null,
+            "upcast_attention": false,
+            "resnet_time_scale_shift": "default",
+            "time_embedding_type": "positional",
+            "time_embedding_dim": null,
+        })
+    } else {
+        json!({
+            "_class_name": "UNet2DConditionModel",
+            "_diffusers_version": "0.31.0",
+            "sample_size": 8,
+            "in_channels": 4,
+            "out_channels": 4,
+            "center_input_sample": false,
+            "flip_sin_to_cos": true,
+            "freq_shift": 0,
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "mid_block_type": "UNetMidBlock2DCrossAttn",
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+            "only_cross_attention": false,
+            "block_out_channels": [32, 64],
+            "layers_per_block": 1,
+            "downsample_padding": 1,
+            "mid_block_scale_factor": 1,
+            "act_fn": "silu",
+            "norm_num_groups": 32,
+            "norm_eps": 1e-5,
+            "cross_attention_dim": 32,
+            "attention_head_dim": 2,
+            "dual_cross_attention": false,
+            "use_linear_projection": false,
+            "class_embed_type": null,
+            "num_class_embeds": null,
+            "upcast_attention": false,
+            "resnet_time_scale_shift": "default",
+        })
+    };
+    write_component(
+        dir,
+        "unet",
+        "diffusion_pytorch_model.safetensors",
+        &unet_cfg,
+        seed,
+        |vb, path| {
+            let cfg: unet::UNetConfig = read_config(path)?;
+            unet::UNet2DConditionModel::load(vb, &cfg, None).map(|_| ())
+        },
+    )?;
+
+    let vae_cfg = json!({
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": "0.31.0",
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"; 4],
+        "up_block_types": ["UpDecoderBlock2D"; 4],
+        "block_out_channels": [32, 32, 64, 64],
+        "layers_per_block": 1,
+        "act_fn": "silu",
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+        "sample_size": 64,
+        "scaling_factor": if xl { 0.13025 } else { 0.18215 },
+        "force_upcast": true,
+    });
+    write_component(
+        dir,
+        "vae",
+        "diffusion_pytorch_model.safetensors",
+        &vae_cfg,
+        seed,
+        |vb, path| {
+            let cfg: vae::VaeConfig = read_config(path)?;
+            vae::VaeEncoder::load(vb, &cfg).map(|_| ())
+        },
+    )?;
+    Ok(())
+}
+
+/// Writes `config.json`, builds the component against the random backend and saves every
+/// tensor it asked for.
+fn write_component(
+    dir: &Path,
+    name: &str,
+    weights_file: &str,
+    config: &Value,
+    seed: u64,
+    build: impl FnOnce(&Weights, &Path) -> Result<(), ModelError>,
+) -> Result<(), ModelError> {
+    let cdir = dir.join(name);
+    let cfg_path = cdir.join("config.json");
+    write(&cfg_path, config)?;
+    let backend = RandomBackend {
+        seed: seed ^ fnv1a(name),
+        tensors: Mutex::new(HashMap::new()),
+    };
+    let recorded = {
+        let shared = std::sync::Arc::new(backend);
+        let vb = VarBuilder::from_backend(
+            Box::new(SharedBackend(shared.clone())),
+            DType::F32,
+            Device::Cpu,
+        );
+        build(&Weights::new(vb, name), &cfg_path)?;
+        let map = shared
+            .tensors
+            .lock()
+            .map_err(|_| write_err(&cdir, "weight recorder poisoned"))?;
+        map.clone()
+    };
+    let out = cdir.join(weights_file);
+    candle_core::safetensors::save(&recorded, &out).map_err(|e| write_err(&out, e))
+}
+
+/// Invents a seeded random tensor per (name, shape) and remembers it.
+struct RandomBackend {
+    seed: u64,
+    tensors: Mutex<HashMap<String, Tensor>>,
+}
+
+struct SharedBackend(std::sync::Arc<RandomBackend>);
+
+impl RandomBackend {
+    fn make(&self, shape: &Shape, name: &str) -> Vec<f32> {
+        let mut rng = SplitMix64::new(self.seed ^ fnv1a(name));
+        let dims = shape.dims();
+        let n = shape.elem_count();
+        let leaf = name.rsplit('.').next().unwrap_or(name);
+        let parent = name.rsplit('.').nth(1).unwrap_or("");
+        let is_norm = parent.contains("norm");
+        if dims.len() == 1 {
+            if is_norm && leaf == "weight" {
+                return (0..n)
+                    .map(|_| (1.0 + 0.1 * rng.next_normal()) as f32)
+                    .collect();
+            }
+            return (0..n).map(|_| (0.02 * rng.next_normal()) as f32).collect();
+        }
+        // Embedding tables get CLIP's small init; everything else fan-in scaling.
+        let std = if parent.contains("embedding") && !parent.contains("linear") {
+            0.02
+        } else {
+            let fan_in: usize = dims[1..].iter().product();
+            1.0 / (fan_in.max(1) as f64).sqrt()
+        };
+        (0..n).map(|_| (std * rng.next_normal()) as f32).collect()
+    }
+}
+
+impl SimpleBackend for SharedBackend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let mut map = self
+            .0
+            .tensors
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("weight recorder poisoned".into()))?;
+        if let Some(t) = map.get(name) {
+            if t.shape() != &s {
+                candle_core::bail!("tensor {name} requested with two shapes");
+            }
+            return t.to_dtype(dtype)?.to_device(dev);
+        }
+        let t = Tensor::from_vec(self.0.make(&s, name), s, &Device::Cpu)?;
+        map.insert(name.to_string(), t.clone());
+        t.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("tiny model writer needs a shape for {name}")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        false
+    }
+}

@@ -1,0 +1,864 @@
+//! `UNet2DConditionModel` as diffusers builds it from `unet/config.json` (SD1.5 and SDXL
+//! variants: per-block attention heads and transformer depth, linear or 1x1-conv projections,
+//! SDXL's `text_time` additional embedding), with LoRA adapters on every attention
+//! projection, feed-forward linear and transformer `proj_in`/`proj_out`.
+//!
+//! All ops on this path are differentiable (see `ops`); tensor names follow diffusers
+//! exactly, so `load` reads any conforming checkpoint.
+
+use candle_core::{D, DType, Device, Module, Result, Tensor};
+use serde::Deserialize;
+
+use super::ModelError;
+use super::lora::{Adapter, LoraLinear, LoraSpec};
+use super::ops::{self, Conv2d, GroupNorm, LayerNorm, Linear};
+use super::weights::Weights;
+
+/// A config value diffusers accepts either as one number or as one per block.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum PerBlock {
+    One(usize),
+    Many(Vec<usize>),
+}
+
+impl PerBlock {
+    fn expand(&self, n: usize, what: &str) -> std::result::Result<Vec<usize>, String> {
+        match self {
+            PerBlock::One(v) => Ok(vec![*v; n]),
+            PerBlock::Many(v) if v.len() == n => Ok(v.clone()),
+            PerBlock::Many(v) => Err(format!("{what} has {} entries for {n} blocks", v.len())),
+        }
+    }
+}
+
+/// The keys of diffusers' `UNet2DConditionModel` config this trainer uses.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UNetConfig {
+    #[serde(default = "four")]
+    pub in_channels: usize,
+    #[serde(default = "four")]
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    #[serde(default)]
+    pub mid_block_type: Option<String>,
+    #[serde(default = "two_per_block")]
+    pub layers_per_block: PerBlock,
+    pub cross_attention_dim: PerBlock,
+    #[serde(default = "eight_per_block")]
+    pub attention_head_dim: PerBlock,
+    #[serde(default)]
+    pub num_attention_heads: Option<PerBlock>,
+    #[serde(default = "one_per_block")]
+    pub transformer_layers_per_block: PerBlock,
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    #[serde(default = "thirty_two")]
+    pub norm_num_groups: usize,
+    #[serde(default = "norm_eps")]
+    pub norm_eps: f64,
+    #[serde(default = "yes")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default)]
+    pub freq_shift: f64,
+    #[serde(default)]
+    pub time_embedding_dim: Option<usize>,
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    #[serde(default)]
+    pub encoder_hid_dim: Option<usize>,
+    #[serde(default)]
+    pub resnet_time_scale_shift: Option<String>,
+    #[serde(default)]
+    pub time_embedding_type: Option<String>,
+    #[serde(default)]
+    pub only_cross_attention: Option<serde_json::Value>,
+    #[serde(default)]
+    pub dual_cross_attention: bool,
+}
+
+fn four() -> usize {
+    4
+}
+fn thirty_two() -> usize {
+    32
+}
+fn norm_eps() -> f64 {
+    1e-5
+}
+fn yes() -> bool {
+    true
+}
+fn two_per_block() -> PerBlock {
+    PerBlock::One(2)
+}
+fn eight_per_block() -> PerBlock {
+    PerBlock::One(8)
+}
+fn one_per_block() -> PerBlock {
+    PerBlock::One(1)
+}
+
+/// Per-block values resolved from a config.
+struct Resolved {
+    heads: Vec<usize>,
+    transformer_layers: Vec<usize>,
+    layers: Vec<usize>,
+    cross_dims: Vec<usize>,
+}
+
+impl UNetConfig {
+    fn resolve(&self) -> std::result::Result<Resolved, String> {
+        let n = self.block_out_channels.len();
+        if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
+            return Err(
+                "block_out_channels, down_block_types and up_block_types must have the same, \
+                 non-zero length"
+                    .into(),
+            );
+        }
+        if let Some(t) = &self.class_embed_type {
+            return Err(format!("class_embed_type {t:?} is not supported"));
+        }
+        if self.encoder_hid_dim.is_some() {
+            return Err("encoder_hid_dim is not supported".into());
+        }
+        if self
+            .resnet_time_scale_shift
+            .as_deref()
+            .is_some_and(|s| s != "default")
+        {
+            return Err("resnet_time_scale_shift other than \"default\" is not supported".into());
+        }
+        if self
+            .time_embedding_type
+            .as_deref()
+            .is_some_and(|s| s != "positional")
+        {
+            return Err("time_embedding_type other than \"positional\" is not supported".into());
+        }
+        if self.dual_cross_attention {
+            return Err("dual_cross_attention is not supported".into());
+        }
+        if let Some(v) = &self.only_cross_attention
+            && v != &serde_json::Value::Bool(false)
+        {
+            return Err("only_cross_attention is not supported".into());
+        }
+        if let Some(m) = &self.mid_block_type
+            && m != "UNetMidBlock2DCrossAttn"
+        {
+            return Err(format!("mid_block_type {m:?} is not supported"));
+        }
+        match self.addition_embed_type.as_deref() {
+            None => {}
+            Some("text_time") => {
+                if self.addition_time_embed_dim.is_none()
+                    || self.projection_class_embeddings_input_dim.is_none()
+                {
+                    return Err("addition_embed_type \"text_time\" needs addition_time_embed_dim \
+                         and projection_class_embeddings_input_dim"
+                        .into());
+                }
+            }
+            Some(other) => return Err(format!("addition_embed_type {other:?} is not supported")),
+        }
+        for c in &self.block_out_channels {
+            if self.norm_num_groups == 0 || c % self.norm_num_groups != 0 {
+                return Err(format!(
+                    "block_out_channels entry {c} is not divisible by norm_num_groups {}",
+                    self.norm_num_groups
+                ));
+            }
+        }
+        // diffusers' historical naming: `attention_head_dim` holds the number of heads when
+        // `num_attention_heads` is absent.
+        let heads = self
+            .num_attention_heads
+            .as_ref()
+            .unwrap_or(&self.attention_head_dim)
+            .expand(n, "num_attention_heads")?;
+        for (c, h) in self.block_out_channels.iter().zip(&heads) {
+            if *h == 0 || c % h != 0 {
+                return Err(format!("{c} channels cannot be split into {h} attention heads"));
+            }
+        }
+        Ok(Resolved {
+            heads,
+            transformer_layers: self
+                .transformer_layers_per_block
+                .expand(n, "transformer_layers_per_block")?,
+            layers: self.layers_per_block.expand(n, "layers_per_block")?,
+            cross_dims: self.cross_attention_dim.expand(n, "cross_attention_dim")?,
+        })
+    }
+
+    fn time_embed_dim(&self) -> usize {
+        self.time_embedding_dim
+            .unwrap_or(self.block_out_channels[0] * 4)
+    }
+}
+
+/// What every adapted layer needs at construction.
+#[derive(Clone, Copy)]
+pub(crate) struct Ctx<'a> {
+    pub lora: Option<&'a LoraSpec>,
+    pub dtype: DType,
+    pub device: &'a Device,
+}
+
+fn lora_linear(
+    vb: &Weights,
+    name: &str,
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+    ctx: Ctx,
+) -> std::result::Result<LoraLinear, ModelError> {
+    let vb = vb.pp(name);
+    let base = Linear::load(&vb, in_dim, out_dim, bias)?;
+    LoraLinear::new(base, vb.path_prefix(), ctx.lora, false, ctx.dtype, ctx.device)
+}
+
+/// Sinusoidal timestep features as diffusers' `get_timestep_embedding` (max period 10000).
+pub fn timestep_embedding(
+    timesteps: &Tensor,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    downscale_freq_shift: f64,
+) -> Result<Tensor> {
+    let half = dim / 2;
+    let t = timesteps.to_dtype(DType::F32)?.flatten_all()?;
+    let exponent: Vec<f32> = (0..half)
+        .map(|i| {
+            (-(10000f64.ln()) * i as f64 / (half as f64 - downscale_freq_shift)).exp() as f32
+        })
+        .collect();
+    let freqs = Tensor::from_vec(exponent, (1, half), t.device())?;
+    let args = t.unsqueeze(1)?.broadcast_mul(&freqs)?;
+    let (sin, cos) = (args.sin()?, args.cos()?);
+    let emb = if flip_sin_to_cos {
+        Tensor::cat(&[cos, sin], 1)?
+    } else {
+        Tensor::cat(&[sin, cos], 1)?
+    };
+    if dim % 2 == 1 {
+        emb.pad_with_zeros(1, 0, 1)
+    } else {
+        Ok(emb)
+    }
+}
+
+/// `TimestepEmbedding`: linear_1, SiLU, linear_2.
+#[derive(Debug, Clone)]
+struct TimestepEmbedding {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl TimestepEmbedding {
+    fn load(vb: &Weights, in_dim: usize, out_dim: usize) -> std::result::Result<Self, ModelError> {
+        Ok(Self {
+            linear_1: Linear::load(&vb.pp("linear_1"), in_dim, out_dim, true)?,
+            linear_2: Linear::load(&vb.pp("linear_2"), out_dim, out_dim, true)?,
+        })
+    }
+}
+
+impl Module for TimestepEmbedding {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.linear_2.forward(&ops::silu(&self.linear_1.forward(x)?)?)
+    }
+}
+
+/// `ResnetBlock2D` (also used by the VAE, without the time embedding projection).
+#[derive(Debug, Clone)]
+pub(crate) struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+}
+
+impl ResnetBlock2D {
+    pub(crate) fn load(
+        vb: &Weights,
+        in_c: usize,
+        out_c: usize,
+        temb: Option<usize>,
+        groups: usize,
+        eps: f64,
+    ) -> std::result::Result<Self, ModelError> {
+        Ok(Self {
+            norm1: GroupNorm::load(&vb.pp("norm1"), groups, in_c, eps)?,
+            conv1: Conv2d::load(&vb.pp("conv1"), in_c, out_c, 3, 1, 1)?,
+            time_emb_proj: temb
+                .map(|t| Linear::load(&vb.pp("time_emb_proj"), t, out_c, true))
+                .transpose()?,
+            norm2: GroupNorm::load(&vb.pp("norm2"), groups, out_c, eps)?,
+            conv2: Conv2d::load(&vb.pp("conv2"), out_c, out_c, 3, 1, 1)?,
+            conv_shortcut: if in_c != out_c {
+                Some(Conv2d::load(&vb.pp("conv_shortcut"), in_c, out_c, 1, 1, 0)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let mut h = self
+            .conv1
+            .forward(&ops::silu(&self.norm1.forward(x)?)?)?;
+        if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
+            let t = proj.forward(&ops::silu(t)?)?.unsqueeze(2)?.unsqueeze(3)?;
+            h = h.broadcast_add(&t)?;
+        }
+        let h = self
+            .conv2
+            .forward(&ops::silu(&self.norm2.forward(&h)?)?)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        shortcut + h
+    }
+}
+
+/// diffusers `Attention` as used in transformer blocks (self or cross).
+#[derive(Debug, Clone)]
+struct CrossAttention {
+    to_q: LoraLinear,
+    to_k: LoraLinear,
+    to_v: LoraLinear,
+    to_out: LoraLinear,
+    heads: usize,
+}
+
+impl CrossAttention {
+    fn load(
+        vb: &Weights,
+        dim: usize,
+        context_dim: usize,
+        heads: usize,
+        ctx: Ctx,
+    ) -> std::result::Result<Self, ModelError> {
+        Ok(Self {
+            to_q: lora_linear(vb, "to_q", dim, dim, false, ctx)?,
+            to_k: lora_linear(vb, "to_k", context_dim, dim, false, ctx)?,
+            to_v: lora_linear(vb, "to_v", context_dim, dim, false, ctx)?,
+            to_out: lora_linear(&vb.pp("to_out"), "0", dim, dim, true, ctx)?,
+            heads,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let context = context.unwrap_or(x);
+        let q = self.to_q.forward(x)?;
+        let k = self.to_k.forward(context)?;
+        let v = self.to_v.forward(context)?;
+        self.to_out
+            .forward(&ops::attention(&q, &k, &v, self.heads)?)
+    }
+
+    fn adapters(&self, out: &mut Vec<(String, Adapter)>) {
+        for l in [&self.to_q, &self.to_k, &self.to_v, &self.to_out] {
+            out.extend(l.adapter());
+        }
+    }
+}
+
+/// `BasicTransformerBlock`: self-attention, cross-attention, GEGLU feed-forward.
+#[derive(Debug, Clone)]
+struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: CrossAttention,
+    norm2: LayerNorm,
+    attn2: CrossAttention,
+    norm3: LayerNorm,
+    ff_in: LoraLinear,
+    ff_out: LoraLinear,
+}
+
+impl BasicTransformerBlock {
+    fn load(
+        vb: &Weights,
+        dim: usize,
+        context_dim: usize,
+        heads: usize,
+        ctx: Ctx,
+    ) -> std::result::Result<Self, ModelError> {
+        let inner = dim * 4;
+        let ff = vb.pp("ff").pp("net");
+        Ok(Self {
+            norm1: LayerNorm::load(&vb.pp("norm1"), dim, 1e-5)?,
+            attn1: CrossAttention::load(&vb.pp("attn1"), dim, dim, heads, ctx)?,
+            norm2: LayerNorm::load(&vb.pp("norm2"), dim, 1e-5)?,
+            attn2: CrossAttention::load(&vb.pp("attn2"), dim, context_dim, heads, ctx)?,
+            norm3: LayerNorm::load(&vb.pp("norm3"), dim, 1e-5)?,
+            ff_in: lora_linear(&ff.pp("0"), "proj", dim, inner * 2, true, ctx)?,
+            ff_out: lora_linear(&ff, "2", inner, dim, true, ctx)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let h = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
+        let h = (self
+            .attn2
+            .forward(&self.norm2.forward(&h)?, Some(context))?
+            + h)?;
+        let proj = self.ff_in.forward(&self.norm3.forward(&h)?)?;
+        let half = proj.dim(D::Minus1)? / 2;
+        let hidden = proj.narrow(D::Minus1, 0, half)?;
+        let gate = proj.narrow(D::Minus1, half, half)?;
+        let ff = self.ff_out.forward(&(hidden * ops::gelu(&gate)?)?)?;
+        ff + h
+    }
+
+    fn adapters(&self, out: &mut Vec<(String, Adapter)>) {
+        self.attn1.adapters(out);
+        self.attn2.adapters(out);
+        out.extend(self.ff_in.adapter());
+        out.extend(self.ff_out.adapter());
+    }
+}
+
+/// `Transformer2DModel`: group norm, projection in, transformer blocks, projection out,
+/// residual.
+#[derive(Debug, Clone)]
+struct Transformer2DModel {
+    norm: GroupNorm,
+    proj_in: LoraLinear,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: LoraLinear,
+}
+
+impl Transformer2DModel {
+    #[allow(clippy::too_many_arguments)]
+    fn load(
+        vb: &Weights,
+        channels: usize,
+        context_dim: usize,
+        heads: usize,
+        depth: usize,
+        cfg: &UNetConfig,
+        ctx: Ctx,
+    ) -> std::result::Result<Self, ModelError> {
+        let proj = |name: &str| -> std::result::Result<LoraLinear, ModelError> {
+            let pvb = vb.pp(name);
+            if cfg.use_linear_projection {
+                lora_linear(vb, name, channels, channels, true, ctx)
+            } else {
+                // A 1x1 conv over (B, C, H, W) equals a linear over the (B, HW, C) tokens.
+                let base = Linear::load_conv1x1(&pvb, channels, channels)?;
+                LoraLinear::new(
+                    base,
+                    pvb.path_prefix(),
+                    ctx.lora,
+                    true,
+                    ctx.dtype,
+                    ctx.device,
+                )
+            }
+        };
+        let blocks = (0..depth)
+            .map(|i| {
+                BasicTransformerBlock::load(
+                    &vb.pp("transformer_blocks").pp(i),
+                    channels,
+                    context_dim,
+                    heads,
+                    ctx,
+                )
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(Self {
+            norm: GroupNorm::load(&vb.pp("norm"), cfg.norm_num_groups, channels, 1e-6)?,
+            proj_in: proj("proj_in")?,
+            blocks,
+            proj_out: proj("proj_out")?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let tokens = self
+            .norm
+            .forward(x)?
+            .permute((0, 2, 3, 1))?
+            .reshape((b, h * w, c))?;
+        let mut t = self.proj_in.forward(&tokens)?;
+        for block in &self.blocks {
+            t = block.forward(&t, context)?;
+        }
+        let t = self.proj_out.forward(&t)?;
+        let out = t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?;
+        out + x
+    }
+
+    fn adapters(&self, out: &mut Vec<(String, Adapter)>) {
+        out.extend(self.proj_in.adapter());
+        for b in &self.blocks {
+            b.adapters(out);
+        }
+        out.extend(self.proj_out.adapter());
+    }
+}
+
+/// A down or up block: resnets, optional attentions, optional resampler.
+#[derive(Debug, Clone)]
+struct Block {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+    resample: Option<Conv2d>,
+}
+
+impl Block {
+    fn adapters(&self, out: &mut Vec<(String, Adapter)>) {
+        for a in &self.attentions {
+            a.adapters(out);
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct MidBlock {
+    resnet0: ResnetBlock2D,
+    attention: Transformer2DModel,
+    resnet1: ResnetBlock2D,
+}
+
+/// SDXL's `text_time` additional conditioning.
+#[derive(Debug, Clone)]
+struct AddEmbedding {
+    time_dim: usize,
+    embedding: TimestepEmbedding,
+}
+
+/// The conditional UNet.
+#[derive(Debug, Clone)]
+pub struct UNet2DConditionModel {
+    config: UNetConfig,
+    conv_in: Conv2d,
+    time_embedding: TimestepEmbedding,
+    add_embedding: Option<AddEmbedding>,
+    down_blocks: Vec<Block>,
+    mid_block: MidBlock,
+    up_blocks: Vec<Block>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+fn is_cross_attn(block_type: &str, path: &str) -> std::result::Result<bool, ModelError> {
+    match block_type {
+        "CrossAttnDownBlock2D" | "CrossAttnUpBlock2D" => Ok(true),
+        "DownBlock2D" | "UpBlock2D" => Ok(false),
+        other => Err(ModelError::UnsupportedConfig {
+            path: path.into(),
+            reason: format!("block type {other:?} is not supported"),
+        }),
+    }
+}
+
+impl UNet2DConditionModel {
+    /// Builds the UNet from `cfg`, reading weights through `vb` (rooted at the UNet), with
+    /// LoRA adapters when `lora` is given.
+    pub(crate) fn load(
+        vb: &Weights,
+        cfg: &UNetConfig,
+        lora: Option<&LoraSpec>,
+    ) -> std::result::Result<Self, ModelError> {
+        let cfg_path = "unet/config.json";
+        let r = cfg.resolve().map_err(|reason| ModelError::UnsupportedConfig {
+            path: cfg_path.into(),
+            reason,
+        })?;
+        let device = vb.device().clone();
+        let ctx = Ctx {
+            lora,
+            dtype: vb.dtype(),
+            device: &device,
+        };
+        let boc = &cfg.block_out_channels;
+        let n = boc.len();
+        let groups = cfg.norm_num_groups;
+        let eps = cfg.norm_eps;
+        let temb = cfg.time_embed_dim();
+
+        let conv_in = Conv2d::load(&vb.pp("conv_in"), cfg.in_channels, boc[0], 3, 1, 1)?;
+        let time_embedding = TimestepEmbedding::load(&vb.pp("time_embedding"), boc[0], temb)?;
+        let add_embedding = match cfg.addition_embed_type.as_deref() {
+            Some("text_time") => Some(AddEmbedding {
+                time_dim: cfg.addition_time_embed_dim.unwrap_or(256),
+                embedding: TimestepEmbedding::load(
+                    &vb.pp("add_embedding"),
+                    cfg.projection_class_embeddings_input_dim.unwrap_or(2816),
+                    temb,
+                )?,
+            }),
+            _ => None,
+        };
+
+        let mut down_blocks = Vec::with_capacity(n);
+        for i in 0..n {
+            let bvb = vb.pp("down_blocks").pp(i);
+            let cross = is_cross_attn(&cfg.down_block_types[i], cfg_path)?;
+            let in_c = if i == 0 { boc[0] } else { boc[i - 1] };
+            let out_c = boc[i];
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..r.layers[i] {
+                let rin = if j == 0 { in_c } else { out_c };
+                resnets.push(ResnetBlock2D::load(
+                    &bvb.pp("resnets").pp(j),
+                    rin,
+                    out_c,
+                    Some(temb),
+                    groups,
+                    eps,
+                )?);
+                if cross {
+                    attentions.push(Transformer2DModel::load(
+                        &bvb.pp("attentions").pp(j),
+                        out_c,
+                        r.cross_dims[i],
+                        r.heads[i],
+                        r.transformer_layers[i],
+                        cfg,
+                        ctx,
+                    )?);
+                }
+            }
+            let resample = if i + 1 < n {
+                Some(Conv2d::load(
+                    &bvb.pp("downsamplers").pp(0).pp("conv"),
+                    out_c,
+                    out_c,
+                    3,
+                    2,
+                    1,
+                )?)
+            } else {
+                None
+            };
+            down_blocks.push(Block {
+                resnets,
+                attentions,
+                resample,
+            });
+        }
+
+        let last = boc[n - 1];
+        let mvb = vb.pp("mid_block");
+        let mid_block = MidBlock {
+            resnet0: ResnetBlock2D::load(
+                &mvb.pp("resnets").pp(0),
+                last,
+                last,
+                Some(temb),
+                groups,
+                eps,
+            )?,
+            attention: Transformer2DModel::load(
+                &mvb.pp("attentions").pp(0),
+                last,
+                r.cross_dims[n - 1],
+                r.heads[n - 1],
+                r.transformer_layers[n - 1],
+                cfg,
+                ctx,
+            )?,
+            resnet1: ResnetBlock2D::load(
+                &mvb.pp("resnets").pp(1),
+                last,
+                last,
+                Some(temb),
+                groups,
+                eps,
+            )?,
+        };
+
+        let rev: Vec<usize> = boc.iter().rev().copied().collect();
+        let mut up_blocks = Vec::with_capacity(n);
+        let mut out_c = rev[0];
+        for i in 0..n {
+            let bvb = vb.pp("up_blocks").pp(i);
+            let cross = is_cross_attn(&cfg.up_block_types[i], cfg_path)?;
+            let prev_out = out_c;
+            out_c = rev[i];
+            let in_c = rev[(i + 1).min(n - 1)];
+            let ri = n - 1 - i;
+            let num_layers = r.layers[ri] + 1;
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..num_layers {
+                let skip = if j + 1 == num_layers { in_c } else { out_c };
+                let rin = if j == 0 { prev_out } else { out_c };
+                resnets.push(ResnetBlock2D::load(
+                    &bvb.pp("resnets").pp(j),
+                    rin + skip,
+                    out_c,
+                    Some(temb),
+                    groups,
+                    eps,
+                )?);
+                if cross {
+                    attentions.push(Transformer2DModel::load(
+                        &bvb.pp("attentions").pp(j),
+                        out_c,
+                        r.cross_dims[ri],
+                        r.heads[ri],
+                        r.transformer_layers[ri],
+                        cfg,
+                        ctx,
+                    )?);
+                }
+            }
+            let resample = if i + 1 < n {
+                Some(Conv2d::load(
+                    &bvb.pp("upsamplers").pp(0).pp("conv"),
+                    out_c,
+                    out_c,
+                    3,
+                    1,
+                    1,
+                )?)
+            } else {
+                None
+            };
+            up_blocks.push(Block {
+                resnets,
+                attentions,
+                resample,
+            });
+        }
+
+        Ok(Self {
+            config: cfg.clone(),
+            conv_in,
+            time_embedding,
+            add_embedding,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: GroupNorm::load(&vb.pp("conv_norm_out"), groups, boc[0], eps)?,
+            conv_out: Conv2d::load(&vb.pp("conv_out"), boc[0], cfg.out_channels, 3, 1, 1)?,
+        })
+    }
+
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
+    }
+
+    /// Whether the UNet has SDXL's `add_embedding` (pooled text + time ids).
+    pub fn has_add_embedding(&self) -> bool {
+        self.add_embedding.is_some()
+    }
+
+    /// `x` (B, C, h, w) noisy latents, `timesteps` (B,), `context` (B, T, cross_dim);
+    /// `added` = (pooled text embeds (B, P), time ids (B, k)) for SDXL.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        added: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let b = x.dim(0)?;
+        let timesteps = if timesteps.rank() == 0 {
+            timesteps.broadcast_as(b)?.contiguous()?
+        } else {
+            timesteps.clone()
+        };
+        let t = timestep_embedding(
+            &timesteps,
+            self.config.block_out_channels[0],
+            self.config.flip_sin_to_cos,
+            self.config.freq_shift,
+        )?
+        .to_dtype(dtype)?;
+        let mut emb = self.time_embedding.forward(&t)?;
+        match (&self.add_embedding, added) {
+            (Some(add), Some((pooled, time_ids))) => {
+                let ids = timestep_embedding(
+                    time_ids,
+                    add.time_dim,
+                    self.config.flip_sin_to_cos,
+                    self.config.freq_shift,
+                )?
+                .reshape((b, ()))?
+                .to_dtype(dtype)?;
+                let features = Tensor::cat(&[pooled.to_dtype(dtype)?, ids], 1)?;
+                emb = (emb + add.embedding.forward(&features)?)?;
+            }
+            (Some(_), None) => {
+                candle_core::bail!("this UNet needs pooled text embeddings and time ids")
+            }
+            (None, _) => {}
+        }
+        let context = context.to_dtype(dtype)?;
+
+        let mut h = self.conv_in.forward(x)?;
+        let mut skips = vec![h.clone()];
+        for block in &self.down_blocks {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                h = resnet.forward(&h, Some(&emb))?;
+                if let Some(attn) = block.attentions.get(j) {
+                    h = attn.forward(&h, &context)?;
+                }
+                skips.push(h.clone());
+            }
+            if let Some(down) = &block.resample {
+                h = down.forward(&h)?;
+                skips.push(h.clone());
+            }
+        }
+
+        h = self.mid_block.resnet0.forward(&h, Some(&emb))?;
+        h = self.mid_block.attention.forward(&h, &context)?;
+        h = self.mid_block.resnet1.forward(&h, Some(&emb))?;
+
+        for block in &self.up_blocks {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                let skip = match skips.pop() {
+                    Some(s) => s,
+                    None => candle_core::bail!("UNet skip connections exhausted"),
+                };
+                h = Tensor::cat(&[&h, &skip], 1)?;
+                h = resnet.forward(&h, Some(&emb))?;
+                if let Some(attn) = block.attentions.get(j) {
+                    h = attn.forward(&h, &context)?;
+                }
+            }
+            if let Some(up) = &block.resample {
+                h = up.forward(&ops::upsample_nearest_2x(&h)?)?;
+            }
+        }
+
+        let h = ops::silu(&self.conv_norm_out.forward(&h)?)?;
+        self.conv_out.forward(&h)
+    }
+
+    /// Every adapter with its diffusers module path, in module order.
+    pub fn adapters(&self) -> Vec<(String, Adapter)> {
+        let mut out = Vec::new();
+        for b in &self.down_blocks {
+            b.adapters(&mut out);
+        }
+        self.mid_block.attention.adapters(&mut out);
+        for b in &self.up_blocks {
+            b.adapters(&mut out);
+        }
+        out
+    }
+}

@@ -1,0 +1,235 @@
+//! The encoder half of diffusers' `AutoencoderKL`, built from `vae/config.json`: images in
+//! [-1, 1] to the latent posterior mean times `scaling_factor`. Frozen, forward only (the
+//! decoder is not needed for training and is not loaded).
+
+use candle_core::{Module, Result, Tensor};
+use serde::Deserialize;
+
+use super::ModelError;
+use super::ops::{self, Conv2d, GroupNorm, Linear};
+use super::unet::ResnetBlock2D;
+use super::weights::Weights;
+
+/// The keys of diffusers' `AutoencoderKL` config the encoder uses.
+#[derive(Debug, Clone, Deserialize)]
+pub struct VaeConfig {
+    #[serde(default = "three")]
+    pub in_channels: usize,
+    #[serde(default = "four")]
+    pub latent_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    #[serde(default)]
+    pub down_block_types: Vec<String>,
+    #[serde(default = "one")]
+    pub layers_per_block: usize,
+    #[serde(default = "thirty_two")]
+    pub norm_num_groups: usize,
+    #[serde(default = "scaling")]
+    pub scaling_factor: f64,
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    #[serde(default = "yes")]
+    pub mid_block_add_attention: bool,
+    #[serde(default = "yes")]
+    pub use_quant_conv: bool,
+}
+
+fn three() -> usize {
+    3
+}
+fn four() -> usize {
+    4
+}
+fn one() -> usize {
+    1
+}
+fn thirty_two() -> usize {
+    32
+}
+fn scaling() -> f64 {
+    0.18215
+}
+fn yes() -> bool {
+    true
+}
+
+/// The VAE's single-head spatial self-attention.
+#[derive(Debug, Clone)]
+struct VaeAttention {
+    group_norm: GroupNorm,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+}
+
+impl VaeAttention {
+    fn load(vb: &Weights, c: usize, groups: usize) -> std::result::Result<Self, ModelError> {
+        // Pre-0.14 diffusers checkpoints name the projections query/key/value/proj_attn.
+        let legacy = !vb.contains("to_q.weight") && vb.contains("query.weight");
+        let name = |new: &'static str, old: &'static str| if legacy { old } else { new };
+        Ok(Self {
+            group_norm: GroupNorm::load(&vb.pp("group_norm"), groups, c, 1e-6)?,
+            to_q: Linear::load(&vb.pp(name("to_q", "query")), c, c, true)?,
+            to_k: Linear::load(&vb.pp(name("to_k", "key")), c, c, true)?,
+            to_v: Linear::load(&vb.pp(name("to_v", "value")), c, c, true)?,
+            to_out: Linear::load(&vb.pp(name("to_out.0", "proj_attn")), c, c, true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let t = self
+            .group_norm
+            .forward(x)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = self.to_q.forward(&t)?;
+        let k = self.to_k.forward(&t)?;
+        let v = self.to_v.forward(&t)?;
+        let a = self.to_out.forward(&ops::attention(&q, &k, &v, 1)?)?;
+        let a = a.transpose(1, 2)?.reshape((b, c, h, w))?;
+        a + x
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DownEncoderBlock {
+    resnets: Vec<ResnetBlock2D>,
+    downsample: Option<Conv2d>,
+}
+
+/// `AutoencoderKL.encoder` + `quant_conv`.
+#[derive(Debug, Clone)]
+pub struct VaeEncoder {
+    config: VaeConfig,
+    conv_in: Conv2d,
+    blocks: Vec<DownEncoderBlock>,
+    mid_resnet0: ResnetBlock2D,
+    mid_attention: Option<VaeAttention>,
+    mid_resnet1: ResnetBlock2D,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    quant_conv: Option<Conv2d>,
+}
+
+impl VaeEncoder {
+    pub(crate) fn load(vb: &Weights, cfg: &VaeConfig) -> std::result::Result<Self, ModelError> {
+        let boc = &cfg.block_out_channels;
+        if boc.is_empty() {
+            return Err(ModelError::UnsupportedConfig {
+                path: "vae/config.json".into(),
+                reason: "block_out_channels is empty".into(),
+            });
+        }
+        if let Some(t) = cfg
+            .down_block_types
+            .iter()
+            .find(|t| t.as_str() != "DownEncoderBlock2D")
+        {
+            return Err(ModelError::UnsupportedConfig {
+                path: "vae/config.json".into(),
+                reason: format!("down block type {t:?} is not supported"),
+            });
+        }
+        let g = cfg.norm_num_groups;
+        let enc = vb.pp("encoder");
+        let mut blocks = Vec::new();
+        let mut in_c = boc[0];
+        for (i, &out_c) in boc.iter().enumerate() {
+            let bvb = enc.pp("down_blocks").pp(i);
+            let mut resnets = Vec::new();
+            for j in 0..cfg.layers_per_block {
+                let rin = if j == 0 { in_c } else { out_c };
+                resnets.push(ResnetBlock2D::load(
+                    &bvb.pp("resnets").pp(j),
+                    rin,
+                    out_c,
+                    None,
+                    g,
+                    1e-6,
+                )?);
+            }
+            let downsample = if i + 1 < boc.len() {
+                Some(Conv2d::load(
+                    &bvb.pp("downsamplers").pp(0).pp("conv"),
+                    out_c,
+                    out_c,
+                    3,
+                    2,
+                    0,
+                )?)
+            } else {
+                None
+            };
+            blocks.push(DownEncoderBlock {
+                resnets,
+                downsample,
+            });
+            in_c = out_c;
+        }
+        let last = boc[boc.len() - 1];
+        let mid = enc.pp("mid_block");
+        let two_l = 2 * cfg.latent_channels;
+        Ok(Self {
+            config: cfg.clone(),
+            conv_in: Conv2d::load(&enc.pp("conv_in"), cfg.in_channels, boc[0], 3, 1, 1)?,
+            blocks,
+            mid_resnet0: ResnetBlock2D::load(&mid.pp("resnets").pp(0), last, last, None, g, 1e-6)?,
+            mid_attention: if cfg.mid_block_add_attention {
+                Some(VaeAttention::load(&mid.pp("attentions").pp(0), last, g)?)
+            } else {
+                None
+            },
+            mid_resnet1: ResnetBlock2D::load(&mid.pp("resnets").pp(1), last, last, None, g, 1e-6)?,
+            conv_norm_out: GroupNorm::load(&enc.pp("conv_norm_out"), g, last, 1e-6)?,
+            conv_out: Conv2d::load(&enc.pp("conv_out"), last, two_l, 3, 1, 1)?,
+            quant_conv: if cfg.use_quant_conv {
+                Some(Conv2d::load(&vb.pp("quant_conv"), two_l, two_l, 1, 1, 0)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// Pixel-to-latent downscale factor.
+    pub fn scale_factor(&self) -> usize {
+        1 << (self.config.block_out_channels.len() - 1)
+    }
+
+    pub fn config(&self) -> &VaeConfig {
+        &self.config
+    }
+
+    /// (B, 3, H, W) in [-1, 1] -> (B, latent_channels, H/f, W/f), scaled (and shifted).
+    pub fn encode(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = self.conv_in.forward(x)?;
+        for block in &self.blocks {
+            for r in &block.resnets {
+                h = r.forward(&h, None)?;
+            }
+            if let Some(d) = &block.downsample {
+                // diffusers pads (0, 1, 0, 1) before the stride-2 conv in the encoder.
+                h = d.forward(&h.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)?;
+            }
+        }
+        h = self.mid_resnet0.forward(&h, None)?;
+        if let Some(a) = &self.mid_attention {
+            h = a.forward(&h)?;
+        }
+        h = self.mid_resnet1.forward(&h, None)?;
+        h = self
+            .conv_out
+            .forward(&ops::silu(&self.conv_norm_out.forward(&h)?)?)?;
+        if let Some(q) = &self.quant_conv {
+            h = q.forward(&h)?;
+        }
+        let mean = h.narrow(1, 0, self.config.latent_channels)?;
+        let shifted = match self.config.shift_factor {
+            Some(s) => (mean - s)?,
+            None => mean,
+        };
+        shifted * self.config.scaling_factor
+    }
+}

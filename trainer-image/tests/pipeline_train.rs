@@ -1,0 +1,253 @@
+//! End-to-end training on tiny generated models and datasets (CPU): both families train and
+//! write loadable LoRA files, loss falls on a fixed batch, a resumed run equals an
+//! uninterrupted one, and invalid datasets are refused before anything is written.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod pipeline_support;
+
+use candle_core::Device;
+use loraplane_crds::trainer::Outcome;
+use loraplane_crds::v1alpha1::ModelFamily;
+use loraplane_trainer::model::{self, LoraSpec};
+use loraplane_trainer::optim::{AdamW, AdamWParams};
+use loraplane_trainer::rng::Rng;
+use loraplane_trainer::tensors::TensorFile;
+use loraplane_trainer::train::{self, RunOptions, TrainError};
+use pipeline_support::*;
+
+fn opts() -> RunOptions {
+    RunOptions {
+        emit_events: false,
+        device: Device::Cpu,
+        ..RunOptions::default()
+    }
+}
+
+fn setup(dir: &std::path::Path, family: ModelFamily) -> Setup {
+    let model = tiny_model(dir, family);
+    let (zip, sha) = write_zip(dir, &dataset_entries(6));
+    Setup {
+        model,
+        zip,
+        sha,
+        family,
+    }
+}
+
+fn read(path: &std::path::Path) -> TensorFile {
+    TensorFile::read(path).unwrap()
+}
+
+#[test]
+fn sd15_run_writes_kohya_and_peft_files_with_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(dir.path(), ModelFamily::Sd15);
+    let run = dir.path().join("run");
+    let cfg = config(&s, &run, 3, 2);
+    let report = train::run(&cfg, &opts()).unwrap();
+    assert_eq!(report.summary.outcome, Outcome::Succeeded);
+    assert_eq!(report.losses.len(), 3);
+    assert_eq!(report.summary.artifacts.len(), 2);
+    for a in &report.summary.artifacts {
+        let bytes = std::fs::read(&a.uri).unwrap();
+        assert_eq!(a.bytes, bytes.len() as u64);
+        assert_eq!(a.sha256, sha256_hex(&bytes));
+    }
+    // A checkpoint went to the checkpoint location.
+    assert!(run.join("remote-ckpt/checkpoint-0000000002.safetensors").exists());
+
+    let kohya = read(&run.join("out/job-1.safetensors"));
+    let peft = read(&run.join("out/pytorch_lora_weights.safetensors"));
+    let m = model::load(&s.model, s.family, LoraSpec { rank: 4, alpha: 2.0 }, &Device::Cpu).unwrap();
+    let adapters = m.adapters();
+    assert!(!adapters.is_empty());
+    assert_eq!(kohya.tensors.len(), 3 * adapters.len());
+    assert_eq!(peft.tensors.len(), 2 * adapters.len());
+    let mut moved = 0;
+    for (path, a) in &adapters {
+        let k = format!("lora_unet_{}", path.replace('.', "_"));
+        let down = &kohya.tensors[&format!("{k}.lora_down.weight")];
+        let up = &kohya.tensors[&format!("{k}.lora_up.weight")];
+        let alpha = &kohya.tensors[&format!("{k}.alpha")];
+        let (r, inp) = (a.down.dims()[0], a.down.dims()[1]);
+        let out = a.up.dims()[0];
+        let conv: &[usize] = if a.conv1x1 { &[1, 1] } else { &[] };
+        assert_eq!(down.shape, [&[r, inp][..], conv].concat(), "{k}");
+        assert_eq!(up.shape, [&[out, r][..], conv].concat(), "{k}");
+        assert_eq!(alpha.data, vec![2.0]);
+        let pa = &peft.tensors[&format!("unet.{path}.lora_A.weight")];
+        let pb = &peft.tensors[&format!("unet.{path}.lora_B.weight")];
+        assert_eq!(pa, down);
+        // alpha/rank = 0.5 is folded into lora_B.
+        for (x, y) in pb.data.iter().zip(&up.data) {
+            assert!((x - 0.5 * y).abs() < 1e-7);
+        }
+        if up.data.iter().any(|v| *v != 0.0) {
+            moved += 1;
+        }
+    }
+    assert_eq!(moved, adapters.len(), "every up matrix trained off zero");
+    let md = &kohya.metadata;
+    assert_eq!(md["ss_network_module"], "networks.lora");
+    assert_eq!(md["ss_network_dim"], "4");
+    assert_eq!(md["ss_network_alpha"], "2.0");
+    assert_eq!(md["ss_base_model_version"], "sd_v1");
+    assert_eq!(md["ss_resolution"], "(64, 64)");
+    assert_eq!(md["ss_max_train_steps"], "3");
+    assert_eq!(md["modelspec.architecture"], "stable-diffusion-v1/lora");
+    assert_eq!(md["modelspec.sai_model_spec"], "1.0.0");
+    assert_eq!(md["modelspec.trigger_phrase"], TRIGGER);
+    assert_eq!(md["modelspec.title"], "job-1");
+    assert!(md["ss_training_finished_at"].parse::<f64>().unwrap() >= md["ss_training_started_at"].parse::<f64>().unwrap());
+    assert!(!md.values().any(|v| v.contains(CAPTION_WORD)), "captions stay out of metadata");
+    assert_eq!(peft.metadata["ss_network_dim"], "4");
+}
+
+#[test]
+fn sdxl_run_names_kohya_modules_in_sgm_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(dir.path(), ModelFamily::Sdxl);
+    let run = dir.path().join("run");
+    let cfg = config(&s, &run, 2, 5);
+    let report = train::run(&cfg, &opts()).unwrap();
+    assert!(report.losses.iter().all(|l| l.is_finite()));
+    let kohya = read(&run.join("out/job-1.safetensors"));
+    let peft = read(&run.join("out/pytorch_lora_weights.safetensors"));
+    assert_eq!(kohya.metadata["ss_base_model_version"], "sdxl_base_v1-0");
+    assert_eq!(kohya.metadata["modelspec.architecture"], "stable-diffusion-xl-v1-base/lora");
+    let modules: Vec<&str> = kohya
+        .tensors
+        .keys()
+        .filter_map(|k| k.strip_suffix(".alpha"))
+        .collect();
+    assert_eq!(modules.len() * 2, peft.tensors.len());
+    for m in &modules {
+        assert!(
+            m.starts_with("lora_unet_input_blocks_")
+                || m.starts_with("lora_unet_middle_block_1_")
+                || m.starts_with("lora_unet_output_blocks_"),
+            "{m}"
+        );
+    }
+    // Every PEFT (diffusers) module has its SGM twin with the same down weights.
+    for (k, t) in &peft.tensors {
+        let Some(path) = k.strip_prefix("unet.").and_then(|k| k.strip_suffix(".lora_A.weight")) else {
+            continue;
+        };
+        let sgm = loraplane_trainer::export::kohya_name(path, ModelFamily::Sdxl, 2).unwrap();
+        assert_eq!(&kohya.tensors[&format!("{sgm}.lora_down.weight")], t);
+    }
+}
+
+#[test]
+fn loss_decreases_on_a_fixed_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(dir.path(), ModelFamily::Sd15);
+    let m = model::load(&s.model, s.family, LoraSpec { rank: 4, alpha: 4.0 }, &Device::Cpu).unwrap();
+    let zip = std::fs::read(&s.zip).unwrap();
+    let limits = Default::default();
+    let samples = loraplane_trainer::dataset::validate(&zip, TRIGGER, None, &limits).unwrap();
+    let cache = train::cache_samples(&m, &samples, 64, &limits).unwrap();
+    let sched = loraplane_trainer::schedule::NoiseSchedule::new(&Default::default()).unwrap();
+    let batch = train::make_batch(&m, &cache, &[0, 1], &sched, &mut Rng::new(3, 0), 0.0, None).unwrap();
+    let mut opt = AdamW::new(train::named_params(&m), AdamWParams::default()).unwrap();
+    let mut losses = Vec::new();
+    for _ in 0..12 {
+        let loss = train::batch_loss(&m, &batch).unwrap();
+        losses.push(loss.to_scalar::<f32>().unwrap());
+        let grads = loss.backward().unwrap();
+        opt.step(&grads, 5e-3).unwrap();
+    }
+    let (first, last) = (losses[0], *losses.last().unwrap());
+    assert!(last < first * 0.9, "loss did not fall: {losses:?}");
+}
+
+#[test]
+fn resumed_run_equals_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(dir.path(), ModelFamily::Sd15);
+    let whole = dir.path().join("whole");
+    train::run(&config(&s, &whole, 5, 2), &opts()).unwrap();
+
+    let split = dir.path().join("split");
+    let cfg = config(&s, &split, 5, 2);
+    let crash = train::run(
+        &cfg,
+        &RunOptions {
+            stop_after: Some(3),
+            ..opts()
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(crash, TrainError::Interrupted { step: 3 }), "{crash}");
+    // A restart on a fresh node: the local work dir is gone, the checkpoint location is not.
+    std::fs::remove_dir_all(split.join("work")).unwrap();
+    let report = train::run(&cfg, &opts()).unwrap();
+    assert_eq!(report.resumed_from, Some(2));
+    assert_eq!(report.losses.len(), 3);
+
+    let a = read(&whole.join("out/pytorch_lora_weights.safetensors"));
+    let b = read(&split.join("out/pytorch_lora_weights.safetensors"));
+    let keys: Vec<&String> = a.tensors.keys().collect();
+    assert_eq!(keys, b.tensors.keys().collect::<Vec<_>>());
+    let mut max_diff = 0f32;
+    for (k, t) in &a.tensors {
+        for (x, y) in t.data.iter().zip(&b.tensors[k].data) {
+            max_diff = max_diff.max((x - y).abs());
+        }
+    }
+    assert!(max_diff <= 1e-6, "resumed adapters differ by {max_diff}");
+}
+
+#[test]
+fn invalid_datasets_are_bad_input_and_leave_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), ModelFamily::Sd15);
+    let cases: Vec<(&str, Vec<(String, Vec<u8>)>, &str)> = vec![
+        ("slip", {
+            let mut e = dataset_entries(5);
+            e.push(("../../etc/evil.png".into(), png(8, 8, 1)));
+            e
+        }, "../../etc/evil.png: unsafe path"),
+        ("corrupt", {
+            let mut e = dataset_entries(5);
+            e.push(("broken.webp".into(), b"RIFF\x10\0\0\0WEBPVP8 garbage".to_vec()));
+            e
+        }, "broken.webp: corrupt image"),
+        ("few", dataset_entries(4), "has 4 images; at least 5"),
+        ("bomb", {
+            let mut e = dataset_entries(5);
+            e.push(("pad.txt".into(), vec![b' '; 4 << 20]));
+            e
+        }, "pad.txt: compression ratio"),
+    ];
+    for (name, entries, expected) in cases {
+        let case_dir = dir.path().join(name);
+        std::fs::create_dir_all(&case_dir).unwrap();
+        let (zip, sha) = write_zip(&case_dir, &entries);
+        let s = Setup {
+            model: model.clone(),
+            zip,
+            sha,
+            family: ModelFamily::Sd15,
+        };
+        let run = case_dir.join("run");
+        let err = train::run(&config(&s, &run, 2, 1), &opts()).unwrap_err();
+        assert!(err.is_bad_input(), "{name}: {err}");
+        assert!(err.to_string().contains(expected), "{name}: {err}");
+        let out: Vec<_> = std::fs::read_dir(run.join("work")).unwrap().flatten().flat_map(|d| std::fs::read_dir(d.path()).unwrap()).collect();
+        assert!(out.is_empty(), "{name}: files left behind: {out:?}");
+        assert!(!run.join("out").exists() && !run.join("remote-ckpt").exists());
+    }
+    // Checksum mismatch.
+    let (zip, _) = write_zip(dir.path(), &dataset_entries(5));
+    let s = Setup {
+        model,
+        zip,
+        sha: "0".repeat(64),
+        family: ModelFamily::Sd15,
+    };
+    let err = train::run(&config(&s, &dir.path().join("sha"), 2, 1), &opts()).unwrap_err();
+    assert!(err.is_bad_input() && err.to_string().contains("checksum mismatch"), "{err}");
+}
+
