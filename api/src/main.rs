@@ -1,27 +1,139 @@
-//! `loraplane-api`: placeholder entry point. The real binary arrives with its issue; until then it
-//! sets up logging the project's way and says what it is.
+//! `loraplane-api`: reads its configuration, connects to Kubernetes and S3, serves HTTP and runs
+//! the leader-elected retention loop.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
+use loraplane_api::app::{self, App, Secrets};
+use loraplane_api::config::ApiConfig;
+use loraplane_api::http::{self, HttpState};
+use loraplane_api::leader::Leader;
+use loraplane_api::metrics::Metrics;
+use loraplane_api::storage::{S3Credentials, Storage};
 use loraplane_crds::logging::{self, LogFormat};
+use loraplane_crds::platform::PlatformConfig;
 
-/// Command-line flags.
+/// Command-line flags. Secrets come only from the environment.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
     /// Log output format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "LOG_FORMAT")]
     log_format: LogFormat,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "LISTEN")]
+    listen: SocketAddr,
+    /// The API configuration (plans, tenants, limits).
+    #[arg(long, env = "API_CONFIG")]
+    config: PathBuf,
+    /// The platform configuration (regions, buckets).
+    #[arg(long, env = "PLATFORM_CONFIG")]
+    platform: PathBuf,
+    /// This replica's identity in the retention lease (the pod name).
+    #[arg(long, env = "POD_NAME", default_value = "loraplane-api")]
+    identity: String,
 }
 
-fn main() -> std::process::ExitCode {
+/// Why start-up failed.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error("read {0}: {1}")]
+    ReadConfig(PathBuf, std::io::Error),
+    #[error(transparent)]
+    ApiConfig(#[from] loraplane_api::config::ConfigError),
+    #[error(transparent)]
+    PlatformConfig(#[from] loraplane_crds::platform::ConfigError),
+    #[error("environment variable {0} is required")]
+    MissingEnv(&'static str),
+    #[error("connect to Kubernetes: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("listen on {0}: {1}")]
+    Listen(SocketAddr, std::io::Error),
+    #[error("serve: {0}")]
+    Serve(std::io::Error),
+}
+
+fn env(name: &'static str) -> Result<String, StartError> {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .ok_or(StartError::MissingEnv(name))
+}
+
+async fn run(args: Args) -> Result<(), StartError> {
+    let read = |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| StartError::ReadConfig(p.clone(), e));
+    let config = ApiConfig::from_yaml(&read(&args.config)?)?;
+    let platform = PlatformConfig::from_yaml(&read(&args.platform)?)?;
+    // Several comma-separated secrets are accepted while one is being rolled.
+    let webhook = env("STRIPE_WEBHOOK_SECRET")?
+        .split(',')
+        .map(|s| s.trim().as_bytes().to_vec())
+        .collect();
+    let secrets = Secrets {
+        webhook,
+        id_key: env("ID_HASH_KEY")?.into_bytes(),
+    };
+    let creds = S3Credentials {
+        access_key: env("AWS_ACCESS_KEY_ID")?,
+        secret_key: env("AWS_SECRET_ACCESS_KEY")?,
+    };
+    let kube = kube::Client::try_default().await?;
+    let resync = Duration::from_secs(config.limits.gc_resync_seconds.max(1));
+    let lease_ns = config.lease_namespace.clone();
+    let app = Arc::new(App {
+        kube: kube.clone(),
+        storage: Storage::new(&platform, &creds),
+        config,
+        platform,
+        secrets,
+        metrics: Metrics::new()?,
+        gc_wake: tokio::sync::Notify::new(),
+    });
+    let leader = Arc::new(Leader::new(
+        kube,
+        &lease_ns,
+        "loraplane-api-retention",
+        &args.identity,
+        Duration::from_secs(15),
+    ));
+    tokio::spawn({
+        let leader = leader.clone();
+        async move { leader.run().await }
+    });
+    tokio::spawn(app::watch_jobs(app.clone()));
+    tokio::spawn(app::retention_loop(app.clone(), leader, resync));
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| StartError::Listen(args.listen, e))?;
+    tracing::info!(listen = %args.listen, "loraplane-api serving");
+    axum::serve(
+        listener,
+        http::router(HttpState::new(app)).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await
+    .map_err(StartError::Serve)
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     if let Err(err) = logging::init(args.log_format) {
         eprintln!("loraplane-api: {err}");
         return std::process::ExitCode::FAILURE;
     }
-    tracing::info!(
-        version = env!("CARGO_PKG_VERSION"),
-        "loraplane-api is not implemented yet"
-    );
-    std::process::ExitCode::SUCCESS
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = %err, "loraplane-api failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -10,3 +10,7 @@ pub mod placement;
 pub mod progress;
 pub mod resources;
 pub mod status;
+pub mod controller;
+pub mod leader;
+pub mod metrics;
+pub mod server;

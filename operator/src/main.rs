@@ -1,27 +1,85 @@
-//! `loraplane-operator`: placeholder entry point. The real binary arrives with its issue; until then it
-//! sets up logging the project's way and says what it is.
+//! `loraplane-operator`: loads the platform configuration (refusing to start on a bad one),
+//! serves `/metrics`, `/healthz` and `/readyz`, waits for the CRD, takes part in leader
+//! election and reconciles LoRATrainingJobs while leading. SIGTERM or Ctrl-C stops it
+//! gracefully: in-flight reconciles finish and the Lease is released.
+
+use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
-use loraplane_crds::logging::{self, LogFormat};
+use loraplane_crds::logging;
+use loraplane_operator::config::{Args, Settings, load_platform_config};
+use loraplane_operator::controller::{self, Health};
+use loraplane_operator::metrics::Metrics;
+use loraplane_operator::server;
+use tokio::sync::watch;
 
-/// Command-line flags.
-#[derive(Debug, Parser)]
-#[command(version, about)]
-struct Args {
-    /// Log output format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "LOG_FORMAT")]
-    log_format: LogFormat,
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
-fn main() -> std::process::ExitCode {
+#[tokio::main]
+async fn main() -> ExitCode {
     let args = Args::parse();
     if let Err(err) = logging::init(args.log_format) {
         eprintln!("loraplane-operator: {err}");
-        return std::process::ExitCode::FAILURE;
+        return ExitCode::FAILURE;
     }
-    tracing::info!(
-        version = env!("CARGO_PKG_VERSION"),
-        "loraplane-operator is not implemented yet"
-    );
-    std::process::ExitCode::SUCCESS
+    let platform = match load_platform_config(&args.config) {
+        Ok(p) => p,
+        Err(err) => {
+            tracing::error!(error = %err, "invalid configuration; not starting");
+            eprintln!("loraplane-operator: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let settings = Settings::from_args(&args, platform);
+    let metrics = match Metrics::new() {
+        Ok(m) => m,
+        Err(err) => {
+            eprintln!("loraplane-operator: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let client = match kube::Client::try_default().await {
+        Ok(c) => c,
+        Err(err) => {
+            eprintln!("loraplane-operator: could not configure the Kubernetes client: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        stop_tx.send_replace(true);
+    });
+    let health = Arc::new(Health::default());
+    let http = tokio::spawn(server::serve(
+        args.metrics_addr,
+        metrics.clone(),
+        health.clone(),
+        stop_rx.clone(),
+        None,
+    ));
+    let result = controller::run(client, settings, metrics, health, stop_rx).await;
+    http.abort();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = %err, "operator stopped");
+            ExitCode::FAILURE
+        }
+    }
 }

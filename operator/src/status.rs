@@ -137,6 +137,18 @@ impl PodView {
     }
 }
 
+/// Spot reclaims and scheduler preemptions are `Preempted`; an unreachable or vanished node
+/// (the taint manager's eviction, a pod with no disruption reason whose node is gone) is
+/// `NodeLost`.
+fn disruption_reason(pod: &PodView) -> &'static str {
+    match pod.disruption.as_deref() {
+        Some("TerminationByKubelet" | "PreemptionByScheduler" | "EvictionByEvictionAPI" | "Preempting" | "Terminated" | "Shutdown" | "NodeShutdown" | "Evicted") => reason::PREEMPTED,
+        Some(_) => reason::NODE_LOST,
+        None if pod.deleting && pod.node_exists => reason::PREEMPTED,
+        None => reason::NODE_LOST,
+    }
+}
+
 /// Everything the decision is computed from.
 #[derive(Debug, Clone)]
 pub struct Inputs<'a> {
@@ -330,7 +342,7 @@ pub fn decide(inputs: &Inputs<'_>) -> Plan {
         return plan;
     }
     let total_steps = spec.training.steps;
-    let mut cond = |st: &mut LoRATrainingJobStatus, t: &str, s: bool, r: &str, m: &str| {
+    let cond = |st: &mut LoRATrainingJobStatus, t: &str, s: bool, r: &str, m: &str| {
         set_condition(&mut st.conditions, t, s, r, m, generation, now);
     };
 
@@ -394,11 +406,7 @@ pub fn decide(inputs: &Inputs<'_>) -> Plan {
                         ));
                     }
                     _ if disrupted && pod.exit_code != Some(0) => {
-                        let why = if pod.node_exists {
-                            reason::PREEMPTED
-                        } else {
-                            reason::NODE_LOST
-                        };
+                        let why = disruption_reason(pod);
                         ended = Some((
                             why,
                             format!(

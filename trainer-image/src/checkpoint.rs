@@ -90,9 +90,11 @@ impl Checkpoint {
             f.tensors.insert(format!("optimizer.{k}"), t.clone());
         }
         f.metadata.insert(STEP.into(), self.step.to_string());
-        f.metadata.insert(OPTIM_STEP.into(), self.optimizer_step.to_string());
+        f.metadata
+            .insert(OPTIM_STEP.into(), self.optimizer_step.to_string());
         f.metadata.insert(RNG.into(), self.rng.clone());
-        f.metadata.insert(FINGERPRINT.into(), self.fingerprint.clone());
+        f.metadata
+            .insert(FINGERPRINT.into(), self.fingerprint.clone());
         f
     }
 
@@ -142,7 +144,12 @@ mod tests {
         assert_eq!(step_of(&file_name(42)), Some(42));
         assert_eq!(step_of("x/checkpoint-0000000007.safetensors"), Some(7));
         assert_eq!(step_of("checkpoint-7.partial"), None);
-        let names = [file_name(5), file_name(100), "other.txt".into(), file_name(20)];
+        let names = [
+            file_name(5),
+            file_name(100),
+            "other.txt".into(),
+            file_name(20),
+        ];
         let n = newest(names.iter().map(String::as_str)).unwrap();
         assert_eq!(n.0, 100);
         assert!(file_name(5) < file_name(100));

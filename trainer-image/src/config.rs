@@ -64,14 +64,21 @@ pub fn parse(text: &str) -> Result<TrainerConfig, ConfigError> {
             (key, one_line(&e.into_inner().to_string()))
         })
     };
-    result.map_err(|(key, message)| ConfigError::ParseConfig {
-        // serde_path_to_error stops at the struct holding an unknown field; name the field.
-        key: match unknown_field(&message) {
-            Some(field) if key == "." => field.to_string(),
-            Some(field) => format!("{key}.{field}"),
-            None => key,
-        },
-        message,
+    result.map_err(|(key, message)| {
+        // serde_yaml prefixes its message with the path; the key already says it.
+        let message = message
+            .strip_prefix(&format!("{key}: "))
+            .map(str::to_string)
+            .unwrap_or(message);
+        ConfigError::ParseConfig {
+            // serde_path_to_error stops at the struct holding an unknown field; name the field.
+            key: match unknown_field(&message) {
+                Some(field) if key == "." => field.to_string(),
+                Some(field) => format!("{key}.{field}"),
+                None => key,
+            },
+            message,
+        }
     })
 }
 
@@ -106,7 +113,10 @@ pub fn check(c: &TrainerConfig) -> Result<(), ConfigError> {
     if t.lr_warmup_steps >= t.steps {
         return bad(
             "training.lrWarmupSteps",
-            format!("must be below steps ({}), got {}", t.steps, t.lr_warmup_steps),
+            format!(
+                "must be below steps ({}), got {}",
+                t.steps, t.lr_warmup_steps
+            ),
         );
     }
     if t.batch_size == 0 || t.batch_size > 64 {
@@ -159,7 +169,10 @@ pub fn check(c: &TrainerConfig) -> Result<(), ConfigError> {
             return bad(key, "must not be empty".into());
         }
         if value.starts_with("s3://") && c.s3.is_none() {
-            return bad(key, "is an s3:// location but no `s3` endpoint is configured".into());
+            return bad(
+                key,
+                "is an s3:// location but no `s3` endpoint is configured".into(),
+            );
         }
     }
     Ok(())
@@ -212,7 +225,10 @@ workDir: /work
     fn unknown_keys_are_named_with_their_path() {
         let text = SAMPLE.replace("  rank: 4\n", "  rank: 4\n  ranke: 5\n");
         let e = err_of(&text);
-        assert!(e.starts_with("config key training.ranke: unknown field"), "{e}");
+        assert!(
+            e.starts_with("config key training.ranke: unknown field"),
+            "{e}"
+        );
         assert_eq!(e.lines().count(), 1);
         let e = err_of(&format!("{SAMPLE}bogus: 1\n"));
         assert!(e.starts_with("config key bogus: unknown field"), "{e}");
@@ -220,7 +236,10 @@ workDir: /work
         let mut v = serde_json::to_value(&c).unwrap();
         v["training"]["lr"] = 1.into();
         let e = err_of(&v.to_string());
-        assert!(e.starts_with("config key training.lr: unknown field"), "{e}");
+        assert!(
+            e.starts_with("config key training.lr: unknown field"),
+            "{e}"
+        );
     }
 
     #[test]

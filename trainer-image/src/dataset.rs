@@ -37,7 +37,9 @@ pub enum DatasetError {
         file: String,
     },
     /// Not an image or caption the trainer accepts.
-    #[error("dataset entry {file}: unsupported file type (expected .jpg, .jpeg, .png, .webp or .txt)")]
+    #[error(
+        "dataset entry {file}: unsupported file type (expected .jpg, .jpeg, .png, .webp or .txt)"
+    )]
     UnsupportedFile {
         /// Entry name.
         file: String,
@@ -51,7 +53,9 @@ pub enum DatasetError {
         format: String,
     },
     /// An entry declares more uncompressed bytes than allowed.
-    #[error("dataset entry {file}: {bytes} bytes uncompressed exceeds the {limit}-byte limit per file")]
+    #[error(
+        "dataset entry {file}: {bytes} bytes uncompressed exceeds the {limit}-byte limit per file"
+    )]
     EntryTooLarge {
         /// Entry name.
         file: String,
@@ -61,7 +65,9 @@ pub enum DatasetError {
         limit: u64,
     },
     /// An entry's compression ratio is that of a decompression bomb.
-    #[error("dataset entry {file}: compression ratio {ratio:.0}:1 exceeds {limit:.0}:1 (decompression bomb?)")]
+    #[error(
+        "dataset entry {file}: compression ratio {ratio:.0}:1 exceeds {limit:.0}:1 (decompression bomb?)"
+    )]
     CompressionRatio {
         /// Entry name.
         file: String,
@@ -71,7 +77,9 @@ pub enum DatasetError {
         limit: f64,
     },
     /// An entry inflates to a different size than its header says.
-    #[error("dataset entry {file}: inflates to more or fewer bytes than the {declared} its header declares")]
+    #[error(
+        "dataset entry {file}: inflates to more or fewer bytes than the {declared} its header declares"
+    )]
     SizeMismatch {
         /// Entry name.
         file: String,
@@ -79,7 +87,9 @@ pub enum DatasetError {
         declared: u64,
     },
     /// All entries together declare too many bytes.
-    #[error("dataset: {bytes} bytes uncompressed in total exceeds the {limit}-byte limit (at {file})")]
+    #[error(
+        "dataset: {bytes} bytes uncompressed in total exceeds the {limit}-byte limit (at {file})"
+    )]
     TotalTooLarge {
         /// The entry that crossed the limit.
         file: String,
@@ -240,11 +250,15 @@ pub fn validate(
             file: format!("#{i}"),
             reason: e.to_string(),
         })?;
-        let file = entry.name().to_string();
+        let file = match entry.name() {
+            Ok(n) => n.to_string(),
+            Err(_) => String::from_utf8_lossy(entry.name_raw()).into_owned(),
+        };
         if is_unsafe_path(&file) || entry.enclosed_name().is_none() {
             return Err(DatasetError::UnsafePath { file });
         }
-        let kind = kind_of(&file).ok_or_else(|| DatasetError::UnsupportedFile { file: file.clone() })?;
+        let kind =
+            kind_of(&file).ok_or_else(|| DatasetError::UnsupportedFile { file: file.clone() })?;
         if entry.is_dir() || matches!(kind, Kind::Ignored) {
             continue;
         }
@@ -502,7 +516,11 @@ mod tests {
         assert!(err(&e).contains("../evil.png: unsafe path"), "{}", err(&e));
         let mut e = five();
         e.push(("notes.pdf", vec![1, 2, 3]));
-        assert!(err(&e).contains("notes.pdf: unsupported file type"), "{}", err(&e));
+        assert!(
+            err(&e).contains("notes.pdf: unsupported file type"),
+            "{}",
+            err(&e)
+        );
         let mut e = five();
         e.push(("broken.jpg", b"\xff\xd8\xff\xe0 not really".to_vec()));
         assert!(err(&e).contains("broken.jpg: corrupt image"), "{}", err(&e));
@@ -510,14 +528,24 @@ mod tests {
         let mut gif = Vec::from(&b"GIF89a"[..]);
         gif.extend_from_slice(&[1, 0, 1, 0, 0, 0, 0]);
         e.push(("anim.png", gif));
-        assert!(err(&e).contains("anim.png: unsupported image format gif"), "{}", err(&e));
+        assert!(
+            err(&e).contains("anim.png: unsupported image format gif"),
+            "{}",
+            err(&e)
+        );
         let mut e = five();
         e.push(("x.txt", vec![0xff, 0xfe, 0x00]));
-        assert!(err(&e).contains("x.txt: caption is not UTF-8"), "{}", err(&e));
+        assert!(
+            err(&e).contains("x.txt: caption is not UTF-8"),
+            "{}",
+            err(&e)
+        );
         assert!(err(&five()[..4]).contains("has 3 images; at least 5"));
-        let many: Vec<(String, Vec<u8>)> =
-            (0..201).map(|i| (format!("{i}.png"), png(4, 4, 1))).collect();
-        let refs: Vec<(&str, Vec<u8>)> = many.iter().map(|(n, d)| (n.as_str(), d.clone())).collect();
+        let many: Vec<(String, Vec<u8>)> = (0..201)
+            .map(|i| (format!("{i}.png"), png(4, 4, 1)))
+            .collect();
+        let refs: Vec<(&str, Vec<u8>)> =
+            many.iter().map(|(n, d)| (n.as_str(), d.clone())).collect();
         assert!(err(&refs).contains("has 201 images; at most 200"));
         assert!(validate(b"PK not a zip", "t", None, &Limits::default()).is_err());
     }
@@ -529,22 +557,34 @@ mod tests {
         let msg = err(&e);
         assert!(msg.contains("zeros.txt: compression ratio"), "{msg}");
         let small = Limits {
-            max_entry_bytes: 1000,
+            max_entry_bytes: 100,
             ..Limits::default()
         };
-        let msg = validate(&zip_of(&five()), "t", None, &small).err().unwrap().to_string();
-        assert!(msg.contains("a.png") && msg.contains("exceeds the 1000-byte limit"), "{msg}");
+        let msg = validate(&zip_of(&five()), "t", None, &small)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            msg.contains("a.png") && msg.contains("exceeds the 100-byte limit"),
+            "{msg}"
+        );
         let total = Limits {
             max_total_bytes: 5000,
             ..Limits::default()
         };
-        let msg = validate(&zip_of(&five()), "t", None, &total).err().unwrap().to_string();
+        let msg = validate(&zip_of(&five()), "t", None, &total)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(msg.contains("in total exceeds"), "{msg}");
         let pixels = Limits {
             max_side: 35,
             ..Limits::default()
         };
-        let msg = validate(&zip_of(&five()), "t", None, &pixels).err().unwrap().to_string();
+        let msg = validate(&zip_of(&five()), "t", None, &pixels)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(msg.contains("a.png: image too large"), "{msg}");
     }
 
@@ -553,8 +593,8 @@ mod tests {
         // Stored (uncompressed) entry whose declared sizes are patched to be smaller than
         // the real data, as a bomb would declare.
         let mut w = zip::ZipWriter::new(Cursor::new(Vec::new()));
-        let stored =
-            zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+        let stored = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
         for (n, d) in five() {
             w.start_file(n, stored).unwrap();
             w.write_all(&d).unwrap();
@@ -563,7 +603,10 @@ mod tests {
         w.write_all(&[b'x'; 4000]).unwrap();
         let mut bytes = w.finish().unwrap().into_inner();
         patch_sizes(&mut bytes, "liar.txt", 100);
-        let msg = validate(&bytes, "t", None, &Limits::default()).err().unwrap().to_string();
+        let msg = validate(&bytes, "t", None, &Limits::default())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(msg.contains("liar.txt"), "{msg}");
     }
 
@@ -589,7 +632,11 @@ mod tests {
     fn center_crop_keeps_the_middle_and_reports_geometry() {
         // 80x40 image, left half black, right half white: the centre 40x40 straddles both.
         let img = image::RgbImage::from_fn(80, 40, |x, _| {
-            if x < 40 { image::Rgb([0, 0, 0]) } else { image::Rgb([255, 255, 255]) }
+            if x < 40 {
+                image::Rgb([0, 0, 0])
+            } else {
+                image::Rgb([255, 255, 255])
+            }
         });
         let p = center_crop(&DynamicImage::ImageRgb8(img), 32);
         assert_eq!(p.pixels.len(), 3 * 32 * 32);

@@ -111,7 +111,11 @@ pub fn diffusers_to_sgm(path: &str, layers_per_block: usize) -> Option<String> {
 }
 
 /// The kohya module name (`lora_unet_…`) for an adapter.
-pub fn kohya_name(path: &str, family: ModelFamily, layers_per_block: usize) -> Result<String, ExportError> {
+pub fn kohya_name(
+    path: &str,
+    family: ModelFamily,
+    layers_per_block: usize,
+) -> Result<String, ExportError> {
     let module = match family {
         ModelFamily::Sd15 => path.to_string(),
         ModelFamily::Sdxl => diffusers_to_sgm(path, layers_per_block)
@@ -126,7 +130,11 @@ fn check(a: &ExportAdapter, rank: u32) -> Result<(), ExportError> {
         reason,
     };
     let r = rank as usize;
-    if a.down.shape.len() != 2 || a.up.shape.len() != 2 || a.down.shape[0] != r || a.up.shape[1] != r {
+    if a.down.shape.len() != 2
+        || a.up.shape.len() != 2
+        || a.down.shape[0] != r
+        || a.up.shape[1] != r
+    {
         return Err(bad(format!(
             "down {:?} / up {:?} do not fit rank {rank}",
             a.down.shape, a.up.shape
@@ -236,8 +244,14 @@ pub fn kohya(adapters: &[ExportAdapter], info: &ExportInfo) -> Result<TensorFile
     for a in adapters {
         check(a, info.rank)?;
         let name = kohya_name(&a.path, info.family, info.layers_per_block)?;
-        f.tensors.insert(format!("{name}.lora_down.weight"), with_conv_dims(&a.down, a.conv1x1));
-        f.tensors.insert(format!("{name}.lora_up.weight"), with_conv_dims(&a.up, a.conv1x1));
+        f.tensors.insert(
+            format!("{name}.lora_down.weight"),
+            with_conv_dims(&a.down, a.conv1x1),
+        );
+        f.tensors.insert(
+            format!("{name}.lora_up.weight"),
+            with_conv_dims(&a.up, a.conv1x1),
+        );
         f.tensors.insert(
             format!("{name}.alpha"),
             HostTensor {
@@ -266,7 +280,8 @@ pub fn peft(adapters: &[ExportAdapter], info: &ExportInfo) -> Result<TensorFile,
             format!("unet.{}.lora_A.weight", a.path),
             with_conv_dims(&a.down, a.conv1x1),
         );
-        f.tensors.insert(format!("unet.{}.lora_B.weight", a.path), up);
+        f.tensors
+            .insert(format!("unet.{}.lora_B.weight", a.path), up);
     }
     Ok(f)
 }
@@ -283,12 +298,18 @@ mod tests {
             m("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"),
             "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
         );
-        assert_eq!(m("down_blocks.1.attentions.1.proj_in"), "input_blocks.5.1.proj_in");
+        assert_eq!(
+            m("down_blocks.1.attentions.1.proj_in"),
+            "input_blocks.5.1.proj_in"
+        );
         assert_eq!(
             m("down_blocks.2.attentions.0.transformer_blocks.9.ff.net.0.proj"),
             "input_blocks.7.1.transformer_blocks.9.ff.net.0.proj"
         );
-        assert_eq!(m("down_blocks.2.attentions.1.proj_out"), "input_blocks.8.1.proj_out");
+        assert_eq!(
+            m("down_blocks.2.attentions.1.proj_out"),
+            "input_blocks.8.1.proj_out"
+        );
         assert_eq!(
             m("mid_block.attentions.0.transformer_blocks.3.attn2.to_k"),
             "middle_block.1.transformer_blocks.3.attn2.to_k"
@@ -297,21 +318,44 @@ mod tests {
             m("up_blocks.0.attentions.0.transformer_blocks.0.attn2.to_out.0"),
             "output_blocks.0.1.transformer_blocks.0.attn2.to_out.0"
         );
-        assert_eq!(m("up_blocks.0.attentions.2.proj_in"), "output_blocks.2.1.proj_in");
-        assert_eq!(m("up_blocks.1.attentions.0.proj_in"), "output_blocks.3.1.proj_in");
-        assert_eq!(m("up_blocks.1.attentions.2.ff.net.2"), "output_blocks.5.1.ff.net.2");
+        assert_eq!(
+            m("up_blocks.0.attentions.2.proj_in"),
+            "output_blocks.2.1.proj_in"
+        );
+        assert_eq!(
+            m("up_blocks.1.attentions.0.proj_in"),
+            "output_blocks.3.1.proj_in"
+        );
+        assert_eq!(
+            m("up_blocks.1.attentions.2.ff.net.2"),
+            "output_blocks.5.1.ff.net.2"
+        );
         // SD1.5's layout (attention in down blocks 0-2, up blocks 1-3) maps the same way.
-        assert_eq!(m("down_blocks.0.attentions.0.proj_in"), "input_blocks.1.1.proj_in");
-        assert_eq!(m("up_blocks.3.attentions.2.proj_out"), "output_blocks.11.1.proj_out");
+        assert_eq!(
+            m("down_blocks.0.attentions.0.proj_in"),
+            "input_blocks.1.1.proj_in"
+        );
+        assert_eq!(
+            m("up_blocks.3.attentions.2.proj_out"),
+            "output_blocks.11.1.proj_out"
+        );
         assert_eq!(diffusers_to_sgm("down_blocks.0.resnets.0.conv1", 2), None);
         assert_eq!(
-            kohya_name("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0", ModelFamily::Sdxl, 2)
-                .unwrap(),
+            kohya_name(
+                "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0",
+                ModelFamily::Sdxl,
+                2
+            )
+            .unwrap(),
             "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_out_0"
         );
         assert_eq!(
-            kohya_name("down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_v", ModelFamily::Sd15, 2)
-                .unwrap(),
+            kohya_name(
+                "down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_v",
+                ModelFamily::Sd15,
+                2
+            )
+            .unwrap(),
             "lora_unet_down_blocks_0_attentions_1_transformer_blocks_0_attn2_to_v"
         );
     }

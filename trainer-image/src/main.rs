@@ -74,7 +74,10 @@ fn main() -> ExitCode {
     let summary_path = PathBuf::from(&cfg.termination_message_path);
     match train::run(&cfg, &train::RunOptions::default()) {
         Ok(report) => {
-            tracing::info!(artifacts = report.summary.artifacts.len(), "training finished");
+            tracing::info!(
+                artifacts = report.summary.artifacts.len(),
+                "training finished"
+            );
             finish(&summary_path, &report.summary);
             code(EXIT_OK)
         }
@@ -86,7 +89,11 @@ fn main() -> ExitCode {
             };
             eprintln!("loraplane-trainer: {e}");
             let summary = TrainerSummary {
-                outcome: if bad { Outcome::BadInput } else { Outcome::Crashed },
+                outcome: if bad {
+                    Outcome::BadInput
+                } else {
+                    Outcome::Crashed
+                },
                 step,
                 artifacts: vec![],
                 error: Some(e.to_string()),

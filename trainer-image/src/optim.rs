@@ -92,7 +92,12 @@ impl AdamW {
         let mut sum = 0f64;
         for (_, p) in &self.params {
             if let Some(g) = grads.get(p.as_tensor()) {
-                sum += f64::from(g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?);
+                sum += f64::from(
+                    g.sqr()?
+                        .sum_all()?
+                        .to_dtype(candle_core::DType::F32)?
+                        .to_scalar::<f32>()?,
+                );
             }
         }
         Ok(sum.sqrt())
@@ -134,8 +139,14 @@ impl AdamW {
         for (i, (name, _)) in self.params.iter().enumerate() {
             let m_name = format!("m.{name}");
             let v_name = format!("v.{name}");
-            out.insert(m_name.clone(), HostTensor::from_candle(&m_name, &self.m[i])?);
-            out.insert(v_name.clone(), HostTensor::from_candle(&v_name, &self.v[i])?);
+            out.insert(
+                m_name.clone(),
+                HostTensor::from_candle(&m_name, &self.m[i])?,
+            );
+            out.insert(
+                v_name.clone(),
+                HostTensor::from_candle(&v_name, &self.v[i])?,
+            );
         }
         Ok((out, self.step))
     }
@@ -173,7 +184,12 @@ mod tests {
     use super::*;
 
     fn quadratic_grads(p: &Var, target: &Tensor) -> GradStore {
-        let loss = (p.as_tensor() - target).unwrap().sqr().unwrap().sum_all().unwrap();
+        let loss = (p.as_tensor() - target)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
         loss.backward().unwrap()
     }
 
@@ -214,8 +230,7 @@ mod tests {
                     let saved = p.as_tensor().copy().unwrap();
                     let p2 = Var::from_tensor(&saved).unwrap();
                     let mut opt2 =
-                        AdamW::new(vec![("p".into(), p2.clone())], AdamWParams::default())
-                            .unwrap();
+                        AdamW::new(vec![("p".into(), p2.clone())], AdamWParams::default()).unwrap();
                     opt2.restore(&state, step, &dev).unwrap();
                     for _ in i..6 {
                         let g = quadratic_grads(&p2, &target);

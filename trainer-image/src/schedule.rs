@@ -104,7 +104,11 @@ impl NoiseSchedule {
                 .collect(),
             "squaredcos_cap_v2" => {
                 // Glide's cosine schedule, betas capped at 0.999 as in diffusers.
-                let ab = |x: f64| ((x + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
+                let ab = |x: f64| {
+                    ((x + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2)
+                        .cos()
+                        .powi(2)
+                };
                 (0..n)
                     .map(|i| {
                         let (t1, t2) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
@@ -182,13 +186,7 @@ impl NoiseSchedule {
 }
 
 /// Learning rate at optimiser step `step` (0-based), diffusers' `get_scheduler` formulas.
-pub fn learning_rate(
-    peak: f64,
-    kind: LrScheduler,
-    warmup: u64,
-    total: u64,
-    step: u64,
-) -> f64 {
+pub fn learning_rate(peak: f64, kind: LrScheduler, warmup: u64, total: u64, step: u64) -> f64 {
     if step < warmup {
         return peak * step as f64 / warmup.max(1) as f64;
     }
@@ -212,7 +210,11 @@ mod tests {
         // diffusers DDPMScheduler(scaled_linear, 0.00085, 0.012): alphas_cumprod[0] = 0.99915,
         // alphas_cumprod[999] ≈ 0.0046.
         assert!((s.alpha_bar(0) - 0.99915).abs() < 1e-9);
-        assert!((s.alpha_bar(999) - 0.004_660).abs() < 1e-4, "{}", s.alpha_bar(999));
+        assert!(
+            (s.alpha_bar(999) - 0.004_660).abs() < 1e-4,
+            "{}",
+            s.alpha_bar(999)
+        );
         let (a, b) = s.coefficients(500);
         assert!((a * a + b * b - 1.0).abs() < 1e-12);
         let lin = NoiseSchedule::new(&SchedulerConfig {
@@ -221,11 +223,13 @@ mod tests {
         })
         .unwrap();
         assert!(lin.alpha_bar(999) < s.alpha_bar(999));
-        assert!(NoiseSchedule::new(&SchedulerConfig {
-            beta_schedule: "sigmoid".into(),
-            ..SchedulerConfig::default()
-        })
-        .is_err());
+        assert!(
+            NoiseSchedule::new(&SchedulerConfig {
+                beta_schedule: "sigmoid".into(),
+                ..SchedulerConfig::default()
+            })
+            .is_err()
+        );
     }
 
     #[test]

@@ -122,7 +122,9 @@ pub struct Storage {
 
 impl std::fmt::Debug for Storage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Storage").field("s3", &self.s3.is_some()).finish()
+        f.debug_struct("Storage")
+            .field("s3", &self.s3.is_some())
+            .finish()
     }
 }
 
@@ -166,7 +168,10 @@ impl Storage {
         })
     }
 
-    fn s3(&self, uri: &str) -> Result<&(aws_sdk_s3::Client, tokio::runtime::Runtime), StorageError> {
+    fn s3(
+        &self,
+        uri: &str,
+    ) -> Result<&(aws_sdk_s3::Client, tokio::runtime::Runtime), StorageError> {
         self.s3
             .as_ref()
             .ok_or_else(|| StorageError::SetupS3(format!("{uri} needs an S3 endpoint")))
@@ -203,10 +208,14 @@ impl Storage {
                                 }
                             }
                         })?;
-                    let bytes = out.body.collect().await.map_err(|e| StorageError::GetObject {
-                        uri: uri.clone(),
-                        message: e.to_string(),
-                    })?;
+                    let bytes = out
+                        .body
+                        .collect()
+                        .await
+                        .map_err(|e| StorageError::GetObject {
+                            uri: uri.clone(),
+                            message: e.to_string(),
+                        })?;
                     Ok(bytes.into_bytes().to_vec())
                 })
             }
@@ -243,7 +252,9 @@ impl Storage {
                         .map_err(local_err("creating", &tmp))?;
                     let mut body = out.body;
                     while let Some(chunk) = body.try_next().await.map_err(|e| get(e.to_string()))? {
-                        file.write_all(&chunk).await.map_err(local_err("writing", &tmp))?;
+                        file.write_all(&chunk)
+                            .await
+                            .map_err(local_err("writing", &tmp))?;
                     }
                     file.flush().await.map_err(local_err("writing", &tmp))
                 })?;
@@ -274,7 +285,9 @@ impl Storage {
                         uri: uri.clone(),
                         message,
                     };
-                    let body = ByteStream::from_path(src).await.map_err(|e| put(e.to_string()))?;
+                    let body = ByteStream::from_path(src)
+                        .await
+                        .map_err(|e| put(e.to_string()))?;
                     client
                         .put_object()
                         .bucket(bucket)
@@ -329,7 +342,9 @@ impl Storage {
                             }
                         }
                         match page.next_continuation_token() {
-                            Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
+                            Some(t) if page.is_truncated() == Some(true) => {
+                                token = Some(t.to_string())
+                            }
                             _ => break,
                         }
                     }
@@ -368,10 +383,19 @@ mod tests {
                 key: "jobs/a/".into()
             }
         );
-        assert_eq!(l.join("x.safetensors").uri(), "s3://bkt/jobs/a/x.safetensors");
+        assert_eq!(
+            l.join("x.safetensors").uri(),
+            "s3://bkt/jobs/a/x.safetensors"
+        );
         assert_eq!(Location::parse("s3://bkt").join("k").uri(), "s3://bkt/k");
-        assert_eq!(Location::parse("s3://bkt/p").join("k").uri(), "s3://bkt/p/k");
-        assert_eq!(Location::parse("/tmp/x").join("y"), Location::Local("/tmp/x/y".into()));
+        assert_eq!(
+            Location::parse("s3://bkt/p").join("k").uri(),
+            "s3://bkt/p/k"
+        );
+        assert_eq!(
+            Location::parse("/tmp/x").join("y"),
+            Location::Local("/tmp/x/y".into())
+        );
     }
 
     #[test]
@@ -383,8 +407,14 @@ mod tests {
         let dst = Location::Local(dir.path().join("out/sub/a.bin"));
         s.upload(&src, &dst).unwrap();
         assert_eq!(s.read(&dst).unwrap(), b"hello");
-        assert_eq!(s.list(&Location::Local(dir.path().join("out"))).unwrap(), vec!["sub/a.bin"]);
-        let missing = s.read(&Location::Local(dir.path().join("nope"))).err().unwrap();
+        assert_eq!(
+            s.list(&Location::Local(dir.path().join("out"))).unwrap(),
+            vec!["sub/a.bin"]
+        );
+        let missing = s
+            .read(&Location::Local(dir.path().join("nope")))
+            .err()
+            .unwrap();
         assert!(matches!(missing, StorageError::NotFound { .. }));
         let got = dir.path().join("dl/a.bin");
         s.download(&dst, &got).unwrap();

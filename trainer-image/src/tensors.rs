@@ -127,8 +127,8 @@ impl TensorFile {
             name: name.to_string(),
             message,
         };
-        let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
-            .map_err(|e| err(e.to_string()))?;
+        let (_, header) =
+            safetensors::SafeTensors::read_metadata(bytes).map_err(|e| err(e.to_string()))?;
         let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| err(e.to_string()))?;
         let mut tensors = BTreeMap::new();
         for (k, view) in st.tensors() {

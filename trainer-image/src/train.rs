@@ -248,7 +248,9 @@ pub fn make_batch(
         if noise_offset > 0.0 {
             for c in 0..ch {
                 let o = (noise_offset * rng.normal()) as f32;
-                noise[c * plane..(c + 1) * plane].iter_mut().for_each(|x| *x += o);
+                noise[c * plane..(c + 1) * plane]
+                    .iter_mut()
+                    .for_each(|x| *x += o);
             }
         }
         let noise = Tensor::from_vec(noise, dims.as_slice(), dev)?;
@@ -316,7 +318,10 @@ fn now_unix() -> u64 {
 }
 
 fn hex_sha256(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn mkdir(path: &Path) -> Result<(), TrainError> {
@@ -339,7 +344,11 @@ fn layers_per_block(model_dir: &Path) -> usize {
 }
 
 /// Makes the base model available locally (downloads an `s3://` folder into the work dir).
-fn fetch_model(config: &TrainerConfig, storage: &Storage, work: &Path) -> Result<PathBuf, TrainError> {
+fn fetch_model(
+    config: &TrainerConfig,
+    storage: &Storage,
+    work: &Path,
+) -> Result<PathBuf, TrainError> {
     let loc = Location::parse(&config.base_model.path);
     let Location::S3 { .. } = loc else {
         return Ok(PathBuf::from(&config.base_model.path));
@@ -383,9 +392,10 @@ fn find_checkpoint(
         if !is_local {
             storage.download(&remote.join(&name), &path)?;
         }
-        let ck = match TensorFile::read(&path).map_err(TrainError::from).and_then(|f| {
-            Checkpoint::from_file(f).map_err(TrainError::from)
-        }) {
+        let ck = match TensorFile::read(&path)
+            .map_err(TrainError::from)
+            .and_then(|f| Checkpoint::from_file(f).map_err(TrainError::from))
+        {
             Ok(ck) => ck,
             Err(e) => {
                 tracing::warn!(checkpoint = %name, error = %e, "skipping unreadable checkpoint");
@@ -480,7 +490,10 @@ pub fn run(config: &TrainerConfig, opts: &RunOptions) -> Result<RunReport, Train
         .map_err(TrainError::LoadModel)?;
     let sched = scheduler_of(&model)?;
     let cache = cache_samples(&model, &samples, t.resolution, &opts.limits)?;
-    tracing::info!(adapters = model.adapters().len(), "model loaded, inputs cached");
+    tracing::info!(
+        adapters = model.adapters().len(),
+        "model loaded, inputs cached"
+    );
 
     let params = named_params(&model);
     let mut opt = AdamW::new(params, AdamWParams::default())?;
@@ -525,7 +538,13 @@ pub fn run(config: &TrainerConfig, opts: &RunOptions) -> Result<RunReport, Train
             return Err(TrainError::Diverged { step: step + 1 });
         }
         let grads = loss.backward()?;
-        let lr = schedule::learning_rate(t.learning_rate, t.lr_scheduler, t.lr_warmup_steps, t.steps, step);
+        let lr = schedule::learning_rate(
+            t.learning_rate,
+            t.lr_scheduler,
+            t.lr_warmup_steps,
+            t.steps,
+            step,
+        );
         opt.step(&grads, lr)?;
         losses.push(loss_value);
         let done = step + 1;
@@ -533,7 +552,16 @@ pub fn run(config: &TrainerConfig, opts: &RunOptions) -> Result<RunReport, Train
             emit(ev);
         }
         if done % t.checkpoint_every == 0 && done < t.steps {
-            let uri = save_checkpoint(&storage, &model, &opt, &rng, &fingerprint, done, &ck_dir, &remote_ck)?;
+            let uri = save_checkpoint(
+                &storage,
+                &model,
+                &opt,
+                &rng,
+                &fingerprint,
+                done,
+                &ck_dir,
+                &remote_ck,
+            )?;
             emit(TrainerEvent::Checkpoint { step: done, uri });
         }
         if opts.stop_after == Some(done) {
@@ -578,8 +606,16 @@ pub fn run(config: &TrainerConfig, opts: &RunOptions) -> Result<RunReport, Train
     let out_loc = Location::parse(&config.output);
     let mut artifacts = Vec::new();
     for (format, name, file) in [
-        ("kohya", format!("{}.safetensors", config.job.name), export::kohya(&adapters, &info)?),
-        ("diffusers", "pytorch_lora_weights.safetensors".to_string(), export::peft(&adapters, &info)?),
+        (
+            "kohya",
+            format!("{}.safetensors", config.job.name),
+            export::kohya(&adapters, &info)?,
+        ),
+        (
+            "diffusers",
+            "pytorch_lora_weights.safetensors".to_string(),
+            export::peft(&adapters, &info)?,
+        ),
     ] {
         let path = out_dir.join(&name);
         file.write(&path)?;
@@ -684,19 +720,28 @@ mod tests {
         assert_eq!(sorted, (0..7).collect::<Vec<_>>());
         assert_eq!(batch_indices(3, n, 2, 9), batch_indices(3, n, 2, 9));
         assert_ne!(
-            (0..7).flat_map(|s| batch_indices(s, n, 1, 9)).collect::<Vec<_>>(),
-            (0..7).flat_map(|s| batch_indices(s, n, 1, 10)).collect::<Vec<_>>()
+            (0..7)
+                .flat_map(|s| batch_indices(s, n, 1, 9))
+                .collect::<Vec<_>>(),
+            (0..7)
+                .flat_map(|s| batch_indices(s, n, 1, 10))
+                .collect::<Vec<_>>()
         );
     }
 
     #[test]
     fn bad_input_errors_are_told_apart_from_crashes() {
-        assert!(TrainError::VerifyDataset {
-            expected: "a".into(),
-            actual: "b".into()
-        }
-        .is_bad_input());
-        assert!(TrainError::ValidateDataset(DatasetError::TooFewImages { count: 1, min: 5 }).is_bad_input());
+        assert!(
+            TrainError::VerifyDataset {
+                expected: "a".into(),
+                actual: "b".into()
+            }
+            .is_bad_input()
+        );
+        assert!(
+            TrainError::ValidateDataset(DatasetError::TooFewImages { count: 1, min: 5 })
+                .is_bad_input()
+        );
         assert!(!TrainError::Compute("oom".into()).is_bad_input());
         assert!(!TrainError::Interrupted { step: 3 }.is_bad_input());
     }

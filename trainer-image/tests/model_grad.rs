@@ -11,7 +11,6 @@ fn load(family: ModelFamily, dtype: DType) -> (tempfile::TempDir, DiffusionModel
     let lora = LoraSpec {
         rank: 2,
         alpha: 1.0,
-        seed: 5,
     };
     let m = model::load_with_dtype(dir.path(), family, lora, &Device::Cpu, dtype).unwrap();
     (dir, m)
@@ -51,12 +50,22 @@ fn every_up_gets_a_gradient(family: ModelFamily) {
         let g = grads
             .get(a.up.as_tensor())
             .unwrap_or_else(|| panic!("{name}: no gradient for up"));
-        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(norm > 0.0 && norm.is_finite(), "{name}: up gradient {norm}");
         // One plain SGD step moves `up` off zero.
-        a.up.set(&(a.up.as_tensor() - (g * 0.1).unwrap()).unwrap()).unwrap();
+        a.up.set(&(a.up.as_tensor() - (g * 0.1).unwrap()).unwrap())
+            .unwrap();
         let moved = a.up.as_tensor().abs().unwrap().sum_all().unwrap();
-        assert!(moved.to_scalar::<f32>().unwrap() > 0.0, "{name} did not move");
+        assert!(
+            moved.to_scalar::<f32>().unwrap() > 0.0,
+            "{name} did not move"
+        );
     }
     // Frozen base weights are not variables: only adapter tensors are trainable.
     assert_eq!(m.trainable_vars().len(), adapters.len() * 2);
@@ -73,11 +82,20 @@ fn sdxl_backward_reaches_every_adapter() {
 }
 
 fn entry(v: &Var, i: usize) -> f64 {
-    v.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap()[i]
+    v.as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()[i]
 }
 
 fn set_entry(v: &Var, i: usize, value: f64) {
-    let mut data = v.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let mut data = v
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
     data[i] = value;
     v.set(&Tensor::from_vec(data, v.shape(), &Device::Cpu).unwrap())
         .unwrap();
@@ -97,13 +115,22 @@ fn finite_difference_check(family: ModelFamily) {
 
     let grads = loss(&m, DType::F64).backward().unwrap();
     let adapters = m.adapters();
-    let picks = [0, adapters.len() / 3, adapters.len() / 2, adapters.len() - 1];
+    let picks = [
+        0,
+        adapters.len() / 3,
+        adapters.len() / 2,
+        adapters.len() - 1,
+    ];
     let h = 1e-5;
     for &p in &picks {
         let (name, a) = &adapters[p];
         for (which, var) in [("down", &a.down), ("up", &a.up)] {
             let i = var.elem_count() / 2;
-            let analytic = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap()
+            let analytic = grads
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
                 .to_vec1::<f64>()
                 .unwrap()[i];
             let x0 = entry(var, i);

@@ -12,7 +12,6 @@ use loraplane_trainer::model::{self, LoraSpec, ModelError, ModelFamily, tiny};
 const LORA: LoraSpec = LoraSpec {
     rank: 4,
     alpha: 4.0,
-    seed: 7,
 };
 
 fn tiny_model(family: ModelFamily) -> (tempfile::TempDir, model::DiffusionModel) {
@@ -75,7 +74,13 @@ fn tiny_sd15_writes_diffusers_layout_and_predicts_latent_shaped_output() {
     let t = Tensor::new(&[10f32, 900.0], &Device::Cpu).unwrap();
     let out = m.predict(&latents, &t, &cond, None).unwrap();
     assert_eq!(out.dims(), &[2, 4, 8, 8]);
-    let sum = out.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    let sum = out
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(sum.is_finite() && sum > 0.0);
 
     let s = m.scheduler_config();
@@ -96,7 +101,12 @@ fn timesteps_are_per_sample() {
     };
     let dev = Device::Cpu;
     let both = m
-        .predict(&x2, &Tensor::new(&[5f32, 800.0], &dev).unwrap(), &cond2, None)
+        .predict(
+            &x2,
+            &Tensor::new(&[5f32, 800.0], &dev).unwrap(),
+            &cond2,
+            None,
+        )
         .unwrap();
     let early = m
         .predict(&x, &Tensor::new(&[5f32], &dev).unwrap(), &cond, None)
@@ -112,7 +122,11 @@ fn timesteps_are_per_sample() {
 #[test]
 fn tiny_sdxl_conditions_on_pooled_text_and_time_ids() {
     let (dir, m) = tiny_model(ModelFamily::Sdxl);
-    assert!(dir.path().join("text_encoder_2/model.safetensors").is_file());
+    assert!(
+        dir.path()
+            .join("text_encoder_2/model.safetensors")
+            .is_file()
+    );
     assert!(dir.path().join("tokenizer_2/merges.txt").is_file());
 
     let cond = m
@@ -135,7 +149,10 @@ fn tiny_sdxl_conditions_on_pooled_text_and_time_ids() {
     let mut other = cond.clone();
     other.pooled = Some(cond.pooled.as_ref().unwrap().affine(-1.0, 0.5).unwrap());
     let c = m.predict(&x, &t, &other, Some(&ids_a)).unwrap();
-    assert!(max_abs_diff(&a, &c) > 1e-4, "pooled embeds must reach the UNet");
+    assert!(
+        max_abs_diff(&a, &c) > 1e-4,
+        "pooled embeds must reach the UNet"
+    );
 
     let err = m.predict(&x, &t, &cond, None).unwrap_err();
     assert!(err.to_string().contains("time ids"), "{err}");
@@ -171,14 +188,26 @@ fn adapters_sit_on_every_attention_feed_forward_and_projection_linear() {
     let k = &names[&format!("{base}.transformer_blocks.0.attn2.to_k")];
     assert_eq!(k.down.dims(), &[4, 32]); // cross-attention input = text hidden size
     assert_eq!(k.up.dims(), &[32, 4]);
-    assert_eq!(names[&format!("{base}.transformer_blocks.0.ff.net.0.proj")].up.dims(), &[256, 4]);
+    assert_eq!(
+        names[&format!("{base}.transformer_blocks.0.ff.net.0.proj")]
+            .up
+            .dims(),
+        &[256, 4]
+    );
     assert!(names[&format!("{base}.proj_in")].conv1x1);
     for (name, a) in &adapters {
         assert_eq!(a.rank, 4);
         let up_sum = a.up.as_tensor().abs().unwrap().sum_all().unwrap();
-        assert_eq!(up_sum.to_scalar::<f32>().unwrap(), 0.0, "{name} up not zero");
+        assert_eq!(
+            up_sum.to_scalar::<f32>().unwrap(),
+            0.0,
+            "{name} up not zero"
+        );
         let down_sum = a.down.as_tensor().abs().unwrap().sum_all().unwrap();
-        assert!(down_sum.to_scalar::<f32>().unwrap() > 0.0, "{name} down is zero");
+        assert!(
+            down_sum.to_scalar::<f32>().unwrap() > 0.0,
+            "{name} down is zero"
+        );
     }
 
     let (_dir, xl) = tiny_model(ModelFamily::Sdxl);
@@ -199,7 +228,11 @@ fn adapters_round_trip_through_load_adapters() {
     m.load_adapters(&saved).unwrap();
     let (name, a) = &m.adapters()[3];
     assert_eq!(
-        a.up.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()[0],
+        a.up.as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0],
         0.25,
         "{name}"
     );
@@ -232,13 +265,19 @@ fn missing_or_misshapen_tensor_fails_naming_it() {
     tiny::write_tiny_model(dir.path(), ModelFamily::Sd15, 3).unwrap();
     let wrong = "mid_block.resnets.1.conv1.weight";
     rewrite_unet(dir.path(), |t| {
-        t.insert(wrong.into(), Tensor::zeros((64, 64, 1, 1), DType::F32, &Device::Cpu).unwrap());
+        t.insert(
+            wrong.into(),
+            Tensor::zeros((64, 64, 1, 1), DType::F32, &Device::Cpu).unwrap(),
+        );
     });
     let err = model::load(dir.path(), ModelFamily::Sd15, LORA, &Device::Cpu).unwrap_err();
     assert!(err.to_string().contains(wrong), "{err}");
 
     let err = model::load(dir.path(), ModelFamily::Sdxl, LORA, &Device::Cpu).unwrap_err();
-    assert!(matches!(err, ModelError::UnsupportedConfig { .. }), "{err:?}");
+    assert!(
+        matches!(err, ModelError::UnsupportedConfig { .. }),
+        "{err:?}"
+    );
 }
 
 #[test]

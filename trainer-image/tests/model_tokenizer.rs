@@ -58,7 +58,11 @@ fn both_layouts_give_the_same_ids() {
         "",
         "<|endoftext|> odd",
     ] {
-        assert_eq!(slow.encode_padded(caption), fast.encode_padded(caption), "{caption}");
+        assert_eq!(
+            slow.encode_padded(caption),
+            fast.encode_padded(caption),
+            "{caption}"
+        );
     }
 
     // Known words from the tiny corpus are single tokens; case and spacing do not matter.

@@ -8,7 +8,9 @@ mod pipeline_support;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use loraplane_crds::trainer::{EXIT_BAD_INPUT, EXIT_CRASH, EXIT_OK, Outcome, TrainerEvent, TrainerSummary};
+use loraplane_crds::trainer::{
+    EXIT_BAD_INPUT, EXIT_CRASH, EXIT_OK, Outcome, TrainerEvent, TrainerSummary,
+};
 use loraplane_crds::v1alpha1::ModelFamily;
 use pipeline_support::*;
 
@@ -41,7 +43,10 @@ fn summary(path: &Path) -> TrainerSummary {
 fn no_secrets(out: &Output) {
     for stream in [&out.stdout, &out.stderr] {
         let s = String::from_utf8_lossy(stream);
-        assert!(!s.contains(TRIGGER) && !s.contains(CAPTION_WORD), "customer text printed:\n{s}");
+        assert!(
+            !s.contains(TRIGGER) && !s.contains(CAPTION_WORD),
+            "customer text printed:\n{s}"
+        );
     }
 }
 
@@ -50,29 +55,55 @@ fn successful_run_prints_progress_and_writes_summary() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path(), ModelFamily::Sd15);
     let (zip, sha) = write_zip(dir.path(), &dataset_entries(5));
-    let s = Setup { model, zip, sha, family: ModelFamily::Sd15 };
+    let s = Setup {
+        model,
+        zip,
+        sha,
+        family: ModelFamily::Sd15,
+    };
     let run = dir.path().join("run");
     let cfg = serde_json::to_value(config(&s, &run, 3, 2)).unwrap();
     let out = trainer(&write_config(dir.path(), &cfg, true));
-    assert_eq!(out.status.code(), Some(EXIT_OK), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(EXIT_OK),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     no_secrets(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let events: Vec<TrainerEvent> = stdout.lines().filter_map(TrainerEvent::parse_line).collect();
+    let events: Vec<TrainerEvent> = stdout
+        .lines()
+        .filter_map(TrainerEvent::parse_line)
+        .collect();
     let steps: Vec<u64> = events
         .iter()
         .filter_map(|e| match e {
-            TrainerEvent::Progress { step, total_steps: 3, loss, .. } if loss.is_finite() => Some(*step),
+            TrainerEvent::Progress {
+                step,
+                total_steps: 3,
+                loss,
+                ..
+            } if loss.is_finite() => Some(*step),
             _ => None,
         })
         .collect();
     assert_eq!(steps, vec![1, 2, 3]);
-    assert!(events.iter().any(|e| matches!(e, TrainerEvent::Checkpoint { step: 2, .. })));
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, TrainerEvent::Checkpoint { step: 2, .. }))
+    );
     let sum = summary(&run.join("termination-log"));
     assert_eq!(sum.outcome, Outcome::Succeeded);
     assert_eq!(sum.step, 3);
     let formats: Vec<&str> = sum.artifacts.iter().map(|a| a.format.as_str()).collect();
     assert_eq!(formats, ["kohya", "diffusers"]);
-    assert!(sum.artifacts.iter().all(|a| a.bytes > 0 && a.sha256.len() == 64));
+    assert!(
+        sum.artifacts
+            .iter()
+            .all(|a| a.bytes > 0 && a.sha256.len() == 64)
+    );
 }
 
 #[test]
@@ -112,7 +143,12 @@ fn invalid_dataset_exits_2_and_crash_exits_1() {
     let mut entries = dataset_entries(5);
     entries.push(("bad.jpg".into(), b"\xff\xd8\xff\xe0 truncated".to_vec()));
     let (zip, sha) = write_zip(dir.path(), &entries);
-    let s = Setup { model: model.clone(), zip, sha, family: ModelFamily::Sd15 };
+    let s = Setup {
+        model: model.clone(),
+        zip,
+        sha,
+        family: ModelFamily::Sd15,
+    };
     let run = dir.path().join("bad");
     let cfg = serde_json::to_value(config(&s, &run, 2, 1)).unwrap();
     let out = trainer(&write_config(dir.path(), &cfg, false));
@@ -124,15 +160,28 @@ fn invalid_dataset_exits_2_and_crash_exits_1() {
 
     // The checkpoint location is unusable (a path under a regular file): a crash, retried.
     let (zip, sha) = write_zip(dir.path(), &dataset_entries(5));
-    let s = Setup { model, zip, sha, family: ModelFamily::Sd15 };
+    let s = Setup {
+        model,
+        zip,
+        sha,
+        family: ModelFamily::Sd15,
+    };
     let run = dir.path().join("crash");
     let mut cfg = serde_json::to_value(config(&s, &run, 2, 1)).unwrap();
     let blocker = dir.path().join("a-file");
     std::fs::write(&blocker, b"x").unwrap();
     cfg["checkpoints"] = blocker.join("ckpt").display().to_string().into();
     let out = trainer(&write_config(dir.path(), &cfg, false));
-    assert_eq!(out.status.code(), Some(EXIT_CRASH), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(summary(&run.join("termination-log")).outcome, Outcome::Crashed);
+    assert_eq!(
+        out.status.code(),
+        Some(EXIT_CRASH),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        summary(&run.join("termination-log")).outcome,
+        Outcome::Crashed
+    );
 }
 
 /// Dataset, base model, checkpoints and outputs all in a real S3 (SeaweedFS on loopback);
@@ -156,7 +205,13 @@ fn s3_round_trip_and_resume_from_bucket() {
     };
     let get = |key: &str| -> Vec<u8> {
         rt.block_on(async {
-            let o = client.get_object().bucket("jobs").key(key).send().await.unwrap();
+            let o = client
+                .get_object()
+                .bucket("jobs")
+                .key(key)
+                .send()
+                .await
+                .unwrap();
             o.body.collect().await.unwrap().into_bytes().to_vec()
         })
     };
@@ -164,14 +219,23 @@ fn s3_round_trip_and_resume_from_bucket() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path(), ModelFamily::Sd15);
     for entry in walk(&model) {
-        let rel = entry.strip_prefix(&model).unwrap().to_string_lossy().to_string();
+        let rel = entry
+            .strip_prefix(&model)
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
         put(format!("models/sd15/{rel}"), std::fs::read(&entry).unwrap());
     }
     let zip = zip_of(&dataset_entries(5));
     let sha = sha256_hex(&zip);
     put("in/dataset.zip".into(), zip);
 
-    let s = Setup { model, zip: dir.path().join("unused"), sha, family: ModelFamily::Sd15 };
+    let s = Setup {
+        model,
+        zip: dir.path().join("unused"),
+        sha,
+        family: ModelFamily::Sd15,
+    };
     let mut outputs = Vec::new();
     for attempt in ["first", "second"] {
         let run = dir.path().join(attempt);
@@ -188,26 +252,43 @@ fn s3_round_trip_and_resume_from_bucket() {
             .env("AWS_SECRET_ACCESS_KEY", sw.secret_key())
             .output()
             .unwrap();
-        assert_eq!(out.status.code(), Some(EXIT_OK), "{attempt}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(EXIT_OK),
+            "{attempt}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         no_secrets(&out);
         let events: Vec<TrainerEvent> = String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(TrainerEvent::parse_line)
             .collect();
-        let resumed = events.iter().any(|e| matches!(e, TrainerEvent::Resumed { step: 2 }));
+        let resumed = events
+            .iter()
+            .any(|e| matches!(e, TrainerEvent::Resumed { step: 2 }));
         assert_eq!(resumed, attempt == "second", "{attempt}: {events:?}");
         let sum = summary(&run.join("termination-log"));
-        assert_eq!(sum.artifacts[1].uri, "s3://jobs/out/pytorch_lora_weights.safetensors");
+        assert_eq!(
+            sum.artifacts[1].uri,
+            "s3://jobs/out/pytorch_lora_weights.safetensors"
+        );
         for a in &sum.artifacts {
             let bytes = get(a.uri.strip_prefix("s3://jobs/").unwrap());
             assert_eq!(sha256_hex(&bytes), a.sha256);
             assert_eq!(bytes.len() as u64, a.bytes);
         }
         let peft = get("out/pytorch_lora_weights.safetensors");
-        outputs.push(loraplane_trainer::tensors::TensorFile::from_bytes("peft", &peft).unwrap().tensors);
+        outputs.push(
+            loraplane_trainer::tensors::TensorFile::from_bytes("peft", &peft)
+                .unwrap()
+                .tensors,
+        );
     }
     assert!(!get("ckpt/checkpoint-0000000002.safetensors").is_empty());
-    assert_eq!(outputs[0], outputs[1], "resuming from the bucket changed the result");
+    assert_eq!(
+        outputs[0], outputs[1],
+        "resuming from the bucket changed the result"
+    );
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {

@@ -12,7 +12,11 @@ fn hadolint() -> PathBuf {
         return local;
     }
     let on_path = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("hadolint")).find(|p| p.exists()))
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("hadolint"))
+                .find(|p| p.exists())
+        })
         .unwrap_or_default();
     on_path.unwrap_or_else(|| {
         panic!(
@@ -37,5 +41,8 @@ fn dockerfile_is_hadolint_clean_and_runs_unprivileged() {
     assert!(stages >= 2, "multi-stage build expected");
     assert!(text.contains("--features cuda"));
     let last_user = text.lines().rev().find(|l| l.starts_with("USER ")).unwrap();
-    assert!(!last_user.contains("root") && !last_user.contains(" 0"), "{last_user}");
+    assert!(
+        !last_user.contains("root") && !last_user.contains(" 0"),
+        "{last_user}"
+    );
 }

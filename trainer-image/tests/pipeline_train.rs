@@ -54,11 +54,23 @@ fn sd15_run_writes_kohya_and_peft_files_with_metadata() {
         assert_eq!(a.sha256, sha256_hex(&bytes));
     }
     // A checkpoint went to the checkpoint location.
-    assert!(run.join("remote-ckpt/checkpoint-0000000002.safetensors").exists());
+    assert!(
+        run.join("remote-ckpt/checkpoint-0000000002.safetensors")
+            .exists()
+    );
 
     let kohya = read(&run.join("out/job-1.safetensors"));
     let peft = read(&run.join("out/pytorch_lora_weights.safetensors"));
-    let m = model::load(&s.model, s.family, LoraSpec { rank: 4, alpha: 2.0 }, &Device::Cpu).unwrap();
+    let m = model::load(
+        &s.model,
+        s.family,
+        LoraSpec {
+            rank: 4,
+            alpha: 2.0,
+        },
+        &Device::Cpu,
+    )
+    .unwrap();
     let adapters = m.adapters();
     assert!(!adapters.is_empty());
     assert_eq!(kohya.tensors.len(), 3 * adapters.len());
@@ -98,8 +110,14 @@ fn sd15_run_writes_kohya_and_peft_files_with_metadata() {
     assert_eq!(md["modelspec.sai_model_spec"], "1.0.0");
     assert_eq!(md["modelspec.trigger_phrase"], TRIGGER);
     assert_eq!(md["modelspec.title"], "job-1");
-    assert!(md["ss_training_finished_at"].parse::<f64>().unwrap() >= md["ss_training_started_at"].parse::<f64>().unwrap());
-    assert!(!md.values().any(|v| v.contains(CAPTION_WORD)), "captions stay out of metadata");
+    assert!(
+        md["ss_training_finished_at"].parse::<f64>().unwrap()
+            >= md["ss_training_started_at"].parse::<f64>().unwrap()
+    );
+    assert!(
+        !md.values().any(|v| v.contains(CAPTION_WORD)),
+        "captions stay out of metadata"
+    );
     assert_eq!(peft.metadata["ss_network_dim"], "4");
 }
 
@@ -114,7 +132,10 @@ fn sdxl_run_names_kohya_modules_in_sgm_layout() {
     let kohya = read(&run.join("out/job-1.safetensors"));
     let peft = read(&run.join("out/pytorch_lora_weights.safetensors"));
     assert_eq!(kohya.metadata["ss_base_model_version"], "sdxl_base_v1-0");
-    assert_eq!(kohya.metadata["modelspec.architecture"], "stable-diffusion-xl-v1-base/lora");
+    assert_eq!(
+        kohya.metadata["modelspec.architecture"],
+        "stable-diffusion-xl-v1-base/lora"
+    );
     let modules: Vec<&str> = kohya
         .tensors
         .keys()
@@ -131,7 +152,10 @@ fn sdxl_run_names_kohya_modules_in_sgm_layout() {
     }
     // Every PEFT (diffusers) module has its SGM twin with the same down weights.
     for (k, t) in &peft.tensors {
-        let Some(path) = k.strip_prefix("unet.").and_then(|k| k.strip_suffix(".lora_A.weight")) else {
+        let Some(path) = k
+            .strip_prefix("unet.")
+            .and_then(|k| k.strip_suffix(".lora_A.weight"))
+        else {
             continue;
         };
         let sgm = loraplane_trainer::export::kohya_name(path, ModelFamily::Sdxl, 2).unwrap();
@@ -143,13 +167,23 @@ fn sdxl_run_names_kohya_modules_in_sgm_layout() {
 fn loss_decreases_on_a_fixed_batch() {
     let dir = tempfile::tempdir().unwrap();
     let s = setup(dir.path(), ModelFamily::Sd15);
-    let m = model::load(&s.model, s.family, LoraSpec { rank: 4, alpha: 4.0 }, &Device::Cpu).unwrap();
+    let m = model::load(
+        &s.model,
+        s.family,
+        LoraSpec {
+            rank: 4,
+            alpha: 4.0,
+        },
+        &Device::Cpu,
+    )
+    .unwrap();
     let zip = std::fs::read(&s.zip).unwrap();
     let limits = Default::default();
     let samples = loraplane_trainer::dataset::validate(&zip, TRIGGER, None, &limits).unwrap();
     let cache = train::cache_samples(&m, &samples, 64, &limits).unwrap();
     let sched = loraplane_trainer::schedule::NoiseSchedule::new(&Default::default()).unwrap();
-    let batch = train::make_batch(&m, &cache, &[0, 1], &sched, &mut Rng::new(3, 0), 0.0, None).unwrap();
+    let batch =
+        train::make_batch(&m, &cache, &[0, 1], &sched, &mut Rng::new(3, 0), 0.0, None).unwrap();
     let mut opt = AdamW::new(train::named_params(&m), AdamWParams::default()).unwrap();
     let mut losses = Vec::new();
     for _ in 0..12 {
@@ -179,7 +213,10 @@ fn resumed_run_equals_uninterrupted_run() {
         },
     )
     .unwrap_err();
-    assert!(matches!(crash, TrainError::Interrupted { step: 3 }), "{crash}");
+    assert!(
+        matches!(crash, TrainError::Interrupted { step: 3 }),
+        "{crash}"
+    );
     // A restart on a fresh node: the local work dir is gone, the checkpoint location is not.
     std::fs::remove_dir_all(split.join("work")).unwrap();
     let report = train::run(&cfg, &opts()).unwrap();
@@ -204,22 +241,37 @@ fn invalid_datasets_are_bad_input_and_leave_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path(), ModelFamily::Sd15);
     let cases: Vec<(&str, Vec<(String, Vec<u8>)>, &str)> = vec![
-        ("slip", {
-            let mut e = dataset_entries(5);
-            e.push(("../../etc/evil.png".into(), png(8, 8, 1)));
-            e
-        }, "../../etc/evil.png: unsafe path"),
-        ("corrupt", {
-            let mut e = dataset_entries(5);
-            e.push(("broken.webp".into(), b"RIFF\x10\0\0\0WEBPVP8 garbage".to_vec()));
-            e
-        }, "broken.webp: corrupt image"),
+        (
+            "slip",
+            {
+                let mut e = dataset_entries(5);
+                e.push(("../../etc/evil.png".into(), png(8, 8, 1)));
+                e
+            },
+            "../../etc/evil.png: unsafe path",
+        ),
+        (
+            "corrupt",
+            {
+                let mut e = dataset_entries(5);
+                e.push((
+                    "broken.webp".into(),
+                    b"RIFF\x10\0\0\0WEBPVP8 garbage".to_vec(),
+                ));
+                e
+            },
+            "broken.webp: corrupt image",
+        ),
         ("few", dataset_entries(4), "has 4 images; at least 5"),
-        ("bomb", {
-            let mut e = dataset_entries(5);
-            e.push(("pad.txt".into(), vec![b' '; 4 << 20]));
-            e
-        }, "pad.txt: compression ratio"),
+        (
+            "bomb",
+            {
+                let mut e = dataset_entries(5);
+                e.push(("pad.txt".into(), vec![b' '; 4 << 20]));
+                e
+            },
+            "pad.txt: compression ratio",
+        ),
     ];
     for (name, entries, expected) in cases {
         let case_dir = dir.path().join(name);
@@ -235,7 +287,11 @@ fn invalid_datasets_are_bad_input_and_leave_nothing_behind() {
         let err = train::run(&config(&s, &run, 2, 1), &opts()).unwrap_err();
         assert!(err.is_bad_input(), "{name}: {err}");
         assert!(err.to_string().contains(expected), "{name}: {err}");
-        let out: Vec<_> = std::fs::read_dir(run.join("work")).unwrap().flatten().flat_map(|d| std::fs::read_dir(d.path()).unwrap()).collect();
+        let out: Vec<_> = std::fs::read_dir(run.join("work"))
+            .unwrap()
+            .flatten()
+            .flat_map(|d| std::fs::read_dir(d.path()).unwrap())
+            .collect();
         assert!(out.is_empty(), "{name}: files left behind: {out:?}");
         assert!(!run.join("out").exists() && !run.join("remote-ckpt").exists());
     }
@@ -248,6 +304,8 @@ fn invalid_datasets_are_bad_input_and_leave_nothing_behind() {
         family: ModelFamily::Sd15,
     };
     let err = train::run(&config(&s, &dir.path().join("sha"), 2, 1), &opts()).unwrap_err();
-    assert!(err.is_bad_input() && err.to_string().contains("checksum mismatch"), "{err}");
+    assert!(
+        err.is_bad_input() && err.to_string().contains("checksum mismatch"),
+        "{err}"
+    );
 }
-

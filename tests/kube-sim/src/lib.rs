@@ -73,12 +73,20 @@ impl SimConfig {
 }
 
 /// A running emulator: the apiserver and, with a topology, the simulated cluster.
-#[derive(Debug)]
 pub struct KubeSim {
     server: apiserver::ApiServer,
     client: kube::Client,
     cluster: Option<cluster::Cluster>,
     logs: logs::PodLogs,
+}
+
+impl std::fmt::Debug for KubeSim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeSim")
+            .field("url", &self.url())
+            .field("cluster", &self.cluster)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A `kube::Client` for a plain-HTTP emulator URL.

@@ -23,7 +23,11 @@ fn cpu_seconds() -> f64 {
     // Fields after the `(comm)`; utime and stime are fields 14 and 15 (1-based).
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    let ticks = |i: usize| {
+        f.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
     // Clock ticks are 100 Hz on every Linux this runs on.
     (ticks(11) + ticks(12)) / 100.0
 }
@@ -41,7 +45,11 @@ fn peak_rss_mib() -> f64 {
 
 fn png(seed: u32) -> Result<Vec<u8>, String> {
     let img = image::RgbImage::from_fn(80, 64, |x, y| {
-        image::Rgb([(x * 3 + seed) as u8, (y * 5) as u8, ((x ^ y) + seed * 7) as u8])
+        image::Rgb([
+            (x * 3 + seed) as u8,
+            (y * 5) as u8,
+            ((x ^ y) + seed * 7) as u8,
+        ])
     });
     let mut out = Cursor::new(Vec::new());
     img.write_to(&mut out, image::ImageFormat::Png)
@@ -49,11 +57,28 @@ fn png(seed: u32) -> Result<Vec<u8>, String> {
     Ok(out.into_inner())
 }
 
-fn measure(family: ModelFamily, steps: usize, resolution: u32, batch: usize) -> Result<serde_json::Value, String> {
-    let dir = std::env::temp_dir().join(format!("trainer-bench-{}-{}", family.as_str(), std::process::id()));
+fn measure(
+    family: ModelFamily,
+    steps: usize,
+    resolution: u32,
+    batch: usize,
+) -> Result<serde_json::Value, String> {
+    let dir = std::env::temp_dir().join(format!(
+        "trainer-bench-{}-{}",
+        family.as_str(),
+        std::process::id()
+    ));
     model::tiny::write_tiny_model(&dir, family, 7).map_err(|e| e.to_string())?;
-    let loaded = model::load(&dir, family, LoraSpec { rank: 16, alpha: 16.0 }, &Device::Cpu)
-        .map_err(|e| e.to_string());
+    let loaded = model::load(
+        &dir,
+        family,
+        LoraSpec {
+            rank: 16,
+            alpha: 16.0,
+        },
+        &Device::Cpu,
+    )
+    .map_err(|e| e.to_string());
     let _ = std::fs::remove_dir_all(&dir);
     let m = loaded?;
     let mut samples = Vec::new();
@@ -65,13 +90,16 @@ fn measure(family: ModelFamily, steps: usize, resolution: u32, batch: usize) -> 
         });
     }
     let limits = dataset::Limits::default();
-    let cache = train::cache_samples(&m, &samples, resolution, &limits).map_err(|e| e.to_string())?;
+    let cache =
+        train::cache_samples(&m, &samples, resolution, &limits).map_err(|e| e.to_string())?;
     let sched = NoiseSchedule::new(&SchedulerConfig::default()).map_err(|e| e.to_string())?;
-    let mut opt = AdamW::new(train::named_params(&m), AdamWParams::default()).map_err(|e| e.to_string())?;
+    let mut opt =
+        AdamW::new(train::named_params(&m), AdamWParams::default()).map_err(|e| e.to_string())?;
     let mut rng = Rng::new(1, 0);
     let mut step = |i: u64| -> Result<(), String> {
         let idx = train::batch_indices(i, cache.len(), batch, 1);
-        let b = train::make_batch(&m, &cache, &idx, &sched, &mut rng, 0.0, Some(5.0)).map_err(|e| e.to_string())?;
+        let b = train::make_batch(&m, &cache, &idx, &sched, &mut rng, 0.0, Some(5.0))
+            .map_err(|e| e.to_string())?;
         let loss = train::batch_loss(&m, &b).map_err(|e| e.to_string())?;
         let grads = loss.backward().map_err(|e| e.to_string())?;
         opt.step(&grads, 1e-4).map_err(|e| e.to_string())?;
@@ -99,11 +127,19 @@ fn measure(family: ModelFamily, steps: usize, resolution: u32, batch: usize) -> 
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1));
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+    };
     let steps: usize = arg("--steps").and_then(|s| s.parse().ok()).unwrap_or(20);
     // Child mode: one configuration, JSON on stdout.
     if let Some(family) = arg("--one") {
-        let family = if family == "sdxl" { ModelFamily::Sdxl } else { ModelFamily::Sd15 };
+        let family = if family == "sdxl" {
+            ModelFamily::Sdxl
+        } else {
+            ModelFamily::Sd15
+        };
         return match measure(family, steps, 64, 1) {
             Ok(v) => {
                 println!("{v}");
@@ -115,7 +151,9 @@ fn main() -> ExitCode {
             }
         };
     }
-    let out_path = arg("--out").cloned().unwrap_or_else(|| "trainer-bench.json".into());
+    let out_path = arg("--out")
+        .cloned()
+        .unwrap_or_else(|| "trainer-bench.json".into());
     let Ok(me) = std::env::current_exe() else {
         eprintln!("trainer-bench: cannot find own executable");
         return ExitCode::FAILURE;
@@ -136,7 +174,10 @@ fn main() -> ExitCode {
                 }
             }
             Ok(o) => {
-                eprintln!("trainer-bench: {family}: {}", String::from_utf8_lossy(&o.stderr));
+                eprintln!(
+                    "trainer-bench: {family}: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
                 return ExitCode::FAILURE;
             }
             Err(e) => {
@@ -147,7 +188,8 @@ fn main() -> ExitCode {
     }
     let report = serde_json::json!({ "threads": std::thread::available_parallelism().map_or(0, |n| n.get()), "results": results });
     let text = serde_json::to_string_pretty(&report).unwrap_or_default();
-    let written = std::fs::File::create(Path::new(&out_path)).and_then(|mut f| f.write_all(text.as_bytes()));
+    let written =
+        std::fs::File::create(Path::new(&out_path)).and_then(|mut f| f.write_all(text.as_bytes()));
     if let Err(e) = written {
         eprintln!("trainer-bench: writing {out_path}: {e}");
         return ExitCode::FAILURE;

@@ -128,16 +128,14 @@ impl ClipTextModel {
             None
         };
         Ok(Self {
-            token_embedding: emb.pp("token_embedding").get((cfg.vocab_size, h), "weight")?,
+            token_embedding: emb
+                .pp("token_embedding")
+                .get((cfg.vocab_size, h), "weight")?,
             position_embedding: emb
                 .pp("position_embedding")
                 .get((cfg.max_position_embeddings, h), "weight")?,
             layers,
-            final_layer_norm: LayerNorm::load(
-                &tm.pp("final_layer_norm"),
-                h,
-                cfg.layer_norm_eps,
-            )?,
+            final_layer_norm: LayerNorm::load(&tm.pp("final_layer_norm"), h, cfg.layer_norm_eps)?,
             text_projection,
             heads: cfg.num_attention_heads,
             activation,
@@ -192,7 +190,9 @@ impl ClipTextModel {
         let d = c / self.heads;
         let h = l.layer_norm1.forward(x)?;
         let split = |y: Tensor| -> Result<Tensor> {
-            y.reshape((b, t, self.heads, d))?.transpose(1, 2)?.contiguous()
+            y.reshape((b, t, self.heads, d))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let q = split((l.q_proj.forward(&h)? * (1.0 / (d as f64).sqrt()))?)?;
         let k = split(l.k_proj.forward(&h)?)?;

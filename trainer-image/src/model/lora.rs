@@ -7,12 +7,12 @@ use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use super::ModelError;
 use super::ops::{Linear, matmul_last};
 
-/// Rank and alpha of the adapters; `seed` makes the `down` initialisation reproducible.
+/// Rank and alpha of the adapters. The `down` initialisation is seeded from each module's
+/// path, so it is reproducible; `DiffusionModel::reseed_adapters` draws it from another seed.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LoraSpec {
     pub rank: usize,
     pub alpha: f64,
-    pub seed: u64,
 }
 
 /// One adapter's trainable weights.
@@ -53,7 +53,7 @@ impl LoraLinear {
         conv1x1: bool,
         dtype: DType,
         device: &Device,
-    ) -> Result<Self, ModelError> {
+    ) -> std::result::Result<Self, ModelError> {
         let adapter = match spec {
             None => None,
             Some(spec) => {
@@ -64,12 +64,7 @@ impl LoraLinear {
                     });
                 }
                 let (in_dim, out_dim) = (base.in_dim(), base.out_dim());
-                let mut rng = SplitMix64::new(spec.seed ^ fnv1a(&path));
-                let bound = 1.0 / (in_dim as f64).sqrt();
-                let vals: Vec<f64> = (0..spec.rank * in_dim)
-                    .map(|_| (rng.next_f64() * 2.0 - 1.0) * bound)
-                    .collect();
-                let down = Tensor::from_vec(vals, (spec.rank, in_dim), device)?.to_dtype(dtype)?;
+                let down = kaiming_uniform(spec.rank, in_dim, 0, &path, dtype, device)?;
                 let up = Tensor::zeros((out_dim, spec.rank), dtype, device)?;
                 Some(Adapter {
                     down: Var::from_tensor(&down)?,
@@ -104,6 +99,23 @@ impl Module for LoraLinear {
             }
         }
     }
+}
+
+/// PEFT's `kaiming_uniform_(a=sqrt(5))`: U(-1/sqrt(in), 1/sqrt(in)), seeded per module.
+pub(crate) fn kaiming_uniform(
+    rank: usize,
+    in_dim: usize,
+    seed: u64,
+    path: &str,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let mut rng = SplitMix64::new(seed ^ fnv1a(path));
+    let bound = 1.0 / (in_dim as f64).sqrt();
+    let vals: Vec<f64> = (0..rank * in_dim)
+        .map(|_| (rng.next_f64() * 2.0 - 1.0) * bound)
+        .collect();
+    Tensor::from_vec(vals, (rank, in_dim), device)?.to_dtype(dtype)
 }
 
 /// Small deterministic generator (SplitMix64) for reproducible initialisation; the CPU

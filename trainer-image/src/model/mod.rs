@@ -86,7 +86,11 @@ impl TextConditioning {
     pub fn to_dtype(&self, dtype: DType) -> Result<Self, ModelError> {
         Ok(Self {
             hidden: self.hidden.to_dtype(dtype)?,
-            pooled: self.pooled.as_ref().map(|p| p.to_dtype(dtype)).transpose()?,
+            pooled: self
+                .pooled
+                .as_ref()
+                .map(|p| p.to_dtype(dtype))
+                .transpose()?,
         })
     }
 }
@@ -332,9 +336,8 @@ impl DiffusionModel {
                 let pooled = cond.pooled.as_ref().ok_or_else(|| {
                     candle_core::Error::Msg("SDXL needs pooled text embeddings".into())
                 })?;
-                let ids = time_ids.ok_or_else(|| {
-                    candle_core::Error::Msg("SDXL needs time ids (B, 6)".into())
-                })?;
+                let ids = time_ids
+                    .ok_or_else(|| candle_core::Error::Msg("SDXL needs time ids (B, 6)".into()))?;
                 Some((pooled, ids))
             }
         };
@@ -374,6 +377,19 @@ impl DiffusionModel {
                 }
                 var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Re-initialises every adapter from `seed` (`down` kaiming-uniform, `up` zero). Loading
+    /// is already deterministic (seed 0); this lets the training seed choose the draw.
+    pub fn reseed_adapters(&self, seed: u64) -> Result<(), ModelError> {
+        for (name, a) in self.adapters() {
+            let (rank, in_dim) = a.down.as_tensor().dims2()?;
+            let down =
+                lora::kaiming_uniform(rank, in_dim, seed, &name, a.down.dtype(), a.down.device())?;
+            a.down.set(&down)?;
+            a.up.set(&a.up.as_tensor().zeros_like()?)?;
         }
         Ok(())
     }

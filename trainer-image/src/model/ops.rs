@@ -48,7 +48,11 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    pub(crate) fn load(vb: &Weights, dim: usize, eps: f64) -> Result<Self, ModelError> {
+    pub(crate) fn load(
+        vb: &Weights,
+        dim: usize,
+        eps: f64,
+    ) -> std::result::Result<Self, ModelError> {
         Ok(Self {
             weight: vb.get(dim, "weight")?,
             bias: vb.get(dim, "bias")?,
@@ -84,7 +88,7 @@ impl GroupNorm {
         groups: usize,
         channels: usize,
         eps: f64,
-    ) -> Result<Self, ModelError> {
+    ) -> std::result::Result<Self, ModelError> {
         if groups == 0 || channels % groups != 0 {
             return Err(ModelError::LoadTensor {
                 component: "group norm".into(),
@@ -140,7 +144,7 @@ impl Linear {
         in_dim: usize,
         out_dim: usize,
         bias: bool,
-    ) -> Result<Self, ModelError> {
+    ) -> std::result::Result<Self, ModelError> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if bias {
             Some(vb.get(out_dim, "bias")?)
@@ -155,7 +159,7 @@ impl Linear {
         vb: &Weights,
         in_dim: usize,
         out_dim: usize,
-    ) -> Result<Self, ModelError> {
+    ) -> std::result::Result<Self, ModelError> {
         let weight = vb
             .get((out_dim, in_dim, 1, 1), "weight")?
             .reshape((out_dim, in_dim))
@@ -217,7 +221,7 @@ impl Conv2d {
         kernel: usize,
         stride: usize,
         padding: usize,
-    ) -> Result<Self, ModelError> {
+    ) -> std::result::Result<Self, ModelError> {
         Ok(Self {
             weight: vb.get((out_c, in_c, kernel, kernel), "weight")?,
             bias: Some(vb.get(out_c, "bias")?),
@@ -274,10 +278,9 @@ mod tests {
     #[test]
     fn softmax_matches_candle_and_has_gradient() {
         let dev = Device::Cpu;
-        let x = Var::from_tensor(
-            &Tensor::new(&[[1.0f64, 2.0, 0.5], [-1.0, 0.0, 3.0]], &dev).unwrap(),
-        )
-        .unwrap();
+        let x =
+            Var::from_tensor(&Tensor::new(&[[1.0f64, 2.0, 0.5], [-1.0, 0.0, 3.0]], &dev).unwrap())
+                .unwrap();
         let ours = softmax_last_dim(x.as_tensor()).unwrap();
         let fused = candle_nn::ops::softmax_last_dim(x.as_tensor()).unwrap();
         let diff = (&ours - &fused)

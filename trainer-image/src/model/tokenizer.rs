@@ -114,10 +114,9 @@ impl ClipTokenizer {
                     Value::String(s) => s
                         .split_once(' ')
                         .map(|(a, b)| (a.to_string(), b.to_string())),
-                    Value::Array(p) if p.len() == 2 => Some((
-                        p[0].as_str()?.to_string(),
-                        p[1].as_str()?.to_string(),
-                    )),
+                    Value::Array(p) if p.len() == 2 => {
+                        Some((p[0].as_str()?.to_string(), p[1].as_str()?.to_string()))
+                    }
                     _ => None,
                 })
                 .collect::<Option<Vec<_>>>()
@@ -223,10 +222,7 @@ impl ClipTokenizer {
                 ids.push(id);
                 continue;
             }
-            let chars: String = piece
-                .bytes()
-                .map(|b| self.byte_chars[b as usize])
-                .collect();
+            let chars: String = piece.bytes().map(|b| self.byte_chars[b as usize]).collect();
             for sym in self.bpe(&chars) {
                 ids.push(self.encoder.get(&sym).copied().unwrap_or(self.eos));
             }

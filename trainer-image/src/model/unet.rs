@@ -164,9 +164,11 @@ impl UNetConfig {
                 if self.addition_time_embed_dim.is_none()
                     || self.projection_class_embeddings_input_dim.is_none()
                 {
-                    return Err("addition_embed_type \"text_time\" needs addition_time_embed_dim \
+                    return Err(
+                        "addition_embed_type \"text_time\" needs addition_time_embed_dim \
                          and projection_class_embeddings_input_dim"
-                        .into());
+                            .into(),
+                    );
                 }
             }
             Some(other) => return Err(format!("addition_embed_type {other:?} is not supported")),
@@ -188,7 +190,9 @@ impl UNetConfig {
             .expand(n, "num_attention_heads")?;
         for (c, h) in self.block_out_channels.iter().zip(&heads) {
             if *h == 0 || c % h != 0 {
-                return Err(format!("{c} channels cannot be split into {h} attention heads"));
+                return Err(format!(
+                    "{c} channels cannot be split into {h} attention heads"
+                ));
             }
         }
         Ok(Resolved {
@@ -225,7 +229,14 @@ fn lora_linear(
 ) -> std::result::Result<LoraLinear, ModelError> {
     let vb = vb.pp(name);
     let base = Linear::load(&vb, in_dim, out_dim, bias)?;
-    LoraLinear::new(base, vb.path_prefix(), ctx.lora, false, ctx.dtype, ctx.device)
+    LoraLinear::new(
+        base,
+        vb.path_prefix(),
+        ctx.lora,
+        false,
+        ctx.dtype,
+        ctx.device,
+    )
 }
 
 /// Sinusoidal timestep features as diffusers' `get_timestep_embedding` (max period 10000).
@@ -238,9 +249,7 @@ pub fn timestep_embedding(
     let half = dim / 2;
     let t = timesteps.to_dtype(DType::F32)?.flatten_all()?;
     let exponent: Vec<f32> = (0..half)
-        .map(|i| {
-            (-(10000f64.ln()) * i as f64 / (half as f64 - downscale_freq_shift)).exp() as f32
-        })
+        .map(|i| (-(10000f64.ln()) * i as f64 / (half as f64 - downscale_freq_shift)).exp() as f32)
         .collect();
     let freqs = Tensor::from_vec(exponent, (1, half), t.device())?;
     let args = t.unsqueeze(1)?.broadcast_mul(&freqs)?;
@@ -275,7 +284,8 @@ impl TimestepEmbedding {
 
 impl Module for TimestepEmbedding {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.linear_2.forward(&ops::silu(&self.linear_1.forward(x)?)?)
+        self.linear_2
+            .forward(&ops::silu(&self.linear_1.forward(x)?)?)
     }
 }
 
@@ -316,16 +326,12 @@ impl ResnetBlock2D {
     }
 
     pub(crate) fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self
-            .conv1
-            .forward(&ops::silu(&self.norm1.forward(x)?)?)?;
+        let mut h = self.conv1.forward(&ops::silu(&self.norm1.forward(x)?)?)?;
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&ops::silu(t)?)?.unsqueeze(2)?.unsqueeze(3)?;
             h = h.broadcast_add(&t)?;
         }
-        let h = self
-            .conv2
-            .forward(&ops::silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv2.forward(&ops::silu(&self.norm2.forward(&h)?)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
@@ -578,10 +584,12 @@ impl UNet2DConditionModel {
         lora: Option<&LoraSpec>,
     ) -> std::result::Result<Self, ModelError> {
         let cfg_path = "unet/config.json";
-        let r = cfg.resolve().map_err(|reason| ModelError::UnsupportedConfig {
-            path: cfg_path.into(),
-            reason,
-        })?;
+        let r = cfg
+            .resolve()
+            .map_err(|reason| ModelError::UnsupportedConfig {
+                path: cfg_path.into(),
+                reason,
+            })?;
         let device = vb.device().clone();
         let ctx = Ctx {
             lora,

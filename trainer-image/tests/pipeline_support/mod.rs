@@ -17,13 +17,22 @@ pub const TRIGGER: &str = "zqxtrigger";
 pub const CAPTION_WORD: &str = "sekritcaption";
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 pub fn png(w: u32, h: u32, seed: u32) -> Vec<u8> {
     let img = image::RgbImage::from_fn(w, h, |x, y| {
-        let v = x.wrapping_mul(31 + seed).wrapping_add(y.wrapping_mul(17 + 3 * seed));
-        image::Rgb([(v % 251) as u8, ((v / 3 + seed * 40) % 256) as u8, ((x + y) * 4 % 256) as u8])
+        let v = x
+            .wrapping_mul(31 + seed)
+            .wrapping_add(y.wrapping_mul(17 + 3 * seed));
+        image::Rgb([
+            (v % 251) as u8,
+            ((v / 3 + seed * 40) % 256) as u8,
+            ((x + y) * 4 % 256) as u8,
+        ])
     });
     let mut out = Cursor::new(Vec::new());
     img.write_to(&mut out, image::ImageFormat::Png).unwrap();
@@ -48,7 +57,10 @@ pub fn dataset_entries(n: u32) -> Vec<(String, Vec<u8>)> {
         let (w, h) = if i % 2 == 0 { (48, 40) } else { (40, 56) };
         e.push((format!("img{i}.png"), png(w, h, i)));
         if i % 2 == 0 {
-            e.push((format!("img{i}.txt"), format!("a photo with {CAPTION_WORD}").into_bytes()));
+            e.push((
+                format!("img{i}.txt"),
+                format!("a photo with {CAPTION_WORD}").into_bytes(),
+            ));
         }
     }
     e

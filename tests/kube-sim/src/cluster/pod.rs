@@ -184,6 +184,16 @@ pub(super) async fn finalize_delete(shared: &Shared, pod: &Pod) {
     shared.wake();
 }
 
+/// Waits until a stop is requested; `None` when nobody can request one any more.
+async fn wait_stop(rx: &mut watch::Receiver<Option<Stop>>) -> Option<Stop> {
+    let got = rx.wait_for(Option::is_some).await.ok().and_then(|r| *r);
+    match got {
+        Some(stop) => Some(stop),
+        // The sender is gone (cluster dropped): never stop on that account.
+        None => std::future::pending().await,
+    }
+}
+
 /// How one container ended.
 struct Ended {
     status: ContainerStatus,
@@ -250,7 +260,7 @@ pub(super) async fn run(shared: &Arc<Shared>, pod: Pod, mut stop: watch::Receive
                 let _ = shared.patch_pod_status(&pod, &patch).await;
                 let stopped = tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => None,
-                    s = stop.wait_for(Option::is_some) => s.ok().and_then(|s| *s),
+                    s = wait_stop(&mut stop) => s,
                 };
                 match stopped {
                     None => continue,
@@ -739,7 +749,7 @@ async fn run_script(
                     None => std::future::pending().await,
                 }
             } => None,
-            s = stop.wait_for(Option::is_some) => Some(s.ok().and_then(|s| *s)),
+            s = wait_stop(&mut stop) => Some(s),
         };
         if let Some(stop) = stopped {
             // A scripted container dies on SIGTERM at once: 143, or 137 when killed.
@@ -830,8 +840,7 @@ async fn run_local(
     let err = pump(child.stderr.take().map(|s| Box::new(s) as _));
     let status = tokio::select! {
         status = child.wait() => status,
-        s = stop.wait_for(Option::is_some) => {
-            let how = s.ok().and_then(|s| *s);
+        how = wait_stop(&mut stop) => {
             let grace = match how {
                 Some(Stop::Delete(g)) => g,
                 Some(Stop::Shutdown(cap)) => grace_period(pod).min(cap),

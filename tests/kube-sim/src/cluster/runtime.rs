@@ -387,7 +387,7 @@ impl Shared {
         }
     }
 
-    async fn lose_node(&self, name: &str) -> Result<(), ClusterError> {
+    pub(super) async fn lose_node(&self, name: &str) -> Result<(), ClusterError> {
         if !lock(&self.book).nodes.contains_key(name) {
             return Err(ClusterError::UnknownNode(name.into()));
         }
@@ -432,7 +432,7 @@ impl Shared {
         Ok(())
     }
 
-    async fn restore_node(&self, name: &str) -> Result<(), ClusterError> {
+    pub(super) async fn restore_node(&self, name: &str) -> Result<(), ClusterError> {
         let Some(node) = self.node_from_book(name) else {
             return Err(ClusterError::UnknownNode(name.into()));
         };
@@ -461,7 +461,7 @@ impl Shared {
         Ok(())
     }
 
-    async fn add_nodes(&self, pool: &str, count: u32) -> Result<Vec<String>, ClusterError> {
+    pub(super) async fn add_nodes(&self, pool: &str, count: u32) -> Result<Vec<String>, ClusterError> {
         let Some((region, p)) = self.topology.pool(pool) else {
             return Err(ClusterError::UnknownPool(pool.into()));
         };
@@ -561,11 +561,8 @@ async fn bind(client: &kube::Client, ns: &str, name: &str, uid: &str, node: &str
         "metadata": {"name": name, "namespace": ns, "uid": uid},
         "target": {"apiVersion": "v1", "kind": "Node", "name": node},
     });
-    let Ok(body) = serde_json::to_vec(&binding) else {
-        return false;
-    };
     match api
-        .create_subresource::<serde_json::Value>("binding", name, &PostParams::default(), body)
+        .create_subresource::<serde_json::Value, serde_json::Value>("binding", name, &PostParams::default(), &binding)
         .await
     {
         Ok(_) => true,

@@ -1,0 +1,916 @@
+//! The HTTP surface: routes, authentication, rate limits, request ids, JSON errors, metrics and
+//! the OpenAPI document generated from the handlers' annotations.
+//!
+//! Every 4xx/5xx leaves as `{"error": {"code", "message"}}` — including axum's own rejections
+//! and unknown routes, which a last middleware rewrites. Logs carry the request id, route,
+//! status and tenant, never bodies, tokens or order details.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use loraplane_crds::v1alpha1::LoRATrainingJob;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use utoipa::{OpenApi, ToSchema};
+
+use crate::app::{App, AppError, OrderIds, sha256_hex};
+use crate::config::{Tenant, parse_residency};
+use crate::order::{ANNOTATION_REQUEST, Order, UploadId};
+use crate::storage::parse_uri;
+use crate::stripe;
+use crate::zipcheck::ZipError;
+
+/// An error response.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Machine code.
+    pub code: String,
+    /// Human message.
+    pub message: String,
+    /// Seconds to wait (429).
+    pub retry_after: Option<u64>,
+}
+
+/// The JSON body of every error.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// Code and message of an error.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct ErrorDetail {
+    /// Machine-readable code, e.g. `invalid_signature`.
+    pub code: String,
+    /// Human-readable message.
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error with a status, code and message.
+    pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code: code.into(),
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: self.message,
+            },
+        };
+        let mut resp = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after
+            && let Ok(v) = HeaderValue::from_str(&secs.to_string())
+        {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        resp
+    }
+}
+
+impl From<AppError> for ApiError {
+    fn from(e: AppError) -> ApiError {
+        let msg = e.to_string();
+        match &e {
+            AppError::Order(o) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, o.code(), msg),
+            AppError::Upload(z) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, z.code(), msg),
+            AppError::UploadNotFound(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "upload_not_found", msg)
+            }
+            AppError::BadUploadId(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "upload_id_invalid", msg)
+            }
+            AppError::JobNotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "job_not_found", msg),
+            AppError::IdempotencyMismatch => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused", msg)
+            }
+            AppError::OrderExists(_) => ApiError::new(StatusCode::CONFLICT, "order_exists", msg),
+            AppError::Revoked(_) => ApiError::new(StatusCode::CONFLICT, "order_revoked", msg),
+            AppError::Kube { action, .. } => {
+                tracing::error!(error = %msg, "kubernetes call failed");
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "cluster_unavailable",
+                    format!("{action} failed; retry later"),
+                )
+            }
+            AppError::Storage(_) => {
+                tracing::error!(error = %msg, "storage call failed");
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "storage_unavailable",
+                    "object storage failed; retry later",
+                )
+            }
+        }
+    }
+}
+
+/// Token buckets keyed by tenant or client address.
+#[derive(Debug, Default)]
+pub struct RateLimiter {
+    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    /// Takes a token for `key` at `rate` per second (burst 2x); `Err(seconds)` when empty.
+    pub fn check(&self, key: &str, rate: f64) -> Result<(), u64> {
+        if rate <= 0.0 {
+            return Ok(());
+        }
+        let burst = (rate * 2.0).max(1.0);
+        let now = Instant::now();
+        let Ok(mut map) = self.buckets.lock() else {
+            return Ok(());
+        };
+        if map.len() > 100_000 {
+            // Bound memory under an address-spraying flood: full buckets are forgettable.
+            map.retain(|_, (tokens, at)| *tokens + now.duration_since(*at).as_secs_f64() * rate < burst);
+        }
+        let (tokens, at) = map.entry(key.to_string()).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - *tokens) / rate).ceil().max(1.0) as u64)
+        }
+    }
+}
+
+/// Everything the handlers share.
+#[derive(Debug, Clone)]
+pub struct HttpState {
+    /// The application.
+    pub app: Arc<App>,
+    /// Tenants by token hash.
+    pub tokens: Arc<HashMap<String, Tenant>>,
+    /// Rate limits.
+    pub limiter: Arc<RateLimiter>,
+}
+
+impl HttpState {
+    /// State for an app.
+    pub fn new(app: Arc<App>) -> HttpState {
+        let tokens = app
+            .config
+            .tenants
+            .iter()
+            .map(|t| (t.token_sha256.to_ascii_lowercase(), t.clone()))
+            .collect();
+        HttpState {
+            app,
+            tokens: Arc::new(tokens),
+            limiter: Arc::new(RateLimiter::default()),
+        }
+    }
+
+    fn tenant(&self, headers: &HeaderMap) -> Result<Tenant, ApiError> {
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a bearer token is required")
+            })?;
+        // Looking up a hash (not the token) keeps tokens out of memory dumps of the config
+        // and makes the lookup time independent of how much of a guess is right.
+        let hash = hex::encode(Sha256::digest(token.trim().as_bytes()));
+        let tenant = self.tokens.get(&hash).cloned().ok_or_else(|| {
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "the bearer token is not valid")
+        })?;
+        if let Err(secs) = self
+            .limiter
+            .check(&format!("tenant:{}", tenant.name), self.app.config.limits.tenant_rps)
+        {
+            return Err(rate_limited(secs));
+        }
+        Ok(tenant)
+    }
+}
+
+fn rate_limited(secs: u64) -> ApiError {
+    ApiError {
+        retry_after: Some(secs),
+        ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many requests; retry later")
+    }
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the request body exceeds {limit} bytes"),
+        )
+    })
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        // serde's message names the field and position, never echoes values.
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string())
+    })
+}
+
+/// Webhook acknowledgement.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct WebhookAck {
+    /// Always true for a 2xx.
+    pub received: bool,
+    /// What was done: created, duplicate, revoked_first, erased, tombstoned, ignored, rejected.
+    pub outcome: String,
+}
+
+/// Receives Stripe events.
+#[utoipa::path(post, path = "/v1/webhooks/stripe", tag = "webhooks",
+    request_body(content = String, description = "Raw Stripe event JSON", content_type = "application/json"),
+    params(("Stripe-Signature" = String, Header, description = "t=…,v1=…")),
+    responses(
+        (status = 200, body = WebhookAck),
+        (status = 400, body = ErrorBody, description = "bad signature, stale timestamp or malformed event"),
+        (status = 413, body = ErrorBody),
+        (status = 502, body = ErrorBody, description = "cluster or storage failed; Stripe retries"),
+    ))]
+pub async fn stripe_webhook(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<WebhookAck>, ApiError> {
+    let app = &s.app;
+    let bytes = read_body(body, app.config.limits.webhook_max_bytes).await?;
+    let sig = headers.get("stripe-signature").and_then(|v| v.to_str().ok());
+    let now = Timestamp::now().as_second();
+    if let Err(e) = stripe::verify(sig, &bytes, &app.secrets.webhook, now, stripe::DEFAULT_TOLERANCE_SECS) {
+        let code = match e {
+            stripe::SignatureError::StaleTimestamp(_) => "stale_timestamp",
+            _ => "invalid_signature",
+        };
+        app.metrics.webhook_events.with_label_values(&["unverified", code]).inc();
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, code, e.to_string()));
+    }
+    let (ty, event) = stripe::parse_event(&bytes).map_err(|e| {
+        app.metrics.webhook_events.with_label_values(&["unparsed", "malformed"]).inc();
+        ApiError::new(StatusCode::BAD_REQUEST, "malformed_event", e.to_string())
+    })?;
+    let type_label = match ty.as_str() {
+        "checkout.session.completed"
+        | "checkout.session.async_payment_succeeded"
+        | "charge.refunded"
+        | "charge.dispute.created" => ty.as_str(),
+        _ => "other",
+    };
+    match app.handle_event(event).await {
+        Ok(outcome) => {
+            app.metrics
+                .webhook_events
+                .with_label_values(&[type_label, outcome.as_str()])
+                .inc();
+            tracing::info!(event_type = type_label, outcome = outcome.as_str(), "webhook event handled");
+            Ok(Json(WebhookAck {
+                received: true,
+                outcome: outcome.as_str().into(),
+            }))
+        }
+        Err(e) => {
+            app.metrics.webhook_events.with_label_values(&[type_label, "error"]).inc();
+            Err(e.into())
+        }
+    }
+}
+
+/// A job order from the service's backend.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateJobRequest {
+    /// The paid order's id in the service's backend; one job per order.
+    pub order_id: String,
+    /// The order.
+    #[serde(flatten)]
+    pub order: Order,
+}
+
+/// A job as tenants see it: no customer text.
+#[derive(Serialize, Deserialize, ToSchema, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct JobView {
+    /// The job id.
+    pub id: String,
+    /// Pending, Scheduling, Running, Succeeded, Failed or Cancelled.
+    pub phase: String,
+    /// Steps completed.
+    pub step: Option<i64>,
+    /// Steps in total.
+    pub total_steps: i64,
+    /// Estimated seconds to completion.
+    pub eta_seconds: Option<i64>,
+    /// Number of LoRA files ready (fetch them from `/v1/jobs/{id}/artifacts`).
+    pub artifacts: usize,
+    /// Region the job runs in.
+    pub region: Option<String>,
+    /// Creation time (RFC 3339).
+    pub created_at: Option<String>,
+    /// When the outputs expire (RFC 3339).
+    pub outputs_expire_at: Option<String>,
+}
+
+impl JobView {
+    /// The tenant's view of a job.
+    pub fn of(job: &LoRATrainingJob) -> JobView {
+        let st = job.status.as_ref();
+        JobView {
+            id: job.name_any(),
+            phase: st
+                .and_then(|s| s.phase)
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_else(|| "Pending".into()),
+            step: st.and_then(|s| s.progress.as_ref()).map(|p| p.step),
+            total_steps: job.spec.training.steps,
+            eta_seconds: st.and_then(|s| s.progress.as_ref()).and_then(|p| p.eta_seconds),
+            artifacts: st.map(|s| s.artifacts.len()).unwrap_or(0),
+            region: st.and_then(|s| s.placement.as_ref()).map(|p| p.region.clone()),
+            created_at: job.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()),
+            outputs_expire_at: st
+                .and_then(|s| s.retention.as_ref())
+                .and_then(|r| r.outputs_expire_at.as_ref())
+                .map(|t| t.0.to_string()),
+        }
+    }
+}
+
+/// Creates the job of a paid order.
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs", security(("bearer" = [])),
+    request_body = CreateJobRequest,
+    params(("Idempotency-Key" = String, Header, description = "Required; retries with the same key and body return the same job")),
+    responses(
+        (status = 201, body = JobView, description = "created"),
+        (status = 200, body = JobView, description = "replay of an earlier request with the same Idempotency-Key"),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 422, body = ErrorBody), (status = 429, body = ErrorBody),
+    ))]
+pub async fn create_job(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let tenant = s.tenant(&headers)?;
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .filter(|k| !k.is_empty() && k.len() <= 255)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "idempotency_key_required",
+                "an Idempotency-Key header (1 to 255 characters) is required",
+            )
+        })?
+        .to_string();
+    let bytes = read_body(body, s.app.config.limits.json_max_bytes).await?;
+    let req: CreateJobRequest = parse_json(&bytes)?;
+    if req.order_id.is_empty() || req.order_id.len() > 255 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "order_field_invalid",
+            "orderId must be 1 to 255 characters",
+        ));
+    }
+    let app = &s.app;
+    let ns = tenant.namespace.clone();
+    let key_hash = app.hash(&format!("idempotency:{ns}"), &key);
+    let body_hash = sha256_hex(&bytes);
+    if let Some(job) = app.job_by_idempotency_key(&ns, &key_hash).await? {
+        let same = job.annotations().get(ANNOTATION_REQUEST) == Some(&body_hash);
+        if !same {
+            return Err(AppError::IdempotencyMismatch.into());
+        }
+        let mut resp = (StatusCode::OK, Json(JobView::of(&job))).into_response();
+        resp.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+        return Ok(resp);
+    }
+    let ids = OrderIds {
+        source: "api",
+        order_hash: app.hash(&format!("order:{ns}"), &req.order_id),
+        payment_hash: None,
+        idempotency: Some((key_hash.clone(), body_hash)),
+    };
+    let (job, created) = app.create_job(&ns, &req.order, &ids).await?;
+    if !created {
+        // Same order, another key: the order already has its job.
+        let same_key = job.labels().get(crate::order::LABEL_IDEMPOTENCY) == Some(&key_hash);
+        if !same_key {
+            return Err(AppError::OrderExists(job.name_any()).into());
+        }
+    }
+    tracing::info!(tenant = %tenant.name, job = %job.name_any(), created, "job ordered");
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(JobView::of(&job))).into_response())
+}
+
+/// One job.
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", security(("bearer" = [])),
+    params(("id" = String, Path)),
+    responses((status = 200, body = JobView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn get_job(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    let tenant = s.tenant(&headers)?;
+    let job = s.app.get_job(&tenant.namespace, &id).await?;
+    Ok(Json(JobView::of(&job)))
+}
+
+/// Paging parameters.
+#[derive(Deserialize, Debug, utoipa::IntoParams)]
+pub struct Page {
+    /// Page size (1 to 100, default 20).
+    pub limit: Option<u32>,
+    /// The `next` token of the previous page.
+    #[serde(rename = "continue")]
+    pub continue_token: Option<String>,
+}
+
+/// A page of jobs.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct JobList {
+    /// The jobs.
+    pub items: Vec<JobView>,
+    /// Token for the next page, absent on the last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// The tenant's jobs, a page at a time.
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", security(("bearer" = [])), params(Page),
+    responses((status = 200, body = JobList), (status = 401, body = ErrorBody)))]
+pub async fn list_jobs(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    Query(page): Query<Page>,
+) -> Result<Json<JobList>, ApiError> {
+    let tenant = s.tenant(&headers)?;
+    let limit = page.limit.unwrap_or(20).clamp(1, 100);
+    let (jobs, next) = s
+        .app
+        .list_jobs(&tenant.namespace, limit, page.continue_token)
+        .await?;
+    Ok(Json(JobList {
+        items: jobs.iter().map(JobView::of).collect(),
+        next,
+    }))
+}
+
+/// Cancels a job.
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", security(("bearer" = [])),
+    params(("id" = String, Path)),
+    responses((status = 200, body = JobView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn cancel_job(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    let tenant = s.tenant(&headers)?;
+    let job = s.app.cancel(&tenant.namespace, &id, "request").await?;
+    Ok(Json(JobView::of(&job)))
+}
+
+/// Result of an erasure.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct Erased {
+    /// The erased job.
+    pub id: String,
+    /// Always true.
+    pub erased: bool,
+}
+
+/// Erases a job and all its data now.
+#[utoipa::path(delete, path = "/v1/jobs/{id}", tag = "jobs", security(("bearer" = [])),
+    params(("id" = String, Path)),
+    responses((status = 200, body = Erased), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn erase_job(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Erased>, ApiError> {
+    let tenant = s.tenant(&headers)?;
+    if !s.app.erase(&tenant.namespace, &id, "request").await? {
+        return Err(AppError::JobNotFound(id).into());
+    }
+    Ok(Json(Erased { id, erased: true }))
+}
+
+/// A presigned download.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct ArtifactLink {
+    /// `kohya` or `diffusers`.
+    pub format: String,
+    /// Presigned GET URL.
+    pub url: String,
+    /// SHA-256 of the file.
+    pub sha256: String,
+    /// Size in bytes.
+    pub bytes: i64,
+}
+
+/// The job's LoRA files.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct Artifacts {
+    /// Links.
+    pub artifacts: Vec<ArtifactLink>,
+    /// When the links stop working (RFC 3339).
+    pub expires_at: String,
+}
+
+/// Presigned download links for the job's LoRA files.
+#[utoipa::path(get, path = "/v1/jobs/{id}/artifacts", tag = "jobs", security(("bearer" = [])),
+    params(("id" = String, Path)),
+    responses((status = 200, body = Artifacts), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "the job has no artifacts yet"),
+        (status = 410, body = ErrorBody, description = "retention deleted the artifacts")))]
+pub async fn artifacts(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Artifacts>, ApiError> {
+    let tenant = s.tenant(&headers)?;
+    let job = s.app.get_job(&tenant.namespace, &id).await?;
+    let status = job.status.clone().unwrap_or_default();
+    if status.retention.as_ref().is_some_and(|r| r.outputs_deleted_at.is_some()) {
+        return Err(ApiError::new(
+            StatusCode::GONE,
+            "artifacts_deleted",
+            "the job's retention period is over and its files were deleted",
+        ));
+    }
+    if status.artifacts.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "artifacts_not_ready",
+            "the job has no artifacts yet",
+        ));
+    }
+    let secs = s.app.config.limits.presign_seconds;
+    let mut links = Vec::new();
+    for a in &status.artifacts {
+        let (bucket, key) = parse_uri(&a.uri).map_err(AppError::from)?;
+        let url = s
+            .app
+            .storage
+            .presign_get(bucket, key, Duration::from_secs(secs))
+            .await
+            .map_err(AppError::from)?;
+        links.push(ArtifactLink {
+            format: a.format.clone(),
+            url,
+            sha256: a.sha256.clone(),
+            bytes: a.bytes,
+        });
+    }
+    let expires = Timestamp::now().as_second() + secs as i64;
+    Ok(Json(Artifacts {
+        artifacts: links,
+        expires_at: Timestamp::from_second(expires).map(|t| t.to_string()).unwrap_or_default(),
+    }))
+}
+
+/// Where a dataset should be uploaded.
+#[derive(Serialize, Deserialize, ToSchema, Debug, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct UploadRequest {
+    /// `eea`, `us` or `any` (default): the upload goes to a region of that jurisdiction.
+    #[serde(default)]
+    pub residency: Option<String>,
+    /// A preferred region; must satisfy the residency.
+    #[serde(default)]
+    pub region: Option<String>,
+}
+
+/// A presigned upload.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct UploadTicket {
+    /// The upload id to put in the order.
+    pub upload_id: String,
+    /// Presigned PUT URL for the dataset zip.
+    pub url: String,
+    /// Always `PUT`.
+    pub method: String,
+    /// When the URL stops working (RFC 3339).
+    pub expires_at: String,
+    /// Largest accepted zip.
+    pub max_bytes: u64,
+}
+
+/// Creates an upload slot in the region the residency requires.
+#[utoipa::path(post, path = "/v1/uploads", tag = "uploads", security(("bearer" = [])),
+    request_body = UploadRequest,
+    responses((status = 201, body = UploadTicket), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn create_upload(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<UploadTicket>), ApiError> {
+    let tenant = s.tenant(&headers)?;
+    let bytes = read_body(body, s.app.config.limits.json_max_bytes).await?;
+    let req: UploadRequest = if bytes.is_empty() {
+        UploadRequest::default()
+    } else {
+        parse_json(&bytes)?
+    };
+    let residency = parse_residency(req.residency.as_deref().unwrap_or("any")).ok_or_else(|| {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "order_field_invalid", "residency must be eea, us or any")
+    })?;
+    let platform = &s.app.platform;
+    let region = match &req.region {
+        Some(name) => platform
+            .region(name)
+            .filter(|r| r.jurisdiction.allows(residency))
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "region_not_allowed",
+                    format!("region {name:?} is unknown or outside the residency"),
+                )
+            })?,
+        None => platform
+            .regions
+            .iter()
+            .find(|r| r.jurisdiction.allows(residency))
+            .ok_or_else(|| {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "region_not_allowed", "no region serves this residency")
+            })?,
+    };
+    let upload = UploadId {
+        region: region.name.clone(),
+        token: uuid::Uuid::new_v4().simple().to_string(),
+    };
+    let secs = s.app.config.limits.presign_seconds;
+    let url = s
+        .app
+        .storage
+        .presign_put(&region.name, &region.buckets.datasets, &upload.key(&tenant.namespace), Duration::from_secs(secs))
+        .await
+        .map_err(AppError::from)?;
+    let expires = Timestamp::now().as_second() + secs as i64;
+    Ok((
+        StatusCode::CREATED,
+        Json(UploadTicket {
+            upload_id: upload.to_id(),
+            url,
+            method: "PUT".into(),
+            expires_at: Timestamp::from_second(expires).map(|t| t.to_string()).unwrap_or_default(),
+            max_bytes: s.app.config.limits.upload_max_bytes,
+        }),
+    ))
+}
+
+/// A validated dataset.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct UploadCheck {
+    /// The upload id.
+    pub upload_id: String,
+    /// SHA-256 of the zip.
+    pub sha256: String,
+}
+
+/// Validates an uploaded dataset now (job creation validates it again).
+#[utoipa::path(post, path = "/v1/uploads/{id}/validate", tag = "uploads", security(("bearer" = [])),
+    params(("id" = String, Path)),
+    responses((status = 200, body = UploadCheck), (status = 401, body = ErrorBody),
+        (status = 422, body = ErrorBody, description = "the dataset is unusable; the code says why")))]
+pub async fn validate_upload(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<UploadCheck>, ApiError> {
+    let tenant = s.tenant(&headers)?;
+    let sha = s.app.validate_upload(&tenant.namespace, &id).await?;
+    Ok(Json(UploadCheck { upload_id: id, sha256: sha }))
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(s): State<HttpState>) -> Result<&'static str, ApiError> {
+    s.app.kube.apiserver_version().await.map_err(|_| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the Kubernetes API is unreachable")
+    })?;
+    Ok("ok")
+}
+
+async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.app.metrics.render(),
+    )
+}
+
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The OpenAPI document, generated from the handlers.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "loraplane API", description = "Paid orders into LoRA training jobs, uploads, downloads and erasure."),
+    paths(stripe_webhook, create_job, get_job, list_jobs, cancel_job, erase_job, artifacts, create_upload, validate_upload),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+async fn request_context(State(s): State<HttpState>, req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 64 && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().to_string();
+    let ip = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string());
+    // Probes and scrapes are not customers; never throttle them.
+    let limited = !matches!(route.as_str(), "/healthz" | "/readyz" | "/metrics");
+    let span = tracing::info_span!("request", request_id = %id, %route, %method);
+    let mut resp = if let (true, Some(ip)) = (limited, &ip) {
+        match s.limiter.check(&format!("ip:{ip}"), s.app.config.limits.ip_rps) {
+            Ok(()) => tracing::Instrument::instrument(next.run(req), span.clone()).await,
+            Err(secs) => rate_limited(secs).into_response(),
+        }
+    } else {
+        tracing::Instrument::instrument(next.run(req), span.clone()).await
+    };
+    if let Some(rewritten) = json_errors(resp.status(), &mut resp).await {
+        resp = rewritten;
+    }
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    let status = resp.status();
+    s.app
+        .metrics
+        .requests
+        .with_label_values(&[route.as_str(), method.as_str(), status.as_str()])
+        .inc();
+    span.in_scope(|| tracing::info!(status = status.as_u16(), "request served"));
+    resp
+}
+
+/// Rewrites a non-JSON error (axum rejections, unknown routes) into the JSON error shape.
+async fn json_errors(status: StatusCode, resp: &mut Response) -> Option<Response> {
+    if !(status.is_client_error() || status.is_server_error()) {
+        return None;
+    }
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json {
+        return None;
+    }
+    let body = std::mem::replace(resp.body_mut(), Body::empty());
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let message = String::from_utf8_lossy(&text).trim().to_string();
+    let code = match status {
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        _ if status.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let message = if message.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        message
+    };
+    let mut out = ApiError::new(status, code, message).into_response();
+    for (k, v) in resp.headers() {
+        if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+            out.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    Some(out)
+}
+
+/// Every route, for the router and the OpenAPI consistency test.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("post", "/v1/webhooks/stripe"),
+    ("post", "/v1/jobs"),
+    ("get", "/v1/jobs"),
+    ("get", "/v1/jobs/{id}"),
+    ("delete", "/v1/jobs/{id}"),
+    ("post", "/v1/jobs/{id}/cancel"),
+    ("get", "/v1/jobs/{id}/artifacts"),
+    ("post", "/v1/uploads"),
+    ("post", "/v1/uploads/{id}/validate"),
+];
+
+/// The router.
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/v1/webhooks/stripe", post(stripe_webhook))
+        .route("/v1/jobs", post(create_job).get(list_jobs))
+        .route("/v1/jobs/{id}", get(get_job).delete(erase_job))
+        .route("/v1/jobs/{id}/cancel", post(cancel_job))
+        .route("/v1/jobs/{id}/artifacts", get(artifacts))
+        .route("/v1/uploads", post(create_upload))
+        .route("/v1/uploads/{id}/validate", post(validate_upload))
+        .route("/openapi.json", get(openapi_json))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .layer(middleware::from_fn_with_state(state.clone(), request_context))
+        .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_lists_exactly_the_routes() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        let mut documented = Vec::new();
+        for (path, ops) in paths {
+            for method in ops.as_object().unwrap().keys() {
+                documented.push((method.clone(), path.clone()));
+            }
+        }
+        documented.sort();
+        let mut routed: Vec<(String, String)> =
+            ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+        routed.sort();
+        assert_eq!(documented, routed);
+        assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+    }
+
+    #[test]
+    fn the_rate_limiter_allows_a_burst_then_asks_to_wait() {
+        let l = RateLimiter::default();
+        for _ in 0..4 {
+            assert_eq!(l.check("t", 2.0), Ok(()));
+        }
+        assert_eq!(l.check("t", 2.0), Err(1));
+        assert_eq!(l.check("other", 2.0), Ok(()));
+    }
+
+    #[test]
+    fn errors_have_the_documented_shape() {
+        let e: ApiError = AppError::JobNotFound("x".into()).into();
+        assert_eq!(e.status, StatusCode::NOT_FOUND);
+        assert_eq!(e.code, "job_not_found");
+        let z: ApiError = AppError::Upload(ZipError::UnsafePath("../a".into())).into();
+        assert_eq!(z.code, "upload_unsafe_path");
+    }
+}

@@ -1,0 +1,528 @@
+//! The reconcile loop: a kube-runtime `Controller` over LoRATrainingJobs (and the pods they
+//! own), run only while this replica holds the leader Lease.
+//!
+//! Each reconcile is four named steps:
+//! 1. **observe**: the current attempt's pod (read directly, never from a possibly stale cache,
+//!    since a wrong "pod gone" would start a duplicate), whether its node still exists, the
+//!    tail of the trainer's log (see `progress` for why `pods/log`), and free GPU capacity per
+//!    pool from the Node and Pod caches;
+//! 2. **decide**: `status::decide`, a pure function;
+//! 3. **apply**: delete the pod being left, server-side apply the Secret and claim, then the
+//!    new attempt's pod (deterministic names, so a repeated apply is a no-op);
+//! 4. **record**: server-side apply the status (with apiVersion/kind), then Events and metrics.
+//!
+//! Status writes retrigger the controller; `decide` is idempotent, so the second pass writes
+//! nothing. Children carry owner references and are removed by the garbage collector when the
+//! job is deleted; the operator holds no external state, so there is no finalizer.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, LogParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use loraplane_crds::LoRATrainingJob;
+use tokio::sync::{Mutex, watch};
+
+use crate::config::Settings;
+use crate::leader::Election;
+use crate::metrics::Metrics;
+use crate::placement::{self, PoolCapacity};
+use crate::progress::{self, TAIL_LINES};
+use crate::resources::{self, BuildError, LABEL_MANAGED_BY, MANAGED_BY};
+use crate::status::{self, Inputs, PodPhase, PodView};
+
+/// `spec.managedBy` values that mean this operator.
+const OUR_MANAGERS: [&str; 2] = ["", "loraplane.io/operator"];
+
+/// How long a capacity snapshot is reused; ranking is a hint, the scheduler binds.
+const CAPACITY_TTL: Duration = Duration::from_millis(500);
+
+/// Why a reconcile failed. Variants name the step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// Reading the current pod failed.
+    #[error("could not read pod {0}: {1}")]
+    GetPod(String, #[source] kube::Error),
+    /// Reading a node failed.
+    #[error("could not read node {0}: {1}")]
+    GetNode(String, #[source] kube::Error),
+    /// A child object could not be built.
+    #[error("could not build a child object: {0}")]
+    Build(#[from] BuildError),
+    /// Applying the trainer-config Secret failed.
+    #[error("could not apply the trainer-config Secret: {0}")]
+    ApplySecret(#[source] kube::Error),
+    /// Applying the scratch claim failed.
+    #[error("could not apply the scratch claim: {0}")]
+    ApplyClaim(#[source] kube::Error),
+    /// Creating the training pod failed.
+    #[error("could not create pod {0}: {1}")]
+    CreatePod(String, #[source] kube::Error),
+    /// Deleting a training pod failed.
+    #[error("could not delete pod {0}: {1}")]
+    DeletePod(String, #[source] kube::Error),
+    /// Writing the status failed.
+    #[error("could not patch the job status: {0}")]
+    PatchStatus(#[source] kube::Error),
+}
+
+impl ReconcileError {
+    /// The metric label of the failed step.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ReconcileError::GetPod(..) => "GetPod",
+            ReconcileError::GetNode(..) => "GetNode",
+            ReconcileError::Build(_) => "Build",
+            ReconcileError::ApplySecret(_) => "ApplySecret",
+            ReconcileError::ApplyClaim(_) => "ApplyClaim",
+            ReconcileError::CreatePod(..) => "CreatePod",
+            ReconcileError::DeletePod(..) => "DeletePod",
+            ReconcileError::PatchStatus(_) => "PatchStatus",
+        }
+    }
+}
+
+/// Why the operator stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The CRD never became available before shutdown.
+    #[error("stopped while waiting for the LoRATrainingJob CRD")]
+    WaitForCrd,
+    /// Leadership was lost; the process should exit and start over as a standby.
+    #[error("lost the leader Lease")]
+    LostLeadership,
+    /// The metrics registry could not be built.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
+}
+
+/// Shared state of every reconcile.
+pub struct Context {
+    /// The API client.
+    pub client: Client,
+    /// Operator settings.
+    pub settings: Arc<Settings>,
+    /// The one event recorder.
+    pub recorder: Recorder,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Node cache.
+    pub nodes: Store<Node>,
+    /// Pod cache (all pods, for GPU capacity).
+    pub pods: Store<Pod>,
+    capacity: Mutex<Option<(Instant, BTreeMap<String, PoolCapacity>)>>,
+}
+
+impl Context {
+    async fn capacity(&self) -> BTreeMap<String, PoolCapacity> {
+        let mut guard = self.capacity.lock().await;
+        if let Some((at, cap)) = guard.as_ref()
+            && at.elapsed() < CAPACITY_TTL
+        {
+            return cap.clone();
+        }
+        let nodes = self.nodes.state();
+        let pods = self.pods.state();
+        let cap = placement::pool_capacity(
+            &self.settings.platform,
+            nodes.iter().map(|n| n.as_ref()),
+            pods.iter().map(|p| p.as_ref()),
+        );
+        *guard = Some((Instant::now(), cap.clone()));
+        cap
+    }
+
+    async fn node_exists(&self, name: &str) -> Result<bool, ReconcileError> {
+        if self
+            .nodes
+            .get(&reflector::ObjectRef::new(name))
+            .is_some()
+        {
+            return Ok(true);
+        }
+        // The cache may simply not have seen a new node yet: ask before declaring it lost.
+        Api::<Node>::all(self.client.clone())
+            .get_opt(name)
+            .await
+            .map(|n| n.is_some())
+            .map_err(|e| ReconcileError::GetNode(name.to_string(), e))
+    }
+}
+
+fn is_ours(job: &LoRATrainingJob) -> bool {
+    OUR_MANAGERS.contains(&job.spec.managed_by.as_deref().unwrap_or(""))
+}
+
+/// One reconcile of one job.
+pub async fn reconcile(
+    job: Arc<LoRATrainingJob>,
+    ctx: Arc<Context>,
+) -> Result<Action, ReconcileError> {
+    let started = Instant::now();
+    let result = reconcile_inner(&job, &ctx).await;
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    ctx.metrics
+        .reconcile_duration
+        .with_label_values(&[outcome])
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn reconcile_inner(job: &LoRATrainingJob, ctx: &Context) -> Result<Action, ReconcileError> {
+    if job.metadata.deletion_timestamp.is_some() || !is_ours(job) {
+        return Ok(Action::await_change());
+    }
+    if job
+        .status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .is_some_and(|p| p.is_terminal())
+    {
+        return Ok(Action::await_change());
+    }
+    let Ok(ids) = resources::JobIds::of(job) else {
+        return Ok(Action::await_change());
+    };
+    let settings = &ctx.settings;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ids.namespace);
+
+    // Step 1: observe.
+    let status = job.status.as_ref();
+    let open_pod = status
+        .filter(|s| s.attempts.last().is_some_and(|a| a.end_time.is_none()))
+        .and_then(|s| s.placement.as_ref())
+        .and_then(|p| p.pod.clone());
+    let mut view = None;
+    let mut log = None;
+    if let Some(name) = &open_pod {
+        let pod = pods
+            .get_opt(name)
+            .await
+            .map_err(|e| ReconcileError::GetPod(name.clone(), e))?;
+        if let Some(pod) = pod {
+            let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+            let exists = match &node {
+                Some(n) => ctx.node_exists(n).await?,
+                None => true,
+            };
+            let v = PodView::from_pod(&pod, |_| exists);
+            if v.phase != PodPhase::Pending {
+                log = read_log(&pods, name).await;
+            }
+            view = Some(v);
+        }
+    }
+    let tried = status::tried_pools(status);
+    let capacity = ctx.capacity().await;
+    let candidates = placement::rank(&job.spec, &settings.platform, &capacity, &tried)
+        .map_err(|e| e.to_string());
+
+    // Step 2: decide.
+    let now = Timestamp::now();
+    let plan = status::decide(&Inputs {
+        job,
+        pod: view,
+        candidates,
+        log,
+        defaults: &settings.platform.defaults,
+        now,
+        progress_interval: settings.progress_interval,
+    });
+
+    // Step 3: apply.
+    if let Some(name) = &plan.delete_pod {
+        match pods.delete(name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(ReconcileError::DeletePod(name.clone(), e)),
+        }
+    }
+    if let Some(next) = &plan.create {
+        let pool = settings
+            .platform
+            .pools
+            .iter()
+            .find(|p| p.name == next.pool)
+            .ok_or_else(|| BuildError::UnknownPool(next.pool.clone()))?;
+        // The next attempt's config is built from the job as it will be after this status
+        // write, so its home region is the one status will record.
+        let mut future_job = job.clone();
+        future_job.status = Some(plan.status.clone());
+        let params = PatchParams::apply(&settings.field_manager).force();
+        let secret = resources::config_secret(&future_job, &settings.platform, &next.region)?;
+        Api::<k8s_openapi::api::core::v1::Secret>::namespaced(ctx.client.clone(), &ids.namespace)
+            .patch(
+                &resources::secret_name(&ids.name),
+                &params,
+                &Patch::Apply(&secret),
+            )
+            .await
+            .map_err(ReconcileError::ApplySecret)?;
+        if let Some(claim) =
+            resources::scratch_claim(&future_job, &settings.platform, &next.region)?
+        {
+            let name = claim.name_any();
+            Api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>::namespaced(
+                ctx.client.clone(),
+                &ids.namespace,
+            )
+            .patch(&name, &params, &Patch::Apply(&claim))
+            .await
+            .map_err(ReconcileError::ApplyClaim)?;
+        }
+        let pod = resources::trainer_pod(
+            &future_job,
+            &settings.platform,
+            pool,
+            &next.pod_name,
+            next.index,
+            &settings.s3_credentials_secret,
+        )?;
+        pods.patch(&next.pod_name, &params, &Patch::Apply(&pod))
+            .await
+            .map_err(|e| ReconcileError::CreatePod(next.pod_name.clone(), e))?;
+        if next.index == 0
+            && let Some(created) = job.metadata.creation_timestamp.as_ref()
+        {
+            let secs = now.duration_since(created.0).as_secs_f64().max(0.0);
+            ctx.metrics.creation_to_pod.observe(secs);
+        }
+        tracing::info!(job = %ids.name, namespace = %ids.namespace, pod = %next.pod_name,
+            pool = %next.pool, region = %next.region, attempt = next.index, "started attempt");
+    }
+
+    // Step 4: record.
+    if job.status.as_ref() != Some(&plan.status) {
+        let body = serde_json::json!({
+            "apiVersion": LoRATrainingJob::api_version(&()),
+            "kind": LoRATrainingJob::kind(&()),
+            "status": plan.status,
+        });
+        Api::<LoRATrainingJob>::namespaced(ctx.client.clone(), &ids.namespace)
+            .patch_status(
+                &ids.name,
+                &PatchParams::apply(&settings.field_manager).force(),
+                &Patch::Apply(&body),
+            )
+            .await
+            .map_err(ReconcileError::PatchStatus)?;
+        ctx.metrics.record(&plan.signals);
+        let reference = job.object_ref(&());
+        for note in &plan.notes {
+            let event = Event {
+                type_: if note.warning {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
+                reason: note.reason.clone(),
+                note: Some(note.message.clone()),
+                action: "Reconcile".into(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+                tracing::debug!(error = %e, "could not publish an event");
+            }
+        }
+        if let Some(phase) = plan.status.phase
+            && job.status.as_ref().and_then(|s| s.phase) != Some(phase)
+        {
+            tracing::info!(job = %ids.name, namespace = %ids.namespace, phase = phase.as_str(), "phase changed");
+        }
+    }
+    Ok(match plan.requeue {
+        Some(d) => Action::requeue(d),
+        None => Action::await_change(),
+    })
+}
+
+async fn read_log(pods: &Api<Pod>, name: &str) -> Option<progress::LogProgress> {
+    let params = LogParams {
+        container: Some(resources::TRAINER_CONTAINER.into()),
+        tail_lines: Some(TAIL_LINES),
+        ..LogParams::default()
+    };
+    match pods.logs(name, &params).await {
+        Ok(text) => Some(progress::parse_log(&text)),
+        Err(e) => {
+            // Progress is best effort: a missing log must not stall the lifecycle.
+            tracing::debug!(pod = %name, error = %e, "could not read the trainer log");
+            None
+        }
+    }
+}
+
+/// Requeues a failed reconcile after a pause, so an error never hot-loops.
+pub fn error_policy(job: Arc<LoRATrainingJob>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .reconcile_errors
+        .with_label_values(&[error.reason()])
+        .inc();
+    tracing::warn!(job = %job.name_any(), namespace = ?job.namespace(), error = %error, "reconcile failed");
+    Action::requeue(ctx.settings.error_requeue)
+}
+
+/// Waits until the LoRATrainingJob API is served, saying what to do meanwhile.
+pub async fn wait_for_crd(
+    client: &Client,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), RunError> {
+    let api: Api<LoRATrainingJob> = Api::all(client.clone());
+    let mut warned = false;
+    loop {
+        match api.list(&ListParams::default().limit(1)).await {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(error = %e,
+                        "waiting for the CRD loratrainingjobs.loraplane.io to be installed \
+                         (kubectl apply -f crds/loratrainingjob.yaml, or install the Helm chart)");
+                    warned = true;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = shutdown.changed() => return Err(RunError::WaitForCrd),
+        }
+        if *shutdown.borrow() {
+            return Err(RunError::WaitForCrd);
+        }
+    }
+}
+
+/// Health flags served on `/healthz` and `/readyz`.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// The CRD was found and the election is running.
+    pub ready: AtomicBool,
+    /// This replica currently leads.
+    pub leading: AtomicBool,
+}
+
+fn reflect<K>(api: Api<K>, cfg: watcher::Config) -> Store<K>
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, cfg).modify(|o| o.managed_fields_mut().clear()),
+    )
+    .default_backoff()
+    .touched_objects();
+    tokio::spawn(async move {
+        stream.for_each(|_| futures::future::ready(())).await;
+    });
+    reader
+}
+
+/// Runs the operator until `shutdown` fires (`Ok`) or leadership is lost (`Err`).
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    metrics: Metrics,
+    health: Arc<Health>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), RunError> {
+    wait_for_crd(&client, shutdown.clone()).await?;
+    let settings = Arc::new(settings);
+    let (leading_tx, mut leading_rx) = watch::channel(false);
+    let election = Election {
+        namespace: settings.lease_namespace.clone(),
+        name: settings.lease_name.clone(),
+        identity: settings.identity.clone(),
+        lease_duration: settings.lease_duration,
+    };
+    let election_task = tokio::spawn(election.run(client.clone(), leading_tx, shutdown.clone()));
+    health.ready.store(true, Ordering::SeqCst);
+    tracing::info!(identity = %settings.identity, "waiting to become the leader");
+    let mut stop = shutdown.clone();
+    loop {
+        if *leading_rx.borrow() {
+            break;
+        }
+        tokio::select! {
+            changed = leading_rx.changed() => if changed.is_err() { return Err(RunError::LostLeadership) },
+            _ = stop.changed() => {
+                let _ = election_task.await;
+                return Ok(());
+            }
+        }
+    }
+    health.leading.store(true, Ordering::SeqCst);
+
+    let nodes = reflect(Api::<Node>::all(client.clone()), watcher::Config::default());
+    let all_pods = reflect(Api::<Pod>::all(client.clone()), watcher::Config::default());
+    let jobs: Api<LoRATrainingJob> = match &settings.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let owned: Api<Pod> = match &settings.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let reporter = Reporter {
+        controller: crate::config::FIELD_MANAGER.into(),
+        instance: Some(settings.identity.clone()),
+    };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client: client.clone(),
+        settings: settings.clone(),
+        metrics: metrics.clone(),
+        nodes,
+        pods: all_pods,
+        capacity: Mutex::new(None),
+    });
+    let controller = Controller::new(jobs, watcher::Config::default()).owns(
+        owned,
+        watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}")),
+    );
+    metrics.watch_jobs(controller.store());
+
+    let lost = Arc::new(AtomicBool::new(false));
+    let lost_flag = lost.clone();
+    let mut stop = shutdown.clone();
+    let stop_signal = async move {
+        loop {
+            tokio::select! {
+                r = leading_rx.changed() => {
+                    if r.is_err() || !*leading_rx.borrow() {
+                        lost_flag.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                }
+                _ = stop.changed() => return,
+            }
+        }
+    };
+    tracing::info!("leading: reconciling LoRATrainingJobs");
+    controller
+        .graceful_shutdown_on(stop_signal)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "controller event");
+            }
+            futures::future::ready(())
+        })
+        .await;
+    health.leading.store(false, Ordering::SeqCst);
+    if lost.load(Ordering::SeqCst) {
+        election_task.abort();
+        return Err(RunError::LostLeadership);
+    }
+    let _ = election_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
