@@ -105,7 +105,6 @@ fn is_status(e: &kube::Error, code: u16) -> bool {
 }
 
 /// Shared state of every handler and the retention loop.
-#[derive(Debug)]
 pub struct App {
     /// Kubernetes client.
     pub kube: kube::Client,
@@ -121,6 +120,14 @@ pub struct App {
     pub metrics: Metrics,
     /// Wakes the retention loop early (a job changed).
     pub gc_wake: Notify,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("stripe_namespace", &self.config.stripe_namespace)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where an order came from, and the ids that make it idempotent.
@@ -243,7 +250,11 @@ impl App {
             data: Some(data),
             ..ConfigMap::default()
         };
-        match self.configmaps(ns).create(&PostParams::default(), &cm).await {
+        match self
+            .configmaps(ns)
+            .create(&PostParams::default(), &cm)
+            .await
+        {
             Ok(_) => Ok(()),
             Err(e) if is_status(&e, 409) => Ok(()),
             Err(e) => Err(kube_err("create tombstone")(e)),
@@ -256,7 +267,11 @@ impl App {
         {
             return Ok(Some("refund or dispute".into()));
         }
-        if self.tombstone(ns, &erased_name(&ids.order_hash)).await?.is_some() {
+        if self
+            .tombstone(ns, &erased_name(&ids.order_hash))
+            .await?
+            .is_some()
+        {
             return Ok(Some("erased".into()));
         }
         Ok(None)
@@ -359,8 +374,10 @@ impl App {
         }
         if let Some((key, body)) = &ids.idempotency {
             labels.insert(LABEL_IDEMPOTENCY.to_string(), key.clone());
-            job.metadata.annotations =
-                Some(BTreeMap::from([(ANNOTATION_REQUEST.to_string(), body.clone())]));
+            job.metadata.annotations = Some(BTreeMap::from([(
+                ANNOTATION_REQUEST.to_string(),
+                body.clone(),
+            )]));
         }
         job.metadata.labels = Some(labels);
         match api.create(&PostParams::default(), &job).await {
@@ -484,13 +501,22 @@ impl App {
         if let Some(c) = continue_token {
             lp = lp.continue_token(&c);
         }
-        let list = self.jobs(ns).list(&lp).await.map_err(kube_err("list jobs"))?;
+        let list = self
+            .jobs(ns)
+            .list(&lp)
+            .await
+            .map_err(kube_err("list jobs"))?;
         let next = list.metadata.continue_.filter(|c| !c.is_empty());
         Ok((list.items, next))
     }
 
     /// Cancels a job: suspends it (the operator removes its pod) and marks it Cancelled.
-    pub async fn cancel(&self, ns: &str, name: &str, reason: &str) -> Result<LoRATrainingJob, AppError> {
+    pub async fn cancel(
+        &self,
+        ns: &str,
+        name: &str,
+        reason: &str,
+    ) -> Result<LoRATrainingJob, AppError> {
         let job = self.get_job(ns, name).await?;
         let phase = job.status.as_ref().and_then(|s| s.phase);
         if phase.is_some_and(Phase::is_terminal) {
@@ -536,7 +562,10 @@ impl App {
         }
         let prefix = job_prefix(job);
         for (_, r) in self.storage.all() {
-            d += self.storage.delete_prefix(&r.buckets.checkpoints, &prefix).await?;
+            d += self
+                .storage
+                .delete_prefix(&r.buckets.checkpoints, &prefix)
+                .await?;
         }
         let ns = job.namespace().unwrap_or_default();
         if let Some(uid) = job.uid() {
@@ -557,7 +586,10 @@ impl App {
         let mut d = Deleted::default();
         let prefix = job_prefix(job);
         for (_, r) in self.storage.all() {
-            d += self.storage.delete_prefix(&r.buckets.outputs, &prefix).await?;
+            d += self
+                .storage
+                .delete_prefix(&r.buckets.outputs, &prefix)
+                .await?;
         }
         Ok(d)
     }
@@ -601,7 +633,12 @@ impl App {
     /// Erases every byte of a job (S3 objects, claims, pods, then the job itself), leaving
     /// only the audit record: an Event, a log line and the `ltj-erased-…` ConfigMap.
     pub async fn erase(&self, ns: &str, name: &str, reason: &str) -> Result<bool, AppError> {
-        let Some(job) = self.jobs(ns).get_opt(name).await.map_err(kube_err("get job"))? else {
+        let Some(job) = self
+            .jobs(ns)
+            .get_opt(name)
+            .await
+            .map_err(kube_err("get job"))?
+        else {
             return Ok(false);
         };
         let order_hash = job
@@ -650,7 +687,10 @@ impl App {
         self.audit(
             &job,
             "Erased",
-            format!("all job data erased ({reason}): {} objects, {} bytes", d.objects, d.bytes),
+            format!(
+                "all job data erased ({reason}): {} objects, {} bytes",
+                d.objects, d.bytes
+            ),
         )
         .await;
         match self.jobs(ns).delete(name, &DeleteParams::default()).await {
@@ -706,7 +746,11 @@ impl App {
             return Ok(None);
         };
         let out_at = d.outputs_expire_at.unwrap_or(in_at);
-        let ret = job.status.as_ref().and_then(|s| s.retention.clone()).unwrap_or_default();
+        let ret = job
+            .status
+            .as_ref()
+            .and_then(|s| s.retention.clone())
+            .unwrap_or_default();
         let mut patch = serde_json::Map::new();
         if ret.inputs_expire_at.is_none() {
             patch.insert("inputsExpireAt".into(), json!(ts(in_at)));
@@ -719,13 +763,19 @@ impl App {
         if d.delete_inputs {
             deleted += self.delete_inputs(job).await?;
             patch.insert("inputsDeletedAt".into(), json!(stamp));
-            self.metrics.retention_deletions.with_label_values(&["inputs"]).inc();
+            self.metrics
+                .retention_deletions
+                .with_label_values(&["inputs"])
+                .inc();
             self.metrics.gc_lag.observe(lag_secs(in_at));
         }
         if d.delete_outputs {
             deleted += self.delete_outputs(job).await?;
             patch.insert("outputsDeletedAt".into(), json!(stamp));
-            self.metrics.retention_deletions.with_label_values(&["outputs"]).inc();
+            self.metrics
+                .retention_deletions
+                .with_label_values(&["outputs"])
+                .inc();
             self.metrics.gc_lag.observe(lag_secs(out_at));
         }
         if !patch.is_empty() {
@@ -748,7 +798,10 @@ impl App {
             self.audit(
                 job,
                 "RetentionExpired",
-                format!("retention expired: {what} deleted ({} objects, {} bytes)", deleted.objects, deleted.bytes),
+                format!(
+                    "retention expired: {what} deleted ({} objects, {} bytes)",
+                    deleted.objects, deleted.bytes
+                ),
             )
             .await;
             tracing::info!(
@@ -816,6 +869,7 @@ pub async fn retention_loop(app: Arc<App>, leader: Arc<crate::leader::Leader>, r
 /// Wakes the retention loop on every job change (completion sets the retention clock).
 pub async fn watch_jobs(app: Arc<App>) {
     use futures::StreamExt;
+    use kube::runtime::WatchStreamExt;
     let api: Api<LoRATrainingJob> = Api::all(app.kube.clone());
     let mut stream = kube::runtime::watcher(api, kube::runtime::watcher::Config::default())
         .default_backoff()

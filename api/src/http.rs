@@ -29,7 +29,6 @@ use crate::config::{Tenant, parse_residency};
 use crate::order::{ANNOTATION_REQUEST, Order, UploadId};
 use crate::storage::parse_uri;
 use crate::stripe;
-use crate::zipcheck::ZipError;
 
 /// An error response.
 #[derive(Debug, Clone)]
@@ -103,9 +102,11 @@ impl From<AppError> for ApiError {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "upload_id_invalid", msg)
             }
             AppError::JobNotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "job_not_found", msg),
-            AppError::IdempotencyMismatch => {
-                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused", msg)
-            }
+            AppError::IdempotencyMismatch => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                msg,
+            ),
             AppError::OrderExists(_) => ApiError::new(StatusCode::CONFLICT, "order_exists", msg),
             AppError::Revoked(_) => ApiError::new(StatusCode::CONFLICT, "order_revoked", msg),
             AppError::Kube { action, .. } => {
@@ -147,7 +148,9 @@ impl RateLimiter {
         };
         if map.len() > 100_000 {
             // Bound memory under an address-spraying flood: full buckets are forgettable.
-            map.retain(|_, (tokens, at)| *tokens + now.duration_since(*at).as_secs_f64() * rate < burst);
+            map.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * rate < burst
+            });
         }
         let (tokens, at) = map.entry(key.to_string()).or_insert((burst, now));
         *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(burst);
@@ -194,18 +197,26 @@ impl HttpState {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(|| {
-                ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a bearer token is required")
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "a bearer token is required",
+                )
             })?;
         // Looking up a hash (not the token) keeps tokens out of memory dumps of the config
         // and makes the lookup time independent of how much of a guess is right.
         let hash = hex::encode(Sha256::digest(token.trim().as_bytes()));
         let tenant = self.tokens.get(&hash).cloned().ok_or_else(|| {
-            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "the bearer token is not valid")
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "the bearer token is not valid",
+            )
         })?;
-        if let Err(secs) = self
-            .limiter
-            .check(&format!("tenant:{}", tenant.name), self.app.config.limits.tenant_rps)
-        {
+        if let Err(secs) = self.limiter.check(
+            &format!("tenant:{}", tenant.name),
+            self.app.config.limits.tenant_rps,
+        ) {
             return Err(rate_limited(secs));
         }
         Ok(tenant)
@@ -215,7 +226,11 @@ impl HttpState {
 fn rate_limited(secs: u64) -> ApiError {
     ApiError {
         retry_after: Some(secs),
-        ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many requests; retry later")
+        ..ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many requests; retry later",
+        )
     }
 }
 
@@ -262,18 +277,32 @@ pub async fn stripe_webhook(
 ) -> Result<Json<WebhookAck>, ApiError> {
     let app = &s.app;
     let bytes = read_body(body, app.config.limits.webhook_max_bytes).await?;
-    let sig = headers.get("stripe-signature").and_then(|v| v.to_str().ok());
+    let sig = headers
+        .get("stripe-signature")
+        .and_then(|v| v.to_str().ok());
     let now = Timestamp::now().as_second();
-    if let Err(e) = stripe::verify(sig, &bytes, &app.secrets.webhook, now, stripe::DEFAULT_TOLERANCE_SECS) {
+    if let Err(e) = stripe::verify(
+        sig,
+        &bytes,
+        &app.secrets.webhook,
+        now,
+        stripe::DEFAULT_TOLERANCE_SECS,
+    ) {
         let code = match e {
             stripe::SignatureError::StaleTimestamp(_) => "stale_timestamp",
             _ => "invalid_signature",
         };
-        app.metrics.webhook_events.with_label_values(&["unverified", code]).inc();
+        app.metrics
+            .webhook_events
+            .with_label_values(&["unverified", code])
+            .inc();
         return Err(ApiError::new(StatusCode::BAD_REQUEST, code, e.to_string()));
     }
     let (ty, event) = stripe::parse_event(&bytes).map_err(|e| {
-        app.metrics.webhook_events.with_label_values(&["unparsed", "malformed"]).inc();
+        app.metrics
+            .webhook_events
+            .with_label_values(&["unparsed", "malformed"])
+            .inc();
         ApiError::new(StatusCode::BAD_REQUEST, "malformed_event", e.to_string())
     })?;
     let type_label = match ty.as_str() {
@@ -289,14 +318,21 @@ pub async fn stripe_webhook(
                 .webhook_events
                 .with_label_values(&[type_label, outcome.as_str()])
                 .inc();
-            tracing::info!(event_type = type_label, outcome = outcome.as_str(), "webhook event handled");
+            tracing::info!(
+                event_type = type_label,
+                outcome = outcome.as_str(),
+                "webhook event handled"
+            );
             Ok(Json(WebhookAck {
                 received: true,
                 outcome: outcome.as_str().into(),
             }))
         }
         Err(e) => {
-            app.metrics.webhook_events.with_label_values(&[type_label, "error"]).inc();
+            app.metrics
+                .webhook_events
+                .with_label_values(&[type_label, "error"])
+                .inc();
             Err(e.into())
         }
     }
@@ -349,10 +385,18 @@ impl JobView {
                 .unwrap_or_else(|| "Pending".into()),
             step: st.and_then(|s| s.progress.as_ref()).map(|p| p.step),
             total_steps: job.spec.training.steps,
-            eta_seconds: st.and_then(|s| s.progress.as_ref()).and_then(|p| p.eta_seconds),
+            eta_seconds: st
+                .and_then(|s| s.progress.as_ref())
+                .and_then(|p| p.eta_seconds),
             artifacts: st.map(|s| s.artifacts.len()).unwrap_or(0),
-            region: st.and_then(|s| s.placement.as_ref()).map(|p| p.region.clone()),
-            created_at: job.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()),
+            region: st
+                .and_then(|s| s.placement.as_ref())
+                .map(|p| p.region.clone()),
+            created_at: job
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.to_string()),
             outputs_expire_at: st
                 .and_then(|s| s.retention.as_ref())
                 .and_then(|r| r.outputs_expire_at.as_ref())
@@ -408,7 +452,8 @@ pub async fn create_job(
             return Err(AppError::IdempotencyMismatch.into());
         }
         let mut resp = (StatusCode::OK, Json(JobView::of(&job))).into_response();
-        resp.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+        resp.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
         return Ok(resp);
     }
     let ids = OrderIds {
@@ -426,7 +471,11 @@ pub async fn create_job(
         }
     }
     tracing::info!(tenant = %tenant.name, job = %job.name_any(), created, "job ordered");
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(JobView::of(&job))).into_response())
 }
 
@@ -561,7 +610,11 @@ pub async fn artifacts(
     let tenant = s.tenant(&headers)?;
     let job = s.app.get_job(&tenant.namespace, &id).await?;
     let status = job.status.clone().unwrap_or_default();
-    if status.retention.as_ref().is_some_and(|r| r.outputs_deleted_at.is_some()) {
+    if status
+        .retention
+        .as_ref()
+        .is_some_and(|r| r.outputs_deleted_at.is_some())
+    {
         return Err(ApiError::new(
             StatusCode::GONE,
             "artifacts_deleted",
@@ -595,7 +648,9 @@ pub async fn artifacts(
     let expires = Timestamp::now().as_second() + secs as i64;
     Ok(Json(Artifacts {
         artifacts: links,
-        expires_at: Timestamp::from_second(expires).map(|t| t.to_string()).unwrap_or_default(),
+        expires_at: Timestamp::from_second(expires)
+            .map(|t| t.to_string())
+            .unwrap_or_default(),
     }))
 }
 
@@ -643,9 +698,14 @@ pub async fn create_upload(
     } else {
         parse_json(&bytes)?
     };
-    let residency = parse_residency(req.residency.as_deref().unwrap_or("any")).ok_or_else(|| {
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "order_field_invalid", "residency must be eea, us or any")
-    })?;
+    let residency =
+        parse_residency(req.residency.as_deref().unwrap_or("any")).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "order_field_invalid",
+                "residency must be eea, us or any",
+            )
+        })?;
     let platform = &s.app.platform;
     let region = match &req.region {
         Some(name) => platform
@@ -663,7 +723,11 @@ pub async fn create_upload(
             .iter()
             .find(|r| r.jurisdiction.allows(residency))
             .ok_or_else(|| {
-                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "region_not_allowed", "no region serves this residency")
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "region_not_allowed",
+                    "no region serves this residency",
+                )
             })?,
     };
     let upload = UploadId {
@@ -674,7 +738,12 @@ pub async fn create_upload(
     let url = s
         .app
         .storage
-        .presign_put(&region.name, &region.buckets.datasets, &upload.key(&tenant.namespace), Duration::from_secs(secs))
+        .presign_put(
+            &region.name,
+            &region.buckets.datasets,
+            &upload.key(&tenant.namespace),
+            Duration::from_secs(secs),
+        )
         .await
         .map_err(AppError::from)?;
     let expires = Timestamp::now().as_second() + secs as i64;
@@ -684,7 +753,9 @@ pub async fn create_upload(
             upload_id: upload.to_id(),
             url,
             method: "PUT".into(),
-            expires_at: Timestamp::from_second(expires).map(|t| t.to_string()).unwrap_or_default(),
+            expires_at: Timestamp::from_second(expires)
+                .map(|t| t.to_string())
+                .unwrap_or_default(),
             max_bytes: s.app.config.limits.upload_max_bytes,
         }),
     ))
@@ -712,7 +783,10 @@ pub async fn validate_upload(
 ) -> Result<Json<UploadCheck>, ApiError> {
     let tenant = s.tenant(&headers)?;
     let sha = s.app.validate_upload(&tenant.namespace, &id).await?;
-    Ok(Json(UploadCheck { upload_id: id, sha256: sha }))
+    Ok(Json(UploadCheck {
+        upload_id: id,
+        sha256: sha,
+    }))
 }
 
 async fn healthz() -> &'static str {
@@ -721,7 +795,11 @@ async fn healthz() -> &'static str {
 
 async fn readyz(State(s): State<HttpState>) -> Result<&'static str, ApiError> {
     s.app.kube.apiserver_version().await.map_err(|_| {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the Kubernetes API is unreachable")
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the Kubernetes API is unreachable",
+        )
     })?;
     Ok("ok")
 }
@@ -781,7 +859,10 @@ async fn request_context(State(s): State<HttpState>, req: Request, next: Next) -
     let limited = !matches!(route.as_str(), "/healthz" | "/readyz" | "/metrics");
     let span = tracing::info_span!("request", request_id = %id, %route, %method);
     let mut resp = if let (true, Some(ip)) = (limited, &ip) {
-        match s.limiter.check(&format!("ip:{ip}"), s.app.config.limits.ip_rps) {
+        match s
+            .limiter
+            .check(&format!("ip:{ip}"), s.app.config.limits.ip_rps)
+        {
             Ok(()) => tracing::Instrument::instrument(next.run(req), span.clone()).await,
             Err(secs) => rate_limited(secs).into_response(),
         }
@@ -869,13 +950,17 @@ pub fn router(state: HttpState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .layer(middleware::from_fn_with_state(state.clone(), request_context))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            request_context,
+        ))
         .with_state(state)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::zipcheck::ZipError;
 
     #[test]
     fn the_openapi_document_lists_exactly_the_routes() {
@@ -888,8 +973,10 @@ mod tests {
             }
         }
         documented.sort();
-        let mut routed: Vec<(String, String)> =
-            ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+        let mut routed: Vec<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
         routed.sort();
         assert_eq!(documented, routed);
         assert!(doc["components"]["securitySchemes"]["bearer"].is_object());

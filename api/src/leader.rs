@@ -24,7 +24,13 @@ pub struct Leader {
 
 impl Leader {
     /// A candidate for lease `name` in `namespace`.
-    pub fn new(client: kube::Client, namespace: &str, name: &str, identity: &str, duration: Duration) -> Leader {
+    pub fn new(
+        client: kube::Client,
+        namespace: &str,
+        name: &str,
+        identity: &str,
+        duration: Duration,
+    ) -> Leader {
         Leader {
             api: Api::namespaced(client, namespace),
             name: name.into(),
@@ -64,7 +70,10 @@ impl Leader {
                         ..LeaseSpec::default()
                     }),
                 };
-                self.api.create(&PostParams::default(), &lease).await.is_ok()
+                self.api
+                    .create(&PostParams::default(), &lease)
+                    .await
+                    .is_ok()
             }
             Ok(Some(mut lease)) => {
                 let spec = lease.spec.clone().unwrap_or_default();

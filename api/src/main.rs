@@ -66,7 +66,8 @@ fn env(name: &'static str) -> Result<String, StartError> {
 }
 
 async fn run(args: Args) -> Result<(), StartError> {
-    let read = |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| StartError::ReadConfig(p.clone(), e));
+    let read =
+        |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| StartError::ReadConfig(p.clone(), e));
     let config = ApiConfig::from_yaml(&read(&args.config)?)?;
     let platform = PlatformConfig::from_yaml(&read(&args.platform)?)?;
     // Several comma-separated secrets are accepted while one is being rolled.

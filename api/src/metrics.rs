@@ -27,7 +27,10 @@ impl Metrics {
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("loraplane_api_requests_total", "HTTP requests by route and status"),
+            Opts::new(
+                "loraplane_api_requests_total",
+                "HTTP requests by route and status",
+            ),
             &["route", "method", "status"],
         )?;
         let webhook_events = IntCounterVec::new(
@@ -49,7 +52,9 @@ impl Metrics {
                 "loraplane_api_gc_lag_seconds",
                 "Seconds between a retention due time and the deletion",
             )
-            .buckets(vec![0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0]),
+            .buckets(vec![
+                0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0,
+            ]),
         )?;
         let bytes_erased = IntCounter::new(
             "loraplane_api_bytes_erased_total",

@@ -12,7 +12,7 @@ use hmac::{Hmac, Mac};
 use loraplane_crds::platform::PlatformConfig;
 use loraplane_crds::v1alpha1::{
     BaseModel, Concept, ConceptType, DataUse, Dataset, GpuProduct, LoRATrainingJobSpec,
-    ModelFamily, Placement, RegionName, Residency, Resources, Retention, RetentionMode, Training,
+    ModelFamily, Placement, RegionName, Resources, Retention, RetentionMode, Training,
 };
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
@@ -161,8 +161,10 @@ impl UploadId {
             && region
                 .chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-        let token_ok =
-            token.len() == 32 && token.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase());
+        let token_ok = token.len() == 32
+            && token
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase());
         (region_ok && token_ok).then(|| UploadId {
             region: region.into(),
             token: token.into(),
@@ -222,17 +224,18 @@ pub fn build_spec(order: &Order, inp: &SpecInputs<'_>) -> Result<LoRATrainingJob
         }
     };
     let tw = &order.trigger_word;
-    if tw.is_empty()
-        || tw.chars().count() > 64
-        || tw.contains([',', '\r', '\n'])
-        || tw.trim() != tw
+    if tw.is_empty() || tw.chars().count() > 64 || tw.contains([',', '\r', '\n']) || tw.trim() != tw
     {
         return Err(OrderError::Invalid {
             field: "triggerWord",
             message: "1 to 64 characters, no commas or line breaks, no surrounding blanks".into(),
         });
     }
-    if order.description.as_ref().is_some_and(|d| d.chars().count() > 2000) {
+    if order
+        .description
+        .as_ref()
+        .is_some_and(|d| d.chars().count() > 2000)
+    {
         return Err(OrderError::Invalid {
             field: "description",
             message: "at most 2000 characters".into(),
@@ -249,14 +252,18 @@ pub fn build_spec(order: &Order, inp: &SpecInputs<'_>) -> Result<LoRATrainingJob
     if !(1..=plan.max_steps).contains(&steps) {
         return Err(OrderError::Invalid {
             field: "steps",
-            message: format!("must be between 1 and the plan's maximum {}", plan.max_steps),
+            message: format!(
+                "must be between 1 and the plan's maximum {}",
+                plan.max_steps
+            ),
         });
     }
     let region = inp
         .platform
         .region(&inp.upload.region)
         .ok_or_else(|| OrderError::RegionNotAllowed(inp.upload.region.clone()))?;
-    let plan_allows = |r: &str| plan.allowed_regions.is_empty() || plan.allowed_regions.iter().any(|a| a == r);
+    let plan_allows =
+        |r: &str| plan.allowed_regions.is_empty() || plan.allowed_regions.iter().any(|a| a == r);
     if !region.jurisdiction.allows(residency) || !plan_allows(&region.name) {
         return Err(OrderError::RegionNotAllowed(region.name.clone()));
     }
@@ -289,7 +296,11 @@ pub fn build_spec(order: &Order, inp: &SpecInputs<'_>) -> Result<LoRATrainingJob
             description: order.description.clone(),
         },
         dataset: Dataset {
-            uri: format!("s3://{}/{}", inp.dataset_bucket, inp.upload.key(inp.namespace)),
+            uri: format!(
+                "s3://{}/{}",
+                inp.dataset_bucket,
+                inp.upload.key(inp.namespace)
+            ),
             sha256: inp.dataset_sha256.to_string(),
             region: Some(region.name.clone()),
         },
@@ -318,6 +329,7 @@ pub fn build_spec(order: &Order, inp: &SpecInputs<'_>) -> Result<LoRATrainingJob
 #[cfg(test)]
 mod tests {
     use super::*;
+    use loraplane_crds::v1alpha1::Residency;
 
     fn platform() -> PlatformConfig {
         PlatformConfig::from_yaml(
@@ -371,7 +383,10 @@ families: []
     fn build(order: &Order, plan: &Plan) -> Result<LoRATrainingJobSpec, OrderError> {
         let platform = platform();
         let upload = UploadId::parse(&order.upload_id).unwrap();
-        let bucket = platform.region(&upload.region).map(|r| r.buckets.datasets.clone()).unwrap_or_default();
+        let bucket = platform
+            .region(&upload.region)
+            .map(|r| r.buckets.datasets.clone())
+            .unwrap_or_default();
         build_spec(
             order,
             &SpecInputs {
@@ -421,12 +436,18 @@ families: []
     fn residency_and_plan_regions_restrict_the_upload_region() {
         let mut o = order();
         o.upload_id = "us-east.0123456789abcdef0123456789abcdef".into();
-        assert_eq!(build(&o, &plan()), Err(OrderError::RegionNotAllowed("us-east".into())));
+        assert_eq!(
+            build(&o, &plan()),
+            Err(OrderError::RegionNotAllowed("us-east".into()))
+        );
         let p = Plan {
             allowed_regions: vec!["eu-north".into()],
             ..plan()
         };
-        assert_eq!(build(&order(), &p), Err(OrderError::RegionNotAllowed("eu-west".into())));
+        assert_eq!(
+            build(&order(), &p),
+            Err(OrderError::RegionNotAllowed("eu-west".into()))
+        );
         let mut o = order();
         o.upload_id = "eu-north.0123456789abcdef0123456789abcdef".into();
         let spec = build(&o, &p).unwrap();
@@ -437,15 +458,33 @@ families: []
     fn bad_fields_are_named() {
         let mut o = order();
         o.steps = Some(501);
-        assert!(matches!(build(&o, &plan()), Err(OrderError::Invalid { field: "steps", .. })));
+        assert!(matches!(
+            build(&o, &plan()),
+            Err(OrderError::Invalid { field: "steps", .. })
+        ));
         let mut o = order();
         o.trigger_word = "a, b".into();
-        assert!(matches!(build(&o, &plan()), Err(OrderError::Invalid { field: "triggerWord", .. })));
+        assert!(matches!(
+            build(&o, &plan()),
+            Err(OrderError::Invalid {
+                field: "triggerWord",
+                ..
+            })
+        ));
         let mut o = order();
         o.family = "flux".into();
-        assert!(matches!(build(&o, &plan()), Err(OrderError::Invalid { field: "family", .. })));
+        assert!(matches!(
+            build(&o, &plan()),
+            Err(OrderError::Invalid {
+                field: "family",
+                ..
+            })
+        ));
         let m = BTreeMap::from([("family".to_string(), "sdxl".to_string())]);
-        assert_eq!(Order::from_metadata(&m), Err(OrderError::Missing("concept_type")));
+        assert_eq!(
+            Order::from_metadata(&m),
+            Err(OrderError::Missing("concept_type"))
+        );
     }
 
     #[test]
@@ -465,7 +504,10 @@ families: []
     fn upload_ids_parse_strictly() {
         let u = UploadId::parse("eu-west.0123456789abcdef0123456789abcdef").unwrap();
         assert_eq!(u.region, "eu-west");
-        assert_eq!(u.key("acme"), "uploads/acme/0123456789abcdef0123456789abcdef.zip");
+        assert_eq!(
+            u.key("acme"),
+            "uploads/acme/0123456789abcdef0123456789abcdef.zip"
+        );
         assert!(UploadId::parse("eu-west.../../etc").is_none());
         assert!(UploadId::parse("EU.0123456789abcdef0123456789abcdef").is_none());
         assert!(UploadId::parse("eu-west").is_none());

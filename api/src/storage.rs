@@ -136,7 +136,9 @@ impl Storage {
     /// The region whose buckets include `bucket`.
     pub fn region_of_bucket(&self, bucket: &str) -> Option<&RegionStore> {
         self.regions.values().find(|r| {
-            r.buckets.datasets == bucket || r.buckets.checkpoints == bucket || r.buckets.outputs == bucket
+            r.buckets.datasets == bucket
+                || r.buckets.checkpoints == bucket
+                || r.buckets.outputs == bucket
         })
     }
 

@@ -245,7 +245,10 @@ mod tests {
     fn a_correct_signature_within_tolerance_verifies() {
         let body = br#"{"type":"x"}"#;
         let h = header(SECRET, 1000, body);
-        assert_eq!(verify(Some(&h), body, &[SECRET.to_vec()], 1200, 300), Ok(()));
+        assert_eq!(
+            verify(Some(&h), body, &[SECRET.to_vec()], 1200, 300),
+            Ok(())
+        );
     }
 
     #[test]
@@ -253,10 +256,19 @@ mod tests {
         let body = b"{}";
         let good = sign(SECRET, 1000, body);
         let h = format!("t=1000,v1={},v0=abc,v1={good}", "00".repeat(32));
-        assert_eq!(verify(Some(&h), body, &[SECRET.to_vec()], 1000, 300), Ok(()));
+        assert_eq!(
+            verify(Some(&h), body, &[SECRET.to_vec()], 1000, 300),
+            Ok(())
+        );
         // and a rolled secret: the second configured secret matches
         assert_eq!(
-            verify(Some(&h), body, &[b"old".to_vec(), SECRET.to_vec()], 1000, 300),
+            verify(
+                Some(&h),
+                body,
+                &[b"old".to_vec(), SECRET.to_vec()],
+                1000,
+                300
+            ),
             Ok(())
         );
     }
@@ -282,7 +294,10 @@ mod tests {
             verify(Some(&h), body, &secrets, 699, 300),
             Err(SignatureError::StaleTimestamp(300))
         );
-        assert_eq!(verify(None, body, &secrets, 1000, 300), Err(SignatureError::MissingHeader));
+        assert_eq!(
+            verify(None, body, &secrets, 1000, 300),
+            Err(SignatureError::MissingHeader)
+        );
         assert_eq!(
             verify(Some("v1=00"), body, &secrets, 1000, 300),
             Err(SignatureError::NoTimestamp)
@@ -307,9 +322,15 @@ mod tests {
             }
         );
         let unpaid = br#"{"type":"checkout.session.completed","data":{"object":{"id":"cs_1","payment_status":"unpaid"}}}"#;
-        assert_eq!(parse_event(unpaid).unwrap().1, WebhookEvent::AwaitingPayment);
+        assert_eq!(
+            parse_event(unpaid).unwrap().1,
+            WebhookEvent::AwaitingPayment
+        );
         let async_ok = br#"{"type":"checkout.session.async_payment_succeeded","data":{"object":{"id":"cs_2","payment_status":"paid"}}}"#;
-        assert!(matches!(parse_event(async_ok).unwrap().1, WebhookEvent::Paid { .. }));
+        assert!(matches!(
+            parse_event(async_ok).unwrap().1,
+            WebhookEvent::Paid { .. }
+        ));
         let refund = br#"{"type":"charge.refunded","data":{"object":{"id":"ch_1","refunded":true,"payment_intent":"pi_1"}}}"#;
         assert_eq!(
             parse_event(refund).unwrap().1,
@@ -323,7 +344,10 @@ mod tests {
         let dispute = br#"{"type":"charge.dispute.created","data":{"object":{"id":"dp_1","charge":"ch_1","payment_intent":"pi_1"}}}"#;
         assert!(matches!(
             parse_event(dispute).unwrap().1,
-            WebhookEvent::Revoked { reason: RevokeReason::Dispute, .. }
+            WebhookEvent::Revoked {
+                reason: RevokeReason::Dispute,
+                ..
+            }
         ));
         let other = br#"{"type":"invoice.paid","data":{"object":{}}}"#;
         assert_eq!(parse_event(other).unwrap().1, WebhookEvent::Ignored);

@@ -261,7 +261,10 @@ pub mod testing {
             entries.push((format!("img{i}.png"), png(200 + i)));
             entries.push((format!("img{i}.txt"), b"a photo of zxq".to_vec()));
         }
-        let refs: Vec<(&str, Vec<u8>)> = entries.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
+        let refs: Vec<(&str, Vec<u8>)> = entries
+            .iter()
+            .map(|(n, b)| (n.as_str(), b.clone()))
+            .collect();
         zip_of(&refs)
     }
 }
@@ -289,25 +292,50 @@ mod tests {
     fn each_problem_gets_its_own_code() {
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (b"PK not really".to_vec(), "upload_not_zip"),
-            (zip_of(&[("../evil.png", png(10)), ("a.png", png(10))]), "upload_unsafe_path"),
+            (
+                zip_of(&[("../evil.png", png(10)), ("a.png", png(10))]),
+                "upload_unsafe_path",
+            ),
             (zip_of(&[("/abs.png", png(10))]), "upload_unsafe_path"),
-            (zip_of(&[("a.png", png(10)), ("run.sh", b"#!".to_vec())]), "upload_unsupported_file"),
-            (zip_of(&[("a.png", png(10)), ("b.jpg", png(10))]), "upload_bad_image"),
+            (
+                zip_of(&[("a.png", png(10)), ("run.sh", b"#!".to_vec())]),
+                "upload_unsupported_file",
+            ),
+            (
+                zip_of(&[("a.png", png(10)), ("b.jpg", png(10))]),
+                "upload_bad_image",
+            ),
             (zip_of(&[("a.png", png(10))]), "upload_image_count"),
             (
-                zip_of(&[("a.png", png(10)), ("b.png", png(10)), ("a.txt", vec![0xff, 0xfe])]),
+                zip_of(&[
+                    ("a.png", png(10)),
+                    ("b.png", png(10)),
+                    ("a.txt", vec![0xff, 0xfe]),
+                ]),
                 "upload_bad_caption",
             ),
             // 2 MiB of one byte deflates to a few KiB: far beyond a 100x ratio.
-            (zip_of(&[("a.png", png(2 << 20)), ("b.png", png(10))]), "upload_decompression_bomb"),
+            (
+                zip_of(&[("a.png", png(2 << 20)), ("b.png", png(10))]),
+                "upload_decompression_bomb",
+            ),
         ];
         for (bytes, code) in cases {
             assert_eq!(validate(&bytes, &LIMITS).map_err(|e| e.code()), Err(code));
         }
-        let big = ZipLimits { max_bytes: 10, ..LIMITS };
-        assert_eq!(validate(&dataset(3), &big).map_err(|e| e.code()), Err("upload_too_large"));
+        let big = ZipLimits {
+            max_bytes: 10,
+            ..LIMITS
+        };
+        assert_eq!(
+            validate(&dataset(3), &big).map_err(|e| e.code()),
+            Err("upload_too_large")
+        );
         let too_many = dataset(6);
-        assert_eq!(validate(&too_many, &LIMITS).map_err(|e| e.code()), Err("upload_image_count"));
+        assert_eq!(
+            validate(&too_many, &LIMITS).map_err(|e| e.code()),
+            Err("upload_image_count")
+        );
     }
 
     #[test]

@@ -611,7 +611,13 @@ pub fn decide(inputs: &Inputs<'_>) -> Plan {
             return plan;
         }
     };
-    let Some(next) = candidates.first() else {
+    // The attempt that just ended may have added its pool to the failover round.
+    let tried = tried_pools(Some(st));
+    let next = candidates
+        .iter()
+        .find(|c| !tried.contains(&c.pool))
+        .or(candidates.first());
+    let Some(next) = next else {
         st.phase = Some(Phase::Pending);
         cond(st, "Scheduled", false, "NoEligiblePool", "no configured node pool satisfies the job's residency, region allow-list, GPU and spot policy");
         plan.requeue = Some(Duration::from_secs(60));
@@ -682,5 +688,392 @@ fn finish_notes(plan: &mut Plan, old_phase: Option<Phase>) {
             reason: phase.as_str().to_string(),
             message: format!("phase {} -> {}: {message}", old_phase.map_or("<none>", Phase::as_str), phase.as_str()),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::tests::{Rng, platform, spec};
+    use crate::placement::{self, PoolCapacity};
+    use loraplane_crds::platform::Jurisdiction;
+    use loraplane_crds::trainer::ArtifactInfo;
+    use loraplane_crds::v1alpha1::Residency;
+    use std::collections::BTreeMap;
+
+    const T0: i64 = 1_800_000_000;
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(T0 + s).unwrap()
+    }
+
+    fn job(residency: Residency) -> LoRATrainingJob {
+        let mut j = LoRATrainingJob::new("order-1", spec(residency));
+        j.metadata.namespace = Some("jobs".into());
+        j.metadata.uid = Some("uid-1".into());
+        j.metadata.generation = Some(1);
+        j.metadata.creation_timestamp = Some(Time(at(0)));
+        j
+    }
+
+    fn cands(names: &[(&str, &str)]) -> Result<Vec<Candidate>, String> {
+        Ok(names
+            .iter()
+            .map(|(p, r)| Candidate {
+                pool: p.to_string(),
+                region: r.to_string(),
+                spot: false,
+                capacity: PoolCapacity::default(),
+            })
+            .collect())
+    }
+
+    fn pod(name: &str, phase: PodPhase) -> PodView {
+        PodView {
+            name: name.into(),
+            created: Some(at(0)),
+            phase,
+            node: (phase != PodPhase::Pending).then(|| "node-1".to_string()),
+            node_exists: true,
+            deleting: false,
+            unschedulable: None,
+            disruption: None,
+            exit_code: None,
+            summary: None,
+        }
+    }
+
+    struct Run {
+        job: LoRATrainingJob,
+        defaults: Defaults,
+    }
+
+    impl Run {
+        fn new(residency: Residency) -> Run {
+            let mut defaults = Defaults::default();
+            defaults.scheduling_timeout_seconds = 60;
+            defaults.backoff_seconds = 10;
+            Run { job: job(residency), defaults }
+        }
+        /// Decides and stores the status, as the controller would after a successful write.
+        fn step(&mut self, now: i64, pod: Option<PodView>, log: Option<LogProgress>) -> Plan {
+            let plan = decide(&Inputs {
+                job: &self.job,
+                pod,
+                candidates: cands(&[("eu-west-l4", "eu-west"), ("eu-north-a100", "eu-north")]),
+                log,
+                defaults: &self.defaults,
+                now: at(now),
+                progress_interval: Duration::from_secs(10),
+            });
+            self.job.status = Some(plan.status.clone());
+            plan
+        }
+        fn status(&self) -> &LoRATrainingJobStatus {
+            self.job.status.as_ref().unwrap()
+        }
+        fn cond(&self, t: &str) -> Condition {
+            self.status().conditions.iter().find(|c| c.type_ == t).cloned().unwrap()
+        }
+    }
+
+    #[test]
+    fn a_new_job_gets_its_first_attempt_and_a_repeat_decision_changes_nothing() {
+        let mut r = Run::new(Residency::Eea);
+        let plan = r.step(1, None, None);
+        let create = plan.create.unwrap();
+        assert_eq!((create.index, create.pod_name.as_str()), (0, "order-1-a0"));
+        assert_eq!(create.pool, "eu-west-l4");
+        let st = r.status().clone();
+        assert_eq!(st.phase, Some(Phase::Scheduling));
+        assert_eq!(st.progress.as_ref().unwrap().summary.as_deref(), Some("0/1000 0%"));
+        assert_eq!(st.placement.as_ref().unwrap().pod.as_deref(), Some("order-1-a0"));
+        assert_eq!(r.cond("Scheduled").observed_generation, Some(1));
+        assert!(plan.notes.iter().any(|n| n.reason == "Scheduling"));
+
+        // The pod waits for a node: nothing new to do, and the same decision again is stable.
+        let plan = r.step(5, Some(pod("order-1-a0", PodPhase::Pending)), None);
+        assert!(plan.create.is_none() && plan.delete_pod.is_none());
+        let once = r.status().clone();
+        let plan = r.step(6, Some(pod("order-1-a0", PodPhase::Pending)), None);
+        assert!(plan.create.is_none() && plan.notes.is_empty());
+        assert_eq!(r.status(), &once);
+        assert_eq!(plan.requeue, Some(Duration::from_secs(54)));
+    }
+
+    #[test]
+    fn running_reports_progress_and_success_records_artifacts() {
+        let mut r = Run::new(Residency::Eea);
+        r.step(1, None, None);
+        let log = crate::progress::parse_log(
+            &loraplane_crds::trainer::TrainerEvent::Progress {
+                step: 450,
+                total_steps: 1000,
+                loss: 0.2,
+                steps_per_second: 1.0,
+                eta_seconds: 550,
+            }
+            .to_line(),
+        );
+        let plan = r.step(20, Some(pod("order-1-a0", PodPhase::Running)), Some(log));
+        assert_eq!(plan.signals, vec![Signal::FirstRunning(20.0)]);
+        let st = r.status();
+        assert_eq!(st.phase, Some(Phase::Running));
+        assert_eq!(st.progress.as_ref().unwrap().summary.as_deref(), Some("450/1000 45%"));
+        assert_eq!(st.attempts[0].node.as_deref(), Some("node-1"));
+        let running_since = r.cond("Running").last_transition_time;
+
+        let mut done = pod("order-1-a0", PodPhase::Succeeded);
+        done.exit_code = Some(0);
+        done.summary = Some(TrainerSummary {
+            outcome: Outcome::Succeeded,
+            step: 1000,
+            artifacts: vec![ArtifactInfo {
+                format: "kohya".into(),
+                uri: "s3://outputs-eu-west/x.safetensors".into(),
+                sha256: "ab".repeat(32),
+                bytes: 1234,
+            }],
+            error: None,
+        });
+        let plan = r.step(30, Some(done), None);
+        let st = r.status();
+        assert_eq!(st.phase, Some(Phase::Succeeded));
+        assert_eq!(st.artifacts[0].bytes, 1234);
+        assert_eq!(st.attempts[0].reason.as_deref(), Some("Completed"));
+        assert_eq!(st.progress.as_ref().unwrap().summary.as_deref(), Some("1000/1000 100%"));
+        assert_eq!(r.cond("Complete").status, "True");
+        assert!(r.cond("Running").last_transition_time.0 > running_since.0);
+        assert!(plan.notes.iter().any(|n| n.reason == "Succeeded"));
+        assert!(plan.requeue.is_none());
+        // Terminal: nothing more happens.
+        let plan = r.step(40, None, None);
+        assert!(plan.create.is_none() && plan.notes.is_empty());
+    }
+
+    #[test]
+    fn an_unschedulable_pod_moves_to_the_next_pool_after_the_timeout() {
+        let mut r = Run::new(Residency::Eea);
+        r.step(0, None, None);
+        let mut p = pod("order-1-a0", PodPhase::Pending);
+        p.unschedulable = Some("0/4 nodes are available: insufficient nvidia.com/gpu".into());
+        let plan = r.step(30, Some(p.clone()), None);
+        assert!(plan.create.is_none());
+        assert_eq!(r.cond("Scheduled").reason, "WaitingForNode");
+        let plan = r.step(61, Some(p), None);
+        assert_eq!(plan.delete_pod.as_deref(), Some("order-1-a0"));
+        let next = plan.create.unwrap();
+        assert_eq!((next.index, next.pool.as_str()), (1, "eu-north-a100"));
+        assert_eq!(r.status().attempts[0].reason.as_deref(), Some("Unschedulable"));
+        assert_eq!(r.status().failures, None, "capacity is not the trainer's fault");
+        assert!(plan.signals.contains(&Signal::Failover {
+            from: "eu-west".into(),
+            to: "eu-north".into(),
+            reason: "Unschedulable".into()
+        }));
+        assert_eq!(tried_pools(r.job.status.as_ref()), BTreeSet::from(["eu-west-l4".to_string()]));
+    }
+
+    #[test]
+    fn preemption_and_node_loss_resume_from_the_checkpoint_without_using_backoff() {
+        let mut r = Run::new(Residency::Eea);
+        r.job.spec.backoff_limit = 0;
+        r.step(0, None, None);
+        let log = LogProgress { latest: Some((130, 1000, 0.3, 100)), checkpoint: Some(100), resumed_from: None };
+        r.step(10, Some(pod("order-1-a0", PodPhase::Running)), Some(log));
+        let mut p = pod("order-1-a0", PodPhase::Failed);
+        p.disruption = Some("TerminationByKubelet".into());
+        p.node_exists = false;
+        p.exit_code = Some(143);
+        let plan = r.step(20, Some(p), None);
+        let st = r.status();
+        assert_eq!(st.attempts[0].reason.as_deref(), Some("Preempted"));
+        assert_eq!(st.attempts[1].resumed_from_step, Some(100));
+        assert_eq!(st.failures, None);
+        assert_eq!(st.phase, Some(Phase::Scheduling));
+        assert!(plan.signals.iter().any(|s| matches!(s, Signal::Preempted { .. })));
+        assert!(plan.signals.iter().any(|s| matches!(s, Signal::GpuSeconds { seconds, .. } if *seconds == 20.0)));
+        assert!(plan.delete_pod.is_none(), "a terminated pod is kept for its logs");
+
+        // Node lost under a running pod: the taint manager's marks.
+        r.step(30, Some(pod("order-1-a1", PodPhase::Running)), None);
+        let mut p = pod("order-1-a1", PodPhase::Failed);
+        p.disruption = Some("DeletionByTaintManager".into());
+        p.exit_code = Some(137);
+        let plan = r.step(40, Some(p), None);
+        assert_eq!(r.status().attempts[1].reason.as_deref(), Some("NodeLost"));
+        assert_eq!(plan.create.unwrap().index, 2);
+
+        // A pod that vanished while its attempt was open.
+        let plan = r.step(50, None, None);
+        assert_eq!(r.status().attempts[2].reason.as_deref(), Some("NodeLost"));
+        assert_eq!(plan.create.unwrap().index, 3);
+        assert_eq!(r.status().failures, None);
+    }
+
+    #[test]
+    fn bad_input_fails_at_once_and_crashes_back_off_until_the_limit() {
+        let mut r = Run::new(Residency::Eea);
+        r.step(0, None, None);
+        let mut p = pod("order-1-a0", PodPhase::Failed);
+        p.exit_code = Some(2);
+        let plan = r.step(10, Some(p), None);
+        assert_eq!(r.status().phase, Some(Phase::Failed));
+        assert_eq!(r.cond("Failed").reason, "BadInput");
+        assert!(plan.create.is_none());
+
+        let mut r = Run::new(Residency::Eea);
+        r.job.spec.backoff_limit = 1;
+        r.step(0, None, None);
+        let mut crash = pod("order-1-a0", PodPhase::Failed);
+        crash.exit_code = Some(1);
+        let plan = r.step(10, Some(crash.clone()), None);
+        assert!(plan.create.is_none(), "waits for the back-off");
+        assert_eq!(r.status().failures, Some(1));
+        assert_eq!(r.cond("Running").reason, "BackOff");
+        assert_eq!(plan.requeue, Some(Duration::from_secs(10)));
+        let plan = r.step(15, None, None);
+        assert!(plan.create.is_none());
+        let plan = r.step(20, None, None);
+        assert_eq!(plan.create.unwrap().index, 1);
+        crash.name = "order-1-a1".into();
+        r.step(30, Some(crash), None);
+        assert_eq!(r.status().phase, Some(Phase::Failed));
+        assert_eq!(r.cond("Failed").reason, "BackoffLimitExceeded");
+        assert_eq!(r.status().failures, Some(2));
+    }
+
+    #[test]
+    fn the_deadline_counts_only_time_with_a_pod() {
+        let mut r = Run::new(Residency::Eea);
+        r.job.spec.active_deadline_seconds = Some(100);
+        r.job.spec.suspend = true;
+        r.step(0, None, None);
+        assert_eq!(r.cond("Suspended").status, "True");
+        // Suspended for a long time: no attempt, no deadline.
+        r.job.spec.suspend = false;
+        let plan = r.step(1000, None, None);
+        assert!(plan.create.is_some());
+        assert_eq!(r.cond("Suspended").status, "False");
+        let plan = r.step(1050, Some(pod("order-1-a0", PodPhase::Running)), None);
+        assert_eq!(plan.requeue, Some(Duration::from_secs(10)));
+        let plan = r.step(1100, Some(pod("order-1-a0", PodPhase::Running)), None);
+        assert_eq!(plan.delete_pod.as_deref(), Some("order-1-a0"));
+        assert_eq!(r.status().phase, Some(Phase::Failed));
+        assert_eq!(r.cond("Failed").reason, "DeadlineExceeded");
+    }
+
+    #[test]
+    fn suspend_removes_the_pod_and_resume_continues_from_the_checkpoint() {
+        let mut r = Run::new(Residency::Eea);
+        r.step(0, None, None);
+        let log = LogProgress { latest: Some((250, 1000, 0.3, 100)), checkpoint: Some(200), resumed_from: None };
+        r.step(10, Some(pod("order-1-a0", PodPhase::Running)), Some(log));
+        r.job.spec.suspend = true;
+        let plan = r.step(20, Some(pod("order-1-a0", PodPhase::Running)), None);
+        assert_eq!(plan.delete_pod.as_deref(), Some("order-1-a0"));
+        assert!(plan.create.is_none());
+        assert_eq!(r.status().phase, Some(Phase::Pending));
+        assert_eq!(r.cond("Suspended").status, "True");
+        assert_eq!(r.status().attempts[0].reason.as_deref(), Some("Suspended"));
+        let plan = r.step(25, None, None);
+        assert!(plan.create.is_none() && plan.delete_pod.is_none());
+        r.job.spec.suspend = false;
+        let plan = r.step(30, None, None);
+        assert_eq!(plan.create.unwrap().index, 1);
+        assert_eq!(r.status().attempts[1].resumed_from_step, Some(200));
+        assert_eq!(r.status().failures, None);
+    }
+
+    #[test]
+    fn an_unknown_family_fails_once_and_no_pool_waits() {
+        let mut r = Run::new(Residency::Eea);
+        let plan = decide(&Inputs {
+            job: &r.job,
+            pod: None,
+            candidates: Err("model family sdxl is not configured on this platform".into()),
+            log: None,
+            defaults: &r.defaults,
+            now: at(0),
+            progress_interval: Duration::from_secs(10),
+        });
+        assert_eq!(plan.status.phase, Some(Phase::Failed));
+        assert!(plan.requeue.is_none(), "an invalid job must not hot-loop");
+        let plan = decide(&Inputs {
+            job: &r.job,
+            pod: None,
+            candidates: Ok(vec![]),
+            log: None,
+            defaults: &r.defaults,
+            now: at(0),
+            progress_interval: Duration::from_secs(10),
+        });
+        r.job.status = Some(plan.status.clone());
+        assert_eq!(r.status().phase, Some(Phase::Pending));
+        assert_eq!(r.cond("Scheduled").reason, "NoEligiblePool");
+        assert_eq!(plan.requeue, Some(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn pod_names_are_valid_and_stable() {
+        assert_eq!(pod_name("order-1", 3), "order-1-a3");
+        let long = "x".repeat(300);
+        assert!(pod_name(&long, 12).len() <= 63);
+        assert_eq!(pod_name(&long, 12), pod_name(&long, 12));
+    }
+
+    /// Whatever fails, in any order, an `eea` job's attempts all land in EEA regions.
+    #[test]
+    fn property_eea_residency_holds_through_any_failure_sequence() {
+        let mut cfg = platform();
+        cfg.regions.push(crate::placement::tests::region("ap-south", Jurisdiction::Other));
+        cfg.pools.push(crate::placement::tests::pool("ap-south-h100", "ap-south", 80, true, 0.1));
+        for seed in 1..=300u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1);
+            let mut r = Run::new(Residency::Eea);
+            r.job.spec.backoff_limit = 20;
+            let mut t = 0;
+            for _ in 0..30 {
+                t += 1 + rng.below(120) as i64;
+                let capacity: BTreeMap<_, _> = cfg
+                    .pools
+                    .iter()
+                    .map(|p| (p.name.clone(), PoolCapacity { total: 8, free: rng.below(3) as i64, max_free_on_node: rng.below(2) as i64 }))
+                    .collect();
+                let tried = tried_pools(r.job.status.as_ref());
+                let candidates = placement::rank(&r.job.spec, &cfg, &capacity, &tried).map_err(|e| e.to_string());
+                let open = r.job.status.as_ref().and_then(|s| s.placement.clone()).and_then(|p| p.pod);
+                let pod = open.map(|name| {
+                    let phase = [PodPhase::Pending, PodPhase::Running, PodPhase::Failed][rng.below(3) as usize];
+                    let mut p = pod(&name, phase);
+                    p.created = Some(at(t - rng.below(200) as i64));
+                    match rng.below(4) {
+                        0 => p.disruption = Some("TerminationByKubelet".into()),
+                        1 => p.node_exists = false,
+                        2 => p.exit_code = Some(1),
+                        _ => {}
+                    }
+                    p
+                });
+                let pod = if rng.below(10) == 0 { None } else { pod };
+                let plan = decide(&Inputs {
+                    job: &r.job,
+                    pod,
+                    candidates,
+                    log: None,
+                    defaults: &r.defaults,
+                    now: at(t),
+                    progress_interval: Duration::from_secs(10),
+                });
+                r.job.status = Some(plan.status.clone());
+                for a in &plan.status.attempts {
+                    let j = cfg.region(&a.region).map(|x| x.jurisdiction);
+                    assert_eq!(j, Some(Jurisdiction::Eea), "seed {seed}: attempt in {}", a.region);
+                }
+                if plan.status.phase.is_some_and(Phase::is_terminal) {
+                    break;
+                }
+            }
+        }
     }
 }

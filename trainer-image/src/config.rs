@@ -66,16 +66,16 @@ pub fn parse(text: &str) -> Result<TrainerConfig, ConfigError> {
     };
     result.map_err(|(key, message)| {
         // serde_yaml prefixes its message with the path; the key already says it.
-        let message = message
-            .strip_prefix(&format!("{key}: "))
-            .map(str::to_string)
-            .unwrap_or(message);
+        let message = match message.split_once(": ") {
+            Some((head, rest)) if !head.contains(' ') && key.starts_with(head) => rest.to_string(),
+            _ => message,
+        };
         ConfigError::ParseConfig {
             // serde_path_to_error stops at the struct holding an unknown field; name the field.
             key: match unknown_field(&message) {
                 Some(field) if key == "." => field.to_string(),
-                Some(field) => format!("{key}.{field}"),
-                None => key,
+                Some(field) if !key.ends_with(field) => format!("{key}.{field}"),
+                _ => key,
             },
             message,
         }

@@ -569,7 +569,7 @@ mod tests {
             "{msg}"
         );
         let total = Limits {
-            max_total_bytes: 5000,
+            max_total_bytes: 300,
             ..Limits::default()
         };
         let msg = validate(&zip_of(&five()), "t", None, &total)

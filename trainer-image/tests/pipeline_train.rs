@@ -151,6 +151,10 @@ fn sdxl_run_names_kohya_modules_in_sgm_layout() {
         );
     }
     // Every PEFT (diffusers) module has its SGM twin with the same down weights.
+    let unet_cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.model.join("unet/config.json")).unwrap())
+            .unwrap();
+    let layers = unet_cfg["layers_per_block"].as_u64().unwrap() as usize;
     for (k, t) in &peft.tensors {
         let Some(path) = k
             .strip_prefix("unet.")
@@ -158,7 +162,7 @@ fn sdxl_run_names_kohya_modules_in_sgm_layout() {
         else {
             continue;
         };
-        let sgm = loraplane_trainer::export::kohya_name(path, ModelFamily::Sdxl, 2).unwrap();
+        let sgm = loraplane_trainer::export::kohya_name(path, ModelFamily::Sdxl, layers).unwrap();
         assert_eq!(&kohya.tensors[&format!("{sgm}.lora_down.weight")], t);
     }
 }

@@ -9,10 +9,10 @@
 //!
 //! Entry point: `KubeSim::start(SimConfig)`.
 
+pub mod apiserver;
 pub mod cluster;
 pub mod logs;
 pub mod schema;
-pub mod apiserver;
 
 use std::path::Path;
 

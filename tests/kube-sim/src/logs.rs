@@ -18,9 +18,13 @@ impl PodLogs {
     /// Appends output of a container.
     pub fn append(&self, namespace: &str, pod: &str, container: &str, bytes: &[u8]) {
         let mut map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        map.entry((namespace.to_string(), pod.to_string(), container.to_string()))
-            .or_default()
-            .extend_from_slice(bytes);
+        map.entry((
+            namespace.to_string(),
+            pod.to_string(),
+            container.to_string(),
+        ))
+        .or_default()
+        .extend_from_slice(bytes);
     }
 
     /// The whole log of a container; with `container: None`, of the pod's only (or first by
@@ -29,7 +33,9 @@ impl PodLogs {
         let map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let mut matches: Vec<(&Key, &Vec<u8>)> = map
             .iter()
-            .filter(|((ns, p, c), _)| ns == namespace && p == pod && container.is_none_or(|want| want == c))
+            .filter(|((ns, p, c), _)| {
+                ns == namespace && p == pod && container.is_none_or(|want| want == c)
+            })
             .collect();
         matches.sort_by(|a, b| a.0.cmp(b.0));
         matches.first().map(|(_, bytes)| (*bytes).clone())

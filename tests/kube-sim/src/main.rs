@@ -78,12 +78,13 @@ async fn run(args: Args) -> Result<(), MainError> {
             path: shown.clone(),
             source,
         })?;
-        config.topology = Some(serde_yaml::from_str(&text).map_err(|source| {
-            MainError::ParseTopology {
-                path: shown,
-                source,
-            }
-        })?);
+        config.topology =
+            Some(
+                serde_yaml::from_str(&text).map_err(|source| MainError::ParseTopology {
+                    path: shown,
+                    source,
+                })?,
+            );
     }
     config.kubelet.data_dir = args.data_dir.clone();
     let sim = KubeSim::start(config).await?;
@@ -93,7 +94,9 @@ async fn run(args: Args) -> Result<(), MainError> {
     sim.write_kubeconfig(&kubeconfig)?;
     tracing::info!(url = %sim.url(), kubeconfig = %kubeconfig.display(), "kube-sim serving");
     println!("{}", kubeconfig.display());
-    tokio::signal::ctrl_c().await.map_err(MainError::WaitSignal)?;
+    tokio::signal::ctrl_c()
+        .await
+        .map_err(MainError::WaitSignal)?;
     sim.shutdown().await;
     Ok(())
 }

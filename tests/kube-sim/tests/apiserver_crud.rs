@@ -38,8 +38,10 @@ fn pod(name: &str) -> Pod {
 }
 
 fn cm(name: &str, labels: serde_json::Value) -> ConfigMap {
-    serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}, "data": {"k": "v"}}))
-        .unwrap()
+    serde_json::from_value(
+        json!({"metadata": {"name": name, "labels": labels}, "data": {"k": "v"}}),
+    )
+    .unwrap()
 }
 
 #[tokio::test]
@@ -47,7 +49,10 @@ async fn pod_lifecycle_create_get_list_patch_delete() {
     within(async {
         let sim = sim().await;
         let pods: Api<Pod> = Api::namespaced(sim.client(), "default");
-        let created = pods.create(&PostParams::default(), &pod("p1")).await.unwrap();
+        let created = pods
+            .create(&PostParams::default(), &pod("p1"))
+            .await
+            .unwrap();
         let meta = &created.metadata;
         assert!(meta.uid.is_some() && meta.creation_timestamp.is_some());
         assert_eq!(meta.generation, Some(1));
@@ -55,10 +60,17 @@ async fn pod_lifecycle_create_get_list_patch_delete() {
 
         let got = pods.get("p1").await.unwrap();
         assert_eq!(got.metadata.resource_version, meta.resource_version);
-        assert_eq!(pods.list(&ListParams::default()).await.unwrap().items.len(), 1);
+        assert_eq!(
+            pods.list(&ListParams::default()).await.unwrap().items.len(),
+            1
+        );
 
         let patched = pods
-            .patch("p1", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"x": "y"}}})))
+            .patch(
+                "p1",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"x": "y"}}})),
+            )
             .await
             .unwrap();
         assert_eq!(patched.metadata.labels.unwrap()["x"], "y");
@@ -81,29 +93,56 @@ async fn names_generate_collide_and_validate() {
         let mut generated = cm("", json!({}));
         generated.metadata.name = None;
         generated.metadata.generate_name = Some("job-".into());
-        let a = cms.create(&PostParams::default(), &generated).await.unwrap();
+        let a = cms
+            .create(&PostParams::default(), &generated)
+            .await
+            .unwrap();
         let name = a.metadata.name.unwrap();
         assert!(name.starts_with("job-") && name.len() == 9, "{name}");
 
-        cms.create(&PostParams::default(), &cm("dup", json!({}))).await.unwrap();
-        let e = status(cms.create(&PostParams::default(), &cm("dup", json!({}))).await.unwrap_err());
+        cms.create(&PostParams::default(), &cm("dup", json!({})))
+            .await
+            .unwrap();
+        let e = status(
+            cms.create(&PostParams::default(), &cm("dup", json!({})))
+                .await
+                .unwrap_err(),
+        );
         assert_eq!((e.code, e.reason.as_str()), (409, "AlreadyExists"));
 
-        let e = status(cms.create(&PostParams::default(), &cm("Bad_Name", json!({}))).await.unwrap_err());
+        let e = status(
+            cms.create(&PostParams::default(), &cm("Bad_Name", json!({})))
+                .await
+                .unwrap_err(),
+        );
         assert_eq!((e.code, e.reason.as_str()), (422, "Invalid"));
-        assert!(e.message.contains("metadata.name: Invalid value: \"Bad_Name\""), "{}", e.message);
+        assert!(
+            e.message
+                .contains("metadata.name: Invalid value: \"Bad_Name\""),
+            "{}",
+            e.message
+        );
 
         let elsewhere: Api<ConfigMap> = Api::namespaced(sim.client(), "no-such-ns");
-        let e = status(elsewhere.create(&PostParams::default(), &cm("x", json!({}))).await.unwrap_err());
+        let e = status(
+            elsewhere
+                .create(&PostParams::default(), &cm("x", json!({})))
+                .await
+                .unwrap_err(),
+        );
         assert_eq!(e.code, 404);
         assert_eq!(e.message, "namespaces \"no-such-ns\" not found");
 
         let nss: Api<Namespace> = Api::all(sim.client());
-        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "team-a"}})).unwrap();
+        let ns: Namespace =
+            serde_json::from_value(json!({"metadata": {"name": "team-a"}})).unwrap();
         let ns = nss.create(&PostParams::default(), &ns).await.unwrap();
         assert_eq!(ns.status.unwrap().phase.as_deref(), Some("Active"));
         let there: Api<ConfigMap> = Api::namespaced(sim.client(), "team-a");
-        there.create(&PostParams::default(), &cm("x", json!({}))).await.unwrap();
+        there
+            .create(&PostParams::default(), &cm("x", json!({})))
+            .await
+            .unwrap();
         sim.shutdown().await;
     })
     .await;
@@ -292,12 +331,25 @@ async fn pod_logs_are_served_with_tail_lines() {
     within(async {
         let sim = sim().await;
         let pods: Api<Pod> = Api::namespaced(sim.client(), "default");
-        pods.create(&PostParams::default(), &pod("p")).await.unwrap();
-        sim.logs().append("default", "p", "main", b"one\ntwo\nthree\n");
-        assert_eq!(pods.logs("p", &LogParams::default()).await.unwrap(), "one\ntwo\nthree\n");
-        let tail = LogParams { tail_lines: Some(2), container: Some("main".into()), ..Default::default() };
+        pods.create(&PostParams::default(), &pod("p"))
+            .await
+            .unwrap();
+        sim.logs()
+            .append("default", "p", "main", b"one\ntwo\nthree\n");
+        assert_eq!(
+            pods.logs("p", &LogParams::default()).await.unwrap(),
+            "one\ntwo\nthree\n"
+        );
+        let tail = LogParams {
+            tail_lines: Some(2),
+            container: Some("main".into()),
+            ..Default::default()
+        };
         assert_eq!(pods.logs("p", &tail).await.unwrap(), "two\nthree\n");
-        assert_eq!(status(pods.logs("nope", &LogParams::default()).await.unwrap_err()).code, 404);
+        assert_eq!(
+            status(pods.logs("nope", &LogParams::default()).await.unwrap_err()).code,
+            404
+        );
         sim.shutdown().await;
     })
     .await;
@@ -308,18 +360,40 @@ async fn injected_faults_fail_writes_with_the_chosen_codes() {
     within(async {
         let sim = sim().await;
         let cms: Api<ConfigMap> = Api::namespaced(sim.client(), "default");
-        sim.faults().set_error_codes(&[429]);
         sim.faults().set_error_rate(1.0);
-        let e = status(cms.create(&PostParams::default(), &cm("c", json!({}))).await.unwrap_err());
-        assert_eq!((e.code, e.reason.as_str()), (429, "TooManyRequests"));
-        // Reads are unaffected.
-        cms.list(&ListParams::default()).await.unwrap();
         sim.faults().set_error_codes(&[500]);
         let e = status(cms.create(&PostParams::default(), &cm("c", json!({}))).await.unwrap_err());
-        assert_eq!(e.code, 500);
-        assert_eq!(sim.faults().injected_errors(), 2);
+        assert_eq!((e.code, e.reason.as_str()), (500, "InternalError"));
+        sim.faults().set_error_codes(&[409]);
+        let e = status(cms.create(&PostParams::default(), &cm("c", json!({}))).await.unwrap_err());
+        assert_eq!((e.code, e.reason.as_str()), (409, "Conflict"));
+        // Reads are unaffected.
+        cms.list(&ListParams::default()).await.unwrap();
+
+        // 429 as a client without retries sees it.
+        sim.faults().set_error_codes(&[429]);
+        let mut config = kube::Config::new(sim.url().parse().unwrap());
+        config.default_retry = false;
+        let raw: Api<ConfigMap> = Api::namespaced(Client::try_from(config).unwrap(), "default");
+        let e = status(raw.create(&PostParams::default(), &cm("c", json!({}))).await.unwrap_err());
+        assert_eq!((e.code, e.reason.as_str()), (429, "TooManyRequests"));
+        assert_eq!(sim.faults().injected_errors(), 3);
+
+        // kube's default client retries 429 (after Retry-After: 1 s) and 503 (quick backoff),
+        // so at a 50% rate of 503s every write still lands, after some injected failures.
+        sim.faults().set_error_codes(&[503]);
+        sim.faults().set_error_rate(0.5);
+        for i in 0..20 {
+            cms.create(&PostParams::default(), &cm(&format!("r{i}"), json!({}))).await.unwrap();
+        }
+        assert!(sim.faults().injected_errors() > 3);
         sim.faults().clear();
         cms.create(&PostParams::default(), &cm("c", json!({}))).await.unwrap();
+
+        sim.faults().set_latency(Duration::from_millis(300));
+        let started = std::time::Instant::now();
+        cms.get("c").await.unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(300));
         sim.shutdown().await;
     })
     .await;
@@ -333,11 +407,18 @@ async fn the_client_is_a_plain_kube_client() {
         let v = client.apiserver_version().await.unwrap();
         assert_eq!(v.major, "1");
         let groups = client.list_api_groups().await.unwrap();
-        assert!(groups.groups.iter().any(|g| g.name == "coordination.k8s.io"));
+        assert!(
+            groups
+                .groups
+                .iter()
+                .any(|g| g.name == "coordination.k8s.io")
+        );
         let dir = std::env::temp_dir().join(format!("kube-sim-kc-{}", std::process::id()));
         sim.write_kubeconfig(&dir).unwrap();
         let kc = kube::config::Kubeconfig::read_from(&dir).unwrap();
-        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
+        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .unwrap();
         let again = Client::try_from(cfg).unwrap();
         let nss: Api<Namespace> = Api::all(again);
         assert!(nss.get("default").await.is_ok());

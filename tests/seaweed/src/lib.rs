@@ -222,7 +222,12 @@ impl SeaweedFs {
                     .send()
                     .await;
                 if put.is_ok() {
-                    let _ = client.delete_object().bucket(probe).key("probe").send().await;
+                    let _ = client
+                        .delete_object()
+                        .bucket(probe)
+                        .key("probe")
+                        .send()
+                        .await;
                     let _ = client.delete_bucket().bucket(probe).send().await;
                     return Ok(());
                 }

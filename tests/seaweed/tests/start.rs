@@ -24,7 +24,10 @@ async fn stores_objects_for_signed_requests_and_cleans_up() {
             .send()
             .await
             .unwrap();
-        assert_eq!(got.body.collect().await.unwrap().into_bytes().as_ref(), b"hello");
+        assert_eq!(
+            got.body.collect().await.unwrap().into_bytes().as_ref(),
+            b"hello"
+        );
 
         // An anonymous request is refused: the identities config is in force.
         let url = format!("{}/datasets-eu/a/b.txt", fs.endpoint());

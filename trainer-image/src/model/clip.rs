@@ -95,7 +95,7 @@ impl ClipTextModel {
             }
         };
         let h = cfg.hidden_size;
-        if cfg.num_attention_heads == 0 || h % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !h.is_multiple_of(cfg.num_attention_heads) {
             return Err(ModelError::UnsupportedConfig {
                 path: "text_encoder/config.json".into(),
                 reason: format!(

@@ -49,14 +49,14 @@ pub enum ModelError {
     #[error("reading weights {path}: {source}")]
     ReadWeights {
         path: PathBuf,
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
     /// A weight the architecture needs is missing or has the wrong shape.
     #[error("loading tensor `{tensor}` of {component}: {source}")]
     LoadTensor {
         component: String,
         tensor: String,
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
     /// The tokenizer files are missing or malformed.
     #[error("loading tokenizer from {path}: {reason}")]
@@ -66,10 +66,16 @@ pub enum ModelError {
     SetAdapters { name: String, reason: String },
     /// A tensor computation failed (shape mismatch in the inputs, out of memory, ...).
     #[error("model computation failed: {0}")]
-    Forward(#[from] candle_core::Error),
+    Forward(Box<candle_core::Error>),
     /// Writing a (tiny) model to disk failed.
     #[error("writing {path}: {reason}")]
     WriteModel { path: PathBuf, reason: String },
+}
+
+impl From<candle_core::Error> for ModelError {
+    fn from(e: candle_core::Error) -> Self {
+        ModelError::Forward(Box::new(e))
+    }
 }
 
 /// Text conditioning for the UNet.
@@ -375,7 +381,9 @@ impl DiffusionModel {
                         reason: format!("shape {:?}, expected {:?}", t.dims(), var.dims()),
                     });
                 }
-                var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+                // A fresh copy: `Var::set` refuses a tensor sharing the variable's storage
+                // (as the output of `adapter_tensors` does).
+                var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?.copy()?)?;
             }
         }
         Ok(())

@@ -89,13 +89,13 @@ impl GroupNorm {
         channels: usize,
         eps: f64,
     ) -> std::result::Result<Self, ModelError> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             return Err(ModelError::LoadTensor {
                 component: "group norm".into(),
                 tensor: vb.path("weight"),
-                source: candle_core::Error::Msg(format!(
+                source: Box::new(candle_core::Error::Msg(format!(
                     "{channels} channels are not divisible into {groups} groups"
-                )),
+                ))),
             });
         }
         Ok(Self {
@@ -166,7 +166,7 @@ impl Linear {
             .map_err(|source| ModelError::LoadTensor {
                 component: "conv".into(),
                 tensor: vb.path("weight"),
-                source,
+                source: Box::new(source),
             })?;
         let bias = Some(vb.get(out_dim, "bias")?);
         Ok(Self { weight, bias })

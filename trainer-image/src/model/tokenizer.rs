@@ -291,8 +291,11 @@ impl BpeVocab {
     /// frequent adjacent pair, ties broken by first occurrence order).
     pub fn train(words: &[&str], num_merges: usize) -> Self {
         let table = bytes_to_unicode();
-        let mut tokens: Vec<String> = table.iter().map(|c| c.to_string()).collect();
-        tokens.extend(table.iter().map(|c| format!("{c}{WORD_END}")));
+        // CLIP orders the byte symbols by code point: printable bytes first, so "!" is id 0.
+        let mut symbols = table.clone();
+        symbols.sort();
+        let mut tokens: Vec<String> = symbols.iter().map(|c| c.to_string()).collect();
+        tokens.extend(symbols.iter().map(|c| format!("{c}{WORD_END}")));
         let mut corpus: Vec<Vec<String>> = words
             .iter()
             .map(|w| {

@@ -31,9 +31,11 @@ pub(crate) struct Ctx {
 
 /// The router serving everything through one handler.
 pub(crate) fn router(state: Arc<ApiState>, faults: Arc<Faults>, logs: PodLogs) -> Router {
-    Router::new()
-        .fallback(handle)
-        .with_state(Ctx { state, faults, logs })
+    Router::new().fallback(handle).with_state(Ctx {
+        state,
+        faults,
+        logs,
+    })
 }
 
 /// Largest accepted request body.
@@ -114,7 +116,11 @@ fn parse_body(headers: &HeaderMap, bytes: &[u8]) -> Result<Value, ApiError> {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json");
     if ct.contains("protobuf") {
-        return Err(ApiError::new(415, "UnsupportedMediaType", "protobuf is not supported by kube-sim; send JSON"));
+        return Err(ApiError::new(
+            415,
+            "UnsupportedMediaType",
+            "protobuf is not supported by kube-sim; send JSON",
+        ));
     }
     if ct.contains("yaml") {
         serde_yaml::from_slice(bytes)
@@ -127,17 +133,36 @@ fn parse_body(headers: &HeaderMap, bytes: &[u8]) -> Result<Value, ApiError> {
 
 async fn handle(State(ctx): State<Ctx>, req: Request) -> Response {
     let method = req.method().clone();
-    let write = matches!(method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE);
+    let write = matches!(
+        method,
+        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+    );
     let (latency, injected) = ctx.faults.decide(write);
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
     if let Some(code) = injected {
         let e = match code {
-            429 => ApiError::new(429, "TooManyRequests", "kube-sim: injected fault: too many requests, please try again later"),
-            409 => ApiError::new(409, "Conflict", "kube-sim: injected fault: Operation cannot be fulfilled: the object has been modified; please apply your changes to the latest version and try again"),
-            503 => ApiError::new(503, "ServiceUnavailable", "kube-sim: injected fault: service unavailable"),
-            _ => ApiError::new(500, "InternalError", "kube-sim: injected fault: an error on the server has prevented the request from succeeding"),
+            429 => ApiError::new(
+                429,
+                "TooManyRequests",
+                "kube-sim: injected fault: too many requests, please try again later",
+            ),
+            409 => ApiError::new(
+                409,
+                "Conflict",
+                "kube-sim: injected fault: Operation cannot be fulfilled: the object has been modified; please apply your changes to the latest version and try again",
+            ),
+            503 => ApiError::new(
+                503,
+                "ServiceUnavailable",
+                "kube-sim: injected fault: service unavailable",
+            ),
+            _ => ApiError::new(
+                500,
+                "InternalError",
+                "kube-sim: injected fault: an error on the server has prevented the request from succeeding",
+            ),
         };
         return error_response(&e);
     }
@@ -161,11 +186,14 @@ async fn route(ctx: &Ctx, req: Request) -> Result<Response, ApiError> {
     let types = ctx.state.types();
     match segs.as_slice() {
         ["version"] if get => {
-            return Ok(json_response(200, &json!({
-                "major": "1", "minor": "33", "gitVersion": "v1.33.0-kube-sim", "gitCommit": "kube-sim",
-                "gitTreeState": "clean", "buildDate": "2025-01-01T00:00:00Z", "goVersion": "n/a",
-                "compiler": "rustc", "platform": "linux/amd64"
-            })));
+            return Ok(json_response(
+                200,
+                &json!({
+                    "major": "1", "minor": "33", "gitVersion": "v1.33.0-kube-sim", "gitCommit": "kube-sim",
+                    "gitTreeState": "clean", "buildDate": "2025-01-01T00:00:00Z", "goVersion": "n/a",
+                    "compiler": "rustc", "platform": "linux/amd64"
+                }),
+            ));
         }
         ["healthz" | "readyz" | "livez"] if get => {
             return Ok(Response::new(Body::from("ok")));
@@ -203,22 +231,53 @@ async fn route(ctx: &Ctx, req: Request) -> Result<Response, ApiError> {
     };
     let s = |x: &str| Some(x.to_string());
     let target = match rest {
-        [plural] => Target { rt: find(plural)?, namespace: None, name: None, sub: None },
-        ["namespaces", name, sub @ ("status" | "finalize")] if group.is_empty() => {
-            Target { rt: find("namespaces")?, namespace: None, name: s(name), sub: s(sub) }
-        }
-        ["namespaces", ns, plural] => Target { rt: find(plural)?, namespace: s(ns), name: None, sub: None },
-        ["namespaces", ns, plural, name] => {
-            Target { rt: find(plural)?, namespace: s(ns), name: s(name), sub: None }
-        }
-        ["namespaces", ns, plural, name, sub] => {
-            Target { rt: find(plural)?, namespace: s(ns), name: s(name), sub: s(sub) }
-        }
-        [plural, name] => Target { rt: find(plural)?, namespace: None, name: s(name), sub: None },
-        [plural, name, sub] => Target { rt: find(plural)?, namespace: None, name: s(name), sub: s(sub) },
+        [plural] => Target {
+            rt: find(plural)?,
+            namespace: None,
+            name: None,
+            sub: None,
+        },
+        ["namespaces", name, sub @ ("status" | "finalize")] if group.is_empty() => Target {
+            rt: find("namespaces")?,
+            namespace: None,
+            name: s(name),
+            sub: s(sub),
+        },
+        ["namespaces", ns, plural] => Target {
+            rt: find(plural)?,
+            namespace: s(ns),
+            name: None,
+            sub: None,
+        },
+        ["namespaces", ns, plural, name] => Target {
+            rt: find(plural)?,
+            namespace: s(ns),
+            name: s(name),
+            sub: None,
+        },
+        ["namespaces", ns, plural, name, sub] => Target {
+            rt: find(plural)?,
+            namespace: s(ns),
+            name: s(name),
+            sub: s(sub),
+        },
+        [plural, name] => Target {
+            rt: find(plural)?,
+            namespace: None,
+            name: s(name),
+            sub: None,
+        },
+        [plural, name, sub] => Target {
+            rt: find(plural)?,
+            namespace: None,
+            name: s(name),
+            sub: s(sub),
+        },
         _ => return Err(ApiError::no_route(&path)),
     };
-    if target.rt.namespaced != target.namespace.is_some() && (target.name.is_some() || parts.method != Method::GET && parts.method != Method::DELETE) {
+    if target.rt.namespaced != target.namespace.is_some()
+        && (target.name.is_some() || parts.method != Method::GET && parts.method != Method::DELETE)
+    {
         return Err(ApiError::no_route(&path));
     }
     if !target.rt.namespaced && target.namespace.is_some() {
@@ -233,7 +292,16 @@ async fn route(ctx: &Ctx, req: Request) -> Result<Response, ApiError> {
     let body = axum::body::to_bytes(body, MAX_BODY)
         .await
         .map_err(|e| ApiError::bad_request(format!("reading the request body: {e}")))?;
-    verb(ctx, &parts.method, &parts.headers, &query, &accept, target, body).await
+    verb(
+        ctx,
+        &parts.method,
+        &parts.headers,
+        &query,
+        &accept,
+        target,
+        body,
+    )
+    .await
 }
 
 fn list_opts(q: &HashMap<String, String>) -> Result<ListOpts, ApiError> {
@@ -247,7 +315,13 @@ fn list_opts(q: &HashMap<String, String>) -> Result<ListOpts, ApiError> {
     })
 }
 
-fn list_body(rt: &ResourceType, items: &[Arc<Value>], rv: u64, next: Option<&str>, accept: &str) -> Value {
+fn list_body(
+    rt: &ResourceType,
+    items: &[Arc<Value>],
+    rv: u64,
+    next: Option<&str>,
+    accept: &str,
+) -> Value {
     if table::wants_table(accept) {
         let objs: Vec<&Value> = items.iter().map(|i| &**i).collect();
         return table::table(rt, &objs, rv, next);
@@ -283,10 +357,16 @@ fn delete_opts(q: &HashMap<String, String>, body: &[u8]) -> DeleteOpts {
         .and_then(Value::as_str)
         .map(String::from)
         .or_else(|| q.get("propagationPolicy").cloned());
-    if propagation.is_none() && parsed.get("orphanDependents").and_then(Value::as_bool) == Some(true) {
+    if propagation.is_none()
+        && parsed.get("orphanDependents").and_then(Value::as_bool) == Some(true)
+    {
         propagation = Some("Orphan".to_string());
     }
     DeleteOpts {
+        grace_period: parsed
+            .get("gracePeriodSeconds")
+            .and_then(Value::as_i64)
+            .or_else(|| q.get("gracePeriodSeconds").and_then(|g| g.parse().ok())),
         propagation,
         precondition_rv: parsed
             .pointer("/preconditions/resourceVersion")
@@ -329,7 +409,10 @@ async fn verb(
                 return watch::serve(ctx, params);
             }
             let (items, rv, next) = state.list(rt, t.namespace.as_deref(), &opts)?;
-            Ok(json_response(200, &list_body(rt, &items, rv, next.as_deref(), accept)))
+            Ok(json_response(
+                200,
+                &list_body(rt, &items, rv, next.as_deref(), accept),
+            ))
         }
         (Method::GET, Some(name), None | Some("status")) => {
             let obj = state.get(rt, &ns, name)?;
@@ -371,16 +454,26 @@ async fn verb(
                 .and_then(Value::as_str)
                 .ok_or_else(|| ApiError::bad_request("binding has no target.name"))?;
             state.bind(rt, &ns, name, node)?;
-            Ok(json_response(201, &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201})))
+            Ok(json_response(
+                201,
+                &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+            ))
         }
         (Method::POST, Some(name), Some("eviction")) if rt.plural == "pods" => {
             state.delete(rt, &ns, name, &DeleteOpts::default())?;
             ctx.logs.remove_pod(&ns, name);
-            Ok(json_response(201, &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201})))
+            Ok(json_response(
+                201,
+                &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+            ))
         }
         (Method::PUT, Some(name), sub @ (None | Some("status"))) => {
             let obj = parse_body(headers, &body)?;
-            let part = if sub.is_some() { Part::Status } else { Part::Main };
+            let part = if sub.is_some() {
+                Part::Status
+            } else {
+                Part::Main
+            };
             let out = state.update(rt, &ns, name, obj, part)?;
             Ok(json_response(200, &out))
         }
@@ -400,9 +493,15 @@ async fn verb(
                     .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?
             };
             if kind == PatchKind::Apply && q.get("fieldManager").is_none_or(String::is_empty) {
-                return Err(ApiError::bad_request("PATCH requests with apply content type require a fieldManager query parameter"));
+                return Err(ApiError::bad_request(
+                    "PATCH requests with apply content type require a fieldManager query parameter",
+                ));
             }
-            let part = if sub.is_some() { Part::Status } else { Part::Main };
+            let part = if sub.is_some() {
+                Part::Status
+            } else {
+                Part::Main
+            };
             let out = state.patch(rt, &ns, name, kind, &patch, part)?;
             Ok(json_response(200, &out))
         }
@@ -417,7 +516,15 @@ async fn verb(
         (Method::DELETE, None, None) => {
             let opts = list_opts(q)?;
             let del = delete_opts(q, &body);
-            let (items, rv, _) = state.list(rt, t.namespace.as_deref(), &ListOpts { limit: None, continue_token: None, ..opts })?;
+            let (items, rv, _) = state.list(
+                rt,
+                t.namespace.as_deref(),
+                &ListOpts {
+                    limit: None,
+                    continue_token: None,
+                    ..opts
+                },
+            )?;
             let mut deleted = Vec::new();
             for item in items {
                 let name = super::store::name_of(&item).to_string();
@@ -431,7 +538,10 @@ async fn verb(
         _ => Err(ApiError::new(
             405,
             "MethodNotAllowed",
-            format!("the server does not allow this method on the requested resource ({method} {})", rt.plural),
+            format!(
+                "the server does not allow this method on the requested resource ({method} {})",
+                rt.plural
+            ),
         )),
     }
 }

@@ -140,11 +140,7 @@ impl ApiError {
 
     /// `410 Gone` for an expired `resourceVersion`.
     pub fn gone(rv: u64) -> ApiError {
-        ApiError::new(
-            410,
-            "Expired",
-            format!("too old resource version: {rv}"),
-        )
+        ApiError::new(410, "Expired", format!("too old resource version: {rv}"))
     }
 }
 
@@ -156,13 +152,17 @@ fn qualified(plural: &str, group: &str) -> String {
     }
 }
 
-/// RFC 3339 UTC timestamp with second precision, as in `creationTimestamp`.
-pub fn now_rfc3339() -> String {
-    let secs = SystemTime::now()
+/// Seconds since the epoch.
+pub fn now_secs() -> u64 {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
-        .unwrap_or(0);
-    rfc3339(secs)
+        .unwrap_or(0)
+}
+
+/// RFC 3339 UTC timestamp with second precision, as in `creationTimestamp`.
+pub fn now_rfc3339() -> String {
+    rfc3339(now_secs())
 }
 
 /// Formats seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.
@@ -307,7 +307,11 @@ mod tests {
             "LoRATrainingJob",
             "loraplane.io",
             "x",
-            vec![("spec.a".into(), "FieldValueInvalid", "Invalid value: 0".into())],
+            vec![(
+                "spec.a".into(),
+                "FieldValueInvalid",
+                "Invalid value: 0".into(),
+            )],
         );
         assert_eq!(e.code, 422);
         assert_eq!(

@@ -42,6 +42,8 @@ pub struct DeleteOpts {
     pub precondition_rv: Option<String>,
     /// `preconditions.uid`.
     pub precondition_uid: Option<String>,
+    /// `gracePeriodSeconds` (pods only).
+    pub grace_period: Option<i64>,
 }
 
 /// Which part of an object a write addresses.
@@ -80,7 +82,12 @@ fn meta_mut(obj: &mut Value) -> &mut Map<String, Value> {
 fn finalizers(obj: &Value) -> Vec<String> {
     obj.pointer("/metadata/finalizers")
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).map(String::from).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(String::from)
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -127,8 +134,19 @@ fn field_causes(errors: Vec<FieldError>) -> Vec<(String, &'static str, String)> 
         .collect()
 }
 
-fn invalid(rt: &ResourceType, name: &str, field: &str, reason: &'static str, msg: &str) -> ApiError {
-    ApiError::invalid(&rt.kind, &rt.group, name, vec![(field.to_string(), reason, msg.to_string())])
+fn invalid(
+    rt: &ResourceType,
+    name: &str,
+    field: &str,
+    reason: &'static str,
+    msg: &str,
+) -> ApiError {
+    ApiError::invalid(
+        &rt.kind,
+        &rt.group,
+        name,
+        vec![(field.to_string(), reason, msg.to_string())],
+    )
 }
 
 /// Pod spec fields an update may change (besides setting `nodeName` once, which the
@@ -138,7 +156,12 @@ fn pod_spec_update_allowed(old: &Value, new: &Value) -> bool {
     let mut b = new.get("spec").cloned().unwrap_or(Value::Null);
     for spec in [&mut a, &mut b] {
         if let Value::Object(m) = spec {
-            for field in ["activeDeadlineSeconds", "tolerations", "terminationGracePeriodSeconds", "schedulingGates"] {
+            for field in [
+                "activeDeadlineSeconds",
+                "tolerations",
+                "terminationGracePeriodSeconds",
+                "schedulingGates",
+            ] {
                 m.remove(field);
             }
             for list in ["containers", "initContainers"] {
@@ -152,7 +175,10 @@ fn pod_spec_update_allowed(old: &Value, new: &Value) -> bool {
             }
         }
     }
-    let old_node = old.pointer("/spec/nodeName").and_then(Value::as_str).unwrap_or("");
+    let old_node = old
+        .pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     if old_node.is_empty()
         && let Value::Object(m) = &mut b
         && let Value::Object(am) = &a
@@ -238,7 +264,11 @@ impl ApiState {
         if let (Some(name), None) = (opts.fields.pinned_name(), &after) {
             let found: Vec<Arc<Value>> = match ns {
                 Some(ns) => store.get(&key, ns, name).into_iter().collect(),
-                None => store.list(&key, None).filter(|o| name_of(o) == name).cloned().collect(),
+                None => store
+                    .list(&key, None)
+                    .filter(|o| name_of(o) == name)
+                    .cloned()
+                    .collect(),
             };
             items.extend(found.iter().filter(|o| matches(o)).cloned());
             return Ok((items, store.rv(), None));
@@ -337,9 +367,8 @@ impl ApiState {
                 }
                 patch::strategic_merge(&mut target, &body);
             }
-            PatchKind::Json => patch::json_patch(&mut target, body).map_err(|e| {
-                ApiError::new(422, "Invalid", e.to_string())
-            })?,
+            PatchKind::Json => patch::json_patch(&mut target, body)
+                .map_err(|e| ApiError::new(422, "Invalid", e.to_string()))?,
         }
         let out = update_locked(&mut store, rt, &old, target, part)?;
         drop(store);
@@ -366,24 +395,38 @@ impl ApiState {
     /// Wakes the GC only after writes it may have work for, so that bulk writes do not pay
     /// for a scan each.
     fn notify_gc_after_write(&self, rt: &ResourceType, out: &Value) {
-        if is_deleting(out) || (rt.group.is_empty() && rt.plural == "pods") || out.pointer("/metadata/ownerReferences").is_some() {
+        if is_deleting(out)
+            || (rt.group.is_empty() && rt.plural == "pods")
+            || out.pointer("/metadata/ownerReferences").is_some()
+        {
             self.gc.notify_one();
         }
     }
 
     /// `pods/{name}/binding`: sets `spec.nodeName` once.
-    pub fn bind(&self, rt: &ResourceType, ns: &str, name: &str, node: &str) -> Result<(), ApiError> {
+    pub fn bind(
+        &self,
+        rt: &ResourceType,
+        ns: &str,
+        name: &str,
+        node: &str,
+    ) -> Result<(), ApiError> {
         let mut store = self.lock();
         let key = resource_key(&rt.group, &rt.plural);
         let old = store
             .get(&key, ns, name)
             .ok_or_else(|| ApiError::not_found(&rt.group, &rt.plural, name))?;
-        let bound = old.pointer("/spec/nodeName").and_then(Value::as_str).unwrap_or("");
+        let bound = old
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         if !bound.is_empty() {
             return Err(ApiError::new(
                 409,
                 "Conflict",
-                format!("Operation cannot be fulfilled on pods/binding \"{name}\": pod {name} is already assigned to node \"{bound}\""),
+                format!(
+                    "Operation cannot be fulfilled on pods/binding \"{name}\": pod {name} is already assigned to node \"{bound}\""
+                ),
             ));
         }
         let mut new = (*old).clone();
@@ -444,7 +487,13 @@ fn prepare_new(obj: &mut Value, plural: &str) {
         }
         "pods" => {
             let qos = if obj.pointer("/spec/containers").is_some_and(|c| {
-                c.as_array().is_some_and(|cs| cs.iter().any(|c| c.get("resources").is_some_and(|r| r.get("limits").is_some() || r.get("requests").is_some())))
+                c.as_array().is_some_and(|cs| {
+                    cs.iter().any(|c| {
+                        c.get("resources").is_some_and(|r| {
+                            r.get("limits").is_some() || r.get("requests").is_some()
+                        })
+                    })
+                })
             }) {
                 "Burstable"
             } else {
@@ -453,8 +502,10 @@ fn prepare_new(obj: &mut Value, plural: &str) {
             obj["status"] = json!({"phase": "Pending", "qosClass": qos});
             if let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) {
                 spec.entry("restartPolicy").or_insert(json!("Always"));
-                spec.entry("schedulerName").or_insert(json!("default-scheduler"));
-                spec.entry("terminationGracePeriodSeconds").or_insert(json!(30));
+                spec.entry("schedulerName")
+                    .or_insert(json!("default-scheduler"));
+                spec.entry("terminationGracePeriodSeconds")
+                    .or_insert(json!(30));
             }
         }
         "persistentvolumeclaims" => {
@@ -469,9 +520,16 @@ fn prepare_new(obj: &mut Value, plural: &str) {
     }
 }
 
-fn create_locked(store: &mut Store, rt: &ResourceType, ns: &str, mut obj: Value) -> Result<Arc<Value>, ApiError> {
+fn create_locked(
+    store: &mut Store,
+    rt: &ResourceType,
+    ns: &str,
+    mut obj: Value,
+) -> Result<Arc<Value>, ApiError> {
     if !obj.is_object() {
-        return Err(ApiError::bad_request("the body of the request is not a JSON object"));
+        return Err(ApiError::bad_request(
+            "the body of the request is not a JSON object",
+        ));
     }
     obj["apiVersion"] = json!(rt.api_version());
     obj["kind"] = json!(rt.kind);
@@ -489,7 +547,11 @@ fn create_locked(store: &mut Store, rt: &ResourceType, ns: &str, mut obj: Value)
         } else {
             m.remove("namespace");
         }
-        let name = m.get("name").and_then(Value::as_str).unwrap_or("").to_string();
+        let name = m
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         if name.is_empty() {
             match m.get("generateName").and_then(Value::as_str) {
                 Some(prefix) if !prefix.is_empty() => {
@@ -497,7 +559,13 @@ fn create_locked(store: &mut Store, rt: &ResourceType, ns: &str, mut obj: Value)
                     m.insert("name".into(), json!(generated));
                 }
                 _ => {
-                    return Err(invalid(rt, "", "metadata.name", "FieldValueRequired", "Required value: name or generateName is required"));
+                    return Err(invalid(
+                        rt,
+                        "",
+                        "metadata.name",
+                        "FieldValueRequired",
+                        "Required value: name or generateName is required",
+                    ));
                 }
             }
         }
@@ -509,7 +577,13 @@ fn create_locked(store: &mut Store, rt: &ResourceType, ns: &str, mut obj: Value)
         meta::validate_subdomain(&name)
     };
     if let Some(msg) = bad_name {
-        return Err(invalid(rt, &name, "metadata.name", "FieldValueInvalid", &format!("Invalid value: \"{name}\": {msg}")));
+        return Err(invalid(
+            rt,
+            &name,
+            "metadata.name",
+            "FieldValueInvalid",
+            &format!("Invalid value: \"{name}\": {msg}"),
+        ));
     }
     if rt.namespaced {
         match store.get("/namespaces", "", ns) {
@@ -518,7 +592,10 @@ fn create_locked(store: &mut Store, rt: &ResourceType, ns: &str, mut obj: Value)
                 return Err(ApiError::new(
                     403,
                     "Forbidden",
-                    format!("{} \"{name}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated", rt.plural),
+                    format!(
+                        "{} \"{name}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+                        rt.plural
+                    ),
                 ));
             }
             Some(_) => {}
@@ -528,7 +605,8 @@ fn create_locked(store: &mut Store, rt: &ResourceType, ns: &str, mut obj: Value)
         return Err(ApiError::already_exists(&rt.group, &rt.plural, &name));
     }
     prepare_new(&mut obj, if rt.group.is_empty() { &rt.plural } else { "" });
-    if rt.custom && rt.status_subresource
+    if rt.custom
+        && rt.status_subresource
         && let Value::Object(m) = &mut obj
     {
         m.remove("status");
@@ -539,7 +617,8 @@ fn create_locked(store: &mut Store, rt: &ResourceType, ns: &str, mut obj: Value)
             .map_err(|errs| ApiError::invalid(&rt.kind, &rt.group, &name, field_causes(errs)))?;
     }
     if rt.plural == "customresourcedefinitions" {
-        install_crd(store, &mut obj).map_err(|msg| invalid(rt, &name, "spec", "FieldValueInvalid", &msg))?;
+        install_crd(store, &mut obj)
+            .map_err(|msg| invalid(rt, &name, "spec", "FieldValueInvalid", &msg))?;
     }
     Ok(store.put(&key, obj))
 }
@@ -551,7 +630,9 @@ fn install_crd(store: &mut Store, crd: &mut Value) -> Result<(), String> {
         return Err("no served versions".to_string());
     };
     let (group, plural) = (first.group.clone(), first.plural.clone());
-    store.types.retain(|t| !(t.custom && t.group == group && t.plural == plural));
+    store
+        .types
+        .retain(|t| !(t.custom && t.group == group && t.plural == plural));
     store.types.extend(types);
     let now = meta::now_rfc3339();
     crd["status"] = json!({
@@ -575,11 +656,18 @@ fn update_locked(
     let key = resource_key(&rt.group, &rt.plural);
     let name = name_of(old).to_string();
     if !new.is_object() {
-        return Err(ApiError::bad_request("the body of the request is not a JSON object"));
+        return Err(ApiError::bad_request(
+            "the body of the request is not a JSON object",
+        ));
     }
-    if let Some(rv) = new.pointer("/metadata/resourceVersion").and_then(Value::as_str)
+    if let Some(rv) = new
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
         && !rv.is_empty()
-        && Some(rv) != old.pointer("/metadata/resourceVersion").and_then(Value::as_str)
+        && Some(rv)
+            != old
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
     {
         return Err(ApiError::conflict(&rt.group, &rt.plural, &name));
     }
@@ -610,7 +698,15 @@ fn update_locked(
     {
         let old_meta = old.get("metadata").cloned().unwrap_or(json!({}));
         let m = meta_mut(&mut new);
-        for field in ["uid", "creationTimestamp", "name", "namespace", "deletionTimestamp", "deletionGracePeriodSeconds", "generation"] {
+        for field in [
+            "uid",
+            "creationTimestamp",
+            "name",
+            "namespace",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "generation",
+        ] {
             match old_meta.get(field) {
                 Some(v) => {
                     m.insert(field.into(), v.clone());
@@ -620,12 +716,22 @@ fn update_locked(
                 }
             }
         }
-        m.insert("resourceVersion".into(), old_meta.get("resourceVersion").cloned().unwrap_or(Value::Null));
+        m.insert(
+            "resourceVersion".into(),
+            old_meta
+                .get("resourceVersion")
+                .cloned()
+                .unwrap_or(Value::Null),
+        );
     }
     if rt.plural == "namespaces" && rt.group.is_empty() {
         new["spec"] = old.get("spec").cloned().unwrap_or(json!({}));
     }
-    if part == Part::Main && rt.plural == "pods" && rt.group.is_empty() && !pod_spec_update_allowed(old, &new) {
+    if part == Part::Main
+        && rt.plural == "pods"
+        && rt.group.is_empty()
+        && !pod_spec_update_allowed(old, &new)
+    {
         return Err(invalid(
             rt,
             &name,
@@ -637,7 +743,13 @@ fn update_locked(
     if is_deleting(old) {
         let old_f = finalizers(old);
         if finalizers(&new).iter().any(|f| !old_f.contains(f)) {
-            return Err(invalid(rt, &name, "metadata.finalizers", "FieldValueForbidden", "Forbidden: no new finalizers can be added if the object is being deleted"));
+            return Err(invalid(
+                rt,
+                &name,
+                "metadata.finalizers",
+                "FieldValueForbidden",
+                "Forbidden: no new finalizers can be added if the object is being deleted",
+            ));
         }
     }
     if let Some(schema) = &rt.schema {
@@ -646,13 +758,24 @@ fn update_locked(
             .map_err(|errs| ApiError::invalid(&rt.kind, &rt.group, &name, field_causes(errs)))?;
     }
     if rt.plural == "customresourcedefinitions" && part == Part::Main {
-        install_crd(store, &mut new).map_err(|msg| invalid(rt, &name, "spec", "FieldValueInvalid", &msg))?;
+        install_crd(store, &mut new)
+            .map_err(|msg| invalid(rt, &name, "spec", "FieldValueInvalid", &msg))?;
     }
-    if generation_relevant(old, rt.status_subresource) != generation_relevant(&new, rt.status_subresource) {
-        let g = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(1);
+    if generation_relevant(old, rt.status_subresource)
+        != generation_relevant(&new, rt.status_subresource)
+    {
+        let g = old
+            .pointer("/metadata/generation")
+            .and_then(Value::as_i64)
+            .unwrap_or(1);
         meta_mut(&mut new).insert("generation".into(), json!(g + 1));
     }
-    if is_deleting(&new) && finalizers(&new).is_empty() {
+    // A terminating pod still within its grace period waits for the kubelet's final delete.
+    let grace_left = new
+        .pointer("/metadata/deletionGracePeriodSeconds")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    if is_deleting(&new) && finalizers(&new).is_empty() && grace_left == 0 {
         return store
             .remove(&key, namespace_of(old), &name)
             .ok_or_else(|| ApiError::not_found(&rt.group, &rt.plural, &name));
@@ -674,21 +797,37 @@ fn delete_locked(
     let old = store
         .get(&key, ns, name)
         .ok_or_else(|| ApiError::not_found(&rt.group, &rt.plural, name))?;
-    let uid = old.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or("");
-    if opts.precondition_uid.as_deref().is_some_and(|want| want != uid) {
-        return Err(ApiError::new(
-            409,
-            "Conflict",
-            format!("Precondition failed: UID in precondition: {}, UID in object meta: {uid}", opts.precondition_uid.as_deref().unwrap_or("")),
-        ));
-    }
-    if let Some(want) = &opts.precondition_rv
-        && Some(want.as_str()) != old.pointer("/metadata/resourceVersion").and_then(Value::as_str)
+    let uid = old
+        .pointer("/metadata/uid")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if opts
+        .precondition_uid
+        .as_deref()
+        .is_some_and(|want| want != uid)
     {
         return Err(ApiError::new(
             409,
             "Conflict",
-            format!("Precondition failed: ResourceVersion in precondition: {want}, ResourceVersion in object meta: {}", rv_of(&old).unwrap_or(0)),
+            format!(
+                "Precondition failed: UID in precondition: {}, UID in object meta: {uid}",
+                opts.precondition_uid.as_deref().unwrap_or("")
+            ),
+        ));
+    }
+    if let Some(want) = &opts.precondition_rv
+        && Some(want.as_str())
+            != old
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+    {
+        return Err(ApiError::new(
+            409,
+            "Conflict",
+            format!(
+                "Precondition failed: ResourceVersion in precondition: {want}, ResourceVersion in object meta: {}",
+                rv_of(&old).unwrap_or(0)
+            ),
         ));
     }
     let mut f = finalizers(&old);
@@ -698,21 +837,37 @@ fn delete_locked(
         _ => {}
     }
     let namespace_type = rt.plural == "namespaces" && rt.group.is_empty();
-    if f.is_empty() && !namespace_type {
+    // A pod on a node terminates gracefully: the kubelet stops it and then deletes it with
+    // grace 0. Unscheduled and finished pods go at once, as in kube-apiserver.
+    let pod = rt.plural == "pods" && rt.group.is_empty();
+    let bound = !old.pointer("/spec/nodeName").and_then(Value::as_str).unwrap_or("").is_empty();
+    let finished = matches!(old.pointer("/status/phase").and_then(Value::as_str), Some("Succeeded" | "Failed"));
+    let grace = opts
+        .grace_period
+        .or_else(|| old.pointer("/metadata/deletionGracePeriodSeconds").and_then(Value::as_i64))
+        .or_else(|| old.pointer("/spec/terminationGracePeriodSeconds").and_then(Value::as_i64))
+        .unwrap_or(30);
+    let graceful = pod && bound && !finished && grace > 0;
+    if f.is_empty() && !namespace_type && !graceful {
         let last = store
             .remove(&key, ns, name)
             .ok_or_else(|| ApiError::not_found(&rt.group, &rt.plural, name))?;
         return Ok((last, true));
     }
-    if is_deleting(&old) && f == finalizers(&old) {
+    let new_grace = if graceful { grace } else { 0 };
+    let old_grace = old.pointer("/metadata/deletionGracePeriodSeconds").and_then(Value::as_i64);
+    if is_deleting(&old) && f == finalizers(&old) && old_grace.is_some_and(|g| g <= new_grace) {
         return Ok((old, false));
     }
     let mut new = (*old).clone();
     set_finalizers(&mut new, &f);
     let m = meta_mut(&mut new);
     if !m.contains_key("deletionTimestamp") {
-        m.insert("deletionTimestamp".into(), json!(meta::now_rfc3339()));
-        m.insert("deletionGracePeriodSeconds".into(), json!(0));
+        let at = meta::now_secs() + u64::try_from(new_grace).unwrap_or(0);
+        m.insert("deletionTimestamp".into(), json!(meta::rfc3339(at)));
+    }
+    if old_grace.is_none_or(|g| new_grace < g) {
+        m.insert("deletionGracePeriodSeconds".into(), json!(new_grace));
     }
     if namespace_type {
         new["status"] = json!({"phase": "Terminating"});
@@ -748,19 +903,31 @@ fn gc_pass(store: &mut Store) -> bool {
     let mut all = Vec::new();
     for key in store.resources() {
         for obj in store.list(&key, None) {
-            all.push(Entry { key: key.clone(), obj: obj.clone() });
+            all.push(Entry {
+                key: key.clone(),
+                obj: obj.clone(),
+            });
         }
     }
     let by_uid: std::collections::HashMap<&str, &Entry> = all
         .iter()
-        .filter_map(|e| e.obj.pointer("/metadata/uid").and_then(Value::as_str).map(|u| (u, e)))
+        .filter_map(|e| {
+            e.obj
+                .pointer("/metadata/uid")
+                .and_then(Value::as_str)
+                .map(|u| (u, e))
+        })
         .collect();
     let mut referenced: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut changed = false;
     let mut to_delete: Vec<(Arc<str>, String, String)> = Vec::new();
     let mut to_update: Vec<(Arc<str>, Value)> = Vec::new();
     for e in &all {
-        let Some(refs) = e.obj.pointer("/metadata/ownerReferences").and_then(Value::as_array) else {
+        let Some(refs) = e
+            .obj
+            .pointer("/metadata/ownerReferences")
+            .and_then(Value::as_array)
+        else {
             continue;
         };
         let mut keep = Vec::new();
@@ -768,11 +935,15 @@ fn gc_pass(store: &mut Store) -> bool {
         for r in refs {
             let uid = r.get("uid").and_then(Value::as_str).unwrap_or("");
             match by_uid.get(uid) {
-                Some(owner) if is_deleting(&owner.obj) && finalizers(&owner.obj).iter().any(|f| f == ORPHAN) => {}
+                Some(owner)
+                    if is_deleting(&owner.obj)
+                        && finalizers(&owner.obj).iter().any(|f| f == ORPHAN) => {}
                 Some(owner) => {
                     keep.push(r.clone());
                     referenced.insert(uid.to_string());
-                    if !(is_deleting(&owner.obj) && finalizers(&owner.obj).iter().any(|f| f == FOREGROUND)) {
+                    if !(is_deleting(&owner.obj)
+                        && finalizers(&owner.obj).iter().any(|f| f == FOREGROUND))
+                    {
                         live_owner = true;
                     }
                 }
@@ -788,7 +959,11 @@ fn gc_pass(store: &mut Store) -> bool {
             }
             to_update.push((e.key.clone(), new));
         } else if !live_owner && !is_deleting(&e.obj) {
-            to_delete.push((e.key.clone(), namespace_of(&e.obj).to_string(), name_of(&e.obj).to_string()));
+            to_delete.push((
+                e.key.clone(),
+                namespace_of(&e.obj).to_string(),
+                name_of(&e.obj).to_string(),
+            ));
         }
     }
     for (key, obj) in to_update {
@@ -804,14 +979,22 @@ fn gc_pass(store: &mut Store) -> bool {
     // Finalizers the GC itself owns.
     let pods_using: std::collections::HashSet<(String, String)> = store
         .list("/pods", None)
-        .filter(|p| !matches!(p.pointer("/status/phase").and_then(Value::as_str), Some("Succeeded" | "Failed")))
+        .filter(|p| {
+            !matches!(
+                p.pointer("/status/phase").and_then(Value::as_str),
+                Some("Succeeded" | "Failed")
+            )
+        })
         .flat_map(|p| {
             let ns = namespace_of(p).to_string();
             p.pointer("/spec/volumes")
                 .and_then(Value::as_array)
                 .into_iter()
                 .flatten()
-                .filter_map(|v| v.pointer("/persistentVolumeClaim/claimName").and_then(Value::as_str))
+                .filter_map(|v| {
+                    v.pointer("/persistentVolumeClaim/claimName")
+                        .and_then(Value::as_str)
+                })
                 .map(|c| (ns.clone(), c.to_string()))
                 .collect::<Vec<_>>()
         })
@@ -823,7 +1006,11 @@ fn gc_pass(store: &mut Store) -> bool {
         let Some(current) = store.get(&e.key, namespace_of(&e.obj), name_of(&e.obj)) else {
             continue;
         };
-        let uid = current.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or("").to_string();
+        let uid = current
+            .pointer("/metadata/uid")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         let f = finalizers(&current);
         if f.iter().any(|x| x == FOREGROUND) && !referenced.contains(&uid) {
             remove_finalizer(store, &e.key, &current, FOREGROUND);
@@ -833,7 +1020,10 @@ fn gc_pass(store: &mut Store) -> bool {
             changed = true;
         } else if &*e.key == "/persistentvolumeclaims"
             && f.iter().any(|x| x == PVC_PROTECTION)
-            && !pods_using.contains(&(namespace_of(&current).to_string(), name_of(&current).to_string()))
+            && !pods_using.contains(&(
+                namespace_of(&current).to_string(),
+                name_of(&current).to_string(),
+            ))
         {
             remove_finalizer(store, &e.key, &current, PVC_PROTECTION);
             changed = true;
@@ -896,18 +1086,35 @@ mod tests {
         assert!(pod_spec_update_allowed(&old, &image));
         assert!(!pod_spec_update_allowed(&old, &args));
         assert!(pod_spec_update_allowed(&old, &bind));
-        assert!(!pod_spec_update_allowed(&bind, &json!({"spec": {"nodeName": "m", "containers": [{"name": "c", "image": "a", "args": ["x"]}]}})));
+        assert!(!pod_spec_update_allowed(
+            &bind,
+            &json!({"spec": {"nodeName": "m", "containers": [{"name": "c", "image": "a", "args": ["x"]}]}})
+        ));
     }
 
     #[test]
     fn finalizers_hold_deletion_until_removed() {
         let s = ApiState::new(1000);
         let cm = rt(&s, "configmaps");
-        s.create(&cm, "default", json!({"metadata": {"name": "x", "finalizers": ["a/b"]}})).unwrap();
-        let (obj, gone) = s.delete(&cm, "default", "x", &DeleteOpts::default()).unwrap();
+        s.create(
+            &cm,
+            "default",
+            json!({"metadata": {"name": "x", "finalizers": ["a/b"]}}),
+        )
+        .unwrap();
+        let (obj, gone) = s
+            .delete(&cm, "default", "x", &DeleteOpts::default())
+            .unwrap();
         assert!(!gone && is_deleting(&obj));
         let out = s
-            .patch(&cm, "default", "x", PatchKind::Merge, &json!({"metadata": {"finalizers": null}}), Part::Main)
+            .patch(
+                &cm,
+                "default",
+                "x",
+                PatchKind::Merge,
+                &json!({"metadata": {"finalizers": null}}),
+                Part::Main,
+            )
             .unwrap();
         assert!(is_deleting(&out));
         assert!(s.get(&cm, "default", "x").is_err());
@@ -918,11 +1125,38 @@ mod tests {
         let s = ApiState::new(1000);
         let pvc = rt(&s, "persistentvolumeclaims");
         s.create(&pvc, "default", json!({"metadata": {"name": "c"}, "spec": {"resources": {"requests": {"storage": "1Gi"}}}})).unwrap();
-        let a = s.patch(&pvc, "default", "c", PatchKind::Merge, &json!({"metadata": {"labels": {"x": "y"}}}), Part::Main).unwrap();
+        let a = s
+            .patch(
+                &pvc,
+                "default",
+                "c",
+                PatchKind::Merge,
+                &json!({"metadata": {"labels": {"x": "y"}}}),
+                Part::Main,
+            )
+            .unwrap();
         assert_eq!(a["metadata"]["generation"], 1);
-        let b = s.patch(&pvc, "default", "c", PatchKind::Merge, &json!({"spec": {"resources": {"requests": {"storage": "2Gi"}}}}), Part::Main).unwrap();
+        let b = s
+            .patch(
+                &pvc,
+                "default",
+                "c",
+                PatchKind::Merge,
+                &json!({"spec": {"resources": {"requests": {"storage": "2Gi"}}}}),
+                Part::Main,
+            )
+            .unwrap();
         assert_eq!(b["metadata"]["generation"], 2);
-        let c = s.patch(&pvc, "default", "c", PatchKind::Merge, &json!({"status": {"phase": "Bound"}}), Part::Status).unwrap();
+        let c = s
+            .patch(
+                &pvc,
+                "default",
+                "c",
+                PatchKind::Merge,
+                &json!({"status": {"phase": "Bound"}}),
+                Part::Status,
+            )
+            .unwrap();
         assert_eq!(c["metadata"]["generation"], 2);
         assert_eq!(c["status"]["phase"], "Bound");
     }

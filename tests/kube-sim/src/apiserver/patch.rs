@@ -57,8 +57,14 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
 /// components and kubectl touch; other lists are replaced whole.
 fn merge_key(field: &str) -> Option<&'static str> {
     match field {
-        "containers" | "initContainers" | "ephemeralContainers" | "volumes" | "env"
-        | "volumeMounts" | "imagePullSecrets" | "containerStatuses"
+        "containers"
+        | "initContainers"
+        | "ephemeralContainers"
+        | "volumes"
+        | "env"
+        | "volumeMounts"
+        | "imagePullSecrets"
+        | "containerStatuses"
         | "initContainerStatuses" => Some("name"),
         "conditions" => Some("type"),
         "ownerReferences" => Some("uid"),
@@ -97,8 +103,7 @@ pub fn strategic_merge(target: &mut Value, patch: &Value) {
     };
     for (k, v) in patch_map {
         if let Some(field) = k.strip_prefix("$deleteFromPrimitiveList/") {
-            if let (Some(Value::Array(have)), Value::Array(drop)) = (target_map.get_mut(field), v)
-            {
+            if let (Some(Value::Array(have)), Value::Array(drop)) = (target_map.get_mut(field), v) {
                 have.retain(|x| !drop.contains(x));
             }
             continue;
@@ -322,7 +327,10 @@ mod tests {
                     "status": {"conditions": [{"type": "PodScheduled", "status": "True"}]},
                     "metadata": {"finalizers": ["f2"], "$setElementOrder/finalizers": ["f1", "f2"]}}),
         );
-        assert_eq!(doc["spec"]["containers"], json!([{"name": "b", "image": "z"}]));
+        assert_eq!(
+            doc["spec"]["containers"],
+            json!([{"name": "b", "image": "z"}])
+        );
         assert_eq!(doc["status"]["conditions"].as_array().unwrap().len(), 2);
         assert_eq!(doc["metadata"]["finalizers"], json!(["f1", "f2"]));
         assert!(doc["metadata"].get("$setElementOrder/finalizers").is_none());
@@ -343,10 +351,19 @@ mod tests {
             ]),
         )
         .unwrap();
-        assert_eq!(doc, json!({"a": [2, 3], "b": {"c": "y"}, "d": {}, "e": "y"}));
-        let err = json_patch(&mut doc, &json!([{"op": "test", "path": "/e", "value": "n"}]));
+        assert_eq!(
+            doc,
+            json!({"a": [2, 3], "b": {"c": "y"}, "d": {}, "e": "y"})
+        );
+        let err = json_patch(
+            &mut doc,
+            &json!([{"op": "test", "path": "/e", "value": "n"}]),
+        );
         assert!(err.is_err());
-        let err = json_patch(&mut doc, &json!([{"op": "replace", "path": "/nope", "value": 1}]));
+        let err = json_patch(
+            &mut doc,
+            &json!([{"op": "replace", "path": "/nope", "value": 1}]),
+        );
         assert!(err.is_err());
     }
 }

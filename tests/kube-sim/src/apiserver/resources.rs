@@ -131,9 +131,33 @@ pub fn builtins() -> Vec<ResourceType> {
         ResourceType::builtin("", "v1", "ConfigMap", "configmaps", true, &["cm"], false),
         ResourceType::builtin("", "v1", "Event", "events", true, &["ev"], false),
         ResourceType::builtin("", "v1", "Service", "services", true, &["svc"], true),
-        ResourceType::builtin("", "v1", "ServiceAccount", "serviceaccounts", true, &["sa"], false),
-        ResourceType::builtin("events.k8s.io", "v1", "Event", "events", true, &["ev"], false),
-        ResourceType::builtin("coordination.k8s.io", "v1", "Lease", "leases", true, &[], false),
+        ResourceType::builtin(
+            "",
+            "v1",
+            "ServiceAccount",
+            "serviceaccounts",
+            true,
+            &["sa"],
+            false,
+        ),
+        ResourceType::builtin(
+            "events.k8s.io",
+            "v1",
+            "Event",
+            "events",
+            true,
+            &["ev"],
+            false,
+        ),
+        ResourceType::builtin(
+            "coordination.k8s.io",
+            "v1",
+            "Lease",
+            "leases",
+            true,
+            &[],
+            false,
+        ),
         ResourceType::builtin(
             "apiextensions.k8s.io",
             "v1",
@@ -145,7 +169,17 @@ pub fn builtins() -> Vec<ResourceType> {
         ),
     ];
     for rt in &mut all {
-        if rt.group.is_empty() && matches!(rt.plural.as_str(), "pods" | "persistentvolumeclaims" | "services" | "configmaps" | "secrets" | "serviceaccounts" | "events")
+        if rt.group.is_empty()
+            && matches!(
+                rt.plural.as_str(),
+                "pods"
+                    | "persistentvolumeclaims"
+                    | "services"
+                    | "configmaps"
+                    | "secrets"
+                    | "serviceaccounts"
+                    | "events"
+            )
             && rt.plural != "events"
         {
             rt.categories = vec!["all".to_string()];
@@ -170,7 +204,12 @@ pub fn from_crd(crd: &Value) -> Result<Vec<ResourceType>, String> {
     }
     let list = |v: Option<&Value>| -> Vec<String> {
         v.and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_str).map(String::from).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(String::from)
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let namespaced = spec.get("scope").and_then(Value::as_str) != Some("Cluster");
@@ -189,7 +228,9 @@ pub fn from_crd(crd: &Value) -> Result<Vec<ResourceType>, String> {
                 if !problems.is_empty() {
                     return Err(problems.join("; "));
                 }
-                Some(Arc::new(Schema::new(raw.clone()).map_err(|e| e.to_string())?))
+                Some(Arc::new(
+                    Schema::new(raw.clone()).map_err(|e| e.to_string())?,
+                ))
             }
             None => None,
         };
@@ -291,7 +332,9 @@ pub fn resource_list(types: &[ResourceType], group: &str, version: &str) -> Opti
     } else {
         format!("{group}/{version}")
     };
-    Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}))
+    Some(
+        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
+    )
 }
 
 #[cfg(test)]
@@ -305,7 +348,10 @@ mod tests {
         let types = from_crd(&crd).unwrap();
         assert_eq!(types.len(), 1);
         let t = &types[0];
-        assert_eq!((t.group.as_str(), t.plural.as_str()), ("loraplane.io", "loratrainingjobs"));
+        assert_eq!(
+            (t.group.as_str(), t.plural.as_str()),
+            ("loraplane.io", "loratrainingjobs")
+        );
         assert!(t.namespaced && t.status_subresource && t.schema.is_some());
         assert_eq!(t.short_names, vec!["ltj"]);
         assert!(!t.printer_columns.is_empty());
@@ -314,10 +360,12 @@ mod tests {
         let list = resource_list(&all, "loraplane.io", "v1alpha1").unwrap();
         assert_eq!(list["resources"][1]["name"], "loratrainingjobs/status");
         assert!(group(&all, "loraplane.io").is_some());
-        assert!(resource_list(&all, "", "v1").unwrap()["resources"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|r| r["name"] == "pods/log"));
+        assert!(
+            resource_list(&all, "", "v1").unwrap()["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["name"] == "pods/log")
+        );
     }
 }

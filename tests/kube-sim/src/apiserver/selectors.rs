@@ -102,7 +102,9 @@ impl LabelSelector {
                 | LabelReq::DoesNotExist(k) => k,
             };
             if !valid_label_key(key) {
-                return Err(format!("unable to parse requirement: invalid label key {key:?}"));
+                return Err(format!(
+                    "unable to parse requirement: invalid label key {key:?}"
+                ));
             }
             reqs.push(req);
         }
@@ -159,7 +161,9 @@ impl FieldSelector {
             } else if let Some((k, v)) = term.split_once('=') {
                 (k, true, v)
             } else {
-                return Err(format!("invalid field selector term {term:?}: expected a=b or a!=b"));
+                return Err(format!(
+                    "invalid field selector term {term:?}: expected a=b or a!=b"
+                ));
             };
             terms.push((path.trim().to_string(), eq, value.trim().to_string()));
         }
@@ -207,7 +211,14 @@ mod tests {
         for s in yes {
             assert!(LabelSelector::parse(s).unwrap().matches(&p), "{s}");
         }
-        let no = ["app=api", "missing", "!app", "app in (api)", "app notin (trainer,x)", "app,missing"];
+        let no = [
+            "app=api",
+            "missing",
+            "!app",
+            "app in (api)",
+            "app notin (trainer,x)",
+            "app,missing",
+        ];
         for s in no {
             assert!(!LabelSelector::parse(s).unwrap().matches(&p), "{s}");
         }
@@ -222,11 +233,22 @@ mod tests {
     #[test]
     fn field_selectors_compare_nested_values_and_missing_as_empty() {
         let p = pod(json!({}));
-        let ok = FieldSelector::parse("spec.nodeName=n1,status.phase!=Pending,metadata.namespace==ns").unwrap();
+        let ok =
+            FieldSelector::parse("spec.nodeName=n1,status.phase!=Pending,metadata.namespace==ns")
+                .unwrap();
         assert!(ok.matches(&p));
         assert!(!FieldSelector::parse("spec.nodeName=").unwrap().matches(&p));
-        assert!(FieldSelector::parse("spec.schedulerName=").unwrap().matches(&p));
-        assert_eq!(FieldSelector::parse("metadata.name=p").unwrap().pinned_name(), Some("p"));
+        assert!(
+            FieldSelector::parse("spec.schedulerName=")
+                .unwrap()
+                .matches(&p)
+        );
+        assert_eq!(
+            FieldSelector::parse("metadata.name=p")
+                .unwrap()
+                .pinned_name(),
+            Some("p")
+        );
         assert!(FieldSelector::parse("nonsense").is_err());
     }
 }

@@ -207,7 +207,13 @@ impl Store {
         self.rv
     }
 
-    fn record(&mut self, resource: Arc<str>, kind: EventType, object: Arc<Value>, old: Option<Arc<Value>>) {
+    fn record(
+        &mut self,
+        resource: Arc<str>,
+        kind: EventType,
+        object: Arc<Value>,
+        old: Option<Arc<Value>>,
+    ) {
         let event = Arc::new(Event {
             rv: self.rv,
             resource,

@@ -123,7 +123,10 @@ fn node_cells(n: &Value) -> Vec<Value> {
     let ready = n
         .pointer("/status/conditions")
         .and_then(Value::as_array)
-        .and_then(|cs| cs.iter().find(|c| c.get("type").and_then(Value::as_str) == Some("Ready")))
+        .and_then(|cs| {
+            cs.iter()
+                .find(|c| c.get("type").and_then(Value::as_str) == Some("Ready"))
+        })
         .map(|c| c.get("status").and_then(Value::as_str) == Some("True"));
     let mut status = match ready {
         Some(true) => "Ready".to_string(),
@@ -146,7 +149,11 @@ fn node_cells(n: &Value) -> Vec<Value> {
     vec![
         json!(str_at(n, "/metadata/name")),
         json!(status),
-        json!(if roles.is_empty() { "<none>".to_string() } else { roles.join(",") }),
+        json!(if roles.is_empty() {
+            "<none>".to_string()
+        } else {
+            roles.join(",")
+        }),
         json!(age(str_at(n, "/metadata/creationTimestamp"))),
         json!(str_at(n, "/status/nodeInfo/kubeletVersion")),
     ]
@@ -178,7 +185,11 @@ fn columns(rt: &ResourceType) -> (Vec<Value>, Box<dyn Fn(&Value) -> Vec<Value> +
         return (cols, Box::new(node_cells));
     }
     if rt.group.is_empty() && rt.plural == "persistentvolumeclaims" {
-        let cols = vec![name_col, column("Status", "string", 0), column("Age", "string", 0)];
+        let cols = vec![
+            name_col,
+            column("Status", "string", 0),
+            column("Age", "string", 0),
+        ];
         return (
             cols,
             Box::new(|o: &Value| {
@@ -195,7 +206,11 @@ fn columns(rt: &ResourceType) -> (Vec<Value>, Box<dyn Fn(&Value) -> Vec<Value> +
         for c in &rt.printer_columns {
             let ty = c.get("type").and_then(Value::as_str).unwrap_or("string");
             let priority = c.get("priority").and_then(Value::as_i64).unwrap_or(0);
-            let mut col = column(c.get("name").and_then(Value::as_str).unwrap_or(""), if ty == "date" { "string" } else { ty }, priority);
+            let mut col = column(
+                c.get("name").and_then(Value::as_str).unwrap_or(""),
+                if ty == "date" { "string" } else { ty },
+                priority,
+            );
             col["description"] = c.get("description").cloned().unwrap_or(json!(""));
             cols.push(col);
         }
@@ -204,8 +219,14 @@ fn columns(rt: &ResourceType) -> (Vec<Value>, Box<dyn Fn(&Value) -> Vec<Value> +
             .iter()
             .map(|c| {
                 (
-                    c.get("jsonPath").and_then(Value::as_str).unwrap_or("").to_string(),
-                    c.get("type").and_then(Value::as_str).unwrap_or("string").to_string(),
+                    c.get("jsonPath")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string(),
+                    c.get("type")
+                        .and_then(Value::as_str)
+                        .unwrap_or("string")
+                        .to_string(),
                 )
             })
             .collect();
@@ -230,7 +251,12 @@ fn columns(rt: &ResourceType) -> (Vec<Value>, Box<dyn Fn(&Value) -> Vec<Value> +
 }
 
 /// A Table of objects; each row carries the full object (kubectl reads labels from it for `-L`).
-pub fn table(rt: &ResourceType, objects: &[&Value], rv: u64, continue_token: Option<&str>) -> Value {
+pub fn table(
+    rt: &ResourceType,
+    objects: &[&Value],
+    rv: u64,
+    continue_token: Option<&str>,
+) -> Value {
     let (cols, cells) = columns(rt);
     let rows: Vec<Value> = objects
         .iter()
@@ -261,7 +287,12 @@ mod tests {
         let obj = json!({"metadata": {"name": "j", "creationTimestamp": "2020-01-01T00:00:00Z"},
                          "spec": {"baseModel": {"family": "sdxl"}}, "status": {"phase": "Running"}});
         let t = table(&rt, &[&obj], 5, None);
-        let names: Vec<&str> = t["columnDefinitions"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+        let names: Vec<&str> = t["columnDefinitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
         assert_eq!(names[..3], ["Name", "Phase", "Model"]);
         let cells = &t["rows"][0]["cells"];
         assert_eq!(cells[0], "j");

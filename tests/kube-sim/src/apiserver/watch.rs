@@ -10,9 +10,9 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, header};
 use axum::response::Response;
-use tokio::sync::mpsc;
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
 
 use super::http::Ctx;
 use super::meta::ApiError;
@@ -144,7 +144,10 @@ pub(crate) fn serve(ctx: &Ctx, params: WatchParams) -> Result<Response, ApiError
         if let Some(rv) = gone {
             let status = ApiError::gone(rv).status();
             let _ = tx
-                .send(Bytes::from(format!("{}\n", json!({"type": "ERROR", "object": status}))))
+                .send(Bytes::from(format!(
+                    "{}\n",
+                    json!({"type": "ERROR", "object": status})
+                )))
                 .await;
             return;
         }
@@ -153,14 +156,25 @@ pub(crate) fn serve(ctx: &Ctx, params: WatchParams) -> Result<Response, ApiError
                 return;
             }
         }
-        stream_live(tx, live, &mut restarts, params, key, start_rv, bookmark_every).await;
+        stream_live(
+            tx,
+            live,
+            &mut restarts,
+            params,
+            key,
+            start_rv,
+            bookmark_every,
+        )
+        .await;
     });
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
     });
     let mut resp = Response::new(Body::from_stream(stream));
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     Ok(resp)
 }
 

@@ -80,8 +80,12 @@ async fn run(args: Args) -> Result<serde_json::Value, BenchError> {
             let cms = cms.clone();
             async move {
                 let patch = json!({"data": {"updated": "true"}});
-                cms.patch(&format!("cm-{i}"), &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
+                cms.patch(
+                    &format!("cm-{i}"),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
             }
         })
         .buffer_unordered(args.concurrency)

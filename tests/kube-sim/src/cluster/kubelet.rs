@@ -175,7 +175,11 @@ pub fn choose_mode(
     {
         return parse_script(value, rule_script).map(Mode::Scripted);
     }
-    if let Some(local) = config.local_images.iter().find(|l| glob_match(&l.image, image)) {
+    if let Some(local) = config
+        .local_images
+        .iter()
+        .find(|l| glob_match(&l.image, image))
+    {
         return Ok(Mode::Local(local.entrypoint.clone()));
     }
     Ok(Mode::Scripted(rule_script.clone()))
@@ -183,8 +187,11 @@ pub fn choose_mode(
 
 /// The lines a script prints and when (offset from start), and its termination message.
 pub fn script_output(script: &Script) -> (Vec<(Duration, String)>, Option<String>) {
-    let mut lines: Vec<(Duration, String)> =
-        script.log_lines.iter().map(|l| (Duration::ZERO, l.clone())).collect();
+    let mut lines: Vec<(Duration, String)> = script
+        .log_lines
+        .iter()
+        .map(|l| (Duration::ZERO, l.clone()))
+        .collect();
     let total = script.progress_steps;
     let span = script.duration.unwrap_or(Duration::from_secs(total));
     for step in 1..=total {
@@ -210,7 +217,11 @@ pub fn script_output(script: &Script) -> (Vec<(Duration, String)>, Option<String
             };
             let summary = TrainerSummary {
                 outcome,
-                step: if script.exit_code == 0 { total } else { total / 2 },
+                step: if script.exit_code == 0 {
+                    total
+                } else {
+                    total / 2
+                },
                 artifacts: Vec::new(),
                 error,
             };
@@ -303,7 +314,10 @@ mod tests {
 
     #[test]
     fn globs() {
-        assert!(glob_match("ghcr.io/loraplane/trainer:*", "ghcr.io/loraplane/trainer:1.2"));
+        assert!(glob_match(
+            "ghcr.io/loraplane/trainer:*",
+            "ghcr.io/loraplane/trainer:1.2"
+        ));
         assert!(glob_match("*", "anything"));
         assert!(glob_match("busy?ox*", "busybox:1.36"));
         assert!(!glob_match("ghcr.io/*/trainer", "ghcr.io/x/trainer:1"));
@@ -313,15 +327,33 @@ mod tests {
     #[test]
     fn script_annotation_overrides_the_rule() {
         let base = Script::default();
-        let s = parse_script("duration=3s,exit=2,progress=4,message=bad input, really", &base).unwrap();
+        let s = parse_script(
+            "duration=3s,exit=2,progress=4,message=bad input, really",
+            &base,
+        )
+        .unwrap();
         assert_eq!(s.duration, Some(Duration::from_secs(3)));
         assert_eq!(s.exit_code, 2);
         assert_eq!(s.progress_steps, 4);
         assert_eq!(s.termination_message.as_deref(), Some("bad input, really"));
-        assert_eq!(parse_script("duration=forever", &base).unwrap().duration, None);
-        assert_eq!(parse_script("duration=250ms", &base).unwrap().duration, Some(Duration::from_millis(250)));
-        assert!(parse_script("exit=x", &base).unwrap_err().contains("bad value \"x\" for exit"));
-        assert!(parse_script("speed=9", &base).unwrap_err().contains("unknown key \"speed\""));
+        assert_eq!(
+            parse_script("duration=forever", &base).unwrap().duration,
+            None
+        );
+        assert_eq!(
+            parse_script("duration=250ms", &base).unwrap().duration,
+            Some(Duration::from_millis(250))
+        );
+        assert!(
+            parse_script("exit=x", &base)
+                .unwrap_err()
+                .contains("bad value \"x\" for exit")
+        );
+        assert!(
+            parse_script("speed=9", &base)
+                .unwrap_err()
+                .contains("unknown key \"speed\"")
+        );
     }
 
     #[test]
@@ -329,35 +361,63 @@ mod tests {
         let config = KubeletConfig {
             scripts: vec![ScriptRule {
                 image: "trainer:*".into(),
-                script: Script { exit_code: 7, ..Script::default() },
+                script: Script {
+                    exit_code: 7,
+                    ..Script::default()
+                },
             }],
-            local_images: vec![LocalImage { image: "busybox*".into(), entrypoint: vec!["/bin/sh".into(), "-c".into()] }],
+            local_images: vec![LocalImage {
+                image: "busybox*".into(),
+                entrypoint: vec!["/bin/sh".into(), "-c".into()],
+            }],
             ..KubeletConfig::default()
         };
         let pod = |ann: Option<&str>| {
             let mut p = Pod::default();
             if let Some(a) = ann {
-                p.metadata.annotations = Some([(ANNOTATION_SCRIPT.to_string(), a.to_string())].into());
+                p.metadata.annotations =
+                    Some([(ANNOTATION_SCRIPT.to_string(), a.to_string())].into());
             }
             p
         };
-        let c = |image: &str| Container { image: Some(image.into()), ..Container::default() };
-        assert!(matches!(choose_mode(&pod(None), &c("trainer:1"), &config), Ok(Mode::Scripted(s)) if s.exit_code == 7));
-        assert!(matches!(choose_mode(&pod(None), &c("busybox"), &config), Ok(Mode::Local(e)) if e[0] == "/bin/sh"));
-        assert!(matches!(choose_mode(&pod(None), &c("other"), &config), Ok(Mode::Scripted(s)) if s == Script::default()));
+        let c = |image: &str| Container {
+            image: Some(image.into()),
+            ..Container::default()
+        };
+        assert!(
+            matches!(choose_mode(&pod(None), &c("trainer:1"), &config), Ok(Mode::Scripted(s)) if s.exit_code == 7)
+        );
+        assert!(
+            matches!(choose_mode(&pod(None), &c("busybox"), &config), Ok(Mode::Local(e)) if e[0] == "/bin/sh")
+        );
+        assert!(
+            matches!(choose_mode(&pod(None), &c("other"), &config), Ok(Mode::Scripted(s)) if s == Script::default())
+        );
         // The annotation starts from the rule's script and wins over a local mapping.
-        assert!(matches!(choose_mode(&pod(Some("duration=2s")), &c("trainer:1"), &config),
-            Ok(Mode::Scripted(s)) if s.exit_code == 7 && s.duration == Some(Duration::from_secs(2))));
-        assert!(matches!(choose_mode(&pod(Some("exit=1")), &c("busybox"), &config), Ok(Mode::Scripted(s)) if s.exit_code == 1));
+        assert!(
+            matches!(choose_mode(&pod(Some("duration=2s")), &c("trainer:1"), &config),
+            Ok(Mode::Scripted(s)) if s.exit_code == 7 && s.duration == Some(Duration::from_secs(2)))
+        );
+        assert!(
+            matches!(choose_mode(&pod(Some("exit=1")), &c("busybox"), &config), Ok(Mode::Scripted(s)) if s.exit_code == 1)
+        );
     }
 
     #[test]
     fn trainer_style_script_prints_progress_and_a_summary() {
-        let s = Script { duration: Some(Duration::from_secs(4)), progress_steps: 4, exit_code: 2, ..Script::default() };
+        let s = Script {
+            duration: Some(Duration::from_secs(4)),
+            progress_steps: 4,
+            exit_code: 2,
+            ..Script::default()
+        };
         let (lines, message) = script_output(&s);
         assert_eq!(lines.len(), 4);
         assert_eq!(lines[3].0, Duration::from_secs(4));
-        let Some(TrainerEvent::Progress { step, total_steps, .. }) = TrainerEvent::parse_line(&lines[1].1) else {
+        let Some(TrainerEvent::Progress {
+            step, total_steps, ..
+        }) = TrainerEvent::parse_line(&lines[1].1)
+        else {
             panic!("not a progress line: {}", lines[1].1);
         };
         assert_eq!((step, total_steps), (2, 4));
@@ -369,7 +429,10 @@ mod tests {
     #[test]
     fn argv_replaces_the_image_executable() {
         let sh = vec!["/bin/sh".to_string(), "-c".to_string()];
-        let c = Container { args: Some(vec!["echo hi".into()]), ..Container::default() };
+        let c = Container {
+            args: Some(vec!["echo hi".into()]),
+            ..Container::default()
+        };
         assert_eq!(local_argv(&sh, &c), ["/bin/sh", "-c", "echo hi"]);
         let c = Container {
             command: Some(vec!["sh".into(), "-c".into()]),
@@ -379,11 +442,22 @@ mod tests {
         assert_eq!(local_argv(&sh, &c), ["/bin/sh", "-c", "echo hi"]);
         let trainer = vec!["/opt/bin/trainer".to_string()];
         let c = Container {
-            command: Some(vec!["/usr/local/bin/loraplane-trainer".into(), "train".into()]),
+            command: Some(vec![
+                "/usr/local/bin/loraplane-trainer".into(),
+                "train".into(),
+            ]),
             args: Some(vec!["--config".into(), "/etc/job/config.yaml".into()]),
             ..Container::default()
         };
-        assert_eq!(local_argv(&trainer, &c), ["/opt/bin/trainer", "train", "--config", "/etc/job/config.yaml"]);
+        assert_eq!(
+            local_argv(&trainer, &c),
+            [
+                "/opt/bin/trainer",
+                "train",
+                "--config",
+                "/etc/job/config.yaml"
+            ]
+        );
     }
 
     #[test]
@@ -392,15 +466,24 @@ mod tests {
         m.add("/data", Path::new("/tmp/sim/claims/ns/work"));
         m.add("/data/cache/", Path::new("/tmp/sim/pods/u/cache"));
         m.add("/dev/termination-log", Path::new("/tmp/sim/pods/u/c.term"));
-        assert_eq!(m.rewrite("/data/out.txt"), "/tmp/sim/claims/ns/work/out.txt");
+        assert_eq!(
+            m.rewrite("/data/out.txt"),
+            "/tmp/sim/claims/ns/work/out.txt"
+        );
         assert_eq!(m.rewrite("/data/cache/x"), "/tmp/sim/pods/u/cache/x");
         assert_eq!(m.rewrite("--work=/data"), "--work=/tmp/sim/claims/ns/work");
         assert_eq!(
             m.rewrite("cat /data/a > /dev/termination-log; ls /database /x/data"),
             "cat /tmp/sim/claims/ns/work/a > /tmp/sim/pods/u/c.term; ls /database /x/data"
         );
-        assert_eq!(m.rewrite("workDir: \"/data\"\n"), "workDir: \"/tmp/sim/claims/ns/work\"\n");
-        assert_eq!(m.host_path("/data/cache/y"), Some(PathBuf::from("/tmp/sim/pods/u/cache/y")));
+        assert_eq!(
+            m.rewrite("workDir: \"/data\"\n"),
+            "workDir: \"/tmp/sim/claims/ns/work\"\n"
+        );
+        assert_eq!(
+            m.host_path("/data/cache/y"),
+            Some(PathBuf::from("/tmp/sim/pods/u/cache/y"))
+        );
         assert_eq!(m.host_path("/datum"), None);
         m.add("/", Path::new("/nope"));
         assert_eq!(m.rewrite("/etc/passwd"), "/etc/passwd");

@@ -93,7 +93,12 @@ pub(super) fn merge_conditions(pod: &Pod, updates: Vec<PodCondition>) -> Vec<Pod
     conditions
 }
 
-fn condition(type_: &str, status: bool, reason: Option<&str>, message: Option<&str>) -> PodCondition {
+fn condition(
+    type_: &str,
+    status: bool,
+    reason: Option<&str>,
+    message: Option<&str>,
+) -> PodCondition {
     PodCondition {
         type_: type_.into(),
         status: if status { "True" } else { "False" }.into(),
@@ -104,7 +109,12 @@ fn condition(type_: &str, status: bool, reason: Option<&str>, message: Option<&s
     }
 }
 
-fn container_status(pod: &Pod, c: &Container, state: ContainerState, ready: bool) -> ContainerStatus {
+fn container_status(
+    pod: &Pod,
+    c: &Container,
+    state: ContainerState,
+    ready: bool,
+) -> ContainerStatus {
     let started = state.running.is_some();
     ContainerStatus {
         name: c.name.clone(),
@@ -124,7 +134,10 @@ fn container_status(pod: &Pod, c: &Container, state: ContainerState, ready: bool
 }
 
 fn containers(pod: &Pod) -> &[Container] {
-    pod.spec.as_ref().map(|s| s.containers.as_slice()).unwrap_or_default()
+    pod.spec
+        .as_ref()
+        .map(|s| s.containers.as_slice())
+        .unwrap_or_default()
 }
 
 /// The status patch of a pod a node fault ended (see the `cluster` module docs).
@@ -145,8 +158,7 @@ pub(super) fn disrupted_status(
                         exit_code: 137,
                         reason: Some("ContainerStatusUnknown".into()),
                         message: Some(
-                            "The container could not be located when the pod was terminated"
-                                .into(),
+                            "The container could not be located when the pod was terminated".into(),
                         ),
                         finished_at: Some(now()),
                         ..ContainerStateTerminated::default()
@@ -160,7 +172,12 @@ pub(super) fn disrupted_status(
     let conditions = merge_conditions(
         pod,
         vec![
-            condition("DisruptionTarget", true, Some(disruption_reason), Some(disruption_message)),
+            condition(
+                "DisruptionTarget",
+                true,
+                Some(disruption_reason),
+                Some(disruption_message),
+            ),
             condition("Ready", false, Some("PodFailed"), None),
             condition("ContainersReady", false, Some("PodFailed"), None),
         ],
@@ -180,7 +197,9 @@ pub(super) async fn finalize_delete(shared: &Shared, pod: &Pod) {
     let name = pod.metadata.name.clone().unwrap_or_default();
     let api: Api<Pod> = Api::namespaced(shared.client.clone(), &ns);
     // Already gone is fine; anything else is retried on the next kubelet pass.
-    let _ = api.delete(&name, &DeleteParams::default().grace_period(0)).await;
+    let _ = api
+        .delete(&name, &DeleteParams::default().grace_period(0))
+        .await;
     shared.wake();
 }
 
@@ -201,7 +220,11 @@ struct Ended {
 }
 
 /// Runs a pod on its node until its containers end or `stop` says otherwise.
-pub(super) async fn run(shared: &Arc<Shared>, pod: Pod, mut stop: watch::Receiver<Option<Stop>>) -> PodEnd {
+pub(super) async fn run(
+    shared: &Arc<Shared>,
+    pod: Pod,
+    mut stop: watch::Receiver<Option<Stop>>,
+) -> PodEnd {
     let creating: Vec<ContainerStatus> = containers(&pod)
         .iter()
         .map(|c| {
@@ -363,7 +386,11 @@ async fn prepare(shared: &Shared, pod: &Pod) -> Result<Vec<Prepared>, String> {
         modes.push((c.clone(), kubelet::choose_mode(pod, c, &shared.config)?));
     }
     let local = modes.iter().any(|(_, m)| matches!(m, Mode::Local(_)));
-    let paths = if local { Some(mount_volumes(shared, pod).await?) } else { None };
+    let paths = if local {
+        Some(mount_volumes(shared, pod).await?)
+    } else {
+        None
+    };
     let mut out = Vec::new();
     for (c, mode) in modes {
         match (mode, &paths) {
@@ -379,7 +406,10 @@ async fn prepare(shared: &Shared, pod: &Pod) -> Result<Vec<Prepared>, String> {
 }
 
 fn namespace(pod: &Pod) -> String {
-    pod.metadata.namespace.clone().unwrap_or_else(|| "default".into())
+    pod.metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into())
 }
 
 async fn get_secret(shared: &Shared, ns: &str, name: &str) -> Result<Option<Secret>, String> {
@@ -389,7 +419,11 @@ async fn get_secret(shared: &Shared, ns: &str, name: &str) -> Result<Option<Secr
         .map_err(|e| format!("get secret {ns}/{name}: {e}"))
 }
 
-async fn get_config_map(shared: &Shared, ns: &str, name: &str) -> Result<Option<ConfigMap>, String> {
+async fn get_config_map(
+    shared: &Shared,
+    ns: &str,
+    name: &str,
+) -> Result<Option<ConfigMap>, String> {
     Api::<ConfigMap>::namespaced(shared.client.clone(), ns)
         .get_opt(name)
         .await
@@ -454,7 +488,10 @@ async fn mount_volumes(shared: &Shared, pod: &Pod) -> Result<(PathMap, PathBuf),
                 None if sv.optional == Some(true) => Vec::new(),
                 None => return Err(format!("secret \"{name}\" not found")),
             };
-            files.push((own_dir.clone(), select_items(data, sv.items.as_deref(), &name)?));
+            files.push((
+                own_dir.clone(),
+                select_items(data, sv.items.as_deref(), &name)?,
+            ));
             own_dir
         } else if let Some(cv) = &vol.config_map {
             let name = cv.name.clone();
@@ -463,7 +500,10 @@ async fn mount_volumes(shared: &Shared, pod: &Pod) -> Result<(PathMap, PathBuf),
                 None if cv.optional == Some(true) => Vec::new(),
                 None => return Err(format!("configmap \"{name}\" not found")),
             };
-            files.push((own_dir.clone(), select_items(data, cv.items.as_deref(), &name)?));
+            files.push((
+                own_dir.clone(),
+                select_items(data, cv.items.as_deref(), &name)?,
+            ));
             own_dir
         } else {
             own_dir
@@ -477,12 +517,17 @@ async fn mount_volumes(shared: &Shared, pod: &Pod) -> Result<(PathMap, PathBuf),
     for c in containers(pod) {
         for m in c.volume_mounts.iter().flatten() {
             let Some(host) = hosts.get(&m.name) else {
-                return Err(format!("container {}: volume {:?} not found", c.name, m.name));
+                return Err(format!(
+                    "container {}: volume {:?} not found",
+                    c.name, m.name
+                ));
             };
             let host = match m.sub_path.as_deref().filter(|s| !s.is_empty()) {
                 Some(sub) => {
                     let h = host.join(sub);
-                    tokio::fs::create_dir_all(&h).await.map_err(io_err("create", &h))?;
+                    tokio::fs::create_dir_all(&h)
+                        .await
+                        .map_err(io_err("create", &h))?;
                     h
                 }
                 None => host.clone(),
@@ -494,7 +539,9 @@ async fn mount_volumes(shared: &Shared, pod: &Pod) -> Result<(PathMap, PathBuf),
         for (path, bytes) in entries {
             let file = dir.join(&path);
             if let Some(parent) = file.parent() {
-                tokio::fs::create_dir_all(parent).await.map_err(io_err("create", parent))?;
+                tokio::fs::create_dir_all(parent)
+                    .await
+                    .map_err(io_err("create", parent))?;
             }
             // Text files get the same path rewriting as the command line (module docs of
             // `kubelet`), so a mounted config naming `/work` points at the claim.
@@ -502,7 +549,9 @@ async fn mount_volumes(shared: &Shared, pod: &Pod) -> Result<(PathMap, PathBuf),
                 Ok(text) => map.rewrite(&text).into_bytes(),
                 Err(e) => e.into_bytes(),
             };
-            tokio::fs::write(&file, bytes).await.map_err(io_err("write", &file))?;
+            tokio::fs::write(&file, bytes)
+                .await
+                .map_err(io_err("write", &file))?;
         }
     }
     Ok((map, pod_dir))
@@ -567,7 +616,9 @@ async fn resolve_local(
         .await
         .map_err(io_err("write", &termination_file))?;
     map.add(
-        c.termination_message_path.as_deref().unwrap_or("/dev/termination-log"),
+        c.termination_message_path
+            .as_deref()
+            .unwrap_or("/dev/termination-log"),
         &termination_file,
     );
 
@@ -597,7 +648,11 @@ async fn resolve_local(
             Vec::new()
         };
         for (k, v) in data {
-            set(&mut vars, format!("{prefix}{k}"), String::from_utf8_lossy(&v).into_owned());
+            set(
+                &mut vars,
+                format!("{prefix}{k}"),
+                String::from_utf8_lossy(&v).into_owned(),
+            );
         }
     }
     for e in c.env.iter().flatten() {
@@ -615,7 +670,10 @@ async fn resolve_local(
                     (None, true, _) => continue,
                     (None, false, false) => return Err(format!("secret \"{}\" not found", r.name)),
                     (None, false, true) => {
-                        return Err(format!("couldn't find key {} in Secret {ns}/{}", r.key, r.name));
+                        return Err(format!(
+                            "couldn't find key {} in Secret {ns}/{}",
+                            r.key, r.name
+                        ));
                     }
                 }
             } else if let Some(r) = &from.config_map_key_ref {
@@ -627,9 +685,14 @@ async fn resolve_local(
                 match (value, r.optional == Some(true), cm.is_some()) {
                     (Some(v), _, _) => v,
                     (None, true, _) => continue,
-                    (None, false, false) => return Err(format!("configmap \"{}\" not found", r.name)),
+                    (None, false, false) => {
+                        return Err(format!("configmap \"{}\" not found", r.name));
+                    }
                     (None, false, true) => {
-                        return Err(format!("couldn't find key {} in ConfigMap {ns}/{}", r.key, r.name));
+                        return Err(format!(
+                            "couldn't find key {} in ConfigMap {ns}/{}",
+                            r.key, r.name
+                        ));
                     }
                 }
             } else if let Some(f) = &from.field_ref {
@@ -650,17 +713,32 @@ async fn resolve_local(
         return Err(format!("container {}: no command to run", c.name));
     }
     let mut env: Vec<(String, String)> = vec![
-        ("PATH".into(), std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into())),
+        (
+            "PATH".into(),
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()),
+        ),
         ("HOME".into(), pod_dir.join("home").display().to_string()),
-        ("HOSTNAME".into(), pod.metadata.name.clone().unwrap_or_default()),
+        (
+            "HOSTNAME".into(),
+            pod.metadata.name.clone().unwrap_or_default(),
+        ),
     ];
-    env.extend(order.iter().filter_map(|k| vars.get(k).map(|v| (k.clone(), map.rewrite(v)))));
+    env.extend(
+        order
+            .iter()
+            .filter_map(|k| vars.get(k).map(|v| (k.clone(), map.rewrite(v)))),
+    );
     let cwd = c
         .working_dir
         .as_deref()
         .and_then(|w| map.host_path(w))
         .unwrap_or_else(|| pod_dir.to_path_buf());
-    Ok(LocalRun { argv, env, cwd, termination_file })
+    Ok(LocalRun {
+        argv,
+        env,
+        cwd,
+        termination_file,
+    })
 }
 
 fn field_value(pod: &Pod, path: &str) -> String {
@@ -669,7 +747,11 @@ fn field_value(pod: &Pod, path: &str) -> String {
         "metadata.name" => m.name.clone().unwrap_or_default(),
         "metadata.namespace" => namespace(pod),
         "metadata.uid" => m.uid.clone().unwrap_or_default(),
-        "spec.nodeName" => pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        "spec.nodeName" => pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default(),
         "spec.serviceAccountName" => pod
             .spec
             .as_ref()
@@ -733,7 +815,11 @@ async fn run_script(
     let ns = namespace(pod);
     let name = pod.metadata.name.clone().unwrap_or_default();
     let (lines, message) = kubelet::script_output(script);
-    let log = |line: &str| shared.logs.append(&ns, &name, &c.name, format!("{line}\n").as_bytes());
+    let log = |line: &str| {
+        shared
+            .logs
+            .append(&ns, &name, &c.name, format!("{line}\n").as_bytes())
+    };
     let mut lines = lines.into_iter().peekable();
     let end = script.duration.map(|d| start + d);
     loop {
@@ -753,7 +839,11 @@ async fn run_script(
         };
         if let Some(stop) = stopped {
             // A scripted container dies on SIGTERM at once: 143, or 137 when killed.
-            let code = if matches!(stop, Some(Stop::Kill)) { 137 } else { 143 };
+            let code = if matches!(stop, Some(Stop::Kill)) {
+                137
+            } else {
+                143
+            };
             return terminated(pod, c, code, None, started);
         }
         let now_i = tokio::time::Instant::now();
@@ -808,9 +898,16 @@ async fn run_local(
         Ok(child) => child,
         Err(e) => {
             let message = format!("failed to start {}: {e}", run.argv[0]);
-            shared.logs.append(&ns, &name, &c.name, format!("{message}\n").as_bytes());
+            shared
+                .logs
+                .append(&ns, &name, &c.name, format!("{message}\n").as_bytes());
             let mut ended = terminated(pod, c, 128, Some(message), started);
-            if let Some(t) = ended.status.state.as_mut().and_then(|s| s.terminated.as_mut()) {
+            if let Some(t) = ended
+                .status
+                .state
+                .as_mut()
+                .and_then(|s| s.terminated.as_mut())
+            {
                 t.reason = Some("StartError".into());
             }
             return ended;
@@ -870,7 +967,9 @@ async fn run_local(
     let exit_code = match status {
         Ok(s) => {
             use std::os::unix::process::ExitStatusExt;
-            s.code().or_else(|| s.signal().map(|sig| 128 + sig)).unwrap_or(1)
+            s.code()
+                .or_else(|| s.signal().map(|sig| 128 + sig))
+                .unwrap_or(1)
         }
         Err(_) => 1,
     };
@@ -885,7 +984,10 @@ async fn run_local(
         && exit_code != 0
         && c.termination_message_policy.as_deref() == Some("FallbackToLogsOnError")
     {
-        let log = shared.logs.read(&ns, &name, Some(&c.name)).unwrap_or_default();
+        let log = shared
+            .logs
+            .read(&ns, &name, Some(&c.name))
+            .unwrap_or_default();
         let text = String::from_utf8_lossy(&log);
         let lines: Vec<&str> = text.lines().collect();
         let tail = lines[lines.len().saturating_sub(80)..].join("\n");
@@ -919,7 +1021,13 @@ mod tests {
             conditions: Some(vec![old.clone()]),
             ..Default::default()
         });
-        let merged = merge_conditions(&pod, vec![condition("Ready", false, Some("X"), None), condition("DisruptionTarget", true, None, None)]);
+        let merged = merge_conditions(
+            &pod,
+            vec![
+                condition("Ready", false, Some("X"), None),
+                condition("DisruptionTarget", true, None, None),
+            ],
+        );
         assert_eq!(merged.len(), 2);
         assert_eq!(merged[0].last_transition_time, old.last_transition_time);
         assert_eq!(merged[0].reason.as_deref(), Some("X"));

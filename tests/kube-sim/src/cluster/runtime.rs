@@ -32,6 +32,8 @@ const UNREACHABLE_TAINT: &str = "node.kubernetes.io/unreachable";
 /// A pod task on a kubelet.
 struct Running {
     node: String,
+    /// The pod's grace period, for when it vanishes without a graceful deletion.
+    grace: Duration,
     stop: watch::Sender<Option<Stop>>,
     handle: JoinHandle<PodEnd>,
 }
@@ -199,7 +201,10 @@ where
         + 'static,
 {
     let (store, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()).default_backoff());
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, watcher::Config::default()).default_backoff(),
+    );
     let wake = wake.clone();
     tasks.push(tokio::spawn(async move {
         stream
@@ -238,7 +243,11 @@ impl Shared {
     }
 
     pub(super) fn claim_path(&self, namespace: &str, claim: &str, uid: &str) -> PathBuf {
-        self.data_dir.join("claims").join(namespace).join(claim).join(uid)
+        self.data_dir
+            .join("claims")
+            .join(namespace)
+            .join(claim)
+            .join(uid)
     }
 
     /// The claim's uid, from the watch cache.
@@ -284,7 +293,10 @@ impl Shared {
         let status = json!({ "status": node.status });
         api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
             .await
-            .map_err(|source| ClusterError::PatchNode { name: name.clone(), source })?;
+            .map_err(|source| ClusterError::PatchNode {
+                name: name.clone(),
+                source,
+            })?;
         let mut book = lock(&self.book);
         book.deleted.remove(&name);
         book.lost.remove(&name);
@@ -309,7 +321,11 @@ impl Shared {
             .map(|n| n.as_ref())
             .collect();
         let by_uid: HashMap<String, &Pod> = pods.iter().map(|p| (uid(p), p.as_ref())).collect();
-        assumed.retain(|u, _| by_uid.get(u).is_some_and(|p| scheduler::bound_node(p).is_none()));
+        assumed.retain(|u, _| {
+            by_uid
+                .get(u)
+                .is_some_and(|p| scheduler::bound_node(p).is_none())
+        });
         let mut used = scheduler::usage_by_node(pods.iter().map(|p| p.as_ref()));
         for (node, req) in assumed.values() {
             let entry = used.entry(node.clone()).or_default();
@@ -401,10 +417,16 @@ impl Shared {
         let status = json!({"status": {"conditions": topology::ready_conditions(false)}});
         api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
             .await
-            .map_err(|source| ClusterError::PatchNode { name: name.into(), source })?;
+            .map_err(|source| ClusterError::PatchNode {
+                name: name.into(),
+                source,
+            })?;
         let mut taints = self.current_taints(name).await?;
         for effect in ["NoSchedule", "NoExecute"] {
-            if !taints.iter().any(|t| t.key == UNREACHABLE_TAINT && t.effect == effect) {
+            if !taints
+                .iter()
+                .any(|t| t.key == UNREACHABLE_TAINT && t.effect == effect)
+            {
                 taints.push(Taint {
                     key: UNREACHABLE_TAINT.into(),
                     value: None,
@@ -440,7 +462,10 @@ impl Shared {
         let exists = api
             .get_opt(name)
             .await
-            .map_err(|source| ClusterError::PatchNode { name: name.into(), source })?
+            .map_err(|source| ClusterError::PatchNode {
+                name: name.into(),
+                source,
+            })?
             .is_some();
         if !exists {
             return self.create_node(node).await;
@@ -455,13 +480,20 @@ impl Shared {
         let status = json!({"status": {"conditions": topology::ready_conditions(true)}});
         api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
             .await
-            .map_err(|source| ClusterError::PatchNode { name: name.into(), source })?;
+            .map_err(|source| ClusterError::PatchNode {
+                name: name.into(),
+                source,
+            })?;
         lock(&self.book).lost.remove(name);
         self.wake();
         Ok(())
     }
 
-    pub(super) async fn add_nodes(&self, pool: &str, count: u32) -> Result<Vec<String>, ClusterError> {
+    pub(super) async fn add_nodes(
+        &self,
+        pool: &str,
+        count: u32,
+    ) -> Result<Vec<String>, ClusterError> {
         let Some((region, p)) = self.topology.pool(pool) else {
             return Err(ClusterError::UnknownPool(pool.into()));
         };
@@ -500,7 +532,10 @@ impl Shared {
         let node = api
             .get(name)
             .await
-            .map_err(|source| ClusterError::PatchNode { name: name.into(), source })?;
+            .map_err(|source| ClusterError::PatchNode {
+                name: name.into(),
+                source,
+            })?;
         Ok(node.spec.and_then(|s| s.taints).unwrap_or_default())
     }
 
@@ -509,7 +544,10 @@ impl Shared {
         let patch = json!({"spec": {"taints": taints}});
         api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
-            .map_err(|source| ClusterError::PatchNode { name: name.into(), source })?;
+            .map_err(|source| ClusterError::PatchNode {
+                name: name.into(),
+                source,
+            })?;
         Ok(())
     }
 
@@ -520,7 +558,12 @@ impl Shared {
         let listed = api.list(&ListParams::default()).await;
         let pods = match listed {
             Ok(list) => list.items,
-            Err(_) => self.pods.state().iter().map(|p| p.as_ref().clone()).collect(),
+            Err(_) => self
+                .pods
+                .state()
+                .iter()
+                .map(|p| p.as_ref().clone())
+                .collect(),
         };
         pods.into_iter()
             .filter(|p| scheduler::bound_node(p) == Some(node) && !terminal(p))
@@ -562,7 +605,12 @@ async fn bind(client: &kube::Client, ns: &str, name: &str, uid: &str, node: &str
         "target": {"apiVersion": "v1", "kind": "Node", "name": node},
     });
     match api
-        .create_subresource::<serde_json::Value, serde_json::Value>("binding", name, &PostParams::default(), &binding)
+        .create_subresource::<serde_json::Value, serde_json::Value>(
+            "binding",
+            name,
+            &PostParams::default(),
+            &binding,
+        )
         .await
     {
         Ok(_) => true,
@@ -613,7 +661,8 @@ async fn kubelet_pass(shared: &Arc<Shared>) {
                 .get(&uid)
                 .map(|r| {
                     if r.stop.borrow().is_none() {
-                        r.stop.send_replace(Some(Stop::Delete(pod::grace_period(pod))));
+                        r.stop
+                            .send_replace(Some(Stop::Delete(pod::grace_period(pod))));
                     }
                 })
                 .is_some();
@@ -646,23 +695,28 @@ async fn kubelet_pass(shared: &Arc<Shared>) {
             uid,
             Running {
                 node: node.to_string(),
+                grace: pod::grace_period(pod),
                 stop,
                 handle,
             },
         );
     }
-    // Pods removed outright (grace 0 by someone else): kill what still runs.
-    let gone: Vec<Running> = {
-        let mut running = lock(&shared.running);
-        let uids: Vec<String> = running.keys().filter(|u| !seen.contains(*u)).cloned().collect();
-        uids.iter().filter_map(|u| running.remove(u)).collect()
-    };
-    for r in gone {
-        r.stop.send_replace(Some(Stop::Kill));
-    }
+    // Pods removed outright (an apiserver without graceful pod deletion, or a grace-0
+    // delete): terminate what still runs within the pod's grace period; nothing to report.
     let forgotten: Vec<String> = {
+        let running = lock(&shared.running);
+        for (_, r) in running.iter().filter(|(u, _)| !seen.contains(*u)) {
+            if r.stop.borrow().is_none() {
+                r.stop.send_replace(Some(Stop::Shutdown(r.grace)));
+            }
+        }
+        // A pod's directory goes once its task has ended (it removes itself from `running`).
         let mut started = lock(&shared.started);
-        let f: Vec<String> = started.iter().filter(|u| !seen.contains(*u)).cloned().collect();
+        let f: Vec<String> = started
+            .iter()
+            .filter(|u| !seen.contains(*u) && !running.contains_key(*u))
+            .cloned()
+            .collect();
         for u in &f {
             started.remove(u);
         }

@@ -84,7 +84,12 @@ pub fn usage_by_node<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> HashMap<Str
 }
 
 /// Why one node does not fit (the reason strings kube-scheduler uses).
-fn node_misfit(pod: &Pod, node: &Node, used: Option<&Resources>, requests: &Resources) -> Option<String> {
+fn node_misfit(
+    pod: &Pod,
+    node: &Node,
+    used: Option<&Resources>,
+    requests: &Resources,
+) -> Option<String> {
     let spec = node.spec.as_ref();
     if spec.and_then(|s| s.unschedulable).unwrap_or(false) {
         return Some("node(s) were unschedulable".into());
@@ -136,7 +141,8 @@ pub fn tolerates(t: &Toleration, taint: &Taint) -> bool {
     match t.operator.as_deref().unwrap_or("Equal") {
         "Exists" => key.is_empty() || key == taint.key,
         "Equal" => {
-            key == taint.key && t.value.as_deref().unwrap_or("") == taint.value.as_deref().unwrap_or("")
+            key == taint.key
+                && t.value.as_deref().unwrap_or("") == taint.value.as_deref().unwrap_or("")
         }
         _ => false,
     }
@@ -158,7 +164,10 @@ pub fn matches_node_selection(pod: &Pod, node: &Node) -> bool {
         .affinity
         .as_ref()
         .and_then(|a| a.node_affinity.as_ref())
-        .and_then(|na| na.required_during_scheduling_ignored_during_execution.as_ref());
+        .and_then(|na| {
+            na.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        });
     match required {
         // Terms are ORed; an empty list matches nothing, as in Kubernetes.
         Some(sel) => sel
@@ -179,9 +188,9 @@ fn term_matches(term: &NodeSelectorTerm, labels: &BTreeMap<String, String>, name
     exprs
         .iter()
         .all(|r| requirement_matches(r, labels.get(&r.key).map(String::as_str)))
-        && fields.iter().all(|r| {
-            r.key == "metadata.name" && requirement_matches(r, Some(name))
-        })
+        && fields
+            .iter()
+            .all(|r| r.key == "metadata.name" && requirement_matches(r, Some(name)))
 }
 
 fn requirement_matches(r: &NodeSelectorRequirement, value: Option<&str>) -> bool {
@@ -193,11 +202,17 @@ fn requirement_matches(r: &NodeSelectorRequirement, value: Option<&str>) -> bool
         "Exists" => value.is_some(),
         "DoesNotExist" => value.is_none(),
         "Gt" | "Lt" => {
-            let (Some(v), Some(bound)) = (value.and_then(number), values.first().and_then(|b| number(b)))
-            else {
+            let (Some(v), Some(bound)) = (
+                value.and_then(number),
+                values.first().and_then(|b| number(b)),
+            ) else {
                 return false;
             };
-            if r.operator == "Gt" { v > bound } else { v < bound }
+            if r.operator == "Gt" {
+                v > bound
+            } else {
+                v < bound
+            }
         }
         _ => false,
     }
@@ -231,7 +246,10 @@ pub fn schedule(pod: &Pod, nodes: &[&Node], used: &HashMap<String, Resources>) -
                     .and_then(|a| a.get(RESOURCE_GPU))
                     .and_then(|q| quantity::parse(&q.0))
                     .unwrap_or(0.0);
-                let in_use = node_used.and_then(|u| u.get(RESOURCE_GPU)).copied().unwrap_or(0.0);
+                let in_use = node_used
+                    .and_then(|u| u.get(RESOURCE_GPU))
+                    .copied()
+                    .unwrap_or(0.0);
                 let free_after = gpus - in_use - want_gpu;
                 if best.is_none_or(|(f, n)| free_after < f || (free_after == f && name < n)) {
                     best = Some((free_after, name));
@@ -300,11 +318,20 @@ regions:
     #[test]
     fn node_selector_picks_the_pool_and_bin_packs() {
         let nodes = topo();
-        let p = gpu_pod(1, "  nodeSelector: {topology.kubernetes.io/region: us-east}\n");
-        assert_eq!(run(&p, &nodes, &HashMap::new()), Decision::Bind("us-a100-0".into()));
+        let p = gpu_pod(
+            1,
+            "  nodeSelector: {topology.kubernetes.io/region: us-east}\n",
+        );
+        assert_eq!(
+            run(&p, &nodes, &HashMap::new()),
+            Decision::Bind("us-a100-0".into())
+        );
         // ew-l4-1 already runs one GPU pod: the next one-GPU pod fills it up first.
         let p = gpu_pod(1, "  nodeSelector: {loraplane.io/node-pool: ew-l4}\n");
-        let used = HashMap::from([("ew-l4-1".to_string(), Resources::from([(RESOURCE_GPU.to_string(), 1.0)]))]);
+        let used = HashMap::from([(
+            "ew-l4-1".to_string(),
+            Resources::from([(RESOURCE_GPU.to_string(), 1.0)]),
+        )]);
         assert_eq!(run(&p, &nodes, &used), Decision::Bind("ew-l4-1".into()));
     }
 
@@ -313,8 +340,14 @@ regions:
         let nodes = topo();
         let p = gpu_pod(2, "  nodeSelector: {loraplane.io/node-pool: ew-l4}\n");
         let used = HashMap::from([
-            ("ew-l4-0".to_string(), Resources::from([(RESOURCE_GPU.to_string(), 1.0)])),
-            ("ew-l4-1".to_string(), Resources::from([(RESOURCE_GPU.to_string(), 2.0)])),
+            (
+                "ew-l4-0".to_string(),
+                Resources::from([(RESOURCE_GPU.to_string(), 1.0)]),
+            ),
+            (
+                "ew-l4-1".to_string(),
+                Resources::from([(RESOURCE_GPU.to_string(), 2.0)]),
+            ),
         ]);
         // The spot node fails on its taint first, like kube-scheduler's filter order.
         assert_eq!(
@@ -331,21 +364,31 @@ regions:
     fn taints_need_a_matching_toleration() {
         let nodes = topo();
         let sel = "  nodeSelector: {loraplane.io/node-pool: ew-spot}\n";
-        assert!(matches!(run(&gpu_pod(1, sel), &nodes, &HashMap::new()), Decision::Unschedulable(_)));
+        assert!(matches!(
+            run(&gpu_pod(1, sel), &nodes, &HashMap::new()),
+            Decision::Unschedulable(_)
+        ));
         for tol in [
             "  tolerations: [{key: loraplane.io/spot, operator: Equal, value: \"true\", effect: NoSchedule}]\n",
             "  tolerations: [{key: loraplane.io/spot, operator: Exists}]\n",
             "  tolerations: [{operator: Exists}]\n",
         ] {
             let p = gpu_pod(1, &format!("{sel}{tol}"));
-            assert_eq!(run(&p, &nodes, &HashMap::new()), Decision::Bind("ew-spot-0".into()), "{tol}");
+            assert_eq!(
+                run(&p, &nodes, &HashMap::new()),
+                Decision::Bind("ew-spot-0".into()),
+                "{tol}"
+            );
         }
         for tol in [
             "  tolerations: [{key: loraplane.io/spot, value: \"false\"}]\n",
             "  tolerations: [{key: loraplane.io/spot, operator: Exists, effect: NoExecute}]\n",
         ] {
             let p = gpu_pod(1, &format!("{sel}{tol}"));
-            assert!(matches!(run(&p, &nodes, &HashMap::new()), Decision::Unschedulable(_)), "{tol}");
+            assert!(
+                matches!(run(&p, &nodes, &HashMap::new()), Decision::Unschedulable(_)),
+                "{tol}"
+            );
         }
     }
 
@@ -361,14 +404,25 @@ regions:
             )
         };
         let region_in = "{key: topology.kubernetes.io/region, operator: In, values: [us-east]}";
-        assert_eq!(run(&aff(region_in), &nodes, &HashMap::new()), Decision::Bind("us-a100-0".into()));
+        assert_eq!(
+            run(&aff(region_in), &nodes, &HashMap::new()),
+            Decision::Bind("us-a100-0".into())
+        );
         let not_eu_not_spot = "{key: topology.kubernetes.io/region, operator: NotIn, values: [us-east]}, \
                                {key: karpenter.sh/capacity-type, operator: NotIn, values: [spot]}";
-        assert_eq!(run(&aff(not_eu_not_spot), &nodes, &HashMap::new()), Decision::Bind("ew-l4-0".into()));
+        assert_eq!(
+            run(&aff(not_eu_not_spot), &nodes, &HashMap::new()),
+            Decision::Bind("ew-l4-0".into())
+        );
         let exists = "{key: team, operator: Exists}";
-        assert!(matches!(run(&aff(exists), &nodes, &HashMap::new()), Decision::Unschedulable(m) if m.contains("4 node(s) didn't match")));
+        assert!(
+            matches!(run(&aff(exists), &nodes, &HashMap::new()), Decision::Unschedulable(m) if m.contains("4 node(s) didn't match"))
+        );
         let absent = "{key: team, operator: DoesNotExist}, {key: nvidia.com/gpu.memory, operator: Gt, values: [\"40000\"]}";
-        assert_eq!(run(&aff(absent), &nodes, &HashMap::new()), Decision::Bind("us-a100-0".into()));
+        assert_eq!(
+            run(&aff(absent), &nodes, &HashMap::new()),
+            Decision::Bind("us-a100-0".into())
+        );
     }
 
     #[test]

@@ -117,8 +117,8 @@ pub struct TaintSpec {
 impl Topology {
     /// Parses and validates a topology.
     pub fn from_yaml(text: &str) -> Result<Topology, ClusterError> {
-        let topology: Topology = serde_yaml::from_str(text)
-            .map_err(|e| ClusterError::ParseTopology(e.to_string()))?;
+        let topology: Topology =
+            serde_yaml::from_str(text).map_err(|e| ClusterError::ParseTopology(e.to_string()))?;
         topology.validate()?;
         Ok(topology)
     }
@@ -213,7 +213,10 @@ pub fn node_for(region: &Region, pool: &Pool, index: u32) -> Node {
         (LABEL_ZONE, zone.clone()),
         (LABEL_INSTANCE_TYPE, pool.instance_type.clone()),
         (LABEL_GPU_PRODUCT, pool.gpu_product.clone()),
-        (LABEL_GPU_MEMORY, (u64::from(pool.gpu_memory_gib) * 1024).to_string()),
+        (
+            LABEL_GPU_MEMORY,
+            (u64::from(pool.gpu_memory_gib) * 1024).to_string(),
+        ),
         ("nvidia.com/gpu.count", pool.gpus_per_node.to_string()),
         (LABEL_POOL, pool.name.clone()),
         (
@@ -304,15 +307,42 @@ pub fn ready_conditions(ready: bool) -> Vec<NodeCondition> {
     };
     if ready {
         vec![
-            cond("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
-            cond("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
-            cond("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
-            cond("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
+            cond(
+                "MemoryPressure",
+                "False",
+                "KubeletHasSufficientMemory",
+                "kubelet has sufficient memory available",
+            ),
+            cond(
+                "DiskPressure",
+                "False",
+                "KubeletHasNoDiskPressure",
+                "kubelet has no disk pressure",
+            ),
+            cond(
+                "PIDPressure",
+                "False",
+                "KubeletHasSufficientPID",
+                "kubelet has sufficient PID available",
+            ),
+            cond(
+                "Ready",
+                "True",
+                "KubeletReady",
+                "kubelet is posting ready status",
+            ),
         ]
     } else {
         ["MemoryPressure", "DiskPressure", "PIDPressure", "Ready"]
             .into_iter()
-            .map(|t| cond(t, "Unknown", "NodeStatusUnknown", "Kubelet stopped posting node status."))
+            .map(|t| {
+                cond(
+                    t,
+                    "Unknown",
+                    "NodeStatusUnknown",
+                    "Kubelet stopped posting node status.",
+                )
+            })
             .collect()
     }
 }
@@ -329,7 +359,11 @@ mod tests {
         let names: Vec<_> = t.regions.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["eu-west", "eu-central", "us-east"]);
         assert_eq!(t.regions[2].jurisdiction, Jurisdiction::Us);
-        assert!(t.regions[..2].iter().all(|r| r.jurisdiction == Jurisdiction::Eea));
+        assert!(
+            t.regions[..2]
+                .iter()
+                .all(|r| r.jurisdiction == Jurisdiction::Eea)
+        );
         let nodes = t.nodes();
         assert!(nodes.len() >= 6);
         for n in &nodes {
@@ -345,7 +379,11 @@ mod tests {
                 n.metadata.name
             );
         }
-        assert!(nodes.iter().any(|n| n.metadata.labels.as_ref().unwrap()[LABEL_CAPACITY_TYPE] == "spot"));
+        assert!(
+            nodes
+                .iter()
+                .any(|n| n.metadata.labels.as_ref().unwrap()[LABEL_CAPACITY_TYPE] == "spot")
+        );
     }
 
     #[test]
@@ -368,7 +406,10 @@ regions:
         )
         .unwrap();
         let nodes = t.nodes();
-        let names: Vec<_> = nodes.iter().map(|n| n.metadata.name.clone().unwrap()).collect();
+        let names: Vec<_> = nodes
+            .iter()
+            .map(|n| n.metadata.name.clone().unwrap())
+            .collect();
         assert_eq!(names, ["eu-west-l4-0", "eu-west-l4-1", "eu-west-l4-2"]);
         let labels = nodes[1].metadata.labels.clone().unwrap();
         assert_eq!(labels[LABEL_REGION], "eu-west");
@@ -382,7 +423,12 @@ regions:
         let status = nodes[1].status.clone().unwrap();
         assert_eq!(status.allocatable.unwrap()[RESOURCE_GPU].0, "2");
         assert_eq!(status.capacity.unwrap()["memory"].0, "64Gi");
-        let ready = status.conditions.unwrap().into_iter().find(|c| c.type_ == "Ready").unwrap();
+        let ready = status
+            .conditions
+            .unwrap()
+            .into_iter()
+            .find(|c| c.type_ == "Ready")
+            .unwrap();
         assert_eq!(ready.status, "True");
     }
 
