@@ -428,7 +428,11 @@ impl App {
                 };
                 let (job, created) = match self.create_job(&ns, &order, &ids).await {
                     Ok(r) => r,
-                    Err(AppError::Revoked(_)) => return Ok(Outcome::RevokedFirst),
+                    Err(AppError::Revoked(_)) => {
+                        // The refund came first; the upload is the order's only data.
+                        self.delete_upload(&ns, &order.upload_id).await?;
+                        return Ok(Outcome::RevokedFirst);
+                    }
                     Err(
                         AppError::Order(_)
                         | AppError::Upload(_)
@@ -479,6 +483,21 @@ impl App {
                 Ok(Outcome::Ignored)
             }
         }
+    }
+
+    async fn delete_upload(&self, ns: &str, upload_id: &str) -> Result<(), AppError> {
+        let Some(upload) = UploadId::parse(upload_id) else {
+            return Ok(());
+        };
+        let Some(region) = self.platform.region(&upload.region) else {
+            return Ok(());
+        };
+        let d = self
+            .storage
+            .delete_prefix(&region.buckets.datasets, &upload.key(ns))
+            .await?;
+        self.metrics.bytes_erased.inc_by(d.bytes);
+        Ok(())
     }
 
     /// Gets a job in a namespace.

@@ -126,6 +126,7 @@ async fn run(args: Args) -> Result<(), StartError> {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    loraplane_api::install_crypto_provider();
     if let Err(err) = logging::init(args.log_format) {
         eprintln!("loraplane-api: {err}");
         return std::process::ExitCode::FAILURE;

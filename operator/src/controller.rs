@@ -518,7 +518,8 @@ pub async fn run(
         })
         .await;
     health.leading.store(false, Ordering::SeqCst);
-    if lost.load(Ordering::SeqCst) {
+    // Releasing the Lease on shutdown also flips `leading`; that is not a loss.
+    if lost.load(Ordering::SeqCst) && !*shutdown.borrow() {
         election_task.abort();
         return Err(RunError::LostLeadership);
     }

@@ -255,7 +255,7 @@ pub fn pod_name(job_name: &str, index: usize) -> String {
 pub fn tried_pools(status: Option<&LoRATrainingJobStatus>) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     if let Some(st) = status {
-        for a in st.attempts.iter().rev() {
+        for a in st.attempts.iter().rev().skip_while(|a| a.end_time.is_none()) {
             if a.reason.as_deref() != Some(reason::UNSCHEDULABLE) {
                 break;
             }
@@ -750,9 +750,11 @@ mod tests {
 
     impl Run {
         fn new(residency: Residency) -> Run {
-            let mut defaults = Defaults::default();
-            defaults.scheduling_timeout_seconds = 60;
-            defaults.backoff_seconds = 10;
+            let defaults = Defaults {
+                scheduling_timeout_seconds: 60,
+                backoff_seconds: 10,
+                ..Defaults::default()
+            };
             Run { job: job(residency), defaults }
         }
         /// Decides and stores the status, as the controller would after a successful write.

@@ -125,7 +125,7 @@ pub fn check(c: &TrainerConfig) -> Result<(), ConfigError> {
             format!("must be 1..=64, got {}", t.batch_size),
         );
     }
-    if t.resolution < 64 || t.resolution > 4096 || t.resolution % 64 != 0 {
+    if t.resolution < 64 || t.resolution > 4096 || !t.resolution.is_multiple_of(64) {
         return bad(
             "training.resolution",
             format!(

@@ -55,7 +55,7 @@ impl Tracker {
             self.loss_sum += loss;
             self.loss_n += 1;
         }
-        if step % self.every != 0 && step != self.total {
+        if !step.is_multiple_of(self.every) && step != self.total {
             return None;
         }
         let done = step.saturating_sub(self.since_step) as f64;

@@ -551,7 +551,7 @@ pub fn run(config: &TrainerConfig, opts: &RunOptions) -> Result<RunReport, Train
         if let Some(ev) = tracker.record(done, loss_value) {
             emit(ev);
         }
-        if done % t.checkpoint_every == 0 && done < t.steps {
+        if done.is_multiple_of(t.checkpoint_every) && done < t.steps {
             let uri = save_checkpoint(
                 &storage,
                 &model,

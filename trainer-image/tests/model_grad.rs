@@ -159,3 +159,22 @@ fn sd15_gradients_match_finite_differences() {
 fn sdxl_gradients_match_finite_differences() {
     finite_difference_check(ModelFamily::Sdxl);
 }
+
+#[test]
+fn half_precision_model_trains_f32_adapters() {
+    let (_dir, m) = load(ModelFamily::Sd15, DType::F16);
+    let l = loss(&m, DType::F16);
+    let grads = l.backward().unwrap();
+    for (name, a) in m.adapters() {
+        assert_eq!(a.up.dtype(), DType::F32, "{name}");
+        let g = grads.get(a.up.as_tensor()).unwrap();
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(norm > 0.0 && norm.is_finite(), "{name}: {norm}");
+    }
+}

@@ -240,11 +240,13 @@ fn resumed_run_equals_uninterrupted_run() {
     assert!(max_diff <= 1e-6, "resumed adapters differ by {max_diff}");
 }
 
+type Entries = Vec<(String, Vec<u8>)>;
+
 #[test]
 fn invalid_datasets_are_bad_input_and_leave_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path(), ModelFamily::Sd15);
-    let cases: Vec<(&str, Vec<(String, Vec<u8>)>, &str)> = vec![
+    let cases: Vec<(&str, Entries, &str)> = vec![
         (
             "slip",
             {

@@ -362,10 +362,18 @@ async fn injected_faults_fail_writes_with_the_chosen_codes() {
         let cms: Api<ConfigMap> = Api::namespaced(sim.client(), "default");
         sim.faults().set_error_rate(1.0);
         sim.faults().set_error_codes(&[500]);
-        let e = status(cms.create(&PostParams::default(), &cm("c", json!({}))).await.unwrap_err());
+        let e = status(
+            cms.create(&PostParams::default(), &cm("c", json!({})))
+                .await
+                .unwrap_err(),
+        );
         assert_eq!((e.code, e.reason.as_str()), (500, "InternalError"));
         sim.faults().set_error_codes(&[409]);
-        let e = status(cms.create(&PostParams::default(), &cm("c", json!({}))).await.unwrap_err());
+        let e = status(
+            cms.create(&PostParams::default(), &cm("c", json!({})))
+                .await
+                .unwrap_err(),
+        );
         assert_eq!((e.code, e.reason.as_str()), (409, "Conflict"));
         // Reads are unaffected.
         cms.list(&ListParams::default()).await.unwrap();
@@ -375,20 +383,33 @@ async fn injected_faults_fail_writes_with_the_chosen_codes() {
         let mut config = kube::Config::new(sim.url().parse().unwrap());
         config.default_retry = false;
         let raw: Api<ConfigMap> = Api::namespaced(Client::try_from(config).unwrap(), "default");
-        let e = status(raw.create(&PostParams::default(), &cm("c", json!({}))).await.unwrap_err());
+        let e = status(
+            raw.create(&PostParams::default(), &cm("c", json!({})))
+                .await
+                .unwrap_err(),
+        );
         assert_eq!((e.code, e.reason.as_str()), (429, "TooManyRequests"));
         assert_eq!(sim.faults().injected_errors(), 3);
 
-        // kube's default client retries 429 (after Retry-After: 1 s) and 503 (quick backoff),
-        // so at a 50% rate of 503s every write still lands, after some injected failures.
+        // kube's default client retries 503 (and 429, after Retry-After: 1 s): a write issued
+        // while the apiserver fails lands once the faults stop.
         sim.faults().set_error_codes(&[503]);
-        sim.faults().set_error_rate(0.5);
-        for i in 0..20 {
-            cms.create(&PostParams::default(), &cm(&format!("r{i}"), json!({}))).await.unwrap();
+        let retried = tokio::spawn({
+            let cms = cms.clone();
+            async move {
+                cms.create(&PostParams::default(), &cm("retried", json!({})))
+                    .await
+            }
+        });
+        while sim.faults().injected_errors() < 5 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert!(sim.faults().injected_errors() > 3);
         sim.faults().clear();
-        cms.create(&PostParams::default(), &cm("c", json!({}))).await.unwrap();
+        retried.await.unwrap().unwrap();
+        sim.faults().clear();
+        cms.create(&PostParams::default(), &cm("c", json!({})))
+            .await
+            .unwrap();
 
         sim.faults().set_latency(Duration::from_millis(300));
         let started = std::time::Instant::now();

@@ -50,23 +50,39 @@ async fn finalizers_keep_an_object_until_removed() {
     within(async {
         let sim = KubeSim::start(SimConfig::default()).await.unwrap();
         let cms: Api<ConfigMap> = Api::namespaced(sim.client(), "default");
-        cms.create(&PostParams::default(), &cm("f", json!({"metadata": {"finalizers": ["loraplane.io/cleanup"]}})))
-            .await
-            .unwrap();
+        cms.create(
+            &PostParams::default(),
+            &cm(
+                "f",
+                json!({"metadata": {"finalizers": ["loraplane.io/cleanup"]}}),
+            ),
+        )
+        .await
+        .unwrap();
         let deleted = cms.delete("f", &DeleteParams::default()).await.unwrap();
-        let held = deleted.left().expect("object returned while finalizers remain");
+        let held = deleted
+            .left()
+            .expect("object returned while finalizers remain");
         assert!(held.metadata.deletion_timestamp.is_some());
         let still = cms.get("f").await.unwrap();
         assert!(still.metadata.deletion_timestamp.is_some());
         // New finalizers cannot be added during deletion.
         let e = cms
-            .patch("f", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": ["loraplane.io/cleanup", "x/y"]}})))
+            .patch(
+                "f",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"finalizers": ["loraplane.io/cleanup", "x/y"]}})),
+            )
             .await
             .unwrap_err();
         assert!(matches!(e, kube::Error::Api(s) if s.code == 422));
-        cms.patch("f", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}})))
-            .await
-            .unwrap();
+        cms.patch(
+            "f",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+        .unwrap();
         gone(&cms, "f").await;
         sim.shutdown().await;
     })
@@ -78,8 +94,13 @@ async fn background_deletion_collects_dependents() {
     within(async {
         let sim = KubeSim::start(SimConfig::default()).await.unwrap();
         let cms: Api<ConfigMap> = Api::namespaced(sim.client(), "default");
-        let owner = cms.create(&PostParams::default(), &cm("owner", json!({}))).await.unwrap();
-        cms.create(&PostParams::default(), &cm("child", owned_by(&owner))).await.unwrap();
+        let owner = cms
+            .create(&PostParams::default(), &cm("owner", json!({})))
+            .await
+            .unwrap();
+        cms.create(&PostParams::default(), &cm("child", owned_by(&owner)))
+            .await
+            .unwrap();
         let pods: Api<Pod> = Api::namespaced(sim.client(), "default");
         let mut pod: Pod = serde_json::from_value(json!({
             "metadata": {"name": "child-pod"},
@@ -88,7 +109,9 @@ async fn background_deletion_collects_dependents() {
         .unwrap();
         pod.metadata.owner_references = Some(vec![owner.controller_owner_ref(&()).unwrap()]);
         pods.create(&PostParams::default(), &pod).await.unwrap();
-        cms.delete("owner", &DeleteParams::background()).await.unwrap();
+        cms.delete("owner", &DeleteParams::background())
+            .await
+            .unwrap();
         gone(&cms, "owner").await;
         gone(&cms, "child").await;
         gone(&pods, "child-pod").await;
@@ -102,11 +125,18 @@ async fn foreground_deletion_waits_for_dependents() {
     within(async {
         let sim = KubeSim::start(SimConfig::default()).await.unwrap();
         let cms: Api<ConfigMap> = Api::namespaced(sim.client(), "default");
-        let owner = cms.create(&PostParams::default(), &cm("owner", json!({}))).await.unwrap();
+        let owner = cms
+            .create(&PostParams::default(), &cm("owner", json!({})))
+            .await
+            .unwrap();
         let mut child = owned_by(&owner);
         child["metadata"]["finalizers"] = json!(["test/hold"]);
-        cms.create(&PostParams::default(), &cm("child", child)).await.unwrap();
-        cms.delete("owner", &DeleteParams::foreground()).await.unwrap();
+        cms.create(&PostParams::default(), &cm("child", child))
+            .await
+            .unwrap();
+        cms.delete("owner", &DeleteParams::foreground())
+            .await
+            .unwrap();
         // The owner waits with the foregroundDeletion finalizer while its child is held.
         loop {
             let c = cms.get("child").await.unwrap();
@@ -118,9 +148,13 @@ async fn foreground_deletion_waits_for_dependents() {
         let o = cms.get("owner").await.unwrap();
         assert!(o.metadata.deletion_timestamp.is_some());
         assert_eq!(o.metadata.finalizers.unwrap(), ["foregroundDeletion"]);
-        cms.patch("child", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}})))
-            .await
-            .unwrap();
+        cms.patch(
+            "child",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+        .unwrap();
         gone(&cms, "child").await;
         gone(&cms, "owner").await;
         sim.shutdown().await;
@@ -133,12 +167,23 @@ async fn orphan_deletion_keeps_dependents_without_the_reference() {
     within(async {
         let sim = KubeSim::start(SimConfig::default()).await.unwrap();
         let cms: Api<ConfigMap> = Api::namespaced(sim.client(), "default");
-        let owner = cms.create(&PostParams::default(), &cm("owner", json!({}))).await.unwrap();
-        cms.create(&PostParams::default(), &cm("child", owned_by(&owner))).await.unwrap();
+        let owner = cms
+            .create(&PostParams::default(), &cm("owner", json!({})))
+            .await
+            .unwrap();
+        cms.create(&PostParams::default(), &cm("child", owned_by(&owner)))
+            .await
+            .unwrap();
         cms.delete("owner", &DeleteParams::orphan()).await.unwrap();
         gone(&cms, "owner").await;
         let child = cms.get("child").await.unwrap();
-        assert!(child.metadata.owner_references.unwrap_or_default().is_empty());
+        assert!(
+            child
+                .metadata
+                .owner_references
+                .unwrap_or_default()
+                .is_empty()
+        );
         sim.shutdown().await;
     })
     .await;
@@ -183,18 +228,27 @@ async fn deletecollection_and_namespace_termination() {
     within(async {
         let sim = KubeSim::start(SimConfig::default()).await.unwrap();
         let nss: Api<Namespace> = Api::all(sim.client());
-        nss.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "team"}})).unwrap())
-            .await
-            .unwrap();
+        nss.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "team"}})).unwrap(),
+        )
+        .await
+        .unwrap();
         let cms: Api<ConfigMap> = Api::namespaced(sim.client(), "team");
         for (name, tier) in [("a", "x"), ("b", "x"), ("c", "y")] {
-            cms.create(&PostParams::default(), &cm(name, json!({"metadata": {"labels": {"tier": tier}}})))
-                .await
-                .unwrap();
-        }
-        cms.delete_collection(&DeleteParams::default(), &ListParams::default().labels("tier=x"))
+            cms.create(
+                &PostParams::default(),
+                &cm(name, json!({"metadata": {"labels": {"tier": tier}}})),
+            )
             .await
             .unwrap();
+        }
+        cms.delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels("tier=x"),
+        )
+        .await
+        .unwrap();
         let left: Vec<String> = cms
             .list(&ListParams::default())
             .await

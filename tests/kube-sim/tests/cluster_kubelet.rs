@@ -1,14 +1,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! The simulated kubelets and node faults, driven through a real `kube::Client`: scripted
 //! pods with exit codes, trainer-style progress and termination messages; a local-process pod
-//! with a Secret volume, env from a Secret, a claim directory, logs through `pods/log` and its
+//! with Secret and ConfigMap volumes, env from a Secret and a ConfigMap, a claim directory, logs through `pods/log` and its
 //! termination message; graceful deletion of a running process; spot preemption and node loss
 //! with their DisruptionTarget conditions.
 
 use std::future::Future;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim, Pod, Secret};
 use kube::Api;
 use kube::api::{DeleteParams, LogParams, PostParams};
 use kube_sim::cluster::{KubeletConfig, LocalImage, Script, ScriptRule, Topology};
@@ -204,6 +204,14 @@ async fn local_process_pod_reads_its_secret_writes_its_claim_and_reports() {
             })).unwrap())
             .await
             .unwrap();
+        let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+        config_maps
+            .create(&PostParams::default(), &serde_json::from_value(json!({
+                "metadata": {"name": "settings"},
+                "data": {"MODE": "fast", "app.conf": "level=3\n"},
+            })).unwrap())
+            .await
+            .unwrap();
         let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
         claims
             .create(&PostParams::default(), &serde_json::from_value(json!({
@@ -214,7 +222,8 @@ async fn local_process_pod_reads_its_secret_writes_its_claim_and_reports() {
             .unwrap();
         let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
         let script = "cat /etc/creds/token > /work/out.txt; cat /etc/creds/config.yaml; \
-                      echo \"pod=$POD_NAME key=$API_KEY\"; echo oops >&2; \
+                      echo \"pod=$POD_NAME key=$API_KEY mode=$CFG_MODE ref=$(POD_NAME)\"; \
+                      cat /etc/app/conf/app.conf; echo oops >&2; \
                       printf 'all done' > /dev/termination-log; exit 4";
         pods.create(&PostParams::default(), &pod(json!({
             "metadata": {"name": "local"},
@@ -222,6 +231,7 @@ async fn local_process_pod_reads_its_secret_writes_its_claim_and_reports() {
                 "restartPolicy": "Never",
                 "containers": [{
                     "name": "main", "image": "busybox:1.36", "command": ["sh", "-c"], "args": [script],
+                    "envFrom": [{"configMapRef": {"name": "settings"}, "prefix": "CFG_"}],
                     "env": [
                         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                         {"name": "API_KEY", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}},
@@ -229,11 +239,13 @@ async fn local_process_pod_reads_its_secret_writes_its_claim_and_reports() {
                     "volumeMounts": [
                         {"name": "creds", "mountPath": "/etc/creds", "readOnly": true},
                         {"name": "work", "mountPath": "/work"},
+                        {"name": "app", "mountPath": "/etc/app"},
                     ],
                 }],
                 "volumes": [
                     {"name": "creds", "secret": {"secretName": "creds"}},
                     {"name": "work", "persistentVolumeClaim": {"claimName": "work"}},
+                    {"name": "app", "configMap": {"name": "settings", "items": [{"key": "app.conf", "path": "conf/app.conf"}]}},
                 ],
             },
         })))
@@ -250,7 +262,8 @@ async fn local_process_pod_reads_its_secret_writes_its_claim_and_reports() {
         assert_eq!(std::fs::read_to_string(claim_dir.join("out.txt")).unwrap(), "s3cr3t");
 
         let log = pods.logs("local", &LogParams::default()).await.unwrap();
-        assert!(log.contains("pod=local key=s3cr3t"), "{log}");
+        assert!(log.contains("pod=local key=s3cr3t mode=fast ref=local"), "{log}");
+        assert!(log.contains("level=3"), "{log}");
         assert!(log.contains("oops"), "{log}");
         // The mounted config's path points at the claim's host directory.
         assert!(log.contains(&format!("workDir: {}", claim_dir.display())), "{log}");
@@ -319,6 +332,13 @@ async fn deleting_a_running_local_process_terminates_it_gracefully() {
         pods.delete("sleeper", &DeleteParams::default()).await.unwrap();
         wait_gone(&pods, "sleeper").await;
         let claim_dir = sim.cluster().unwrap().claim_dir("default", "evidence").unwrap();
+        // The kubelet acts on the deletion asynchronously; the trap leaves its mark soon.
+        for _ in 0..400 {
+            if claim_dir.join("term").exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         assert_eq!(std::fs::read_to_string(claim_dir.join("term")).unwrap(), "got-term\n");
         drop(sim);
         let _ = std::fs::remove_dir_all(&data_dir);

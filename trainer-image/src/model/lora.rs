@@ -64,6 +64,12 @@ impl LoraLinear {
                     });
                 }
                 let (in_dim, out_dim) = (base.in_dim(), base.out_dim());
+                // Half-precision models keep their trainable weights in f32, as mixed
+                // precision training does; the branch casts activations to match.
+                let dtype = match dtype {
+                    DType::F16 | DType::BF16 => DType::F32,
+                    other => other,
+                };
                 let down = kaiming_uniform(spec.rank, in_dim, 0, &path, dtype, device)?;
                 let up = Tensor::zeros((out_dim, spec.rank), dtype, device)?;
                 Some(Adapter {
@@ -93,9 +99,11 @@ impl Module for LoraLinear {
         match &self.adapter {
             None => Ok(y),
             Some(a) => {
-                let h = matmul_last(x, a.down.as_tensor())?;
+                let xa = x.to_dtype(a.down.dtype())?;
+                let h = matmul_last(&xa, a.down.as_tensor())?;
                 let h = matmul_last(&h, a.up.as_tensor())?;
-                y + (h * a.scale())?
+                let dtype = y.dtype();
+                y + (h * a.scale())?.to_dtype(dtype)?
             }
         }
     }

@@ -142,8 +142,80 @@ const CORPUS: &[&str] = &[
 /// Target vocabulary size of the tiny tokenizers (bytes, byte+`</w>`, merges, specials).
 const TINY_VOCAB: usize = 1000;
 
+/// `unet/config.json` of Stable Diffusion 1.5.
+pub const FULL_SD15_UNET: &str = r#"{
+            "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
+            "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": false,
+            "cross_attention_dim": 768,
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                 "CrossAttnDownBlock2D", "DownBlock2D"],
+            "downsample_padding": 1, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4,
+            "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
+            "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                               "CrossAttnUpBlock2D"]
+}"#;
+
+/// `unet/config.json` of SDXL 1.0 base.
+pub const FULL_SDXL_UNET: &str = r#"{
+            "_class_name": "UNet2DConditionModel", "act_fn": "silu",
+            "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+            "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
+            "block_out_channels": [320, 640, 1280], "center_input_sample": false,
+            "class_embed_type": null, "class_embeddings_concat": false, "conv_in_kernel": 3,
+            "conv_out_kernel": 3, "cross_attention_dim": 2048, "cross_attention_norm": null,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "downsample_padding": 1, "dual_cross_attention": false, "encoder_hid_dim": null,
+            "encoder_hid_dim_type": null, "flip_sin_to_cos": true, "freq_shift": 0,
+            "in_channels": 4, "layers_per_block": 2, "mid_block_only_cross_attention": null,
+            "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn",
+            "norm_eps": 1e-05, "norm_num_groups": 32, "num_attention_heads": null,
+            "num_class_embeds": null, "only_cross_attention": false, "out_channels": 4,
+            "projection_class_embeddings_input_dim": 2816, "resnet_out_scale_factor": 1.0,
+            "resnet_skip_time_act": false, "resnet_time_scale_shift": "default",
+            "sample_size": 128, "time_cond_proj_dim": null, "time_embedding_act_fn": null,
+            "time_embedding_dim": null, "time_embedding_type": "positional",
+            "timestep_post_act": null, "transformer_layers_per_block": [1, 2, 10],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "upcast_attention": null, "use_linear_projection": true
+        }"#;
+
+/// `vae/config.json` of the SD1.5 VAE (SDXL's differs only in `scaling_factor`).
+pub const FULL_VAE: &str = r#"{
+            "_class_name": "AutoencoderKL", "act_fn": "silu",
+            "block_out_channels": [128, 256, 512, 512],
+            "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D",
+                                 "DownEncoderBlock2D", "DownEncoderBlock2D"],
+            "in_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+            "norm_num_groups": 32, "out_channels": 3, "sample_size": 512,
+            "scaling_factor": 0.18215,
+            "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D",
+                               "UpDecoderBlock2D", "UpDecoderBlock2D"]
+        }"#;
+
+/// How big a random model to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelSize {
+    /// Channels 32/64, 1-2 layers, hidden 32: a training step well under a second on CPU.
+    Tiny,
+    /// The published SD1.5 / SDXL architectures (for benchmarks; SD1.5 is ~4.5 GB in f32).
+    Full,
+}
+
 /// Writes a tiny random model of `family` into `dir` (created if needed).
 pub fn write_tiny_model(dir: &Path, family: ModelFamily, seed: u64) -> Result<(), ModelError> {
+    write_random_model(dir, family, ModelSize::Tiny, seed)
+}
+
+/// Writes a random model of `family` and `size` into `dir` (created if needed). The
+/// tokenizers are always the small learnt vocabulary (ids stay below every `vocab_size`).
+pub fn write_random_model(
+    dir: &Path,
+    family: ModelFamily,
+    size: ModelSize,
+    seed: u64,
+) -> Result<(), ModelError> {
+    let full = size == ModelSize::Full;
     std::fs::create_dir_all(dir).map_err(|e| write_err(dir, e))?;
     let xl = family == ModelFamily::Sdxl;
 
@@ -204,19 +276,24 @@ pub fn write_tiny_model(dir: &Path, family: ModelFamily, seed: u64) -> Result<()
     )?;
 
     let text_cfg = |hidden_act: &str, with_projection: bool| -> Value {
+        let (vocab_size, hidden, inter, layers, heads) = match (full, with_projection) {
+            (false, _) => (vocab_size, 32, 37, 2, 4),
+            (true, false) => (49408, 768, 3072, 12, 12),
+            (true, true) => (49408, 1280, 5120, 32, 20),
+        };
         json!({
             "_name_or_path": "loraplane/tiny",
             "architectures": [if with_projection { "CLIPTextModelWithProjection" } else { "CLIPTextModel" }],
             "model_type": "clip_text_model",
             "vocab_size": vocab_size,
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
+            "hidden_size": hidden,
+            "intermediate_size": inter,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
             "max_position_embeddings": 77,
             "hidden_act": hidden_act,
             "layer_norm_eps": 1e-5,
-            "projection_dim": 32,
+            "projection_dim": if full { hidden } else { 32 },
             "bos_token_id": bos,
             "eos_token_id": eos,
             "pad_token_id": 1,
@@ -249,7 +326,10 @@ pub fn write_tiny_model(dir: &Path, family: ModelFamily, seed: u64) -> Result<()
         )?;
     }
 
-    let unet_cfg = if xl {
+    let unet_cfg = if full {
+        let text = if xl { FULL_SDXL_UNET } else { FULL_SD15_UNET };
+        serde_json::from_str(text).map_err(|e| write_err(dir, e))?
+    } else if xl {
         json!({
             "_class_name": "UNet2DConditionModel",
             "_diffusers_version": "0.31.0",
@@ -329,7 +409,7 @@ pub fn write_tiny_model(dir: &Path, family: ModelFamily, seed: u64) -> Result<()
         },
     )?;
 
-    let vae_cfg = json!({
+    let mut vae_cfg = json!({
         "_class_name": "AutoencoderKL",
         "_diffusers_version": "0.31.0",
         "in_channels": 3,
@@ -345,6 +425,13 @@ pub fn write_tiny_model(dir: &Path, family: ModelFamily, seed: u64) -> Result<()
         "scaling_factor": if xl { 0.13025 } else { 0.18215 },
         "force_upcast": true,
     });
+    if full {
+        let mut v: Value = serde_json::from_str(FULL_VAE).map_err(|e| write_err(dir, e))?;
+        if let (Some(obj), true) = (v.as_object_mut(), xl) {
+            obj.insert("scaling_factor".into(), json!(0.13025));
+        }
+        vae_cfg = v;
+    }
     write_component(
         dir,
         "vae",
@@ -465,5 +552,99 @@ impl SimpleBackend for SharedBackend {
 
     fn contains_tensor(&self, _name: &str) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The loaders build the full-size SD1.5 and SDXL architectures from their published
+    //! configs with exactly the published parameter counts (so every tensor name and shape a
+    //! real checkpoint holds is asked for). A shape-only backend keeps this free of memory.
+    use super::*;
+
+    #[derive(Default)]
+    struct Counter {
+        params: Mutex<(usize, usize)>,
+    }
+
+    struct CountingBackend(std::sync::Arc<Counter>);
+
+    impl SimpleBackend for CountingBackend {
+        fn get(
+            &self,
+            s: Shape,
+            _name: &str,
+            _h: candle_nn::Init,
+            dtype: DType,
+            dev: &Device,
+        ) -> candle_core::Result<Tensor> {
+            let mut p = self.0.params.lock().unwrap();
+            p.0 += s.elem_count();
+            p.1 += 1;
+            Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+        }
+        fn get_unchecked(&self, n: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+            candle_core::bail!("no shape for {n}")
+        }
+        fn contains_tensor(&self, _name: &str) -> bool {
+            false
+        }
+    }
+
+    fn count(build: impl FnOnce(&Weights) -> Result<(), ModelError>) -> (usize, usize) {
+        let counter = std::sync::Arc::new(Counter::default());
+        let vb = VarBuilder::from_backend(
+            Box::new(CountingBackend(counter.clone())),
+            DType::F32,
+            Device::Cpu,
+        );
+        build(&Weights::new(vb, "count")).unwrap();
+        *counter.params.lock().unwrap()
+    }
+
+    #[test]
+    fn full_size_sd15_unet_has_the_published_parameter_count() {
+        let cfg: unet::UNetConfig = serde_json::from_str(FULL_SD15_UNET).unwrap();
+        let (params, tensors) =
+            count(|vb| unet::UNet2DConditionModel::load(vb, &cfg, None).map(|_| ()));
+        assert_eq!(params, 859_520_964);
+        assert_eq!(tensors, 686);
+    }
+
+    #[test]
+    fn full_size_sdxl_unet_has_the_published_parameter_count() {
+        let cfg: unet::UNetConfig = serde_json::from_str(FULL_SDXL_UNET).unwrap();
+        let (params, tensors) =
+            count(|vb| unet::UNet2DConditionModel::load(vb, &cfg, None).map(|_| ()));
+        assert_eq!(params, 2_567_463_684);
+        assert_eq!(tensors, 1680);
+    }
+
+    #[test]
+    fn full_size_clip_text_encoders_have_the_published_parameter_counts() {
+        let l: clip::ClipTextConfig = serde_json::from_value(json!({
+            "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072,
+            "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 77,
+            "hidden_act": "quick_gelu", "projection_dim": 768
+        }))
+        .unwrap();
+        let (params, _) = count(|vb| clip::ClipTextModel::load(vb, &l, false).map(|_| ()));
+        assert_eq!(params, 123_060_480);
+        let g: clip::ClipTextConfig = serde_json::from_value(json!({
+            "vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120,
+            "num_hidden_layers": 32, "num_attention_heads": 20, "max_position_embeddings": 77,
+            "hidden_act": "gelu", "projection_dim": 1280
+        }))
+        .unwrap();
+        let (params, _) = count(|vb| clip::ClipTextModel::load(vb, &g, true).map(|_| ()));
+        assert_eq!(params, 694_659_840);
+    }
+
+    #[test]
+    fn full_size_vae_encoder_has_the_published_parameter_count() {
+        let cfg: vae::VaeConfig = serde_json::from_str(FULL_VAE).unwrap();
+        let (params, _) = count(|vb| vae::VaeEncoder::load(vb, &cfg).map(|_| ()));
+        // AutoencoderKL's encoder (34,163,592) plus quant_conv (72).
+        assert_eq!(params, 34_163_664);
     }
 }

@@ -158,23 +158,22 @@ impl UNetConfig {
         {
             return Err(format!("mid_block_type {m:?} is not supported"));
         }
+        let incomplete_text_time = self.addition_time_embed_dim.is_none()
+            || self.projection_class_embeddings_input_dim.is_none();
         match self.addition_embed_type.as_deref() {
             None => {}
-            Some("text_time") => {
-                if self.addition_time_embed_dim.is_none()
-                    || self.projection_class_embeddings_input_dim.is_none()
-                {
-                    return Err(
-                        "addition_embed_type \"text_time\" needs addition_time_embed_dim \
-                         and projection_class_embeddings_input_dim"
-                            .into(),
-                    );
-                }
+            Some("text_time") if incomplete_text_time => {
+                return Err(
+                    "addition_embed_type \"text_time\" needs addition_time_embed_dim and \
+                     projection_class_embeddings_input_dim"
+                        .into(),
+                );
             }
+            Some("text_time") => {}
             Some(other) => return Err(format!("addition_embed_type {other:?} is not supported")),
         }
         for c in &self.block_out_channels {
-            if self.norm_num_groups == 0 || c % self.norm_num_groups != 0 {
+            if self.norm_num_groups == 0 || !c.is_multiple_of(self.norm_num_groups) {
                 return Err(format!(
                     "block_out_channels entry {c} is not divisible by norm_num_groups {}",
                     self.norm_num_groups
@@ -189,7 +188,7 @@ impl UNetConfig {
             .unwrap_or(&self.attention_head_dim)
             .expand(n, "num_attention_heads")?;
         for (c, h) in self.block_out_channels.iter().zip(&heads) {
-            if *h == 0 || c % h != 0 {
+            if *h == 0 || !c.is_multiple_of(*h) {
                 return Err(format!(
                     "{c} channels cannot be split into {h} attention heads"
                 ));

@@ -215,6 +215,17 @@ async fn route(ctx: &Ctx, req: Request) -> Result<Response, ApiError> {
                 .map(|l| json_response(200, &l))
                 .ok_or_else(|| ApiError::no_route(&path));
         }
+        ["openapi", "v3"] if get => return Ok(json_response(200, &super::openapi::root(&types))),
+        ["openapi", "v3", "api", v] if get => {
+            return super::openapi::group_version(&types, "", v)
+                .map(|d| json_response(200, &d))
+                .ok_or_else(|| ApiError::no_route(&path));
+        }
+        ["openapi", "v3", "apis", g, v] if get => {
+            return super::openapi::group_version(&types, g, v)
+                .map(|d| json_response(200, &d))
+                .ok_or_else(|| ApiError::no_route(&path));
+        }
         _ => {}
     }
     let (group, version, rest): (&str, &str, &[&str]) = match segs.as_slice() {

@@ -4,6 +4,7 @@
 
 pub mod http;
 pub mod meta;
+pub mod openapi;
 pub mod ops;
 pub mod patch;
 pub mod resources;

@@ -55,6 +55,9 @@ pub enum Part {
     Status,
 }
 
+/// One page of a list: the items, the list's resourceVersion and the continue token.
+pub type ListPage = (Vec<Arc<Value>>, u64, Option<String>);
+
 /// Options of a list.
 #[derive(Debug, Clone, Default)]
 pub struct ListOpts {
@@ -247,7 +250,7 @@ impl ApiState {
         rt: &ResourceType,
         ns: Option<&str>,
         opts: &ListOpts,
-    ) -> Result<(Vec<Arc<Value>>, u64, Option<String>), ApiError> {
+    ) -> Result<ListPage, ApiError> {
         let store = self.lock();
         let key = resource_key(&rt.group, &rt.plural);
         let after = match &opts.continue_token {
@@ -354,16 +357,12 @@ impl ApiState {
                     ));
                 }
                 let mut body = body.clone();
+                // Applying to /status only looks at the applied status.
                 if kind == PatchKind::Apply
-                    && let Value::Object(m) = &mut body
+                    && part == Part::Status
+                    && let Some(status) = body.get("status").cloned()
                 {
-                    // Applied configurations carry no resourceVersion precondition unless set.
-                    m.remove("status").filter(|_| part == Part::Main);
-                    if part == Part::Status
-                        && let Some(status) = body.get("status").cloned()
-                    {
-                        body = json!({"status": status});
-                    }
+                    body = json!({"status": status});
                 }
                 patch::strategic_merge(&mut target, &body);
             }
@@ -458,7 +457,7 @@ fn encode_continue(ns: &str, name: &str) -> String {
 
 fn decode_continue(token: &str) -> Result<(String, String), ApiError> {
     let bad = || ApiError::bad_request(format!("continue key is not valid: {token}"));
-    if token.len() % 2 != 0 {
+    if !token.len().is_multiple_of(2) {
         return Err(bad());
     }
     let bytes: Result<Vec<u8>, _> = (0..token.len())
@@ -840,12 +839,25 @@ fn delete_locked(
     // A pod on a node terminates gracefully: the kubelet stops it and then deletes it with
     // grace 0. Unscheduled and finished pods go at once, as in kube-apiserver.
     let pod = rt.plural == "pods" && rt.group.is_empty();
-    let bound = !old.pointer("/spec/nodeName").and_then(Value::as_str).unwrap_or("").is_empty();
-    let finished = matches!(old.pointer("/status/phase").and_then(Value::as_str), Some("Succeeded" | "Failed"));
+    let bound = !old
+        .pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .is_empty();
+    let finished = matches!(
+        old.pointer("/status/phase").and_then(Value::as_str),
+        Some("Succeeded" | "Failed")
+    );
     let grace = opts
         .grace_period
-        .or_else(|| old.pointer("/metadata/deletionGracePeriodSeconds").and_then(Value::as_i64))
-        .or_else(|| old.pointer("/spec/terminationGracePeriodSeconds").and_then(Value::as_i64))
+        .or_else(|| {
+            old.pointer("/metadata/deletionGracePeriodSeconds")
+                .and_then(Value::as_i64)
+        })
+        .or_else(|| {
+            old.pointer("/spec/terminationGracePeriodSeconds")
+                .and_then(Value::as_i64)
+        })
         .unwrap_or(30);
     let graceful = pod && bound && !finished && grace > 0;
     if f.is_empty() && !namespace_type && !graceful {
@@ -855,7 +867,9 @@ fn delete_locked(
         return Ok((last, true));
     }
     let new_grace = if graceful { grace } else { 0 };
-    let old_grace = old.pointer("/metadata/deletionGracePeriodSeconds").and_then(Value::as_i64);
+    let old_grace = old
+        .pointer("/metadata/deletionGracePeriodSeconds")
+        .and_then(Value::as_i64);
     if is_deleting(&old) && f == finalizers(&old) && old_grace.is_some_and(|g| g <= new_grace) {
         return Ok((old, false));
     }
@@ -878,7 +892,7 @@ fn delete_locked(
 fn remove_finalizer(store: &mut Store, key: &str, obj: &Value, finalizer: &str) {
     let mut f = finalizers(obj);
     f.retain(|x| x != finalizer);
-    if f.is_empty() && is_deleting(obj) && !(key == "/namespaces") {
+    if f.is_empty() && is_deleting(obj) && key != "/namespaces" {
         store.remove(key, namespace_of(obj), name_of(obj));
     } else {
         let mut new = obj.clone();

@@ -160,7 +160,10 @@ fn node_cells(n: &Value) -> Vec<Value> {
 }
 
 /// Column definitions and a row builder for a resource type.
-fn columns(rt: &ResourceType) -> (Vec<Value>, Box<dyn Fn(&Value) -> Vec<Value> + '_>) {
+/// Builds the cells of one row.
+type RowFn<'a> = Box<dyn Fn(&Value) -> Vec<Value> + 'a>;
+
+fn columns(rt: &ResourceType) -> (Vec<Value>, RowFn<'_>) {
     let name_col = column("Name", "string", 0);
     if rt.group.is_empty() && rt.plural == "pods" {
         let cols = vec![

@@ -261,7 +261,7 @@ impl PathMap {
         }
         self.entries.retain(|(c, _)| c != p);
         self.entries.push((p.to_string(), host.to_path_buf()));
-        self.entries.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        self.entries.sort_by_key(|e| std::cmp::Reverse(e.0.len()));
     }
 
     /// The host path a container path maps to, if under a mapping.

@@ -29,6 +29,9 @@ use tokio::sync::watch;
 use super::kubelet::{self, Mode, PathMap, Script};
 use super::runtime::Shared;
 
+/// A Secret or ConfigMap entry: key (or item path) and content.
+type KeyBytes = (String, Vec<u8>);
+
 /// Kubernetes' cap on a termination message.
 const MAX_TERMINATION_MESSAGE: usize = 4096;
 
@@ -472,7 +475,7 @@ async fn mount_volumes(shared: &Shared, pod: &Pod) -> Result<(PathMap, PathBuf),
         .map_err(io_err("create", &pod_dir))?;
     let mut hosts: HashMap<String, PathBuf> = HashMap::new();
     // (directory, files) written once the path map is known.
-    let mut files: Vec<(PathBuf, Vec<(String, Vec<u8>)>)> = Vec::new();
+    let mut files: Vec<(PathBuf, Vec<KeyBytes>)> = Vec::new();
     let spec = pod.spec.as_ref();
     for vol in spec.and_then(|s| s.volumes.as_deref()).unwrap_or_default() {
         let own_dir = pod_dir.join("volumes").join(&vol.name);
@@ -991,8 +994,11 @@ async fn run_local(
         let text = String::from_utf8_lossy(&log);
         let lines: Vec<&str> = text.lines().collect();
         let tail = lines[lines.len().saturating_sub(80)..].join("\n");
-        let cut = tail.len().saturating_sub(2048);
-        message = tail[tail.ceil_char_boundary(cut)..].to_string();
+        let mut cut = tail.len().saturating_sub(2048);
+        while !tail.is_char_boundary(cut) {
+            cut += 1;
+        }
+        message = tail[cut..].to_string();
     }
     terminated(pod, c, exit_code, Some(message), started)
 }

@@ -1,0 +1,276 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Orders end to end against a real kube-sim and SeaweedFS: signed Stripe webhooks become
+//! exactly one job whatever the delivery order; refunds and disputes erase; tenants are
+//! isolated; Idempotency-Key replays; every error is JSON.
+
+mod common;
+
+use axum::http::StatusCode;
+use common::*;
+use k8s_openapi::api::core::v1::{ConfigMap, Event};
+use kube::api::ListParams;
+use kube::{Api, ResourceExt};
+use loraplane_api::zipcheck::testing::dataset;
+use loraplane_crds::v1alpha1::{LoRATrainingJob, Residency, RetentionMode};
+use serde_json::json;
+
+async fn jobs(h: &Harness, ns: &str) -> Vec<LoRATrainingJob> {
+    let api: Api<LoRATrainingJob> = Api::namespaced(h.sim.client(), ns);
+    api.list(&ListParams::default()).await.unwrap().items
+}
+
+#[tokio::test]
+async fn a_signed_checkout_creates_exactly_one_job_whatever_the_delivery_order() {
+    within(120, async {
+        let h = Harness::start().await;
+        let zip = dataset(3);
+        let upload = h.upload(STOREFRONT, "eea", zip.clone()).await;
+        let paid = paid_event("cs_test_1", "pi_test_1", &upload, "basic");
+        let mut async_paid = paid.clone();
+        async_paid["type"] = json!("checkout.session.async_payment_succeeded");
+
+        let (s, ack) = h.webhook(&paid, now(), WEBHOOK_SECRET).await;
+        assert_eq!(s, StatusCode::OK, "{ack}");
+        assert_eq!(ack["outcome"], "created");
+        // Redelivery, the async event after it, and the very same signed request again.
+        for ev in [&paid, &async_paid, &paid] {
+            let (s, ack) = h.webhook(ev, now(), WEBHOOK_SECRET).await;
+            assert_eq!(s, StatusCode::OK);
+            assert_eq!(ack["outcome"], "duplicate");
+        }
+        let all = jobs(&h, "orders").await;
+        assert_eq!(all.len(), 1);
+        let job = &all[0];
+        // The plan's policy and the validated dataset are in the spec.
+        assert_eq!(job.spec.training.steps, 500);
+        assert_eq!(job.spec.retention.mode, RetentionMode::Standard);
+        assert_eq!(job.spec.retention.keep_inputs_seconds, Some(3600));
+        assert!(job.spec.data_use.training_consent);
+        assert_eq!(job.spec.placement.residency, Residency::Eea);
+        assert_eq!(job.spec.dataset.region.as_deref(), Some("eu-west"));
+        assert_eq!(job.spec.dataset.sha256, loraplane_api::app::sha256_hex(&zip));
+        assert!(job.spec.dataset.uri.starts_with("s3://ds-eu/uploads/orders/"));
+        // No payment id, email or customer text in metadata.
+        let meta = serde_json::to_string(&job.metadata).unwrap();
+        for secret in ["cs_test_1", "pi_test_1", "someone@example.com", "grey cat", "zxq"] {
+            assert!(!meta.contains(secret), "{secret} leaked into metadata: {meta}");
+        }
+        let metrics = h.call("GET", "/metrics", None, &[], None).await;
+        assert_eq!(metrics.0, StatusCode::OK);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn forged_stale_and_oversized_webhooks_are_refused_with_json_errors() {
+    within(120, async {
+        let h = Harness::start().await;
+        let upload = h.upload(STOREFRONT, "eea", dataset(3)).await;
+        let paid = paid_event("cs_forged", "pi_forged", &upload, "basic");
+
+        let (s, body) = h.webhook(&paid, now(), b"whsec_wrong").await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"]["code"], "invalid_signature");
+
+        let (s, body) = h.webhook(&paid, now() - 301, WEBHOOK_SECRET).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"]["code"], "stale_timestamp");
+
+        let (s, _, body) = h
+            .call("POST", "/v1/webhooks/stripe", None, &[], Some(paid.clone()))
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"]["code"], "invalid_signature");
+
+        let mut big = paid.clone();
+        big["data"]["object"]["padding"] = json!("x".repeat(10_000));
+        let (s, body) = h.webhook(&big, now(), WEBHOOK_SECRET).await;
+        assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(body["error"]["code"], "body_too_large");
+
+        assert!(jobs(&h, "orders").await.is_empty());
+
+        // Unknown routes and methods answer in the same JSON shape, with a request id.
+        let (s, headers, body) = h.call("GET", "/v1/nope", None, &[], None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        assert_eq!(body["error"]["code"], "not_found");
+        assert!(headers.contains_key("x-request-id"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_refund_before_the_completion_wins_and_a_dispute_erases_a_job() {
+    within(120, async {
+        let h = Harness::start().await;
+        // Refund first, completion second: no job, ever.
+        let upload = h.upload(STOREFRONT, "eea", dataset(3)).await;
+        let (s, ack) = h.webhook(&refund_event("pi_early"), now(), WEBHOOK_SECRET).await;
+        assert_eq!((s, ack["outcome"].as_str()), (StatusCode::OK, Some("tombstoned")));
+        let paid = paid_event("cs_early", "pi_early", &upload, "basic");
+        for _ in 0..2 {
+            let (_, ack) = h.webhook(&paid, now(), WEBHOOK_SECRET).await;
+            assert_eq!(ack["outcome"], "revoked_first");
+        }
+        assert!(jobs(&h, "orders").await.is_empty());
+
+        // Completion first, then a dispute: the job and every byte of it go.
+        let upload = h.upload(STOREFRONT, "eea", dataset(3)).await;
+        let paid = paid_event("cs_late", "pi_late", &upload, "basic");
+        let (_, ack) = h.webhook(&paid, now(), WEBHOOK_SECRET).await;
+        assert_eq!(ack["outcome"], "created");
+        let job = jobs(&h, "orders").await.remove(0);
+        let prefix = format!("orders/{}-{}/", job.name_any(), job.uid().unwrap());
+        h.put("ck-eu", &format!("{prefix}step-10/lora.safetensors"), b"ckpt").await;
+        h.put("out-eu", &format!("{prefix}lora.safetensors"), b"lora").await;
+        let (_, ack) = h.webhook(&dispute_event("pi_late"), now(), WEBHOOK_SECRET).await;
+        assert_eq!(ack["outcome"], "erased");
+        assert!(jobs(&h, "orders").await.is_empty());
+        assert!(h.keys("ck-eu").await.is_empty());
+        assert!(h.keys("out-eu").await.is_empty());
+        assert!(h.keys("ds-eu").await.is_empty(), "both datasets are gone");
+        // The completion replayed after the erasure does not bring the job back.
+        let (_, ack) = h.webhook(&paid, now(), WEBHOOK_SECRET).await;
+        assert_eq!(ack["outcome"], "revoked_first");
+        assert!(jobs(&h, "orders").await.is_empty());
+        // What stays is the audit record, with no personal data.
+        let events: Api<Event> = Api::namespaced(h.sim.client(), "orders");
+        let evs = events.list(&ListParams::default()).await.unwrap().items;
+        assert!(evs.iter().any(|e| e.reason.as_deref() == Some("Erased")));
+        let cms: Api<ConfigMap> = Api::namespaced(h.sim.client(), "orders");
+        let all = serde_json::to_string(&cms.list(&ListParams::default()).await.unwrap().items).unwrap()
+            + &serde_json::to_string(&evs).unwrap();
+        for secret in ["pi_late", "cs_late", "pi_early", "zxq", "grey cat", "someone@"] {
+            assert!(!all.contains(secret), "{secret} in audit records");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn tenants_are_isolated_and_idempotency_keys_replay() {
+    within(120, async {
+        let h = Harness::start().await;
+        let upload = h.upload(ACME, "eea", dataset(2)).await;
+        let order = json!({
+            "orderId": "order-1", "family": "sd15", "conceptType": "style",
+            "triggerWord": "vangoghish", "plan": "basic", "residency": "eea",
+            "uploadId": upload, "steps": 100
+        });
+        let key = [("idempotency-key", "k-1")];
+        let (s, _, job) = h.call("POST", "/v1/jobs", Some(ACME), &key, Some(order.clone())).await;
+        assert_eq!(s, StatusCode::CREATED, "{job}");
+        let id = job["id"].as_str().unwrap().to_string();
+        assert_eq!(job["totalSteps"], 100);
+
+        let (s, headers, again) = h.call("POST", "/v1/jobs", Some(ACME), &key, Some(order.clone())).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(again["id"], id.as_str());
+        assert_eq!(headers["idempotent-replayed"], "true");
+
+        let mut changed = order.clone();
+        changed["steps"] = json!(200);
+        let (s, _, e) = h.call("POST", "/v1/jobs", Some(ACME), &key, Some(changed)).await;
+        assert_eq!((s, e["error"]["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("idempotency_key_reused")));
+        let (s, _, e) = h.call("POST", "/v1/jobs", Some(ACME), &[("idempotency-key", "k-2")], Some(order.clone())).await;
+        assert_eq!((s, e["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("order_exists")));
+        let (s, _, e) = h.call("POST", "/v1/jobs", Some(ACME), &[], Some(order.clone())).await;
+        assert_eq!((s, e["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("idempotency_key_required")));
+
+        // Globex sees nothing of acme's, and cannot use acme's upload either.
+        let path = format!("/v1/jobs/{id}");
+        for (m, p) in [("GET", path.clone()), ("DELETE", path.clone()), ("POST", format!("{path}/cancel")), ("GET", format!("{path}/artifacts"))] {
+            let (s, _, e) = h.call(m, &p, Some(GLOBEX), &[], None).await;
+            assert_eq!((s, e["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("job_not_found")), "{m} {p}");
+        }
+        let (_, _, list) = h.call("GET", "/v1/jobs", Some(GLOBEX), &[], None).await;
+        assert_eq!(list["items"].as_array().unwrap().len(), 0);
+        let (s, _, e) = h.call("POST", "/v1/jobs", Some(GLOBEX), &[("idempotency-key", "g")], Some(order.clone())).await;
+        assert_eq!((s, e["error"]["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("upload_not_found")));
+        assert_eq!(jobs(&h, "acme").await.len(), 1);
+
+        let (s, _, e) = h.call("GET", "/v1/jobs", None, &[], None).await;
+        assert_eq!((s, e["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("unauthorized")));
+        let (s, _, _) = h.call("GET", "/v1/jobs", Some("wrong"), &[], None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+        // Pagination.
+        let upload2 = h.upload(ACME, "eea", dataset(2)).await;
+        let mut second = order.clone();
+        second["orderId"] = json!("order-2");
+        second["uploadId"] = json!(upload2);
+        let (s, _, _) = h.call("POST", "/v1/jobs", Some(ACME), &[("idempotency-key", "k-3")], Some(second)).await;
+        assert_eq!(s, StatusCode::CREATED);
+        let (_, _, page1) = h.call("GET", "/v1/jobs?limit=1", Some(ACME), &[], None).await;
+        assert_eq!(page1["items"].as_array().unwrap().len(), 1);
+        let next = page1["next"].as_str().expect("a next token");
+        let (_, _, page2) = h.call("GET", &format!("/v1/jobs?limit=1&continue={next}"), Some(ACME), &[], None).await;
+        assert_eq!(page2["items"].as_array().unwrap().len(), 1);
+        assert_ne!(page1["items"][0]["id"], page2["items"][0]["id"]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn cancel_then_erase_leaves_only_the_audit_record() {
+    within(120, async {
+        let h = Harness::start().await;
+        let upload = h.upload(ACME, "eea", dataset(2)).await;
+        let order = json!({
+            "orderId": "o-9", "family": "sdxl", "conceptType": "object",
+            "triggerWord": "mug", "plan": "basic", "uploadId": upload
+        });
+        let (s, _, job) = h.call("POST", "/v1/jobs", Some(ACME), &[("idempotency-key", "x")], Some(order)).await;
+        assert_eq!(s, StatusCode::CREATED, "{job}");
+        let id = job["id"].as_str().unwrap().to_string();
+        let (s, _, cancelled) = h.call("POST", &format!("/v1/jobs/{id}/cancel"), Some(ACME), &[], None).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(cancelled["phase"], "Cancelled");
+        let api: Api<LoRATrainingJob> = Api::namespaced(h.sim.client(), "acme");
+        let cr = api.get(&id).await.unwrap();
+        assert!(cr.spec.suspend, "the operator is told to stop the pod");
+
+        let prefix = format!("acme/{id}-{}/", cr.uid().unwrap());
+        h.put("ck-eu", &format!("{prefix}a"), b"1").await;
+        h.put("out-eu", &format!("{prefix}b"), b"2").await;
+        h.put("out-eu", "acme/another-job/keep", b"3").await;
+        let (s, _, body) = h.call("DELETE", &format!("/v1/jobs/{id}"), Some(ACME), &[], None).await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        assert_eq!(body["erased"], true);
+        let (s, _, _) = h.call("GET", &format!("/v1/jobs/{id}"), Some(ACME), &[], None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        assert!(h.keys("ds-eu").await.is_empty());
+        assert!(h.keys("ck-eu").await.is_empty());
+        assert_eq!(h.keys("out-eu").await, vec!["acme/another-job/keep".to_string()]);
+        let events: Api<Event> = Api::namespaced(h.sim.client(), "acme");
+        let evs = events.list(&ListParams::default()).await.unwrap().items;
+        assert!(evs.iter().any(|e| e.reason.as_deref() == Some("Erased")
+            && e.involved_object.name.as_deref() == Some(id.as_str())));
+        let metrics = h.app.metrics.render();
+        assert!(metrics.contains("loraplane_api_retention_deletions_total{what=\"erasure\"} 1"), "{metrics}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn every_documented_route_is_served() {
+    within(120, async {
+        let h = Harness::start().await;
+        let (s, _, doc) = h.call("GET", "/openapi.json", None, &[], None).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(doc["openapi"].as_str().map(|v| v.starts_with("3.")), Some(true));
+        for (path, ops) in doc["paths"].as_object().unwrap() {
+            for method in ops.as_object().unwrap().keys() {
+                let concrete = path.replace("{id}", "x");
+                let (s, _, body) = h.call(&method.to_uppercase(), &concrete, None, &[], None).await;
+                // Unauthenticated: 401 (or 400 for the signed webhook), never "no such route".
+                assert!(s == StatusCode::UNAUTHORIZED || s == StatusCode::BAD_REQUEST, "{method} {path}: {s} {body}");
+                assert!(body["error"]["code"].is_string());
+            }
+        }
+        for p in ["/healthz", "/readyz", "/metrics"] {
+            assert_eq!(h.call("GET", p, None, &[], None).await.0, StatusCode::OK, "{p}");
+        }
+    })
+    .await;
+}

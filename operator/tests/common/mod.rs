@@ -1,0 +1,291 @@
+//! Shared harness of the operator's kube-sim tests: a small topology, the matching platform
+//! configuration, an in-process operator that can be stopped and restarted, and polling
+//! helpers. Every wait is bounded; a test fails with the job's status when it times out.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::Client;
+use kube::api::{Api, ListParams, PostParams};
+use kube_sim::cluster::{KubeletConfig, Script, ScriptRule, Topology};
+use kube_sim::{KubeSim, SimConfig};
+use loraplane_crds::LoRATrainingJob;
+use loraplane_crds::platform::PlatformConfig;
+use loraplane_operator::config::Settings;
+use loraplane_operator::controller::{self, Health};
+use loraplane_operator::metrics::Metrics;
+use tokio::sync::watch;
+
+pub const NS: &str = "default";
+
+/// Two EEA regions and one US region. `eu-west-l4` is the cheapest pool; its node carries a
+/// `maintenance` taint the platform config does not tolerate when `tainted_cheap_pool` is set,
+/// so pods sent there stay unschedulable (the capacity-failover scenario).
+pub fn topology(tainted_cheap_pool: bool) -> Topology {
+    let taint = if tainted_cheap_pool {
+        "\n        taints: [{key: maintenance, value: \"true\", effect: NoSchedule}]"
+    } else {
+        ""
+    };
+    let yaml = format!(
+        r#"
+regions:
+  - name: eu-west
+    jurisdiction: eea
+    pools:
+      - name: eu-west-l4
+        gpuProduct: NVIDIA-L4
+        gpuMemoryGiB: 24
+        gpusPerNode: 1
+        instanceType: g6.xlarge
+        nodes: 2{taint}
+      - name: eu-west-l4-spot
+        gpuProduct: NVIDIA-L4
+        gpuMemoryGiB: 24
+        gpusPerNode: 1
+        spot: true
+        instanceType: g6.xlarge
+        taints: [{{key: loraplane.io/spot, value: "true", effect: NoSchedule}}]
+        nodes: 1
+  - name: eu-north
+    jurisdiction: eea
+    pools:
+      - name: eu-north-l4
+        gpuProduct: NVIDIA-L4
+        gpuMemoryGiB: 24
+        gpusPerNode: 1
+        instanceType: g6.xlarge
+        nodes: 2
+  - name: us-east
+    jurisdiction: us
+    pools:
+      - name: us-east-l4
+        gpuProduct: NVIDIA-L4
+        gpuMemoryGiB: 24
+        gpusPerNode: 1
+        instanceType: g6.xlarge
+        nodes: 4
+"#
+    );
+    Topology::from_yaml(&yaml).unwrap()
+}
+
+/// The platform configuration matching `topology`; `image` is every family's trainer image
+/// (kubelet scripts are chosen by image).
+pub fn platform(image: &str, scheduling_timeout: u64) -> PlatformConfig {
+    let region = |name: &str, j: &str| {
+        format!(
+            r#"
+  - name: {name}
+    jurisdiction: {j}
+    s3: {{endpoint: "http://127.0.0.1:8333", region: {name}, forcePathStyle: true}}
+    buckets: {{datasets: datasets-{name}, checkpoints: checkpoints-{name}, outputs: outputs-{name}}}"#
+        )
+    };
+    let pool = |name: &str, region: &str, spot: bool, price: f64| {
+        let tol = if spot {
+            "\n    tolerations: [{key: loraplane.io/spot, operator: Equal, value: \"true\", effect: NoSchedule}]"
+        } else {
+            ""
+        };
+        format!(
+            r#"
+  - name: {name}
+    region: {region}
+    nodeSelector: {{loraplane.io/node-pool: {name}}}{tol}
+    gpuProduct: NVIDIA-L4
+    gpuMemoryGib: 24
+    spot: {spot}
+    hourlyPrice: {price}"#
+        )
+    };
+    let yaml = format!(
+        "regions:{}{}{}\npools:{}{}{}{}\nfamilies:\n  - family: sdxl\n    minGpuMemoryGib: 16\n    weights: /models/sdxl\n    trainerImage: {image}\n  - family: sd15\n    minGpuMemoryGib: 8\n    weights: /models/sd15\n    trainerImage: {image}\ndefaults:\n  schedulingTimeoutSeconds: {scheduling_timeout}\n  backoffSeconds: 0\n  checkpointEvery: 10\n",
+        region("eu-west", "eea"),
+        region("eu-north", "eea"),
+        region("us-east", "us"),
+        pool("eu-west-l4", "eu-west", false, 0.5),
+        pool("eu-west-l4-spot", "eu-west", true, 0.2),
+        pool("eu-north-l4", "eu-north", false, 0.9),
+        pool("us-east-l4", "us-east", false, 0.1),
+    );
+    PlatformConfig::from_yaml(&yaml).unwrap()
+}
+
+/// A script printing a checkpoint line at start and `steps` progress lines over `duration`.
+pub fn script(image: &str, duration: Option<Duration>, exit_code: i32, steps: u64) -> ScriptRule {
+    ScriptRule {
+        image: image.into(),
+        script: Script {
+            duration,
+            exit_code,
+            progress_steps: steps,
+            log_lines: vec![
+                loraplane_crds::trainer::TrainerEvent::Checkpoint {
+                    step: 40,
+                    uri: "s3://checkpoints-eu-west/default/job/step-40".into(),
+                }
+                .to_line(),
+            ],
+            termination_message: None,
+        },
+    }
+}
+
+pub async fn start_sim(topology: Topology, scripts: Vec<ScriptRule>) -> KubeSim {
+    let sim = KubeSim::start(
+        SimConfig {
+            topology: Some(topology),
+            kubelet: KubeletConfig {
+                scripts,
+                shutdown_grace_period: Duration::from_millis(200),
+                ..KubeletConfig::default()
+            },
+            crds: vec![],
+        }
+        .with_loraplane_crd(),
+    )
+    .await
+    .unwrap();
+    let creds = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("loraplane-s3-credentials".into()),
+            ..Default::default()
+        },
+        string_data: Some(
+            [
+                ("AWS_ACCESS_KEY_ID".to_string(), "test".to_string()),
+                ("AWS_SECRET_ACCESS_KEY".to_string(), "test".to_string()),
+            ]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(sim.client(), NS)
+        .create(&PostParams::default(), &creds)
+        .await
+        .unwrap();
+    sim
+}
+
+/// An operator running in this process.
+pub struct Operator {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), controller::RunError>>,
+    pub metrics: Metrics,
+    pub health: Arc<Health>,
+}
+
+impl Operator {
+    pub fn start(client: Client, platform: PlatformConfig, identity: &str) -> Operator {
+        let settings = Settings::for_tests(platform, NS, identity);
+        let metrics = Metrics::new().unwrap();
+        let health = Arc::new(Health::default());
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(controller::run(
+            client,
+            settings,
+            metrics.clone(),
+            health.clone(),
+            rx,
+        ));
+        Operator {
+            stop,
+            task,
+            metrics,
+            health,
+        }
+    }
+
+    /// Graceful shutdown: in-flight reconciles finish, the Lease is released.
+    pub async fn stop(self) {
+        self.stop.send_replace(true);
+        let result = tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("operator stops within 20 s")
+            .unwrap();
+        result.unwrap();
+    }
+}
+
+pub fn job(name: &str, extra: serde_json::Value) -> LoRATrainingJob {
+    let mut spec = serde_json::json!({
+        "baseModel": {"family": "sdxl"},
+        "concept": {"type": "character", "triggerWord": "zxqsecret", "description": "a private description"},
+        "dataset": {"uri": "s3://datasets-eu-west/d.zip", "sha256": "a".repeat(64)},
+        "training": {"steps": 100},
+        "placement": {"residency": "eea"},
+    });
+    if let (Some(base), Some(more)) = (spec.as_object_mut(), extra.as_object()) {
+        for (k, v) in more {
+            base.insert(k.clone(), v.clone());
+        }
+    }
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "loraplane.io/v1alpha1",
+        "kind": "LoRATrainingJob",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": spec,
+    }))
+    .unwrap()
+}
+
+pub async fn create_job(client: &Client, job: &LoRATrainingJob) -> LoRATrainingJob {
+    Api::<LoRATrainingJob>::namespaced(client.clone(), NS)
+        .create(&PostParams::default(), job)
+        .await
+        .unwrap()
+}
+
+/// Polls the job until `pred` holds; panics with its status after `timeout`.
+pub async fn wait_job(
+    client: &Client,
+    name: &str,
+    timeout: Duration,
+    what: &str,
+    pred: impl Fn(&LoRATrainingJob) -> bool,
+) -> LoRATrainingJob {
+    let api = Api::<LoRATrainingJob>::namespaced(client.clone(), NS);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        if let Ok(job) = api.get(name).await {
+            if pred(&job) {
+                return job;
+            }
+            last = Some(job);
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!(
+                "job {name}: timed out waiting for {what}; status: {}",
+                serde_json::to_string_pretty(&last.and_then(|j| j.status)).unwrap()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn phase(job: &LoRATrainingJob) -> Option<&'static str> {
+    job.status.as_ref().and_then(|s| s.phase).map(|p| p.as_str())
+}
+
+pub fn condition(job: &LoRATrainingJob, t: &str) -> Option<(String, String)> {
+    job.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == t)
+        .map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+pub async fn pods_of(client: &Client, job: &LoRATrainingJob) -> Vec<Pod> {
+    let uid = job.metadata.uid.clone().unwrap();
+    Api::<Pod>::namespaced(client.clone(), NS)
+        .list(&ListParams::default().labels(&format!("loraplane.io/job-uid={uid}")))
+        .await
+        .unwrap()
+        .items
+}

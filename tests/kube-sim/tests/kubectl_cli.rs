@@ -1,0 +1,167 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The real `kubectl` against the emulator: apply the sample LoRATrainingJobs, list them with
+//! their printer columns, see validation errors, describe, explain, delete, and list the
+//! simulated nodes with their region label.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kube::Api;
+use kube::api::{ApiResource, DynamicObject};
+use kube_sim::{KubeSim, SimConfig};
+use loraplane_crds::LoRATrainingJob;
+
+async fn within<F: Future>(f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(60), f)
+        .await
+        .expect("test timed out")
+}
+
+fn kubectl_binary() -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("kubectl"))
+        .find(|p| p.is_file())
+        .expect("kubectl not found on PATH: install it (https://kubernetes.io/docs/tasks/tools/, or `apt-get install kubectl` from the Kubernetes apt repository)")
+}
+
+struct Kubectl {
+    kubeconfig: PathBuf,
+}
+
+struct Out {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl Kubectl {
+    fn new(sim: &KubeSim, tag: &str) -> Kubectl {
+        let kubeconfig =
+            std::env::temp_dir().join(format!("kube-sim-{tag}-{}.kubeconfig", std::process::id()));
+        sim.write_kubeconfig(&kubeconfig).unwrap();
+        Kubectl { kubeconfig }
+    }
+
+    async fn run(&self, args: &[&str]) -> Out {
+        let out = tokio::process::Command::new(kubectl_binary())
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .env("HOME", std::env::temp_dir())
+            .output()
+            .await
+            .unwrap();
+        Out {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    async fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args).await;
+        assert!(
+            out.ok,
+            "kubectl {args:?} failed: {}{}",
+            out.stdout, out.stderr
+        );
+        out.stdout
+    }
+}
+
+impl Drop for Kubectl {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.kubeconfig);
+    }
+}
+
+fn example(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../crds/examples")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+#[tokio::test]
+async fn kubectl_applies_lists_describes_explains_and_deletes_ltjs() {
+    within(async {
+        let sim = KubeSim::start(SimConfig::default().with_loraplane_crd()).await.unwrap();
+        let k = Kubectl::new(&sim, "ltj");
+        let ns = std::env::temp_dir().join(format!("kube-sim-ns-{}.yaml", std::process::id()));
+        std::fs::write(&ns, "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: tenant-acme\n").unwrap();
+        assert!(k.ok(&["create", "-f", &ns.display().to_string()]).await.contains("namespace/tenant-acme created"));
+        let _ = std::fs::remove_file(&ns);
+        for f in ["minimal.yaml", "full.yaml", "zero-retention-eea.yaml"] {
+            let out = k.ok(&["apply", "-f", &example(f)]).await;
+            assert!(out.contains("created"), "{out}");
+        }
+        assert!(k.ok(&["apply", "-f", &example("minimal.yaml")]).await.contains("unchanged"));
+
+        let table = k.ok(&["get", "ltj", "-A"]).await;
+        let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+        assert_eq!(header, ["NAMESPACE", "NAME", "PHASE", "MODEL", "REGION", "PROGRESS", "AGE"]);
+        assert_eq!(table.lines().count(), 4, "{table}");
+        let minimal = table.lines().find(|l| l.contains(" minimal ")).unwrap();
+        assert!(minimal.contains("sd15"), "{minimal}");
+
+        let bad = k.run(&["apply", "-f", &example("invalid/zero-steps.yaml")]).await;
+        assert!(!bad.ok);
+        assert!(
+            bad.stderr.contains("spec.training.steps: Invalid value: 0: spec.training.steps in body should be greater than or equal to 1"),
+            "{}",
+            bad.stderr
+        );
+
+        let described = k.ok(&["describe", "ltj", "minimal"]).await;
+        assert!(described.contains("Name:         minimal"), "{described}");
+        assert!(described.contains("Family:  sd15"), "{described}");
+        let explained = k.ok(&["explain", "ltj.spec.training"]).await;
+        assert!(explained.contains("steps"), "{explained}");
+
+        let deleted = k.ok(&["delete", "-f", &example("minimal.yaml")]).await;
+        assert!(deleted.contains("deleted"), "{deleted}");
+        let jobs: Api<DynamicObject> =
+            Api::namespaced_with(sim.client(), "default", &ApiResource::erase::<LoRATrainingJob>(&()));
+        assert!(jobs.get_opt("minimal").await.unwrap().is_none());
+        assert!(k.ok(&["get", "ltj", "-o", "name"]).await.contains("zero-retention-eea"));
+        sim.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn kubectl_lists_simulated_nodes_with_their_region() {
+    within(async {
+        let topo = Path::new(env!("CARGO_MANIFEST_DIR")).join("topologies/three-regions.yaml");
+        let topology = serde_yaml::from_str(&std::fs::read_to_string(topo).unwrap()).unwrap();
+        let config = SimConfig {
+            topology: Some(topology),
+            ..SimConfig::default()
+        };
+        let sim = KubeSim::start(config).await.unwrap();
+        let k = Kubectl::new(&sim, "nodes");
+        let out = k
+            .ok(&["get", "nodes", "-L", "topology.kubernetes.io/region"])
+            .await;
+        let header: Vec<&str> = out.lines().next().unwrap().split_whitespace().collect();
+        assert_eq!(
+            header,
+            ["NAME", "STATUS", "ROLES", "AGE", "VERSION", "REGION"]
+        );
+        let regions: std::collections::BTreeSet<&str> = out
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().last())
+            .collect();
+        assert_eq!(
+            regions.into_iter().collect::<Vec<_>>(),
+            ["eu-central", "eu-west", "us-east"]
+        );
+        assert!(out.lines().skip(1).all(|l| l.contains(" Ready ")), "{out}");
+        sim.shutdown().await;
+    })
+    .await;
+}
