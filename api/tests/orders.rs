@@ -32,9 +32,11 @@ async fn a_signed_checkout_creates_exactly_one_job_whatever_the_delivery_order()
         let (s, ack) = h.webhook(&paid, now(), WEBHOOK_SECRET).await;
         assert_eq!(s, StatusCode::OK, "{ack}");
         assert_eq!(ack["outcome"], "created");
-        // Redelivery, the async event after it, and the very same signed request again.
-        for ev in [&paid, &async_paid, &paid] {
-            let (s, ack) = h.webhook(ev, now(), WEBHOOK_SECRET).await;
+        // Redelivery, the async event after it, and a byte-identical replay (same body, same
+        // signature header) inside the tolerance.
+        let t = now();
+        for (ev, at) in [(&paid, t), (&async_paid, now()), (&paid, t), (&paid, t)] {
+            let (s, ack) = h.webhook(ev, at, WEBHOOK_SECRET).await;
             assert_eq!(s, StatusCode::OK);
             assert_eq!(ack["outcome"], "duplicate");
         }
@@ -48,12 +50,29 @@ async fn a_signed_checkout_creates_exactly_one_job_whatever_the_delivery_order()
         assert!(job.spec.data_use.training_consent);
         assert_eq!(job.spec.placement.residency, Residency::Eea);
         assert_eq!(job.spec.dataset.region.as_deref(), Some("eu-west"));
-        assert_eq!(job.spec.dataset.sha256, loraplane_api::app::sha256_hex(&zip));
-        assert!(job.spec.dataset.uri.starts_with("s3://ds-eu/uploads/orders/"));
+        assert_eq!(
+            job.spec.dataset.sha256,
+            loraplane_api::app::sha256_hex(&zip)
+        );
+        assert!(
+            job.spec
+                .dataset
+                .uri
+                .starts_with("s3://ds-eu/uploads/orders/")
+        );
         // No payment id, email or customer text in metadata.
         let meta = serde_json::to_string(&job.metadata).unwrap();
-        for secret in ["cs_test_1", "pi_test_1", "someone@example.com", "grey cat", "zxq"] {
-            assert!(!meta.contains(secret), "{secret} leaked into metadata: {meta}");
+        for secret in [
+            "cs_test_1",
+            "pi_test_1",
+            "someone@example.com",
+            "grey cat",
+            "zxq",
+        ] {
+            assert!(
+                !meta.contains(secret),
+                "{secret} leaked into metadata: {meta}"
+            );
         }
         let metrics = h.call("GET", "/metrics", None, &[], None).await;
         assert_eq!(metrics.0, StatusCode::OK);
@@ -105,8 +124,13 @@ async fn a_refund_before_the_completion_wins_and_a_dispute_erases_a_job() {
         let h = Harness::start().await;
         // Refund first, completion second: no job, ever.
         let upload = h.upload(STOREFRONT, "eea", dataset(3)).await;
-        let (s, ack) = h.webhook(&refund_event("pi_early"), now(), WEBHOOK_SECRET).await;
-        assert_eq!((s, ack["outcome"].as_str()), (StatusCode::OK, Some("tombstoned")));
+        let (s, ack) = h
+            .webhook(&refund_event("pi_early"), now(), WEBHOOK_SECRET)
+            .await;
+        assert_eq!(
+            (s, ack["outcome"].as_str()),
+            (StatusCode::OK, Some("tombstoned"))
+        );
         let paid = paid_event("cs_early", "pi_early", &upload, "basic");
         for _ in 0..2 {
             let (_, ack) = h.webhook(&paid, now(), WEBHOOK_SECRET).await;
@@ -121,9 +145,17 @@ async fn a_refund_before_the_completion_wins_and_a_dispute_erases_a_job() {
         assert_eq!(ack["outcome"], "created");
         let job = jobs(&h, "orders").await.remove(0);
         let prefix = format!("orders/{}-{}/", job.name_any(), job.uid().unwrap());
-        h.put("ck-eu", &format!("{prefix}step-10/lora.safetensors"), b"ckpt").await;
-        h.put("out-eu", &format!("{prefix}lora.safetensors"), b"lora").await;
-        let (_, ack) = h.webhook(&dispute_event("pi_late"), now(), WEBHOOK_SECRET).await;
+        h.put(
+            "ck-eu",
+            &format!("{prefix}step-10/lora.safetensors"),
+            b"ckpt",
+        )
+        .await;
+        h.put("out-eu", &format!("{prefix}lora.safetensors"), b"lora")
+            .await;
+        let (_, ack) = h
+            .webhook(&dispute_event("pi_late"), now(), WEBHOOK_SECRET)
+            .await;
         assert_eq!(ack["outcome"], "erased");
         assert!(jobs(&h, "orders").await.is_empty());
         assert!(h.keys("ck-eu").await.is_empty());
@@ -138,9 +170,12 @@ async fn a_refund_before_the_completion_wins_and_a_dispute_erases_a_job() {
         let evs = events.list(&ListParams::default()).await.unwrap().items;
         assert!(evs.iter().any(|e| e.reason.as_deref() == Some("Erased")));
         let cms: Api<ConfigMap> = Api::namespaced(h.sim.client(), "orders");
-        let all = serde_json::to_string(&cms.list(&ListParams::default()).await.unwrap().items).unwrap()
+        let all = serde_json::to_string(&cms.list(&ListParams::default()).await.unwrap().items)
+            .unwrap()
             + &serde_json::to_string(&evs).unwrap();
-        for secret in ["pi_late", "cs_late", "pi_early", "zxq", "grey cat", "someone@"] {
+        for secret in [
+            "pi_late", "cs_late", "pi_early", "zxq", "grey cat", "someone@",
+        ] {
             assert!(!all.contains(secret), "{secret} in audit records");
         }
     })
@@ -158,39 +193,90 @@ async fn tenants_are_isolated_and_idempotency_keys_replay() {
             "uploadId": upload, "steps": 100
         });
         let key = [("idempotency-key", "k-1")];
-        let (s, _, job) = h.call("POST", "/v1/jobs", Some(ACME), &key, Some(order.clone())).await;
+        let (s, _, job) = h
+            .call("POST", "/v1/jobs", Some(ACME), &key, Some(order.clone()))
+            .await;
         assert_eq!(s, StatusCode::CREATED, "{job}");
         let id = job["id"].as_str().unwrap().to_string();
         assert_eq!(job["totalSteps"], 100);
 
-        let (s, headers, again) = h.call("POST", "/v1/jobs", Some(ACME), &key, Some(order.clone())).await;
+        let (s, headers, again) = h
+            .call("POST", "/v1/jobs", Some(ACME), &key, Some(order.clone()))
+            .await;
         assert_eq!(s, StatusCode::OK);
         assert_eq!(again["id"], id.as_str());
         assert_eq!(headers["idempotent-replayed"], "true");
 
         let mut changed = order.clone();
         changed["steps"] = json!(200);
-        let (s, _, e) = h.call("POST", "/v1/jobs", Some(ACME), &key, Some(changed)).await;
-        assert_eq!((s, e["error"]["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("idempotency_key_reused")));
-        let (s, _, e) = h.call("POST", "/v1/jobs", Some(ACME), &[("idempotency-key", "k-2")], Some(order.clone())).await;
-        assert_eq!((s, e["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("order_exists")));
-        let (s, _, e) = h.call("POST", "/v1/jobs", Some(ACME), &[], Some(order.clone())).await;
-        assert_eq!((s, e["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("idempotency_key_required")));
+        let (s, _, e) = h
+            .call("POST", "/v1/jobs", Some(ACME), &key, Some(changed))
+            .await;
+        assert_eq!(
+            (s, e["error"]["code"].as_str()),
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Some("idempotency_key_reused")
+            )
+        );
+        let (s, _, e) = h
+            .call(
+                "POST",
+                "/v1/jobs",
+                Some(ACME),
+                &[("idempotency-key", "k-2")],
+                Some(order.clone()),
+            )
+            .await;
+        assert_eq!(
+            (s, e["error"]["code"].as_str()),
+            (StatusCode::CONFLICT, Some("order_exists"))
+        );
+        let (s, _, e) = h
+            .call("POST", "/v1/jobs", Some(ACME), &[], Some(order.clone()))
+            .await;
+        assert_eq!(
+            (s, e["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("idempotency_key_required"))
+        );
 
         // Globex sees nothing of acme's, and cannot use acme's upload either.
         let path = format!("/v1/jobs/{id}");
-        for (m, p) in [("GET", path.clone()), ("DELETE", path.clone()), ("POST", format!("{path}/cancel")), ("GET", format!("{path}/artifacts"))] {
+        for (m, p) in [
+            ("GET", path.clone()),
+            ("DELETE", path.clone()),
+            ("POST", format!("{path}/cancel")),
+            ("GET", format!("{path}/artifacts")),
+        ] {
             let (s, _, e) = h.call(m, &p, Some(GLOBEX), &[], None).await;
-            assert_eq!((s, e["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("job_not_found")), "{m} {p}");
+            assert_eq!(
+                (s, e["error"]["code"].as_str()),
+                (StatusCode::NOT_FOUND, Some("job_not_found")),
+                "{m} {p}"
+            );
         }
         let (_, _, list) = h.call("GET", "/v1/jobs", Some(GLOBEX), &[], None).await;
         assert_eq!(list["items"].as_array().unwrap().len(), 0);
-        let (s, _, e) = h.call("POST", "/v1/jobs", Some(GLOBEX), &[("idempotency-key", "g")], Some(order.clone())).await;
-        assert_eq!((s, e["error"]["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("upload_not_found")));
+        let (s, _, e) = h
+            .call(
+                "POST",
+                "/v1/jobs",
+                Some(GLOBEX),
+                &[("idempotency-key", "g")],
+                Some(order.clone()),
+            )
+            .await;
+        assert_eq!(
+            (s, e["error"]["code"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("upload_not_found"))
+        );
         assert_eq!(jobs(&h, "acme").await.len(), 1);
 
         let (s, _, e) = h.call("GET", "/v1/jobs", None, &[], None).await;
-        assert_eq!((s, e["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("unauthorized")));
+        assert_eq!(
+            (s, e["error"]["code"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("unauthorized"))
+        );
         let (s, _, _) = h.call("GET", "/v1/jobs", Some("wrong"), &[], None).await;
         assert_eq!(s, StatusCode::UNAUTHORIZED);
 
@@ -199,12 +285,30 @@ async fn tenants_are_isolated_and_idempotency_keys_replay() {
         let mut second = order.clone();
         second["orderId"] = json!("order-2");
         second["uploadId"] = json!(upload2);
-        let (s, _, _) = h.call("POST", "/v1/jobs", Some(ACME), &[("idempotency-key", "k-3")], Some(second)).await;
+        let (s, _, _) = h
+            .call(
+                "POST",
+                "/v1/jobs",
+                Some(ACME),
+                &[("idempotency-key", "k-3")],
+                Some(second),
+            )
+            .await;
         assert_eq!(s, StatusCode::CREATED);
-        let (_, _, page1) = h.call("GET", "/v1/jobs?limit=1", Some(ACME), &[], None).await;
+        let (_, _, page1) = h
+            .call("GET", "/v1/jobs?limit=1", Some(ACME), &[], None)
+            .await;
         assert_eq!(page1["items"].as_array().unwrap().len(), 1);
         let next = page1["next"].as_str().expect("a next token");
-        let (_, _, page2) = h.call("GET", &format!("/v1/jobs?limit=1&continue={next}"), Some(ACME), &[], None).await;
+        let (_, _, page2) = h
+            .call(
+                "GET",
+                &format!("/v1/jobs?limit=1&continue={next}"),
+                Some(ACME),
+                &[],
+                None,
+            )
+            .await;
         assert_eq!(page2["items"].as_array().unwrap().len(), 1);
         assert_ne!(page1["items"][0]["id"], page2["items"][0]["id"]);
     })
@@ -220,10 +324,26 @@ async fn cancel_then_erase_leaves_only_the_audit_record() {
             "orderId": "o-9", "family": "sdxl", "conceptType": "object",
             "triggerWord": "mug", "plan": "basic", "uploadId": upload
         });
-        let (s, _, job) = h.call("POST", "/v1/jobs", Some(ACME), &[("idempotency-key", "x")], Some(order)).await;
+        let (s, _, job) = h
+            .call(
+                "POST",
+                "/v1/jobs",
+                Some(ACME),
+                &[("idempotency-key", "x")],
+                Some(order),
+            )
+            .await;
         assert_eq!(s, StatusCode::CREATED, "{job}");
         let id = job["id"].as_str().unwrap().to_string();
-        let (s, _, cancelled) = h.call("POST", &format!("/v1/jobs/{id}/cancel"), Some(ACME), &[], None).await;
+        let (s, _, cancelled) = h
+            .call(
+                "POST",
+                &format!("/v1/jobs/{id}/cancel"),
+                Some(ACME),
+                &[],
+                None,
+            )
+            .await;
         assert_eq!(s, StatusCode::OK);
         assert_eq!(cancelled["phase"], "Cancelled");
         let api: Api<LoRATrainingJob> = Api::namespaced(h.sim.client(), "acme");
@@ -234,20 +354,30 @@ async fn cancel_then_erase_leaves_only_the_audit_record() {
         h.put("ck-eu", &format!("{prefix}a"), b"1").await;
         h.put("out-eu", &format!("{prefix}b"), b"2").await;
         h.put("out-eu", "acme/another-job/keep", b"3").await;
-        let (s, _, body) = h.call("DELETE", &format!("/v1/jobs/{id}"), Some(ACME), &[], None).await;
+        let (s, _, body) = h
+            .call("DELETE", &format!("/v1/jobs/{id}"), Some(ACME), &[], None)
+            .await;
         assert_eq!(s, StatusCode::OK, "{body}");
         assert_eq!(body["erased"], true);
-        let (s, _, _) = h.call("GET", &format!("/v1/jobs/{id}"), Some(ACME), &[], None).await;
+        let (s, _, _) = h
+            .call("GET", &format!("/v1/jobs/{id}"), Some(ACME), &[], None)
+            .await;
         assert_eq!(s, StatusCode::NOT_FOUND);
         assert!(h.keys("ds-eu").await.is_empty());
         assert!(h.keys("ck-eu").await.is_empty());
-        assert_eq!(h.keys("out-eu").await, vec!["acme/another-job/keep".to_string()]);
+        assert_eq!(
+            h.keys("out-eu").await,
+            vec!["acme/another-job/keep".to_string()]
+        );
         let events: Api<Event> = Api::namespaced(h.sim.client(), "acme");
         let evs = events.list(&ListParams::default()).await.unwrap().items;
         assert!(evs.iter().any(|e| e.reason.as_deref() == Some("Erased")
             && e.involved_object.name.as_deref() == Some(id.as_str())));
         let metrics = h.app.metrics.render();
-        assert!(metrics.contains("loraplane_api_retention_deletions_total{what=\"erasure\"} 1"), "{metrics}");
+        assert!(
+            metrics.contains("loraplane_api_retention_deletions_total{what=\"erasure\"} 1"),
+            "{metrics}"
+        );
     })
     .await;
 }
@@ -258,19 +388,64 @@ async fn every_documented_route_is_served() {
         let h = Harness::start().await;
         let (s, _, doc) = h.call("GET", "/openapi.json", None, &[], None).await;
         assert_eq!(s, StatusCode::OK);
-        assert_eq!(doc["openapi"].as_str().map(|v| v.starts_with("3.")), Some(true));
+        assert_eq!(
+            doc["openapi"].as_str().map(|v| v.starts_with("3.")),
+            Some(true)
+        );
         for (path, ops) in doc["paths"].as_object().unwrap() {
             for method in ops.as_object().unwrap().keys() {
                 let concrete = path.replace("{id}", "x");
-                let (s, _, body) = h.call(&method.to_uppercase(), &concrete, None, &[], None).await;
+                let (s, _, body) = h
+                    .call(&method.to_uppercase(), &concrete, None, &[], None)
+                    .await;
                 // Unauthenticated: 401 (or 400 for the signed webhook), never "no such route".
-                assert!(s == StatusCode::UNAUTHORIZED || s == StatusCode::BAD_REQUEST, "{method} {path}: {s} {body}");
+                assert!(
+                    s == StatusCode::UNAUTHORIZED || s == StatusCode::BAD_REQUEST,
+                    "{method} {path}: {s} {body}"
+                );
                 assert!(body["error"]["code"].is_string());
             }
         }
         for p in ["/healthz", "/readyz", "/metrics"] {
-            assert_eq!(h.call("GET", p, None, &[], None).await.0, StatusCode::OK, "{p}");
+            assert_eq!(
+                h.call("GET", p, None, &[], None).await.0,
+                StatusCode::OK,
+                "{p}"
+            );
         }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn tenants_over_their_rate_get_429_with_retry_after() {
+    within(120, async {
+        let h = Harness::start_with(|c| c.limits.tenant_rps = 1.0).await;
+        // Burst of two, then throttled; another tenant is unaffected.
+        for _ in 0..2 {
+            assert_eq!(
+                h.call("GET", "/v1/jobs", Some(ACME), &[], None).await.0,
+                StatusCode::OK
+            );
+        }
+        let (s, headers, e) = h.call("GET", "/v1/jobs", Some(ACME), &[], None).await;
+        assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(e["error"]["code"], "rate_limited");
+        let wait: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!(wait >= 1);
+        assert_eq!(
+            h.call("GET", "/v1/jobs", Some(GLOBEX), &[], None).await.0,
+            StatusCode::OK
+        );
+        let m = h.call("GET", "/metrics", None, &[], None).await;
+        assert_eq!(m.0, StatusCode::OK);
+        let text = h.app.metrics.render();
+        assert!(
+            text.contains(
+                r#"loraplane_api_requests_total{method="GET",route="/v1/jobs",status="429"} 1"#
+            ),
+            "{text}"
+        );
     })
     .await;
 }

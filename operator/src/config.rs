@@ -15,7 +15,11 @@ use loraplane_crds::platform::{ConfigError, PlatformConfig};
 #[command(name = "loraplane-operator", version, about)]
 pub struct Args {
     /// The platform configuration file (regions, pools, families, defaults).
-    #[arg(long, env = "LORAPLANE_CONFIG", default_value = "/etc/loraplane/platform.yaml")]
+    #[arg(
+        long,
+        env = "LORAPLANE_CONFIG",
+        default_value = "/etc/loraplane/platform.yaml"
+    )]
     pub config: PathBuf,
 
     /// Only watch jobs in this namespace; watches every namespace when absent.
@@ -178,17 +182,19 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("lp-op-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("platform.yaml");
-        std::fs::write(
-            &path,
-            "regions: []\npools: []\nfamilies: []\n",
-        )
-        .unwrap();
+        std::fs::write(&path, "regions: []\npools: []\nfamilies: []\n").unwrap();
         let err = load_platform_config(&path).unwrap_err().to_string();
         assert!(err.contains("platform.yaml"), "{err}");
-        assert!(err.contains("regions: at least one region is required"), "{err}");
+        assert!(
+            err.contains("regions: at least one region is required"),
+            "{err}"
+        );
         let missing = load_platform_config(&dir.join("absent.yaml"))
             .unwrap_err()
             .to_string();
-        assert!(missing.contains("could not read the platform config"), "{missing}");
+        assert!(
+            missing.contains("could not read the platform config"),
+            "{missing}"
+        );
     }
 }

@@ -142,11 +142,7 @@ impl Context {
     }
 
     async fn node_exists(&self, name: &str) -> Result<bool, ReconcileError> {
-        if self
-            .nodes
-            .get(&reflector::ObjectRef::new(name))
-            .is_some()
-        {
+        if self.nodes.get(&reflector::ObjectRef::new(name)).is_some() {
             return Ok(true);
         }
         // The cache may simply not have seen a new node yet: ask before declaring it lost.
@@ -362,7 +358,11 @@ async fn read_log(pods: &Api<Pod>, name: &str) -> Option<progress::LogProgress> 
 }
 
 /// Requeues a failed reconcile after a pause, so an error never hot-loops.
-pub fn error_policy(job: Arc<LoRATrainingJob>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
+pub fn error_policy(
+    job: Arc<LoRATrainingJob>,
+    error: &ReconcileError,
+    ctx: Arc<Context>,
+) -> Action {
     ctx.metrics
         .reconcile_errors
         .with_label_values(&[error.reason()])
@@ -411,7 +411,13 @@ pub struct Health {
 
 fn reflect<K>(api: Api<K>, cfg: watcher::Config) -> Store<K>
 where
-    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
 {
     let (reader, writer) = reflector::store();
     let stream = reflector::reflector(

@@ -75,7 +75,11 @@ impl Election {
     pub async fn try_acquire(&self, client: &Client) -> Result<bool, LeaderError> {
         let api = self.api(client);
         let now = Timestamp::now();
-        let Some(mut lease) = api.get_opt(&self.name).await.map_err(LeaderError::GetLease)? else {
+        let Some(mut lease) = api
+            .get_opt(&self.name)
+            .await
+            .map_err(LeaderError::GetLease)?
+        else {
             let lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(self.name.clone()),
@@ -97,9 +101,16 @@ impl Election {
             return Ok(false);
         }
         let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!mine);
-        let acquired = if mine { spec.acquire_time.clone() } else { None };
+        let acquired = if mine {
+            spec.acquire_time.clone()
+        } else {
+            None
+        };
         lease.spec = Some(self.spec(now, transitions, acquired));
-        match api.replace(&self.name, &PostParams::default(), &lease).await {
+        match api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
             Ok(_) => Ok(true),
             Err(e) if is_conflict(&e) => Ok(false),
             Err(e) => Err(LeaderError::UpdateLease(e)),
@@ -109,7 +120,11 @@ impl Election {
     /// Gives the Lease up (on graceful shutdown) so a standby takes over at once.
     pub async fn release(&self, client: &Client) -> Result<(), LeaderError> {
         let api = self.api(client);
-        let Some(mut lease) = api.get_opt(&self.name).await.map_err(LeaderError::GetLease)? else {
+        let Some(mut lease) = api
+            .get_opt(&self.name)
+            .await
+            .map_err(LeaderError::GetLease)?
+        else {
             return Ok(());
         };
         let mut spec = lease.spec.clone().unwrap_or_default();
@@ -119,7 +134,10 @@ impl Election {
         spec.holder_identity = None;
         spec.renew_time = None;
         lease.spec = Some(spec);
-        match api.replace(&self.name, &PostParams::default(), &lease).await {
+        match api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
             Ok(_) => Ok(()),
             Err(e) if is_conflict(&e) => Ok(()),
             Err(e) => Err(LeaderError::UpdateLease(e)),
@@ -154,8 +172,8 @@ impl Election {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "leader election round failed");
-                    let stale = last_renewal
-                        .is_none_or(|t| t.elapsed() > self.lease_duration * 2 / 3);
+                    let stale =
+                        last_renewal.is_none_or(|t| t.elapsed() > self.lease_duration * 2 / 3);
                     if stale && *leading.borrow() {
                         tracing::warn!("could not renew the Lease in time; stepping down");
                         leading.send_replace(false);

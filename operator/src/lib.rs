@@ -6,11 +6,11 @@
 //! I/O that observes and applies them (`controller`, `leader`, `server`).
 
 pub mod config;
-pub mod placement;
-pub mod progress;
-pub mod resources;
-pub mod status;
 pub mod controller;
 pub mod leader;
 pub mod metrics;
+pub mod placement;
+pub mod progress;
+pub mod resources;
 pub mod server;
+pub mod status;

@@ -54,7 +54,9 @@ pub fn required_gpu_memory_gib(
 ) -> Result<u32, PlacementError> {
     let family = config
         .family(spec.base_model.family)
-        .ok_or(PlacementError::UnknownFamily(spec.base_model.family.as_str()))?;
+        .ok_or(PlacementError::UnknownFamily(
+            spec.base_model.family.as_str(),
+        ))?;
     let asked = spec
         .resources
         .gpu
@@ -79,7 +81,12 @@ fn eligible(
         && (placement.regions.is_empty() || placement.regions.iter().any(|r| r.0 == pool.region))
         && pool.gpu_memory_gib >= min_memory
         && (spec.resources.gpu.products.is_empty()
-            || spec.resources.gpu.products.iter().any(|p| p.0 == pool.gpu_product))
+            || spec
+                .resources
+                .gpu
+                .products
+                .iter()
+                .any(|p| p.0 == pool.gpu_product))
         && !(pool.spot && placement.spot == SpotPolicy::Never)
 }
 
@@ -195,11 +202,11 @@ pub fn pool_capacity<'a>(
             continue;
         }
         let labels = node.metadata.labels.clone().unwrap_or_default();
-        let Some(pool) = config
-            .pools
-            .iter()
-            .find(|p| p.node_selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
-        else {
+        let Some(pool) = config.pools.iter().find(|p| {
+            p.node_selector
+                .iter()
+                .all(|(k, v)| labels.get(k) == Some(v))
+        }) else {
             continue;
         };
         let allocatable = node
@@ -222,9 +229,7 @@ pub fn pool_capacity<'a>(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use loraplane_crds::platform::{
-        Buckets, Defaults, FamilyConfig, Jurisdiction, RegionConfig,
-    };
+    use loraplane_crds::platform::{Buckets, Defaults, FamilyConfig, Jurisdiction, RegionConfig};
     use loraplane_crds::trainer::S3Endpoint;
     use loraplane_crds::v1alpha1::{GpuProduct, ModelFamily, Residency};
 
@@ -251,7 +256,12 @@ pub(crate) mod tests {
             region: region.into(),
             node_selector: [("loraplane.io/node-pool".to_string(), name.to_string())].into(),
             tolerations: vec![],
-            gpu_product: if mem >= 80 { "NVIDIA-A100-SXM4-80GB" } else { "NVIDIA-L4" }.into(),
+            gpu_product: if mem >= 80 {
+                "NVIDIA-A100-SXM4-80GB"
+            } else {
+                "NVIDIA-L4"
+            }
+            .into(),
             gpu_memory_gib: mem,
             spot,
             hourly_price: price,
@@ -303,7 +313,11 @@ pub(crate) mod tests {
     }
 
     fn cap(free: i64) -> PoolCapacity {
-        PoolCapacity { total: 8, free, max_free_on_node: free.min(8) }
+        PoolCapacity {
+            total: 8,
+            free,
+            max_free_on_node: free.min(8),
+        }
     }
 
     fn names(c: &[Candidate]) -> Vec<&str> {
@@ -321,7 +335,10 @@ pub(crate) mod tests {
         ]);
         let c = rank(&spec(Residency::Eea), &cfg, &capacity, &BTreeSet::new()).unwrap();
         // The spot pool is cheapest but full, so it drops behind the pools that fit.
-        assert_eq!(names(&c), ["eu-west-l4", "eu-north-a100", "eu-west-l4-spot"]);
+        assert_eq!(
+            names(&c),
+            ["eu-west-l4", "eu-north-a100", "eu-west-l4-spot"]
+        );
         let c = rank(&spec(Residency::Any), &cfg, &capacity, &BTreeSet::new()).unwrap();
         assert_eq!(c[0].pool, "us-east-l4");
     }
@@ -329,8 +346,7 @@ pub(crate) mod tests {
     #[test]
     fn dataset_region_spot_policy_memory_and_products_shape_the_list() {
         let cfg = platform();
-        let capacity: BTreeMap<_, _> =
-            cfg.pools.iter().map(|p| (p.name.clone(), cap(8))).collect();
+        let capacity: BTreeMap<_, _> = cfg.pools.iter().map(|p| (p.name.clone(), cap(8))).collect();
         let mut s = spec(Residency::Any);
         s.dataset.region = Some("eu-north".into());
         let c = rank(&s, &cfg, &capacity, &BTreeSet::new()).unwrap();
@@ -367,14 +383,23 @@ pub(crate) mod tests {
         assert_eq!(names(&c), ["eu-north-a100"]);
         let tried = BTreeSet::from(["eu-west-l4".to_string(), "eu-north-a100".to_string()]);
         let c = rank(&s, &cfg, &capacity, &tried).unwrap();
-        assert_eq!(names(&c), ["eu-west-l4", "eu-north-a100"], "round starts over");
+        assert_eq!(
+            names(&c),
+            ["eu-west-l4", "eu-north-a100"],
+            "round starts over"
+        );
     }
 
     #[test]
     fn an_unconfigured_family_is_an_error() {
         let mut cfg = platform();
         cfg.families.retain(|f| f.family != ModelFamily::Sdxl);
-        let err = rank(&spec(Residency::Any), &cfg, &BTreeMap::new(), &BTreeSet::new());
+        let err = rank(
+            &spec(Residency::Any),
+            &cfg,
+            &BTreeMap::new(),
+            &BTreeSet::new(),
+        );
         assert_eq!(err, Err(PlacementError::UnknownFamily("sdxl")));
     }
 
@@ -416,7 +441,11 @@ pub(crate) mod tests {
         let c = pool_capacity(&cfg, &nodes, &pods);
         assert_eq!(
             c["eu-west-l4"],
-            PoolCapacity { total: 8, free: 4, max_free_on_node: 3 }
+            PoolCapacity {
+                total: 8,
+                free: 4,
+                max_free_on_node: 3
+            }
         );
         assert_eq!(c["us-east-l4"], PoolCapacity::default());
     }
@@ -449,12 +478,21 @@ pub(crate) mod tests {
                 .map(|i| {
                     let r = format!("r{}", rng.below(cfg.regions.len() as u64));
                     let mem = [16, 24, 48, 80][rng.below(4) as usize];
-                    pool(&format!("p{i}"), &r, mem, rng.below(2) == 0, rng.below(50) as f64 / 10.0)
+                    pool(
+                        &format!("p{i}"),
+                        &r,
+                        mem,
+                        rng.below(2) == 0,
+                        rng.below(50) as f64 / 10.0,
+                    )
                 })
                 .collect();
             let mut s = spec(Residency::Eea);
-            s.placement.spot = [SpotPolicy::Never, SpotPolicy::Allowed, SpotPolicy::Preferred]
-                [rng.below(3) as usize];
+            s.placement.spot = [
+                SpotPolicy::Never,
+                SpotPolicy::Allowed,
+                SpotPolicy::Preferred,
+            ][rng.below(3) as usize];
             if rng.below(3) == 0 {
                 s.dataset.region = Some(format!("r{}", rng.below(5)));
             }
@@ -477,13 +515,14 @@ pub(crate) mod tests {
                     }
                     None => {
                         let any_eea_pool = cfg.pools.iter().any(|p| {
-                            cfg.region(&p.region).map(|r| r.jurisdiction)
-                                == Some(Jurisdiction::Eea)
+                            cfg.region(&p.region).map(|r| r.jurisdiction) == Some(Jurisdiction::Eea)
                         });
                         // Nothing offered is only right when no EEA pool could ever fit.
                         if any_eea_pool && s.placement.spot != SpotPolicy::Never {
                             assert!(
-                                cfg.pools.iter().all(|p| cfg.region(&p.region).map(|r| r.jurisdiction)
+                                cfg.pools.iter().all(|p| cfg
+                                    .region(&p.region)
+                                    .map(|r| r.jurisdiction)
                                     != Some(Jurisdiction::Eea)
                                     || p.gpu_memory_gib < 16),
                                 "seed {seed}: an eligible EEA pool was not offered"

@@ -11,12 +11,11 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
-    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, Pod,
-    PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile, Secret, SecretKeySelector,
-    SecretVolumeSource, SecurityContext, Toleration, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    Affinity, Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, NodeAffinity,
+    NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec,
+    ResourceRequirements, SeccompProfile, Secret, SecretKeySelector, SecretVolumeSource,
+    SecurityContext, Toleration, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -89,13 +88,21 @@ impl JobIds {
     /// The ids of a job, or which one is missing.
     pub fn of(job: &LoRATrainingJob) -> Result<JobIds, BuildError> {
         Ok(JobIds {
-            name: job.metadata.name.clone().ok_or(BuildError::MissingMetadata("name"))?,
+            name: job
+                .metadata
+                .name
+                .clone()
+                .ok_or(BuildError::MissingMetadata("name"))?,
             namespace: job
                 .metadata
                 .namespace
                 .clone()
                 .ok_or(BuildError::MissingMetadata("namespace"))?,
-            uid: job.metadata.uid.clone().ok_or(BuildError::MissingMetadata("uid"))?,
+            uid: job
+                .metadata
+                .uid
+                .clone()
+                .ok_or(BuildError::MissingMetadata("uid"))?,
         })
     }
 }
@@ -376,10 +383,7 @@ pub fn trainer_pod(
             ..Volume::default()
         }
     };
-    let mut args = vec![
-        "--config".to_string(),
-        format!("{CONFIG_DIR}/{CONFIG_KEY}"),
-    ];
+    let mut args = vec!["--config".to_string(), format!("{CONFIG_DIR}/{CONFIG_KEY}")];
     args.extend(family.trainer_args.iter().cloned());
     let container = Container {
         name: TRAINER_CONTAINER.into(),
@@ -550,7 +554,13 @@ mod tests {
             strings(&serde_json::to_value(&secret.metadata).unwrap(), &mut all);
             assert!(all.len() > 40, "the walk saw the whole pod");
             for s in &all {
-                for secret_text in [TRIGGER, "private description", "alice@example.com", "pi_secret123", "payment"] {
+                for secret_text in [
+                    TRIGGER,
+                    "private description",
+                    "alice@example.com",
+                    "pi_secret123",
+                    "payment",
+                ] {
                     assert!(!s.contains(secret_text), "{secret_text:?} leaked in {s:?}");
                 }
             }
@@ -576,9 +586,13 @@ mod tests {
         let spec = &v["spec"];
         assert_eq!(spec["automountServiceAccountToken"], false);
         assert_eq!(spec["restartPolicy"], "Never");
-        assert_eq!(spec["nodeSelector"]["loraplane.io/node-pool"], "eu-west-l4-spot");
+        assert_eq!(
+            spec["nodeSelector"]["loraplane.io/node-pool"],
+            "eu-west-l4-spot"
+        );
         assert_eq!(spec["tolerations"][0]["key"], "loraplane.io/spot");
-        let term = &spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]["matchExpressions"][0];
+        let term = &spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            ["nodeSelectorTerms"][0]["matchExpressions"][0];
         assert_eq!(term["key"], REGION_LABEL);
         assert_eq!(term["values"][0], "eu-west");
         let c = &spec["containers"][0];
@@ -587,14 +601,29 @@ mod tests {
         assert_eq!(c["securityContext"]["runAsNonRoot"], true);
         assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
         assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");
-        assert_eq!(spec["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+        assert_eq!(
+            spec["securityContext"]["seccompProfile"]["type"],
+            "RuntimeDefault"
+        );
         assert_eq!(c["terminationMessagePath"], TERMINATION_MESSAGE_PATH);
         assert_eq!(c["env"][0]["valueFrom"]["secretKeyRef"]["name"], "creds");
-        assert!(c["env"].as_array().unwrap().iter().all(|e| e.get("value").is_none()));
-        assert_eq!(v["metadata"]["ownerReferences"][0]["kind"], "LoRATrainingJob");
+        assert!(
+            c["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|e| e.get("value").is_none())
+        );
+        assert_eq!(
+            v["metadata"]["ownerReferences"][0]["kind"],
+            "LoRATrainingJob"
+        );
         assert_eq!(v["metadata"]["ownerReferences"][0]["controller"], true);
         assert_eq!(v["metadata"]["labels"][LABEL_JOB_UID], "uid-42");
-        assert_eq!(spec["volumes"][1]["persistentVolumeClaim"]["claimName"], "order-42-work-eu-west");
+        assert_eq!(
+            spec["volumes"][1]["persistentVolumeClaim"]["claimName"],
+            "order-42-work-eu-west"
+        );
     }
 
     #[test]
@@ -621,7 +650,10 @@ mod tests {
             ..Default::default()
         });
         let c = trainer_config(&j, &cfg, "eu-west").unwrap();
-        assert_eq!(c.checkpoints, "s3://checkpoints-eu-north/customers/order-42-uid-42/");
+        assert_eq!(
+            c.checkpoints,
+            "s3://checkpoints-eu-north/customers/order-42-uid-42/"
+        );
         assert_eq!(c.training.checkpoint_every, 100);
         assert_eq!(c.training.resolution, 1024);
         assert_eq!(c.training.seed, derived_seed("uid-42"));

@@ -25,9 +25,7 @@ use k8s_openapi::jiff::Timestamp;
 use loraplane_crds::LoRATrainingJob;
 use loraplane_crds::platform::Defaults;
 use loraplane_crds::trainer::{EXIT_BAD_INPUT, Outcome, TrainerSummary};
-use loraplane_crds::v1alpha1::{
-    Artifact, Attempt, LoRATrainingJobStatus, Phase, PlacementStatus,
-};
+use loraplane_crds::v1alpha1::{Artifact, Attempt, LoRATrainingJobStatus, Phase, PlacementStatus};
 
 use crate::placement::Candidate;
 use crate::progress::{self, LogProgress};
@@ -108,15 +106,31 @@ impl PodView {
             .map(|c| c.message.clone().unwrap_or_default());
         let disruption = find("DisruptionTarget")
             .filter(|c| c.status == "True")
-            .map(|c| c.reason.clone().unwrap_or_else(|| "DisruptionTarget".into()))
+            .map(|c| {
+                c.reason
+                    .clone()
+                    .unwrap_or_else(|| "DisruptionTarget".into())
+            })
             .or_else(|| {
-                status
-                    .and_then(|s| s.reason.clone())
-                    .filter(|r| matches!(r.as_str(), "Evicted" | "NodeLost" | "Preempting" | "Shutdown" | "Terminated" | "NodeShutdown"))
+                status.and_then(|s| s.reason.clone()).filter(|r| {
+                    matches!(
+                        r.as_str(),
+                        "Evicted"
+                            | "NodeLost"
+                            | "Preempting"
+                            | "Shutdown"
+                            | "Terminated"
+                            | "NodeShutdown"
+                    )
+                })
             });
         let terminated = status
             .and_then(|s| s.container_statuses.as_ref())
-            .and_then(|cs| cs.iter().find(|c| c.name == crate::resources::TRAINER_CONTAINER).or(cs.first()))
+            .and_then(|cs| {
+                cs.iter()
+                    .find(|c| c.name == crate::resources::TRAINER_CONTAINER)
+                    .or(cs.first())
+            })
             .and_then(|c| c.state.as_ref())
             .and_then(|s| s.terminated.as_ref());
         let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
@@ -142,7 +156,16 @@ impl PodView {
 /// `NodeLost`.
 fn disruption_reason(pod: &PodView) -> &'static str {
     match pod.disruption.as_deref() {
-        Some("TerminationByKubelet" | "PreemptionByScheduler" | "EvictionByEvictionAPI" | "Preempting" | "Terminated" | "Shutdown" | "NodeShutdown" | "Evicted") => reason::PREEMPTED,
+        Some(
+            "TerminationByKubelet"
+            | "PreemptionByScheduler"
+            | "EvictionByEvictionAPI"
+            | "Preempting"
+            | "Terminated"
+            | "Shutdown"
+            | "NodeShutdown"
+            | "Evicted",
+        ) => reason::PREEMPTED,
         Some(_) => reason::NODE_LOST,
         None if pod.deleting && pod.node_exists => reason::PREEMPTED,
         None => reason::NODE_LOST,
@@ -255,7 +278,12 @@ pub fn pod_name(job_name: &str, index: usize) -> String {
 pub fn tried_pools(status: Option<&LoRATrainingJobStatus>) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     if let Some(st) = status {
-        for a in st.attempts.iter().rev().skip_while(|a| a.end_time.is_none()) {
+        for a in st
+            .attempts
+            .iter()
+            .rev()
+            .skip_while(|a| a.end_time.is_none())
+        {
             if a.reason.as_deref() != Some(reason::UNSCHEDULABLE) {
                 break;
             }
@@ -282,7 +310,12 @@ pub fn active_seconds(attempts: &[Attempt], now: Timestamp) -> i64 {
 /// ten minutes.
 pub fn backoff(defaults: &Defaults, failures: i32) -> Duration {
     let exp = u32::try_from(failures.saturating_sub(1).clamp(0, 16)).unwrap_or(0);
-    Duration::from_secs(defaults.backoff_seconds.saturating_mul(1u64 << exp).min(600))
+    Duration::from_secs(
+        defaults
+            .backoff_seconds
+            .saturating_mul(1u64 << exp)
+            .min(600),
+    )
 }
 
 /// Sets a condition, keeping `lastTransitionTime` when the status did not change.
@@ -364,7 +397,11 @@ pub fn decide(inputs: &Inputs<'_>) -> Plan {
         match &inputs.pod {
             None => {
                 ended = Some((
-                    if spec.suspend { reason::SUSPENDED } else { reason::NODE_LOST },
+                    if spec.suspend {
+                        reason::SUSPENDED
+                    } else {
+                        reason::NODE_LOST
+                    },
                     "the training pod disappeared".into(),
                 ));
             }
@@ -442,16 +479,15 @@ pub fn decide(inputs: &Inputs<'_>) -> Plan {
                             );
                             ended = Some((reason::TRAINER_FAILED, msg.clone()));
                             if failures > spec.backoff_limit {
-                                terminal = Some((
-                                    Phase::Failed,
-                                    "BackoffLimitExceeded",
-                                    msg,
-                                ));
+                                terminal = Some((Phase::Failed, "BackoffLimitExceeded", msg));
                             }
                         }
                     }
                     _ if deadline_hit => {
-                        ended = Some((reason::DEADLINE_EXCEEDED, "activeDeadlineSeconds reached".into()));
+                        ended = Some((
+                            reason::DEADLINE_EXCEEDED,
+                            "activeDeadlineSeconds reached".into(),
+                        ));
                     }
                     _ if spec.suspend => {
                         ended = Some((reason::SUSPENDED, "the job was suspended".into()));
@@ -486,16 +522,38 @@ pub fn decide(inputs: &Inputs<'_>) -> Plan {
                     }
                     PodPhase::Pending => {
                         st.phase = Some(Phase::Scheduling);
-                        let msg = format!("pod {} bound to node {}", pod.name, pod.node.clone().unwrap_or_default());
+                        let msg = format!(
+                            "pod {} bound to node {}",
+                            pod.name,
+                            pod.node.clone().unwrap_or_default()
+                        );
                         cond(st, "Scheduled", true, "Scheduled", &msg);
-                        cond(st, "Running", false, "ContainerCreating", "the trainer is starting");
+                        cond(
+                            st,
+                            "Running",
+                            false,
+                            "ContainerCreating",
+                            "the trainer is starting",
+                        );
                         plan.requeue = Some(inputs.progress_interval);
                     }
                     PodPhase::Running => {
                         st.phase = Some(Phase::Running);
                         let node = pod.node.clone().unwrap_or_default();
-                        cond(st, "Scheduled", true, "Scheduled", &format!("pod {} bound to node {node}", pod.name));
-                        cond(st, "Running", true, "TrainerRunning", &format!("training on node {node}"));
+                        cond(
+                            st,
+                            "Scheduled",
+                            true,
+                            "Scheduled",
+                            &format!("pod {} bound to node {node}", pod.name),
+                        );
+                        cond(
+                            st,
+                            "Running",
+                            true,
+                            "TrainerRunning",
+                            &format!("training on node {node}"),
+                        );
                         if st.start_time.is_none() {
                             st.start_time = Some(Time(now));
                             if let Some(created) = job.metadata.creation_timestamp.as_ref() {
@@ -506,7 +564,8 @@ pub fn decide(inputs: &Inputs<'_>) -> Plan {
                         let mut requeue = inputs.progress_interval;
                         if let Some(d) = spec.active_deadline_seconds {
                             let left = d - active_seconds(&st.attempts, now);
-                            requeue = requeue.min(Duration::from_secs(u64::try_from(left).unwrap_or(0).max(1)));
+                            requeue = requeue
+                                .min(Duration::from_secs(u64::try_from(left).unwrap_or(0).max(1)));
                         }
                         plan.requeue = Some(requeue);
                     }
@@ -525,7 +584,11 @@ pub fn decide(inputs: &Inputs<'_>) -> Plan {
         let gpus = f64::from(spec.resources.gpu.count.max(1));
         if let Some(start) = &attempt.start_time {
             let secs = now.duration_since(start.0).as_secs_f64().max(0.0) * gpus;
-            plan.signals.push(Signal::GpuSeconds { region: region.clone(), pool: pool.clone(), seconds: secs });
+            plan.signals.push(Signal::GpuSeconds {
+                region: region.clone(),
+                pool: pool.clone(),
+                seconds: secs,
+            });
         }
         if let Some(pod) = &inputs.pod
             && !pod.deleting
@@ -534,7 +597,10 @@ pub fn decide(inputs: &Inputs<'_>) -> Plan {
             plan.delete_pod = Some(pod.name.clone());
         }
         if matches!(*why, reason::PREEMPTED | reason::NODE_LOST) {
-            plan.signals.push(Signal::Preempted { region: region.clone(), pool: pool.clone() });
+            plan.signals.push(Signal::Preempted {
+                region: region.clone(),
+                pool: pool.clone(),
+            });
         }
         let warning = !matches!(*why, reason::COMPLETED | reason::SUSPENDED);
         plan.notes.push(Note {
@@ -543,10 +609,24 @@ pub fn decide(inputs: &Inputs<'_>) -> Plan {
             message: format!("attempt {idx} in {pool} ({region}) ended: {message}"),
         });
         if *why == reason::DEADLINE_EXCEEDED {
-            terminal = Some((Phase::Failed, reason::DEADLINE_EXCEEDED, format!("the job ran for its activeDeadlineSeconds ({}s)", spec.active_deadline_seconds.unwrap_or(0))));
+            terminal = Some((
+                Phase::Failed,
+                reason::DEADLINE_EXCEEDED,
+                format!(
+                    "the job ran for its activeDeadlineSeconds ({}s)",
+                    spec.active_deadline_seconds.unwrap_or(0)
+                ),
+            ));
         }
     } else if !open && deadline_hit {
-        terminal = Some((Phase::Failed, reason::DEADLINE_EXCEEDED, format!("the job ran for its activeDeadlineSeconds ({}s)", spec.active_deadline_seconds.unwrap_or(0))));
+        terminal = Some((
+            Phase::Failed,
+            reason::DEADLINE_EXCEEDED,
+            format!(
+                "the job ran for its activeDeadlineSeconds ({}s)",
+                spec.active_deadline_seconds.unwrap_or(0)
+            ),
+        ));
     }
 
     // Step 3: terminal outcomes.
@@ -572,7 +652,13 @@ pub fn decide(inputs: &Inputs<'_>) -> Plan {
     let st = &mut plan.status;
     let running_attempt = st.attempts.last().is_some_and(|a| a.end_time.is_none());
     if spec.suspend {
-        cond(st, "Suspended", true, "JobSuspended", "the pod is removed; the claim and checkpoints are kept");
+        cond(
+            st,
+            "Suspended",
+            true,
+            "JobSuspended",
+            "the pod is removed; the claim and checkpoints are kept",
+        );
         if !running_attempt {
             st.phase = Some(Phase::Pending);
             cond(st, "Running", false, "JobSuspended", "the job is suspended");
@@ -581,7 +667,13 @@ pub fn decide(inputs: &Inputs<'_>) -> Plan {
         return plan;
     }
     if condition_true(st, "Suspended") {
-        cond(st, "Suspended", false, "JobResumed", "the job resumes from its last checkpoint");
+        cond(
+            st,
+            "Suspended",
+            false,
+            "JobResumed",
+            "the job resumes from its last checkpoint",
+        );
     }
     if running_attempt {
         finish_notes(&mut plan, old_phase);
@@ -595,8 +687,19 @@ pub fn decide(inputs: &Inputs<'_>) -> Plan {
         let since = now.duration_since(end.0).as_secs_f64().max(0.0);
         if since < wait.as_secs_f64() {
             st.phase = Some(Phase::Pending);
-            cond(st, "Running", false, "BackOff", &format!("retrying after a trainer failure in {}s", (wait.as_secs_f64() - since).ceil()));
-            plan.requeue = Some(Duration::from_secs_f64((wait.as_secs_f64() - since).max(0.05)));
+            cond(
+                st,
+                "Running",
+                false,
+                "BackOff",
+                &format!(
+                    "retrying after a trainer failure in {}s",
+                    (wait.as_secs_f64() - since).ceil()
+                ),
+            );
+            plan.requeue = Some(Duration::from_secs_f64(
+                (wait.as_secs_f64() - since).max(0.05),
+            ));
             finish_notes(&mut plan, old_phase);
             return plan;
         }
@@ -619,18 +722,32 @@ pub fn decide(inputs: &Inputs<'_>) -> Plan {
         .or(candidates.first());
     let Some(next) = next else {
         st.phase = Some(Phase::Pending);
-        cond(st, "Scheduled", false, "NoEligiblePool", "no configured node pool satisfies the job's residency, region allow-list, GPU and spot policy");
+        cond(
+            st,
+            "Scheduled",
+            false,
+            "NoEligiblePool",
+            "no configured node pool satisfies the job's residency, region allow-list, GPU and spot policy",
+        );
         plan.requeue = Some(Duration::from_secs(60));
         finish_notes(&mut plan, old_phase);
         return plan;
     };
     let index = st.attempts.len();
     let name = pod_name(job.metadata.name.as_deref().unwrap_or("job"), index);
-    let resumed = st.progress.as_ref().and_then(|p| p.last_checkpoint_step).unwrap_or(0);
+    let resumed = st
+        .progress
+        .as_ref()
+        .and_then(|p| p.last_checkpoint_step)
+        .unwrap_or(0);
     if let Some(prev) = st.attempts.last()
         && let Some(why) = prev.reason.clone()
     {
-        plan.signals.push(Signal::Failover { from: prev.region.clone(), to: next.region.clone(), reason: why.clone() });
+        plan.signals.push(Signal::Failover {
+            from: prev.region.clone(),
+            to: next.region.clone(),
+            reason: why.clone(),
+        });
         plan.notes.push(Note {
             warning: false,
             reason: "Failover".into(),
@@ -653,8 +770,23 @@ pub fn decide(inputs: &Inputs<'_>) -> Plan {
         pod: Some(name.clone()),
     });
     st.phase = Some(Phase::Scheduling);
-    cond(st, "Scheduled", false, "PodCreated", &format!("pod {name} created for pool {} in {}", next.pool, next.region));
-    cond(st, "Running", false, "WaitingForNode", "the trainer has not started yet");
+    cond(
+        st,
+        "Scheduled",
+        false,
+        "PodCreated",
+        &format!(
+            "pod {name} created for pool {} in {}",
+            next.pool, next.region
+        ),
+    );
+    cond(
+        st,
+        "Running",
+        false,
+        "WaitingForNode",
+        "the trainer has not started yet",
+    );
     if st.progress.is_none() {
         st.progress = Some(loraplane_crds::v1alpha1::Progress {
             step: 0,
@@ -663,8 +795,15 @@ pub fn decide(inputs: &Inputs<'_>) -> Plan {
             ..Default::default()
         });
     }
-    plan.create = Some(NewAttempt { index, pod_name: name, pool: next.pool.clone(), region: next.region.clone() });
-    plan.requeue = Some(Duration::from_secs(inputs.defaults.scheduling_timeout_seconds.max(1)));
+    plan.create = Some(NewAttempt {
+        index,
+        pod_name: name,
+        pool: next.pool.clone(),
+        region: next.region.clone(),
+    });
+    plan.requeue = Some(Duration::from_secs(
+        inputs.defaults.scheduling_timeout_seconds.max(1),
+    ));
     finish_notes(&mut plan, old_phase);
     plan
 }
@@ -686,7 +825,11 @@ fn finish_notes(plan: &mut Plan, old_phase: Option<Phase>) {
         plan.notes.push(Note {
             warning: phase == Phase::Failed,
             reason: phase.as_str().to_string(),
-            message: format!("phase {} -> {}: {message}", old_phase.map_or("<none>", Phase::as_str), phase.as_str()),
+            message: format!(
+                "phase {} -> {}: {message}",
+                old_phase.map_or("<none>", Phase::as_str),
+                phase.as_str()
+            ),
         });
     }
 }
@@ -755,7 +898,10 @@ mod tests {
                 backoff_seconds: 10,
                 ..Defaults::default()
             };
-            Run { job: job(residency), defaults }
+            Run {
+                job: job(residency),
+                defaults,
+            }
         }
         /// Decides and stores the status, as the controller would after a successful write.
         fn step(&mut self, now: i64, pod: Option<PodView>, log: Option<LogProgress>) -> Plan {
@@ -775,7 +921,12 @@ mod tests {
             self.job.status.as_ref().unwrap()
         }
         fn cond(&self, t: &str) -> Condition {
-            self.status().conditions.iter().find(|c| c.type_ == t).cloned().unwrap()
+            self.status()
+                .conditions
+                .iter()
+                .find(|c| c.type_ == t)
+                .cloned()
+                .unwrap()
         }
     }
 
@@ -788,8 +939,14 @@ mod tests {
         assert_eq!(create.pool, "eu-west-l4");
         let st = r.status().clone();
         assert_eq!(st.phase, Some(Phase::Scheduling));
-        assert_eq!(st.progress.as_ref().unwrap().summary.as_deref(), Some("0/1000 0%"));
-        assert_eq!(st.placement.as_ref().unwrap().pod.as_deref(), Some("order-1-a0"));
+        assert_eq!(
+            st.progress.as_ref().unwrap().summary.as_deref(),
+            Some("0/1000 0%")
+        );
+        assert_eq!(
+            st.placement.as_ref().unwrap().pod.as_deref(),
+            Some("order-1-a0")
+        );
         assert_eq!(r.cond("Scheduled").observed_generation, Some(1));
         assert!(plan.notes.iter().any(|n| n.reason == "Scheduling"));
 
@@ -821,7 +978,10 @@ mod tests {
         assert_eq!(plan.signals, vec![Signal::FirstRunning(20.0)]);
         let st = r.status();
         assert_eq!(st.phase, Some(Phase::Running));
-        assert_eq!(st.progress.as_ref().unwrap().summary.as_deref(), Some("450/1000 45%"));
+        assert_eq!(
+            st.progress.as_ref().unwrap().summary.as_deref(),
+            Some("450/1000 45%")
+        );
         assert_eq!(st.attempts[0].node.as_deref(), Some("node-1"));
         let running_since = r.cond("Running").last_transition_time;
 
@@ -843,7 +1003,10 @@ mod tests {
         assert_eq!(st.phase, Some(Phase::Succeeded));
         assert_eq!(st.artifacts[0].bytes, 1234);
         assert_eq!(st.attempts[0].reason.as_deref(), Some("Completed"));
-        assert_eq!(st.progress.as_ref().unwrap().summary.as_deref(), Some("1000/1000 100%"));
+        assert_eq!(
+            st.progress.as_ref().unwrap().summary.as_deref(),
+            Some("1000/1000 100%")
+        );
         assert_eq!(r.cond("Complete").status, "True");
         assert!(r.cond("Running").last_transition_time.0 > running_since.0);
         assert!(plan.notes.iter().any(|n| n.reason == "Succeeded"));
@@ -866,14 +1029,24 @@ mod tests {
         assert_eq!(plan.delete_pod.as_deref(), Some("order-1-a0"));
         let next = plan.create.unwrap();
         assert_eq!((next.index, next.pool.as_str()), (1, "eu-north-a100"));
-        assert_eq!(r.status().attempts[0].reason.as_deref(), Some("Unschedulable"));
-        assert_eq!(r.status().failures, None, "capacity is not the trainer's fault");
+        assert_eq!(
+            r.status().attempts[0].reason.as_deref(),
+            Some("Unschedulable")
+        );
+        assert_eq!(
+            r.status().failures,
+            None,
+            "capacity is not the trainer's fault"
+        );
         assert!(plan.signals.contains(&Signal::Failover {
             from: "eu-west".into(),
             to: "eu-north".into(),
             reason: "Unschedulable".into()
         }));
-        assert_eq!(tried_pools(r.job.status.as_ref()), BTreeSet::from(["eu-west-l4".to_string()]));
+        assert_eq!(
+            tried_pools(r.job.status.as_ref()),
+            BTreeSet::from(["eu-west-l4".to_string()])
+        );
     }
 
     #[test]
@@ -881,7 +1054,11 @@ mod tests {
         let mut r = Run::new(Residency::Eea);
         r.job.spec.backoff_limit = 0;
         r.step(0, None, None);
-        let log = LogProgress { latest: Some((130, 1000, 0.3, 100)), checkpoint: Some(100), resumed_from: None };
+        let log = LogProgress {
+            latest: Some((130, 1000, 0.3, 100)),
+            checkpoint: Some(100),
+            resumed_from: None,
+        };
         r.step(10, Some(pod("order-1-a0", PodPhase::Running)), Some(log));
         let mut p = pod("order-1-a0", PodPhase::Failed);
         p.disruption = Some("TerminationByKubelet".into());
@@ -893,9 +1070,20 @@ mod tests {
         assert_eq!(st.attempts[1].resumed_from_step, Some(100));
         assert_eq!(st.failures, None);
         assert_eq!(st.phase, Some(Phase::Scheduling));
-        assert!(plan.signals.iter().any(|s| matches!(s, Signal::Preempted { .. })));
-        assert!(plan.signals.iter().any(|s| matches!(s, Signal::GpuSeconds { seconds, .. } if *seconds == 20.0)));
-        assert!(plan.delete_pod.is_none(), "a terminated pod is kept for its logs");
+        assert!(
+            plan.signals
+                .iter()
+                .any(|s| matches!(s, Signal::Preempted { .. }))
+        );
+        assert!(
+            plan.signals
+                .iter()
+                .any(|s| matches!(s, Signal::GpuSeconds { seconds, .. } if *seconds == 20.0))
+        );
+        assert!(
+            plan.delete_pod.is_none(),
+            "a terminated pod is kept for its logs"
+        );
 
         // Node lost under a running pod: the taint manager's marks.
         r.step(30, Some(pod("order-1-a1", PodPhase::Running)), None);
@@ -969,7 +1157,11 @@ mod tests {
     fn suspend_removes_the_pod_and_resume_continues_from_the_checkpoint() {
         let mut r = Run::new(Residency::Eea);
         r.step(0, None, None);
-        let log = LogProgress { latest: Some((250, 1000, 0.3, 100)), checkpoint: Some(200), resumed_from: None };
+        let log = LogProgress {
+            latest: Some((250, 1000, 0.3, 100)),
+            checkpoint: Some(200),
+            resumed_from: None,
+        };
         r.step(10, Some(pod("order-1-a0", PodPhase::Running)), Some(log));
         r.job.spec.suspend = true;
         let plan = r.step(20, Some(pod("order-1-a0", PodPhase::Running)), None);
@@ -1028,8 +1220,17 @@ mod tests {
     #[test]
     fn property_eea_residency_holds_through_any_failure_sequence() {
         let mut cfg = platform();
-        cfg.regions.push(crate::placement::tests::region("ap-south", Jurisdiction::Other));
-        cfg.pools.push(crate::placement::tests::pool("ap-south-h100", "ap-south", 80, true, 0.1));
+        cfg.regions.push(crate::placement::tests::region(
+            "ap-south",
+            Jurisdiction::Other,
+        ));
+        cfg.pools.push(crate::placement::tests::pool(
+            "ap-south-h100",
+            "ap-south",
+            80,
+            true,
+            0.1,
+        ));
         for seed in 1..=300u64 {
             let mut rng = Rng(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1);
             let mut r = Run::new(Residency::Eea);
@@ -1040,13 +1241,29 @@ mod tests {
                 let capacity: BTreeMap<_, _> = cfg
                     .pools
                     .iter()
-                    .map(|p| (p.name.clone(), PoolCapacity { total: 8, free: rng.below(3) as i64, max_free_on_node: rng.below(2) as i64 }))
+                    .map(|p| {
+                        (
+                            p.name.clone(),
+                            PoolCapacity {
+                                total: 8,
+                                free: rng.below(3) as i64,
+                                max_free_on_node: rng.below(2) as i64,
+                            },
+                        )
+                    })
                     .collect();
                 let tried = tried_pools(r.job.status.as_ref());
-                let candidates = placement::rank(&r.job.spec, &cfg, &capacity, &tried).map_err(|e| e.to_string());
-                let open = r.job.status.as_ref().and_then(|s| s.placement.clone()).and_then(|p| p.pod);
+                let candidates = placement::rank(&r.job.spec, &cfg, &capacity, &tried)
+                    .map_err(|e| e.to_string());
+                let open = r
+                    .job
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.placement.clone())
+                    .and_then(|p| p.pod);
                 let pod = open.map(|name| {
-                    let phase = [PodPhase::Pending, PodPhase::Running, PodPhase::Failed][rng.below(3) as usize];
+                    let phase = [PodPhase::Pending, PodPhase::Running, PodPhase::Failed]
+                        [rng.below(3) as usize];
                     let mut p = pod(&name, phase);
                     p.created = Some(at(t - rng.below(200) as i64));
                     match rng.below(4) {
@@ -1070,7 +1287,12 @@ mod tests {
                 r.job.status = Some(plan.status.clone());
                 for a in &plan.status.attempts {
                     let j = cfg.region(&a.region).map(|x| x.jurisdiction);
-                    assert_eq!(j, Some(Jurisdiction::Eea), "seed {seed}: attempt in {}", a.region);
+                    assert_eq!(
+                        j,
+                        Some(Jurisdiction::Eea),
+                        "seed {seed}: attempt in {}",
+                        a.region
+                    );
                 }
                 if plan.status.phase.is_some_and(Phase::is_terminal) {
                     break;

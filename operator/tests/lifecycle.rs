@@ -16,22 +16,48 @@ const LIMIT: Duration = Duration::from_secs(60);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn happy_path_reaches_succeeded_with_progress_and_locked_down_pod() {
     tokio::time::timeout(LIMIT, async {
-        let sim = start_sim(topology(false), vec![script("trainer:ok", Some(Duration::from_secs(3)), 0, 30)]).await;
+        let sim = start_sim(
+            topology(false),
+            vec![script("trainer:ok", Some(Duration::from_secs(3)), 0, 30)],
+        )
+        .await;
         let client = sim.client();
         let op = Operator::start(client.clone(), platform("trainer:ok", 30), "op-a");
         create_job(&client, &job("happy", serde_json::json!({}))).await;
 
         // Progress shows up while the trainer runs.
         let running = wait_job(&client, "happy", Duration::from_secs(20), "progress", |j| {
-            j.status.as_ref().and_then(|s| s.progress.as_ref()).is_some_and(|p| p.step > 0 && p.total_steps == 30)
+            j.status
+                .as_ref()
+                .and_then(|s| s.progress.as_ref())
+                .is_some_and(|p| p.step > 0 && p.total_steps == 30)
         })
         .await;
-        let summary = running.status.as_ref().unwrap().progress.as_ref().unwrap().summary.clone().unwrap();
+        let summary = running
+            .status
+            .as_ref()
+            .unwrap()
+            .progress
+            .as_ref()
+            .unwrap()
+            .summary
+            .clone()
+            .unwrap();
         assert!(summary.contains("/30 "), "{summary}");
 
-        let done = wait_job(&client, "happy", Duration::from_secs(30), "Succeeded", |j| phase(j) == Some("Succeeded")).await;
+        let done = wait_job(
+            &client,
+            "happy",
+            Duration::from_secs(30),
+            "Succeeded",
+            |j| phase(j) == Some("Succeeded"),
+        )
+        .await;
         let st = done.status.clone().unwrap();
-        assert_eq!(condition(&done, "Complete"), Some(("True".into(), "Completed".into())));
+        assert_eq!(
+            condition(&done, "Complete"),
+            Some(("True".into(), "Completed".into()))
+        );
         assert_eq!(st.attempts.len(), 1);
         let region = &st.placement.as_ref().unwrap().region;
         assert!(region.starts_with("eu-"), "eea job placed in {region}");
@@ -45,16 +71,30 @@ async fn happy_path_reaches_succeeded_with_progress_and_locked_down_pod() {
         assert!(!text.contains("zxqsecret") && !text.contains("private description"));
         let spec = pods[0].spec.as_ref().unwrap();
         assert_eq!(spec.automount_service_account_token, Some(false));
-        assert!(spec.node_name.as_deref().unwrap().starts_with(&st.placement.as_ref().unwrap().pool));
+        assert!(
+            spec.node_name
+                .as_deref()
+                .unwrap()
+                .starts_with(&st.placement.as_ref().unwrap().pool)
+        );
         let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), NS)
-            .list(&ListParams::default().labels(&format!("loraplane.io/job-uid={}", done.metadata.uid.clone().unwrap())))
+            .list(&ListParams::default().labels(&format!(
+                "loraplane.io/job-uid={}",
+                done.metadata.uid.clone().unwrap()
+            )))
             .await
             .unwrap();
         assert_eq!(claims.items.len(), 1);
 
         let metrics = op.metrics.render();
-        assert!(metrics.contains("loraplane_job_creation_to_running_seconds_count 1"), "{metrics}");
-        assert!(metrics.contains(r#"loraplane_jobs{phase="Succeeded"} 1"#), "{metrics}");
+        assert!(
+            metrics.contains("loraplane_job_creation_to_running_seconds_count 1"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains(r#"loraplane_jobs{phase="Succeeded"} 1"#),
+            "{metrics}"
+        );
         op.stop().await;
         sim.shutdown().await;
     })
@@ -76,19 +116,40 @@ async fn bad_input_fails_at_once_and_crashes_fail_after_backoff_limit() {
         let client = sim.client();
         let op = Operator::start(client.clone(), platform("trainer:bad", 30), "op-a");
         create_job(&client, &job("bad", serde_json::json!({}))).await;
-        let failed = wait_job(&client, "bad", Duration::from_secs(20), "Failed", |j| phase(j) == Some("Failed")).await;
+        let failed = wait_job(&client, "bad", Duration::from_secs(20), "Failed", |j| {
+            phase(j) == Some("Failed")
+        })
+        .await;
         assert_eq!(condition(&failed, "Failed").unwrap().1, "BadInput");
-        assert_eq!(failed.status.as_ref().unwrap().attempts.len(), 1, "bad input is not retried");
+        assert_eq!(
+            failed.status.as_ref().unwrap().attempts.len(),
+            1,
+            "bad input is not retried"
+        );
         op.stop().await;
 
         let op = Operator::start(client.clone(), platform("trainer:crash", 30), "op-b");
-        create_job(&client, &job("crash", serde_json::json!({"backoffLimit": 1}))).await;
-        let failed = wait_job(&client, "crash", Duration::from_secs(30), "Failed", |j| phase(j) == Some("Failed")).await;
+        create_job(
+            &client,
+            &job("crash", serde_json::json!({"backoffLimit": 1})),
+        )
+        .await;
+        let failed = wait_job(&client, "crash", Duration::from_secs(30), "Failed", |j| {
+            phase(j) == Some("Failed")
+        })
+        .await;
         let st = failed.status.clone().unwrap();
-        assert_eq!(condition(&failed, "Failed").unwrap().1, "BackoffLimitExceeded");
+        assert_eq!(
+            condition(&failed, "Failed").unwrap().1,
+            "BackoffLimitExceeded"
+        );
         assert_eq!(st.failures, Some(2));
         assert_eq!(st.attempts.len(), 2);
-        assert!(st.attempts.iter().all(|a| a.reason.as_deref() == Some("TrainerFailed")));
+        assert!(
+            st.attempts
+                .iter()
+                .all(|a| a.reason.as_deref() == Some("TrainerFailed"))
+        );
         op.stop().await;
         sim.shutdown().await;
     })
@@ -103,32 +164,80 @@ async fn suspend_removes_the_pod_keeps_the_claim_and_resume_continues() {
         let client = sim.client();
         let op = Operator::start(client.clone(), platform("trainer:long", 30), "op-a");
         let created = create_job(&client, &job("pausable", serde_json::json!({}))).await;
-        wait_job(&client, "pausable", Duration::from_secs(20), "Running", |j| phase(j) == Some("Running")).await;
+        wait_job(
+            &client,
+            "pausable",
+            Duration::from_secs(20),
+            "Running",
+            |j| phase(j) == Some("Running"),
+        )
+        .await;
         let api = Api::<LoRATrainingJob>::namespaced(client.clone(), NS);
         let suspend = |on: bool| serde_json::json!({"spec": {"suspend": on}});
-        api.patch("pausable", &PatchParams::default(), &Patch::Merge(suspend(true))).await.unwrap();
-        let paused = wait_job(&client, "pausable", Duration::from_secs(20), "Suspended", |j| {
-            condition(j, "Suspended").is_some_and(|c| c.0 == "True") && phase(j) == Some("Pending")
-        })
+        api.patch(
+            "pausable",
+            &PatchParams::default(),
+            &Patch::Merge(suspend(true)),
+        )
+        .await
+        .unwrap();
+        let paused = wait_job(
+            &client,
+            "pausable",
+            Duration::from_secs(20),
+            "Suspended",
+            |j| {
+                condition(j, "Suspended").is_some_and(|c| c.0 == "True")
+                    && phase(j) == Some("Pending")
+            },
+        )
         .await;
-        assert_eq!(paused.status.as_ref().unwrap().attempts[0].reason.as_deref(), Some("Suspended"));
+        assert_eq!(
+            paused.status.as_ref().unwrap().attempts[0]
+                .reason
+                .as_deref(),
+            Some("Suspended")
+        );
         // The pod goes away; the claim stays.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let live: Vec<Pod> = pods_of(&client, &created).await.into_iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
+            let live: Vec<Pod> = pods_of(&client, &created)
+                .await
+                .into_iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .collect();
             if live.is_empty() {
                 break;
             }
-            assert!(tokio::time::Instant::now() < deadline, "pod not removed on suspend");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "pod not removed on suspend"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), NS).list(&ListParams::default()).await.unwrap();
+        let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), NS)
+            .list(&ListParams::default())
+            .await
+            .unwrap();
         assert_eq!(claims.items.len(), 1);
 
-        api.patch("pausable", &PatchParams::default(), &Patch::Merge(suspend(false))).await.unwrap();
-        let resumed = wait_job(&client, "pausable", Duration::from_secs(20), "Running again", |j| {
-            phase(j) == Some("Running") && j.status.as_ref().is_some_and(|s| s.attempts.len() == 2)
-        })
+        api.patch(
+            "pausable",
+            &PatchParams::default(),
+            &Patch::Merge(suspend(false)),
+        )
+        .await
+        .unwrap();
+        let resumed = wait_job(
+            &client,
+            "pausable",
+            Duration::from_secs(20),
+            "Running again",
+            |j| {
+                phase(j) == Some("Running")
+                    && j.status.as_ref().is_some_and(|s| s.attempts.len() == 2)
+            },
+        )
         .await;
         let st = resumed.status.unwrap();
         assert_eq!(st.attempts[1].resumed_from_step, Some(40));
@@ -141,7 +250,10 @@ async fn suspend_removes_the_pod_keeps_the_claim_and_resume_continues() {
 }
 
 fn condition_of(st: &loraplane_crds::LoRATrainingJobStatus, t: &str) -> Option<String> {
-    st.conditions.iter().find(|c| c.type_ == t).map(|c| c.status.clone())
+    st.conditions
+        .iter()
+        .find(|c| c.type_ == t)
+        .map(|c| c.status.clone())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,19 +263,46 @@ async fn deleting_a_job_removes_its_pod_claim_and_secret() {
         let client = sim.client();
         let op = Operator::start(client.clone(), platform("trainer:long", 30), "op-a");
         let created = create_job(&client, &job("doomed", serde_json::json!({}))).await;
-        wait_job(&client, "doomed", Duration::from_secs(20), "Running", |j| phase(j) == Some("Running")).await;
-        Api::<LoRATrainingJob>::namespaced(client.clone(), NS).delete("doomed", &DeleteParams::default()).await.unwrap();
-        let selector = format!("loraplane.io/job-uid={}", created.metadata.uid.clone().unwrap());
+        wait_job(&client, "doomed", Duration::from_secs(20), "Running", |j| {
+            phase(j) == Some("Running")
+        })
+        .await;
+        Api::<LoRATrainingJob>::namespaced(client.clone(), NS)
+            .delete("doomed", &DeleteParams::default())
+            .await
+            .unwrap();
+        let selector = format!(
+            "loraplane.io/job-uid={}",
+            created.metadata.uid.clone().unwrap()
+        );
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             let lp = ListParams::default().labels(&selector);
-            let pods = Api::<Pod>::namespaced(client.clone(), NS).list(&lp).await.unwrap().items.len();
-            let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), NS).list(&lp).await.unwrap().items.len();
-            let secrets = Api::<Secret>::namespaced(client.clone(), NS).list(&lp).await.unwrap().items.len();
+            let pods = Api::<Pod>::namespaced(client.clone(), NS)
+                .list(&lp)
+                .await
+                .unwrap()
+                .items
+                .len();
+            let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), NS)
+                .list(&lp)
+                .await
+                .unwrap()
+                .items
+                .len();
+            let secrets = Api::<Secret>::namespaced(client.clone(), NS)
+                .list(&lp)
+                .await
+                .unwrap()
+                .items
+                .len();
             if pods + claims + secrets == 0 {
                 break;
             }
-            assert!(tokio::time::Instant::now() < deadline, "children left: {pods} pods, {claims} claims, {secrets} secrets");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "children left: {pods} pods, {claims} claims, {secrets} secrets"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         op.stop().await;

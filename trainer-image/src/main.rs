@@ -72,7 +72,8 @@ fn main() -> ExitCode {
         "starting training"
     );
     let summary_path = PathBuf::from(&cfg.termination_message_path);
-    match train::run(&cfg, &train::RunOptions::default()) {
+    let completed = std::cell::Cell::new(0);
+    match train::run_tracking(&cfg, &train::RunOptions::default(), &completed) {
         Ok(report) => {
             tracing::info!(
                 artifacts = report.summary.artifacts.len(),
@@ -83,10 +84,7 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             let bad = e.is_bad_input();
-            let step = match &e {
-                train::TrainError::Interrupted { step } => *step,
-                _ => 0,
-            };
+            let step = completed.get();
             eprintln!("loraplane-trainer: {e}");
             let summary = TrainerSummary {
                 outcome: if bad {

@@ -445,6 +445,16 @@ pub struct RunReport {
 
 /// Runs training to the end.
 pub fn run(config: &TrainerConfig, opts: &RunOptions) -> Result<RunReport, TrainError> {
+    run_tracking(config, opts, &std::cell::Cell::new(0))
+}
+
+/// [`run`], keeping `completed` at the number of steps done so far, so a caller can report
+/// how far a failed run got.
+pub fn run_tracking(
+    config: &TrainerConfig,
+    opts: &RunOptions,
+    completed: &std::cell::Cell<u64>,
+) -> Result<RunReport, TrainError> {
     let started_at = now_unix();
     let t = &config.training;
     let work = PathBuf::from(&config.work_dir);
@@ -514,6 +524,7 @@ pub fn run(config: &TrainerConfig, opts: &RunOptions) -> Result<RunReport, Train
         })?;
         start = ck.step;
         resumed_from = Some(ck.step);
+        completed.set(ck.step);
         emit(TrainerEvent::Resumed { step: ck.step });
         tracing::info!(step = ck.step, "resumed from checkpoint");
     }
@@ -548,6 +559,7 @@ pub fn run(config: &TrainerConfig, opts: &RunOptions) -> Result<RunReport, Train
         opt.step(&grads, lr)?;
         losses.push(loss_value);
         let done = step + 1;
+        completed.set(done);
         if let Some(ev) = tracker.record(done, loss_value) {
             emit(ev);
         }

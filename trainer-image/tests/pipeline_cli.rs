@@ -178,10 +178,9 @@ fn invalid_dataset_exits_2_and_crash_exits_1() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(
-        summary(&run.join("termination-log")).outcome,
-        Outcome::Crashed
-    );
+    let sum = summary(&run.join("termination-log"));
+    assert_eq!(sum.outcome, Outcome::Crashed);
+    assert_eq!(sum.step, 1, "the summary says how far the run got");
 }
 
 /// Dataset, base model, checkpoints and outputs all in a real S3 (SeaweedFS on loopback);

@@ -132,8 +132,8 @@ impl Harness {
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let svc = router(HttpState::new(app.clone()))
-            .into_make_service_with_connect_info::<SocketAddr>();
+        let svc =
+            router(HttpState::new(app.clone())).into_make_service_with_connect_info::<SocketAddr>();
         tokio::spawn(async move {
             let _ = axum::serve(listener, svc).await;
         });
@@ -271,7 +271,13 @@ pub async fn http(
     let resp = sender.send_request(req).await.unwrap();
     let status = resp.status();
     let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
     (status, headers, body)
 }
 

@@ -269,7 +269,10 @@ pub async fn wait_job(
 }
 
 pub fn phase(job: &LoRATrainingJob) -> Option<&'static str> {
-    job.status.as_ref().and_then(|s| s.phase).map(|p| p.as_str())
+    job.status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .map(|p| p.as_str())
 }
 
 pub fn condition(job: &LoRATrainingJob, t: &str) -> Option<(String, String)> {

@@ -76,7 +76,8 @@ async fn pod_lifecycle_create_get_list_patch_delete() {
         assert_eq!(patched.metadata.labels.unwrap()["x"], "y");
         assert_ne!(patched.metadata.resource_version, meta.resource_version);
 
-        pods.delete("p1", &DeleteParams::default()).await.unwrap();
+        let deleted = pods.delete("p1", &DeleteParams::default()).await.unwrap();
+        assert!(deleted.is_left(), "a deleted pod answers with the object");
         let e = status(pods.get("p1").await.unwrap_err());
         assert_eq!((e.code, e.reason.as_str()), (404, "NotFound"));
         assert_eq!(e.message, "pods \"p1\" not found");

@@ -59,6 +59,14 @@ async fn finalizers_keep_an_object_until_removed() {
         )
         .await
         .unwrap();
+        cms.create(&PostParams::default(), &cm("plain", json!({})))
+            .await
+            .unwrap();
+        let status = cms.delete("plain", &DeleteParams::default()).await.unwrap();
+        assert!(
+            status.is_right(),
+            "a deleted ConfigMap answers with a Success status"
+        );
         let deleted = cms.delete("f", &DeleteParams::default()).await.unwrap();
         let held = deleted
             .left()

@@ -10,7 +10,7 @@ use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn measure() {
-    let n: usize = 500;
+    let n: usize = std::env::var("N").unwrap().parse().unwrap();
     let topo = format!("regions:\n  - name: r\n    jurisdiction: eea\n    pools:\n      - {{name: p, gpuProduct: X, gpuMemoryGiB: 24, gpusPerNode: 8, instanceType: t, nodes: {}}}\n", n / 8 + 1);
     let sim = KubeSim::start(SimConfig { topology: Some(Topology::from_yaml(&topo).unwrap()), ..SimConfig::default() }).await.unwrap();
     let pods: Api<Pod> = Api::namespaced(sim.client(), "default");
@@ -31,5 +31,7 @@ async fn measure() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let all = t0.elapsed();
-    std::fs::write("/tmp/measure/out.txt", format!("n={n} created={created:?} all_bound={bound_at:?} all_succeeded={all:?}\n")).unwrap();
+    let line = format!("n={n} created={created:?} all_bound={bound_at:?} all_succeeded={all:?}\n");
+    let mut f = std::fs::OpenOptions::new().append(true).create(true).open("/tmp/measure/log.txt").unwrap();
+    std::io::Write::write_all(&mut f, line.as_bytes()).unwrap();
 }

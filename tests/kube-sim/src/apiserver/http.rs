@@ -183,7 +183,17 @@ async fn route(ctx: &Ctx, req: Request) -> Result<Response, ApiError> {
         .collect();
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
     let get = parts.method == Method::GET;
-    let types = ctx.state.types();
+    // Discovery needs every type; resource requests look up one (cloning all is too slow for
+    // the write path).
+    let discovery = matches!(
+        segs.as_slice(),
+        ["api"] | ["api", _] | ["apis"] | ["apis", _] | ["apis", _, _] | ["openapi", ..]
+    );
+    let types = if discovery {
+        ctx.state.types()
+    } else {
+        Vec::new()
+    };
     match segs.as_slice() {
         ["version"] if get => {
             return Ok(json_response(
@@ -234,10 +244,8 @@ async fn route(ctx: &Ctx, req: Request) -> Result<Response, ApiError> {
         _ => return Err(ApiError::no_route(&path)),
     };
     let find = |plural: &str| {
-        types
-            .iter()
-            .find(|t| t.group == group && t.version == version && t.plural == plural)
-            .cloned()
+        ctx.state
+            .resolve(group, version, plural)
             .ok_or_else(|| ApiError::no_route(&path))
     };
     let s = |x: &str| Some(x.to_string());
@@ -519,8 +527,21 @@ async fn verb(
         (Method::DELETE, Some(name), None) => {
             let opts = delete_opts(q, &body);
             let (obj, gone) = state.delete(rt, &ns, name, &opts)?;
-            if gone && rt.group.is_empty() && rt.plural == "pods" {
+            let pods = rt.group.is_empty() && rt.plural == "pods";
+            if gone && pods {
                 ctx.logs.remove_pod(&ns, name);
+            }
+            // Like kube-apiserver: pods and custom resources answer with the deleted object,
+            // other types with a Success status once the object is gone.
+            if gone && !pods && !rt.custom {
+                return Ok(json_response(
+                    200,
+                    &json!({
+                        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                        "details": {"name": name, "group": rt.group, "kind": rt.plural,
+                                    "uid": obj.pointer("/metadata/uid").cloned().unwrap_or(Value::Null)},
+                    }),
+                ));
             }
             Ok(json_response(200, &obj))
         }

@@ -28,6 +28,9 @@ use super::{ClusterError, KubeletConfig};
 use crate::logs::PodLogs;
 
 const UNREACHABLE_TAINT: &str = "node.kubernetes.io/unreachable";
+/// How long a loop waits after a watch event for more to arrive. Each pass looks at every
+/// pod, so a burst of events must cost one pass, not one per event.
+const BATCH: Duration = Duration::from_millis(200);
 
 /// A pod task on a kubelet.
 struct Running {
@@ -217,13 +220,13 @@ where
     store
 }
 
-/// Waits for a watch event (then a few ms more, to batch a burst) or a second.
+/// Waits for a watch event (then [`BATCH`] more) or a second.
 async fn wait_for_wake(rx: &mut watch::Receiver<()>) {
     if tokio::time::timeout(Duration::from_secs(1), rx.changed())
         .await
         .is_ok()
     {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(BATCH).await;
         rx.borrow_and_update();
     }
 }
