@@ -96,6 +96,20 @@ pub enum AppError {
     Storage(#[from] StorageError),
 }
 
+impl AppError {
+    /// The error as it may be logged: apiserver messages can quote rejected field values
+    /// (a trigger word, a description), so only their code and reason are kept.
+    pub fn log_safe(&self) -> String {
+        match self {
+            AppError::Kube {
+                action,
+                source: kube::Error::Api(status),
+            } => format!("{action}: HTTP {} {}", status.code, status.reason),
+            other => other.to_string(),
+        }
+    }
+}
+
 fn kube_err(action: &'static str) -> impl FnOnce(kube::Error) -> AppError {
     move |source| AppError::Kube { action, source }
 }
@@ -748,7 +762,7 @@ impl App {
                 Ok(Some(t)) => next = Some(next.map_or(t, |n| n.min(t))),
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::warn!(job = %job.name_any(), error = %e, "retention failed; retrying soon");
+                    tracing::warn!(job = %job.name_any(), error = %e.log_safe(), "retention failed; retrying soon");
                     let soon = Timestamp::now().as_second() + 5;
                     next = Some(next.map_or(soon, |n| n.min(soon)));
                 }
@@ -871,7 +885,7 @@ pub async fn retention_loop(app: Arc<App>, leader: Arc<crate::leader::Leader>, r
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, "retention pass failed");
+                    tracing::warn!(error = %e.log_safe(), "retention pass failed");
                     wait = wait.min(Duration::from_secs(5));
                 }
             }
@@ -880,7 +894,11 @@ pub async fn retention_loop(app: Arc<App>, leader: Arc<crate::leader::Leader>, r
         }
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = app.gc_wake.notified() => {}
+            _ = app.gc_wake.notified() => {
+                // Progress reports change jobs every few seconds; coalesce a burst of changes
+                // into one pass instead of listing every job per change.
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
         }
     }
 }

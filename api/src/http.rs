@@ -92,6 +92,7 @@ impl IntoResponse for ApiError {
 impl From<AppError> for ApiError {
     fn from(e: AppError) -> ApiError {
         let msg = e.to_string();
+        let safe = e.log_safe();
         match &e {
             AppError::Order(o) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, o.code(), msg),
             AppError::Upload(z) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, z.code(), msg),
@@ -110,7 +111,7 @@ impl From<AppError> for ApiError {
             AppError::OrderExists(_) => ApiError::new(StatusCode::CONFLICT, "order_exists", msg),
             AppError::Revoked(_) => ApiError::new(StatusCode::CONFLICT, "order_revoked", msg),
             AppError::Kube { action, .. } => {
-                tracing::error!(error = %msg, "kubernetes call failed");
+                tracing::error!(error = %safe, "kubernetes call failed");
                 ApiError::new(
                     StatusCode::BAD_GATEWAY,
                     "cluster_unavailable",
@@ -118,7 +119,7 @@ impl From<AppError> for ApiError {
                 )
             }
             AppError::Storage(_) => {
-                tracing::error!(error = %msg, "storage call failed");
+                tracing::error!(error = %safe, "storage call failed");
                 ApiError::new(
                     StatusCode::BAD_GATEWAY,
                     "storage_unavailable",

@@ -49,6 +49,9 @@ const CAPACITY_TTL: Duration = Duration::from_millis(500);
 /// Why a reconcile failed. Variants name the step that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
+    /// Reading the job failed.
+    #[error("could not read the job: {0}")]
+    GetJob(#[source] kube::Error),
     /// Reading the current pod failed.
     #[error("could not read pod {0}: {1}")]
     GetPod(String, #[source] kube::Error),
@@ -79,6 +82,7 @@ impl ReconcileError {
     /// The metric label of the failed step.
     pub fn reason(&self) -> &'static str {
         match self {
+            ReconcileError::GetJob(_) => "GetJob",
             ReconcileError::GetPod(..) => "GetPod",
             ReconcileError::GetNode(..) => "GetNode",
             ReconcileError::Build(_) => "Build",
@@ -173,7 +177,24 @@ pub async fn reconcile(
     result
 }
 
-async fn reconcile_inner(job: &LoRATrainingJob, ctx: &Context) -> Result<Action, ReconcileError> {
+async fn reconcile_inner(
+    cached: &LoRATrainingJob,
+    ctx: &Context,
+) -> Result<Action, ReconcileError> {
+    let Ok(ids) = resources::JobIds::of(cached) else {
+        return Ok(Action::await_change());
+    };
+    // Decide from the stored object, not the cache: a status written a moment ago may not
+    // have reached the cache, and acting on the older one would undo it (the status write's
+    // resourceVersion precondition catches what races remain).
+    let fresh = Api::<LoRATrainingJob>::namespaced(ctx.client.clone(), &ids.namespace)
+        .get_opt(&ids.name)
+        .await
+        .map_err(ReconcileError::GetJob)?;
+    let Some(fresh) = fresh else {
+        return Ok(Action::await_change());
+    };
+    let job = &fresh;
     if job.metadata.deletion_timestamp.is_some() || !is_ours(job) {
         return Ok(Action::await_change());
     }
@@ -185,9 +206,6 @@ async fn reconcile_inner(job: &LoRATrainingJob, ctx: &Context) -> Result<Action,
     {
         return Ok(Action::await_change());
     }
-    let Ok(ids) = resources::JobIds::of(job) else {
-        return Ok(Action::await_change());
-    };
     let settings = &ctx.settings;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ids.namespace);
 
@@ -296,11 +314,39 @@ async fn reconcile_inner(job: &LoRATrainingJob, ctx: &Context) -> Result<Action,
             pool = %next.pool, region = %next.region, attempt = next.index, "started attempt");
     }
 
+    // A pod of this job that is neither the current attempt's nor finished is left over
+    // from a decision whose status write was lost: remove it, so a job never runs twice.
+    let current = plan.status.placement.as_ref().and_then(|p| p.pod.clone());
+    let open_now = plan
+        .status
+        .attempts
+        .last()
+        .is_some_and(|a| a.end_time.is_none());
+    for pod in ctx.pods.state() {
+        let labels = pod.metadata.labels.as_ref();
+        let mine = labels.and_then(|l| l.get(resources::LABEL_JOB_UID)) == Some(&ids.uid);
+        let name = pod.name_any();
+        let finished = matches!(
+            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        );
+        let is_current = open_now && current.as_deref() == Some(name.as_str());
+        if mine && !finished && !is_current && pod.metadata.deletion_timestamp.is_none() {
+            tracing::warn!(job = %ids.name, pod = %name, "deleting a stray training pod");
+            match pods.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(ReconcileError::DeletePod(name, e)),
+            }
+        }
+    }
+
     // Step 4: record.
     if job.status.as_ref() != Some(&plan.status) {
         let body = serde_json::json!({
             "apiVersion": LoRATrainingJob::api_version(&()),
             "kind": LoRATrainingJob::kind(&()),
+            "metadata": {"resourceVersion": job.metadata.resource_version},
             "status": plan.status,
         });
         Api::<LoRATrainingJob>::namespaced(ctx.client.clone(), &ids.namespace)

@@ -174,7 +174,6 @@ impl KubeSim {
     /// Stops the cluster and the apiserver.
     pub async fn shutdown(self) {
         drop(self.cluster);
-        self.server.shutdown();
-        tokio::task::yield_now().await;
+        self.server.shutdown().await;
     }
 }

@@ -328,6 +328,21 @@ async fn strategic_json_and_apply_patches() {
 }
 
 #[tokio::test]
+async fn eviction_deletes_the_pod() {
+    within(async {
+        let sim = sim().await;
+        let pods: Api<Pod> = Api::namespaced(sim.client(), "default");
+        pods.create(&PostParams::default(), &pod("victim"))
+            .await
+            .unwrap();
+        pods.evict("victim", &Default::default()).await.unwrap();
+        assert_eq!(status(pods.get("victim").await.unwrap_err()).code, 404);
+        sim.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn pod_logs_are_served_with_tail_lines() {
     within(async {
         let sim = sim().await;
@@ -446,6 +461,7 @@ async fn the_client_is_a_plain_kube_client() {
         assert!(nss.get("default").await.is_ok());
         let _ = std::fs::remove_file(dir);
         sim.shutdown().await;
+        assert!(client.apiserver_version().await.is_err(), "stopped serving");
     })
     .await;
 }

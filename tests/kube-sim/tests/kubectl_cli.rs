@@ -133,16 +133,31 @@ async fn kubectl_applies_lists_describes_explains_and_deletes_ltjs() {
 }
 
 #[tokio::test]
-async fn kubectl_lists_simulated_nodes_with_their_region() {
+async fn kube_sim_binary_serves_a_topology_that_kubectl_lists_by_region() {
     within(async {
+        use tokio::io::AsyncBufReadExt;
         let topo = Path::new(env!("CARGO_MANIFEST_DIR")).join("topologies/three-regions.yaml");
-        let topology = serde_yaml::from_str(&std::fs::read_to_string(topo).unwrap()).unwrap();
-        let config = SimConfig {
-            topology: Some(topology),
-            ..SimConfig::default()
-        };
-        let sim = KubeSim::start(config).await.unwrap();
-        let k = Kubectl::new(&sim, "nodes");
+        let kubeconfig =
+            std::env::temp_dir().join(format!("kube-sim-bin-{}.kubeconfig", std::process::id()));
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kube-sim"))
+            .arg("--topology")
+            .arg(&topo)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let printed = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("kube-sim prints the kubeconfig path");
+        assert_eq!(Path::new(&printed), kubeconfig);
+        let k = Kubectl { kubeconfig };
         let out = k
             .ok(&["get", "nodes", "-L", "topology.kubernetes.io/region"])
             .await;
@@ -161,7 +176,9 @@ async fn kubectl_lists_simulated_nodes_with_their_region() {
             ["eu-central", "eu-west", "us-east"]
         );
         assert!(out.lines().skip(1).all(|l| l.contains(" Ready ")), "{out}");
-        sim.shutdown().await;
+        // The LoRATrainingJob CRD is installed by default.
+        assert!(k.ok(&["get", "ltj"]).await.is_empty());
+        child.kill().await.unwrap();
     })
     .await;
 }

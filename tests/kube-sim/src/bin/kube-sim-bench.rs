@@ -41,6 +41,10 @@ enum BenchError {
     },
     #[error("watchers did not receive every event within a minute")]
     WatchTimeout,
+    #[error("configmaps are not served")]
+    NoConfigMaps,
+    #[error("direct create: {0}")]
+    Direct(String),
 }
 
 fn api(action: &'static str) -> impl Fn(kube::Error) -> BenchError {
@@ -139,6 +143,22 @@ async fn run(args: Args) -> Result<serde_json::Value, BenchError> {
             .unwrap_or(0);
     }
     let fanout_time = started.elapsed();
+
+    // The store alone, without HTTP and client (which share the same cores in the numbers
+    // above): an upper bound of what the apiserver can take.
+    let state = sim.apiserver().state().clone();
+    let rt = state
+        .resolve("", "v1", "configmaps")
+        .ok_or(BenchError::NoConfigMaps)?;
+    let started = Instant::now();
+    for i in 0..args.objects {
+        let obj =
+            json!({"metadata": {"name": format!("direct-{i}")}, "data": {"i": i.to_string()}});
+        state
+            .create(&rt, "default", obj)
+            .map_err(|e| BenchError::Direct(e.to_string()))?;
+    }
+    let direct_time = started.elapsed();
     sim.shutdown().await;
     Ok(json!({
         "profile": if cfg!(debug_assertions) { "dev" } else { "release" },
@@ -146,6 +166,7 @@ async fn run(args: Args) -> Result<serde_json::Value, BenchError> {
         "concurrency": args.concurrency,
         "creates_per_s": per_second(args.objects, create_time),
         "updates_per_s": per_second(args.objects, update_time),
+        "store_only_creates_per_s": per_second(args.objects, direct_time),
         "fanout": {
             "watchers": args.watchers,
             "updates": args.fanout_updates,

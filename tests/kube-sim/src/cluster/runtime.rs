@@ -30,7 +30,11 @@ use crate::logs::PodLogs;
 const UNREACHABLE_TAINT: &str = "node.kubernetes.io/unreachable";
 /// How long a loop waits after a watch event for more to arrive. Each pass looks at every
 /// pod, so a burst of events must cost one pass, not one per event.
-const BATCH: Duration = Duration::from_millis(200);
+const BATCH: Duration = Duration::from_millis(25);
+/// The longest a loop lets events gather.
+const MAX_BATCH: Duration = Duration::from_millis(250);
+/// Concurrent writes of one scheduling pass.
+const WRITERS: usize = 16;
 
 /// A pod task on a kubelet.
 struct Running {
@@ -178,16 +182,18 @@ pub(super) async fn start(
     tasks.push(tokio::spawn(async move {
         let mut assumed: HashMap<String, (String, Resources)> = HashMap::new();
         loop {
+            let started = tokio::time::Instant::now();
             s.schedule_pass(&mut assumed).await;
-            wait_for_wake(&mut rx).await;
+            wait_for_wake(&mut rx, started.elapsed()).await;
         }
     }));
     let s = shared.clone();
     let mut rx = shared.wake.subscribe();
     tasks.push(tokio::spawn(async move {
         loop {
+            let started = tokio::time::Instant::now();
             kubelet_pass(&s).await;
-            wait_for_wake(&mut rx).await;
+            wait_for_wake(&mut rx, started.elapsed()).await;
         }
     }));
     Ok((shared, tasks))
@@ -220,13 +226,15 @@ where
     store
 }
 
-/// Waits for a watch event (then [`BATCH`] more) or a second.
-async fn wait_for_wake(rx: &mut watch::Receiver<()>) {
+/// Waits for a watch event or a second, then lets events gather for [`BATCH`] or twice the
+/// last pass's duration, whichever is longer (at most [`MAX_BATCH`]): with thousands of pods a pass is not free, and
+/// the loops must leave most of the CPU to the apiserver and the clients under test.
+async fn wait_for_wake(rx: &mut watch::Receiver<()>, last_pass: Duration) {
     if tokio::time::timeout(Duration::from_secs(1), rx.changed())
         .await
         .is_ok()
     {
-        tokio::time::sleep(BATCH).await;
+        tokio::time::sleep(BATCH.max(last_pass * 2).min(MAX_BATCH)).await;
         rx.borrow_and_update();
     }
 }
@@ -317,25 +325,13 @@ impl Shared {
 
     async fn schedule_pass(&self, assumed: &mut HashMap<String, (String, Resources)>) {
         let pods = self.pods.state();
-        let nodes = self.nodes.state();
-        let node_refs: Vec<&Node> = nodes
+        // Assumed bindings last until the watch shows the pod bound (or gone).
+        let unbound: HashSet<&str> = pods
             .iter()
-            .filter(|n| n.metadata.deletion_timestamp.is_none())
-            .map(|n| n.as_ref())
+            .filter(|p| scheduler::bound_node(p).is_none())
+            .filter_map(|p| p.metadata.uid.as_deref())
             .collect();
-        let by_uid: HashMap<String, &Pod> = pods.iter().map(|p| (uid(p), p.as_ref())).collect();
-        assumed.retain(|u, _| {
-            by_uid
-                .get(u)
-                .is_some_and(|p| scheduler::bound_node(p).is_none())
-        });
-        let mut used = scheduler::usage_by_node(pods.iter().map(|p| p.as_ref()));
-        for (node, req) in assumed.values() {
-            let entry = used.entry(node.clone()).or_default();
-            for (k, v) in req {
-                *entry.entry(k.clone()).or_default() += v;
-            }
-        }
+        assumed.retain(|u, _| unbound.contains(u.as_str()));
         let mut pending: Vec<&Pod> = pods
             .iter()
             .map(|p| p.as_ref())
@@ -343,7 +339,11 @@ impl Shared {
                 scheduler::bound_node(p).is_none()
                     && p.metadata.deletion_timestamp.is_none()
                     && !terminal(p)
-                    && !assumed.contains_key(&uid(p))
+                    && !p
+                        .metadata
+                        .uid
+                        .as_ref()
+                        .is_some_and(|u| assumed.contains_key(u))
                     && p.spec.as_ref().is_some_and(|s| {
                         s.scheduler_name
                             .as_deref()
@@ -351,6 +351,22 @@ impl Shared {
                     })
             })
             .collect();
+        if pending.is_empty() {
+            return;
+        }
+        let nodes = self.nodes.state();
+        let node_refs: Vec<&Node> = nodes
+            .iter()
+            .filter(|n| n.metadata.deletion_timestamp.is_none())
+            .map(|n| n.as_ref())
+            .collect();
+        let mut used = scheduler::usage_by_node(pods.iter().map(|p| p.as_ref()));
+        for (node, req) in assumed.values() {
+            let entry = used.entry(node.clone()).or_default();
+            for (k, v) in req {
+                *entry.entry(k.clone()).or_default() += v;
+            }
+        }
         pending.sort_by(|a, b| {
             let prio = |p: &Pod| p.spec.as_ref().and_then(|s| s.priority).unwrap_or(0);
             prio(b)
@@ -361,19 +377,22 @@ impl Shared {
                 })
                 .then_with(|| a.metadata.name.cmp(&b.metadata.name))
         });
+        // Decide everything first (assuming each binding, as kube-scheduler does), then write
+        // concurrently: a burst of pods must not wait for one round trip per pod.
+        let mut binds: Vec<(String, String, String, String)> = Vec::new();
+        let mut patches: Vec<(String, String, serde_json::Value)> = Vec::new();
         for pod in pending {
             let ns = pod.metadata.namespace.clone().unwrap_or_default();
             let name = pod.metadata.name.clone().unwrap_or_default();
             match scheduler::schedule(pod, &node_refs, &used) {
                 Decision::Bind(node) => {
-                    if bind(&self.client, &ns, &name, &uid(pod), &node).await {
-                        let req = scheduler::pod_requests(pod);
-                        let entry = used.entry(node.clone()).or_default();
-                        for (k, v) in &req {
-                            *entry.entry(k.clone()).or_default() += v;
-                        }
-                        assumed.insert(uid(pod), (node, req));
+                    let req = scheduler::pod_requests(pod);
+                    let entry = used.entry(node.clone()).or_default();
+                    for (k, v) in &req {
+                        *entry.entry(k.clone()).or_default() += v;
                     }
+                    assumed.insert(uid(pod), (node.clone(), req));
+                    binds.push((ns, name, uid(pod), node));
                 }
                 Decision::Unschedulable(message) => {
                     let current = pod
@@ -396,14 +415,31 @@ impl Shared {
                     };
                     let conditions = pod::merge_conditions(pod, vec![cond]);
                     let patch = json!({"status": {"phase": "Pending", "conditions": conditions}});
-                    let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
-                    // A pod deleted meanwhile is no error; the next pass retries the rest.
-                    let _ = api
-                        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                        .await;
+                    patches.push((ns, name, patch));
                 }
             }
         }
+        let failed: Vec<String> = futures::stream::iter(binds)
+            .map(|(ns, name, uid, node)| async move {
+                let ok = bind(&self.client, &ns, &name, &uid, &node).await;
+                (!ok).then_some(uid)
+            })
+            .buffer_unordered(WRITERS)
+            .filter_map(futures::future::ready)
+            .collect()
+            .await;
+        for uid in failed {
+            assumed.remove(&uid);
+        }
+        futures::stream::iter(patches)
+            .for_each_concurrent(WRITERS, |(ns, name, patch)| async move {
+                let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+                // A pod deleted meanwhile is no error; the next pass retries the rest.
+                let _ = api
+                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await;
+            })
+            .await;
     }
 
     pub(super) async fn lose_node(&self, name: &str) -> Result<(), ClusterError> {
@@ -652,13 +688,19 @@ async fn kubelet_pass(shared: &Arc<Shared>) {
         .iter()
         .filter_map(|n| n.metadata.name.clone())
         .collect();
-    let mut seen = HashSet::new();
+    let mut seen: HashSet<&str> = HashSet::with_capacity(pods.len());
+    let started: HashSet<String> = lock(&shared.started).clone();
     for pod in &pods {
-        let uid = uid(pod);
-        seen.insert(uid.clone());
+        let uid_ref = pod.metadata.uid.as_deref().unwrap_or("");
+        seen.insert(uid_ref);
         let Some(node) = scheduler::bound_node(pod) else {
             continue;
         };
+        // The common case, cheaply: a pod already handed to its task.
+        if pod.metadata.deletion_timestamp.is_none() && started.contains(uid_ref) {
+            continue;
+        }
+        let uid = uid_ref.to_string();
         if pod.metadata.deletion_timestamp.is_some() {
             let running = lock(&shared.running)
                 .get(&uid)
@@ -708,7 +750,7 @@ async fn kubelet_pass(shared: &Arc<Shared>) {
     // delete): terminate what still runs within the pod's grace period; nothing to report.
     let forgotten: Vec<String> = {
         let running = lock(&shared.running);
-        for (_, r) in running.iter().filter(|(u, _)| !seen.contains(*u)) {
+        for (_, r) in running.iter().filter(|(u, _)| !seen.contains(u.as_str())) {
             if r.stop.borrow().is_none() {
                 r.stop.send_replace(Some(Stop::Shutdown(r.grace)));
             }
@@ -717,7 +759,7 @@ async fn kubelet_pass(shared: &Arc<Shared>) {
         let mut started = lock(&shared.started);
         let f: Vec<String> = started
             .iter()
-            .filter(|u| !seen.contains(*u) && !running.contains_key(*u))
+            .filter(|u| !seen.contains(u.as_str()) && !running.contains_key(*u))
             .cloned()
             .collect();
         for u in &f {
@@ -725,7 +767,7 @@ async fn kubelet_pass(shared: &Arc<Shared>) {
         }
         f
     };
-    lock(&shared.finalizing).retain(|u| seen.contains(u));
+    lock(&shared.finalizing).retain(|u| seen.contains(u.as_str()));
     for u in forgotten {
         let _ = tokio::fs::remove_dir_all(shared.data_dir.join("pods").join(u)).await;
     }

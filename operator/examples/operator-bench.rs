@@ -1,0 +1,240 @@
+//! Operator admission benchmark on kube-sim: 3 regions, 624 simulated GPUs, N jobs submitted
+//! as fast as the API takes them. The operator runs as its own process (the release
+//! `loraplane-operator` binary next to this example), so its peak RSS is its own.
+//!
+//! Reports JSON: admission throughput (jobs/s from the first submission until every job has a
+//! pod, placed or queued in a pool), p50/p99 creation-to-pod latency, operator peak RSS.
+//!
+//! `cargo build --release -p loraplane-operator --bins --examples && \
+//!  target/release/examples/operator-bench --jobs 10000`
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{Api, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube_sim::cluster::{KubeletConfig, Script, ScriptRule, Topology};
+use kube_sim::{KubeSim, SimConfig};
+use loraplane_crds::LoRATrainingJob;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Jobs to submit.
+    #[arg(long, default_value_t = 1000)]
+    jobs: usize,
+    /// Concurrent create requests.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout_seconds: u64,
+}
+
+fn topology() -> Topology {
+    let mut yaml = String::from("regions:\n");
+    for (region, j) in [("eu-west", "eea"), ("eu-north", "eea"), ("us-east", "us")] {
+        yaml.push_str(&format!(
+            "  - name: {region}\n    jurisdiction: {j}\n    pools:\n"
+        ));
+        for kind in ["a", "b"] {
+            yaml.push_str(&format!(
+                "      - name: {region}-{kind}\n        gpuProduct: NVIDIA-L4\n        gpuMemoryGiB: 24\n        gpusPerNode: 8\n        instanceType: g6.48xlarge\n        nodes: 13\n"
+            ));
+        }
+    }
+    Topology::from_yaml(&yaml).unwrap()
+}
+
+fn platform_yaml() -> String {
+    let mut y = String::from("regions:\n");
+    for (region, j) in [("eu-west", "eea"), ("eu-north", "eea"), ("us-east", "us")] {
+        y.push_str(&format!("  - name: {region}\n    jurisdiction: {j}\n    s3: {{endpoint: \"http://127.0.0.1:8333\", region: {region}, forcePathStyle: true}}\n    buckets: {{datasets: datasets-{region}, checkpoints: checkpoints-{region}, outputs: outputs-{region}}}\n"));
+    }
+    y.push_str("pools:\n");
+    for (i, region) in ["eu-west", "eu-north", "us-east"].iter().enumerate() {
+        for kind in ["a", "b"] {
+            y.push_str(&format!("  - name: {region}-{kind}\n    region: {region}\n    nodeSelector: {{loraplane.io/node-pool: {region}-{kind}}}\n    gpuProduct: NVIDIA-L4\n    gpuMemoryGib: 24\n    hourlyPrice: {}\n", 1.0 + i as f64));
+        }
+    }
+    y.push_str("families:\n  - family: sdxl\n    minGpuMemoryGib: 16\n    weights: /models/sdxl\n    trainerImage: trainer:bench\n");
+    y
+}
+
+fn job(i: usize) -> LoRATrainingJob {
+    let residency = ["eea", "any", "us"][i % 3];
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "loraplane.io/v1alpha1", "kind": "LoRATrainingJob",
+        "metadata": {"name": format!("bench-{i}"), "namespace": "default"},
+        "spec": {
+            "baseModel": {"family": "sdxl"},
+            "concept": {"type": "style", "triggerWord": "zxq"},
+            "dataset": {"uri": "s3://datasets-eu-west/d.zip", "sha256": "a".repeat(64)},
+            "placement": {"residency": residency},
+        }
+    }))
+    .unwrap()
+}
+
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let sim = KubeSim::start(
+        SimConfig {
+            topology: Some(topology()),
+            kubelet: KubeletConfig {
+                scripts: vec![ScriptRule {
+                    image: "trainer:*".into(),
+                    script: Script {
+                        duration: None,
+                        ..Script::default()
+                    },
+                }],
+                ..KubeletConfig::default()
+            },
+            crds: vec![],
+        }
+        .with_loraplane_crd(),
+    )
+    .await
+    .unwrap();
+    let client = sim.client();
+    let dir = std::env::temp_dir().join(format!("operator-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    sim.write_kubeconfig(&kubeconfig).unwrap();
+    let config = dir.join("platform.yaml");
+    std::fs::write(&config, platform_yaml()).unwrap();
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "loraplane-s3-credentials"},
+        "stringData": {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+
+    let exe = std::env::current_exe().unwrap();
+    let operator_bin = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .unwrap()
+        .join("loraplane-operator");
+    let mut child = tokio::process::Command::new(&operator_bin)
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--leader-election-namespace",
+            "default",
+            "--log-format",
+            "json",
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start {} (build it with --bins): {e}",
+                operator_bin.display()
+            )
+        });
+    let pid = child.id().unwrap();
+
+    // Pod watch: first pod per job.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    tokio::spawn(async move {
+        let stream = watcher(pods, watcher::Config::default()).applied_objects();
+        futures::pin_mut!(stream);
+        while let Ok(Some(p)) = stream.try_next().await {
+            if let Some(job) = p
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("loraplane.io/job"))
+            {
+                let _ = tx.send((job.clone(), Instant::now()));
+            }
+        }
+    });
+    // Let the operator win its Lease before the clock starts.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let jobs: Api<LoRATrainingJob> = Api::namespaced(client.clone(), "default");
+    let start = Instant::now();
+    let created: HashMap<String, Instant> = futures::stream::iter(0..args.jobs)
+        .map(|i| {
+            let jobs = jobs.clone();
+            async move {
+                let j = job(i);
+                let name = j.metadata.name.clone().unwrap();
+                let t = Instant::now();
+                jobs.create(&PostParams::default(), &j).await.unwrap();
+                (name, t)
+            }
+        })
+        .buffer_unordered(args.concurrency)
+        .collect()
+        .await;
+    let submitted = start.elapsed();
+    let mut first_pod: HashMap<String, Instant> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_seconds);
+    let mut peak_rss = 0u64;
+    while first_pod.len() < args.jobs {
+        tokio::select! {
+            Some((job, at)) = rx.recv() => { first_pod.entry(job).or_insert(at); }
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+        peak_rss = peak_rss.max(vm_hwm_kib(pid).unwrap_or(0));
+        if tokio::time::Instant::now() > deadline {
+            break;
+        }
+    }
+    let elapsed = start.elapsed();
+    peak_rss = peak_rss.max(vm_hwm_kib(pid).unwrap_or(0));
+    let mut lat: Vec<f64> = first_pod
+        .iter()
+        .filter_map(|(j, at)| {
+            created
+                .get(j)
+                .map(|c| at.saturating_duration_since(*c).as_secs_f64())
+        })
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    let report = serde_json::json!({
+        "jobs": args.jobs,
+        "gpus": 3 * 2 * 13 * 8,
+        "jobsWithPod": first_pod.len(),
+        "submitSeconds": submitted.as_secs_f64(),
+        "admissionSeconds": elapsed.as_secs_f64(),
+        "admissionJobsPerSecond": first_pod.len() as f64 / elapsed.as_secs_f64(),
+        "creationToPodP50Seconds": percentile(&lat, 0.5),
+        "creationToPodP99Seconds": percentile(&lat, 0.99),
+        "operatorPeakRssMiB": peak_rss as f64 / 1024.0,
+    });
+    println!("{}", serde_json::to_string_pretty(&report).unwrap());
+    let _ = child.kill().await;
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
