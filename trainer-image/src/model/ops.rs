@@ -1,6 +1,11 @@
 //! Differentiable building blocks. candle's fused `softmax_last_dim`, `layer_norm` and
 //! `rms_norm` kernels have no backward pass, so gradients silently stop at them; everything
 //! here is composed from elementary ops that candle can differentiate.
+//!
+//! The one hand-written backward is `FrozenGrad` for frozen linear/conv layers: it returns
+//! the input gradient only, because candle's stock matmul/conv backward also computes a weight
+//! gradient (as much work as the forward pass, and model-sized memory) that frozen base
+//! weights never use. The finite-difference tests check it.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{

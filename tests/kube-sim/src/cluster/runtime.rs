@@ -689,62 +689,65 @@ async fn kubelet_pass(shared: &Arc<Shared>) {
         .filter_map(|n| n.metadata.name.clone())
         .collect();
     let mut seen: HashSet<&str> = HashSet::with_capacity(pods.len());
-    let started: HashSet<String> = lock(&shared.started).clone();
-    for pod in &pods {
-        let uid_ref = pod.metadata.uid.as_deref().unwrap_or("");
-        seen.insert(uid_ref);
-        let Some(node) = scheduler::bound_node(pod) else {
-            continue;
-        };
-        // The common case, cheaply: a pod already handed to its task.
-        if pod.metadata.deletion_timestamp.is_none() && started.contains(uid_ref) {
-            continue;
-        }
-        let uid = uid_ref.to_string();
-        if pod.metadata.deletion_timestamp.is_some() {
-            let running = lock(&shared.running)
-                .get(&uid)
-                .map(|r| {
-                    if r.stop.borrow().is_none() {
-                        r.stop
-                            .send_replace(Some(Stop::Delete(pod::grace_period(pod))));
-                    }
-                })
-                .is_some();
-            let can_finalize =
-                live_nodes.contains(node) || terminal(pod) || !all_nodes.contains(node);
-            if !running && can_finalize && lock(&shared.finalizing).insert(uid.clone()) {
-                let s = shared.clone();
-                let pod = pod.as_ref().clone();
-                tokio::spawn(async move { pod::finalize_delete(&s, &pod).await });
+    {
+        // Held for the whole loop (which never awaits), so the common case costs a lookup.
+        let mut started = lock(&shared.started);
+        for pod in &pods {
+            let uid_ref = pod.metadata.uid.as_deref().unwrap_or("");
+            seen.insert(uid_ref);
+            let Some(node) = scheduler::bound_node(pod) else {
+                continue;
+            };
+            // The common case, cheaply: a pod already handed to its task.
+            if pod.metadata.deletion_timestamp.is_none() && started.contains(uid_ref) {
+                continue;
             }
-            continue;
+            let uid = uid_ref.to_string();
+            if pod.metadata.deletion_timestamp.is_some() {
+                let running = lock(&shared.running)
+                    .get(&uid)
+                    .map(|r| {
+                        if r.stop.borrow().is_none() {
+                            r.stop
+                                .send_replace(Some(Stop::Delete(pod::grace_period(pod))));
+                        }
+                    })
+                    .is_some();
+                let can_finalize =
+                    live_nodes.contains(node) || terminal(pod) || !all_nodes.contains(node);
+                if !running && can_finalize && lock(&shared.finalizing).insert(uid.clone()) {
+                    let s = shared.clone();
+                    let pod = pod.as_ref().clone();
+                    tokio::spawn(async move { pod::finalize_delete(&s, &pod).await });
+                }
+                continue;
+            }
+            if !live_nodes.contains(node) || terminal(pod) {
+                continue;
+            }
+            if !started.insert(uid.clone()) {
+                continue;
+            }
+            let (stop, rx) = watch::channel(None);
+            let s = shared.clone();
+            let p = pod.as_ref().clone();
+            let u = uid.clone();
+            let handle = tokio::spawn(async move {
+                let end = pod::run(&s, p, rx).await;
+                // A fault may have taken the handle already; then it reads `end`.
+                lock(&s.running).remove(&u);
+                end
+            });
+            lock(&shared.running).insert(
+                uid,
+                Running {
+                    node: node.to_string(),
+                    grace: pod::grace_period(pod),
+                    stop,
+                    handle,
+                },
+            );
         }
-        if !live_nodes.contains(node) || terminal(pod) {
-            continue;
-        }
-        if !lock(&shared.started).insert(uid.clone()) {
-            continue;
-        }
-        let (stop, rx) = watch::channel(None);
-        let s = shared.clone();
-        let p = pod.as_ref().clone();
-        let u = uid.clone();
-        let handle = tokio::spawn(async move {
-            let end = pod::run(&s, p, rx).await;
-            // A fault may have taken the handle already; then it reads `end`.
-            lock(&s.running).remove(&u);
-            end
-        });
-        lock(&shared.running).insert(
-            uid,
-            Running {
-                node: node.to_string(),
-                grace: pod::grace_period(pod),
-                stop,
-                handle,
-            },
-        );
     }
     // Pods removed outright (an apiserver without graceful pod deletion, or a grace-0
     // delete): terminate what still runs within the pod's grace period; nothing to report.
