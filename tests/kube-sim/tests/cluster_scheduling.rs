@@ -172,6 +172,7 @@ async fn nodes_of_the_shipped_topology_are_listed_with_their_labels() {
             "{row}"
         );
         assert_eq!(stdout.lines().count(), 13, "{stdout}");
+        let _ = std::fs::remove_dir_all(&dir);
     })
     .await;
 }

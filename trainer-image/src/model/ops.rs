@@ -226,7 +226,6 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn load(
         vb: &Weights,
         in_c: usize,

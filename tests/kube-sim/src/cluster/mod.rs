@@ -53,7 +53,7 @@ use crate::logs::PodLogs;
 pub struct KubeletConfig {
     /// Where per-claim volume directories and local-process working files live
     /// (`claims/{namespace}/{claim}/{uid}/`, `pods/{uid}/`). Default: a fresh directory under
-    /// the system temp dir.
+    /// the system temp dir, deleted when the cluster is dropped.
     pub data_dir: Option<PathBuf>,
     /// Images run as local processes (checked after the script annotation, before `scripts`).
     pub local_images: Vec<LocalImage>,

@@ -61,6 +61,8 @@ pub(super) struct Shared {
     pub config: KubeletConfig,
     pub logs: PodLogs,
     pub data_dir: PathBuf,
+    /// Whether `data_dir` is ours (a fresh temp dir) to delete on teardown.
+    owned_data_dir: bool,
     topology: Topology,
     book: Mutex<NodeBook>,
     pods: Store<Pod>,
@@ -132,6 +134,7 @@ pub(super) async fn start(
         }
     }
     let shared = Arc::new(Shared {
+        owned_data_dir: config.data_dir.is_none(),
         client,
         config,
         logs,
@@ -289,6 +292,10 @@ impl Shared {
         }
         for (pgid, _) in lock(&self.process_groups).drain() {
             pod::kill_group_now(pgid);
+        }
+        if self.owned_data_dir {
+            // Best effort: a process that outlived SIGKILL's delivery may still hold files.
+            let _ = std::fs::remove_dir_all(&self.data_dir);
         }
     }
 
