@@ -95,7 +95,7 @@ def test_no_secret_material_is_rendered():
     assert not by_kind(objects, "Secret"), "credentials must come from existing Secrets"
     api = next(d for d in by_kind(objects, "Deployment") if d["metadata"]["name"] == "loraplane-api")
     env = {e["name"]: e for e in api["spec"]["template"]["spec"]["containers"][0]["env"]}
-    for name in ("STRIPE_WEBHOOK_SECRET", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+    for name in ("STRIPE_WEBHOOK_SECRET", "ID_HASH_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert "secretKeyRef" in env[name]["valueFrom"], name
 
 
@@ -107,7 +107,8 @@ def test_platform_config_reaches_the_operator_and_api():
     # An empty trainerImage is filled with the chart's trainer image.
     assert platform["families"][0]["trainerImage"].endswith("/loraplane-trainer:0.1.0")
     api = yaml.safe_load(config["data"]["api.yaml"])
-    assert api["plans"][0]["retention"]["mode"] == "zeroRetention"
+    assert api["plans"]["private-eea"]["retention"] == "zeroRetention"
+    assert api["leaseNamespace"] == "loraplane-system"
 
 
 def test_trainer_network_policy_lands_in_every_tenant_namespace():
