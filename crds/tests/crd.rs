@@ -54,7 +54,10 @@ fn yaml_files(dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn checked_in_crds_match_the_types() {
     let generated = loraplane_crds::crd_yaml().unwrap();
-    for path in [loraplane_crds::CRD_YAML_PATH, loraplane_crds::CHART_CRD_YAML_PATH] {
+    for path in [
+        loraplane_crds::CRD_YAML_PATH,
+        loraplane_crds::CHART_CRD_YAML_PATH,
+    ] {
         let checked_in = std::fs::read_to_string(workspace_root().join(path)).unwrap_or_default();
         assert!(
             checked_in == generated,

@@ -331,7 +331,14 @@ async fn reconcile_inner(
             Some("Succeeded" | "Failed")
         );
         let is_current = open_now && current.as_deref() == Some(name.as_str());
-        if mine && !finished && !is_current && pod.metadata.deletion_timestamp.is_none() {
+        // The pod this plan just deleted may still look alive in the cache.
+        let just_deleted = plan.delete_pod.as_deref() == Some(name.as_str());
+        if mine
+            && !finished
+            && !is_current
+            && !just_deleted
+            && pod.metadata.deletion_timestamp.is_none()
+        {
             tracing::warn!(job = %ids.name, pod = %name, "deleting a stray training pod");
             match pods.delete(&name, &DeleteParams::default()).await {
                 Ok(_) => {}

@@ -4,7 +4,8 @@
 //! each with linear warmup). Formulas follow diffusers so that a run here and a run there agree.
 
 use loraplane_crds::v1alpha1::LrScheduler;
-use serde::Deserialize;
+
+pub use crate::model::{PredictionType, SchedulerConfig};
 
 /// Why the scheduler config could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -12,65 +13,6 @@ pub enum ScheduleError {
     /// A value is outside what the trainer supports.
     #[error("scheduler config: {0}")]
     CheckSchedulerConfig(String),
-}
-
-/// What the UNet predicts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PredictionType {
-    /// The added noise.
-    Epsilon,
-    /// v = sqrt(ᾱ)·ε − sqrt(1−ᾱ)·x₀.
-    VPrediction,
-}
-
-/// The part of a diffusers `scheduler_config.json` training needs (the model reads the
-/// file; this is the checked, typed form).
-#[derive(Clone, Debug, PartialEq, Deserialize)]
-pub struct SchedulerConfig {
-    /// β at t = 0.
-    #[serde(default = "default_beta_start")]
-    pub beta_start: f64,
-    /// β at the last timestep.
-    #[serde(default = "default_beta_end")]
-    pub beta_end: f64,
-    /// `scaled_linear` (SD) or `linear`.
-    #[serde(default = "default_beta_schedule")]
-    pub beta_schedule: String,
-    /// Number of diffusion steps.
-    #[serde(default = "default_timesteps")]
-    pub num_train_timesteps: usize,
-    /// Epsilon or v-prediction.
-    #[serde(default = "default_prediction")]
-    pub prediction_type: PredictionType,
-}
-
-fn default_beta_start() -> f64 {
-    0.00085
-}
-fn default_beta_end() -> f64 {
-    0.012
-}
-fn default_beta_schedule() -> String {
-    "scaled_linear".into()
-}
-fn default_timesteps() -> usize {
-    1000
-}
-fn default_prediction() -> PredictionType {
-    PredictionType::Epsilon
-}
-
-impl Default for SchedulerConfig {
-    fn default() -> Self {
-        SchedulerConfig {
-            beta_start: default_beta_start(),
-            beta_end: default_beta_end(),
-            beta_schedule: default_beta_schedule(),
-            num_train_timesteps: default_timesteps(),
-            prediction_type: default_prediction(),
-        }
-    }
 }
 
 /// The DDPM forward process: ᾱ_t for every timestep.

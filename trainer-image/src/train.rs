@@ -23,7 +23,7 @@ use crate::model::{self, DiffusionModel, LoraSpec, ModelError, TextConditioning}
 use crate::optim::{AdamW, AdamWParams, OptimError};
 use crate::progress::{self, Tracker};
 use crate::rng::Rng;
-use crate::schedule::{self, NoiseSchedule, PredictionType, ScheduleError, SchedulerConfig};
+use crate::schedule::{self, NoiseSchedule, PredictionType, ScheduleError};
 use crate::storage::{Location, Storage, StorageError};
 use crate::tensors::{HostTensor, TensorFile, TensorFileError};
 
@@ -412,24 +412,7 @@ fn find_checkpoint(
 }
 
 fn scheduler_of(model: &DiffusionModel) -> Result<NoiseSchedule, TrainError> {
-    let m = model.scheduler_config();
-    let prediction_type = match m.prediction_type.as_str() {
-        "epsilon" => PredictionType::Epsilon,
-        "v_prediction" => PredictionType::VPrediction,
-        other => {
-            return Err(ScheduleError::CheckSchedulerConfig(format!(
-                "prediction_type {other:?} is not supported (epsilon, v_prediction)"
-            ))
-            .into());
-        }
-    };
-    Ok(NoiseSchedule::new(&SchedulerConfig {
-        beta_start: m.beta_start,
-        beta_end: m.beta_end,
-        beta_schedule: m.beta_schedule,
-        num_train_timesteps: m.num_train_timesteps,
-        prediction_type,
-    })?)
+    Ok(NoiseSchedule::new(&model.scheduler_config())?)
 }
 
 /// Everything a finished run produced.

@@ -19,7 +19,10 @@ fn main() -> ExitCode {
         print!("{yaml}");
         return ExitCode::SUCCESS;
     }
-    for path in [loraplane_crds::CRD_YAML_PATH, loraplane_crds::CHART_CRD_YAML_PATH] {
+    for path in [
+        loraplane_crds::CRD_YAML_PATH,
+        loraplane_crds::CHART_CRD_YAML_PATH,
+    ] {
         if let Err(err) = std::fs::write(path, &yaml) {
             eprintln!("crdgen: cannot write {path} (run from the workspace root): {err}");
             return ExitCode::FAILURE;

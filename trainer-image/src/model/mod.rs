@@ -113,9 +113,20 @@ pub struct SchedulerConfig {
     /// `linear`, `scaled_linear` or `squaredcos_cap_v2`.
     #[serde(default = "default_beta_schedule")]
     pub beta_schedule: String,
-    /// `epsilon` or `v_prediction`.
-    #[serde(default = "default_prediction_type")]
-    pub prediction_type: String,
+    /// `epsilon` or `v_prediction`; anything else fails loading with the field named.
+    #[serde(default)]
+    pub prediction_type: PredictionType,
+}
+
+/// What the UNet predicts (`prediction_type` in `scheduler_config.json`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PredictionType {
+    /// The added noise.
+    #[default]
+    Epsilon,
+    /// v = sqrt(ᾱ)·ε − sqrt(1−ᾱ)·x₀.
+    VPrediction,
 }
 
 fn default_train_timesteps() -> usize {
@@ -130,9 +141,6 @@ fn default_beta_end() -> f64 {
 fn default_beta_schedule() -> String {
     "scaled_linear".to_string()
 }
-fn default_prediction_type() -> String {
-    "epsilon".to_string()
-}
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
@@ -141,7 +149,7 @@ impl Default for SchedulerConfig {
             beta_start: default_beta_start(),
             beta_end: default_beta_end(),
             beta_schedule: default_beta_schedule(),
-            prediction_type: default_prediction_type(),
+            prediction_type: PredictionType::default(),
         }
     }
 }
