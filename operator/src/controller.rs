@@ -198,16 +198,19 @@ async fn reconcile_inner(
     if job.metadata.deletion_timestamp.is_some() || !is_ours(job) {
         return Ok(Action::await_change());
     }
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ids.namespace);
     if job
         .status
         .as_ref()
         .and_then(|s| s.phase)
         .is_some_and(|p| p.is_terminal())
     {
+        // A job can end from outside (the API cancels a refunded order by setting phase
+        // Cancelled): whatever ended it, no training pod may keep running.
+        delete_stray_pods(ctx, &pods, &ids, None, None).await?;
         return Ok(Action::await_change());
     }
     let settings = &ctx.settings;
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ids.namespace);
 
     // Step 1: observe.
     let status = job.status.as_ref();
@@ -322,31 +325,8 @@ async fn reconcile_inner(
         .attempts
         .last()
         .is_some_and(|a| a.end_time.is_none());
-    for pod in ctx.pods.state() {
-        let labels = pod.metadata.labels.as_ref();
-        let mine = labels.and_then(|l| l.get(resources::LABEL_JOB_UID)) == Some(&ids.uid);
-        let name = pod.name_any();
-        let finished = matches!(
-            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-            Some("Succeeded" | "Failed")
-        );
-        let is_current = open_now && current.as_deref() == Some(name.as_str());
-        // The pod this plan just deleted may still look alive in the cache.
-        let just_deleted = plan.delete_pod.as_deref() == Some(name.as_str());
-        if mine
-            && !finished
-            && !is_current
-            && !just_deleted
-            && pod.metadata.deletion_timestamp.is_none()
-        {
-            tracing::warn!(job = %ids.name, pod = %name, "deleting a stray training pod");
-            match pods.delete(&name, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(ReconcileError::DeletePod(name, e)),
-            }
-        }
-    }
+    let keep = current.as_deref().filter(|_| open_now);
+    delete_stray_pods(ctx, &pods, &ids, keep, plan.delete_pod.as_deref()).await?;
 
     // Step 4: record.
     if job.status.as_ref() != Some(&plan.status) {
@@ -584,5 +564,39 @@ pub async fn run(
     }
     let _ = election_task.await;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Deletes this job's unfinished pods other than `keep`. `just_deleted` is a pod this
+/// reconcile already deleted (it may still look alive in the cache).
+async fn delete_stray_pods(
+    ctx: &Context,
+    pods: &Api<Pod>,
+    ids: &resources::JobIds,
+    keep: Option<&str>,
+    just_deleted: Option<&str>,
+) -> Result<(), ReconcileError> {
+    for pod in ctx.pods.state() {
+        let labels = pod.metadata.labels.as_ref();
+        let mine = labels.and_then(|l| l.get(resources::LABEL_JOB_UID)) == Some(&ids.uid);
+        let name = pod.name_any();
+        let finished = matches!(
+            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        );
+        if mine
+            && !finished
+            && keep != Some(name.as_str())
+            && just_deleted != Some(name.as_str())
+            && pod.metadata.deletion_timestamp.is_none()
+        {
+            tracing::warn!(job = %ids.name, pod = %name, "deleting a stray training pod");
+            match pods.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(ReconcileError::DeletePod(name, e)),
+            }
+        }
+    }
     Ok(())
 }

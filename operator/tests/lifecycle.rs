@@ -311,3 +311,53 @@ async fn deleting_a_job_removes_its_pod_claim_and_secret() {
     .await
     .expect("test finished in time");
 }
+
+/// The API cancels a refunded order by writing phase Cancelled; the operator then stops the
+/// training pod and leaves the phase alone.
+#[tokio::test]
+async fn a_job_cancelled_from_outside_loses_its_pod_and_stays_cancelled() {
+    tokio::time::timeout(LIMIT, async {
+        let sim = start_sim(topology(false), vec![script("trainer:long", None, 0, 0)]).await;
+        let client = sim.client();
+        let op = Operator::start(client.clone(), platform("trainer:long", 30), "op-a");
+        let created = create_job(&client, &job("refunded", serde_json::json!({}))).await;
+        wait_job(
+            &client,
+            "refunded",
+            Duration::from_secs(20),
+            "Running",
+            |j| phase(j) == Some("Running"),
+        )
+        .await;
+        let api = Api::<LoRATrainingJob>::namespaced(client.clone(), NS);
+        api.patch_status(
+            "refunded",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"status": {"phase": "Cancelled"}})),
+        )
+        .await
+        .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let live = pods_of(&client, &created)
+                .await
+                .into_iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .count();
+            if live == 0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "pod of a cancelled job still runs"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = api.get("refunded").await.unwrap();
+        assert_eq!(phase(&after), Some("Cancelled"));
+        op.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}
