@@ -856,6 +856,7 @@ async fn request_context(State(s): State<HttpState>, req: Request, next: Next) -
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip().to_string());
+    let started = std::time::Instant::now();
     // Probes and scrapes are not customers; never throttle them.
     let limited = !matches!(route.as_str(), "/healthz" | "/readyz" | "/metrics");
     let span = tracing::info_span!("request", request_id = %id, %route, %method);
@@ -882,6 +883,11 @@ async fn request_context(State(s): State<HttpState>, req: Request, next: Next) -
         .requests
         .with_label_values(&[route.as_str(), method.as_str(), status.as_str()])
         .inc();
+    s.app
+        .metrics
+        .request_duration
+        .with_label_values(&[route.as_str()])
+        .observe(started.elapsed().as_secs_f64());
     span.in_scope(|| tracing::info!(status = status.as_u16(), "request served"));
     resp
 }

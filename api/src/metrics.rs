@@ -3,7 +3,8 @@
 //! event types and outcomes: never ids.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// The API's metrics.
@@ -12,6 +13,8 @@ pub struct Metrics {
     registry: Registry,
     /// Requests by route template, method and status.
     pub requests: IntCounterVec,
+    /// Request latency by route template.
+    pub request_duration: HistogramVec,
     /// Webhook events by type and outcome.
     pub webhook_events: IntCounterVec,
     /// Retention deletions by what was deleted (`inputs`, `outputs`, `erasure`).
@@ -32,6 +35,16 @@ impl Metrics {
                 "HTTP requests by route and status",
             ),
             &["route", "method", "status"],
+        )?;
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "loraplane_api_request_duration_seconds",
+                "HTTP request latency by route",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+            ]),
+            &["route"],
         )?;
         let webhook_events = IntCounterVec::new(
             Opts::new(
@@ -61,6 +74,7 @@ impl Metrics {
             "Bytes deleted from S3 by retention and erasure",
         )?;
         registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(webhook_events.clone()))?;
         registry.register(Box::new(retention_deletions.clone()))?;
         registry.register(Box::new(gc_lag.clone()))?;
@@ -68,6 +82,7 @@ impl Metrics {
         Ok(Metrics {
             registry,
             requests,
+            request_duration,
             webhook_events,
             retention_deletions,
             gc_lag,

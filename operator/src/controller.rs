@@ -499,6 +499,7 @@ pub async fn run(
         }
     }
     health.leading.store(true, Ordering::SeqCst);
+    metrics.leader.set(1);
 
     let nodes = reflect(Api::<Node>::all(client.clone()), watcher::Config::default());
     let all_pods = reflect(Api::<Pod>::all(client.clone()), watcher::Config::default());
@@ -557,6 +558,7 @@ pub async fn run(
         })
         .await;
     health.leading.store(false, Ordering::SeqCst);
+    metrics.leader.set(0);
     // Releasing the Lease on shutdown also flips `leading`; that is not a loss.
     if lost.load(Ordering::SeqCst) && !*shutdown.borrow() {
         election_task.abort();

@@ -12,8 +12,8 @@ use loraplane_crds::v1alpha1::Phase;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{
-    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::status::Signal;
@@ -44,6 +44,8 @@ pub struct Metrics {
     pub preemptions: IntCounterVec,
     /// GPU-seconds used by region and pool.
     pub gpu_seconds: CounterVec,
+    /// 1 while this replica holds the leader Lease (the "operator not leading" alert sums it).
+    pub leader: IntGauge,
     jobs: Arc<Mutex<Option<Store<LoRATrainingJob>>>>,
 }
 
@@ -148,6 +150,10 @@ impl Metrics {
             ),
             &["region", "pool"],
         )?;
+        let leader = IntGauge::new(
+            "loraplane_operator_leader",
+            "1 while this replica holds the leader Lease, else 0.",
+        )?;
         let jobs = Arc::new(Mutex::new(None));
         let by_phase = JobsByPhase {
             gauge: IntGaugeVec::new(
@@ -163,6 +169,7 @@ impl Metrics {
         registry.register(Box::new(failovers.clone()))?;
         registry.register(Box::new(preemptions.clone()))?;
         registry.register(Box::new(gpu_seconds.clone()))?;
+        registry.register(Box::new(leader.clone()))?;
         registry.register(Box::new(by_phase))?;
         Ok(Metrics {
             registry,
@@ -173,6 +180,7 @@ impl Metrics {
             failovers,
             preemptions,
             gpu_seconds,
+            leader,
             jobs,
         })
     }
