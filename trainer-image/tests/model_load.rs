@@ -86,7 +86,10 @@ fn tiny_sd15_writes_diffusers_layout_and_predicts_latent_shaped_output() {
     let s = m.scheduler_config();
     assert_eq!(s.num_train_timesteps, 1000);
     assert_eq!(s.beta_schedule, "scaled_linear");
-    assert_eq!(s.prediction_type, loraplane_trainer::model::PredictionType::Epsilon);
+    assert_eq!(
+        s.prediction_type,
+        loraplane_trainer::model::PredictionType::Epsilon
+    );
 }
 
 #[test]
