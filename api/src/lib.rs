@@ -17,9 +17,4 @@ pub mod storage;
 pub mod stripe;
 pub mod zipcheck;
 
-/// Selects rustls' ring provider for the whole process. kube and aws-sdk-s3 each compile in a
-/// different provider, and with two present rustls refuses to guess; call this before any client
-/// is built. Calling it again is harmless.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
+pub use loraplane_crds::tls::install_crypto_provider;

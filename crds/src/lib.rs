@@ -6,6 +6,7 @@
 
 pub mod logging;
 pub mod platform;
+pub mod tls;
 pub mod trainer;
 pub mod v1alpha1;
 

@@ -52,6 +52,7 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    loraplane_crds::tls::install_crypto_provider();
     let client = match kube::Client::try_default().await {
         Ok(c) => c,
         Err(err) => {

@@ -95,6 +95,7 @@ pub fn client_for(url: &str) -> Result<kube::Client, SimError> {
         url: url.to_string(),
         message,
     };
+    loraplane_crds::tls::install_crypto_provider();
     let uri: axum::http::Uri = url.parse().map_err(|e| err(format!("{e}")))?;
     let mut config = kube::Config::new(uri);
     config.default_namespace = "default".to_string();
@@ -113,6 +114,8 @@ impl KubeSim {
     /// Starts the apiserver on 127.0.0.1 (free port), installs the CRDs and, with a topology,
     /// starts the simulated cluster.
     pub async fn start(config: SimConfig) -> Result<KubeSim, SimError> {
+        // Tests build their own clients after this; give them a TLS provider too.
+        loraplane_crds::tls::install_crypto_provider();
         let logs = logs::PodLogs::default();
         let server = apiserver::ApiServer::start(&config.crds, logs.clone()).await?;
         let client = client_for(&server.url())?;
