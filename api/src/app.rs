@@ -797,19 +797,13 @@ impl App {
             deleted += self.delete_inputs(job).await?;
             patch.insert("inputsDeletedAt".into(), json!(stamp));
             self.metrics
-                .retention_deletions
-                .with_label_values(&["inputs"])
-                .inc();
-            self.metrics.gc_lag.observe(lag_secs(in_at));
+                .record_retention_deletion("inputs", lag_secs(in_at));
         }
         if d.delete_outputs {
             deleted += self.delete_outputs(job).await?;
             patch.insert("outputsDeletedAt".into(), json!(stamp));
             self.metrics
-                .retention_deletions
-                .with_label_values(&["outputs"])
-                .inc();
-            self.metrics.gc_lag.observe(lag_secs(out_at));
+                .record_retention_deletion("outputs", lag_secs(out_at));
         }
         if !patch.is_empty() {
             self.jobs(&job.namespace().unwrap_or_default())

@@ -90,6 +90,13 @@ impl Metrics {
         })
     }
 
+    /// Records one retention deletion of `what` (`inputs`, `outputs`) done `lag_secs` after
+    /// it was due.
+    pub fn record_retention_deletion(&self, what: &str, lag_secs: f64) {
+        self.retention_deletions.with_label_values(&[what]).inc();
+        self.gc_lag.observe(lag_secs);
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
