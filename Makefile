@@ -6,12 +6,13 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TOOLS := .tools
 
-.PHONY: help bootstrap test fmt-check clippy unit chart-test crd-check crdgen demo
+.PHONY: help bootstrap test fmt-check clippy unit chart-test crd-check crdgen demo bench
 
 help:
 	@echo "make demo   - run the local demo (what exists so far)"
 	@echo "make test   - everything CI checks: tools, fmt, clippy, tests, CRD drift"
 	@echo "make crdgen - regenerate crds/loratrainingjob.yaml from the Rust types"
+	@echo "make bench  - run the benchmarks, write tests/bench/REPORT.md (+ .json); PROFILE=dev for a quicker build"
 
 ## Installs what the tests need into .tools/ (git-ignored); fails loudly on anything missing.
 bootstrap:
@@ -47,3 +48,7 @@ crdgen:
 
 demo: bootstrap
 	@tests/tools/demo.sh
+
+## Benchmarks (never part of `make test`): see tests/bench/run.sh for the knobs.
+bench: bootstrap
+	@tests/bench/run.sh

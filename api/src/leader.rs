@@ -1,25 +1,27 @@
-//! Leader election for the retention loop with a `coordination.k8s.io/v1` Lease: one replica
-//! deletes, the others stand by. Acquisition and renewal are optimistic updates guarded by the
-//! Lease's `resourceVersion`, so two replicas can never both believe they hold it after a
-//! successful write.
+//! Leadership of the retention loop: one replica deletes, the others stand by. The election
+//! itself is the shared Lease election of `loraplane-crds` (the operator uses the same one);
+//! this wrapper keeps the answer of the last round where the retention loop can read it
+//! without awaiting.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::Timestamp;
-use kube::Api;
-use kube::api::PostParams;
+use loraplane_crds::leader::Election;
 
 /// A replica's view of the lease.
-#[derive(Debug)]
 pub struct Leader {
-    api: Api<Lease>,
-    name: String,
-    identity: String,
-    duration: Duration,
+    client: kube::Client,
+    election: Election,
     leading: AtomicBool,
+}
+
+impl std::fmt::Debug for Leader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Leader")
+            .field("election", &self.election)
+            .field("leading", &self.is_leader())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Leader {
@@ -32,10 +34,13 @@ impl Leader {
         duration: Duration,
     ) -> Leader {
         Leader {
-            api: Api::namespaced(client, namespace),
-            name: name.into(),
-            identity: identity.into(),
-            duration,
+            client,
+            election: Election {
+                namespace: namespace.into(),
+                name: name.into(),
+                identity: identity.into(),
+                lease_duration: duration,
+            },
             leading: AtomicBool::new(false),
         }
     }
@@ -47,62 +52,19 @@ impl Leader {
 
     /// How often to try to acquire or renew.
     pub fn retry_period(&self) -> Duration {
-        self.duration / 3
+        (self.election.lease_duration / 3).max(Duration::from_millis(100))
     }
 
-    /// One acquisition or renewal attempt; returns whether this replica leads.
+    /// One acquisition or renewal attempt; returns whether this replica leads. A failed round
+    /// counts as not leading: deleting customer data on a stale belief of leadership is worse
+    /// than a late deletion.
     pub async fn try_acquire(&self) -> bool {
-        let now = Timestamp::now();
-        let secs = i32::try_from(self.duration.as_secs()).unwrap_or(15);
-        let leading = match self.api.get_opt(&self.name).await {
-            Ok(None) => {
-                let lease = Lease {
-                    metadata: ObjectMeta {
-                        name: Some(self.name.clone()),
-                        ..ObjectMeta::default()
-                    },
-                    spec: Some(LeaseSpec {
-                        holder_identity: Some(self.identity.clone()),
-                        lease_duration_seconds: Some(secs),
-                        acquire_time: Some(MicroTime(now)),
-                        renew_time: Some(MicroTime(now)),
-                        lease_transitions: Some(0),
-                        ..LeaseSpec::default()
-                    }),
-                };
-                self.api
-                    .create(&PostParams::default(), &lease)
-                    .await
-                    .is_ok()
+        let leading = match self.election.try_acquire(&self.client).await {
+            Ok(leading) => leading,
+            Err(e) => {
+                tracing::warn!(error = %e, "retention leader election round failed");
+                false
             }
-            Ok(Some(mut lease)) => {
-                let spec = lease.spec.clone().unwrap_or_default();
-                let mine = spec.holder_identity.as_deref() == Some(self.identity.as_str());
-                let expired = spec.renew_time.as_ref().is_none_or(|t| {
-                    let d = i64::from(spec.lease_duration_seconds.unwrap_or(secs));
-                    t.0.as_second() + d < now.as_second()
-                });
-                if !mine && !expired {
-                    false
-                } else {
-                    let mut new = spec.clone();
-                    if !mine {
-                        new.acquire_time = Some(MicroTime(now));
-                        new.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
-                    }
-                    new.holder_identity = Some(self.identity.clone());
-                    new.lease_duration_seconds = Some(secs);
-                    new.renew_time = Some(MicroTime(now));
-                    lease.spec = Some(new);
-                    // replace carries the resourceVersion we read: a concurrent writer wins
-                    // and we get 409.
-                    self.api
-                        .replace(&self.name, &PostParams::default(), &lease)
-                        .await
-                        .is_ok()
-                }
-            }
-            Err(_) => false,
         };
         self.leading.store(leading, Ordering::Relaxed);
         leading
@@ -114,7 +76,7 @@ impl Leader {
             let was = self.is_leader();
             let now = self.try_acquire().await;
             if was != now {
-                tracing::info!(leading = now, lease = %self.name, "retention leadership changed");
+                tracing::info!(leading = now, lease = %self.election.name, "retention leadership changed");
             }
             tokio::time::sleep(self.retry_period()).await;
         }

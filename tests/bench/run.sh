@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# `make bench`: builds the benchmark programs, runs each one (operator admission on kube-sim,
+# API webhook-to-CR and retention GC lag, kube-sim itself, the trainer), keeps each program's
+# JSON in tests/bench/results/, and writes tests/bench/REPORT.json + REPORT.md with the machine
+# description. Benchmarks never run inside `make test`: their figures depend on the machine.
+#
+# Knobs (environment): PROFILE (release|dev, default release), OPERATOR_JOBS (10000),
+# API_ORDERS (2000), API_CONCURRENCY (32), GC_JOBS (50), TRAINER_STEPS (20), ONLY (a space-separated
+# subset of: kube-sim operator api trainer).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+PROFILE=${PROFILE:-release}
+OPERATOR_JOBS=${OPERATOR_JOBS:-10000}
+API_ORDERS=${API_ORDERS:-2000}
+API_CONCURRENCY=${API_CONCURRENCY:-32}
+GC_JOBS=${GC_JOBS:-50}
+TRAINER_STEPS=${TRAINER_STEPS:-20}
+ONLY=${ONLY:-kube-sim operator api trainer}
+
+case "$PROFILE" in
+  release) dir=release ;;
+  dev) dir=debug ;;
+  *) echo "make bench: PROFILE must be release or dev, not '$PROFILE'" >&2; exit 2 ;;
+esac
+target=${CARGO_TARGET_DIR:-target}/$dir
+results=tests/bench/results
+mkdir -p "$results"
+
+command -v weed >/dev/null || PATH="$PWD/.tools/bin:$PATH"
+command -v weed >/dev/null || { echo "make bench: SeaweedFS 'weed' not found: run 'make bootstrap'" >&2; exit 1; }
+
+echo "== building the benchmark programs ($PROFILE)"
+cargo build --locked --profile "$PROFILE" \
+  -p kube-sim --bin kube-sim-bench \
+  -p loraplane-operator --bins --example operator-bench \
+  -p loraplane-api --bins --example bench \
+  -p loraplane-trainer --bin trainer-bench --bin loraplane-trainer
+
+wants() { [[ " $ONLY " == *" $1 "* ]]; }
+
+# Each program prints one JSON object on stdout (logs go to stderr).
+run() {
+  local name=$1; shift
+  echo "== $name: $*"
+  local started=$SECONDS
+  "$@" > "$results/$name.json"
+  echo "   done in $((SECONDS - started)) s -> $results/$name.json"
+}
+
+wants kube-sim && run kube-sim "$target/kube-sim-bench"
+wants operator && run operator "$target/examples/operator-bench" --jobs "$OPERATOR_JOBS"
+wants api && run api "$target/examples/bench" "$API_ORDERS" "$API_CONCURRENCY" "$GC_JOBS"
+if wants trainer; then
+  echo "== trainer: $target/trainer-bench --steps $TRAINER_STEPS"
+  "$target/trainer-bench" --steps "$TRAINER_STEPS" --out "$results/trainer.json" >/dev/null
+fi
+
+export OPERATOR_JOBS API_ORDERS API_CONCURRENCY GC_JOBS TRAINER_STEPS
+python3 tests/bench/report.py --profile "$PROFILE" --results "$results" \
+  --json tests/bench/REPORT.json --markdown tests/bench/REPORT.md
+echo "make bench: wrote tests/bench/REPORT.md and tests/bench/REPORT.json"
