@@ -9,7 +9,7 @@ TOOLS := .tools
 .PHONY: help bootstrap test fmt-check clippy unit chart-test crd-check crdgen demo bench
 
 help:
-	@echo "make demo   - run the local demo (what exists so far)"
+	@echo "make demo   - the customer journey on the local stack (DEMO_ARGS=--keep-running keeps it up)"
 	@echo "make test   - everything CI checks: tools, fmt, clippy, tests, CRD drift"
 	@echo "make crdgen - regenerate crds/loratrainingjob.yaml from the Rust types"
 	@echo "make bench  - run the benchmarks, write tests/bench/REPORT.md (+ .json); PROFILE=dev for a quicker build"
@@ -47,7 +47,7 @@ crdgen:
 	$(CARGO) run --quiet -p loraplane-crds --bin crdgen -- --write
 
 demo: bootstrap
-	@tests/tools/demo.sh
+	@tests/tools/demo.sh $(DEMO_ARGS)
 
 ## Benchmarks (never part of `make test`): see tests/bench/run.sh for the knobs.
 bench: bootstrap

@@ -772,7 +772,7 @@ pub struct UploadCheck {
     pub sha256: String,
 }
 
-/// Validates an uploaded dataset now (job creation validates it again).
+/// Validates an uploaded dataset now and marks it, so job creation need not download it again.
 #[utoipa::path(post, path = "/v1/uploads/{id}/validate", tag = "uploads", security(("bearer" = [])),
     params(("id" = String, Path)),
     responses((status = 200, body = UploadCheck), (status = 401, body = ErrorBody),
@@ -942,6 +942,27 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/uploads"),
     ("post", "/v1/uploads/{id}/validate"),
 ];
+
+/// Serves the API on `listener` until `shutdown` completes: the server `main` runs, and the
+/// tests and bench run too.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Arc<App>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // Responses are small and written whole; without NODELAY a keep-alive client can wait on
+    // Nagle's algorithm against its delayed ACK.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(
+        listener,
+        router(HttpState::new(app)).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
 
 /// The router.
 pub fn router(state: HttpState) -> Router {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use loraplane_api::app::{self, App, Secrets};
 use loraplane_api::config::ApiConfig;
-use loraplane_api::http::{self, HttpState};
+use loraplane_api::http;
 use loraplane_api::leader::Leader;
 use loraplane_api::metrics::Metrics;
 use loraplane_api::storage::{S3Credentials, Storage};
@@ -111,12 +111,12 @@ async fn run(args: Args) -> Result<(), StartError> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| StartError::Listen(args.listen, e))?;
-    tracing::info!(listen = %args.listen, "loraplane-api serving");
-    axum::serve(
-        listener,
-        http::router(HttpState::new(app)).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async {
+    // The bound address, not the flag: with port 0 this is where the API really is.
+    let bound = listener
+        .local_addr()
+        .map_err(|e| StartError::Listen(args.listen, e))?;
+    tracing::info!(listen = %bound, "loraplane-api serving");
+    http::serve(listener, app, async {
         let _ = tokio::signal::ctrl_c().await;
     })
     .await

@@ -23,6 +23,9 @@ pub struct Metrics {
     pub gc_lag: Histogram,
     /// Bytes deleted from S3 by retention and erasure.
     pub bytes_erased: IntCounter,
+    /// Dataset checks by how they were answered: `marker` (an earlier validation of the same
+    /// bytes) or `download` (fetched and inflated).
+    pub dataset_checks: IntCounterVec,
 }
 
 impl Metrics {
@@ -73,6 +76,14 @@ impl Metrics {
             "loraplane_api_bytes_erased_total",
             "Bytes deleted from S3 by retention and erasure",
         )?;
+        let dataset_checks = IntCounterVec::new(
+            Opts::new(
+                "loraplane_api_dataset_checks_total",
+                "Dataset validations by how they were answered (marker or download)",
+            ),
+            &["how"],
+        )?;
+        registry.register(Box::new(dataset_checks.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(webhook_events.clone()))?;
@@ -87,6 +98,7 @@ impl Metrics {
             retention_deletions,
             gc_lag,
             bytes_erased,
+            dataset_checks,
         })
     }
 

@@ -41,9 +41,29 @@ pub enum StorageError {
     /// Deleting an object failed.
     #[error("delete object: {0}")]
     DeleteObject(String),
+    /// Reading an object's tags failed.
+    #[error("get object tagging: {0}")]
+    GetTagging(String),
+    /// Writing an object's tags failed.
+    #[error("put object tagging: {0}")]
+    PutTagging(String),
     /// A URI is not `s3://bucket/key`.
     #[error("not an s3:// URI")]
     BadUri,
+}
+
+/// The object tag that records a dataset's validation (see [`Storage::validation_marker`]).
+pub const VALIDATED_TAG: &str = "loraplane-validated";
+
+/// What an upload object's tags say about its validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Marker {
+    /// The object does not exist.
+    Missing,
+    /// The object exists and was never validated (or was replaced since).
+    Unmarked,
+    /// The object carries a validation marker with this value.
+    Marked(String),
 }
 
 fn err_text<E: std::error::Error + 'static>(e: &E) -> String {
@@ -222,6 +242,66 @@ impl Storage {
             return Ok(Some(Err(bytes.len() as u64)));
         }
         Ok(Some(Ok(bytes.to_vec())))
+    }
+
+    /// The validation marker of an object: one small request that neither downloads the object
+    /// nor inflates it. S3 drops an object's tags when the object is overwritten, so a marker
+    /// always describes the bytes currently stored.
+    pub async fn validation_marker(
+        &self,
+        region: &str,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Marker, StorageError> {
+        let client = &self.region(region)?.client;
+        match client
+            .get_object_tagging()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(out
+                .tag_set()
+                .iter()
+                .find(|t| t.key() == VALIDATED_TAG)
+                .map_or(Marker::Unmarked, |t| Marker::Marked(t.value().to_string()))),
+            Err(e) => {
+                if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) {
+                    return Ok(Marker::Missing);
+                }
+                Err(StorageError::GetTagging(err_text(&e)))
+            }
+        }
+    }
+
+    /// Records a validation marker on an object (replacing its tags: uploads carry no others).
+    pub async fn set_validation_marker(
+        &self,
+        region: &str,
+        bucket: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<(), StorageError> {
+        let client = &self.region(region)?.client;
+        let tag = aws_sdk_s3::types::Tag::builder()
+            .key(VALIDATED_TAG)
+            .value(value)
+            .build()
+            .map_err(|e| StorageError::PutTagging(e.to_string()))?;
+        let tagging = aws_sdk_s3::types::Tagging::builder()
+            .tag_set(tag)
+            .build()
+            .map_err(|e| StorageError::PutTagging(e.to_string()))?;
+        client
+            .put_object_tagging()
+            .bucket(bucket)
+            .key(key)
+            .tagging(tagging)
+            .send()
+            .await
+            .map_err(|e| StorageError::PutTagging(err_text(&e)))?;
+        Ok(())
     }
 
     /// Deletes every object under `prefix` in `bucket` (of whichever region owns the bucket).

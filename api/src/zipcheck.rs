@@ -22,6 +22,37 @@ pub struct ZipLimits {
     pub max_images: usize,
 }
 
+impl ZipLimits {
+    /// The validation marker recorded on an upload that passed under these limits: the
+    /// limits it was checked against and the SHA-256 of the bytes. A marker made under other
+    /// limits (the configuration changed) does not count, so the upload is checked again.
+    pub fn marker(&self, sha256: &str) -> String {
+        format!("v1:{}:{sha256}", self.fingerprint())
+    }
+
+    /// The SHA-256 a marker vouches for, if it was made under these limits.
+    pub fn vouched_sha256<'m>(&self, marker: &'m str) -> Option<&'m str> {
+        let rest = marker.strip_prefix("v1:")?;
+        let (fp, sha) = rest.split_once(':')?;
+        let well_formed = sha.len() == 64
+            && sha
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        (fp == self.fingerprint() && well_formed).then_some(sha)
+    }
+
+    fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let text = format!(
+            "{}/{}/{}/{}/{}",
+            self.max_bytes, self.max_uncompressed, self.max_ratio, self.min_images, self.max_images
+        );
+        let mut h = hex::encode(Sha256::digest(text.as_bytes()));
+        h.truncate(16);
+        h
+    }
+}
+
 /// What a valid dataset contains.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DatasetSummary {
@@ -281,6 +312,21 @@ mod tests {
         min_images: 2,
         max_images: 5,
     };
+
+    #[test]
+    fn a_marker_vouches_only_under_the_limits_it_was_made_with() {
+        let sha = "ab".repeat(32);
+        let m = LIMITS.marker(&sha);
+        assert_eq!(LIMITS.vouched_sha256(&m), Some(sha.as_str()));
+        let stricter = ZipLimits {
+            max_images: 4,
+            ..LIMITS
+        };
+        assert_eq!(stricter.vouched_sha256(&m), None);
+        assert_eq!(LIMITS.vouched_sha256(&m.replace("v1:", "v2:")), None);
+        assert_eq!(LIMITS.vouched_sha256(&m[..m.len() - 1]), None);
+        assert_eq!(LIMITS.vouched_sha256("garbage"), None);
+    }
 
     #[test]
     fn a_good_dataset_passes_and_is_counted() {

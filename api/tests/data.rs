@@ -177,3 +177,202 @@ async fn retention_deletes_every_object_and_claim_when_due() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_dataset_is_checked_once_and_again_when_it_is_replaced() {
+    within(120, async {
+        let h = Harness::start().await;
+        let (s, _, ticket) = h
+            .call(
+                "POST",
+                "/v1/uploads",
+                Some(ACME),
+                &[],
+                Some(json!({"residency": "eea"})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED);
+        let url = ticket["url"].as_str().unwrap().to_string();
+        let upload = ticket["uploadId"].as_str().unwrap().to_string();
+        let validate = format!("/v1/uploads/{upload}/validate");
+        let checks = |how: &str| {
+            let m = h.app.metrics.render();
+            let line = format!("loraplane_api_dataset_checks_total{{how=\"{how}\"}} ");
+            m.lines()
+                .find_map(|l| l.strip_prefix(line.as_str()))
+                .map_or(0, |v| v.parse::<u64>().unwrap())
+        };
+
+        let first = dataset(3);
+        assert_eq!(
+            http("PUT", &url, &[], first.clone()).await.0,
+            StatusCode::OK
+        );
+        for _ in 0..2 {
+            let (s, _, ok) = h.call("POST", &validate, Some(ACME), &[], None).await;
+            assert_eq!(s, StatusCode::OK, "{ok}");
+            assert_eq!(ok["sha256"], loraplane_api::app::sha256_hex(&first));
+        }
+        assert_eq!(
+            (checks("download"), checks("marker")),
+            (1, 1),
+            "the second check reads the marker"
+        );
+
+        // Replacing the bytes (the ticket's URL is still valid) drops the marker with them.
+        let bad = zip_of(&[("a.png", png(10))]);
+        assert_eq!(http("PUT", &url, &[], bad).await.0, StatusCode::OK);
+        let (s, _, e) = h.call("POST", &validate, Some(ACME), &[], None).await;
+        assert_eq!(
+            (s, e["error"]["code"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("upload_image_count"))
+        );
+        let second = dataset(4);
+        assert_eq!(
+            http("PUT", &url, &[], second.clone()).await.0,
+            StatusCode::OK
+        );
+        let order = json!({"orderId": "swap", "family": "sdxl", "conceptType": "object",
+            "triggerWord": "mug", "plan": "basic", "uploadId": upload});
+        let (s, _, job) = h
+            .call(
+                "POST",
+                "/v1/jobs",
+                Some(ACME),
+                &[("idempotency-key", "swap")],
+                Some(order),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{job}");
+        let api: Api<LoRATrainingJob> = Api::namespaced(h.sim.client(), "acme");
+        let cr = api.get(job["id"].as_str().unwrap()).await.unwrap();
+        assert_eq!(
+            cr.spec.dataset.sha256,
+            loraplane_api::app::sha256_hex(&second),
+            "the job pins the bytes now stored"
+        );
+        assert_eq!(checks("download"), 3);
+
+        // Tighter limits (a new configuration) do not trust a marker made under the old ones.
+        let mut stricter = h.app.config.clone();
+        stricter.limits.max_images = 3;
+        let replica = h.replica_with(stricter);
+        let e = replica.validate_upload("acme", &upload).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                loraplane_api::app::AppError::Upload(
+                    loraplane_api::zipcheck::ZipError::ImageCount { .. }
+                )
+            ),
+            "{e}"
+        );
+    })
+    .await;
+}
+
+/// Waits (bounded by the caller's `within`) until `app` reports a retention deletion.
+async fn until_deletions(app: &loraplane_api::app::App, at_least: u64) {
+    loop {
+        let n: u64 = ["inputs", "outputs"]
+            .iter()
+            .map(|w| {
+                app.metrics
+                    .retention_deletions
+                    .with_label_values(&[*w])
+                    .get()
+            })
+            .sum();
+        if n >= at_least {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn only_the_leader_collects_and_the_other_replica_takes_over_when_it_stops() {
+    within(120, async {
+        let h = Harness::start().await;
+        let replicas = [h.app.clone(), h.replica()];
+        let mut tasks: Vec<Vec<tokio::task::JoinHandle<()>>> = Vec::new();
+        let mut leaders = Vec::new();
+        for (i, app) in replicas.iter().enumerate() {
+            // A 3 s lease so the takeover happens within seconds.
+            let leader = Arc::new(Leader::new(
+                app.kube.clone(),
+                "loraplane-system",
+                "loraplane-api-retention",
+                &format!("replica-{i}"),
+                Duration::from_secs(3),
+            ));
+            let l = leader.clone();
+            tasks.push(vec![
+                tokio::spawn(async move { l.run().await }),
+                tokio::spawn(loraplane_api::app::watch_jobs(app.clone())),
+                tokio::spawn(loraplane_api::app::retention_loop(app.clone(), leader.clone(), Duration::from_secs(30))),
+            ]);
+            leaders.push(leader);
+        }
+        let first = loop {
+            if let Some(i) = leaders.iter().position(|l| l.is_leader()) {
+                break i;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let second = 1 - first;
+
+        let api: Api<LoRATrainingJob> = Api::namespaced(h.sim.client(), "acme");
+        let job_due_now = |n: usize| {
+            let h = &h;
+            let api = api.clone();
+            async move {
+                let upload = h.upload(ACME, "eea", dataset(2)).await;
+                let order = json!({"orderId": format!("gc-{n}"), "family": "sdxl", "conceptType": "object",
+                    "triggerWord": "mug", "plan": "fast", "uploadId": upload});
+                let (s, _, job) = h.call("POST", "/v1/jobs", Some(ACME), &[("idempotency-key", &format!("gc-{n}"))], Some(order)).await;
+                assert_eq!(s, StatusCode::CREATED, "{job}");
+                let id = job["id"].as_str().unwrap().to_string();
+                let uid = api.get(&id).await.unwrap().uid().unwrap();
+                h.put("out-eu", &format!("acme/{id}-{uid}/lora.safetensors"), b"lora").await;
+                api.patch_status(&id, &PatchParams::default(), &Patch::Merge(json!({"status": {
+                    "phase": "Succeeded", "completionTime": k8s_openapi::jiff::Timestamp::now().to_string()
+                }}))).await.unwrap();
+                (id, uid)
+            }
+        };
+        let outputs_gone = |id: String, uid: String| {
+            let h = &h;
+            async move {
+                while !h.keys("out-eu").await.iter().all(|k| !k.contains(&format!("{id}-{uid}"))) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+
+        let (id, uid) = job_due_now(1).await;
+        until_deletions(&replicas[first], 2).await;
+        outputs_gone(id, uid).await;
+        assert_eq!(replicas[second].metrics.retention_deletions.with_label_values(&["outputs"]).get(), 0,
+            "the standby replica deleted nothing");
+
+        // The leader dies (its lease renewals, watch and GC stop; the lease is not released,
+        // so the standby waits for it to expire).
+        for t in &tasks[first] {
+            t.abort();
+        }
+        let (id, uid) = job_due_now(2).await;
+        until_deletions(&replicas[second], 2).await;
+        outputs_gone(id.clone(), uid).await;
+        assert!(leaders[second].is_leader());
+        let j = api.get(&id).await.unwrap();
+        let r = j.status.and_then(|s| s.retention).unwrap();
+        assert!(r.inputs_deleted_at.is_some() && r.outputs_deleted_at.is_some());
+        assert_eq!(replicas[first].metrics.retention_deletions.with_label_values(&["outputs"]).get(), 1);
+        let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(h.sim.client(), "loraplane-system");
+        let lease = leases.get("loraplane-api-retention").await.unwrap().spec.unwrap();
+        assert_eq!(lease.holder_identity.as_deref(), Some(format!("replica-{second}").as_str()));
+        assert_eq!(lease.lease_transitions, Some(1));
+    })
+    .await;
+}

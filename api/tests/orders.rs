@@ -449,3 +449,44 @@ async fn tenants_over_their_rate_get_429_with_retry_after() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_client_address_over_its_rate_gets_429_and_others_do_not() {
+    within(120, async {
+        // Tenants are not limited here: only the per-address bucket (1/s, burst 2) can refuse.
+        let h = Harness::start_with(|c| {
+            c.limits.ip_rps = 1.0;
+            c.limits.tenant_rps = 1e9;
+        })
+        .await;
+        let from = |ip: [u8; 4], path: &'static str| {
+            let url = format!("{}{path}", h.base);
+            async move {
+                let auth = [("authorization".to_string(), format!("Bearer {ACME}"))];
+                http_from(Some(ip.into()), "GET", &url, &auth, Vec::new()).await
+            }
+        };
+        for _ in 0..2 {
+            assert_eq!(from([127, 0, 0, 2], "/v1/jobs").await.0, StatusCode::OK);
+        }
+        let (s, headers, body) = from([127, 0, 0, 2], "/v1/jobs").await;
+        assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(headers["content-type"], "application/json");
+        let wait: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!(wait >= 1);
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], "rate_limited");
+        assert!(body["error"]["message"].is_string());
+        assert!(headers.contains_key("x-request-id"));
+        // Unauthenticated requests from the same address are throttled before anything else.
+        let (s, _, _) = from([127, 0, 0, 2], "/openapi.json").await;
+        assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+        // Probes are never throttled, and another address has its own bucket.
+        assert_eq!(from([127, 0, 0, 2], "/healthz").await.0, StatusCode::OK);
+        assert_eq!(from([127, 0, 0, 3], "/v1/jobs").await.0, StatusCode::OK);
+        // After the advertised wait the address is served again.
+        tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+        assert_eq!(from([127, 0, 0, 2], "/v1/jobs").await.0, StatusCode::OK);
+    })
+    .await;
+}

@@ -113,7 +113,10 @@ impl Election {
             .await
         {
             Ok(_) => Ok(true),
-            Err(e) if is_conflict(&e) => Ok(false),
+            // Taking a free Lease and losing the race: someone else leads now.
+            Err(e) if is_conflict(&e) && !mine => Ok(false),
+            // A holder's renewal conflicted: a failed round, not a lost Lease. The next round
+            // re-reads it and steps down if another replica really took over.
             Err(e) => Err(LeaderError::UpdateLease(e)),
         }
     }
@@ -146,7 +149,9 @@ impl Election {
     }
 
     /// Runs the election until `shutdown` fires, publishing leadership on `leading`. Steps
-    /// down when renewal has failed for two thirds of the lease duration.
+    /// down when renewal has failed for two thirds of the lease duration; after a failed round
+    /// it retries four times sooner, so one lost request (a 500, a 429, a conflict) does not
+    /// cost leadership — as client-go's renew deadline allows several tries.
     pub async fn run(
         self,
         client: Client,
@@ -156,6 +161,7 @@ impl Election {
         let period = (self.lease_duration / 3).max(Duration::from_millis(100));
         let mut last_renewal: Option<tokio::time::Instant> = None;
         loop {
+            let mut next = period;
             match self.try_acquire(&client).await {
                 Ok(true) => {
                     if !*leading.borrow() {
@@ -173,6 +179,7 @@ impl Election {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "leader election round failed");
+                    next = (period / 4).max(Duration::from_millis(25));
                     let stale =
                         last_renewal.is_none_or(|t| t.elapsed() > self.lease_duration * 2 / 3);
                     if stale && *leading.borrow() {
@@ -182,7 +189,7 @@ impl Election {
                 }
             }
             tokio::select! {
-                _ = tokio::time::sleep(period) => {}
+                _ = tokio::time::sleep(next) => {}
                 _ = shutdown.changed() => break,
             }
             if *shutdown.borrow() {

@@ -2,11 +2,13 @@
 //! as fast as the API takes them. The operator runs as its own process (the release
 //! `loraplane-operator` binary next to this example), so its peak RSS is its own.
 //!
-//! Reports JSON: admission throughput (jobs/s from the first submission until every job has a
-//! pod, placed or queued in a pool), p50/p99 creation-to-pod latency, operator peak RSS.
+//! Reports JSON on stdout (and to `--json PATH`): admission throughput (jobs/s from the first
+//! submission until every job has a pod, placed or queued in a pool), p50/p99 creation-to-pod
+//! latency, operator peak RSS (VmHWM), the build profile and the machine's threads. kube-sim
+//! runs inside this process, so a debug build measures a debug apiserver too.
 //!
 //! `cargo build --release -p loraplane-operator --bins --examples && \
-//!  target/release/examples/operator-bench --jobs 10000`
+//!  target/release/examples/operator-bench --jobs 10000 --json operator-bench.json`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -32,17 +34,25 @@ struct Args {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout_seconds: u64,
+    /// Also write the JSON report to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
+
+const REGIONS: [(&str, &str); 3] = [("eu-west", "eea"), ("eu-north", "eea"), ("us-east", "us")];
+const POOLS_PER_REGION: usize = 2;
+const NODES_PER_POOL: usize = 13;
+const GPUS_PER_NODE: usize = 8;
 
 fn topology() -> Topology {
     let mut yaml = String::from("regions:\n");
-    for (region, j) in [("eu-west", "eea"), ("eu-north", "eea"), ("us-east", "us")] {
+    for (region, j) in REGIONS {
         yaml.push_str(&format!(
             "  - name: {region}\n    jurisdiction: {j}\n    pools:\n"
         ));
         for kind in ["a", "b"] {
             yaml.push_str(&format!(
-                "      - name: {region}-{kind}\n        gpuProduct: NVIDIA-L4\n        gpuMemoryGiB: 24\n        gpusPerNode: 8\n        instanceType: g6.48xlarge\n        nodes: 13\n"
+                "      - name: {region}-{kind}\n        gpuProduct: NVIDIA-L4\n        gpuMemoryGiB: 24\n        gpusPerNode: {GPUS_PER_NODE}\n        instanceType: g6.48xlarge\n        nodes: {NODES_PER_POOL}\n"
             ));
         }
     }
@@ -224,16 +234,24 @@ async fn main() {
     lat.sort_by(f64::total_cmp);
     let report = serde_json::json!({
         "jobs": args.jobs,
-        "gpus": 3 * 2 * 13 * 8,
-        "jobsWithPod": first_pod.len(),
-        "submitSeconds": submitted.as_secs_f64(),
-        "admissionSeconds": elapsed.as_secs_f64(),
-        "admissionJobsPerSecond": first_pod.len() as f64 / elapsed.as_secs_f64(),
-        "creationToPodP50Seconds": percentile(&lat, 0.5),
-        "creationToPodP99Seconds": percentile(&lat, 0.99),
-        "operatorPeakRssMiB": peak_rss as f64 / 1024.0,
+        "gpus": REGIONS.len() * POOLS_PER_REGION * NODES_PER_POOL * GPUS_PER_NODE,
+        "regions": REGIONS.len(),
+        "jobs_with_pod": first_pod.len(),
+        "submit_seconds": submitted.as_secs_f64(),
+        "admission_seconds": elapsed.as_secs_f64(),
+        "throughput_jobs_per_s": first_pod.len() as f64 / elapsed.as_secs_f64(),
+        "p50_latency_seconds": percentile(&lat, 0.5),
+        "p99_latency_seconds": percentile(&lat, 0.99),
+        "operator_peak_rss_mib": peak_rss as f64 / 1024.0,
+        "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "machine_threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
     });
-    println!("{}", serde_json::to_string_pretty(&report).unwrap());
+    let text = serde_json::to_string_pretty(&report).unwrap();
+    println!("{text}");
+    if let Some(path) = &args.json {
+        std::fs::write(path, format!("{text}\n"))
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    }
     let _ = child.kill().await;
     sim.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);

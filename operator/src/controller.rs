@@ -15,27 +15,28 @@
 //! nothing. Children carry owner references and are removed by the garbage collector when the
 //! job is deleted; the operator holds no external state, so there is no finalizer.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, LogParams, Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::api::{Api, DeleteParams, ListParams, LogParams, Patch, PatchParams, Preconditions};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use loraplane_crds::LoRATrainingJob;
-use tokio::sync::{Mutex, watch};
+use tokio::sync::watch;
 
 use crate::config::Settings;
 use crate::leader::Election;
 use crate::metrics::Metrics;
 use crate::placement::{self, PoolCapacity};
+use crate::podcache::{PodCache, PodSummary};
 use crate::progress::{self, TAIL_LINES};
 use crate::resources::{self, BuildError, LABEL_MANAGED_BY, MANAGED_BY};
 use crate::status::{self, Inputs, PodPhase, PodView};
@@ -43,8 +44,10 @@ use crate::status::{self, Inputs, PodPhase, PodView};
 /// `spec.managedBy` values that mean this operator.
 const OUR_MANAGERS: [&str; 2] = ["", "loraplane.io/operator"];
 
-/// How long a capacity snapshot is reused; ranking is a hint, the scheduler binds.
-const CAPACITY_TTL: Duration = Duration::from_millis(500);
+/// Reconciles running at once. Unbounded, 10,000 new jobs meant 10,000 reconciles in flight,
+/// each holding its job and responses, competing for the apiserver; a bound keeps memory flat
+/// and latency fair (first come, first placed).
+const CONCURRENCY: u16 = 32;
 
 /// Why a reconcile failed. Variants name the step that failed.
 #[derive(Debug, thiserror::Error)]
@@ -121,28 +124,58 @@ pub struct Context {
     pub metrics: Metrics,
     /// Node cache.
     pub nodes: Store<Node>,
-    /// Pod cache (all pods, for GPU capacity).
-    pub pods: Store<Pod>,
-    capacity: Mutex<Option<(Instant, BTreeMap<String, PoolCapacity>)>>,
+    /// What is known of every pod: GPUs in use per node, pods per job.
+    pub pods: PodCache,
+    /// The resourceVersion of the last status this replica wrote, per job uid.
+    written: std::sync::Mutex<HashMap<String, String>>,
 }
 
 impl Context {
-    async fn capacity(&self) -> BTreeMap<String, PoolCapacity> {
-        let mut guard = self.capacity.lock().await;
-        if let Some((at, cap)) = guard.as_ref()
-            && at.elapsed() < CAPACITY_TTL
-        {
-            return cap.clone();
+    /// Shared state for a reconciler with these caches.
+    pub fn new(
+        client: Client,
+        settings: Arc<Settings>,
+        recorder: Recorder,
+        metrics: Metrics,
+        nodes: Store<Node>,
+        pods: PodCache,
+    ) -> Context {
+        Context {
+            client,
+            settings,
+            recorder,
+            metrics,
+            nodes,
+            pods,
+            written: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    fn written(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.written.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether the cached job is exactly the one our last status write produced: then it is
+    /// current as far as this replica's own writes go, and the read can be skipped (any later
+    /// write by someone else changes the resourceVersion and brings a new event anyway).
+    fn cache_is_our_last_write(&self, job: &LoRATrainingJob, uid: &str) -> bool {
+        job.metadata
+            .resource_version
+            .as_ref()
+            .is_some_and(|rv| self.written().get(uid) == Some(rv))
+    }
+
+    /// Free GPUs per pool, from the Node cache and the GPUs in use the pod index maintains
+    /// (a few dozen nodes to walk, never every pod).
+    fn capacity(&self) -> BTreeMap<String, PoolCapacity> {
         let nodes = self.nodes.state();
-        let pods = self.pods.state();
-        let cap = placement::pool_capacity(
-            &self.settings.platform,
-            nodes.iter().map(|n| n.as_ref()),
-            pods.iter().map(|p| p.as_ref()),
-        );
-        *guard = Some((Instant::now(), cap.clone()));
-        cap
+        self.pods.read(|index| {
+            placement::pool_capacity_with_usage(
+                &self.settings.platform,
+                nodes.iter().map(|n| n.as_ref()),
+                |node| index.used_gpus(node),
+            )
+        })
     }
 
     async fn node_exists(&self, name: &str) -> Result<bool, ReconcileError> {
@@ -187,11 +220,16 @@ async fn reconcile_inner(
     // Decide from the stored object, not the cache: a status written a moment ago may not
     // have reached the cache, and acting on the older one would undo it (the status write's
     // resourceVersion precondition catches what races remain).
-    let fresh = Api::<LoRATrainingJob>::namespaced(ctx.client.clone(), &ids.namespace)
-        .get_opt(&ids.name)
-        .await
-        .map_err(ReconcileError::GetJob)?;
+    let fresh = if ctx.cache_is_our_last_write(cached, &ids.uid) {
+        Some(cached.clone())
+    } else {
+        Api::<LoRATrainingJob>::namespaced(ctx.client.clone(), &ids.namespace)
+            .get_opt(&ids.name)
+            .await
+            .map_err(ReconcileError::GetJob)?
+    };
     let Some(fresh) = fresh else {
+        ctx.written().remove(&ids.uid);
         return Ok(Action::await_change());
     };
     let job = &fresh;
@@ -208,6 +246,7 @@ async fn reconcile_inner(
         // A job can end from outside (the API cancels a refunded order by setting phase
         // Cancelled): whatever ended it, no training pod may keep running.
         delete_stray_pods(ctx, &pods, &ids, None, None).await?;
+        ctx.written().remove(&ids.uid);
         return Ok(Action::await_change());
     }
     let settings = &ctx.settings;
@@ -239,7 +278,7 @@ async fn reconcile_inner(
         }
     }
     let tried = status::tried_pools(status);
-    let capacity = ctx.capacity().await;
+    let capacity = ctx.capacity();
     let candidates = placement::rank(&job.spec, &settings.platform, &capacity, &tried)
         .map_err(|e| e.to_string());
 
@@ -336,7 +375,7 @@ async fn reconcile_inner(
             "metadata": {"resourceVersion": job.metadata.resource_version},
             "status": plan.status,
         });
-        Api::<LoRATrainingJob>::namespaced(ctx.client.clone(), &ids.namespace)
+        let stored = Api::<LoRATrainingJob>::namespaced(ctx.client.clone(), &ids.namespace)
             .patch_status(
                 &ids.name,
                 &PatchParams::apply(&settings.field_manager).force(),
@@ -344,6 +383,9 @@ async fn reconcile_inner(
             )
             .await
             .map_err(ReconcileError::PatchStatus)?;
+        if let Some(rv) = stored.metadata.resource_version {
+            ctx.written().insert(ids.uid.clone(), rv);
+        }
         ctx.metrics.record(&plan.signals);
         let reference = job.object_ref(&());
         for note in &plan.notes {
@@ -502,7 +544,7 @@ pub async fn run(
     metrics.leader.set(1);
 
     let nodes = reflect(Api::<Node>::all(client.clone()), watcher::Config::default());
-    let all_pods = reflect(Api::<Pod>::all(client.clone()), watcher::Config::default());
+    let all_pods = PodCache::spawn(client.clone());
     let jobs: Api<LoRATrainingJob> = match &settings.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
@@ -515,19 +557,20 @@ pub async fn run(
         controller: crate::config::FIELD_MANAGER.into(),
         instance: Some(settings.identity.clone()),
     };
-    let ctx = Arc::new(Context {
-        recorder: Recorder::new(client.clone(), reporter),
-        client: client.clone(),
-        settings: settings.clone(),
-        metrics: metrics.clone(),
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        settings.clone(),
+        Recorder::new(client.clone(), reporter),
+        metrics.clone(),
         nodes,
-        pods: all_pods,
-        capacity: Mutex::new(None),
-    });
-    let controller = Controller::new(jobs, watcher::Config::default()).owns(
-        owned,
-        watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}")),
-    );
+        all_pods,
+    ));
+    let controller = Controller::new(jobs, watcher::Config::default())
+        .owns(
+            owned,
+            watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}")),
+        )
+        .with_config(controller::Config::default().concurrency(CONCURRENCY));
     metrics.watch_jobs(controller.store());
 
     let lost = Arc::new(AtomicBool::new(false));
@@ -578,24 +621,39 @@ async fn delete_stray_pods(
     keep: Option<&str>,
     just_deleted: Option<&str>,
 ) -> Result<(), ReconcileError> {
-    for pod in ctx.pods.state() {
-        let labels = pod.metadata.labels.as_ref();
-        let mine = labels.and_then(|l| l.get(resources::LABEL_JOB_UID)) == Some(&ids.uid);
-        let name = pod.name_any();
-        let finished = matches!(
-            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-            Some("Succeeded" | "Failed")
-        );
-        if mine
-            && !finished
+    let mine = ctx.pods.read(|index| index.pods_of_job(&ids.uid));
+    for pod in mine {
+        let name = pod.name;
+        if pod.namespace == ids.namespace
+            && !pod.finished
             && keep != Some(name.as_str())
             && just_deleted != Some(name.as_str())
-            && pod.metadata.deletion_timestamp.is_none()
+            && !pod.deleting
         {
+            // The cache may not have seen the pod finish yet, and a finished pod goes at once
+            // when deleted (taking its exit code and summary with it): confirm from the API,
+            // and delete only that version of the pod.
+            let live = pods
+                .get_opt(&name)
+                .await
+                .map_err(|e| ReconcileError::GetPod(name.clone(), e))?;
+            let Some(live) = live else { continue };
+            let live_view = PodSummary::of(&live);
+            if live_view.finished || live_view.deleting {
+                continue;
+            }
             tracing::warn!(job = %ids.name, pod = %name, "deleting a stray training pod");
-            match pods.delete(&name, &DeleteParams::default()).await {
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    resource_version: live.metadata.resource_version.clone(),
+                    uid: live.metadata.uid.clone(),
+                }),
+                ..DeleteParams::default()
+            };
+            match pods.delete(&name, &params).await {
                 Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                // Gone, or changed since read: the next reconcile looks again.
+                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
                 Err(e) => return Err(ReconcileError::DeletePod(name, e)),
             }
         }

@@ -10,6 +10,7 @@ pub mod controller;
 pub mod leader;
 pub mod metrics;
 pub mod placement;
+pub mod podcache;
 pub mod progress;
 pub mod resources;
 pub mod server;

@@ -192,6 +192,16 @@ pub fn pool_capacity<'a>(
             *used.entry(node).or_default() += pod_gpus(pod);
         }
     }
+    pool_capacity_with_usage(config, nodes, |n| used.get(n).copied().unwrap_or(0))
+}
+
+/// As [`pool_capacity`], with the GPUs in use per node already known (the operator keeps
+/// them current from its pod watch instead of summing every pod per reconcile).
+pub fn pool_capacity_with_usage<'a>(
+    config: &PlatformConfig,
+    nodes: impl IntoIterator<Item = &'a Node>,
+    used: impl Fn(&str) -> i64,
+) -> BTreeMap<String, PoolCapacity> {
     let mut out: BTreeMap<String, PoolCapacity> = config
         .pools
         .iter()
@@ -217,7 +227,7 @@ pub fn pool_capacity<'a>(
             .and_then(|q| q.0.parse::<i64>().ok())
             .unwrap_or(0);
         let name = node.metadata.name.as_deref().unwrap_or_default();
-        let free = (allocatable - used.get(name).copied().unwrap_or(0)).max(0);
+        let free = (allocatable - used(name)).max(0);
         let entry = out.entry(pool.name.clone()).or_default();
         entry.total += allocatable;
         entry.free += free;

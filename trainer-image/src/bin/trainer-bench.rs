@@ -1,14 +1,21 @@
-//! `trainer-bench [--steps N] [--out FILE]`: measures CPU seconds per training step and peak
-//! RSS for the tiny SD1.5 and SDXL configurations (generated on the fly, as the tests do) and
-//! writes the figures as JSON. Each configuration runs in a child process so peak RSS is its
-//! own. Linux only (reads `/proc/self`).
+//! `trainer-bench [--steps N] [--out|--json FILE] [--full-sd15 [--full-steps N]] [--only-full]`:
+//! measures CPU seconds per training step and peak RSS for the tiny SD1.5 and SDXL
+//! configurations (generated on the fly, as the tests do) and, with `--full-sd15`, for a
+//! full-size SD1.5 UNet (random weights from the published `unet/config.json`) at 512 px,
+//! batch 1, and writes the figures as JSON. Each configuration runs in a child process so
+//! peak RSS is its own. Linux only (reads `/proc/self`).
+//!
+//! `trainer-bench --unet-configs DIR` writes the UNet configs it measures
+//! (`tiny-sd15.json`, `tiny-sdxl.json`, `full-sd15.json`) for the PyTorch reference in
+//! `trainer-image/bench/`.
 
 use std::io::{Cursor, Write};
 use std::path::Path;
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
+use loraplane_trainer::model::tiny::{self, ModelSize};
 use loraplane_trainer::model::{self, LoraSpec, ModelFamily};
 use loraplane_trainer::optim::{AdamW, AdamWParams};
 use loraplane_trainer::rng::Rng;
@@ -73,8 +80,8 @@ fn measure(
         &dir,
         family,
         LoraSpec {
-            rank: 16,
-            alpha: 16.0,
+            rank: RANK,
+            alpha: RANK as f64,
         },
         &Device::Cpu,
     )
@@ -116,13 +123,142 @@ fn measure(
         "config": format!("tiny-{}", family.as_str()),
         "resolution": resolution,
         "batch_size": batch,
-        "rank": 16,
+        "rank": RANK,
         "adapters": m.adapters().len(),
         "steps_measured": steps,
         "cpu_seconds_per_step": cpu,
         "wall_seconds_per_step": wall,
         "peak_rss_mib": peak_rss_mib(),
     }))
+}
+
+const RANK: usize = 16;
+
+/// Tokens of a CLIP text conditioning.
+const TEXT_TOKENS: usize = 77;
+
+/// One LoRA training step of a full-size SD1.5 UNet at 512 px (64x64 latents), batch 1, as
+/// the trainer runs it after caching: latents and text embeddings are given (random here),
+/// noise and timestep are drawn, min-SNR-5 weighted MSE, backward, AdamW.
+fn measure_full_sd15(steps: usize) -> Result<serde_json::Value, String> {
+    let lora = LoraSpec {
+        rank: RANK,
+        alpha: RANK as f64,
+    };
+    let build0 = Instant::now();
+    let unet = tiny::random_unet(ModelFamily::Sd15, ModelSize::Full, 7, &lora)
+        .map_err(|e| e.to_string())?;
+    let build_seconds = build0.elapsed().as_secs_f64();
+    let adapters = unet.adapters();
+    let params = adapters
+        .iter()
+        .flat_map(|(p, a)| {
+            [
+                (format!("{p}.down"), a.down.clone()),
+                (format!("{p}.up"), a.up.clone()),
+            ]
+        })
+        .collect();
+    let mut opt = AdamW::new(params, AdamWParams::default()).map_err(|e| e.to_string())?;
+    let sched = NoiseSchedule::new(&SchedulerConfig::default()).map_err(|e| e.to_string())?;
+    let dev = Device::Cpu;
+    let mut rng = Rng::new(1, 0);
+    let (side, cross) = (64usize, 768usize);
+    let latents = Tensor::from_vec(rng.normals(4 * side * side), (1, 4, side, side), &dev)
+        .map_err(|e| e.to_string())?;
+    let context = Tensor::from_vec(
+        rng.normals(TEXT_TOKENS * cross),
+        (1, TEXT_TOKENS, cross),
+        &dev,
+    )
+    .map_err(|e| e.to_string())?;
+    let mut step = || -> Result<(), candle_core::Error> {
+        let t = rng.below(sched.len() as u64) as usize;
+        let noise = Tensor::from_vec(rng.normals(4 * side * side), (1, 4, side, side), &dev)?;
+        let (sa, sb) = sched.coefficients(t);
+        let noisy = (latents.affine(sa, 0.0)? + noise.affine(sb, 0.0)?)?;
+        let timesteps = Tensor::new(&[t as f32], &dev)?;
+        let pred = unet.forward(&noisy, &timesteps, &context, None)?;
+        let loss = ((pred - &noise)?.sqr()?.mean_all()? * sched.min_snr_weight(t, 5.0))?;
+        let grads = loss.backward()?;
+        drop(loss);
+        opt.step(&grads, 1e-4)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok(())
+    };
+    // Warm-up (first-touch allocations); reported too, since a full-size step takes minutes.
+    let (cpu_w, wall_w) = (cpu_seconds(), Instant::now());
+    step().map_err(|e| e.to_string())?;
+    let warmup_cpu = cpu_seconds() - cpu_w;
+    let warmup_wall = wall_w.elapsed().as_secs_f64();
+    let (cpu0, wall0) = (cpu_seconds(), Instant::now());
+    for _ in 0..steps {
+        step().map_err(|e| e.to_string())?;
+    }
+    let n = steps.max(1) as f64;
+    let (cpu, wall) = if steps == 0 {
+        (warmup_cpu, warmup_wall)
+    } else {
+        (
+            (cpu_seconds() - cpu0) / n,
+            wall0.elapsed().as_secs_f64() / n,
+        )
+    };
+    Ok(serde_json::json!({
+        "config": "full-sd15",
+        "warmup_step_cpu_seconds": warmup_cpu,
+        "warmup_step_wall_seconds": warmup_wall,
+        "resolution": 512,
+        "batch_size": 1,
+        "rank": RANK,
+        "adapters": adapters.len(),
+        "dtype": "f32",
+        "steps_measured": steps,
+        "cpu_seconds_per_step": cpu,
+        "wall_seconds_per_step": wall,
+        "peak_rss_mib": peak_rss_mib(),
+        "random_init_seconds": build_seconds,
+    }))
+}
+
+/// Writes the UNet configs this benchmark builds, for the PyTorch reference.
+fn write_unet_configs(dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for (name, family, size) in [
+        ("tiny-sd15", ModelFamily::Sd15, ModelSize::Tiny),
+        ("tiny-sdxl", ModelFamily::Sdxl, ModelSize::Tiny),
+        ("full-sd15", ModelFamily::Sd15, ModelSize::Full),
+    ] {
+        let cfg = tiny::unet_config(family, size).map_err(|e| e.to_string())?;
+        let text = serde_json::to_string_pretty(&cfg).map_err(|e| e.to_string())?;
+        let path = dir.join(format!("{name}.json"));
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Runs one configuration in a child process and parses its JSON line.
+fn child(
+    me: &Path,
+    name: &str,
+    steps: usize,
+    full_steps: usize,
+) -> Result<serde_json::Value, String> {
+    let out = Command::new(me)
+        .args([
+            "--one",
+            name,
+            "--steps",
+            &steps.to_string(),
+            "--full-steps",
+            &full_steps.to_string(),
+        ])
+        .output()
+        .map_err(|e| format!("{name}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("{name}: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("{name}: bad output: {e}"))
 }
 
 fn main() -> ExitCode {
@@ -132,15 +268,28 @@ fn main() -> ExitCode {
             .position(|a| a == name)
             .and_then(|i| args.get(i + 1))
     };
+    let flag = |name: &str| args.iter().any(|a| a == name);
     let steps: usize = arg("--steps").and_then(|s| s.parse().ok()).unwrap_or(20);
-    // Child mode: one configuration, JSON on stdout.
-    if let Some(family) = arg("--one") {
-        let family = if family == "sdxl" {
-            ModelFamily::Sdxl
-        } else {
-            ModelFamily::Sd15
+    let full_steps: usize = arg("--full-steps")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    if let Some(dir) = arg("--unet-configs") {
+        return match write_unet_configs(Path::new(dir)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("trainer-bench: {e}");
+                ExitCode::FAILURE
+            }
         };
-        return match measure(family, steps, 64, 1) {
+    }
+    // Child mode: one configuration, JSON on stdout.
+    if let Some(name) = arg("--one") {
+        let result = match name.as_str() {
+            "full-sd15" => measure_full_sd15(full_steps),
+            "tiny-sdxl" | "sdxl" => measure(ModelFamily::Sdxl, steps, 64, 1),
+            _ => measure(ModelFamily::Sd15, steps, 64, 1),
+        };
+        return match result {
             Ok(v) => {
                 println!("{v}");
                 ExitCode::SUCCESS
@@ -151,42 +300,37 @@ fn main() -> ExitCode {
             }
         };
     }
-    let out_path = arg("--out")
+    // `--json` is what `make bench` passes; `--out` is the older spelling.
+    let out_path = arg("--json")
+        .or_else(|| arg("--out"))
         .cloned()
         .unwrap_or_else(|| "trainer-bench.json".into());
     let Ok(me) = std::env::current_exe() else {
         eprintln!("trainer-bench: cannot find own executable");
         return ExitCode::FAILURE;
     };
+    let mut names = Vec::new();
+    if !flag("--only-full") {
+        names.extend(["tiny-sd15", "tiny-sdxl"]);
+    }
+    if flag("--full-sd15") || flag("--only-full") {
+        names.push("full-sd15");
+    }
     let mut results = Vec::new();
-    for family in ["sd15", "sdxl"] {
-        let out = Command::new(&me)
-            .args(["--one", family, "--steps", &steps.to_string()])
-            .output();
-        match out {
-            Ok(o) if o.status.success() => {
-                match serde_json::from_slice::<serde_json::Value>(&o.stdout) {
-                    Ok(v) => results.push(v),
-                    Err(e) => {
-                        eprintln!("trainer-bench: {family}: bad output: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                }
-            }
-            Ok(o) => {
-                eprintln!(
-                    "trainer-bench: {family}: {}",
-                    String::from_utf8_lossy(&o.stderr)
-                );
-                return ExitCode::FAILURE;
-            }
+    for name in names {
+        match child(&me, name, steps, full_steps) {
+            Ok(v) => results.push(v),
             Err(e) => {
-                eprintln!("trainer-bench: {family}: {e}");
+                eprintln!("trainer-bench: {e}");
                 return ExitCode::FAILURE;
             }
         }
     }
-    let report = serde_json::json!({ "threads": std::thread::available_parallelism().map_or(0, |n| n.get()), "results": results });
+    let report = serde_json::json!({
+        "implementation": "loraplane-trainer (candle, cpu, f32)",
+        "threads": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "results": results,
+    });
     let text = serde_json::to_string_pretty(&report).unwrap_or_default();
     let written =
         std::fs::File::create(Path::new(&out_path)).and_then(|mut f| f.write_all(text.as_bytes()));

@@ -2,15 +2,18 @@
 //! `rms_norm` kernels have no backward pass, so gradients silently stop at them; everything
 //! here is composed from elementary ops that candle can differentiate.
 //!
-//! The one hand-written backward is `FrozenGrad` for frozen linear/conv layers: it returns
-//! the input gradient only, because candle's stock matmul/conv backward also computes a weight
-//! gradient (as much work as the forward pass, and model-sized memory) that frozen base
-//! weights never use. The finite-difference tests check it.
+//! Two backward passes are written by hand. `ChunkedAttention` computes attention a block of
+//! query rows at a time and recomputes the probabilities in the backward pass, so no
+//! sequence-squared score matrix outlives its chunk (SD1.5 at 512 px has 4096 tokens).
+//! `FrozenGrad`, for frozen linear/conv layers, returns the input gradient only, because
+//! candle's stock matmul/conv backward also computes a weight gradient (as much work as the
+//! forward pass, and model-sized memory) that frozen base weights never use. The
+//! finite-difference tests check both.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp2, D, DType, Layout, MetalStorage, Module, Result, Shape,
-    Tensor,
+    CpuStorage, CudaStorage, CustomOp2, CustomOp3, D, DType, Layout, MetalStorage, Module, Result,
+    Shape, Storage, Tensor,
 };
 
 use super::ModelError;
@@ -343,13 +346,33 @@ impl CustomOp2 for FrozenGrad {
                 stride,
             } => {
                 let k = weight.dim(2)?;
-                let out = (grad.dim(2)? - 1) * stride + k - 2 * padding;
-                let out_padding = arg.dim(2)? - out;
-                grad.conv_transpose2d(weight, *padding, out_padding, *stride, 1)?
+                if *stride == 1 && *padding < k {
+                    conv_input_grad(grad, weight, *padding)?
+                } else {
+                    let out = (grad.dim(2)? - 1) * stride + k - 2 * padding;
+                    let out_padding = arg.dim(2)? - out;
+                    grad.conv_transpose2d(weight, *padding, out_padding, *stride, 1)?
+                }
             }
         };
         Ok((Some(g), None))
     }
+}
+
+/// The input gradient of a stride-1 convolution as another convolution: dy convolved with
+/// the kernel transposed over (out, in) and flipped in both spatial axes, padded by
+/// k - 1 - padding. Same result as `conv_transpose2d`, but candle's CPU transposed
+/// convolution is a direct loop while `conv2d` runs as im2col + GEMM, several times faster
+/// on the 3x3 convolutions that dominate a UNet.
+fn conv_input_grad(grad: &Tensor, weight: &Tensor, padding: usize) -> Result<Tensor> {
+    let k = weight.dim(2)?;
+    let mut w = weight.transpose(0, 1)?.contiguous()?;
+    if k > 1 {
+        let rev: Vec<u32> = (0..k as u32).rev().collect();
+        let rev = Tensor::new(rev.as_slice(), weight.device())?;
+        w = w.index_select(&rev, 2)?.index_select(&rev, 3)?;
+    }
+    grad.conv2d(&w, k - 1 - padding, 1, 1, 1)
 }
 
 /// Nearest-neighbour 2x upsampling from broadcast + reshape, which candle differentiates.
@@ -360,27 +383,237 @@ pub fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
         .reshape((b, c, h * 2, w * 2))
 }
 
-/// Multi-head scaled dot-product attention on (B, N, C) inputs.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
-    let (b, n, c) = q.dims3()?;
-    let m = k.dim(1)?;
-    let d = c / heads;
-    let split = |t: &Tensor, len: usize| -> Result<Tensor> {
-        t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous()
-    };
-    // Scaling q (N x d) instead of the scores (N x M) keeps one fewer N x M tensor alive
-    // for the backward pass: at 64x64 latents each one is 0.5 GB per attention.
-    let scale = 1.0 / (d as f64).sqrt();
-    let q = split(&(q * scale)?, n)?;
-    let k = split(k, m)?;
-    let v = split(v, m)?;
-    let scores = q.matmul(&k.t()?)?;
-    let probs = softmax_last_dim(&scores)?;
-    probs
-        .matmul(&v)?
+/// Splits (B, L, C) into (B*heads, L, C/heads), contiguous.
+fn split_heads(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, len, c) = t.dims3()?;
+    t.reshape((b, len, heads, c / heads))?
         .transpose(1, 2)?
         .contiguous()?
-        .reshape((b, n, c))
+        .reshape((b * heads, len, c / heads))
+}
+
+/// Inverse of `split_heads`.
+fn merge_heads(t: &Tensor, b: usize, heads: usize) -> Result<Tensor> {
+    let (_, len, d) = t.dims3()?;
+    t.reshape((b, heads, len, d))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, len, heads * d))
+}
+
+/// Score elements (rows x keys x heads) one attention chunk may materialise: 16 Mi elements
+/// (64 MiB in f32). At SD1.5's 64x64 latents (4096 tokens, 8 heads) that is 512 query rows
+/// per chunk instead of the whole 4096 x 4096 x 8 (512 MiB) matrix, several of which the
+/// plain formulation keeps alive per layer for the backward pass.
+const CHUNK_SCORE_ELEMENTS: usize = 1 << 24;
+
+/// Multi-head scaled dot-product attention on (B, N, C) inputs, memory-efficient: the
+/// attention is computed in chunks of query rows and only the output is kept for the
+/// backward pass, which recomputes each chunk's probabilities (see `ChunkedAttention`).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    attention_in_chunks(q, k, v, heads, None)
+}
+
+/// `attention` with an explicit number of query rows per chunk (`None`: by the score budget).
+pub(crate) fn attention_in_chunks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    rows: Option<usize>,
+) -> Result<Tensor> {
+    let (b, _, c) = q.dims3()?;
+    let scale = 1.0 / ((c / heads) as f64).sqrt();
+    let q = split_heads(&(q * scale)?, heads)?;
+    let k = split_heads(k, heads)?;
+    let v = split_heads(v, heads)?;
+    let budget = CHUNK_SCORE_ELEMENTS / (q.dim(0)? * k.dim(1)?).max(1);
+    let chunk = rows.unwrap_or(budget).max(1);
+    merge_heads(&chunked_attention(&q, &k, &v, chunk)?, b, heads)
+}
+
+/// Attention on (BH, N, d) tensors with `q` already scaled, `chunk` query rows at a time.
+pub(crate) fn chunked_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    chunk: usize,
+) -> Result<Tensor> {
+    let out = chunked_forward(&q.detach(), &k.detach(), &v.detach(), chunk)?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(out);
+    }
+    q.apply_op3(
+        k,
+        v,
+        ChunkedAttention {
+            out: std::sync::Mutex::new(Some(out)),
+            chunk,
+        },
+    )
+}
+
+/// Query-row ranges of at most `chunk` rows covering `0..n`.
+fn chunks(n: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
+    let chunk = chunk.max(1);
+    (0..n)
+        .step_by(chunk)
+        .map(move |start| (start, chunk.min(n - start)))
+}
+
+/// softmax(q k^T) v on detached inputs. Each chunk holds complete score rows, so the fused
+/// softmax kernel applies (no gradient is needed here).
+fn chunked_forward(q: &Tensor, k: &Tensor, v: &Tensor, chunk: usize) -> Result<Tensor> {
+    let kt = k.t()?;
+    let outs = chunks(q.dim(1)?, chunk)
+        .map(|(start, len)| {
+            let scores = q.narrow(1, start, len)?.matmul(&kt)?;
+            candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if outs.len() == 1 {
+        return outs
+            .into_iter()
+            .next()
+            .ok_or_else(|| candle_core::Error::Msg("attention over zero query rows".into()));
+    }
+    Tensor::cat(&outs, 1)
+}
+
+/// The graph node of `chunked_attention`. The forward pass hands over the output computed
+/// beforehand (so one implementation serves every device); the backward pass recomputes
+/// each chunk's probabilities P from q and k and applies the softmax backward with the
+/// per-row term D = rowsum(dO * O), as flash attention does:
+/// dV = P^T dO, dS = P * (dO V^T - D), dQ = dS K, dK = dS^T Q.
+struct ChunkedAttention {
+    out: std::sync::Mutex<Option<Tensor>>,
+    chunk: usize,
+}
+
+impl ChunkedAttention {
+    fn take(&self) -> Result<Tensor> {
+        self.out
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("attention output lock poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("attention output already taken".into()))
+    }
+}
+
+/// The precomputed output must be a fresh contiguous tensor: the storage is handed over whole.
+fn whole(layout: &Layout) -> Result<Shape> {
+    if !layout.is_contiguous() || layout.start_offset() != 0 {
+        candle_core::bail!("chunked attention expects a contiguous output");
+    }
+    Ok(layout.shape().clone())
+}
+
+impl CustomOp3 for ChunkedAttention {
+    fn name(&self) -> &'static str {
+        "chunked-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = self.take()?;
+        let (storage, layout) = out.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(c) => Ok((c.try_clone(layout)?, whole(layout)?)),
+            _ => candle_core::bail!("chunked attention output is on another device"),
+        }
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let out = self.take()?;
+        let (storage, layout) = out.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(c) => Ok((c.try_clone(layout)?, whole(layout)?)),
+            _ => candle_core::bail!("chunked attention output is on another device"),
+        }
+    }
+
+    fn metal_fwd(
+        &self,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        let out = self.take()?;
+        let (storage, layout) = out.storage_and_layout();
+        match &*storage {
+            Storage::Metal(c) => Ok((c.try_clone(layout)?, whole(layout)?)),
+            _ => candle_core::bail!("chunked attention output is on another device"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (q, k, v, out, grad) = (
+            q.detach(),
+            k.detach(),
+            v.detach(),
+            out.detach(),
+            grad.detach(),
+        );
+        let kt = k.t()?;
+        let vt = v.t()?;
+        let row_term = (&grad * &out)?.sum_keepdim(D::Minus1)?;
+        let mut dq = Vec::new();
+        let mut dk = k.zeros_like()?;
+        let mut dv = v.zeros_like()?;
+        for (start, len) in chunks(q.dim(1)?, self.chunk) {
+            let qc = q.narrow(1, start, len)?;
+            let go = grad.narrow(1, start, len)?;
+            let p = candle_nn::ops::softmax_last_dim(&qc.matmul(&kt)?)?;
+            dv = (dv + p.t()?.matmul(&go)?)?;
+            let dp = go.matmul(&vt)?;
+            let ds = (p * dp.broadcast_sub(&row_term.narrow(1, start, len)?)?)?;
+            dq.push(ds.matmul(&k)?);
+            dk = (dk + ds.t()?.matmul(&qc)?)?;
+        }
+        let dq = if dq.len() == 1 {
+            dq.pop()
+        } else {
+            Some(Tensor::cat(&dq, 1)?)
+        };
+        Ok((dq, Some(dk), Some(dv)))
+    }
+}
+
+/// Plain multi-head attention composed of differentiable ops (the whole score matrix is
+/// materialised and kept for the backward pass). The reference `attention` is tested against.
+pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, _, c) = q.dims3()?;
+    let scale = 1.0 / ((c / heads) as f64).sqrt();
+    let q = split_heads(&(q * scale)?, heads)?;
+    let k = split_heads(k, heads)?;
+    let v = split_heads(v, heads)?;
+    let probs = softmax_last_dim(&q.matmul(&k.t()?)?)?;
+    merge_heads(&probs.matmul(&v)?, b, heads)
 }
 
 #[cfg(test)]
@@ -410,6 +643,107 @@ mod tests {
         let g = grads.get(x.as_tensor()).unwrap();
         // d softmax_0 / d x_0 = p0 (1 - p0) > 0.
         assert!(g.to_vec2::<f64>().unwrap()[0][0] > 0.0);
+    }
+
+    fn wave(shape: &[usize], phase: f64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|i| (i as f64 * 0.377 + phase).sin()).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        let f64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        (f64(a) - f64(b))
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// Output and gradients of q, k, v of chunked attention (several chunks, a ragged last
+    /// one) against the plain differentiable formulation, for self- and cross-attention.
+    #[test]
+    fn chunked_attention_matches_plain_attention_and_its_gradients() {
+        for (n, m) in [(37usize, 37usize), (29, 11)] {
+            let (b, c, heads) = (2, 12, 3);
+            let q = Var::from_tensor(&wave(&[b, n, c], 0.1)).unwrap();
+            let k = Var::from_tensor(&(wave(&[b, m, c], 1.3) * 2.0).unwrap()).unwrap();
+            let v = Var::from_tensor(&wave(&[b, m, c], 2.9)).unwrap();
+            // A weighting makes every output element matter differently.
+            let w = wave(&[b, n, c], 4.2);
+            let run = |chunked: bool| {
+                let out = if chunked {
+                    attention_in_chunks(q.as_tensor(), k.as_tensor(), v.as_tensor(), heads, Some(8))
+                        .unwrap()
+                } else {
+                    attention_reference(q.as_tensor(), k.as_tensor(), v.as_tensor(), heads).unwrap()
+                };
+                let grads = (&out * &w).unwrap().sum_all().unwrap().backward().unwrap();
+                let g = |x: &Var| grads.get(x.as_tensor()).unwrap().clone();
+                (out, g(&q), g(&k), g(&v))
+            };
+            let (o1, gq1, gk1, gv1) = run(true);
+            let (o2, gq2, gk2, gv2) = run(false);
+            assert!(max_diff(&o1, &o2) < 1e-12, "output ({n}x{m})");
+            for (name, a, b) in [("q", gq1, gq2), ("k", gk1, gk2), ("v", gv1, gv2)] {
+                let norm = b
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                assert!(norm > 1e-3, "grad {name} is degenerate");
+                assert!(max_diff(&a, &b) < 1e-10, "grad {name} ({n}x{m})");
+            }
+            // The public entry point picks its own chunking and agrees too.
+            let public = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), heads).unwrap();
+            assert!(max_diff(&public, &o2) < 1e-12);
+        }
+    }
+
+    #[test]
+    fn chunked_attention_in_f32_agrees_with_f64() {
+        let (q, k, v) = (
+            wave(&[1, 70, 16], 0.5),
+            wave(&[1, 70, 16], 1.5),
+            wave(&[1, 70, 16], 2.5),
+        );
+        let f64_out = attention(&q, &k, &v, 2).unwrap();
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let f32_out = attention(&f32(&q), &f32(&k), &f32(&v), 2).unwrap();
+        assert!(max_diff(&f32_out, &f64_out) < 1e-5);
+    }
+
+    #[test]
+    fn query_chunks_cover_every_row_once() {
+        let covered: Vec<(usize, usize)> = chunks(10, 4).collect();
+        assert_eq!(covered, vec![(0, 4), (4, 4), (8, 2)]);
+        assert_eq!(chunks(3, 0).count(), 3);
+        assert_eq!(chunks(0, 4).count(), 0);
+    }
+
+    /// The conv2d form of the stride-1 input gradient equals candle's transposed convolution
+    /// (3x3 with padding 1 and 0, 1x1, non-square input, several channels).
+    #[test]
+    fn stride_one_conv_input_gradient_matches_transposed_convolution() {
+        for (k, padding) in [(3usize, 1usize), (3, 0), (1, 0)] {
+            let w = wave(&[5, 3, k, k], 0.7);
+            let x = wave(&[2, 3, 7, 6], 1.1);
+            let y = x.conv2d(&w, padding, 1, 1, 1).unwrap();
+            let g = wave(y.dims(), 2.3);
+            let ours = conv_input_grad(&g, &w, padding).unwrap();
+            let theirs = g.conv_transpose2d(&w, padding, 0, 1, 1).unwrap();
+            assert_eq!(ours.dims(), x.dims());
+            assert!(max_diff(&ours, &theirs) < 1e-12, "k={k} padding={padding}");
+        }
     }
 
     #[test]

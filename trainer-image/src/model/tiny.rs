@@ -15,7 +15,7 @@ use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
 use serde_json::{Value, json};
 
-use super::lora::{SplitMix64, fnv1a};
+use super::lora::{LoraSpec, SplitMix64, fnv1a};
 use super::tokenizer::{BpeVocab, EOS, write, write_err};
 use super::weights::Weights;
 use super::{ModelError, ModelFamily, clip, read_config, unet, vae};
@@ -326,9 +326,63 @@ pub fn write_random_model(
         )?;
     }
 
-    let unet_cfg = if full {
+    let unet_cfg = unet_config(family, size).map_err(|e| write_err(dir, e))?;
+    write_component(
+        dir,
+        "unet",
+        "diffusion_pytorch_model.safetensors",
+        &unet_cfg,
+        seed,
+        |vb, path| {
+            let cfg: unet::UNetConfig = read_config(path)?;
+            unet::UNet2DConditionModel::load(vb, &cfg, None).map(|_| ())
+        },
+    )?;
+
+    let mut vae_cfg = json!({
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": "0.31.0",
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+        "block_out_channels": [32, 32, 64, 64],
+        "layers_per_block": 1,
+        "act_fn": "silu",
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+        "sample_size": 64,
+        "scaling_factor": if xl { 0.13025 } else { 0.18215 },
+        "force_upcast": true,
+    });
+    if full {
+        let mut v: Value = serde_json::from_str(FULL_VAE).map_err(|e| write_err(dir, e))?;
+        if let (Some(obj), true) = (v.as_object_mut(), xl) {
+            obj.insert("scaling_factor".into(), json!(0.13025));
+        }
+        vae_cfg = v;
+    }
+    write_component(
+        dir,
+        "vae",
+        "diffusion_pytorch_model.safetensors",
+        &vae_cfg,
+        seed,
+        |vb, path| {
+            let cfg: vae::VaeConfig = read_config(path)?;
+            vae::VaeEncoder::load(vb, &cfg).map(|_| ())
+        },
+    )?;
+    Ok(())
+}
+
+/// The `unet/config.json` of a random model of `family` and `size` (the tiny ones are
+/// written here; the full ones are the published configs above).
+pub fn unet_config(family: ModelFamily, size: ModelSize) -> Result<Value, serde_json::Error> {
+    let xl = family == ModelFamily::Sdxl;
+    let cfg = if size == ModelSize::Full {
         let text = if xl { FULL_SDXL_UNET } else { FULL_SD15_UNET };
-        serde_json::from_str(text).map_err(|e| write_err(dir, e))?
+        serde_json::from_str(text)?
     } else if xl {
         json!({
             "_class_name": "UNet2DConditionModel",
@@ -397,53 +451,26 @@ pub fn write_random_model(
             "resnet_time_scale_shift": "default",
         })
     };
-    write_component(
-        dir,
-        "unet",
-        "diffusion_pytorch_model.safetensors",
-        &unet_cfg,
-        seed,
-        |vb, path| {
-            let cfg: unet::UNetConfig = read_config(path)?;
-            unet::UNet2DConditionModel::load(vb, &cfg, None).map(|_| ())
-        },
-    )?;
+    Ok(cfg)
+}
 
-    let mut vae_cfg = json!({
-        "_class_name": "AutoencoderKL",
-        "_diffusers_version": "0.31.0",
-        "in_channels": 3,
-        "out_channels": 3,
-        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
-        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
-        "block_out_channels": [32, 32, 64, 64],
-        "layers_per_block": 1,
-        "act_fn": "silu",
-        "latent_channels": 4,
-        "norm_num_groups": 32,
-        "sample_size": 64,
-        "scaling_factor": if xl { 0.13025 } else { 0.18215 },
-        "force_upcast": true,
+/// A UNet of `family` and `size` with seeded random weights and LoRA adapters, built in
+/// memory (no files): benchmarks of full-size models need no 3.4 GB checkpoint on disk.
+pub fn random_unet(
+    family: ModelFamily,
+    size: ModelSize,
+    seed: u64,
+    lora: &LoraSpec,
+) -> Result<unet::UNet2DConditionModel, ModelError> {
+    let path = Path::new("unet/config.json");
+    let value = unet_config(family, size).map_err(|e| write_err(path, e))?;
+    let cfg: unet::UNetConfig = serde_json::from_value(value).map_err(|e| write_err(path, e))?;
+    let backend = std::sync::Arc::new(RandomBackend {
+        seed: seed ^ fnv1a("unet"),
+        tensors: Mutex::new(HashMap::new()),
     });
-    if full {
-        let mut v: Value = serde_json::from_str(FULL_VAE).map_err(|e| write_err(dir, e))?;
-        if let (Some(obj), true) = (v.as_object_mut(), xl) {
-            obj.insert("scaling_factor".into(), json!(0.13025));
-        }
-        vae_cfg = v;
-    }
-    write_component(
-        dir,
-        "vae",
-        "diffusion_pytorch_model.safetensors",
-        &vae_cfg,
-        seed,
-        |vb, path| {
-            let cfg: vae::VaeConfig = read_config(path)?;
-            vae::VaeEncoder::load(vb, &cfg).map(|_| ())
-        },
-    )?;
-    Ok(())
+    let vb = VarBuilder::from_backend(Box::new(SharedBackend(backend)), DType::F32, Device::Cpu);
+    unet::UNet2DConditionModel::load(&Weights::new(vb, "unet"), &cfg, Some(lora))
 }
 
 /// Writes `config.json`, builds the component against the random backend and saves every

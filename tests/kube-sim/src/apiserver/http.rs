@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::Faults;
+use super::audit::{Audit, Call};
 use super::meta::ApiError;
 use super::ops::{ApiState, DeleteOpts, ListOpts, Part};
 use super::patch::PatchKind;
@@ -27,14 +28,21 @@ pub(crate) struct Ctx {
     pub(crate) state: Arc<ApiState>,
     pub(crate) faults: Arc<Faults>,
     logs: PodLogs,
+    audit: Arc<Audit>,
 }
 
 /// The router serving everything through one handler.
-pub(crate) fn router(state: Arc<ApiState>, faults: Arc<Faults>, logs: PodLogs) -> Router {
+pub(crate) fn router(
+    state: Arc<ApiState>,
+    faults: Arc<Faults>,
+    logs: PodLogs,
+    audit: Arc<Audit>,
+) -> Router {
     Router::new().fallback(handle).with_state(Ctx {
         state,
         faults,
         logs,
+        audit,
     })
 }
 
@@ -137,7 +145,11 @@ async fn handle(State(ctx): State<Ctx>, req: Request) -> Response {
         method,
         Method::POST | Method::PUT | Method::PATCH | Method::DELETE
     );
-    let (latency, injected) = ctx.faults.decide(write);
+    let user_agent = req
+        .headers()
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok());
+    let (latency, injected) = ctx.faults.decide(write, user_agent);
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
@@ -302,6 +314,37 @@ async fn route(ctx: &Ctx, req: Request) -> Result<Response, ApiError> {
     if !target.rt.namespaced && target.namespace.is_some() {
         return Err(ApiError::no_route(&path));
     }
+    // kube-apiserver authorizes a server-side apply that creates the object as `create` too.
+    let apply_creates = ctx.audit.is_enabled()
+        && parts.method == Method::PATCH
+        && parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("application/apply-patch"))
+        && target.name.as_deref().is_some_and(|name| {
+            ctx.state
+                .get(
+                    &target.rt,
+                    target.namespace.as_deref().unwrap_or_default(),
+                    name,
+                )
+                .is_err()
+        });
+    ctx.audit.record(Call {
+        apply_creates,
+        method: &parts.method,
+        user_agent: parts
+            .headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok()),
+        watch: is_true(&query, "watch"),
+        group,
+        resource: &target.rt.plural,
+        subresource: target.sub.as_deref(),
+        namespace: target.namespace.as_deref(),
+        name: target.name.as_deref(),
+    });
     let accept = parts
         .headers
         .get(header::ACCEPT)

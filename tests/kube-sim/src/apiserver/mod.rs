@@ -2,6 +2,7 @@
 //! (discovery, CRUD, patch, watch, subresources) from in-memory storage, a garbage collector,
 //! and fault injection.
 
+pub mod audit;
 pub mod http;
 pub mod meta;
 pub mod openapi;
@@ -44,6 +45,8 @@ struct FaultConfig {
     latency: Duration,
     bookmark_interval: Duration,
     injected: u64,
+    /// When set, only requests with this User-Agent get injected errors.
+    target_agent: Option<String>,
 }
 
 impl Default for FaultConfig {
@@ -54,6 +57,7 @@ impl Default for FaultConfig {
             latency: Duration::ZERO,
             bookmark_interval: Duration::from_secs(1),
             injected: 0,
+            target_agent: None,
         }
     }
 }
@@ -84,6 +88,13 @@ impl Faults {
         self.config().error_rate = rate.clamp(0.0, 1.0);
     }
 
+    /// Aims injected errors at one client: only requests whose User-Agent is `agent` fail
+    /// (`None`: every writer). Lets a test fault the component under test while the simulated
+    /// kubelets, which do not retry a lost status write, keep working.
+    pub fn set_error_target(&self, agent: Option<&str>) {
+        self.config().target_agent = agent.map(str::to_string);
+    }
+
     /// Which codes injected errors use (any of 500, 503, 429, 409).
     pub fn set_error_codes(&self, codes: &[u16]) {
         self.config().error_codes = codes.to_vec();
@@ -106,10 +117,11 @@ impl Faults {
         self.state.restart();
     }
 
-    /// Removes the error rate and the latency.
+    /// Removes the error rate, its target and the latency.
     pub fn clear(&self) {
         let mut c = self.config();
         c.error_rate = 0.0;
+        c.target_agent = None;
         c.latency = Duration::ZERO;
     }
 
@@ -119,10 +131,16 @@ impl Faults {
     }
 
     /// The delay to add to a request, and the error code to fail a write with, if any.
-    fn decide(&self, write: bool) -> (Duration, Option<u16>) {
+    fn decide(&self, write: bool, user_agent: Option<&str>) -> (Duration, Option<u16>) {
         let mut c = self.config();
         let latency = c.latency;
         if !write || c.error_rate <= 0.0 || c.error_codes.is_empty() {
+            return (latency, None);
+        }
+        if c.target_agent
+            .as_deref()
+            .is_some_and(|t| Some(t) != user_agent)
+        {
             return (latency, None);
         }
         let r = meta::random_u64();
@@ -146,6 +164,7 @@ pub struct ApiServer {
     addr: SocketAddr,
     state: Arc<ApiState>,
     faults: Arc<Faults>,
+    audit: Arc<audit::Audit>,
     server: JoinHandle<()>,
     gc: JoinHandle<()>,
     stop: tokio::sync::oneshot::Sender<()>,
@@ -170,7 +189,8 @@ impl ApiServer {
             .await
             .map_err(ApiServerError::Bind)?;
         let addr = listener.local_addr().map_err(ApiServerError::Bind)?;
-        let app = http::router(state.clone(), faults.clone(), logs);
+        let audit = Arc::new(audit::Audit::default());
+        let app = http::router(state.clone(), faults.clone(), logs, audit.clone());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -193,6 +213,7 @@ impl ApiServer {
             addr,
             state,
             faults,
+            audit,
             server,
             gc,
             stop,
@@ -212,6 +233,11 @@ impl ApiServer {
     /// Fault injection.
     pub fn faults(&self) -> &Faults {
         &self.faults
+    }
+
+    /// The request audit log (off until enabled).
+    pub fn audit(&self) -> &audit::Audit {
+        &self.audit
     }
 
     /// Direct access to the storage and verbs (bypassing HTTP), for tests and the benchmark.

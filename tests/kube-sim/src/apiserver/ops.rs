@@ -4,6 +4,7 @@
 //!
 //! Everything here runs under the store lock, synchronously, so every verb is atomic.
 
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use serde_json::{Map, Value, json};
@@ -13,7 +14,7 @@ use super::meta::{self, ApiError};
 use super::patch::{self, PatchKind};
 use super::resources::{self, ResourceType};
 use super::selectors::{FieldSelector, LabelSelector};
-use super::store::{Store, name_of, namespace_of, resource_key, rv_of};
+use super::store::{ObjectKey, Store, name_of, namespace_of, resource_key, rv_of};
 use crate::schema::FieldError;
 
 /// Finalizer that holds a PVC while a pod uses it.
@@ -295,8 +296,9 @@ impl ApiState {
     /// CREATE.
     pub fn create(&self, rt: &ResourceType, ns: &str, body: Value) -> Result<Arc<Value>, ApiError> {
         let mut store = self.lock();
-        let created = create_locked(&mut store, rt, ns, body)?;
-        Ok(created)
+        let created = create_locked(&mut store, rt, ns, body);
+        self.wake_gc(store);
+        created
     }
 
     /// UPDATE (PUT) of the main resource or `/status`.
@@ -319,10 +321,9 @@ impl ApiState {
                 name_of(&body)
             )));
         }
-        let out = update_locked(&mut store, rt, &old, body, part)?;
-        drop(store);
-        self.notify_gc_after_write(rt, &out);
-        Ok(out)
+        let out = update_locked(&mut store, rt, &old, body, part);
+        self.wake_gc(store);
+        out
     }
 
     /// PATCH of the main resource or `/status`. Server-side apply creates missing objects.
@@ -341,7 +342,9 @@ impl ApiState {
             if kind == PatchKind::Apply && part == Part::Main {
                 let mut obj = body.clone();
                 meta_mut(&mut obj).insert("name".into(), json!(name));
-                return create_locked(&mut store, rt, ns, obj);
+                let created = create_locked(&mut store, rt, ns, obj);
+                self.wake_gc(store);
+                return created;
             }
             return Err(ApiError::not_found(&rt.group, &rt.plural, name));
         };
@@ -369,10 +372,9 @@ impl ApiState {
             PatchKind::Json => patch::json_patch(&mut target, body)
                 .map_err(|e| ApiError::new(422, "Invalid", e.to_string()))?,
         }
-        let out = update_locked(&mut store, rt, &old, target, part)?;
-        drop(store);
-        self.notify_gc_after_write(rt, &out);
-        Ok(out)
+        let out = update_locked(&mut store, rt, &old, target, part);
+        self.wake_gc(store);
+        out
     }
 
     /// DELETE. Returns the object as last stored (with `deletionTimestamp` when finalizers hold
@@ -385,19 +387,17 @@ impl ApiState {
         opts: &DeleteOpts,
     ) -> Result<(Arc<Value>, bool), ApiError> {
         let mut store = self.lock();
-        let out = delete_locked(&mut store, rt, ns, name, opts)?;
-        drop(store);
-        self.gc.notify_one();
-        Ok(out)
+        let out = delete_locked(&mut store, rt, ns, name, opts);
+        self.wake_gc(store);
+        out
     }
 
-    /// Wakes the GC only after writes it may have work for, so that bulk writes do not pay
-    /// for a scan each.
-    fn notify_gc_after_write(&self, rt: &ResourceType, out: &Value) {
-        if is_deleting(out)
-            || (rt.group.is_empty() && rt.plural == "pods")
-            || out.pointer("/metadata/ownerReferences").is_some()
-        {
+    /// Releases the store and wakes the GC when the write left it work (the store queues
+    /// only changes that can alter a collection decision, so status churn costs nothing).
+    fn wake_gc(&self, store: MutexGuard<'_, Store>) {
+        let pending = store.gc_pending();
+        drop(store);
+        if pending {
             self.gc.notify_one();
         }
     }
@@ -436,14 +436,19 @@ impl ApiState {
         Ok(())
     }
 
-    /// One garbage-collection pass until nothing changes: ownerReference cascades, foreground
-    /// and orphan finalizers, pvc-protection and namespace termination.
+    /// Garbage-collection passes over the changes since the last call until nothing changes:
+    /// ownerReference cascades, foreground and orphan finalizers, pvc-protection and namespace
+    /// termination.
     pub fn collect_garbage(&self) {
         let mut store = self.lock();
         for _ in 0..16 {
             if !gc_pass(&mut store) {
                 break;
             }
+        }
+        if store.gc_pending() {
+            // A long cascade continues on the next wake-up, so writes get the lock between.
+            self.gc.notify_one();
         }
     }
 }
@@ -908,37 +913,48 @@ fn type_for_key<'a>(store: &'a Store, key: &str) -> Option<&'a ResourceType> {
         .find(|t| resource_key(&t.group, &t.plural) == key)
 }
 
-/// One GC pass; whether anything changed.
+/// One GC pass over the changes stored since the last pass: the changed objects, their
+/// dependents, their owners, deleting claims in namespaces whose pods changed, and
+/// terminating namespaces. Whether there were changes to look at.
 fn gc_pass(store: &mut Store) -> bool {
-    struct Entry {
-        key: Arc<str>,
-        obj: Arc<Value>,
+    let changes = store.take_gc_changes();
+    if changes.is_empty() {
+        return false;
     }
-    let mut all = Vec::new();
-    for key in store.resources() {
-        for obj in store.list(&key, None) {
-            all.push(Entry {
-                key: key.clone(),
-                obj: obj.clone(),
-            });
+    let namespaces_key: Arc<str> = Arc::from("/namespaces");
+    let mut candidates: BTreeSet<ObjectKey> = BTreeSet::new();
+    let mut pod_namespaces: BTreeSet<String> = BTreeSet::new();
+    for c in &changes {
+        candidates.insert(c.key.clone());
+        candidates.extend(store.dependents_of(&c.uid).cloned());
+        for owner in &c.owners {
+            if let Some(k) = store.key_of_uid(owner) {
+                candidates.insert(k.clone());
+            }
+        }
+        if &*c.key.0 == "/pods" {
+            pod_namespaces.insert(c.key.1.clone());
+        }
+        if !c.key.1.is_empty() {
+            candidates.insert((namespaces_key.clone(), String::new(), c.key.1.clone()));
         }
     }
-    let by_uid: std::collections::HashMap<&str, &Entry> = all
-        .iter()
-        .filter_map(|e| {
-            e.obj
-                .pointer("/metadata/uid")
-                .and_then(Value::as_str)
-                .map(|u| (u, e))
-        })
+    let claims: Vec<ObjectKey> = store
+        .deleting_objects()
+        .filter(|k| &*k.0 == "/persistentvolumeclaims" && pod_namespaces.contains(&k.1))
+        .cloned()
         .collect();
-    let mut referenced: std::collections::HashSet<String> = std::collections::HashSet::new();
-    let mut changed = false;
-    let mut to_delete: Vec<(Arc<str>, String, String)> = Vec::new();
+    candidates.extend(claims);
+
+    // Owner references: drop references to owners deleted with `orphan`, delete objects with
+    // no live owner left.
+    let mut to_delete: Vec<ObjectKey> = Vec::new();
     let mut to_update: Vec<(Arc<str>, Value)> = Vec::new();
-    for e in &all {
-        let Some(refs) = e
-            .obj
+    for key in &candidates {
+        let Some(obj) = store.get(&key.0, &key.1, &key.2) else {
+            continue;
+        };
+        let Some(refs) = obj
             .pointer("/metadata/ownerReferences")
             .and_then(Value::as_array)
         else {
@@ -948,15 +964,12 @@ fn gc_pass(store: &mut Store) -> bool {
         let mut live_owner = false;
         for r in refs {
             let uid = r.get("uid").and_then(Value::as_str).unwrap_or("");
-            match by_uid.get(uid) {
+            match store.get_by_uid(uid) {
                 Some(owner)
-                    if is_deleting(&owner.obj)
-                        && finalizers(&owner.obj).iter().any(|f| f == ORPHAN) => {}
+                    if is_deleting(&owner) && finalizers(&owner).iter().any(|f| f == ORPHAN) => {}
                 Some(owner) => {
                     keep.push(r.clone());
-                    referenced.insert(uid.to_string());
-                    if !(is_deleting(&owner.obj)
-                        && finalizers(&owner.obj).iter().any(|f| f == FOREGROUND))
+                    if !(is_deleting(&owner) && finalizers(&owner).iter().any(|f| f == FOREGROUND))
                     {
                         live_owner = true;
                     }
@@ -965,83 +978,54 @@ fn gc_pass(store: &mut Store) -> bool {
             }
         }
         if keep.len() != refs.len() {
-            let mut new = (*e.obj).clone();
+            let mut new = (*obj).clone();
             if keep.is_empty() {
                 meta_mut(&mut new).remove("ownerReferences");
             } else {
                 meta_mut(&mut new).insert("ownerReferences".into(), Value::Array(keep));
             }
-            to_update.push((e.key.clone(), new));
-        } else if !live_owner && !is_deleting(&e.obj) {
-            to_delete.push((
-                e.key.clone(),
-                namespace_of(&e.obj).to_string(),
-                name_of(&e.obj).to_string(),
-            ));
+            to_update.push((key.0.clone(), new));
+        } else if !live_owner && !is_deleting(&obj) {
+            to_delete.push(key.clone());
         }
     }
     for (key, obj) in to_update {
         store.put(&key, obj);
-        changed = true;
     }
     for (key, ns, name) in to_delete {
         if let Some(rt) = type_for_key(store, &key).cloned() {
             let _ = delete_locked(store, &rt, &ns, &name, &DeleteOpts::default());
-            changed = true;
         }
     }
+
     // Finalizers the GC itself owns.
-    let pods_using: std::collections::HashSet<(String, String)> = store
-        .list("/pods", None)
-        .filter(|p| {
-            !matches!(
-                p.pointer("/status/phase").and_then(Value::as_str),
-                Some("Succeeded" | "Failed")
-            )
-        })
-        .flat_map(|p| {
-            let ns = namespace_of(p).to_string();
-            p.pointer("/spec/volumes")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(|v| {
-                    v.pointer("/persistentVolumeClaim/claimName")
-                        .and_then(Value::as_str)
-                })
-                .map(|c| (ns.clone(), c.to_string()))
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    for e in &all {
-        if !is_deleting(&e.obj) {
-            continue;
-        }
-        let Some(current) = store.get(&e.key, namespace_of(&e.obj), name_of(&e.obj)) else {
+    let mut claims_in_use: HashMap<String, HashSet<String>> = HashMap::new();
+    for key in &candidates {
+        let Some(current) = store.get(&key.0, &key.1, &key.2) else {
             continue;
         };
+        if !is_deleting(&current) {
+            continue;
+        }
         let uid = current
             .pointer("/metadata/uid")
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string();
         let f = finalizers(&current);
-        if f.iter().any(|x| x == FOREGROUND) && !referenced.contains(&uid) {
-            remove_finalizer(store, &e.key, &current, FOREGROUND);
-            changed = true;
+        if f.iter().any(|x| x == FOREGROUND) && store.dependents_of(&uid).next().is_none() {
+            remove_finalizer(store, &key.0, &current, FOREGROUND);
         } else if f.iter().any(|x| x == ORPHAN) {
-            remove_finalizer(store, &e.key, &current, ORPHAN);
-            changed = true;
-        } else if &*e.key == "/persistentvolumeclaims"
-            && f.iter().any(|x| x == PVC_PROTECTION)
-            && !pods_using.contains(&(
-                namespace_of(&current).to_string(),
-                name_of(&current).to_string(),
-            ))
-        {
-            remove_finalizer(store, &e.key, &current, PVC_PROTECTION);
-            changed = true;
-        } else if &*e.key == "/namespaces" {
+            remove_finalizer(store, &key.0, &current, ORPHAN);
+        } else if &*key.0 == "/persistentvolumeclaims" && f.iter().any(|x| x == PVC_PROTECTION) {
+            let ns = namespace_of(&current).to_string();
+            let in_use = claims_in_use
+                .entry(ns.clone())
+                .or_insert_with(|| claims_used_by_pods(store, &ns));
+            if !in_use.contains(name_of(&current)) {
+                remove_finalizer(store, &key.0, &current, PVC_PROTECTION);
+            }
+        } else if &*key.0 == "/namespaces" {
             let ns = name_of(&current).to_string();
             let mut contents = Vec::new();
             for key in store.resources() {
@@ -1064,16 +1048,39 @@ fn gc_pass(store: &mut Store) -> bool {
             for (key, name) in contents {
                 if let Some(rt) = type_for_key(store, &key).cloned() {
                     let _ = delete_locked(store, &rt, &ns, &name, &DeleteOpts::default());
-                    changed = true;
                 }
             }
             if remaining == 0 && f.is_empty() {
                 store.remove("/namespaces", "", &ns);
-                changed = true;
             }
         }
     }
-    changed
+    true
+}
+
+/// Claims used by the pods of a namespace that have not finished (pvc-protection).
+fn claims_used_by_pods(store: &Store, ns: &str) -> HashSet<String> {
+    store
+        .list("/pods", Some(ns))
+        .filter(|p| {
+            !matches!(
+                p.pointer("/status/phase").and_then(Value::as_str),
+                Some("Succeeded" | "Failed")
+            )
+        })
+        .flat_map(|p| {
+            p.pointer("/spec/volumes")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|v| {
+                    v.pointer("/persistentVolumeClaim/claimName")
+                        .and_then(Value::as_str)
+                })
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 #[cfg(test)]

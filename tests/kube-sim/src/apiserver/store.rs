@@ -1,8 +1,13 @@
 //! In-memory storage: every object by resource, namespace and name, one global
 //! `resourceVersion` counter, and a bounded history of change events for watches to resume
 //! from (older versions answer `410 Gone`, like etcd compaction).
+//!
+//! The store also keeps what the garbage collector needs to work incrementally: objects by
+//! uid, dependents by owner uid, and the changes the collector has not looked at yet. A full
+//! scan of every object on every write, under the store lock, stalls the whole apiserver once
+//! there are tens of thousands of objects.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, OnceLock};
 
 use serde_json::Value;
@@ -64,6 +69,61 @@ pub fn resource_key(group: &str, plural: &str) -> String {
 
 type Objects = BTreeMap<(String, String), Arc<Value>>;
 
+/// Where an object is stored: resource key, namespace, name.
+pub type ObjectKey = (Arc<str>, String, String);
+
+/// A stored change the garbage collector may have work for.
+#[derive(Debug, Clone)]
+pub struct GcChange {
+    /// The changed object.
+    pub key: ObjectKey,
+    /// Its uid.
+    pub uid: String,
+    /// Owner uids it referenced before or after the change.
+    pub owners: Vec<String>,
+}
+
+/// The garbage collector's indexes.
+#[derive(Debug, Default)]
+struct GcIndex {
+    by_uid: HashMap<String, ObjectKey>,
+    dependents: HashMap<String, BTreeSet<ObjectKey>>,
+    /// Objects with a `deletionTimestamp` (few at any time).
+    deleting: BTreeSet<ObjectKey>,
+    pending: Vec<GcChange>,
+}
+
+fn uid_of(obj: &Value) -> &str {
+    meta_str(obj, "uid")
+}
+
+fn owner_uids(obj: &Value) -> Vec<String> {
+    obj.pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+        .map(|refs| {
+            refs.iter()
+                .filter_map(|r| r.get("uid").and_then(Value::as_str))
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn deleting(obj: &Value) -> bool {
+    obj.pointer("/metadata/deletionTimestamp")
+        .is_some_and(|v| !v.is_null())
+}
+
+/// Whether a modification can change a garbage-collection decision: owners, deletion state,
+/// finalizers, or (for pvc-protection) a pod finishing. Status churn of owned objects cannot.
+fn gc_relevant_change(resource: &str, old: &Value, new: &Value) -> bool {
+    let meta = |o: &Value, f: &str| o.get("metadata").and_then(|m| m.get(f)).cloned();
+    meta(old, "ownerReferences") != meta(new, "ownerReferences")
+        || meta(old, "deletionTimestamp") != meta(new, "deletionTimestamp")
+        || meta(old, "finalizers") != meta(new, "finalizers")
+        || (resource == "/pods" && old.pointer("/status/phase") != new.pointer("/status/phase"))
+}
+
 /// All objects and the change history.
 #[derive(Debug)]
 pub struct Store {
@@ -78,6 +138,7 @@ pub struct Store {
     tx: broadcast::Sender<Arc<Event>>,
     /// Incremented by a simulated apiserver restart; open watches end when it changes.
     pub epoch: u64,
+    gc: GcIndex,
 }
 
 fn meta_str<'a>(obj: &'a Value, field: &str) -> &'a str {
@@ -115,6 +176,7 @@ impl Store {
             history_cap,
             tx,
             epoch: 0,
+            gc: GcIndex::default(),
         }
     }
 
@@ -261,6 +323,7 @@ impl Store {
         } else {
             EventType::Added
         };
+        self.index_for_gc(&rkey, old.as_deref(), Some(&*obj));
         self.record(rkey, kind, obj.clone(), old);
         obj
     }
@@ -278,8 +341,113 @@ impl Store {
             meta.insert("resourceVersion".into(), Value::String(rv.to_string()));
         }
         let last = Arc::new(last);
+        self.index_for_gc(&rkey, Some(&*old), None);
         self.record(rkey, EventType::Deleted, last.clone(), Some(old));
         Some(last)
+    }
+
+    /// Keeps the garbage collector's indexes in step with a write (`new: None` for a removal)
+    /// and queues the change when it may matter to the collector.
+    fn index_for_gc(&mut self, resource: &Arc<str>, old: Option<&Value>, new: Option<&Value>) {
+        let Some(any) = new.or(old) else {
+            return;
+        };
+        let key: ObjectKey = (
+            resource.clone(),
+            namespace_of(any).to_string(),
+            name_of(any).to_string(),
+        );
+        let uid = uid_of(any).to_string();
+        let old_owners = old.map(owner_uids).unwrap_or_default();
+        let new_owners = new.map(owner_uids).unwrap_or_default();
+        for o in &old_owners {
+            if !new_owners.contains(o)
+                && let Some(set) = self.gc.dependents.get_mut(o)
+            {
+                set.remove(&key);
+                if set.is_empty() {
+                    self.gc.dependents.remove(o);
+                }
+            }
+        }
+        for o in &new_owners {
+            self.gc
+                .dependents
+                .entry(o.clone())
+                .or_default()
+                .insert(key.clone());
+        }
+        match new {
+            Some(n) => {
+                if let Some(o) = old
+                    && uid_of(o) != uid
+                {
+                    self.gc.by_uid.remove(uid_of(o));
+                }
+                if !uid.is_empty() {
+                    self.gc.by_uid.insert(uid.clone(), key.clone());
+                }
+                if deleting(n) {
+                    self.gc.deleting.insert(key.clone());
+                } else {
+                    self.gc.deleting.remove(&key);
+                }
+            }
+            None => {
+                if self.gc.by_uid.get(&uid) == Some(&key) {
+                    self.gc.by_uid.remove(&uid);
+                }
+                self.gc.deleting.remove(&key);
+            }
+        }
+        let relevant = match (old, new) {
+            (Some(o), Some(n)) => gc_relevant_change(resource, o, n),
+            (None, Some(_)) => !new_owners.is_empty(),
+            _ => true,
+        };
+        if relevant {
+            let mut owners = old_owners;
+            for o in new_owners {
+                if !owners.contains(&o) {
+                    owners.push(o);
+                }
+            }
+            self.gc.pending.push(GcChange { key, uid, owners });
+        }
+    }
+
+    /// Whether changes wait for the garbage collector.
+    pub fn gc_pending(&self) -> bool {
+        !self.gc.pending.is_empty()
+    }
+
+    /// Takes the changes the garbage collector has not looked at yet.
+    pub fn take_gc_changes(&mut self) -> Vec<GcChange> {
+        std::mem::take(&mut self.gc.pending)
+    }
+
+    /// Where the object with this uid is stored.
+    pub fn key_of_uid(&self, uid: &str) -> Option<&ObjectKey> {
+        self.gc.by_uid.get(uid)
+    }
+
+    /// The object with this uid.
+    pub fn get_by_uid(&self, uid: &str) -> Option<Arc<Value>> {
+        let (r, ns, name) = self.gc.by_uid.get(uid)?;
+        self.objects
+            .get(r)?
+            .get(&(ns.clone(), name.clone()))
+            .cloned()
+    }
+
+    /// Objects that list this uid among their owners.
+    pub fn dependents_of(&self, uid: &str) -> impl Iterator<Item = &ObjectKey> + '_ {
+        self.gc.dependents.get(uid).into_iter().flatten()
+    }
+
+    /// Objects with a `deletionTimestamp`.
+    pub fn deleting_objects(&self) -> impl Iterator<Item = &ObjectKey> + '_ {
+        self.gc.deleting.iter()
     }
 }
 
@@ -310,5 +478,46 @@ mod tests {
         s.expire_history();
         assert!(s.events_since("/pods", s.rv() - 1).is_none());
         assert_eq!(s.events_since("/pods", s.rv()).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn gc_work_is_queued_for_owner_and_deletion_changes_not_status_churn() {
+        let mut s = Store::new(Vec::new(), 100);
+        s.put(
+            "/configmaps",
+            json!({"metadata": {"namespace": "a", "name": "o", "uid": "u1"}}),
+        );
+        assert!(!s.gc_pending(), "an object without owners is no GC work");
+        let dep = json!({
+            "metadata": {"namespace": "a", "name": "d", "uid": "u2",
+                         "ownerReferences": [{"uid": "u1"}]},
+            "status": {"phase": "Pending"},
+        });
+        s.put("/pods", dep.clone());
+        assert_eq!(s.take_gc_changes().len(), 1, "a new dependent is checked");
+        let mut churn = dep.clone();
+        churn["status"]["message"] = json!("pulling");
+        s.put("/pods", churn);
+        assert!(!s.gc_pending(), "status churn of a dependent is no GC work");
+        let mut done = dep.clone();
+        done["status"]["phase"] = json!("Succeeded");
+        s.put("/pods", done);
+        assert!(
+            s.gc_pending(),
+            "a finished pod may release a protected claim"
+        );
+        s.take_gc_changes();
+        assert_eq!(s.dependents_of("u1").count(), 1);
+        assert_eq!(
+            s.get_by_uid("u1").map(|o| name_of(&o).to_string()),
+            Some("o".into())
+        );
+        s.remove("/configmaps", "a", "o");
+        let changes = s.take_gc_changes();
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].uid, "u1", "a removed owner is checked");
+        assert!(s.get_by_uid("u1").is_none());
+        s.remove("/pods", "a", "d");
+        assert_eq!(s.dependents_of("u1").count(), 0);
     }
 }

@@ -1,0 +1,395 @@
+//! The stack's configuration as data (pure): the simulated topology, the platform
+//! configuration the operator and the API share, the API's plans and tenants, and the
+//! LoRATrainingJob CRD as installed for the stack.
+//!
+//! The topology is chosen so that the journey proves something: `eu-west` sells only spot
+//! capacity (one node) and is where datasets are uploaded, so a job lands there first and, when
+//! its node is preempted, must move to `eu-central` (the other EEA region) to go on; `us-east` is the
+//! non-EEA region an `eea` job must never reach.
+
+use std::path::Path;
+
+use kube_sim::cluster::Topology;
+use loraplane_api::config::ApiConfig;
+use loraplane_crds::platform::PlatformConfig;
+use serde_json::Value;
+
+/// The namespace Stripe orders' jobs live in.
+pub const ORDERS_NS: &str = "orders";
+/// The namespace of the operator's and the API's Leases.
+pub const SYSTEM_NS: &str = "loraplane-system";
+/// The Secret (in `ORDERS_NS`) holding the trainer's S3 credentials.
+pub const S3_SECRET: &str = "loraplane-s3-credentials";
+/// The trainer image name in the platform configuration; the kubelets run it as the local
+/// `loraplane-trainer` binary.
+pub const TRAINER_IMAGE: &str = "registry.local/loraplane/trainer:e2e";
+/// The bearer token of the storefront tenant (whose namespace is `ORDERS_NS`).
+pub const STOREFRONT_TOKEN: &str = "storefront-e2e-token";
+/// The Stripe webhook endpoint secret.
+pub const WEBHOOK_SECRET: &str = "whsec_loraplane_e2e";
+/// The API's id-hashing key.
+pub const ID_HASH_KEY: &str = "loraplane-e2e-id-key";
+/// Training resolution defaulted into jobs by the stack's CRD (see [`crd`]).
+pub const E2E_RESOLUTION: i64 = 256;
+/// Regions of the stack, with their jurisdictions.
+pub const REGIONS: [(&str, &str); 3] =
+    [("eu-west", "eea"), ("eu-central", "eea"), ("us-east", "us")];
+
+/// The simulated cluster: two EEA regions and one US region, on-demand and spot pools.
+pub const TOPOLOGY_YAML: &str = r#"
+regions:
+  - name: eu-west
+    jurisdiction: eea
+    zones: [eu-west-a]
+    pools:
+      - name: eu-west-l4-spot
+        gpuProduct: NVIDIA-L4
+        gpuMemoryGiB: 24
+        gpusPerNode: 1
+        spot: true
+        instanceType: g6.xlarge
+        taints: [{key: loraplane.io/spot, value: "true", effect: NoSchedule}]
+        nodes: 1
+  - name: eu-central
+    jurisdiction: eea
+    zones: [eu-central-a]
+    pools:
+      - name: eu-central-a100
+        gpuProduct: NVIDIA-A100-SXM4-80GB
+        gpuMemoryGiB: 80
+        gpusPerNode: 2
+        instanceType: p4d.2xlarge
+        nodes: 1
+      - name: eu-central-a100-spot
+        gpuProduct: NVIDIA-A100-SXM4-80GB
+        gpuMemoryGiB: 80
+        gpusPerNode: 2
+        spot: true
+        instanceType: p4d.2xlarge
+        taints: [{key: loraplane.io/spot, value: "true", effect: NoSchedule}]
+        nodes: 1
+  - name: us-east
+    jurisdiction: us
+    zones: [us-east-1a]
+    pools:
+      - name: us-east-l4
+        gpuProduct: NVIDIA-L4
+        gpuMemoryGiB: 24
+        gpusPerNode: 1
+        instanceType: g6.xlarge
+        nodes: 1
+      - name: us-east-a10g-spot
+        gpuProduct: NVIDIA-A10G
+        gpuMemoryGiB: 24
+        gpusPerNode: 1
+        spot: true
+        instanceType: g5.xlarge
+        taints: [{key: loraplane.io/spot, value: "true", effect: NoSchedule}]
+        nodes: 1
+"#;
+
+/// Why a configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The topology did not parse.
+    #[error("parse the topology: {0}")]
+    ParseTopology(String),
+    /// The platform configuration was refused.
+    #[error("build the platform config: {0}")]
+    BuildPlatform(#[from] loraplane_crds::platform::ConfigError),
+    /// The API configuration was refused.
+    #[error("build the API config: {0}")]
+    BuildApiConfig(#[from] loraplane_api::config::ConfigError),
+    /// The CRD could not be generated or lacks the expected schema.
+    #[error("build the CRD: {0}")]
+    BuildCrd(String),
+}
+
+/// The stack's topology.
+pub fn topology() -> Result<Topology, ConfigError> {
+    Topology::from_yaml(TOPOLOGY_YAML).map_err(|e| ConfigError::ParseTopology(e.to_string()))
+}
+
+/// Names of a region's buckets: (datasets, checkpoints, outputs).
+pub fn buckets(region: &str) -> [String; 3] {
+    [
+        format!("datasets-{region}"),
+        format!("checkpoints-{region}"),
+        format!("outputs-{region}"),
+    ]
+}
+
+/// Every bucket of the stack.
+pub fn all_buckets() -> Vec<String> {
+    REGIONS.iter().flat_map(|(r, _)| buckets(r)).collect()
+}
+
+/// Operator knobs that differ between the tests and the demo.
+#[derive(Debug, Clone)]
+pub struct PlatformKnobs {
+    /// Checkpoint interval of jobs that do not set one.
+    pub checkpoint_every: u64,
+    /// Seconds a pod may stay unschedulable before the next pool is tried.
+    pub scheduling_timeout_seconds: u64,
+}
+
+impl Default for PlatformKnobs {
+    fn default() -> Self {
+        PlatformKnobs {
+            checkpoint_every: 5,
+            scheduling_timeout_seconds: 4,
+        }
+    }
+}
+
+/// The platform configuration text: regions on the given S3 endpoint, the topology's pools,
+/// both model families with weights under `models_dir/<family>`.
+pub fn platform_yaml(
+    s3_endpoint: &str,
+    s3_region: &str,
+    models_dir: &Path,
+    knobs: &PlatformKnobs,
+) -> String {
+    let mut y = String::from("regions:\n");
+    for (name, j) in REGIONS {
+        let [d, c, o] = buckets(name);
+        y.push_str(&format!(
+            "  - name: {name}\n    jurisdiction: {j}\n    s3: {{endpoint: \"{s3_endpoint}\", region: {s3_region}, forcePathStyle: true}}\n    buckets: {{datasets: {d}, checkpoints: {c}, outputs: {o}}}\n"
+        ));
+    }
+    y.push_str("pools:\n");
+    // (pool, region, product, memory, spot, price): spot is cheaper, eu-west cheapest.
+    let pools = [
+        ("eu-west-l4-spot", "eu-west", "NVIDIA-L4", 24, true, 0.3),
+        (
+            "eu-central-a100",
+            "eu-central",
+            "NVIDIA-A100-SXM4-80GB",
+            80,
+            false,
+            2.5,
+        ),
+        (
+            "eu-central-a100-spot",
+            "eu-central",
+            "NVIDIA-A100-SXM4-80GB",
+            80,
+            true,
+            1.0,
+        ),
+        ("us-east-l4", "us-east", "NVIDIA-L4", 24, false, 0.8),
+        ("us-east-a10g-spot", "us-east", "NVIDIA-A10G", 24, true, 0.4),
+    ];
+    for (name, region, product, mem, spot, price) in pools {
+        y.push_str(&format!(
+            "  - name: {name}\n    region: {region}\n    nodeSelector: {{loraplane.io/node-pool: {name}}}\n    gpuProduct: {product}\n    gpuMemoryGib: {mem}\n    spot: {spot}\n    hourlyPrice: {price}\n"
+        ));
+        if spot {
+            y.push_str("    tolerations: [{key: loraplane.io/spot, operator: Equal, value: \"true\", effect: NoSchedule}]\n");
+        }
+    }
+    y.push_str("families:\n");
+    for (family, mem) in [("sdxl", 16), ("sd15", 8)] {
+        y.push_str(&format!(
+            "  - family: {family}\n    minGpuMemoryGib: {mem}\n    weights: \"{}\"\n    trainerImage: {TRAINER_IMAGE}\n",
+            models_dir.join(family).display()
+        ));
+    }
+    y.push_str(&format!(
+        "defaults:\n  schedulingTimeoutSeconds: {}\n  backoffSeconds: 1\n  checkpointEvery: {}\n  scratchGib: 1\n",
+        knobs.scheduling_timeout_seconds, knobs.checkpoint_every
+    ));
+    y
+}
+
+/// The parsed platform configuration.
+pub fn platform(
+    s3_endpoint: &str,
+    s3_region: &str,
+    models_dir: &Path,
+    knobs: &PlatformKnobs,
+) -> Result<PlatformConfig, ConfigError> {
+    Ok(PlatformConfig::from_yaml(&platform_yaml(
+        s3_endpoint,
+        s3_region,
+        models_dir,
+        knobs,
+    ))?)
+}
+
+/// Retention periods of the stack's plans (seconds after completion).
+#[derive(Debug, Clone)]
+pub struct RetentionKnobs {
+    /// `standard` plan: inputs kept.
+    pub keep_inputs_seconds: i64,
+    /// `standard` plan: outputs kept.
+    pub keep_outputs_seconds: i64,
+    /// `zero` plan: outputs kept (inputs never).
+    pub zero_keep_outputs_seconds: i64,
+}
+
+impl Default for RetentionKnobs {
+    fn default() -> Self {
+        RetentionKnobs {
+            keep_inputs_seconds: 3,
+            keep_outputs_seconds: 12,
+            zero_keep_outputs_seconds: 10,
+        }
+    }
+}
+
+/// Lowercase hex SHA-256 of a string.
+pub fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+/// The API configuration: a `standard` and a `zero` plan with short retention, the storefront
+/// tenant, small dataset limits, a fast retention resync.
+pub fn api_yaml(r: &RetentionKnobs) -> String {
+    format!(
+        r#"stripeNamespace: {ORDERS_NS}
+leaseNamespace: {SYSTEM_NS}
+plans:
+  standard: {{retention: standard, keepInputsSeconds: {}, keepOutputsSeconds: {}, maxSteps: 400}}
+  zero: {{retention: zeroRetention, keepOutputsSeconds: {}, maxSteps: 400}}
+tenants:
+  - {{name: storefront, namespace: {ORDERS_NS}, tokenSha256: "{}"}}
+limits:
+  webhookMaxBytes: 16384
+  jsonMaxBytes: 16384
+  uploadMaxBytes: 2000000
+  uploadMaxUncompressedBytes: 20000000
+  uploadMaxRatio: 100
+  minImages: 5
+  maxImages: 50
+  presignSeconds: 600
+  tenantRps: 1000
+  ipRps: 1000
+  gcResyncSeconds: 2
+"#,
+        r.keep_inputs_seconds,
+        r.keep_outputs_seconds,
+        r.zero_keep_outputs_seconds,
+        sha256_hex(STOREFRONT_TOKEN)
+    )
+}
+
+/// The parsed API configuration.
+pub fn api_config(r: &RetentionKnobs) -> Result<ApiConfig, ConfigError> {
+    Ok(ApiConfig::from_yaml(&api_yaml(r))?)
+}
+
+/// The LoRATrainingJob CRD as the stack installs it: the generated CRD with one addition, a
+/// schema default of [`E2E_RESOLUTION`] for `spec.training.resolution`.
+///
+/// Why: orders carry no resolution, so jobs get the family default (1024 px for SDXL), and the
+/// tiny test models at 1024 px need gigabytes of attention memory on a CPU. A schema default is
+/// what a platform team would use to change a cluster-wide default without touching the API;
+/// the value stays within the CRD's own limits (256–2048, multiple of 64).
+pub fn crd() -> Result<Value, ConfigError> {
+    let text = loraplane_crds::crd_yaml().map_err(|e| ConfigError::BuildCrd(e.to_string()))?;
+    let mut crd: Value =
+        serde_yaml::from_str(&text).map_err(|e| ConfigError::BuildCrd(e.to_string()))?;
+    with_resolution_default(&mut crd, E2E_RESOLUTION)?;
+    Ok(crd)
+}
+
+/// Sets the default of `spec.training.resolution` in every version's schema.
+pub fn with_resolution_default(crd: &mut Value, resolution: i64) -> Result<(), ConfigError> {
+    let versions = crd
+        .pointer_mut("/spec/versions")
+        .and_then(Value::as_array_mut)
+        .ok_or_else(|| ConfigError::BuildCrd("no spec.versions".into()))?;
+    for v in versions {
+        let field = v
+            .pointer_mut(
+                "/schema/openAPIV3Schema/properties/spec/properties/training/properties/resolution",
+            )
+            .and_then(Value::as_object_mut)
+            .ok_or_else(|| {
+                ConfigError::BuildCrd("no spec.training.resolution in the schema".into())
+            })?;
+        field.insert("default".into(), Value::from(resolution));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use loraplane_crds::platform::Jurisdiction;
+
+    #[test]
+    fn platform_matches_the_topology_pools_and_regions() {
+        let topo = topology().unwrap();
+        let p = platform(
+            "http://127.0.0.1:1",
+            "us-east-1",
+            Path::new("/models"),
+            &PlatformKnobs::default(),
+        )
+        .unwrap();
+        for pool in &p.pools {
+            let (region, tp) = topo.pool(&pool.name).unwrap();
+            assert_eq!(region.name, pool.region, "{}", pool.name);
+            assert_eq!(tp.spot, pool.spot, "{}", pool.name);
+            assert_eq!(tp.gpu_product, pool.gpu_product, "{}", pool.name);
+        }
+        let eea: Vec<_> = p
+            .regions
+            .iter()
+            .filter(|r| r.jurisdiction == Jurisdiction::Eea)
+            .map(|r| r.name.as_str())
+            .collect();
+        assert_eq!(eea, ["eu-west", "eu-central"]);
+        // eu-west sells only spot: a preempted job must leave the region to go on.
+        assert!(
+            p.pools
+                .iter()
+                .filter(|x| x.region == "eu-west")
+                .all(|x| x.spot)
+        );
+        assert_eq!(
+            p.family(loraplane_crds::v1alpha1::ModelFamily::Sdxl)
+                .unwrap()
+                .weights,
+            "/models/sdxl"
+        );
+    }
+
+    #[test]
+    fn api_config_has_short_retention_plans_and_the_storefront_tenant() {
+        let c = api_config(&RetentionKnobs::default()).unwrap();
+        assert_eq!(c.stripe_namespace, ORDERS_NS);
+        assert_eq!(c.plans["standard"].keep_outputs_seconds, 12);
+        assert_eq!(
+            c.plans["zero"].retention,
+            loraplane_crds::v1alpha1::RetentionMode::ZeroRetention
+        );
+        assert_eq!(c.tenants[0].token_sha256, sha256_hex(STOREFRONT_TOKEN));
+    }
+
+    #[test]
+    fn the_crd_defaults_resolution_and_the_schema_applies_it() {
+        let crd = crd().unwrap();
+        let schema = crd
+            .pointer("/spec/versions/0/schema/openAPIV3Schema")
+            .unwrap()
+            .clone();
+        let schema = kube_sim::schema::Schema::new(schema).unwrap();
+        let job = serde_json::json!({
+            "apiVersion": "loraplane.io/v1alpha1", "kind": "LoRATrainingJob",
+            "metadata": {"name": "j", "namespace": "orders"},
+            "spec": {
+                "baseModel": {"family": "sdxl"},
+                "concept": {"type": "character", "triggerWord": "zxq"},
+                "dataset": {"uri": "s3://datasets-eu-west/x.zip", "sha256": "a".repeat(64)},
+                "training": {"steps": 10},
+                "placement": {"residency": "eea"}
+            }
+        });
+        let admitted = schema.admit(job, None).unwrap();
+        assert_eq!(admitted["spec"]["training"]["resolution"], E2E_RESOLUTION);
+    }
+}

@@ -1,0 +1,829 @@
+//! A customer's journey as reusable steps, shared by the tests and `loraplane-demo`: place a
+//! paid order (upload + signed Stripe event), watch the job's placement and progress, preempt
+//! its spot node, download and check the LoRA, wait out retention, and look at what is left
+//! the way an auditor would. Every step records a line on a [`Timeline`] (printed live by the
+//! demo) and fails with a message saying what was expected and what was seen.
+
+use std::time::{Duration, Instant};
+
+use loraplane_crds::LoRATrainingJob;
+use loraplane_crds::v1alpha1::Phase;
+use serde_json::{Value, json};
+
+use crate::config::{ORDERS_NS, REGIONS};
+use crate::fixtures::{self, LoraFacts};
+use crate::http;
+use crate::stack::{Stack, StackError, job_name_for_session};
+
+/// Why a journey step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JourneyError {
+    /// The stack failed underneath.
+    #[error(transparent)]
+    Stack(#[from] StackError),
+    /// A fixture failed (dataset, LoRA check).
+    #[error(transparent)]
+    Fixture(#[from] fixtures::FixtureError),
+    /// A step saw something other than what the product promises.
+    #[error("{step}: {message}")]
+    Check {
+        /// The step.
+        step: &'static str,
+        /// What was expected and seen.
+        message: String,
+    },
+}
+
+fn check(
+    step: &'static str,
+    ok: bool,
+    message: impl FnOnce() -> String,
+) -> Result<(), JourneyError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(JourneyError::Check {
+            step,
+            message: message(),
+        })
+    }
+}
+
+/// One line of the timeline.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Time since the timeline started.
+    pub elapsed: Duration,
+    /// Wall-clock time (UTC, RFC 3339).
+    pub wall: String,
+    /// What happened (short).
+    pub what: String,
+    /// Details: where it ran, progress, sizes.
+    pub detail: String,
+}
+
+/// The journey's timeline.
+#[derive(Debug)]
+pub struct Timeline {
+    start: Instant,
+    live: bool,
+    /// Entries so far.
+    pub entries: Vec<Entry>,
+}
+
+impl Timeline {
+    /// A timeline; `live` prints every entry as it is recorded.
+    pub fn new(live: bool) -> Timeline {
+        Timeline {
+            start: Instant::now(),
+            live,
+            entries: Vec::new(),
+        }
+    }
+
+    /// Records an entry.
+    pub fn note(&mut self, what: &str, detail: impl Into<String>) {
+        let e = Entry {
+            elapsed: self.start.elapsed(),
+            wall: k8s_openapi::jiff::Timestamp::now()
+                .round(k8s_openapi::jiff::Unit::Second)
+                .map(|t| t.to_string())
+                .unwrap_or_default(),
+            what: what.to_string(),
+            detail: detail.into(),
+        };
+        if self.live {
+            println!("{}", format_entry(&e));
+        }
+        self.entries.push(e);
+    }
+
+    /// Prints free text (a block such as kubectl output) when live.
+    pub fn block(&self, text: &str) {
+        if self.live {
+            for line in text.lines() {
+                println!("             │ {line}");
+            }
+        }
+    }
+}
+
+/// `+  12.3s  10:45:01Z  what               detail`
+pub fn format_entry(e: &Entry) -> String {
+    let clock = e.wall.get(11..).unwrap_or(&e.wall);
+    format!(
+        "+{:>6.1}s  {clock:<9}  {:<22} {}",
+        e.elapsed.as_secs_f64(),
+        e.what,
+        e.detail
+    )
+}
+
+/// What a customer orders.
+#[derive(Debug, Clone)]
+pub struct OrderSpec {
+    /// Stripe checkout session id.
+    pub session: String,
+    /// Stripe payment intent id.
+    pub payment_intent: String,
+    /// Plan (`standard` or `zero`).
+    pub plan: String,
+    /// `sdxl` or `sd15`.
+    pub family: String,
+    /// `eea`, `us` or `any`.
+    pub residency: String,
+    /// Training steps.
+    pub steps: u32,
+}
+
+impl OrderSpec {
+    /// An order with ids derived from `tag`.
+    pub fn new(tag: &str, plan: &str, family: &str, residency: &str, steps: u32) -> OrderSpec {
+        OrderSpec {
+            session: format!("cs_test_{tag}"),
+            payment_intent: format!("pi_test_{tag}"),
+            plan: plan.into(),
+            family: family.into(),
+            residency: residency.into(),
+            steps,
+        }
+    }
+}
+
+/// A signed-and-paid `checkout.session.completed` event for an order.
+pub fn paid_event(o: &OrderSpec, upload_id: &str) -> Value {
+    json!({
+        "id": format!("evt_{}", o.session),
+        "type": "checkout.session.completed",
+        "data": {"object": {
+            "id": o.session,
+            "object": "checkout.session",
+            "payment_status": "paid",
+            "payment_intent": o.payment_intent,
+            "customer_details": {"email": "customer@example.com"},
+            "metadata": {
+                "family": o.family,
+                "concept_type": "character",
+                "trigger_word": "zxqcat",
+                "concept": "my grey cat Mimi, private description",
+                "plan": o.plan,
+                "residency": o.residency,
+                "upload_id": upload_id,
+                "steps": o.steps.to_string(),
+            }
+        }}
+    })
+}
+
+/// A full `charge.refunded` event for a payment.
+pub fn refund_event(payment_intent: &str) -> Value {
+    json!({
+        "id": format!("evt_refund_{payment_intent}"),
+        "type": "charge.refunded",
+        "data": {"object": {"id": "ch_e2e", "object": "charge", "refunded": true, "payment_intent": payment_intent}}
+    })
+}
+
+/// A job created from an order.
+#[derive(Debug, Clone)]
+pub struct Placed {
+    /// Job name.
+    pub job: String,
+    /// Job uid.
+    pub uid: String,
+    /// The upload id.
+    pub upload_id: String,
+    /// The dataset's object key in its bucket.
+    pub dataset_key: String,
+    /// The dataset's region.
+    pub dataset_region: String,
+}
+
+/// Uploads a generated dataset and delivers the paid checkout event; returns the created job.
+pub async fn place_order(
+    stack: &Stack,
+    order: &OrderSpec,
+    tl: &mut Timeline,
+) -> Result<Placed, JourneyError> {
+    let zip = fixtures::dataset_zip(6)?;
+    let size = zip.len();
+    let upload_id = stack.upload_dataset(&order.residency, zip).await?;
+    let region = upload_id.split('.').next().unwrap_or_default().to_string();
+    tl.note(
+        "dataset uploaded",
+        format!("6 images, {size} bytes, presigned PUT to region {region}"),
+    );
+    let outcome = stack.webhook(&paid_event(order, &upload_id)).await?;
+    check("checkout webhook", outcome == "created", || {
+        format!("expected outcome created, got {outcome:?}")
+    })?;
+    let job = job_name_for_session(&order.session);
+    let created = stack.job(&job).await?.ok_or_else(|| JourneyError::Check {
+        step: "checkout webhook",
+        message: format!("job {job} does not exist after a created outcome"),
+    })?;
+    let dataset_key = created
+        .spec
+        .dataset
+        .uri
+        .strip_prefix("s3://")
+        .and_then(|r| r.split_once('/'))
+        .map(|(_, k)| k.to_string())
+        .unwrap_or_default();
+    tl.note(
+        "order paid",
+        format!(
+            "signed checkout.session.completed → job {job} ({} {}, residency {}, {} steps)",
+            order.family, order.plan, order.residency, order.steps
+        ),
+    );
+    Ok(Placed {
+        job,
+        uid: created.metadata.uid.clone().unwrap_or_default(),
+        upload_id,
+        dataset_key,
+        dataset_region: region,
+    })
+}
+
+/// The jurisdiction of a region of the stack.
+pub fn jurisdiction(region: &str) -> &'static str {
+    REGIONS
+        .iter()
+        .find(|(r, _)| *r == region)
+        .map(|(_, j)| *j)
+        .unwrap_or("unknown")
+}
+
+/// Phase of a job.
+pub fn phase(job: &LoRATrainingJob) -> Option<Phase> {
+    job.status.as_ref().and_then(|s| s.phase)
+}
+
+/// (region, pool, node) of the job's current placement.
+pub fn placement(job: &LoRATrainingJob) -> Option<(String, String, String)> {
+    let p = job.status.as_ref()?.placement.as_ref()?;
+    Some((
+        p.region.clone(),
+        p.pool.clone(),
+        p.node.clone().unwrap_or_default(),
+    ))
+}
+
+/// (step, total, last checkpoint step) of the job.
+pub fn progress(job: &LoRATrainingJob) -> (i64, i64, i64) {
+    job.status
+        .as_ref()
+        .and_then(|s| s.progress.as_ref())
+        .map(|p| (p.step, p.total_steps, p.last_checkpoint_step.unwrap_or(0)))
+        .unwrap_or((0, 0, 0))
+}
+
+/// One attempt as an auditor reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptView {
+    /// Region.
+    pub region: String,
+    /// Pool.
+    pub pool: String,
+    /// Node.
+    pub node: String,
+    /// Why it ended.
+    pub reason: Option<String>,
+    /// Checkpoint step it resumed from.
+    pub resumed_from_step: Option<i64>,
+}
+
+/// The job's attempts.
+pub fn attempts(job: &LoRATrainingJob) -> Vec<AttemptView> {
+    job.status
+        .as_ref()
+        .map(|s| {
+            s.attempts
+                .iter()
+                .map(|a| AttemptView {
+                    region: a.region.clone(),
+                    pool: a.pool.clone(),
+                    node: a.node.clone().unwrap_or_default(),
+                    reason: a.reason.clone(),
+                    resumed_from_step: a.resumed_from_step,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until the job runs with a placement; returns it.
+pub async fn wait_running(
+    stack: &Stack,
+    job: &str,
+    timeout: Duration,
+    tl: &mut Timeline,
+) -> Result<LoRATrainingJob, JourneyError> {
+    let j = stack
+        .wait_job(job, timeout, "phase Running with a placement", |j| {
+            phase(j) == Some(Phase::Running) && placement(j).is_some()
+        })
+        .await?;
+    let (region, pool, node) = placement(&j).unwrap_or_default();
+    tl.note(
+        "training started",
+        format!(
+            "region {region} ({}), pool {pool}, node {node}",
+            jurisdiction(&region)
+        ),
+    );
+    Ok(j)
+}
+
+/// Waits for a checkpoint of the current attempt, then preempts the job's spot node.
+/// Returns (region, node, checkpoint step) of the preempted attempt.
+pub async fn preempt_after_checkpoint(
+    stack: &Stack,
+    job: &str,
+    tl: &mut Timeline,
+) -> Result<(String, String, i64), JourneyError> {
+    let j = stack
+        .wait_job(
+            job,
+            Duration::from_secs(120),
+            "a checkpoint while running",
+            |j| {
+                let (step, total, ckpt) = progress(j);
+                phase(j) == Some(Phase::Running) && ckpt > 0 && step < total
+            },
+        )
+        .await?;
+    let (step, total, ckpt) = progress(&j);
+    tl.note(
+        "progress",
+        format!("step {step}/{total}, checkpoint at step {ckpt} uploaded"),
+    );
+    let (region, pool, node) = placement(&j).unwrap_or_default();
+    stack
+        .cluster()?
+        .preempt_node(&node, None)
+        .await
+        .map_err(|e| JourneyError::Check {
+            step: "preempt",
+            message: e.to_string(),
+        })?;
+    tl.note(
+        "spot preemption",
+        format!("node {node} (pool {pool}, {region}) reclaimed by the cloud"),
+    );
+    Ok((region, node, ckpt))
+}
+
+/// Waits until the job runs again in an attempt after `after_attempts`; returns the job.
+pub async fn wait_resumed(
+    stack: &Stack,
+    job: &str,
+    after_attempts: usize,
+    tl: &mut Timeline,
+) -> Result<LoRATrainingJob, JourneyError> {
+    let j = stack
+        .wait_job(job, Duration::from_secs(90), "a new attempt running", |j| {
+            phase(j) == Some(Phase::Running) && attempts(j).len() > after_attempts
+        })
+        .await?;
+    let (region, pool, node) = placement(&j).unwrap_or_default();
+    let resumed = attempts(&j)
+        .last()
+        .and_then(|a| a.resumed_from_step)
+        .unwrap_or(0);
+    tl.note(
+        "failed over",
+        format!(
+            "attempt {} in region {region} ({}), pool {pool}, node {node}, resumed from step {resumed}",
+            attempts(&j).len(),
+            jurisdiction(&region)
+        ),
+    );
+    Ok(j)
+}
+
+/// Waits for success.
+pub async fn wait_succeeded(
+    stack: &Stack,
+    job: &str,
+    tl: &mut Timeline,
+) -> Result<LoRATrainingJob, JourneyError> {
+    let j = stack
+        .wait_job(job, Duration::from_secs(240), "phase Succeeded", |j| {
+            matches!(
+                phase(j),
+                Some(Phase::Succeeded | Phase::Failed | Phase::Cancelled)
+            )
+        })
+        .await?;
+    check("training", phase(&j) == Some(Phase::Succeeded), || {
+        format!(
+            "the job ended {:?}: {}",
+            phase(&j),
+            serde_json::to_string(&j.status).unwrap_or_default()
+        )
+    })?;
+    if j.status.as_ref().is_none_or(|s| s.artifacts.is_empty()) {
+        let mut msgs = Vec::new();
+        for p in stack
+            .pods_of(&j.metadata.uid.clone().unwrap_or_default())
+            .await?
+        {
+            let t = p
+                .status
+                .and_then(|s| s.container_statuses)
+                .and_then(|cs| cs.into_iter().next())
+                .and_then(|c| c.state)
+                .and_then(|s| s.terminated)
+                .map(|t| format!("exit {} message {:?}", t.exit_code, t.message))
+                .unwrap_or_default();
+            msgs.push(t);
+        }
+        return Err(JourneyError::Check {
+            step: "training",
+            message: format!("succeeded without artifacts; trainer pods ended: {msgs:?}"),
+        });
+    }
+    let (step, total, _) = progress(&j);
+    let loss = j
+        .status
+        .as_ref()
+        .and_then(|s| s.progress.as_ref())
+        .and_then(|p| p.loss)
+        .map(|l| format!(", last loss {l:.4}"))
+        .unwrap_or_default();
+    tl.note(
+        "training succeeded",
+        format!(
+            "step {step}/{total}{loss}, {} artifact(s)",
+            j.status.as_ref().map(|s| s.artifacts.len()).unwrap_or(0)
+        ),
+    );
+    Ok(j)
+}
+
+/// One downloaded LoRA file.
+#[derive(Debug, Clone)]
+pub struct Download {
+    /// `kohya` or `diffusers`.
+    pub format: String,
+    /// Bytes downloaded.
+    pub bytes: usize,
+    /// The SHA-256 the API announced (checked).
+    pub sha256: String,
+    /// What the file says about itself.
+    pub facts: LoraFacts,
+}
+
+/// Asks the API for the job's download links and fetches each with a plain HTTP GET,
+/// checking SHA-256 and that it parses as a LoRA safetensors file.
+pub async fn download_loras(
+    stack: &Stack,
+    job: &str,
+    tl: &mut Timeline,
+) -> Result<Vec<Download>, JourneyError> {
+    let r = stack
+        .api("GET", &format!("/v1/jobs/{job}/artifacts"), None)
+        .await?;
+    check("artifacts", r.status == 200, || {
+        format!(
+            "GET artifacts answered {}: {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        )
+    })?;
+    let body = r.json();
+    let links = body["artifacts"].as_array().cloned().unwrap_or_default();
+    check("artifacts", !links.is_empty(), || {
+        "no download links".into()
+    })?;
+    let mut out = Vec::new();
+    for l in links {
+        let url = l["url"].as_str().unwrap_or_default();
+        let sha = l["sha256"].as_str().unwrap_or_default().to_string();
+        let format = l["format"].as_str().unwrap_or_default().to_string();
+        let got = http::request("GET", url, &[], Vec::new())
+            .await
+            .map_err(StackError::from)?;
+        check("download", got.status == 200, || {
+            format!("GET {} answered {}", http::strip_query(url), got.status)
+        })?;
+        let facts = fixtures::check_lora(&got.body, &sha)?;
+        tl.note(
+            "LoRA downloaded",
+            format!(
+                "{format}: {} bytes, sha256 {}… verified, {} tensors{}",
+                got.body.len(),
+                &sha[..sha.len().min(12)],
+                facts.tensors,
+                facts
+                    .base_model_version
+                    .as_deref()
+                    .map(|v| format!(", base {v}"))
+                    .unwrap_or_default()
+            ),
+        );
+        out.push(Download {
+            format,
+            bytes: got.body.len(),
+            sha256: sha,
+            facts,
+        });
+    }
+    Ok(out)
+}
+
+/// What exists of a job, as an auditor would list it.
+#[derive(Debug, Clone, Default)]
+pub struct Leftovers {
+    /// The job object still exists.
+    pub job_exists: bool,
+    /// Its pods (name, phase) still present.
+    pub pods: Vec<(String, String)>,
+    /// Pods still running or pending.
+    pub live_pods: usize,
+    /// Its claims.
+    pub claims: Vec<String>,
+    /// Its S3 objects (`bucket/key`).
+    pub objects: Vec<String>,
+    /// Events about it: (reason, message).
+    pub events: Vec<(String, String)>,
+    /// The erasure record ConfigMaps in the orders namespace.
+    pub erasure_records: Vec<serde_json::Map<String, Value>>,
+}
+
+/// Lists what exists of a job.
+pub async fn leftovers(stack: &Stack, p: &Placed) -> Result<Leftovers, JourneyError> {
+    let pods = stack.pods_of(&p.uid).await?;
+    let live_pods = pods
+        .iter()
+        .filter(|x| {
+            let ph = x
+                .status
+                .as_ref()
+                .and_then(|s| s.phase.clone())
+                .unwrap_or_default();
+            ph != "Succeeded" && ph != "Failed"
+        })
+        .count();
+    let cms =
+        kube::Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(stack.client(), ORDERS_NS)
+            .list(&kube::api::ListParams::default())
+            .await
+            .map_err(|source| StackError::Kube {
+                action: "list configmaps",
+                source,
+            })?;
+    let erasure_records = cms
+        .items
+        .into_iter()
+        .filter(|c| {
+            c.metadata
+                .name
+                .as_deref()
+                .is_some_and(|n| n.starts_with("ltj-erased-"))
+                && c.data.as_ref().and_then(|d| d.get("job")) == Some(&p.job)
+        })
+        .map(|c| {
+            c.data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, Value::from(v)))
+                .collect()
+        })
+        .collect();
+    Ok(Leftovers {
+        job_exists: stack.job(&p.job).await?.is_some(),
+        pods: pods
+            .iter()
+            .map(|x| {
+                (
+                    x.metadata.name.clone().unwrap_or_default(),
+                    x.status
+                        .as_ref()
+                        .and_then(|s| s.phase.clone())
+                        .unwrap_or_default(),
+                )
+            })
+            .collect(),
+        live_pods,
+        claims: stack
+            .claims_of(&p.uid)
+            .await?
+            .into_iter()
+            .filter_map(|c| c.metadata.name)
+            .collect(),
+        objects: stack
+            .job_objects(&p.job, &p.uid, Some(&p.dataset_key))
+            .await?,
+        events: stack.events_of(&p.job).await?,
+        erasure_records,
+    })
+}
+
+/// Waits until retention has deleted the job's outputs (and, before them, its inputs).
+pub async fn wait_retention(
+    stack: &Stack,
+    job: &str,
+    tl: &mut Timeline,
+) -> Result<LoRATrainingJob, JourneyError> {
+    let j = stack
+        .wait_job(
+            job,
+            Duration::from_secs(90),
+            "retention to delete the outputs",
+            |j| {
+                j.status
+                    .as_ref()
+                    .and_then(|s| s.retention.as_ref())
+                    .is_some_and(|r| {
+                        r.outputs_deleted_at.is_some() && r.inputs_deleted_at.is_some()
+                    })
+            },
+        )
+        .await?;
+    let r = j
+        .status
+        .as_ref()
+        .and_then(|s| s.retention.clone())
+        .unwrap_or_default();
+    let t = |x: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>| {
+        x.as_ref().map(|t| t.0.to_string()).unwrap_or_default()
+    };
+    tl.note(
+        "retention ran",
+        format!(
+            "inputs deleted {} (due {}), outputs deleted {} (due {})",
+            t(&r.inputs_deleted_at),
+            t(&r.inputs_expire_at),
+            t(&r.outputs_deleted_at),
+            t(&r.outputs_expire_at)
+        ),
+    );
+    Ok(j)
+}
+
+/// `kubectl get ltj -n orders` against the stack (the real kubectl binary).
+pub async fn kubectl_get_ltj(stack: &Stack, wide: bool) -> Result<String, JourneyError> {
+    let mut args = vec![
+        "--kubeconfig".to_string(),
+        stack.kubeconfig().display().to_string(),
+        "get".into(),
+        "ltj".into(),
+        "-n".into(),
+        ORDERS_NS.into(),
+    ];
+    if wide {
+        args.push("-o".into());
+        args.push("wide".into());
+    }
+    let out = tokio::process::Command::new("kubectl")
+        .args(&args)
+        .output()
+        .await
+        .map_err(|e| JourneyError::Check {
+            step: "kubectl",
+            message: format!(
+                "cannot run kubectl ({e}): install it (Debian: apt-get install kubernetes-client)"
+            ),
+        })?;
+    check("kubectl", out.status.success(), || {
+        format!(
+            "kubectl get ltj failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// What the happy journey observed, for the test to assert on.
+#[derive(Debug, Clone)]
+pub struct JourneyReport {
+    /// The job.
+    pub placed: Placed,
+    /// Attempts at the end.
+    pub attempts: Vec<AttemptView>,
+    /// The preempted attempt's region and node.
+    pub preempted: (String, String),
+    /// Checkpoint step seen before the preemption.
+    pub checkpoint_before_preemption: i64,
+    /// `kubectl get ltj` while training.
+    pub kubectl_running: String,
+    /// Downloads.
+    pub downloads: Vec<Download>,
+    /// Objects of the job right after success (before retention).
+    pub objects_after_success: Vec<String>,
+    /// Claims right after success.
+    pub claims_after_success: Vec<String>,
+    /// What is left after retention.
+    pub after_retention: Leftovers,
+    /// The API's answer for the artifacts after retention.
+    pub artifacts_status_after_retention: u16,
+    /// The API's view of the job at the end.
+    pub api_view: Value,
+}
+
+/// The main journey: EEA-only SDXL order, placement in the EEA, spot preemption mid-training,
+/// resume in the other EEA region from the checkpoint, download and check, retention.
+pub async fn happy_journey(
+    stack: &Stack,
+    order: &OrderSpec,
+    tl: &mut Timeline,
+) -> Result<JourneyReport, JourneyError> {
+    let placed = place_order(stack, order, tl).await?;
+    let first = wait_running(stack, &placed.job, Duration::from_secs(60), tl).await?;
+    let (first_region, ..) = placement(&first).unwrap_or_default();
+    check("placement", jurisdiction(&first_region) == "eea", || {
+        format!("an eea job was placed in {first_region}")
+    })?;
+    let (pre_region, pre_node, ckpt) = preempt_after_checkpoint(stack, &placed.job, tl).await?;
+    let kubectl_running = kubectl_get_ltj(stack, true).await?;
+    tl.note("kubectl get ltj -o wide", "");
+    tl.block(&kubectl_running);
+    let resumed = wait_resumed(stack, &placed.job, 1, tl).await?;
+    // Attempts that never got a node (the preempted pool retried while empty) do not count.
+    let (new_region, ..) = placement(&resumed).unwrap_or_default();
+    check("failover", jurisdiction(&new_region) == "eea", || {
+        format!("after preemption the eea job moved to {new_region}")
+    })?;
+    let done = wait_succeeded(stack, &placed.job, tl).await?;
+    let claims_after_success = stack
+        .claims_of(&placed.uid)
+        .await?
+        .into_iter()
+        .filter_map(|c| c.metadata.name)
+        .collect();
+    let objects_after_success = stack
+        .job_objects(&placed.job, &placed.uid, Some(&placed.dataset_key))
+        .await?;
+    let downloads = download_loras(stack, &placed.job, tl).await?;
+    let view = stack
+        .api("GET", &format!("/v1/jobs/{}", placed.job), None)
+        .await?;
+    let api_view = view.json();
+    wait_retention(stack, &placed.job, tl).await?;
+    let after = leftovers(stack, &placed).await?;
+    tl.note(
+        "audit",
+        format!(
+            "{} claims, {} S3 objects left; events: {}",
+            after.claims.len(),
+            after.objects.len(),
+            after
+                .events
+                .iter()
+                .map(|(r, _)| r.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
+    let gone = stack
+        .api("GET", &format!("/v1/jobs/{}/artifacts", placed.job), None)
+        .await?;
+    Ok(JourneyReport {
+        attempts: attempts(&done),
+        placed,
+        preempted: (pre_region, pre_node),
+        checkpoint_before_preemption: ckpt,
+        kubectl_running,
+        downloads,
+        objects_after_success,
+        claims_after_success,
+        after_retention: after,
+        artifacts_status_after_retention: gone.status,
+        api_view,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeline_lines_show_offset_clock_step_and_detail() {
+        let e = Entry {
+            elapsed: Duration::from_millis(12_345),
+            wall: "2026-11-22T10:45:01Z".into(),
+            what: "training started".into(),
+            detail: "region eu-west (eea)".into(),
+        };
+        let line = format_entry(&e);
+        assert!(line.starts_with("+  12.3s  10:45:01Z"), "{line}");
+        assert!(line.contains("training started"), "{line}");
+        assert!(line.ends_with("region eu-west (eea)"), "{line}");
+    }
+
+    #[test]
+    fn paid_events_carry_the_order_in_stripe_metadata() {
+        let o = OrderSpec::new("x", "standard", "sdxl", "eea", 30);
+        let ev = paid_event(&o, "eu-west.0123");
+        assert_eq!(ev["type"], "checkout.session.completed");
+        let md = &ev["data"]["object"]["metadata"];
+        assert_eq!(md["residency"], "eea");
+        assert_eq!(md["steps"], "30");
+        assert_eq!(md["upload_id"], "eu-west.0123");
+        assert_eq!(jurisdiction("eu-central"), "eea");
+        assert_eq!(jurisdiction("us-east"), "us");
+    }
+}

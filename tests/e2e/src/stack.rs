@@ -1,0 +1,857 @@
+//! The whole product on one machine: kube-sim with the three-region topology and the CRD,
+//! simulated kubelets that run the real `loraplane-trainer` binary for the trainer image, a
+//! real SeaweedFS with each region's buckets, the operator and any number of API replicas,
+//! plus the customer-side calls (upload, signed Stripe webhook, API requests) and the
+//! auditor-side looks (pods, claims, S3 objects, Events) the scenarios need.
+//!
+//! The operator and the API run in this process through their library crates rather than as
+//! their binaries: a scenario can stop and start them at will (operator restart, API replica
+//! crash), both use exactly the code their binaries run (`controller::run`; the API's router,
+//! job watch, retention loop and Lease), start in milliseconds without a second build, and die
+//! with the test process, so nothing is left running. The trainer, by contrast, runs as the
+//! real binary in its own process, as it would in its container: the kubelet starts it, reads
+//! its stdout and termination message, and kills it on preemption.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Event, Namespace, PersistentVolumeClaim, Pod, Secret};
+use kube::api::{Api, ListParams, PostParams};
+use kube_sim::cluster::{KubeletConfig, LocalImage, Script, ScriptRule};
+use kube_sim::{KubeSim, SimConfig};
+use loraplane_api::app::{self, App, Secrets};
+use loraplane_api::config::ApiConfig;
+use loraplane_api::http::{HttpState, router};
+use loraplane_api::leader::Leader;
+use loraplane_api::storage::{S3Credentials, Storage};
+use loraplane_crds::LoRATrainingJob;
+use loraplane_crds::platform::PlatformConfig;
+use loraplane_crds::v1alpha1::Phase;
+use loraplane_operator::config::Settings;
+use loraplane_operator::controller::{self, Health};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::{
+    self, ORDERS_NS, PlatformKnobs, RetentionKnobs, S3_SECRET, STOREFRONT_TOKEN, SYSTEM_NS,
+    TRAINER_IMAGE, WEBHOOK_SECRET,
+};
+use crate::fixtures;
+use crate::http::{self, HttpError, Response};
+
+/// Why the stack could not start or a call on it failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StackError {
+    /// A configuration could not be built.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// A fixture could not be made.
+    #[error(transparent)]
+    Fixture(#[from] fixtures::FixtureError),
+    /// The trainer binary is missing.
+    #[error(transparent)]
+    TrainerBinary(#[from] crate::trainer_bin::TrainerBinError),
+    /// The scratch directory could not be created.
+    #[error("create the stack's temp dir: {0}")]
+    CreateTempDir(std::io::Error),
+    /// kube-sim did not start.
+    #[error("start kube-sim: {0}")]
+    StartKubeSim(#[from] kube_sim::SimError),
+    /// SeaweedFS did not start.
+    #[error("start SeaweedFS: {0}")]
+    StartSeaweed(#[from] seaweed::SeaweedError),
+    /// A Kubernetes call failed.
+    #[error("{action}: {source}")]
+    Kube {
+        /// What was being done.
+        action: &'static str,
+        /// Why.
+        source: kube::Error,
+    },
+    /// An S3 call failed.
+    #[error("{action}: {message}")]
+    S3 {
+        /// What was being done.
+        action: &'static str,
+        /// Why.
+        message: String,
+    },
+    /// An HTTP exchange failed.
+    #[error(transparent)]
+    Http(#[from] HttpError),
+    /// The API refused a call it should accept.
+    #[error("{action}: HTTP {status}: {body}")]
+    ApiRefused {
+        /// What was being done.
+        action: &'static str,
+        /// Status.
+        status: u16,
+        /// Body.
+        body: String,
+    },
+    /// The API replica could not start.
+    #[error("start an API replica: {0}")]
+    StartApi(String),
+    /// The operator did not stop in time or failed.
+    #[error("stop the operator: {0}")]
+    StopOperator(String),
+    /// No API replica is running.
+    #[error("no API replica is running")]
+    NoApi,
+    /// A wait ran out.
+    #[error("timed out after {secs} s waiting for {what}; last seen: {last}")]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// How long.
+        secs: u64,
+        /// The last observation.
+        last: String,
+    },
+}
+
+/// An image the kubelets run as a scripted container that never ends: other tenants'
+/// workloads holding GPUs (see [`Stack::occupy_pool`]).
+pub const HOG_IMAGE: &str = "registry.local/other-team/gpu-job:1";
+
+fn kube_err(action: &'static str) -> impl FnOnce(kube::Error) -> StackError {
+    move |source| StackError::Kube { action, source }
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    /// Operator knobs in the platform configuration.
+    pub platform: PlatformKnobs,
+    /// Retention periods of the API's plans.
+    pub retention: RetentionKnobs,
+    /// Upper bound of a preempted pod's grace period.
+    pub shutdown_grace: Duration,
+    /// Start the operator.
+    pub operator: bool,
+    /// API replicas to start.
+    pub api_replicas: usize,
+    /// Keep the working directory (kubeconfig, models, kubelet volumes) at this path instead of
+    /// a temporary directory removed on shutdown.
+    pub work_dir: Option<PathBuf>,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        StackOptions {
+            platform: PlatformKnobs::default(),
+            retention: RetentionKnobs::default(),
+            shutdown_grace: Duration::from_secs(2),
+            operator: true,
+            api_replicas: 1,
+            work_dir: None,
+        }
+    }
+}
+
+struct OperatorHandle {
+    identity: String,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), controller::RunError>>,
+}
+
+/// One API replica running in this process.
+struct ApiReplica {
+    identity: String,
+    url: String,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for ApiReplica {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+enum WorkDir {
+    Temp(tempfile::TempDir),
+    Kept(PathBuf),
+}
+
+impl WorkDir {
+    fn path(&self) -> &Path {
+        match self {
+            WorkDir::Temp(t) => t.path(),
+            WorkDir::Kept(p) => p,
+        }
+    }
+}
+
+/// The running stack. [`Stack::shutdown`] (or dropping it) stops everything it started.
+pub struct Stack {
+    /// The Kubernetes API emulator and its simulated cluster.
+    pub sim: KubeSim,
+    /// SeaweedFS.
+    pub s3: seaweed::SeaweedFs,
+    /// The platform configuration the operator and the API share.
+    pub platform: PlatformConfig,
+    /// The API's configuration.
+    pub api_config: ApiConfig,
+    /// The trainer binary the kubelets run.
+    pub trainer_binary: PathBuf,
+    dir: WorkDir,
+    kubeconfig: PathBuf,
+    operator: Option<OperatorHandle>,
+    operator_starts: u32,
+    apis: Vec<ApiReplica>,
+    api_starts: u32,
+}
+
+impl std::fmt::Debug for Stack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stack")
+            .field("kube", &self.sim.url())
+            .field("s3", &self.s3.endpoint())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Stack {
+    /// Starts everything: trainer binary, tiny models, SeaweedFS and buckets, kube-sim with
+    /// nodes and kubelets, namespaces and the S3 credentials Secret, the operator and the API.
+    pub async fn start(opts: StackOptions) -> Result<Stack, StackError> {
+        loraplane_crds::tls::install_crypto_provider();
+        let trainer_binary = crate::trainer_bin::trainer_binary().await?;
+        let dir = match &opts.work_dir {
+            Some(p) => {
+                std::fs::create_dir_all(p).map_err(StackError::CreateTempDir)?;
+                WorkDir::Kept(p.clone())
+            }
+            None => WorkDir::Temp(
+                tempfile::Builder::new()
+                    .prefix("loraplane-e2e-")
+                    .tempdir_in(base_dir())
+                    .map_err(StackError::CreateTempDir)?,
+            ),
+        };
+        // The kubelets rewrite every occurrence of a container mount path (`/work`, `/tmp`,
+        // ...) in argv and config files to a host directory, so host paths the trainer sees
+        // (its own executable, the model weights) must not start with one: they live in the
+        // work dir (under /var/tmp), the executable as a symlink.
+        let trainer_link = dir.path().join("loraplane-trainer");
+        std::os::unix::fs::symlink(&trainer_binary, &trainer_link)
+            .map_err(StackError::CreateTempDir)?;
+        let entrypoint = write_trainer_wrapper(dir.path(), &trainer_link)?;
+        let models = dir.path().join("models");
+        let models_task = {
+            let models = models.clone();
+            tokio::task::spawn_blocking(move || fixtures::write_models(&models))
+        };
+        let s3 = seaweed::SeaweedFs::start().await?;
+        for b in config::all_buckets() {
+            s3.create_bucket(&b).await?;
+        }
+        models_task
+            .await
+            .map_err(|e| StackError::StartApi(format!("model writer panicked: {e}")))??;
+        let platform = config::platform(s3.endpoint(), s3.region(), &models, &opts.platform)?;
+        let api_config = config::api_config(&opts.retention)?;
+        let sim = KubeSim::start(SimConfig {
+            topology: Some(config::topology()?),
+            kubelet: KubeletConfig {
+                data_dir: Some(dir.path().join("kubelet")),
+                local_images: vec![LocalImage {
+                    image: TRAINER_IMAGE.into(),
+                    entrypoint: vec![entrypoint.display().to_string()],
+                }],
+                scripts: vec![ScriptRule {
+                    image: HOG_IMAGE.into(),
+                    script: Script {
+                        duration: None,
+                        ..Script::default()
+                    },
+                }],
+                shutdown_grace_period: opts.shutdown_grace,
+                ..KubeletConfig::default()
+            },
+            crds: vec![config::crd()?],
+        })
+        .await?;
+        let kubeconfig = dir.path().join("kubeconfig");
+        sim.write_kubeconfig(&kubeconfig)?;
+        let mut stack = Stack {
+            sim,
+            s3,
+            platform,
+            api_config,
+            trainer_binary,
+            dir,
+            kubeconfig,
+            operator: None,
+            operator_starts: 0,
+            apis: Vec::new(),
+            api_starts: 0,
+        };
+        stack.prepare_cluster().await?;
+        if opts.operator {
+            stack.start_operator();
+        }
+        for _ in 0..opts.api_replicas {
+            stack.start_api().await?;
+        }
+        Ok(stack)
+    }
+
+    async fn prepare_cluster(&self) -> Result<(), StackError> {
+        let client = self.client();
+        let nss: Api<Namespace> = Api::all(client.clone());
+        for ns in [ORDERS_NS, SYSTEM_NS] {
+            let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}}))
+                .map_err(|e| StackError::StartApi(e.to_string()))?;
+            match nss.create(&PostParams::default(), &obj).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(e) => return Err(kube_err("create namespace")(e)),
+            }
+        }
+        // What the platform team creates next to the chart: the trainer's S3 credentials.
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": S3_SECRET, "namespace": ORDERS_NS},
+            "stringData": {
+                "AWS_ACCESS_KEY_ID": self.s3.access_key(),
+                "AWS_SECRET_ACCESS_KEY": self.s3.secret_key(),
+            }
+        }))
+        .map_err(|e| StackError::StartApi(e.to_string()))?;
+        Api::<Secret>::namespaced(client, ORDERS_NS)
+            .create(&PostParams::default(), &secret)
+            .await
+            .map_err(kube_err("create the S3 credentials secret"))?;
+        Ok(())
+    }
+
+    /// A `kube::Client` for the emulator.
+    pub fn client(&self) -> kube::Client {
+        self.sim.client()
+    }
+
+    /// The kubeconfig file for `kubectl`.
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// The stack's working directory.
+    pub fn work_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The simulated cluster.
+    pub fn cluster(&self) -> Result<&kube_sim::cluster::Cluster, StackError> {
+        self.sim
+            .cluster()
+            .ok_or_else(|| StackError::StartApi("kube-sim started without a cluster".into()))
+    }
+
+    // ---- operator ----
+
+    /// Starts an operator replica (a new identity each time).
+    pub fn start_operator(&mut self) {
+        self.operator_starts += 1;
+        let identity = format!("loraplane-operator-{}", self.operator_starts);
+        let settings = Settings::for_tests(self.platform.clone(), SYSTEM_NS, &identity);
+        let (stop, rx) = watch::channel(false);
+        let client = self.client();
+        let task = tokio::spawn(async move {
+            let metrics = loraplane_operator::metrics::Metrics::new()
+                .map_err(|e| {
+                    tracing::error!(error = %e, "operator metrics");
+                })
+                .ok();
+            match metrics {
+                Some(m) => {
+                    controller::run(client, settings, m, Arc::new(Health::default()), rx).await
+                }
+                None => Ok(()),
+            }
+        });
+        self.operator = Some(OperatorHandle {
+            identity,
+            stop,
+            task,
+        });
+    }
+
+    /// The running operator's identity.
+    pub fn operator_identity(&self) -> Option<&str> {
+        self.operator.as_ref().map(|o| o.identity.as_str())
+    }
+
+    /// Stops the operator the way a rolling update does (SIGTERM): in-flight reconciles finish
+    /// and the Lease is released.
+    pub async fn stop_operator(&mut self) -> Result<(), StackError> {
+        let Some(op) = self.operator.take() else {
+            return Ok(());
+        };
+        op.stop.send_replace(true);
+        match tokio::time::timeout(Duration::from_secs(20), op.task).await {
+            Err(_) => Err(StackError::StopOperator("did not stop within 20 s".into())),
+            Ok(Err(e)) => Err(StackError::StopOperator(e.to_string())),
+            Ok(Ok(Err(e))) => Err(StackError::StopOperator(e.to_string())),
+            Ok(Ok(Ok(()))) => Ok(()),
+        }
+    }
+
+    // ---- API replicas ----
+
+    /// Starts an API replica on a free loopback port; returns its base URL.
+    pub async fn start_api(&mut self) -> Result<String, StackError> {
+        self.api_starts += 1;
+        let identity = format!("loraplane-api-{}", self.api_starts);
+        let client = self.client();
+        let storage = Storage::new(
+            &self.platform,
+            &S3Credentials {
+                access_key: self.s3.access_key().into(),
+                secret_key: self.s3.secret_key().into(),
+            },
+        );
+        let app = Arc::new(App {
+            kube: client.clone(),
+            storage,
+            config: self.api_config.clone(),
+            platform: self.platform.clone(),
+            secrets: Secrets {
+                webhook: vec![WEBHOOK_SECRET.as_bytes().to_vec()],
+                id_key: config::ID_HASH_KEY.as_bytes().to_vec(),
+            },
+            metrics: loraplane_api::metrics::Metrics::new()
+                .map_err(|e| StackError::StartApi(e.to_string()))?,
+            gc_wake: tokio::sync::Notify::new(),
+        });
+        // A short lease so that a crashed replica's retention duty moves on within seconds.
+        let leader = Arc::new(Leader::new(
+            client,
+            &self.api_config.lease_namespace,
+            "loraplane-api-retention",
+            &identity,
+            Duration::from_secs(3),
+        ));
+        let resync = Duration::from_secs(self.api_config.limits.gc_resync_seconds.max(1));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| StackError::StartApi(e.to_string()))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| StackError::StartApi(e.to_string()))?;
+        let svc =
+            router(HttpState::new(app.clone())).into_make_service_with_connect_info::<SocketAddr>();
+        let tasks = vec![
+            tokio::spawn({
+                let leader = leader.clone();
+                async move { leader.run().await }
+            }),
+            tokio::spawn(app::watch_jobs(app.clone())),
+            tokio::spawn(app::retention_loop(app.clone(), leader, resync)),
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, svc).await {
+                    tracing::error!(error = %e, "API replica stopped serving");
+                }
+            }),
+        ];
+        let url = format!("http://{addr}");
+        self.apis.push(ApiReplica {
+            identity,
+            url: url.clone(),
+            tasks,
+        });
+        Ok(url)
+    }
+
+    /// Kills the oldest API replica at once (a crash: no lease release, open requests cut).
+    /// Returns its identity.
+    pub fn kill_api(&mut self) -> Option<String> {
+        if self.apis.is_empty() {
+            return None;
+        }
+        let r = self.apis.remove(0);
+        Some(r.identity.clone())
+    }
+
+    /// Base URL of a live API replica (the oldest).
+    pub fn api_url(&self) -> Result<String, StackError> {
+        self.apis
+            .first()
+            .map(|r| r.url.clone())
+            .ok_or(StackError::NoApi)
+    }
+
+    /// Identities of the live API replicas.
+    pub fn api_identities(&self) -> Vec<String> {
+        self.apis.iter().map(|r| r.identity.clone()).collect()
+    }
+
+    // ---- customer side ----
+
+    /// An API call as the storefront tenant.
+    pub async fn api(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Response, StackError> {
+        let mut headers = vec![("authorization", format!("Bearer {STOREFRONT_TOKEN}"))];
+        let bytes = match body {
+            Some(v) => {
+                headers.push(("content-type", "application/json".into()));
+                serde_json::to_vec(&v).map_err(|e| StackError::StartApi(e.to_string()))?
+            }
+            None => Vec::new(),
+        };
+        Ok(http::request(
+            method,
+            &format!("{}{path}", self.api_url()?),
+            &headers,
+            bytes,
+        )
+        .await?)
+    }
+
+    /// Uploads a dataset as the customer does: an upload slot from the API, then a plain PUT
+    /// of the zip to the presigned URL. Returns the upload id.
+    pub async fn upload_dataset(
+        &self,
+        residency: &str,
+        zip: Vec<u8>,
+    ) -> Result<String, StackError> {
+        let ticket = self
+            .api("POST", "/v1/uploads", Some(json!({"residency": residency})))
+            .await?;
+        if ticket.status != 201 {
+            return Err(refused("create an upload slot", &ticket));
+        }
+        let t = ticket.json();
+        let url = t["url"].as_str().unwrap_or_default().to_string();
+        let put = http::request("PUT", &url, &[], zip).await?;
+        if put.status != 200 {
+            return Err(refused("PUT the dataset to the presigned URL", &put));
+        }
+        Ok(t["uploadId"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// Posts a Stripe event signed with the endpoint secret; returns the webhook's outcome.
+    pub async fn webhook(&self, event: &Value) -> Result<String, StackError> {
+        let body = serde_json::to_vec(event).map_err(|e| StackError::StartApi(e.to_string()))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let sig = loraplane_api::stripe::header(WEBHOOK_SECRET.as_bytes(), now, &body);
+        let resp = http::request(
+            "POST",
+            &format!("{}/v1/webhooks/stripe", self.api_url()?),
+            &[
+                ("stripe-signature", sig),
+                ("content-type", "application/json".into()),
+            ],
+            body,
+        )
+        .await?;
+        if resp.status != 200 {
+            return Err(refused("deliver the webhook", &resp));
+        }
+        Ok(resp.json()["outcome"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string())
+    }
+
+    // ---- auditor side ----
+
+    /// The job, if it exists.
+    pub async fn job(&self, name: &str) -> Result<Option<LoRATrainingJob>, StackError> {
+        Api::<LoRATrainingJob>::namespaced(self.client(), ORDERS_NS)
+            .get_opt(name)
+            .await
+            .map_err(kube_err("get job"))
+    }
+
+    /// Polls the job every 200 ms until `pred` holds; fails with its last status after
+    /// `timeout`.
+    pub async fn wait_job(
+        &self,
+        name: &str,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&LoRATrainingJob) -> bool,
+    ) -> Result<LoRATrainingJob, StackError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last = String::from("no job");
+        loop {
+            let mut ended = false;
+            if let Ok(Some(job)) = self.job(name).await {
+                if pred(&job) {
+                    return Ok(job);
+                }
+                last = serde_json::to_string(&job.status).unwrap_or_default();
+                ended = job
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.phase)
+                    .is_some_and(|p| matches!(p, Phase::Failed | Phase::Cancelled));
+            }
+            // A failed or cancelled job will not get anywhere: fail now, with its trainer's logs.
+            if ended || tokio::time::Instant::now() > deadline {
+                let logs = self.job_logs(name).await;
+                return Err(StackError::Timeout {
+                    what: format!("job {name}: {what}"),
+                    secs: timeout.as_secs(),
+                    last: format!("{last}\ntrainer logs:\n{logs}"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The last lines of every trainer pod of a job (for failure messages).
+    pub async fn job_logs(&self, job: &str) -> String {
+        let api = Api::<Pod>::namespaced(self.client(), ORDERS_NS);
+        let Ok(pods) = api
+            .list(&ListParams::default().labels(&format!("loraplane.io/job={job}")))
+            .await
+        else {
+            return String::new();
+        };
+        let mut out = String::new();
+        for p in pods.items {
+            let n = p.metadata.name.unwrap_or_default();
+            let lp = kube::api::LogParams {
+                tail_lines: Some(15),
+                ..kube::api::LogParams::default()
+            };
+            let text = api.logs(&n, &lp).await.unwrap_or_else(|e| e.to_string());
+            out.push_str(&format!("--- {n}\n{text}\n"));
+        }
+        out
+    }
+
+    /// Polls `probe` every 200 ms until it returns `Some`.
+    pub async fn wait_for<T, F, Fut>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut probe: F,
+    ) -> Result<T, StackError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<T>, StackError>>,
+    {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let last = match probe().await {
+                Ok(Some(v)) => return Ok(v),
+                Ok(None) => "not yet".to_string(),
+                Err(e) => e.to_string(),
+            };
+            if tokio::time::Instant::now() > deadline {
+                return Err(StackError::Timeout {
+                    what: what.to_string(),
+                    secs: timeout.as_secs(),
+                    last,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Pods labelled with a job uid.
+    pub async fn pods_of(&self, uid: &str) -> Result<Vec<Pod>, StackError> {
+        Ok(Api::<Pod>::namespaced(self.client(), ORDERS_NS)
+            .list(&ListParams::default().labels(&format!("loraplane.io/job-uid={uid}")))
+            .await
+            .map_err(kube_err("list pods"))?
+            .items)
+    }
+
+    /// Claims labelled with a job uid.
+    pub async fn claims_of(&self, uid: &str) -> Result<Vec<PersistentVolumeClaim>, StackError> {
+        Ok(
+            Api::<PersistentVolumeClaim>::namespaced(self.client(), ORDERS_NS)
+                .list(&ListParams::default().labels(&format!("loraplane.io/job-uid={uid}")))
+                .await
+                .map_err(kube_err("list claims"))?
+                .items,
+        )
+    }
+
+    /// Events about a job (by name), oldest first: (reason, message).
+    pub async fn events_of(&self, job: &str) -> Result<Vec<(String, String)>, StackError> {
+        let list = Api::<Event>::namespaced(self.client(), ORDERS_NS)
+            .list(&ListParams::default())
+            .await
+            .map_err(kube_err("list events"))?;
+        Ok(list
+            .items
+            .into_iter()
+            .filter(|e| e.involved_object.name.as_deref() == Some(job))
+            .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+            .collect())
+    }
+
+    /// Every object key in a bucket.
+    pub async fn keys(&self, bucket: &str) -> Result<Vec<String>, StackError> {
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let out = self
+                .s3
+                .client()
+                .list_objects_v2()
+                .bucket(bucket)
+                .set_continuation_token(token.clone())
+                .send()
+                .await
+                .map_err(|e| StackError::S3 {
+                    action: "list objects",
+                    message: format!("{bucket}: {e:?}"),
+                })?;
+            keys.extend(
+                out.contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(str::to_string)),
+            );
+            token = out.next_continuation_token().map(str::to_string);
+            if token.is_none() {
+                return Ok(keys);
+            }
+        }
+    }
+
+    /// Every S3 object of a job, as `bucket/key`: its dataset upload and everything under
+    /// `<namespace>/<job>-<uid>/` in every region's buckets.
+    pub async fn job_objects(
+        &self,
+        name: &str,
+        uid: &str,
+        dataset_key: Option<&str>,
+    ) -> Result<Vec<String>, StackError> {
+        let prefix = format!("{ORDERS_NS}/{name}-{uid}/");
+        let mut found = Vec::new();
+        for b in config::all_buckets() {
+            for k in self.keys(&b).await? {
+                if k.starts_with(&prefix) || Some(k.as_str()) == dataset_key {
+                    found.push(format!("{b}/{k}"));
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Fills every GPU of a pool with another team's never-ending pods (in namespace
+    /// `SYSTEM_NS`); returns their names once they run.
+    pub async fn occupy_pool(&self, pool: &str) -> Result<Vec<String>, StackError> {
+        let topo = config::topology()?;
+        let (_, p) = topo
+            .pool(pool)
+            .ok_or_else(|| StackError::StartApi(format!("no pool {pool}")))?;
+        let api = Api::<Pod>::namespaced(self.client(), SYSTEM_NS);
+        let mut names = Vec::new();
+        for i in 0..(p.nodes * p.gpus_per_node) {
+            let name = format!("hog-{pool}-{i}");
+            let pod: Pod = serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": SYSTEM_NS},
+                "spec": {
+                    "nodeSelector": {"loraplane.io/node-pool": pool},
+                    "tolerations": [{"key": "loraplane.io/spot", "operator": "Exists"}],
+                    "containers": [{
+                        "name": "work", "image": HOG_IMAGE,
+                        "resources": {"limits": {"nvidia.com/gpu": "1"}, "requests": {"nvidia.com/gpu": "1"}}
+                    }]
+                }
+            }))
+            .map_err(|e| StackError::StartApi(e.to_string()))?;
+            api.create(&PostParams::default(), &pod)
+                .await
+                .map_err(kube_err("create a GPU hog pod"))?;
+            names.push(name);
+        }
+        for n in &names {
+            let api = api.clone();
+            self.wait_for(Duration::from_secs(30), &format!("pod {n} running"), || {
+                let api = api.clone();
+                let n = n.clone();
+                async move {
+                    let p = api.get(&n).await.map_err(kube_err("get hog pod"))?;
+                    let ph = p.status.and_then(|s| s.phase).unwrap_or_default();
+                    Ok((ph == "Running").then_some(()))
+                }
+            })
+            .await?;
+        }
+        Ok(names)
+    }
+
+    /// Deletes one of [`Stack::occupy_pool`]'s pods.
+    pub async fn free_gpu(&self, hog: &str) -> Result<(), StackError> {
+        Api::<Pod>::namespaced(self.client(), SYSTEM_NS)
+            .delete(hog, &kube::api::DeleteParams::default())
+            .await
+            .map_err(kube_err("delete a GPU hog pod"))?;
+        Ok(())
+    }
+
+    /// Stops everything this stack started.
+    pub async fn shutdown(mut self) {
+        if let Err(e) = self.stop_operator().await {
+            tracing::warn!(error = %e, "operator did not stop cleanly");
+        }
+        self.apis.clear();
+        let Stack { sim, s3, dir, .. } = self;
+        sim.shutdown().await;
+        drop(s3);
+        drop(dir);
+    }
+}
+
+/// Writes the trainer's entrypoint script and returns its path.
+///
+/// Why a script: kube-sim rewrites mount paths in the mounted config file before it maps the
+/// container's `terminationMessagePath`, so the trainer's config still names
+/// `/dev/termination-log` and the summary (artifacts, errors) would never reach the pod status
+/// (reported as a kube-sim bug). The script gives the trainer a copy of its config, in the pod's
+/// own directory, naming the file the kubelet reads (`$HOME/../<container>.termination-log`),
+/// then `exec`s the real binary, so signals and exit codes are the trainer's own.
+fn write_trainer_wrapper(dir: &Path, trainer: &Path) -> Result<PathBuf, StackError> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("trainer-entrypoint.sh");
+    let script = format!(
+        "#!/bin/sh\nset -eu\n[ \"$1\" = --config ] || exec '{t}' \"$@\"\nmkdir -p \"$HOME\"\ncfg=\"$HOME/trainer-config.json\"\nsed \"s#/dev/termination-log#$HOME/../trainer.termination-log#g\" \"$2\" > \"$cfg\"\nshift 2\nexec '{t}' --config \"$cfg\" \"$@\"\n",
+        t = trainer.display()
+    );
+    std::fs::write(&path, script).map_err(StackError::CreateTempDir)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+        .map_err(StackError::CreateTempDir)?;
+    Ok(path)
+}
+
+/// Where stacks put their working directories: `LORAPLANE_E2E_DIR`, else `/var/tmp` (not
+/// `/tmp`: see the path-rewriting note in `Stack::start`).
+pub fn base_dir() -> PathBuf {
+    std::env::var_os("LORAPLANE_E2E_DIR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"))
+}
+
+fn refused(action: &'static str, r: &Response) -> StackError {
+    StackError::ApiRefused {
+        action,
+        status: r.status,
+        body: String::from_utf8_lossy(&r.body).chars().take(500).collect(),
+    }
+}
+
+/// The job name the API gives a Stripe checkout session (a keyed hash of the session id).
+pub fn job_name_for_session(session_id: &str) -> String {
+    let hash = loraplane_api::order::hash_id(config::ID_HASH_KEY.as_bytes(), "session", session_id);
+    loraplane_api::order::job_name(&hash)
+}

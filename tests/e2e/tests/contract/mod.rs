@@ -1,0 +1,635 @@
+//! The scenario behind the contract tests (`rbac_contract.rs`, `metrics_contract.rs`): kube-sim
+//! with simulated GPU nodes (scripted kubelets: the trainer's behaviour, not its maths),
+//! SeaweedFS, two operator replicas and the API in this process, each component with its own
+//! `kube::Client` whose User-Agent names it in kube-sim's audit log. `run` drives the paths the
+//! chart's RBAC and dashboards are about: a paid webhook order placed on spot, preempted,
+//! resumed elsewhere and finished; retention GC; a service-API order whose node is lost,
+//! then cancelled and erased; a dispute erasing a finished job; a refund tombstone; leader
+//! election and hand-over.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{Api, ListParams, PostParams};
+use kube::{Client, ResourceExt};
+use kube_sim::apiserver::audit::AuditRecord;
+use kube_sim::cluster::{KubeletConfig, Script, ScriptRule, Topology};
+use kube_sim::{KubeSim, SimConfig};
+use loraplane_crds::LoRATrainingJob;
+use loraplane_crds::platform::PlatformConfig;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+/// The chart's release namespace: leases live here.
+pub const RELEASE_NS: &str = "loraplane-system";
+/// Where webhook orders land (the API's `stripeNamespace`).
+pub const ORDERS_NS: &str = "orders";
+/// A service-API tenant's namespace.
+pub const TENANT_NS: &str = "acme";
+pub const OPERATOR_AGENT: &str = "loraplane-operator";
+pub const API_AGENT: &str = "loraplane-api";
+const TRAINER_IMAGE: &str = "trainer:contract";
+const WEBHOOK_SECRET: &[u8] = b"whsec_contract";
+const STOREFRONT: &str = "storefront-token";
+const ACME: &str = "acme-token";
+const WAIT: Duration = Duration::from_secs(45);
+
+fn topology() -> Topology {
+    Topology::from_yaml(
+        r#"
+regions:
+  - name: eu-west
+    jurisdiction: eea
+    pools:
+      - {name: eu-west-l4, gpuProduct: NVIDIA-L4, gpuMemoryGiB: 24, gpusPerNode: 1, instanceType: g6.xlarge, nodes: 2}
+      - name: eu-west-l4-spot
+        gpuProduct: NVIDIA-L4
+        gpuMemoryGiB: 24
+        gpusPerNode: 1
+        spot: true
+        instanceType: g6.xlarge
+        taints: [{key: loraplane.io/spot, value: "true", effect: NoSchedule}]
+        nodes: 1
+  - name: eu-north
+    jurisdiction: eea
+    pools:
+      - {name: eu-north-l4, gpuProduct: NVIDIA-L4, gpuMemoryGiB: 24, gpusPerNode: 1, instanceType: g6.xlarge, nodes: 2}
+"#,
+    )
+    .unwrap()
+}
+
+/// One platform configuration for the operator and the API, as the chart's ConfigMap shares.
+fn platform(s3: &str) -> PlatformConfig {
+    let region = |name: &str, short: &str| {
+        format!(
+            "\n  - name: {name}\n    jurisdiction: eea\n    s3: {{endpoint: \"{s3}\", region: us-east-1, forcePathStyle: true}}\n    buckets: {{datasets: ds-{short}, checkpoints: ck-{short}, outputs: out-{short}}}"
+        )
+    };
+    let pool = |name: &str, region: &str, spot: bool, price: f64| {
+        let tol = if spot {
+            "\n    tolerations: [{key: loraplane.io/spot, operator: Equal, value: \"true\", effect: NoSchedule}]"
+        } else {
+            ""
+        };
+        format!(
+            "\n  - name: {name}\n    region: {region}\n    nodeSelector: {{loraplane.io/node-pool: {name}}}{tol}\n    gpuProduct: NVIDIA-L4\n    gpuMemoryGib: 24\n    spot: {spot}\n    hourlyPrice: {price}"
+        )
+    };
+    let yaml = format!(
+        "regions:{}{}\npools:{}{}{}\nfamilies:\n  - {{family: sdxl, minGpuMemoryGib: 16, weights: /models/sdxl, trainerImage: {TRAINER_IMAGE}}}\n  - {{family: sd15, minGpuMemoryGib: 8, weights: /models/sd15, trainerImage: {TRAINER_IMAGE}}}\ndefaults:\n  schedulingTimeoutSeconds: 20\n  backoffSeconds: 0\n  checkpointEvery: 10\n",
+        region("eu-west", "ew"),
+        region("eu-north", "en"),
+        pool("eu-west-l4", "eu-west", false, 0.5),
+        pool("eu-west-l4-spot", "eu-west", true, 0.2),
+        pool("eu-north-l4", "eu-north", false, 0.9),
+    );
+    PlatformConfig::from_yaml(&yaml).unwrap()
+}
+
+fn api_config() -> loraplane_api::config::ApiConfig {
+    let sha = |s: &str| loraplane_api::app::sha256_hex(s.as_bytes());
+    loraplane_api::config::ApiConfig::from_yaml(&format!(
+        r#"
+stripeNamespace: {ORDERS_NS}
+leaseNamespace: {RELEASE_NS}
+plans:
+  basic: {{retention: standard, keepInputsSeconds: 3600, keepOutputsSeconds: 7200, maxSteps: 500}}
+  fast: {{retention: standard, keepInputsSeconds: 1, keepOutputsSeconds: 2, maxSteps: 100}}
+tenants:
+  - {{name: acme, namespace: {TENANT_NS}, tokenSha256: "{}"}}
+  - {{name: storefront, namespace: {ORDERS_NS}, tokenSha256: "{}"}}
+limits:
+  webhookMaxBytes: 8192
+  jsonMaxBytes: 8192
+  uploadMaxBytes: 200000
+  uploadMaxUncompressedBytes: 2000000
+  uploadMaxRatio: 100
+  minImages: 2
+  maxImages: 10
+  presignSeconds: 900
+  tenantRps: 1000
+  ipRps: 1000
+  gcResyncSeconds: 30
+"#,
+        sha(ACME),
+        sha(STOREFRONT)
+    ))
+    .unwrap()
+}
+
+/// The trainer as the scripted kubelet plays it: a checkpoint at step 40 at once, then 20
+/// progress lines over 4 s and a successful summary.
+fn trainer_script() -> ScriptRule {
+    ScriptRule {
+        image: TRAINER_IMAGE.into(),
+        script: Script {
+            duration: Some(Duration::from_secs(4)),
+            exit_code: 0,
+            progress_steps: 20,
+            log_lines: vec![
+                loraplane_crds::trainer::TrainerEvent::Checkpoint {
+                    step: 40,
+                    uri: "s3://ck-ew/orders/job/step-40".into(),
+                }
+                .to_line(),
+            ],
+            termination_message: None,
+        },
+    }
+}
+
+/// An operator replica in this process, serving `/metrics` on loopback.
+struct Operator {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), loraplane_operator::controller::RunError>>,
+    health: Arc<loraplane_operator::controller::Health>,
+    metrics_url: String,
+}
+
+impl Operator {
+    async fn start(client: Client, platform: PlatformConfig, identity: &str) -> Operator {
+        use loraplane_operator::controller::{self, Health};
+        let settings =
+            loraplane_operator::config::Settings::for_tests(platform, RELEASE_NS, identity);
+        let metrics = loraplane_operator::metrics::Metrics::new().unwrap();
+        let health = Arc::new(Health::default());
+        let (stop, rx) = watch::channel(false);
+        let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(loraplane_operator::server::serve(
+            "127.0.0.1:0".parse().unwrap(),
+            metrics.clone(),
+            health.clone(),
+            rx.clone(),
+            Some(bound_tx),
+        ));
+        let addr = bound_rx.await.expect("the operator's metrics server binds");
+        let task = tokio::spawn(controller::run(
+            client,
+            settings,
+            metrics,
+            health.clone(),
+            rx,
+        ));
+        Operator {
+            stop,
+            task,
+            health,
+            metrics_url: format!("http://{addr}/metrics"),
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("the operator stops within 20 s")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// What a scenario run leaves for the assertions.
+pub struct Outcome {
+    /// Every audited request, of every client.
+    pub audit: Vec<AuditRecord>,
+    /// `/metrics` of the operator replica that led, scraped over HTTP.
+    pub operator_metrics: String,
+    /// `/metrics` of the API, scraped over HTTP.
+    pub api_metrics: String,
+}
+
+/// A plain HTTP/1.1 request (what a browser or Prometheus does).
+pub async fn http(
+    method: &str,
+    url: &str,
+    headers: &[(&str, String)],
+    body: Vec<u8>,
+) -> (u16, Vec<u8>) {
+    let uri: hyper::Uri = url.parse().unwrap();
+    let host = uri.host().unwrap().to_string();
+    let port = uri.port_u16().unwrap_or(80);
+    let stream = tokio::net::TcpStream::connect((host.as_str(), port))
+        .await
+        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", format!("{host}:{port}"));
+    for (k, v) in headers {
+        req = req.header(*k, v.as_str());
+    }
+    let resp = sender
+        .send_request(req.body(Full::new(Bytes::from(body))).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    (status, bytes)
+}
+
+struct ApiClient {
+    base: String,
+}
+
+impl ApiClient {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut headers = vec![("authorization", format!("Bearer {token}"))];
+        let bytes = match body {
+            Some(v) => {
+                headers.push(("content-type", "application/json".into()));
+                serde_json::to_vec(&v).unwrap()
+            }
+            None => Vec::new(),
+        };
+        if method == "POST" && path == "/v1/jobs" {
+            headers.push(("idempotency-key", "contract".into()));
+        }
+        let (status, body) = http(method, &format!("{}{path}", self.base), &headers, bytes).await;
+        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+
+    async fn webhook(&self, event: &Value) -> Value {
+        let body = serde_json::to_vec(event).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let sig = loraplane_api::stripe::header(WEBHOOK_SECRET, now, &body);
+        let (status, reply) = http(
+            "POST",
+            &format!("{}/v1/webhooks/stripe", self.base),
+            &[
+                ("stripe-signature", sig),
+                ("content-type", "application/json".into()),
+            ],
+            body,
+        )
+        .await;
+        assert_eq!(
+            status,
+            200,
+            "webhook refused: {}",
+            String::from_utf8_lossy(&reply)
+        );
+        serde_json::from_slice(&reply).unwrap()
+    }
+
+    /// A presigned upload of a small valid dataset, validated; returns the upload id.
+    async fn upload(&self, token: &str) -> String {
+        let (status, ticket) = self
+            .call(
+                "POST",
+                "/v1/uploads",
+                token,
+                Some(json!({"residency": "eea"})),
+            )
+            .await;
+        assert_eq!(status, 201, "{ticket}");
+        let zip = loraplane_api::zipcheck::testing::dataset(2);
+        let (status, body) = http("PUT", ticket["url"].as_str().unwrap(), &[], zip).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        let id = ticket["uploadId"].as_str().unwrap().to_string();
+        let (status, report) = self
+            .call("POST", &format!("/v1/uploads/{id}/validate"), token, None)
+            .await;
+        assert_eq!(status, 200, "{report}");
+        id
+    }
+}
+
+async fn wait_job(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    what: &str,
+    pred: impl Fn(&LoRATrainingJob) -> bool,
+) -> LoRATrainingJob {
+    let api = Api::<LoRATrainingJob>::namespaced(client.clone(), ns);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut last = None;
+    loop {
+        if let Ok(job) = api.get(name).await {
+            if pred(&job) {
+                return job;
+            }
+            last = Some(job);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job {ns}/{name}: no {what} within {WAIT:?}; status: {}",
+            serde_json::to_string_pretty(&last.and_then(|j| j.status)).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_gone(client: &Client, ns: &str, name: &str) {
+    let api = Api::<LoRATrainingJob>::namespaced(client.clone(), ns);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while api.get_opt(name).await.unwrap().is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job {ns}/{name} was not deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {what} within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn phase(job: &LoRATrainingJob) -> Option<&'static str> {
+    job.status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .map(|p| p.as_str())
+}
+
+fn paid_event(session: &str, payment: &str, upload_id: &str) -> Value {
+    json!({
+        "id": format!("evt_{session}"),
+        "type": "checkout.session.completed",
+        "data": {"object": {
+            "id": session, "object": "checkout.session", "payment_status": "paid",
+            "payment_intent": payment,
+            "customer_details": {"email": "someone@example.com"},
+            "metadata": {"family": "sdxl", "concept_type": "character", "trigger_word": "zxq",
+                         "concept": "my grey cat", "plan": "fast", "residency": "eea",
+                         "upload_id": upload_id}
+        }}
+    })
+}
+
+/// Runs the whole scenario and returns the audit log and both `/metrics` texts.
+pub async fn run() -> Outcome {
+    let sim = KubeSim::start(
+        SimConfig {
+            topology: Some(topology()),
+            kubelet: KubeletConfig {
+                scripts: vec![trainer_script()],
+                shutdown_grace_period: Duration::from_millis(200),
+                ..KubeletConfig::default()
+            },
+            crds: vec![],
+        }
+        .with_loraplane_crd(),
+    )
+    .await
+    .unwrap();
+    let s3 = seaweed::SeaweedFs::start()
+        .await
+        .expect("SeaweedFS starts (`weed` comes from `make bootstrap`)");
+    for b in ["ds-ew", "ck-ew", "out-ew", "ds-en", "ck-en", "out-en"] {
+        s3.create_bucket(b).await.unwrap();
+    }
+    // Set-up as the cluster admin and Helm would do it; these calls are nobody's RBAC.
+    let admin = sim.client();
+    for ns in [RELEASE_NS, ORDERS_NS, TENANT_NS] {
+        let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap();
+        Api::<Namespace>::all(admin.clone())
+            .create(&PostParams::default(), &obj)
+            .await
+            .unwrap();
+        let creds: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "loraplane-s3-credentials"},
+            "stringData": {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
+        }))
+        .unwrap();
+        Api::<Secret>::namespaced(admin.clone(), ns)
+            .create(&PostParams::default(), &creds)
+            .await
+            .unwrap();
+    }
+    sim.audit().enable();
+
+    let platform = platform(s3.endpoint());
+    let operator_client = sim.client_as(OPERATOR_AGENT).unwrap();
+    let api_client = sim.client_as(API_AGENT).unwrap();
+
+    // Two operator replicas: one leads, the other stands by.
+    let op_a = Operator::start(operator_client.clone(), platform.clone(), "op-a").await;
+    wait_until("operator leader", async || {
+        op_a.health.leading.load(Ordering::SeqCst)
+    })
+    .await;
+    let op_b = Operator::start(operator_client.clone(), platform.clone(), "op-b").await;
+    wait_until("standby operator ready", async || {
+        op_b.health.ready.load(Ordering::SeqCst)
+    })
+    .await;
+
+    // The API as `loraplane-api` runs it: HTTP, the job watch and the leader-elected GC.
+    let app = Arc::new(loraplane_api::app::App {
+        kube: api_client.clone(),
+        storage: loraplane_api::storage::Storage::new(
+            &platform,
+            &loraplane_api::storage::S3Credentials {
+                access_key: s3.access_key().into(),
+                secret_key: s3.secret_key().into(),
+            },
+        ),
+        config: api_config(),
+        platform: platform.clone(),
+        secrets: loraplane_api::app::Secrets {
+            webhook: vec![WEBHOOK_SECRET.to_vec()],
+            id_key: b"contract-id-key".to_vec(),
+        },
+        metrics: loraplane_api::metrics::Metrics::new().unwrap(),
+        gc_wake: tokio::sync::Notify::new(),
+    });
+    let leader = Arc::new(loraplane_api::leader::Leader::new(
+        api_client.clone(),
+        RELEASE_NS,
+        "loraplane-api-retention",
+        "api-a",
+        Duration::from_secs(15),
+    ));
+    let mut background = vec![
+        tokio::spawn({
+            let leader = leader.clone();
+            async move { leader.run().await }
+        }),
+        tokio::spawn(loraplane_api::app::watch_jobs(app.clone())),
+        tokio::spawn(loraplane_api::app::retention_loop(
+            app.clone(),
+            leader,
+            Duration::from_secs(30),
+        )),
+    ];
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api_addr = listener.local_addr().unwrap();
+    let svc = loraplane_api::http::router(loraplane_api::http::HttpState::new(app.clone()))
+        .into_make_service_with_connect_info::<SocketAddr>();
+    background.push(tokio::spawn(async move {
+        let _ = axum::serve(listener, svc).await;
+    }));
+    let api = ApiClient {
+        base: format!("http://{api_addr}"),
+    };
+
+    // A paid checkout: the webhook creates job A; it lands on spot, is preempted, resumes
+    // elsewhere from its checkpoint and succeeds.
+    let upload = api.upload(STOREFRONT).await;
+    let ack = api
+        .webhook(&paid_event("cs_contract", "pi_contract", &upload))
+        .await;
+    assert_eq!(ack["outcome"], "created", "{ack}");
+    let jobs = Api::<LoRATrainingJob>::namespaced(admin.clone(), ORDERS_NS)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(jobs.len(), 1);
+    let a = jobs[0].name_any();
+    let on_spot = wait_job(&admin, ORDERS_NS, &a, "Running with a checkpoint", |j| {
+        phase(j) == Some("Running")
+            && j.status
+                .as_ref()
+                .and_then(|s| s.progress.as_ref())
+                .and_then(|p| p.last_checkpoint_step)
+                == Some(40)
+    })
+    .await;
+    let placement = on_spot.status.unwrap().placement.unwrap();
+    assert_eq!(
+        placement.pool, "eu-west-l4-spot",
+        "the cheapest EEA pool is spot"
+    );
+    sim.cluster()
+        .unwrap()
+        .preempt_node(placement.node.as_deref().unwrap(), None)
+        .await
+        .unwrap();
+    let done = wait_job(&admin, ORDERS_NS, &a, "success after a failover", |j| {
+        phase(j) == Some("Succeeded")
+    })
+    .await;
+    let st = done.status.unwrap();
+    assert_eq!(
+        st.attempts[0].reason.as_deref(),
+        Some("Preempted"),
+        "{:?}",
+        st.attempts
+    );
+    // Retention: the plan keeps inputs 1 s and outputs 2 s after completion.
+    wait_job(&admin, ORDERS_NS, &a, "retention deletions", |j| {
+        j.status
+            .as_ref()
+            .and_then(|s| s.retention.as_ref())
+            .is_some_and(|r| r.inputs_deleted_at.is_some() && r.outputs_deleted_at.is_some())
+    })
+    .await;
+
+    // A service-API order: created, running, cancelled, then erased on request.
+    let upload = api.upload(ACME).await;
+    let order = json!({"orderId": "contract-b", "family": "sdxl", "conceptType": "object",
+        "triggerWord": "mug", "plan": "basic", "uploadId": upload});
+    let (status, job) = api.call("POST", "/v1/jobs", ACME, Some(order)).await;
+    assert_eq!(status, 201, "{job}");
+    let b = job["id"].as_str().unwrap().to_string();
+    let running = wait_job(&admin, TENANT_NS, &b, "Running", |j| {
+        phase(j) == Some("Running")
+    })
+    .await;
+    // Its node is lost: the operator, not finding the node in its cache, asks the apiserver,
+    // then restarts the job elsewhere.
+    let node = running.status.unwrap().placement.unwrap().node.unwrap();
+    sim.cluster().unwrap().lose_node(&node).await.unwrap();
+    wait_job(
+        &admin,
+        TENANT_NS,
+        &b,
+        "a restart after the node loss",
+        |j| phase(j) == Some("Running") && j.status.as_ref().is_some_and(|s| s.attempts.len() >= 2),
+    )
+    .await;
+    let (status, body) = api.call("GET", "/v1/jobs", ACME, None).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = api.call("GET", &format!("/v1/jobs/{b}"), ACME, None).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = api
+        .call("POST", &format!("/v1/jobs/{b}/cancel"), ACME, None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = api
+        .call("DELETE", &format!("/v1/jobs/{b}"), ACME, None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    wait_gone(&admin, TENANT_NS, &b).await;
+
+    // A dispute erases finished job A; a refund of an unknown payment leaves a tombstone.
+    let ack = api
+        .webhook(
+            &json!({"id": "evt_dispute", "type": "charge.dispute.created",
+            "data": {"object": {"id": "dp_1", "object": "dispute", "charge": "ch_1",
+                                "payment_intent": "pi_contract"}}}),
+        )
+        .await;
+    assert_eq!(ack["outcome"], "erased", "{ack}");
+    wait_gone(&admin, ORDERS_NS, &a).await;
+    let ack = api
+        .webhook(&json!({"id": "evt_refund", "type": "charge.refunded",
+            "data": {"object": {"id": "ch_2", "object": "charge", "refunded": true,
+                                "payment_intent": "pi_unknown"}}}))
+        .await;
+    assert_eq!(ack["outcome"], "tombstoned", "{ack}");
+
+    // What Prometheus would scrape, while both are still up.
+    let (status, operator_metrics) = http("GET", &op_a.metrics_url, &[], Vec::new()).await;
+    assert_eq!(status, 200);
+    let (status, api_metrics) =
+        http("GET", &format!("{}/metrics", api.base), &[], Vec::new()).await;
+    assert_eq!(status, 200);
+
+    // Hand-over: the leader releases its Lease on shutdown and the standby takes it.
+    op_a.stop().await;
+    wait_until("standby takes over", async || {
+        op_b.health.leading.load(Ordering::SeqCst)
+    })
+    .await;
+    op_b.stop().await;
+    for task in background {
+        task.abort();
+    }
+    let audit = sim.audit().snapshot();
+    sim.shutdown().await;
+    Outcome {
+        audit,
+        operator_metrics: String::from_utf8(operator_metrics).unwrap(),
+        api_metrics: String::from_utf8(api_metrics).unwrap(),
+    }
+}

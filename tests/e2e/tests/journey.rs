@@ -1,0 +1,92 @@
+//! The customer's main journey through the whole stack: a signed Stripe checkout for an
+//! EEA-only SDXL order, the dataset uploaded through the API, the job placed in the EEA, the
+//! real trainer running on the CPU, a spot preemption mid-training, the resume in the other EEA
+//! region from the checkpoint, the LoRA downloaded through a presigned URL and checked, and
+//! retention deleting every byte while the audit record stays.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Instant;
+
+use loraplane_e2e::journey::{self, OrderSpec, Timeline};
+use loraplane_e2e::stack::{Stack, StackOptions};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eea_order_survives_spot_preemption_and_leaves_nothing_after_retention() {
+    let t0 = Instant::now();
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let mut tl = Timeline::new(true);
+    let order = OrderSpec::new("journey", "standard", "sdxl", "eea", 20);
+    let report = journey::happy_journey(&stack, &order, &mut tl)
+        .await
+        .unwrap();
+
+    // Where it ran: first on eu-west's spot node until it was preempted, last in eu-central
+    // (the other EEA region), resumed from a checkpoint rather than from scratch; every
+    // attempt in the EEA. (Between them the operator may retry the preempted pool while it has
+    // no node: an `Unschedulable` attempt that never ran.)
+    let a = &report.attempts;
+    assert!(a.len() >= 2, "{a:?}");
+    assert_eq!(a[0].region, "eu-west");
+    assert_eq!(a[0].node, report.preempted.1);
+    assert_eq!(a[0].reason.as_deref(), Some("Preempted"), "{a:?}");
+    let last = a.last().unwrap();
+    assert_eq!(last.region, "eu-central", "{a:?}");
+    assert_eq!(last.reason.as_deref(), Some("Completed"), "{a:?}");
+    assert!(a.iter().all(|x| journey::jurisdiction(&x.region) == "eea"));
+    let resumed = last.resumed_from_step.unwrap_or(0);
+    assert!(resumed > 0, "resumed from {resumed}: {a:?}");
+    assert!(resumed >= report.checkpoint_before_preemption);
+    // kubectl shows the job with its progress while it runs.
+    assert!(report.kubectl_running.contains(&report.placed.job));
+    assert!(
+        report.kubectl_running.contains("PROGRESS"),
+        "{}",
+        report.kubectl_running
+    );
+
+    // What the customer got: both LoRA formats, checksums verified, SDXL metadata, 20 steps.
+    let formats: Vec<_> = report.downloads.iter().map(|d| d.format.as_str()).collect();
+    assert!(
+        formats.contains(&"kohya") && formats.len() == 2,
+        "{formats:?}"
+    );
+    for d in &report.downloads {
+        assert!(d.bytes > 1000 && d.facts.tensors > 0, "{d:?}");
+        assert_eq!(d.facts.steps.as_deref(), Some("20"), "{d:?}");
+    }
+    assert_eq!(report.api_view["phase"], "Succeeded");
+    assert_eq!(report.api_view["region"], "eu-central");
+
+    // Before retention the data existed (so "gone" below means deleted, not never written).
+    assert!(!report.claims_after_success.is_empty());
+    let objs = &report.objects_after_success;
+    assert!(
+        objs.iter().any(|o| o.starts_with("checkpoints-eu-west/")),
+        "{objs:?}"
+    );
+    assert!(
+        objs.iter().any(|o| o.starts_with("outputs-eu-west/")),
+        "{objs:?}"
+    );
+    assert!(
+        objs.iter().any(|o| o.starts_with("datasets-eu-west/")),
+        "{objs:?}"
+    );
+    // Data stayed in the EEA buckets.
+    assert!(objs.iter().all(|o| !o.contains("us-east")), "{objs:?}");
+
+    // After retention: no claim, no S3 object, the links answer 410, the audit Event stays.
+    let left = &report.after_retention;
+    assert!(left.claims.is_empty(), "{:?}", left.claims);
+    assert!(left.objects.is_empty(), "{:?}", left.objects);
+    assert_eq!(report.artifacts_status_after_retention, 410);
+    assert!(left.job_exists);
+    assert!(
+        left.events.iter().any(|(r, _)| r == "RetentionExpired"),
+        "{:?}",
+        left.events
+    );
+    eprintln!("journey wall time: {:.1} s", t0.elapsed().as_secs_f64());
+    stack.shutdown().await;
+}
