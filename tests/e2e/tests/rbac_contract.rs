@@ -35,6 +35,18 @@ const NOT_EXERCISED: &[(&str, &str, &str, &str, &str)] = &[(
      plugins",
 )];
 
+/// Rules the scenario uses only when timing allows, exempt from the "unused" check either way:
+/// `(component, verb, group, resource, why)`.
+const MAY_BE_EXERCISED: &[(&str, &str, &str, &str, &str)] = &[(
+    "operator",
+    "get",
+    "",
+    "nodes",
+    "the operator asks the apiserver for a pod's node only when its node cache no longer holds \
+     it during a reconcile (the lost-node path); whether a reconcile lands in that window depends \
+     on the machine's load, so the lost node in the scenario exercises it in most runs, not all",
+)];
+
 /// One RBAC rule, as the chart renders it.
 #[derive(Debug, Clone)]
 struct Rule {
@@ -302,8 +314,14 @@ async fn the_charts_rbac_allows_every_call_and_nothing_unused() {
             .map(|e| ((e.1, e.2, e.3), e.4))
             .collect();
         let never_used = unused(&grants, &calls);
+        let sometimes: BTreeSet<(&str, &str, &str)> = MAY_BE_EXERCISED
+            .iter()
+            .filter(|e| e.0 == component)
+            .map(|e| (e.1, e.2, e.3))
+            .collect();
         for (binding, verb, group, resource) in &never_used {
-            if !listed.contains_key(&(verb.as_str(), group.as_str(), resource.as_str())) {
+            let key = (verb.as_str(), group.as_str(), resource.as_str());
+            if !listed.contains_key(&key) && !sometimes.contains(&key) {
                 unused_report.push(format!(
                     "{component}: {binding} grants {verb} {group}/{resource}, which no call used"
                 ));
