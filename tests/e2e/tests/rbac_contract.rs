@@ -273,9 +273,16 @@ fn unused(grants: &[Grant], calls: &[&AuditRecord]) -> BTreeSet<(String, String,
 async fn the_charts_rbac_allows_every_call_and_nothing_unused() {
     // Render first: a missing venv fails fast, before the scenario.
     let objects = render_chart();
-    let outcome = tokio::time::timeout(std::time::Duration::from_secs(150), contract::run())
+    // Two runs of the scenario, their calls united: which reconcile lands in which window
+    // (a lost node, a preempted pod) depends on the machine's load, and a rule counts as used
+    // if either run needed it. Every call of both runs must still be allowed.
+    let mut outcome = tokio::time::timeout(std::time::Duration::from_secs(150), contract::run())
         .await
         .expect("the scenario finishes within 150 s");
+    let second = tokio::time::timeout(std::time::Duration::from_secs(150), contract::run())
+        .await
+        .expect("the second scenario run finishes within 150 s");
+    outcome.audit.extend(second.audit);
 
     let mut report = Vec::new();
     let mut unused_report = Vec::new();
