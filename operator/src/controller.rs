@@ -33,13 +33,13 @@ use loraplane_crds::LoRATrainingJob;
 use tokio::sync::watch;
 
 use crate::config::Settings;
-use crate::leader::Election;
 use crate::metrics::Metrics;
 use crate::placement::{self, PoolCapacity};
 use crate::podcache::{PodCache, PodSummary};
 use crate::progress::{self, TAIL_LINES};
 use crate::resources::{self, BuildError, LABEL_MANAGED_BY, MANAGED_BY};
 use crate::status::{self, Inputs, PodPhase, PodView};
+use loraplane_crds::leader::Election;
 
 /// `spec.managedBy` values that mean this operator.
 const OUR_MANAGERS: [&str; 2] = ["", "loraplane.io/operator"];

@@ -3,11 +3,11 @@
 //! their status true, fails over on lost capacity and cleans up through owner references.
 //!
 //! Pure decisions (`placement`, `status`, `progress`, `resources`) are kept apart from the
-//! I/O that observes and applies them (`controller`, `leader`, `server`).
+//! I/O that observes and applies them (`controller`, `podcache`, `server`; the Lease election
+//! is `loraplane_crds::leader`, shared with the API).
 
 pub mod config;
 pub mod controller;
-pub mod leader;
 pub mod metrics;
 pub mod placement;
 pub mod podcache;

@@ -241,7 +241,6 @@ impl Stack {
         let trainer_link = dir.path().join("loraplane-trainer");
         std::os::unix::fs::symlink(&trainer_binary, &trainer_link)
             .map_err(StackError::CreateTempDir)?;
-        let entrypoint = write_trainer_wrapper(dir.path(), &trainer_link)?;
         let models = dir.path().join("models");
         let models_task = {
             let models = models.clone();
@@ -262,7 +261,7 @@ impl Stack {
                 data_dir: Some(dir.path().join("kubelet")),
                 local_images: vec![LocalImage {
                     image: TRAINER_IMAGE.into(),
-                    entrypoint: vec![entrypoint.display().to_string()],
+                    entrypoint: vec![trainer_link.display().to_string()],
                 }],
                 scripts: vec![ScriptRule {
                     image: HOG_IMAGE.into(),
@@ -810,27 +809,6 @@ impl Stack {
         drop(s3);
         drop(dir);
     }
-}
-
-/// Writes the trainer's entrypoint script and returns its path.
-///
-/// Why a script: kube-sim rewrites mount paths in the mounted config file before it maps the
-/// container's `terminationMessagePath`, so the trainer's config still names
-/// `/dev/termination-log` and the summary (artifacts, errors) would never reach the pod status
-/// (reported as a kube-sim bug). The script gives the trainer a copy of its config, in the pod's
-/// own directory, naming the file the kubelet reads (`$HOME/../<container>.termination-log`),
-/// then `exec`s the real binary, so signals and exit codes are the trainer's own.
-fn write_trainer_wrapper(dir: &Path, trainer: &Path) -> Result<PathBuf, StackError> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = dir.join("trainer-entrypoint.sh");
-    let script = format!(
-        "#!/bin/sh\nset -eu\n[ \"$1\" = --config ] || exec '{t}' \"$@\"\nmkdir -p \"$HOME\"\ncfg=\"$HOME/trainer-config.json\"\nsed \"s#/dev/termination-log#$HOME/../trainer.termination-log#g\" \"$2\" > \"$cfg\"\nshift 2\nexec '{t}' --config \"$cfg\" \"$@\"\n",
-        t = trainer.display()
-    );
-    std::fs::write(&path, script).map_err(StackError::CreateTempDir)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
-        .map_err(StackError::CreateTempDir)?;
-    Ok(path)
 }
 
 /// Where stacks put their working directories: `LORAPLANE_E2E_DIR`, else `/var/tmp` (not

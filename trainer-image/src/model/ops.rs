@@ -617,7 +617,7 @@ pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
@@ -651,7 +651,8 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    /// The largest absolute element difference, compared in f64.
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         let f64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
         (f64(a) - f64(b))
             .unwrap()

@@ -959,18 +959,7 @@ mod tests {
             };
             let (out_a, ga) = grads(&chunked);
             let (out_b, gb) = grads(&ops::attention_reference);
-            let diff = |a: &Tensor, b: &Tensor| {
-                (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap()
-            };
+            let diff = ops::tests::max_diff;
             assert!(diff(&out_a, &out_b) < 1e-12);
             assert_eq!(ga.len(), 4);
             for ((name, up_a, down_a), (_, up_b, down_b)) in ga.iter().zip(&gb) {

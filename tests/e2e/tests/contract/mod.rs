@@ -14,8 +14,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -207,45 +205,18 @@ pub struct Outcome {
     pub api_metrics: String,
 }
 
-/// A plain HTTP/1.1 request (what a browser or Prometheus does).
+/// A plain HTTP/1.1 request (what a browser or Prometheus does), through the e2e crate's
+/// client; the status and body.
 pub async fn http(
     method: &str,
     url: &str,
     headers: &[(&str, String)],
     body: Vec<u8>,
 ) -> (u16, Vec<u8>) {
-    let uri: hyper::Uri = url.parse().unwrap();
-    let host = uri.host().unwrap().to_string();
-    let port = uri.port_u16().unwrap_or(80);
-    let stream = tokio::net::TcpStream::connect((host.as_str(), port))
+    let resp = loraplane_e2e::http::request(method, url, headers, body)
         .await
         .unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
-    let mut req = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", format!("{host}:{port}"));
-    for (k, v) in headers {
-        req = req.header(*k, v.as_str());
-    }
-    let resp = sender
-        .send_request(req.body(Full::new(Bytes::from(body))).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let bytes = resp
-        .into_body()
-        .collect()
-        .await
-        .unwrap()
-        .to_bytes()
-        .to_vec();
-    (status, bytes)
+    (resp.status, resp.body)
 }
 
 struct ApiClient {

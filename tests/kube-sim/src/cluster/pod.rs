@@ -538,6 +538,15 @@ async fn mount_volumes(shared: &Shared, pod: &Pod) -> Result<(PathMap, PathBuf),
             map.add(&m.mount_path, &host);
         }
     }
+    // Termination-message paths are mapped before the files are written, so a mounted config
+    // that names the container's `terminationMessagePath` points at the file the kubelet reads.
+    // A path two containers share maps to the first one's file.
+    for c in containers(pod) {
+        let path = termination_message_path(c);
+        if map.host_path(path).is_none() {
+            map.add(path, &termination_file(&pod_dir, c));
+        }
+    }
     for (dir, entries) in files {
         for (path, bytes) in entries {
             let file = dir.join(&path);
@@ -604,6 +613,18 @@ fn expand(s: &str, vars: &HashMap<String, String>) -> String {
     out
 }
 
+/// Where a container writes its termination message, inside the container.
+fn termination_message_path(c: &Container) -> &str {
+    c.termination_message_path
+        .as_deref()
+        .unwrap_or("/dev/termination-log")
+}
+
+/// The host file behind a container's termination message.
+fn termination_file(pod_dir: &Path, c: &Container) -> PathBuf {
+    pod_dir.join(format!("{}.termination-log", c.name))
+}
+
 async fn resolve_local(
     shared: &Shared,
     pod: &Pod,
@@ -614,16 +635,11 @@ async fn resolve_local(
 ) -> Result<LocalRun, String> {
     let ns = namespace(pod);
     let mut map = pod_map.clone();
-    let termination_file = pod_dir.join(format!("{}.termination-log", c.name));
+    let termination_file = termination_file(pod_dir, c);
     tokio::fs::write(&termination_file, b"")
         .await
         .map_err(io_err("write", &termination_file))?;
-    map.add(
-        c.termination_message_path
-            .as_deref()
-            .unwrap_or("/dev/termination-log"),
-        &termination_file,
-    );
+    map.add(termination_message_path(c), &termination_file);
 
     let mut vars: HashMap<String, String> = HashMap::new();
     let mut order: Vec<String> = Vec::new();
