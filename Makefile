@@ -29,8 +29,14 @@ fmt-check:
 clippy:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
+# The e2e tests run the trainer binary that this same workspace build produces (the trainer's own
+# CLI tests make cargo build it). Naming it here keeps the tests from calling cargo themselves: a
+# `cargo build -p loraplane-trainer` resolves other features than the workspace build and would
+# recompile half the dependency tree in the middle of the run.
 unit:
-	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(CARGO) nextest run --workspace --locked --no-fail-fast
+	target_dir=$$($(CARGO) metadata --format-version 1 --no-deps --locked | grep -o '"target_directory":"[^"]*"' | cut -d'"' -f4) && \
+	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" LORAPLANE_TRAINER_BIN="$$target_dir/debug/loraplane-trainer" \
+	  $(CARGO) nextest run --workspace --locked --no-fail-fast
 
 crd-check:
 	@generated=$$(mktemp) && trap 'rm -f "$$generated"' EXIT && \

@@ -1,13 +1,13 @@
 //! Finds the real `loraplane-trainer` binary the simulated kubelets run for the trainer image.
 //!
 //! Tests run under `cargo nextest`, where `CARGO_BIN_EXE_*` exists only for the test's own
-//! package, so the harness asks cargo for the binary: it runs
-//! `cargo build -p loraplane-trainer --bin loraplane-trainer --message-format=json` in the
-//! workspace (a no-op taking about a second when the binary is fresh, which it is after the
-//! workspace build `make test` does) and takes the path cargo reports. This works in a clean
-//! clone with `make test`, with `cargo nextest run -p loraplane-e2e` alone, and whatever
-//! `CARGO_TARGET_DIR` is. `LORAPLANE_TRAINER_BIN` skips the build (the demo script sets it
-//! after building everything once). A missing or unbuildable binary is an error, never a skip.
+//! package. `make test` names the binary its workspace build produced in `LORAPLANE_TRAINER_BIN`
+//! (as does the demo script), and that is the normal path. Without it the harness asks cargo:
+//! `cargo build -p loraplane-trainer --bin loraplane-trainer --message-format=json` and takes the
+//! path cargo reports. That works whatever `CARGO_TARGET_DIR` is, but a `-p` build resolves other
+//! features than a workspace build, so on a cold target dir it compiles much of the dependency tree
+//! again (minutes on two cores) — fine for a developer running one test, too slow inside a CI run.
+//! A missing or unbuildable binary is an error, never a skip.
 
 use std::path::{Path, PathBuf};
 
