@@ -6,12 +6,13 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TOOLS := .tools
 
-.PHONY: help bootstrap test fmt-check clippy unit chart-test crd-check crdgen demo bench
+.PHONY: help bootstrap test fmt-check clippy unit chart-test crd-check crdgen demo bench e2e-real
 
 help:
 	@echo "make demo   - the customer journey on the local stack (DEMO_ARGS=--keep-running keeps it up)"
 	@echo "make test   - everything CI checks: tools, fmt, clippy, tests, CRD drift"
 	@echo "make crdgen - regenerate crds/loratrainingjob.yaml from the Rust types"
+	@echo "make e2e-real - the journey against a real cluster (KUBECONFIG; see tests/e2e/REAL_CLUSTER.md)"
 	@echo "make bench  - run the benchmarks, write tests/bench/REPORT.md (+ .json); PROFILE=dev for a quicker build"
 
 ## Installs what the tests need into .tools/ (git-ignored); fails loudly on anything missing.
@@ -58,3 +59,7 @@ demo: bootstrap
 ## Benchmarks (never part of `make test`): see tests/bench/run.sh for the knobs.
 bench: bootstrap
 	@tests/bench/run.sh
+
+## The journey against a real cluster set up as tests/e2e/REAL_CLUSTER.md says (never in `make test`).
+e2e-real:
+	$(CARGO) run --locked -p loraplane-e2e --bin loraplane-e2e-real -- run

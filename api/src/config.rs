@@ -57,7 +57,22 @@ pub struct Plan {
     pub min_gpu_memory_gib: Option<i32>,
     /// Maximum training steps an order may ask for; also the default.
     pub max_steps: i64,
+    /// Training resolution in pixels (the long side of each bucket) of the plan's jobs; when
+    /// empty the job leaves it unset and the family's default applies. Within the CRD's limits
+    /// ([`RESOLUTION_MIN`]..=[`RESOLUTION_MAX`], a multiple of [`RESOLUTION_MULTIPLE`]).
+    #[serde(default)]
+    pub resolution: Option<i32>,
 }
+
+// The CRD schema's limits of `spec.training.resolution`, checked at load so a bad plan fails
+// at start-up rather than every order on it being refused by the apiserver. A test compares
+// them with the generated CRD.
+/// Smallest training resolution a plan may set.
+pub const RESOLUTION_MIN: i32 = 256;
+/// Largest training resolution a plan may set.
+pub const RESOLUTION_MAX: i32 = 2048;
+/// A plan's training resolution must be a multiple of this.
+pub const RESOLUTION_MULTIPLE: i32 = 64;
 
 fn default_keep_inputs() -> i64 {
     7 * 86_400
@@ -158,6 +173,16 @@ impl ApiConfig {
             if p.max_steps < 1 {
                 return Err(bad(format!("plans.{name}.maxSteps"), "must be at least 1"));
             }
+            if let Some(r) = p.resolution
+                && (!(RESOLUTION_MIN..=RESOLUTION_MAX).contains(&r) || r % RESOLUTION_MULTIPLE != 0)
+            {
+                return Err(ConfigError::Invalid {
+                    field: format!("plans.{name}.resolution"),
+                    message: format!(
+                        "must be a multiple of {RESOLUTION_MULTIPLE} from {RESOLUTION_MIN} to {RESOLUTION_MAX}, not {r}"
+                    ),
+                });
+            }
             if p.retention == RetentionMode::ZeroRetention && p.training_consent {
                 return Err(bad(
                     format!("plans.{name}.trainingConsent"),
@@ -200,5 +225,64 @@ pub fn parse_residency(s: &str) -> Option<Residency> {
         "us" => Some(Residency::Us),
         "any" | "" => Some(Residency::Any),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(plan: &str) -> Result<ApiConfig, ConfigError> {
+        ApiConfig::from_yaml(&format!(
+            "stripeNamespace: orders\nplans:\n  basic: {{{plan}}}\n"
+        ))
+    }
+
+    #[test]
+    fn a_plan_resolution_is_read_and_is_optional() {
+        let c = config("maxSteps: 100, resolution: 512").unwrap();
+        assert_eq!(c.plans["basic"].resolution, Some(512));
+        let c = config("maxSteps: 100").unwrap();
+        assert_eq!(c.plans["basic"].resolution, None);
+    }
+
+    #[test]
+    fn a_plan_resolution_outside_the_crd_limits_is_refused_naming_the_field() {
+        for r in [0, 192, 300, 2112, -256] {
+            match config(&format!("maxSteps: 100, resolution: {r}")) {
+                Err(ConfigError::Invalid { field, message }) => {
+                    assert_eq!(field, "plans.basic.resolution");
+                    assert!(message.contains(&r.to_string()), "{message}");
+                }
+                other => panic!("resolution {r} was not refused: {other:?}"),
+            }
+        }
+        for r in [256, 1024, 2048] {
+            assert!(
+                config(&format!("maxSteps: 100, resolution: {r}")).is_ok(),
+                "{r}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_resolution_limits_match_the_crd_schema() {
+        let crd: serde_json::Value =
+            serde_yaml::from_str(&loraplane_crds::crd_yaml().unwrap()).unwrap();
+        let versions = crd["spec"]["versions"].as_array().unwrap();
+        assert!(!versions.is_empty());
+        for v in versions {
+            let field = v
+                .pointer(
+                    "/schema/openAPIV3Schema/properties/spec/properties/training/properties/resolution",
+                )
+                .unwrap();
+            assert_eq!(field["minimum"].as_f64(), Some(f64::from(RESOLUTION_MIN)));
+            assert_eq!(field["maximum"].as_f64(), Some(f64::from(RESOLUTION_MAX)));
+            assert_eq!(
+                field["multipleOf"].as_f64(),
+                Some(f64::from(RESOLUTION_MULTIPLE))
+            );
+        }
     }
 }

@@ -279,6 +279,10 @@ pub fn build_spec(order: &Order, inp: &SpecInputs<'_>) -> Result<LoRATrainingJob
     let zero = plan.retention == RetentionMode::ZeroRetention;
     let training = Training {
         steps,
+        // Orders (webhook metadata and the service API's request alike) carry no resolution,
+        // so the plan decides; without one the field stays unset and the family default
+        // applies when the operator renders the trainer's config.
+        resolution: plan.resolution,
         checkpoint_every: None,
         ..Training::default()
     };
@@ -364,6 +368,7 @@ families: []
             gpu_products: vec!["NVIDIA-L4".into()],
             min_gpu_memory_gib: Some(20),
             max_steps: 500,
+            resolution: None,
         }
     }
 
@@ -418,6 +423,29 @@ families: []
         // The spec serialises into something the CRD schema accepts.
         let job = loraplane_crds::v1alpha1::LoRATrainingJob::new("x", spec);
         assert!(serde_json::to_value(&job).is_ok());
+    }
+
+    #[test]
+    fn the_plan_resolution_reaches_the_spec() {
+        let p = Plan {
+            resolution: Some(256),
+            ..plan()
+        };
+        let spec = build(&order(), &p).unwrap();
+        assert_eq!(spec.training.resolution, Some(256));
+        let job = loraplane_crds::v1alpha1::LoRATrainingJob::new("x", spec);
+        let json = serde_json::to_value(&job).unwrap();
+        assert_eq!(json["spec"]["training"]["resolution"], 256);
+    }
+
+    #[test]
+    fn without_a_plan_resolution_the_family_default_applies() {
+        let spec = build(&order(), &plan()).unwrap();
+        assert_eq!(spec.training.resolution, None);
+        // Unset in the object the API creates, so the family default (1024 for SDXL) applies.
+        let job = loraplane_crds::v1alpha1::LoRATrainingJob::new("x", spec);
+        let json = serde_json::to_value(&job).unwrap();
+        assert!(json["spec"]["training"].get("resolution").is_none());
     }
 
     #[test]

@@ -274,7 +274,10 @@ pub fn pod_name(job_name: &str, index: usize) -> String {
 }
 
 /// Pools tried in the current failover round: those whose attempts ended `Unschedulable` since
-/// the last attempt that actually ran.
+/// the last attempt that actually ran, and that attempt's own pool when the platform took it
+/// away (spot reclaim, preemption, lost node): a pool that just lost its capacity is the least
+/// likely to have room again at once, so the next attempt goes elsewhere first (the round
+/// still comes back to it when nothing else fits).
 pub fn tried_pools(status: Option<&LoRATrainingJobStatus>) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     if let Some(st) = status {
@@ -284,10 +287,16 @@ pub fn tried_pools(status: Option<&LoRATrainingJobStatus>) -> BTreeSet<String> {
             .rev()
             .skip_while(|a| a.end_time.is_none())
         {
-            if a.reason.as_deref() != Some(reason::UNSCHEDULABLE) {
-                break;
+            match a.reason.as_deref() {
+                Some(reason::UNSCHEDULABLE) => {
+                    out.insert(a.pool.clone());
+                }
+                Some(reason::PREEMPTED | reason::NODE_LOST) => {
+                    out.insert(a.pool.clone());
+                    break;
+                }
+                _ => break,
             }
-            out.insert(a.pool.clone());
         }
     }
     out
@@ -1099,6 +1108,38 @@ mod tests {
         assert_eq!(r.status().attempts[2].reason.as_deref(), Some("NodeLost"));
         assert_eq!(plan.create.unwrap().index, 3);
         assert_eq!(r.status().failures, None);
+    }
+
+    #[test]
+    fn a_reclaimed_pool_is_tried_last_in_the_next_round() {
+        let ended = |pool: &str, why: &str| Attempt {
+            pool: pool.into(),
+            reason: Some(why.into()),
+            end_time: Some(Time(Timestamp::UNIX_EPOCH)),
+            ..Attempt::default()
+        };
+        let with = |attempts: Vec<Attempt>| LoRATrainingJobStatus {
+            attempts,
+            ..LoRATrainingJobStatus::default()
+        };
+        let names = |s: &[&str]| s.iter().map(|p| p.to_string()).collect::<BTreeSet<_>>();
+        let st = with(vec![ended("spot-a", reason::PREEMPTED)]);
+        assert_eq!(tried_pools(Some(&st)), names(&["spot-a"]));
+        let st = with(vec![
+            ended("old", reason::UNSCHEDULABLE),
+            ended("spot-a", reason::NODE_LOST),
+            ended("b", reason::UNSCHEDULABLE),
+        ]);
+        assert_eq!(
+            tried_pools(Some(&st)),
+            names(&["spot-a", "b"]),
+            "the round starts at the reclaimed attempt"
+        );
+        let st = with(vec![ended("a", reason::TRAINER_FAILED)]);
+        assert!(
+            tried_pools(Some(&st)).is_empty(),
+            "a crash says nothing about the pool"
+        );
     }
 
     #[test]

@@ -31,11 +31,10 @@ command -v weed >/dev/null || PATH="$PWD/.tools/bin:$PATH"
 command -v weed >/dev/null || { echo "make bench: SeaweedFS 'weed' not found: run 'make bootstrap'" >&2; exit 1; }
 
 echo "== building the benchmark programs ($PROFILE)"
+# One invocation (one feature resolution); target selectors apply to every package named.
 cargo build --locked --profile "$PROFILE" \
-  -p kube-sim --bin kube-sim-bench \
-  -p loraplane-operator --bins --example operator-bench \
-  -p loraplane-api --bins --example bench \
-  -p loraplane-trainer --bin trainer-bench --bin loraplane-trainer
+  -p kube-sim -p loraplane-operator -p loraplane-api -p loraplane-trainer \
+  --bins --example operator-bench --example bench
 
 wants() { [[ " $ONLY " == *" $1 "* ]]; }
 

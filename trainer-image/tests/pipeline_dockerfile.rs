@@ -39,7 +39,8 @@ fn dockerfile_is_hadolint_clean_and_runs_unprivileged() {
     let text = std::fs::read_to_string(&dockerfile).unwrap();
     let stages = text.lines().filter(|l| l.starts_with("FROM ")).count();
     assert!(stages >= 2, "multi-stage build expected");
-    assert!(text.contains("--features cuda"));
+    assert!(text.contains("ARG FEATURES=cuda,cudnn"));
+    assert!(text.contains("--features \"${FEATURES}\""));
     let last_user = text.lines().rev().find(|l| l.starts_with("USER ")).unwrap();
     assert!(
         !last_user.contains("root") && !last_user.contains(" 0"),

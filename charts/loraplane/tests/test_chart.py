@@ -108,6 +108,7 @@ def test_platform_config_reaches_the_operator_and_api():
     assert platform["families"][0]["trainerImage"].endswith("/loraplane-trainer:0.1.0")
     api = yaml.safe_load(config["data"]["api.yaml"])
     assert api["plans"]["private-eea"]["retention"] == "zeroRetention"
+    assert api["plans"]["private-eea"]["resolution"] == 512
     assert api["leaseNamespace"] == "loraplane-system"
 
 
@@ -144,6 +145,7 @@ BAD_VALUES = [
     ({"api": {"tenants": [{"name": "acme", "namespace": "tenant-acme", "tokenSha256": "hunter2"}]}}, "tokenSha256"),
     ({"api": {"stripe": {"webhookSecret": "whsec_plaintext"}}}, "webhookSecret"),
     ({"s3": {"accessKeyId": "AKIA..."}}, "accessKeyId"),
+    ({"api": {"plans": {"standard": {"resolution": 1000}}}}, "resolution"),
     ({"monitoring": {"prometheusRule": {"jobFailureRatio": 3}}}, "jobFailureRatio"),
 ]
 

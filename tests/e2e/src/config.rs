@@ -29,8 +29,8 @@ pub const STOREFRONT_TOKEN: &str = "storefront-e2e-token";
 pub const WEBHOOK_SECRET: &str = "whsec_loraplane_e2e";
 /// The API's id-hashing key.
 pub const ID_HASH_KEY: &str = "loraplane-e2e-id-key";
-/// Training resolution defaulted into jobs by the stack's CRD (see [`crd`]).
-pub const E2E_RESOLUTION: i64 = 256;
+/// Training resolution of the stack's plans (see [`api_yaml`]).
+pub const E2E_RESOLUTION: i32 = 256;
 /// Regions of the stack, with their jurisdictions.
 pub const REGIONS: [(&str, &str); 3] =
     [("eu-west", "eea"), ("eu-central", "eea"), ("us-east", "us")];
@@ -246,13 +246,17 @@ pub fn sha256_hex(s: &str) -> String {
 
 /// The API configuration: a `standard` and a `zero` plan with short retention, the storefront
 /// tenant, small dataset limits, a fast retention resync.
+///
+/// Both plans train at [`E2E_RESOLUTION`]: without a plan resolution jobs get the family default
+/// (1024 px for SDXL), where even the tiny test models need gigabytes of attention memory on a
+/// CPU.
 pub fn api_yaml(r: &RetentionKnobs) -> String {
     format!(
         r#"stripeNamespace: {ORDERS_NS}
 leaseNamespace: {SYSTEM_NS}
 plans:
-  standard: {{retention: standard, keepInputsSeconds: {}, keepOutputsSeconds: {}, maxSteps: 400}}
-  zero: {{retention: zeroRetention, keepOutputsSeconds: {}, maxSteps: 400}}
+  standard: {{retention: standard, keepInputsSeconds: {}, keepOutputsSeconds: {}, maxSteps: 400, resolution: {E2E_RESOLUTION}}}
+  zero: {{retention: zeroRetention, keepOutputsSeconds: {}, maxSteps: 400, resolution: {E2E_RESOLUTION}}}
 tenants:
   - {{name: storefront, namespace: {ORDERS_NS}, tokenSha256: "{}"}}
 limits:
@@ -280,39 +284,10 @@ pub fn api_config(r: &RetentionKnobs) -> Result<ApiConfig, ConfigError> {
     Ok(ApiConfig::from_yaml(&api_yaml(r))?)
 }
 
-/// The LoRATrainingJob CRD as the stack installs it: the generated CRD with one addition, a
-/// schema default of [`E2E_RESOLUTION`] for `spec.training.resolution`.
-///
-/// Why: orders carry no resolution, so jobs get the family default (1024 px for SDXL), and the
-/// tiny test models at 1024 px need gigabytes of attention memory on a CPU. A schema default is
-/// what a platform team would use to change a cluster-wide default without touching the API;
-/// the value stays within the CRD's own limits (256–2048, multiple of 64).
+/// The LoRATrainingJob CRD as the stack installs it: the generated CRD, unchanged.
 pub fn crd() -> Result<Value, ConfigError> {
     let text = loraplane_crds::crd_yaml().map_err(|e| ConfigError::BuildCrd(e.to_string()))?;
-    let mut crd: Value =
-        serde_yaml::from_str(&text).map_err(|e| ConfigError::BuildCrd(e.to_string()))?;
-    with_resolution_default(&mut crd, E2E_RESOLUTION)?;
-    Ok(crd)
-}
-
-/// Sets the default of `spec.training.resolution` in every version's schema.
-pub fn with_resolution_default(crd: &mut Value, resolution: i64) -> Result<(), ConfigError> {
-    let versions = crd
-        .pointer_mut("/spec/versions")
-        .and_then(Value::as_array_mut)
-        .ok_or_else(|| ConfigError::BuildCrd("no spec.versions".into()))?;
-    for v in versions {
-        let field = v
-            .pointer_mut(
-                "/schema/openAPIV3Schema/properties/spec/properties/training/properties/resolution",
-            )
-            .and_then(Value::as_object_mut)
-            .ok_or_else(|| {
-                ConfigError::BuildCrd("no spec.training.resolution in the schema".into())
-            })?;
-        field.insert("default".into(), Value::from(resolution));
-    }
-    Ok(())
+    serde_yaml::from_str(&text).map_err(|e| ConfigError::BuildCrd(e.to_string()))
 }
 
 #[cfg(test)]
@@ -371,25 +346,11 @@ mod tests {
     }
 
     #[test]
-    fn the_crd_defaults_resolution_and_the_schema_applies_it() {
-        let crd = crd().unwrap();
-        let schema = crd
-            .pointer("/spec/versions/0/schema/openAPIV3Schema")
-            .unwrap()
-            .clone();
-        let schema = kube_sim::schema::Schema::new(schema).unwrap();
-        let job = serde_json::json!({
-            "apiVersion": "loraplane.io/v1alpha1", "kind": "LoRATrainingJob",
-            "metadata": {"name": "j", "namespace": "orders"},
-            "spec": {
-                "baseModel": {"family": "sdxl"},
-                "concept": {"type": "character", "triggerWord": "zxq"},
-                "dataset": {"uri": "s3://datasets-eu-west/x.zip", "sha256": "a".repeat(64)},
-                "training": {"steps": 10},
-                "placement": {"residency": "eea"}
-            }
-        });
-        let admitted = schema.admit(job, None).unwrap();
-        assert_eq!(admitted["spec"]["training"]["resolution"], E2E_RESOLUTION);
+    fn every_plan_trains_at_the_small_e2e_resolution() {
+        let c = api_config(&RetentionKnobs::default()).unwrap();
+        assert_eq!(c.plans.len(), 2);
+        for (name, plan) in &c.plans {
+            assert_eq!(plan.resolution, Some(E2E_RESOLUTION), "{name}");
+        }
     }
 }

@@ -11,6 +11,7 @@ use loraplane_crds::v1alpha1::Phase;
 use serde_json::{Value, json};
 
 use crate::config::{ORDERS_NS, REGIONS};
+use crate::endpoints::Endpoints;
 use crate::fixtures::{self, LoraFacts};
 use crate::http;
 use crate::stack::{Stack, StackError, job_name_for_session};
@@ -201,7 +202,7 @@ pub struct Placed {
 
 /// Uploads a generated dataset and delivers the paid checkout event; returns the created job.
 pub async fn place_order(
-    stack: &Stack,
+    stack: &Endpoints,
     order: &OrderSpec,
     tl: &mut Timeline,
 ) -> Result<Placed, JourneyError> {
@@ -315,7 +316,7 @@ pub fn attempts(job: &LoRATrainingJob) -> Vec<AttemptView> {
 
 /// Waits until the job runs with a placement; returns it.
 pub async fn wait_running(
-    stack: &Stack,
+    stack: &Endpoints,
     job: &str,
     timeout: Duration,
     tl: &mut Timeline,
@@ -336,13 +337,25 @@ pub async fn wait_running(
     Ok(j)
 }
 
-/// Waits for a checkpoint of the current attempt, then preempts the job's spot node.
-/// Returns (region, node, checkpoint step) of the preempted attempt.
-pub async fn preempt_after_checkpoint(
-    stack: &Stack,
+/// Where a running job stands once its current attempt has uploaded a checkpoint.
+#[derive(Debug, Clone)]
+pub struct Checkpointed {
+    /// Region of the attempt.
+    pub region: String,
+    /// Pool of the attempt.
+    pub pool: String,
+    /// Node of the attempt.
+    pub node: String,
+    /// The checkpoint's step.
+    pub step: i64,
+}
+
+/// Waits until the running job has a checkpoint and steps still to go.
+pub async fn wait_checkpoint(
+    stack: &Endpoints,
     job: &str,
     tl: &mut Timeline,
-) -> Result<(String, String, i64), JourneyError> {
+) -> Result<Checkpointed, JourneyError> {
     let j = stack
         .wait_job(
             job,
@@ -360,9 +373,25 @@ pub async fn preempt_after_checkpoint(
         format!("step {step}/{total}, checkpoint at step {ckpt} uploaded"),
     );
     let (region, pool, node) = placement(&j).unwrap_or_default();
+    Ok(Checkpointed {
+        region,
+        pool,
+        node,
+        step: ckpt,
+    })
+}
+
+/// Waits for a checkpoint of the current attempt, then preempts the job's spot node.
+/// Returns (region, node, checkpoint step) of the preempted attempt.
+pub async fn preempt_after_checkpoint(
+    stack: &Stack,
+    job: &str,
+    tl: &mut Timeline,
+) -> Result<(String, String, i64), JourneyError> {
+    let c = wait_checkpoint(stack, job, tl).await?;
     stack
         .cluster()?
-        .preempt_node(&node, None)
+        .preempt_node(&c.node, None)
         .await
         .map_err(|e| JourneyError::Check {
             step: "preempt",
@@ -370,14 +399,17 @@ pub async fn preempt_after_checkpoint(
         })?;
     tl.note(
         "spot preemption",
-        format!("node {node} (pool {pool}, {region}) reclaimed by the cloud"),
+        format!(
+            "node {} (pool {}, {}) reclaimed by the cloud",
+            c.node, c.pool, c.region
+        ),
     );
-    Ok((region, node, ckpt))
+    Ok((c.region, c.node, c.step))
 }
 
 /// Waits until the job runs again in an attempt after `after_attempts`; returns the job.
 pub async fn wait_resumed(
-    stack: &Stack,
+    stack: &Endpoints,
     job: &str,
     after_attempts: usize,
     tl: &mut Timeline,
@@ -405,7 +437,7 @@ pub async fn wait_resumed(
 
 /// Waits for success.
 pub async fn wait_succeeded(
-    stack: &Stack,
+    stack: &Endpoints,
     job: &str,
     tl: &mut Timeline,
 ) -> Result<LoRATrainingJob, JourneyError> {
@@ -479,7 +511,7 @@ pub struct Download {
 /// Asks the API for the job's download links and fetches each with a plain HTTP GET,
 /// checking SHA-256 and that it parses as a LoRA safetensors file.
 pub async fn download_loras(
-    stack: &Stack,
+    stack: &Endpoints,
     job: &str,
     tl: &mut Timeline,
 ) -> Result<Vec<Download>, JourneyError> {
@@ -554,7 +586,7 @@ pub struct Leftovers {
 }
 
 /// Lists what exists of a job.
-pub async fn leftovers(stack: &Stack, p: &Placed) -> Result<Leftovers, JourneyError> {
+pub async fn leftovers(stack: &Endpoints, p: &Placed) -> Result<Leftovers, JourneyError> {
     let pods = stack.pods_of(&p.uid).await?;
     let live_pods = pods
         .iter()
@@ -624,7 +656,7 @@ pub async fn leftovers(stack: &Stack, p: &Placed) -> Result<Leftovers, JourneyEr
 
 /// Waits until retention has deleted the job's outputs (and, before them, its inputs).
 pub async fn wait_retention(
-    stack: &Stack,
+    stack: &Endpoints,
     job: &str,
     tl: &mut Timeline,
 ) -> Result<LoRATrainingJob, JourneyError> {
@@ -665,7 +697,7 @@ pub async fn wait_retention(
 }
 
 /// `kubectl get ltj -n orders` against the stack (the real kubectl binary).
-pub async fn kubectl_get_ltj(stack: &Stack, wide: bool) -> Result<String, JourneyError> {
+pub async fn kubectl_get_ltj(stack: &Endpoints, wide: bool) -> Result<String, JourneyError> {
     let mut args = vec![
         "--kubeconfig".to_string(),
         stack.kubeconfig().display().to_string(),

@@ -1,8 +1,9 @@
 //! The whole product on one machine: kube-sim with the three-region topology and the CRD,
 //! simulated kubelets that run the real `loraplane-trainer` binary for the trainer image, a
-//! real SeaweedFS with each region's buckets, the operator and any number of API replicas,
-//! plus the customer-side calls (upload, signed Stripe webhook, API requests) and the
-//! auditor-side looks (pods, claims, S3 objects, Events) the scenarios need.
+//! real SeaweedFS with each region's buckets, the operator and any number of API replicas.
+//! The customer-side calls (upload, signed Stripe webhook, API requests) and auditor-side
+//! looks (pods, claims, S3 objects, Events) are the stack's [`Endpoints`], which it derefs to;
+//! what only a simulated cluster can do (preempt a node, fill a pool) stays here.
 //!
 //! The operator and the API run in this process through their library crates rather than as
 //! their binaries: a scenario can stop and start them at will (operator restart, API replica
@@ -17,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Event, Namespace, PersistentVolumeClaim, Pod, Secret};
-use kube::api::{Api, ListParams, PostParams};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use kube::api::{Api, PostParams};
 use kube_sim::cluster::{KubeletConfig, LocalImage, Script, ScriptRule};
 use kube_sim::{KubeSim, SimConfig};
 use loraplane_api::app::{self, App, Secrets};
@@ -26,12 +27,10 @@ use loraplane_api::config::ApiConfig;
 use loraplane_api::http::{HttpState, router};
 use loraplane_api::leader::Leader;
 use loraplane_api::storage::{S3Credentials, Storage};
-use loraplane_crds::LoRATrainingJob;
 use loraplane_crds::platform::PlatformConfig;
-use loraplane_crds::v1alpha1::Phase;
 use loraplane_operator::config::Settings;
 use loraplane_operator::controller::{self, Health};
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -39,8 +38,9 @@ use crate::config::{
     self, ORDERS_NS, PlatformKnobs, RetentionKnobs, S3_SECRET, STOREFRONT_TOKEN, SYSTEM_NS,
     TRAINER_IMAGE, WEBHOOK_SECRET,
 };
+use crate::endpoints::Endpoints;
 use crate::fixtures;
-use crate::http::{self, HttpError, Response};
+use crate::http::HttpError;
 
 /// Why the stack could not start or a call on it failed.
 #[derive(Debug, thiserror::Error)]
@@ -199,8 +199,8 @@ pub struct Stack {
     pub api_config: ApiConfig,
     /// The trainer binary the kubelets run.
     pub trainer_binary: PathBuf,
+    endpoints: Endpoints,
     dir: WorkDir,
-    kubeconfig: PathBuf,
     operator: Option<OperatorHandle>,
     operator_starts: u32,
     apis: Vec<ApiReplica>,
@@ -213,6 +213,16 @@ impl std::fmt::Debug for Stack {
             .field("kube", &self.sim.url())
             .field("s3", &self.s3.endpoint())
             .finish_non_exhaustive()
+    }
+}
+
+/// The customer and auditor calls (`stack.upload_dataset(..)`, `stack.job(..)`, ...) are the
+/// [`Endpoints`] of the stack, so journey steps written for endpoints take a `&Stack` as well.
+impl std::ops::Deref for Stack {
+    type Target = Endpoints;
+
+    fn deref(&self) -> &Endpoints {
+        &self.endpoints
     }
 }
 
@@ -278,14 +288,22 @@ impl Stack {
         .await?;
         let kubeconfig = dir.path().join("kubeconfig");
         sim.write_kubeconfig(&kubeconfig)?;
+        let endpoints = Endpoints::new(
+            sim.client(),
+            kubeconfig,
+            STOREFRONT_TOKEN,
+            WEBHOOK_SECRET,
+            s3.client(),
+            1,
+        );
         let mut stack = Stack {
             sim,
             s3,
             platform,
             api_config,
             trainer_binary,
+            endpoints,
             dir,
-            kubeconfig,
             operator: None,
             operator_starts: 0,
             apis: Vec::new(),
@@ -327,16 +345,6 @@ impl Stack {
             .await
             .map_err(kube_err("create the S3 credentials secret"))?;
         Ok(())
-    }
-
-    /// A `kube::Client` for the emulator.
-    pub fn client(&self) -> kube::Client {
-        self.sim.client()
-    }
-
-    /// The kubeconfig file for `kubectl`.
-    pub fn kubeconfig(&self) -> &Path {
-        &self.kubeconfig
     }
 
     /// The stack's working directory.
@@ -463,6 +471,7 @@ impl Stack {
             url: url.clone(),
             tasks,
         });
+        self.publish_api_urls();
         Ok(url)
     }
 
@@ -473,276 +482,18 @@ impl Stack {
             return None;
         }
         let r = self.apis.remove(0);
+        self.publish_api_urls();
         Some(r.identity.clone())
     }
 
-    /// Base URL of a live API replica (the oldest).
-    pub fn api_url(&self) -> Result<String, StackError> {
-        self.apis
-            .first()
-            .map(|r| r.url.clone())
-            .ok_or(StackError::NoApi)
+    fn publish_api_urls(&self) {
+        self.endpoints
+            .set_api_urls(self.apis.iter().map(|r| r.url.clone()).collect());
     }
 
     /// Identities of the live API replicas.
     pub fn api_identities(&self) -> Vec<String> {
         self.apis.iter().map(|r| r.identity.clone()).collect()
-    }
-
-    // ---- customer side ----
-
-    /// An API call as the storefront tenant.
-    pub async fn api(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<Response, StackError> {
-        let mut headers = vec![("authorization", format!("Bearer {STOREFRONT_TOKEN}"))];
-        let bytes = match body {
-            Some(v) => {
-                headers.push(("content-type", "application/json".into()));
-                serde_json::to_vec(&v).map_err(|e| StackError::StartApi(e.to_string()))?
-            }
-            None => Vec::new(),
-        };
-        Ok(http::request(
-            method,
-            &format!("{}{path}", self.api_url()?),
-            &headers,
-            bytes,
-        )
-        .await?)
-    }
-
-    /// Uploads a dataset as the customer does: an upload slot from the API, then a plain PUT
-    /// of the zip to the presigned URL. Returns the upload id.
-    pub async fn upload_dataset(
-        &self,
-        residency: &str,
-        zip: Vec<u8>,
-    ) -> Result<String, StackError> {
-        let ticket = self
-            .api("POST", "/v1/uploads", Some(json!({"residency": residency})))
-            .await?;
-        if ticket.status != 201 {
-            return Err(refused("create an upload slot", &ticket));
-        }
-        let t = ticket.json();
-        let url = t["url"].as_str().unwrap_or_default().to_string();
-        let put = http::request("PUT", &url, &[], zip).await?;
-        if put.status != 200 {
-            return Err(refused("PUT the dataset to the presigned URL", &put));
-        }
-        Ok(t["uploadId"].as_str().unwrap_or_default().to_string())
-    }
-
-    /// Posts a Stripe event signed with the endpoint secret; returns the webhook's outcome.
-    pub async fn webhook(&self, event: &Value) -> Result<String, StackError> {
-        let body = serde_json::to_vec(event).map_err(|e| StackError::StartApi(e.to_string()))?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        let sig = loraplane_api::stripe::header(WEBHOOK_SECRET.as_bytes(), now, &body);
-        let resp = http::request(
-            "POST",
-            &format!("{}/v1/webhooks/stripe", self.api_url()?),
-            &[
-                ("stripe-signature", sig),
-                ("content-type", "application/json".into()),
-            ],
-            body,
-        )
-        .await?;
-        if resp.status != 200 {
-            return Err(refused("deliver the webhook", &resp));
-        }
-        Ok(resp.json()["outcome"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string())
-    }
-
-    // ---- auditor side ----
-
-    /// The job, if it exists.
-    pub async fn job(&self, name: &str) -> Result<Option<LoRATrainingJob>, StackError> {
-        Api::<LoRATrainingJob>::namespaced(self.client(), ORDERS_NS)
-            .get_opt(name)
-            .await
-            .map_err(kube_err("get job"))
-    }
-
-    /// Polls the job every 200 ms until `pred` holds; fails with its last status after
-    /// `timeout`.
-    pub async fn wait_job(
-        &self,
-        name: &str,
-        timeout: Duration,
-        what: &str,
-        pred: impl Fn(&LoRATrainingJob) -> bool,
-    ) -> Result<LoRATrainingJob, StackError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut last = String::from("no job");
-        loop {
-            let mut ended = false;
-            if let Ok(Some(job)) = self.job(name).await {
-                if pred(&job) {
-                    return Ok(job);
-                }
-                last = serde_json::to_string(&job.status).unwrap_or_default();
-                ended = job
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.phase)
-                    .is_some_and(|p| matches!(p, Phase::Failed | Phase::Cancelled));
-            }
-            // A failed or cancelled job will not get anywhere: fail now, with its trainer's logs.
-            if ended || tokio::time::Instant::now() > deadline {
-                let logs = self.job_logs(name).await;
-                return Err(StackError::Timeout {
-                    what: format!("job {name}: {what}"),
-                    secs: timeout.as_secs(),
-                    last: format!("{last}\ntrainer logs:\n{logs}"),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    /// The last lines of every trainer pod of a job (for failure messages).
-    pub async fn job_logs(&self, job: &str) -> String {
-        let api = Api::<Pod>::namespaced(self.client(), ORDERS_NS);
-        let Ok(pods) = api
-            .list(&ListParams::default().labels(&format!("loraplane.io/job={job}")))
-            .await
-        else {
-            return String::new();
-        };
-        let mut out = String::new();
-        for p in pods.items {
-            let n = p.metadata.name.unwrap_or_default();
-            let lp = kube::api::LogParams {
-                tail_lines: Some(15),
-                ..kube::api::LogParams::default()
-            };
-            let text = api.logs(&n, &lp).await.unwrap_or_else(|e| e.to_string());
-            out.push_str(&format!("--- {n}\n{text}\n"));
-        }
-        out
-    }
-
-    /// Polls `probe` every 200 ms until it returns `Some`.
-    pub async fn wait_for<T, F, Fut>(
-        &self,
-        timeout: Duration,
-        what: &str,
-        mut probe: F,
-    ) -> Result<T, StackError>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<Option<T>, StackError>>,
-    {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let last = match probe().await {
-                Ok(Some(v)) => return Ok(v),
-                Ok(None) => "not yet".to_string(),
-                Err(e) => e.to_string(),
-            };
-            if tokio::time::Instant::now() > deadline {
-                return Err(StackError::Timeout {
-                    what: what.to_string(),
-                    secs: timeout.as_secs(),
-                    last,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    /// Pods labelled with a job uid.
-    pub async fn pods_of(&self, uid: &str) -> Result<Vec<Pod>, StackError> {
-        Ok(Api::<Pod>::namespaced(self.client(), ORDERS_NS)
-            .list(&ListParams::default().labels(&format!("loraplane.io/job-uid={uid}")))
-            .await
-            .map_err(kube_err("list pods"))?
-            .items)
-    }
-
-    /// Claims labelled with a job uid.
-    pub async fn claims_of(&self, uid: &str) -> Result<Vec<PersistentVolumeClaim>, StackError> {
-        Ok(
-            Api::<PersistentVolumeClaim>::namespaced(self.client(), ORDERS_NS)
-                .list(&ListParams::default().labels(&format!("loraplane.io/job-uid={uid}")))
-                .await
-                .map_err(kube_err("list claims"))?
-                .items,
-        )
-    }
-
-    /// Events about a job (by name), oldest first: (reason, message).
-    pub async fn events_of(&self, job: &str) -> Result<Vec<(String, String)>, StackError> {
-        let list = Api::<Event>::namespaced(self.client(), ORDERS_NS)
-            .list(&ListParams::default())
-            .await
-            .map_err(kube_err("list events"))?;
-        Ok(list
-            .items
-            .into_iter()
-            .filter(|e| e.involved_object.name.as_deref() == Some(job))
-            .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
-            .collect())
-    }
-
-    /// Every object key in a bucket.
-    pub async fn keys(&self, bucket: &str) -> Result<Vec<String>, StackError> {
-        let mut keys = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let out = self
-                .s3
-                .client()
-                .list_objects_v2()
-                .bucket(bucket)
-                .set_continuation_token(token.clone())
-                .send()
-                .await
-                .map_err(|e| StackError::S3 {
-                    action: "list objects",
-                    message: format!("{bucket}: {e:?}"),
-                })?;
-            keys.extend(
-                out.contents()
-                    .iter()
-                    .filter_map(|o| o.key().map(str::to_string)),
-            );
-            token = out.next_continuation_token().map(str::to_string);
-            if token.is_none() {
-                return Ok(keys);
-            }
-        }
-    }
-
-    /// Every S3 object of a job, as `bucket/key`: its dataset upload and everything under
-    /// `<namespace>/<job>-<uid>/` in every region's buckets.
-    pub async fn job_objects(
-        &self,
-        name: &str,
-        uid: &str,
-        dataset_key: Option<&str>,
-    ) -> Result<Vec<String>, StackError> {
-        let prefix = format!("{ORDERS_NS}/{name}-{uid}/");
-        let mut found = Vec::new();
-        for b in config::all_buckets() {
-            for k in self.keys(&b).await? {
-                if k.starts_with(&prefix) || Some(k.as_str()) == dataset_key {
-                    found.push(format!("{b}/{k}"));
-                }
-            }
-        }
-        Ok(found)
     }
 
     /// Fills every GPU of a pool with another team's never-ending pods (in namespace
@@ -804,6 +555,7 @@ impl Stack {
             tracing::warn!(error = %e, "operator did not stop cleanly");
         }
         self.apis.clear();
+        self.publish_api_urls();
         let Stack { sim, s3, dir, .. } = self;
         sim.shutdown().await;
         drop(s3);
@@ -818,14 +570,6 @@ pub fn base_dir() -> PathBuf {
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/tmp"))
-}
-
-fn refused(action: &'static str, r: &Response) -> StackError {
-    StackError::ApiRefused {
-        action,
-        status: r.status,
-        body: String::from_utf8_lossy(&r.body).chars().take(500).collect(),
-    }
 }
 
 /// The job name the API gives a Stripe checkout session (a keyed hash of the session id).

@@ -16,8 +16,6 @@
 mod contract;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use kube_sim::apiserver::audit::AuditRecord;
 use serde_json::Value;
@@ -167,41 +165,21 @@ fn grants_of(objects: &[Value], namespace: &str, name: &str) -> Vec<Grant> {
     grants
 }
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 /// The chart rendered with default values by Helm's Go SDK (helm-python-sdk), as the chart
 /// tests do: RBAC objects and Deployments.
 fn render_chart() -> Vec<Value> {
-    let python = repo().join(".tools/venv/bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run `make bootstrap` (installs helm-python-sdk into .tools/venv)",
-        python.display()
-    );
-    let script = r#"
-import json, sys
-import helm_python as helm
-import yaml
-with helm.Chart.load(sys.argv[1]) as chart:
-    out = chart.render({}, name="loraplane", namespace="loraplane-system")
-kinds = {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding", "Deployment"}
-docs = [d for text in out.values() for d in yaml.safe_load_all(text) if d and d.get("kind") in kinds]
-json.dump(docs, sys.stdout)
-"#;
-    let out = Command::new(&python)
-        .arg("-c")
-        .arg(script)
-        .arg(repo().join("charts/loraplane"))
-        .output()
-        .expect("run the venv's python");
-    assert!(
-        out.status.success(),
-        "rendering the chart failed (run `make bootstrap` if helm-python-sdk is missing):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let kinds = [
+        "Role",
+        "ClusterRole",
+        "RoleBinding",
+        "ClusterRoleBinding",
+        "Deployment",
+    ];
+    loraplane_e2e::helm::render(&serde_json::json!({}), "loraplane", "loraplane-system")
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_iter()
+        .filter(|d| d["kind"].as_str().is_some_and(|k| kinds.contains(&k)))
+        .collect()
 }
 
 /// The ServiceAccount a rendered Deployment runs as.

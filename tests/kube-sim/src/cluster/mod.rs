@@ -43,7 +43,7 @@ pub use kubelet::{ANNOTATION_SCRIPT, LocalImage, Script, ScriptRule};
 pub use topology::{
     ANNOTATION_SIMULATED, LABEL_CAPACITY_TYPE, LABEL_GPU_MEMORY, LABEL_GPU_PRODUCT,
     LABEL_INSTANCE_TYPE, LABEL_POOL, LABEL_REGION, LABEL_ZONE, Pool, RESOURCE_GPU, Region,
-    TaintSpec, Topology,
+    TaintSpec, Topology, node_for,
 };
 
 use crate::logs::PodLogs;
