@@ -89,10 +89,10 @@ pub fn merge(
     if let Some(step) = log.checkpoint.map(to_i64).or(resumed) {
         p.last_checkpoint_step = Some(p.last_checkpoint_step.map_or(step, |s| s.max(step)));
     }
-    if p.step == 0
-        && let Some(r) = resumed
-    {
-        p.step = r;
+    // A checkpoint at step N (or resuming from one) means N steps are done, even before the
+    // trainer's next progress line says so; the status never shows less than its checkpoint.
+    if let Some(done) = log.checkpoint.map(to_i64).or(resumed) {
+        p.step = p.step.max(done);
     }
     p.summary = Some(summary(p.step, p.total_steps));
     if previous.is_some() && p == before {
@@ -168,5 +168,17 @@ mod tests {
         let same = merge(Some(&p), &log, 1000, now).unwrap();
         assert_eq!(same, p);
         assert_eq!(summary(0, 0), "0/0 0%");
+    }
+
+    #[test]
+    fn a_checkpoint_ahead_of_the_last_progress_line_moves_the_step() {
+        let now = Timestamp::from_second(1_800_000_000).unwrap();
+        let log = parse_log(&line(TrainerEvent::Checkpoint {
+            step: 5,
+            uri: "s3://c/j/5".into(),
+        }));
+        let p = merge(None, &log, 40, now).unwrap();
+        assert_eq!((p.step, p.last_checkpoint_step), (5, Some(5)));
+        assert_eq!(p.summary.as_deref(), Some("5/40 12%"));
     }
 }

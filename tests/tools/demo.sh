@@ -11,8 +11,8 @@ command -v weed >/dev/null || { echo "demo: weed not found: run 'make bootstrap'
 target_dir=$(cargo metadata --format-version 1 --no-deps \
   | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
 echo "demo: building loraplane-trainer and loraplane-demo (cargo build)"
-cargo build --quiet -p loraplane-trainer --bin loraplane-trainer
-cargo build --quiet -p loraplane-e2e --bin loraplane-demo
+# One invocation: one feature resolution, so the dependencies are compiled once.
+cargo build --quiet --locked -p loraplane-trainer -p loraplane-e2e --bin loraplane-trainer --bin loraplane-demo
 export LORAPLANE_TRAINER_BIN="$target_dir/debug/loraplane-trainer"
 export RUST_LOG="${RUST_LOG:-warn}"
 exec "$target_dir/debug/loraplane-demo" "$@"
