@@ -3,7 +3,7 @@
 //! retention GC lag. Prints one JSON object (and writes it to `--json PATH`); no assertions:
 //! the goals are in the report for a human or a CI script to compare.
 //!
-//! `cargo run --release -p loraplane-api --example bench -- [ORDERS] [CONCURRENCY] [GC_JOBS] [--json PATH]`
+//! `cargo run --release -p loraplane-api --example bench -- [ORDERS] [CONCURRENCY] [GC_JOBS] [--low-concurrency N] [--json PATH]`
 //!
 //! Everything runs on this machine: the API, kube-sim and the load generator share one tokio
 //! runtime (one worker per hardware thread), SeaweedFS is its own process. The API logs as in
@@ -41,6 +41,10 @@ struct Args {
     /// Jobs whose retention falls due at once, for the GC lag.
     #[arg(default_value_t = 50)]
     gc_jobs: usize,
+    /// A second, lower concurrency to measure the same orders at (0: skip), so the report can
+    /// tell queueing (latency ≈ concurrency / throughput, Little's law) from service time.
+    #[arg(long, default_value_t = 8)]
+    low_concurrency: usize,
     /// Also write the report here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -353,9 +357,36 @@ async fn main() {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let kube_requests = h.sim.audit().snapshot().len();
 
+    // The same load at a lower concurrency, after the measured run so its figures stay
+    // comparable with earlier reports.
+    let low = (args.low_concurrency > 0).then_some(args.low_concurrency);
+    let low_run = match low {
+        Some(c) => Some(webhook_load(&h, &upload, warm + args.orders, args.orders, c).await),
+        None => None,
+    };
+
     let kube_only_ms = kube_only(&h, args.orders, args.concurrency).await;
     let lags = gc_lag(&h, args.gc_jobs).await;
 
+    let throughput = args.orders as f64 / wall;
+    // Little's law: with `concurrency` orders always in flight, the mean latency is
+    // concurrency / throughput; when it matches the measured p50, the latency is queueing.
+    let littles_mean_ms = |c: usize, tput: f64| round(c as f64 * 1000.0 / tput.max(1e-9), 2);
+    let low_report = match (low, &low_run) {
+        (Some(c), Some((l, f, w))) => {
+            let tput = args.orders as f64 / w;
+            json!({
+                "orders": args.orders,
+                "concurrency": c,
+                "created": l.len(),
+                "failed": f,
+                "throughput_orders_per_s": round(tput, 1),
+                "latency_ms": {"p50": round(pct(l, 0.5), 2), "p99": round(pct(l, 0.99), 2), "max": round(pct(l, 1.0), 2)},
+                "littles_law_mean_latency_ms": littles_mean_ms(c, tput),
+            })
+        }
+        _ => serde_json::Value::Null,
+    };
     let report = json!({
         "profile": if cfg!(debug_assertions) { "debug (dependencies at opt-level 3)" } else { "release" },
         "machine_threads": threads,
@@ -365,7 +396,8 @@ async fn main() {
             "concurrency": args.concurrency,
             "created": lat.len(),
             "failed": failed,
-            "throughput_orders_per_s": round(args.orders as f64 / wall, 1),
+            "throughput_orders_per_s": round(throughput, 1),
+            "littles_law_mean_latency_ms": littles_mean_ms(args.concurrency, throughput),
             "latency_ms": {"p50": round(pct(&lat, 0.5), 2), "p99": round(pct(&lat, 0.99), 2), "max": round(pct(&lat, 1.0), 2)},
             "cpu_ms_per_order": {"api_kube_sim_and_load_generator": cpu_self_ms, "seaweedfs": cpu_weed_ms,
                 "of_which_kube_client_and_kube_sim": round(kube_only_ms, 3)},
@@ -373,6 +405,7 @@ async fn main() {
             "kube_requests_per_order": round(kube_requests as f64 / args.orders.max(1) as f64, 2),
             "goal": {"throughput_orders_per_s": 2000, "p99_ms": 50}
         },
+        "webhook_to_cr_low_concurrency": low_report,
         "first_dataset_check_ms": round(first_check_ms, 2),
         "signature_verify_us": round(verify_us, 2),
         "gc_lag_s": {"jobs": args.gc_jobs, "deleted": lags.len(), "p50": round(pct(&lags, 0.5), 3), "p99": round(pct(&lags, 0.99), 3),

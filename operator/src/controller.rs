@@ -484,7 +484,17 @@ pub struct Health {
     pub leading: AtomicBool,
 }
 
-fn reflect<K>(api: Api<K>, cfg: watcher::Config) -> Store<K>
+/// A background watch that stops when dropped, so the caches of a `run` that returns (shutdown,
+/// lost leadership) do not keep watching for a process that goes on, e.g. as a standby.
+struct WatchTask(tokio::task::JoinHandle<()>);
+
+impl Drop for WatchTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn reflect<K>(api: Api<K>, cfg: watcher::Config) -> (Store<K>, WatchTask)
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -501,10 +511,10 @@ where
     )
     .default_backoff()
     .touched_objects();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         stream.for_each(|_| futures::future::ready(())).await;
     });
-    reader
+    (reader, WatchTask(task))
 }
 
 /// Runs the operator until `shutdown` fires (`Ok`) or leadership is lost (`Err`).
@@ -543,8 +553,10 @@ pub async fn run(
     health.leading.store(true, Ordering::SeqCst);
     metrics.leader.set(1);
 
-    let nodes = reflect(Api::<Node>::all(client.clone()), watcher::Config::default());
-    let all_pods = PodCache::spawn(client.clone());
+    let (nodes, _nodes_watch) =
+        reflect(Api::<Node>::all(client.clone()), watcher::Config::default());
+    let (all_pods, pods_watch) = PodCache::spawn(client.clone());
+    let _pods_watch = WatchTask(pods_watch);
     let jobs: Api<LoRATrainingJob> = match &settings.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),

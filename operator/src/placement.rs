@@ -211,11 +211,11 @@ pub fn pool_capacity_with_usage<'a>(
         if !node_ready_and_schedulable(node) {
             continue;
         }
-        let labels = node.metadata.labels.clone().unwrap_or_default();
+        let labels = node.metadata.labels.as_ref();
         let Some(pool) = config.pools.iter().find(|p| {
             p.node_selector
                 .iter()
-                .all(|(k, v)| labels.get(k) == Some(v))
+                .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
         }) else {
             continue;
         };
@@ -228,7 +228,9 @@ pub fn pool_capacity_with_usage<'a>(
             .unwrap_or(0);
         let name = node.metadata.name.as_deref().unwrap_or_default();
         let free = (allocatable - used(name)).max(0);
-        let entry = out.entry(pool.name.clone()).or_default();
+        let Some(entry) = out.get_mut(&pool.name) else {
+            continue;
+        };
         entry.total += allocatable;
         entry.free += free;
         entry.max_free_on_node = entry.max_free_on_node.max(free);

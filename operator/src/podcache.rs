@@ -185,12 +185,13 @@ pub struct PodCache {
 }
 
 impl PodCache {
-    /// Starts the watch (retried with back-off) and returns the cache it feeds.
-    pub fn spawn(client: Client) -> PodCache {
+    /// Starts the watch (retried with back-off); returns the cache it feeds and the watch task
+    /// (the caller stops it).
+    pub fn spawn(client: Client) -> (PodCache, tokio::task::JoinHandle<()>) {
         let cache = PodCache::default();
         let index = cache.index.clone();
         let stream = watcher(Api::<Pod>::all(client), watcher::Config::default()).default_backoff();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             futures::pin_mut!(stream);
             while let Some(event) = stream.next().await {
                 match event {
@@ -202,7 +203,7 @@ impl PodCache {
                 }
             }
         });
-        cache
+        (cache, task)
     }
 
     /// Reads the index.

@@ -554,7 +554,14 @@ impl Stack {
         if let Err(e) = self.stop_operator().await {
             tracing::warn!(error = %e, "operator did not stop cleanly");
         }
-        self.apis.clear();
+        // Wait for the aborted replica tasks to be gone before the apiserver goes away, so no
+        // request of theirs is left to fail (and log) against a closed port.
+        for mut replica in std::mem::take(&mut self.apis) {
+            for task in std::mem::take(&mut replica.tasks) {
+                task.abort();
+                let _ = task.await;
+            }
+        }
         self.publish_api_urls();
         let Stack { sim, s3, dir, .. } = self;
         sim.shutdown().await;

@@ -9,8 +9,9 @@
 //! Known approximations are listed in the crate README (for example: formats other than
 //! `date-time`, `int-or-string` and `byte` are not checked).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
@@ -191,18 +192,21 @@ impl Schema {
 }
 
 /// A schema `pattern` compiled once per process: compiling it on every admitted object
-/// dominated the cost of a create.
-fn compiled_pattern(pattern: &str) -> Result<regex::Regex, regex::Error> {
-    static CACHE: std::sync::LazyLock<
-        std::sync::Mutex<std::collections::HashMap<String, Result<regex::Regex, regex::Error>>>,
-    > = std::sync::LazyLock::new(Default::default);
+/// dominated the cost of a create. Shared behind an `Arc`, not cloned: a cloned `Regex` gets
+/// a fresh match-cache pool, so every match on a clone built its lazy DFA from scratch.
+fn compiled_pattern(pattern: &str) -> Result<Arc<regex::Regex>, regex::Error> {
+    type Cache = HashMap<String, Result<Arc<regex::Regex>, regex::Error>>;
+    static CACHE: std::sync::LazyLock<std::sync::Mutex<Cache>> =
+        std::sync::LazyLock::new(Default::default);
     let mut cache = CACHE
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    cache
-        .entry(pattern.to_string())
-        .or_insert_with(|| regex::Regex::new(pattern))
-        .clone()
+    if let Some(hit) = cache.get(pattern) {
+        return hit.clone();
+    }
+    let compiled = regex::Regex::new(pattern).map(Arc::new);
+    cache.insert(pattern.to_string(), compiled.clone());
+    compiled
 }
 
 impl Schema {
