@@ -39,7 +39,8 @@ impl std::fmt::Debug for Endpoints {
     }
 }
 
-fn kube_err(action: &'static str) -> impl FnOnce(kube::Error) -> StackError {
+/// Maps a failed Kubernetes call to [`StackError::Kube`] naming the action.
+pub(crate) fn kube_err(action: &'static str) -> impl FnOnce(kube::Error) -> StackError {
     move |source| StackError::Kube { action, source }
 }
 

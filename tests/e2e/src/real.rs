@@ -76,6 +76,22 @@ pub enum RealError {
         /// Pools to place.
         needed: usize,
     },
+    /// The stack's own platform or API YAML did not read back as values.
+    #[error("turn the {what} into Helm values: {message}")]
+    BuildValues {
+        /// Which text.
+        what: &'static str,
+        /// Why.
+        message: String,
+    },
+    /// An object the set-up creates could not be built.
+    #[error("build {what}: {message}")]
+    BuildObject {
+        /// Which object.
+        what: String,
+        /// Why.
+        message: String,
+    },
     /// A Kubernetes call failed.
     #[error("{action}: {source}")]
     Kube {
@@ -107,22 +123,28 @@ fn kube_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> RealError 
 /// [`MODELS_DIR`]), the storefront tenant, short-retention plans, orders in [`ORDERS_NS`].
 /// Network policies are off (kind's CNI does not enforce them) and so is monitoring (no
 /// Prometheus operator CRDs in a bare cluster).
-pub fn helm_values(s: &RealSettings) -> Result<Value, config::ConfigError> {
+pub fn helm_values(s: &RealSettings) -> Result<Value, RealError> {
     let knobs = PlatformKnobs {
         checkpoint_every: 5,
         scheduling_timeout_seconds: 20,
     };
     let yaml = config::platform_yaml(&s.s3_endpoint, &s.s3_region, Path::new(MODELS_DIR), &knobs);
-    let mut platform: Value = serde_yaml::from_str(&yaml)
-        .map_err(|e| config::ConfigError::BuildCrd(format!("platform YAML: {e}")))?;
+    let mut platform: Value = serde_yaml::from_str(&yaml).map_err(|e| RealError::BuildValues {
+        what: "platform YAML",
+        message: e.to_string(),
+    })?;
     // Empty: the chart's own trainer image (`<registry>/loraplane-trainer:<tag>`).
     if let Some(families) = platform["families"].as_array_mut() {
         for f in families {
             f["trainerImage"] = json!("");
         }
     }
-    let api: Value = serde_yaml::from_str(&config::api_yaml(&retention()))
-        .map_err(|e| config::ConfigError::BuildCrd(format!("API YAML: {e}")))?;
+    let api: Value = serde_yaml::from_str(&config::api_yaml(&retention())).map_err(|e| {
+        RealError::BuildValues {
+            what: "API YAML",
+            message: e.to_string(),
+        }
+    })?;
     Ok(json!({
         "image": {"registry": s.registry, "tag": s.tag, "pullPolicy": "IfNotPresent"},
         "operator": {"replicas": 1, "podDisruptionBudget": {"minAvailable": 0}},
@@ -174,8 +196,13 @@ pub async fn prepare(
 ) -> Result<Vec<(String, String)>, RealError> {
     let nss: Api<Namespace> = Api::all(client.clone());
     for ns in [ORDERS_NS, SYSTEM_NS] {
-        let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}}))
-            .map_err(|e| config::ConfigError::BuildCrd(e.to_string()))?;
+        let obj: Namespace =
+            serde_json::from_value(json!({"metadata": {"name": ns}})).map_err(|e| {
+                RealError::BuildObject {
+                    what: format!("namespace {ns}"),
+                    message: e.to_string(),
+                }
+            })?;
         match nss.create(&PostParams::default(), &obj).await {
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 409 => {}
@@ -200,7 +227,10 @@ pub async fn prepare(
             "metadata": {"name": name, "namespace": ns},
             "stringData": data,
         }))
-        .map_err(|e| config::ConfigError::BuildCrd(e.to_string()))?;
+        .map_err(|e| RealError::BuildObject {
+            what: format!("Secret {ns}/{name}"),
+            message: e.to_string(),
+        })?;
         Api::<Secret>::namespaced(client.clone(), ns)
             .patch(
                 name,

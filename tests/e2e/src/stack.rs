@@ -38,7 +38,7 @@ use crate::config::{
     self, ORDERS_NS, PlatformKnobs, RetentionKnobs, S3_SECRET, STOREFRONT_TOKEN, SYSTEM_NS,
     TRAINER_IMAGE, WEBHOOK_SECRET,
 };
-use crate::endpoints::Endpoints;
+use crate::endpoints::{Endpoints, kube_err};
 use crate::fixtures;
 use crate::http::HttpError;
 
@@ -116,10 +116,6 @@ pub enum StackError {
 /// An image the kubelets run as a scripted container that never ends: other tenants'
 /// workloads holding GPUs (see [`Stack::occupy_pool`]).
 pub const HOG_IMAGE: &str = "registry.local/other-team/gpu-job:1";
-
-fn kube_err(action: &'static str) -> impl FnOnce(kube::Error) -> StackError {
-    move |source| StackError::Kube { action, source }
-}
 
 /// What to start.
 #[derive(Debug, Clone)]

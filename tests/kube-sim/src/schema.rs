@@ -116,6 +116,12 @@ fn first_compile_error(node: &kube_cel::CompiledSchema) -> Option<String> {
     if let Some(err) = node.compilation_errors().first() {
         return Some(err.to_string());
     }
+    children(node).find_map(first_compile_error)
+}
+
+/// Every schema node directly below `node` (properties, items, additionalProperties and the
+/// allOf/oneOf/anyOf branches).
+fn children(node: &kube_cel::CompiledSchema) -> impl Iterator<Item = &kube_cel::CompiledSchema> {
     node.properties
         .values()
         .chain(node.items.as_deref())
@@ -123,7 +129,6 @@ fn first_compile_error(node: &kube_cel::CompiledSchema) -> Option<String> {
         .chain(&node.all_of)
         .chain(&node.one_of)
         .chain(&node.any_of)
-        .find_map(first_compile_error)
 }
 
 impl Schema {
@@ -230,16 +235,7 @@ impl Schema {
 
 /// Whether a compiled schema node or anything below it carries CEL rules.
 fn has_rules(node: &kube_cel::CompiledSchema) -> bool {
-    !node.validations.is_empty()
-        || node
-            .properties
-            .values()
-            .chain(node.items.as_deref())
-            .chain(node.additional_properties.as_deref())
-            .chain(&node.all_of)
-            .chain(&node.one_of)
-            .chain(&node.any_of)
-            .any(has_rules)
+    !node.validations.is_empty() || children(node).any(has_rules)
 }
 
 /// Finds the value at a dotted path (no list indices), for quoting it in a CEL error.
