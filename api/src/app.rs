@@ -30,8 +30,9 @@ use crate::config::ApiConfig;
 use crate::metrics::Metrics;
 use crate::order::{
     self, ANNOTATION_REQUEST, LABEL_IDEMPOTENCY, LABEL_ORDER, LABEL_PAYMENT, LABEL_PLAN,
-    LABEL_SOURCE, Order, OrderError, SpecInputs, UploadId,
+    LABEL_SOURCE, LABEL_TOMBSTONE_OF, Order, OrderError, SpecInputs, UploadId,
 };
+use crate::receipt;
 use crate::retention::{self, RetentionFacts};
 use crate::storage::{Deleted, Marker, Storage, StorageError, parse_uri};
 use crate::stripe::{RevokeReason, WebhookEvent};
@@ -241,27 +242,24 @@ impl App {
         order::hash_id(&self.secrets.id_key, kind, id)
     }
 
-    async fn tombstone(&self, ns: &str, name: &str) -> Result<Option<ConfigMap>, AppError> {
-        self.configmaps(ns)
-            .get_opt(name)
-            .await
-            .map_err(kube_err("get tombstone"))
-    }
-
     async fn write_tombstone(
         &self,
         ns: &str,
         name: &str,
+        stands_for: &str,
         data: BTreeMap<String, String>,
     ) -> Result<(), AppError> {
         let cm = ConfigMap {
             metadata: ObjectMeta {
                 name: Some(name.to_string()),
                 namespace: Some(ns.to_string()),
-                labels: Some(BTreeMap::from([(
-                    "app.kubernetes.io/managed-by".to_string(),
-                    "loraplane-api".to_string(),
-                )])),
+                labels: Some(BTreeMap::from([
+                    (
+                        "app.kubernetes.io/managed-by".to_string(),
+                        "loraplane-api".to_string(),
+                    ),
+                    (LABEL_TOMBSTONE_OF.to_string(), stands_for.to_string()),
+                ])),
                 ..ObjectMeta::default()
             },
             data: Some(data),
@@ -278,38 +276,80 @@ impl App {
         }
     }
 
+    /// Why an order may not have a job: its payment was refunded or disputed, or it was
+    /// erased. One list by label finds both tombstones (this runs twice on every order, and
+    /// a round trip saved here is saved on every webhook); the names are still checked, so
+    /// only the tombstones this API wrote count.
     async fn revoked(&self, ns: &str, ids: &OrderIds) -> Result<Option<String>, AppError> {
-        // Both lookups at once: this runs twice on every order, and a round trip saved here
-        // is latency saved on every webhook.
-        let refund = async {
-            match &ids.payment_hash {
-                Some(p) => self.tombstone(ns, &revoked_name(p)).await,
-                None => Ok(None),
-            }
+        let selector = match &ids.payment_hash {
+            Some(p) => format!("{LABEL_TOMBSTONE_OF} in ({p},{})", ids.order_hash),
+            None => format!("{LABEL_TOMBSTONE_OF}={}", ids.order_hash),
         };
-        let erased_cm = erased_name(&ids.order_hash);
-        let erased = self.tombstone(ns, &erased_cm);
-        let (refund, erased) = tokio::join!(refund, erased);
-        if refund?.is_some() {
+        let found = self
+            .configmaps(ns)
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(kube_err("list tombstones"))?;
+        let names: Vec<String> = found.items.iter().map(|cm| cm.name_any()).collect();
+        let has = |n: String| names.contains(&n);
+        if ids
+            .payment_hash
+            .as_deref()
+            .is_some_and(|p| has(revoked_name(p)))
+        {
             return Ok(Some("refund or dispute".into()));
         }
-        if erased?.is_some() {
+        if has(erased_name(&ids.order_hash)) {
             return Ok(Some("erased".into()));
         }
         Ok(None)
     }
 
-    /// Validates an upload and returns its SHA-256.
-    pub async fn validate_upload(&self, ns: &str, upload_id: &str) -> Result<String, AppError> {
+    /// The receipt for an upload that just passed, for the storefront to carry into the order.
+    pub fn dataset_receipt(&self, ns: &str, upload_id: &str, sha256: &str) -> String {
+        receipt::issue(
+            &self.secrets.id_key,
+            ns,
+            upload_id,
+            &self.zip_limits(),
+            sha256,
+            Timestamp::now().as_second(),
+        )
+    }
+
+    /// Validates an upload and returns its SHA-256. A genuine receipt from an earlier check
+    /// answers without a request; otherwise the marker on the object, or the bytes themselves.
+    pub async fn validate_upload(
+        &self,
+        ns: &str,
+        upload_id: &str,
+        receipt: Option<&str>,
+    ) -> Result<String, AppError> {
         let upload =
             UploadId::parse(upload_id).ok_or_else(|| AppError::BadUploadId(upload_id.into()))?;
+        let limits = self.zip_limits();
+        if let Some(sha) = receipt.and_then(|r| {
+            receipt::verify(
+                &self.secrets.id_key,
+                r,
+                ns,
+                upload_id,
+                &limits,
+                Timestamp::now().as_second(),
+            )
+        }) {
+            self.metrics
+                .dataset_checks
+                .with_label_values(&["receipt"])
+                .inc();
+            return Ok(sha.to_string());
+        }
         let store = self
             .storage
             .region(&upload.region)
             .map_err(|_| AppError::BadUploadId(upload_id.into()))?;
         let bucket = store.buckets.datasets.clone();
         let key = upload.key(ns);
-        let limits = self.zip_limits();
         // An upload is checked once: a passing check leaves a marker on the object, and S3
         // drops it if the object is replaced. The marker costs one small request instead of a
         // download and an inflate per order, on whichever replica the order lands.
@@ -374,9 +414,9 @@ impl App {
     ) -> Result<(LoRATrainingJob, bool), AppError> {
         let name = order::job_name(&ids.order_hash);
         let api = self.jobs(ns);
-        // The revocation lookups and the dataset check are independent round trips: run them
-        // together. No lookup of an existing job first: `create` answers that (409), and a
-        // redelivery only costs the same two lookups and the marker read.
+        // The revocation lookup and the dataset check (a receipt, or a marker read) are
+        // independent: run them together. No lookup of an existing job first: `create`
+        // answers that (409), and a redelivery only costs the same lookup and check.
         let (revoked, spec) = tokio::join!(self.revoked(ns, ids), self.job_spec(ns, order));
         if let Some(why) = revoked? {
             return Err(AppError::Revoked(why));
@@ -454,7 +494,9 @@ impl App {
                 dataset_sha256: &placeholder,
             },
         )?;
-        spec.dataset.sha256 = self.validate_upload(ns, &order.upload_id).await?;
+        spec.dataset.sha256 = self
+            .validate_upload(ns, &order.upload_id, order.dataset_receipt.as_deref())
+            .await?;
         Ok(spec)
     }
 
@@ -525,6 +567,7 @@ impl App {
                 self.write_tombstone(
                     &ns,
                     &revoked_name(&hash),
+                    &hash,
                     BTreeMap::from([
                         ("reason".to_string(), reason.as_str().to_string()),
                         ("recordedAt".to_string(), Timestamp::now().to_string()),
@@ -735,6 +778,7 @@ impl App {
         self.write_tombstone(
             ns,
             &erased_name(&order_hash),
+            &order_hash,
             BTreeMap::from([
                 ("job".to_string(), name.to_string()),
                 ("uid".to_string(), uid.clone()),

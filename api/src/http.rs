@@ -770,6 +770,10 @@ pub struct UploadCheck {
     pub upload_id: String,
     /// SHA-256 of the zip.
     pub sha256: String,
+    /// Pass this with the order (`dataset_receipt` in the checkout session's metadata or the
+    /// job request): job creation then trusts this check instead of asking S3 again. Valid
+    /// for 24 hours, for this tenant and upload; re-uploading makes the job fail at start.
+    pub receipt: String,
 }
 
 /// Validates an uploaded dataset now and marks it, so job creation need not download it again.
@@ -783,10 +787,12 @@ pub async fn validate_upload(
     Path(id): Path<String>,
 ) -> Result<Json<UploadCheck>, ApiError> {
     let tenant = s.tenant(&headers)?;
-    let sha = s.app.validate_upload(&tenant.namespace, &id).await?;
+    let sha = s.app.validate_upload(&tenant.namespace, &id, None).await?;
+    let receipt = s.app.dataset_receipt(&tenant.namespace, &id, &sha);
     Ok(Json(UploadCheck {
         upload_id: id,
         sha256: sha,
+        receipt,
     }))
 }
 

@@ -12,6 +12,7 @@ pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod order;
+pub mod receipt;
 pub mod retention;
 pub mod storage;
 pub mod stripe;

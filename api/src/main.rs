@@ -16,6 +16,10 @@ use loraplane_api::storage::{S3Credentials, Storage};
 use loraplane_crds::logging::{self, LogFormat};
 use loraplane_crds::platform::PlatformConfig;
 
+// glibc malloc was about a quarter of the CPU under load (perf); mimalloc is a drop-in.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Command-line flags. Secrets come only from the environment.
 #[derive(Debug, Parser)]
 #[command(version, about)]

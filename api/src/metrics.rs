@@ -79,7 +79,7 @@ impl Metrics {
         let dataset_checks = IntCounterVec::new(
             Opts::new(
                 "loraplane_api_dataset_checks_total",
-                "Dataset validations by how they were answered (marker or download)",
+                "Dataset validations by how they were answered (receipt, marker or download)",
             ),
             &["how"],
         )?;

@@ -23,6 +23,9 @@ use crate::config::{Plan, parse_residency};
 pub const LABEL_ORDER: &str = "loraplane.io/order";
 /// Label on a job holding the hashed payment id (refunds and disputes find jobs by it).
 pub const LABEL_PAYMENT: &str = "loraplane.io/payment";
+/// Label on a tombstone ConfigMap holding the hashed payment (refund, dispute) or order
+/// (erasure) it stands for, so one list finds both an order's tombstones.
+pub const LABEL_TOMBSTONE_OF: &str = "loraplane.io/tombstone-of";
 /// Label on a job holding the hashed idempotency key of the request that created it.
 pub const LABEL_IDEMPOTENCY: &str = "loraplane.io/idempotency-key";
 /// Annotation holding the hash of the request body that created the job.
@@ -73,6 +76,10 @@ pub struct Order {
     /// Training steps; the plan's maximum when empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steps: Option<i64>,
+    /// The receipt `POST /v1/uploads/{id}/validate` returned, if the storefront kept it: job
+    /// creation then need not ask S3 whether the upload was checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset_receipt: Option<String>,
 }
 
 impl std::fmt::Debug for Order {
@@ -139,6 +146,7 @@ impl Order {
                 })?),
                 None => None,
             },
+            dataset_receipt: m.get("dataset_receipt").cloned(),
         })
     }
 }
@@ -382,6 +390,7 @@ families: []
             residency: Some("eea".into()),
             upload_id: "eu-west.0123456789abcdef0123456789abcdef".into(),
             steps: None,
+            dataset_receipt: None,
         }
     }
 

@@ -257,7 +257,10 @@ async fn a_dataset_is_checked_once_and_again_when_it_is_replaced() {
         let mut stricter = h.app.config.clone();
         stricter.limits.max_images = 3;
         let replica = h.replica_with(stricter);
-        let e = replica.validate_upload("acme", &upload).await.unwrap_err();
+        let e = replica
+            .validate_upload("acme", &upload, None)
+            .await
+            .unwrap_err();
         assert!(
             matches!(
                 e,
@@ -267,6 +270,107 @@ async fn a_dataset_is_checked_once_and_again_when_it_is_replaced() {
             ),
             "{e}"
         );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_receipt_from_the_check_stands_in_for_s3_but_only_for_its_own_upload() {
+    within(120, async {
+        let h = Harness::start().await;
+        let checks = |how: &str| {
+            let m = h.app.metrics.render();
+            let line = format!("loraplane_api_dataset_checks_total{{how=\"{how}\"}} ");
+            m.lines()
+                .find_map(|l| l.strip_prefix(line.as_str()))
+                .map_or(0, |v| v.parse::<u64>().unwrap())
+        };
+        let mut uploads = Vec::new();
+        for bytes in [dataset(3), zip_of(&[("a.png", png(10))])] {
+            let (s, _, ticket) = h
+                .call(
+                    "POST",
+                    "/v1/uploads",
+                    Some(ACME),
+                    &[],
+                    Some(json!({"residency": "eea"})),
+                )
+                .await;
+            assert_eq!(s, StatusCode::CREATED);
+            let url = ticket["url"].as_str().unwrap();
+            assert_eq!(http("PUT", url, &[], bytes.clone()).await.0, StatusCode::OK);
+            uploads.push((ticket["uploadId"].as_str().unwrap().to_string(), bytes));
+        }
+        let (good, good_bytes) = &uploads[0];
+        let (bad, _) = &uploads[1];
+        let (s, _, check) = h
+            .call(
+                "POST",
+                &format!("/v1/uploads/{good}/validate"),
+                Some(ACME),
+                &[],
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{check}");
+        let receipt = check["receipt"].as_str().unwrap().to_string();
+        assert_eq!(checks("download"), 1);
+
+        // The order carrying the receipt needs no S3 request: the job pins the checked bytes.
+        let order = |id: &str, upload: &str| {
+            json!({"orderId": id, "family": "sdxl", "conceptType": "object",
+                "triggerWord": "mug", "plan": "basic", "uploadId": upload,
+                "datasetReceipt": receipt})
+        };
+        let (s, _, job) = h
+            .call(
+                "POST",
+                "/v1/jobs",
+                Some(ACME),
+                &[("idempotency-key", "r1")],
+                Some(order("r1", good)),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{job}");
+        assert_eq!(
+            (checks("receipt"), checks("marker"), checks("download")),
+            (1, 0, 1)
+        );
+        let api: Api<LoRATrainingJob> = Api::namespaced(h.sim.client(), "acme");
+        let cr = api.get(job["id"].as_str().unwrap()).await.unwrap();
+        assert_eq!(
+            cr.spec.dataset.sha256,
+            loraplane_api::app::sha256_hex(good_bytes)
+        );
+
+        // The same receipt presented with another upload vouches for nothing: that upload is
+        // checked (downloaded) and refused on its own merits.
+        let (s, _, e) = h
+            .call(
+                "POST",
+                "/v1/jobs",
+                Some(ACME),
+                &[("idempotency-key", "r2")],
+                Some(order("r2", bad)),
+            )
+            .await;
+        assert_eq!(
+            (s, e["error"]["code"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("upload_image_count"))
+        );
+        assert_eq!((checks("receipt"), checks("download")), (1, 2));
+
+        // Another tenant cannot borrow it either (its namespace is not the receipt's).
+        let forged = h
+            .app
+            .validate_upload("other", good, Some(&receipt))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(forged, loraplane_api::app::AppError::UploadNotFound(_)),
+            "{forged}"
+        );
+        assert_eq!(checks("receipt"), 1);
     })
     .await;
 }

@@ -35,7 +35,7 @@ use tokio::sync::watch;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::placement::{self, PoolCapacity};
-use crate::podcache::{PodCache, PodSummary};
+use crate::podcache::{self, PodCache, PodSummary};
 use crate::progress::{self, TAIL_LINES};
 use crate::resources::{self, BuildError, LABEL_MANAGED_BY, MANAGED_BY};
 use crate::status::{self, Inputs, PodPhase, PodView};
@@ -128,6 +128,9 @@ pub struct Context {
     pub pods: PodCache,
     /// The resourceVersion of the last status this replica wrote, per job uid.
     written: std::sync::Mutex<HashMap<String, String>>,
+    /// Per job uid, its current pod and the newest resourceVersion of it a decision was
+    /// based on: the pod cache serves the next decision only once it has caught up to that.
+    pod_floors: std::sync::Mutex<HashMap<String, (String, u64)>>,
 }
 
 impl Context {
@@ -148,7 +151,62 @@ impl Context {
             nodes,
             pods,
             written: std::sync::Mutex::new(HashMap::new()),
+            pod_floors: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    fn pod_floors(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, u64)>> {
+        self.pod_floors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn raise_pod_floor(&self, uid: &str, pod: &Pod) {
+        if let (Some(name), Some(rv)) = (&pod.metadata.name, podcache::resource_version(pod)) {
+            self.pod_floors()
+                .insert(uid.to_string(), (name.clone(), rv));
+        }
+    }
+
+    fn forget(&self, uid: &str) {
+        self.written().remove(uid);
+        self.pod_floors().remove(uid);
+    }
+
+    /// The current attempt's pod as the decision sees it. The watch cache answers when it is
+    /// at least as new as anything this job was decided on (the pod as created, or as last
+    /// read); otherwise (not seen yet, or behind) the API does. A decision on an older copy
+    /// could walk the job's phase backwards.
+    async fn current_pod(
+        &self,
+        pods: &Api<Pod>,
+        ids: &resources::JobIds,
+        name: &str,
+    ) -> Result<Option<PodView>, ReconcileError> {
+        let floor = self
+            .pod_floors()
+            .get(&ids.uid)
+            .filter(|(pod, _)| pod == name)
+            .map(|(_, rv)| *rv);
+        let cached = self.pods.read(|index| index.view(&ids.namespace, name));
+        let mut view = match cached {
+            Some(c) if podcache::cache_serves(c.1, floor) => c.0.clone(),
+            _ => {
+                let Some(pod) = pods
+                    .get_opt(name)
+                    .await
+                    .map_err(|e| ReconcileError::GetPod(name.to_string(), e))?
+                else {
+                    return Ok(None);
+                };
+                self.raise_pod_floor(&ids.uid, &pod);
+                PodView::from_pod(&pod, |_| true)
+            }
+        };
+        if let Some(node) = &view.node {
+            view.node_exists = self.node_exists(node).await?;
+        }
+        Ok(Some(view))
     }
 
     fn written(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
@@ -229,7 +287,7 @@ async fn reconcile_inner(
             .map_err(ReconcileError::GetJob)?
     };
     let Some(fresh) = fresh else {
-        ctx.written().remove(&ids.uid);
+        ctx.forget(&ids.uid);
         return Ok(Action::await_change());
     };
     let job = &fresh;
@@ -246,7 +304,7 @@ async fn reconcile_inner(
         // A job can end from outside (the API cancels a refunded order by setting phase
         // Cancelled): whatever ended it, no training pod may keep running.
         delete_stray_pods(ctx, &pods, &ids, None, None).await?;
-        ctx.written().remove(&ids.uid);
+        ctx.forget(&ids.uid);
         return Ok(Action::await_change());
     }
     let settings = &ctx.settings;
@@ -259,23 +317,13 @@ async fn reconcile_inner(
         .and_then(|p| p.pod.clone());
     let mut view = None;
     let mut log = None;
-    if let Some(name) = &open_pod {
-        let pod = pods
-            .get_opt(name)
-            .await
-            .map_err(|e| ReconcileError::GetPod(name.clone(), e))?;
-        if let Some(pod) = pod {
-            let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
-            let exists = match &node {
-                Some(n) => ctx.node_exists(n).await?,
-                None => true,
-            };
-            let v = PodView::from_pod(&pod, |_| exists);
-            if v.phase != PodPhase::Pending {
-                log = read_log(&pods, name).await;
-            }
-            view = Some(v);
+    if let Some(name) = &open_pod
+        && let Some(v) = ctx.current_pod(&pods, &ids, name).await?
+    {
+        if v.phase != PodPhase::Pending {
+            log = read_log(&pods, name).await;
         }
+        view = Some(v);
     }
     let tried = status::tried_pools(status);
     let capacity = ctx.capacity();
@@ -343,9 +391,11 @@ async fn reconcile_inner(
             next.index,
             &settings.s3_credentials_secret,
         )?;
-        pods.patch(&next.pod_name, &params, &Patch::Apply(&pod))
+        let created = pods
+            .patch(&next.pod_name, &params, &Patch::Apply(&pod))
             .await
             .map_err(|e| ReconcileError::CreatePod(next.pod_name.clone(), e))?;
+        ctx.raise_pod_floor(&ids.uid, &created);
         if next.index == 0
             && let Some(created) = job.metadata.creation_timestamp.as_ref()
         {

@@ -1,6 +1,8 @@
 //! The operator's view of every pod: per pod only what placement and stray-pod cleanup need
 //! (namespace, name, the job-uid label, the node, the GPUs requested, whether it finished or
 //! is being deleted), with GPUs in use per node and pods per job kept current from one watch.
+//! Training pods also keep the `PodView` the lifecycle decision reads, with the
+//! resourceVersion it was taken at, so a reconcile need not GET the pod it just heard about.
 //!
 //! Why not a reflector `Store<Pod>`: at 10,000 jobs a store of whole pods is most of the
 //! operator's memory, and computing capacity or finding a job's pods meant a scan of every
@@ -18,12 +20,13 @@ use kube::{Api, Client};
 
 use crate::placement::pod_gpus;
 use crate::resources::LABEL_JOB_UID;
+use crate::status::PodView;
 
 /// (namespace, name) of a pod.
 pub type PodKey = (String, String);
 
 /// What the operator keeps of one pod.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PodSummary {
     /// Namespace.
     pub namespace: String,
@@ -39,6 +42,9 @@ pub struct PodSummary {
     pub finished: bool,
     /// Has a `deletionTimestamp`.
     pub deleting: bool,
+    /// For training pods: what the lifecycle decision reads (its `node_exists` is left true;
+    /// the reader asks the Node cache) and the resourceVersion it describes.
+    pub view: Option<Arc<(PodView, Option<u64>)>>,
 }
 
 impl PodSummary {
@@ -64,6 +70,12 @@ impl PodSummary {
                 Some("Succeeded" | "Failed")
             ),
             deleting: pod.metadata.deletion_timestamp.is_some(),
+            view: pod
+                .metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(LABEL_JOB_UID))
+                .then(|| Arc::new((PodView::from_pod(pod, |_| true), resource_version(pod)))),
         }
     }
 
@@ -152,6 +164,13 @@ impl PodIndex {
         }
     }
 
+    /// The cached view of a training pod and the resourceVersion it was taken at.
+    pub fn view(&self, namespace: &str, name: &str) -> Option<Arc<(PodView, Option<u64>)>> {
+        self.pods
+            .get(&(namespace.to_string(), name.to_string()))
+            .and_then(|p| p.view.clone())
+    }
+
     /// GPUs held by bound, unfinished pods on a node.
     pub fn used_gpus(&self, node: &str) -> i64 {
         self.gpus_by_node.get(node).copied().unwrap_or(0)
@@ -176,6 +195,20 @@ impl PodIndex {
     pub fn is_empty(&self) -> bool {
         self.pods.is_empty()
     }
+}
+
+/// A resourceVersion as a number, to tell an older copy of an object from a newer one. The
+/// API calls them opaque, but every apiserver (etcd's revision) and kube-sim issues integers;
+/// a version that does not parse is treated as unknown, and the reader asks the API.
+pub fn resource_version(pod: &Pod) -> Option<u64> {
+    pod.metadata.resource_version.as_deref()?.parse().ok()
+}
+
+/// Whether a cached copy at resourceVersion `cached` may stand in for a read, when `floor` is
+/// the newest version a decision was already based on: an unknown version never does, and
+/// without a floor nothing newer was ever seen by this replica.
+pub fn cache_serves(cached: Option<u64>, floor: Option<u64>) -> bool {
+    cached.is_some_and(|rv| floor.is_none_or(|f| rv >= f))
 }
 
 /// A `PodIndex` kept current by a watch on every pod of the cluster.
@@ -259,6 +292,30 @@ mod tests {
         ix.handle(delete("b", None, Some("n1"), 1, "Running"));
         assert_eq!(ix.used_gpus("n1"), 0);
         assert_eq!(ix.len(), 1);
+    }
+
+    #[test]
+    fn training_pods_keep_the_decisions_view_at_its_resource_version() {
+        let mut ix = PodIndex::default();
+        let mut p = pod("j1-0", Some("j1"), Some("n1"), 1, "Running");
+        p.metadata.resource_version = Some("41".into());
+        ix.handle(watcher::Event::Apply(p));
+        let cached = ix.view("ns", "j1-0").unwrap();
+        assert_eq!(cached.0.phase, crate::status::PodPhase::Running);
+        assert_eq!(cached.0.node.as_deref(), Some("n1"));
+        assert_eq!(cached.1, Some(41));
+        ix.handle(apply("other", None, Some("n1"), 0, "Running"));
+        assert!(ix.view("ns", "other").is_none(), "only training pods");
+        assert!(ix.view("ns", "missing").is_none());
+    }
+
+    #[test]
+    fn the_cache_serves_only_when_it_has_caught_up() {
+        assert!(cache_serves(Some(7), None));
+        assert!(cache_serves(Some(7), Some(7)));
+        assert!(cache_serves(Some(9), Some(7)));
+        assert!(!cache_serves(Some(6), Some(7)), "behind what was acted on");
+        assert!(!cache_serves(None, None), "a version that did not parse");
     }
 
     #[test]

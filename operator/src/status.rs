@@ -520,11 +520,21 @@ pub fn decide(inputs: &Inputs<'_>) -> Plan {
                             ));
                         } else {
                             st.phase = Some(Phase::Scheduling);
-                            let msg = pod
-                                .unschedulable
-                                .clone()
-                                .unwrap_or_else(|| "waiting for a node".into());
-                            cond(st, "Scheduled", false, "WaitingForNode", &msg);
+                            // "Pod created for pool P" already says the job waits for a node;
+                            // restating it costs a status write per job for nothing. The
+                            // scheduler's reason, once it gives one, is news.
+                            let just_created = st.conditions.iter().any(|c| {
+                                c.type_ == "Scheduled"
+                                    && c.status == "False"
+                                    && c.reason == "PodCreated"
+                            });
+                            if pod.unschedulable.is_some() || !just_created {
+                                let msg = pod
+                                    .unschedulable
+                                    .clone()
+                                    .unwrap_or_else(|| "waiting for a node".into());
+                                cond(st, "Scheduled", false, "WaitingForNode", &msg);
+                            }
                             let left = u64::try_from(timeout - waited).unwrap_or(1).max(1);
                             plan.requeue = Some(Duration::from_secs(left));
                         }
@@ -1023,6 +1033,27 @@ mod tests {
         // Terminal: nothing more happens.
         let plan = r.step(40, None, None);
         assert!(plan.create.is_none() && plan.notes.is_empty());
+    }
+
+    #[test]
+    fn a_waiting_pod_changes_the_status_only_when_the_scheduler_says_why() {
+        let mut r = Run::new(Residency::Eea);
+        r.step(0, None, None);
+        let created = r.status().clone();
+        assert_eq!(r.cond("Scheduled").reason, "PodCreated");
+        // Seen pending and unbound, no verdict yet: nothing new to write.
+        r.step(2, Some(pod("order-1-a0", PodPhase::Pending)), None);
+        assert_eq!(r.status(), &created);
+        let mut p = pod("order-1-a0", PodPhase::Pending);
+        p.unschedulable = Some("0/4 nodes are available: insufficient nvidia.com/gpu".into());
+        r.step(3, Some(p), None);
+        let c = r.cond("Scheduled");
+        assert_eq!(c.reason, "WaitingForNode");
+        assert!(
+            c.message.contains("insufficient nvidia.com/gpu"),
+            "{}",
+            c.message
+        );
     }
 
     #[test]

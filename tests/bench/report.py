@@ -42,6 +42,11 @@ HEADLINES = [
     ("api", "webhook → CR p50", ["webhook_to_cr.latency_ms.p50"], "ms", "", None),
     ("api", "webhook → CR p99", ["webhook_to_cr.latency_ms.p99"], "ms", "< 50",
      lambda v: v < 50),
+    # Orders without a dataset receipt read the validation marker from S3 instead.
+    ("api", "webhook → CR throughput, no receipt",
+     ["webhook_to_cr_without_receipt.throughput_orders_per_s"], "orders/s", "", None),
+    ("api", "webhook → CR p99, no receipt",
+     ["webhook_to_cr_without_receipt.latency_ms.p99"], "ms", "", None),
     ("api", "Stripe signature check", ["signature_verify_us"], "µs",
      "", None),
     ("api", "retention GC lag p50", ["gc_lag_s.p50"], "s", "", None),

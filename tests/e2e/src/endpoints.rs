@@ -153,6 +153,20 @@ impl Endpoints {
         Ok(t["uploadId"].as_str().unwrap_or_default().to_string())
     }
 
+    /// Validates an upload as the storefront does before checkout; returns the receipt.
+    pub async fn validate_upload(&self, upload_id: &str) -> Result<String, StackError> {
+        let resp = self
+            .api("POST", &format!("/v1/uploads/{upload_id}/validate"), None)
+            .await?;
+        if resp.status != 200 {
+            return Err(refused("validate the dataset", &resp));
+        }
+        Ok(resp.json()["receipt"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string())
+    }
+
     /// Posts a Stripe event signed with the endpoint secret; returns the webhook's outcome.
     pub async fn webhook(&self, event: &Value) -> Result<String, StackError> {
         let body = serde_json::to_vec(event).map_err(|e| StackError::StartApi(e.to_string()))?;

@@ -151,9 +151,10 @@ impl OrderSpec {
     }
 }
 
-/// A signed-and-paid `checkout.session.completed` event for an order.
-pub fn paid_event(o: &OrderSpec, upload_id: &str) -> Value {
-    json!({
+/// A signed-and-paid `checkout.session.completed` event for an order; `receipt` is the
+/// dataset check's receipt, which a storefront puts in the session's metadata.
+pub fn paid_event(o: &OrderSpec, upload_id: &str, receipt: Option<&str>) -> Value {
+    let mut event = json!({
         "id": format!("evt_{}", o.session),
         "type": "checkout.session.completed",
         "data": {"object": {
@@ -173,7 +174,11 @@ pub fn paid_event(o: &OrderSpec, upload_id: &str) -> Value {
                 "steps": o.steps.to_string(),
             }
         }}
-    })
+    });
+    if let Some(r) = receipt {
+        event["data"]["object"]["metadata"]["dataset_receipt"] = json!(r);
+    }
+    event
 }
 
 /// A full `charge.refunded` event for a payment.
@@ -214,7 +219,16 @@ pub async fn place_order(
         "dataset uploaded",
         format!("6 images, {size} bytes, presigned PUT to region {region}"),
     );
-    let outcome = stack.webhook(&paid_event(order, &upload_id)).await?;
+    // The storefront checks the dataset before checkout and carries the receipt into the
+    // session, so the webhook need not look at S3 (the trainer still verifies the hash).
+    let receipt = stack.validate_upload(&upload_id).await?;
+    tl.note(
+        "dataset validated",
+        "POST /v1/uploads/{id}/validate → receipt carried in the checkout metadata",
+    );
+    let outcome = stack
+        .webhook(&paid_event(order, &upload_id, Some(&receipt)))
+        .await?;
     check("checkout webhook", outcome == "created", || {
         format!("expected outcome created, got {outcome:?}")
     })?;
@@ -849,7 +863,11 @@ mod tests {
     #[test]
     fn paid_events_carry_the_order_in_stripe_metadata() {
         let o = OrderSpec::new("x", "standard", "sdxl", "eea", 30);
-        let ev = paid_event(&o, "eu-west.0123");
+        let ev = paid_event(&o, "eu-west.0123", Some("v1.1.ab.cd"));
+        assert_eq!(
+            ev["data"]["object"]["metadata"]["dataset_receipt"],
+            "v1.1.ab.cd"
+        );
         assert_eq!(ev["type"], "checkout.session.completed");
         let md = &ev["data"]["object"]["metadata"];
         assert_eq!(md["residency"], "eea");

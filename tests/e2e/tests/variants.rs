@@ -173,7 +173,7 @@ async fn refund_mid_training_stops_the_trainer_and_erases_the_order() {
         .await
         .unwrap();
     let replay = stack
-        .webhook(&journey::paid_event(&order, &upload2))
+        .webhook(&journey::paid_event(&order, &upload2, None))
         .await
         .unwrap();
     assert_eq!(replay, "revoked_first");

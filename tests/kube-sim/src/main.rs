@@ -7,6 +7,10 @@ use std::process::ExitCode;
 use clap::Parser;
 use kube_sim::{KubeSim, SimConfig};
 
+// glibc malloc was about a quarter of the CPU under load (perf); mimalloc is a drop-in.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 enum LogFormat {
     /// Human-readable lines.

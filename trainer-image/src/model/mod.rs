@@ -10,6 +10,7 @@
 //! checkpoints in the exact diffusers layout for tests and demos.
 
 pub mod clip;
+mod fused;
 pub mod lora;
 pub mod ops;
 pub mod tiny;

@@ -9,6 +9,10 @@
 //! candle's stock matmul/conv backward also computes a weight gradient (as much work as the
 //! forward pass, and model-sized memory) that frozen base weights never use. The
 //! finite-difference tests check both.
+//!
+//! On the CPU in f32, the norms and activations here hand over to `fused.rs` (one kernel each
+//! way, parallel); the composed versions stay for other devices and dtypes, and as the
+//! reference the fused kernels are tested against.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -37,11 +41,17 @@ fn normalize_last_dim(x: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 pub fn silu(x: &Tensor) -> Result<Tensor> {
+    if super::fused::fusable(x) {
+        return super::fused::silu(x);
+    }
     x.silu()
 }
 
 /// Exact (erf) GELU, as PyTorch's default `F.gelu`.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if super::fused::fusable(x) {
+        return super::fused::gelu_erf(x);
+    }
     x.gelu_erf()
 }
 
@@ -75,6 +85,17 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if super::fused::fusable(x) {
+            return super::fused::layer_norm(x, &self.weight, &self.bias, self.eps);
+        }
+        self.forward_composed(x)
+    }
+}
+
+impl LayerNorm {
+    /// The same norm from elementary ops (any device or dtype; the reference the fused kernel
+    /// is tested against).
+    pub(crate) fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         // Statistics in f32 at least, as PyTorch does for half precision.
         let dtype = x.dtype();
         let xf = upcast(x)?;
@@ -121,6 +142,17 @@ impl GroupNorm {
 
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if super::fused::fusable(x) {
+            return super::fused::group_norm(x, self.groups, &self.weight, &self.bias, self.eps);
+        }
+        self.forward_composed(x)
+    }
+}
+
+impl GroupNorm {
+    /// The same norm from elementary ops (any device or dtype; the reference the fused kernel
+    /// is tested against).
+    pub(crate) fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
         let dtype = x.dtype();

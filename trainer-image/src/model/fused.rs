@@ -1,0 +1,553 @@
+//! Fused CPU kernels with hand-written backward passes: GroupNorm and LayerNorm with a frozen
+//! affine, and the SiLU and exact-GELU activations.
+//!
+//! The composed norms in `ops.rs` (mean, subtract, square, mean, add, sqrt, divide, scale,
+//! shift) are differentiable by candle but keep about four input-sized intermediates per norm
+//! alive for the backward pass and walk the data nine times, single-threaded. A full SD1.5
+//! UNet at 512 px has 61 GroupNorms and 48 LayerNorms on tensors of up to 5 MiB each, so those
+//! intermediates were 2.5 GB of the step's peak. Here the backward keeps only the input (the
+//! statistics are recomputed from it: one extra read, far cheaper than keeping them), and both
+//! passes run over row blocks in parallel. candle's SiLU and GELU are single kernels forward,
+//! but their backward passes are built from 8–13 elementwise ops each; here it is one pass.
+//!
+//! A norm's "row" is what one set of statistics covers: (sample, group) for GroupNorm, one
+//! token for LayerNorm. The base model's scale and shift are frozen, so only the input
+//! gradient is computed: with x̂ = (x − μ)·r, g = dy·γ and means over the row,
+//! dx = r · (g − mean(g) − x̂ · mean(g · x̂)).
+//!
+//! Used for f32 tensors on the CPU (`fusable`); other devices and dtypes keep the composed
+//! versions, and the tests check the fused kernels against them.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// How a row's elements map to the affine parameters.
+#[derive(Debug, Clone, Copy)]
+enum Affine {
+    /// GroupNorm: the row is `channels_per_group` channels of `spatial` elements each, the
+    /// row's group is `row % groups`.
+    Group {
+        groups: usize,
+        channels_per_group: usize,
+        spatial: usize,
+    },
+    /// LayerNorm: element i of every row uses parameter i.
+    Layer,
+}
+
+impl Affine {
+    /// Elements in a row that share one parameter, and the parameter of the row's first.
+    fn segments(self, row: usize) -> (usize, usize) {
+        match self {
+            Affine::Group {
+                groups,
+                channels_per_group,
+                spatial,
+            } => (spatial, (row % groups) * channels_per_group),
+            Affine::Layer => (1, 0),
+        }
+    }
+}
+
+/// One norm: its frozen parameters and geometry.
+#[derive(Debug, Clone)]
+struct FusedNorm {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    row_len: usize,
+    affine: Affine,
+    eps: f64,
+}
+
+/// Mean and reciprocal standard deviation of a row (two passes in f64: the rows are up to
+/// 160k elements, where a one-pass f32 variance loses digits).
+fn stats(row: &[f32], eps: f64) -> (f32, f32) {
+    let n = row.len() as f64;
+    let mean = row.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let var = row
+        .iter()
+        .map(|&v| {
+            let d = f64::from(v) - mean;
+            d * d
+        })
+        .sum::<f64>()
+        / n;
+    (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+}
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("fused norm: {what} must be f32");
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("fused norm: {what} must be contiguous"),
+    }
+}
+
+impl FusedNorm {
+    fn check(&self, len: usize) -> Result<()> {
+        if self.row_len == 0 || !len.is_multiple_of(self.row_len) {
+            candle_core::bail!(
+                "fused norm: {len} elements do not split into rows of {}",
+                self.row_len
+            );
+        }
+        Ok(())
+    }
+
+    fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
+        self.check(x.len())?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(self.row_len)
+            .zip(x.par_chunks(self.row_len))
+            .enumerate()
+            .for_each(|(row, (yr, xr))| {
+                let (mean, rstd) = stats(xr, self.eps);
+                let (seg, base) = self.affine.segments(row);
+                for (j, (ys, xs)) in yr.chunks_mut(seg).zip(xr.chunks(seg)).enumerate() {
+                    let (scale, shift) = (rstd * self.gamma[base + j], self.beta[base + j]);
+                    for (o, &v) in ys.iter_mut().zip(xs) {
+                        *o = (v - mean) * scale + shift;
+                    }
+                }
+            });
+        Ok(y)
+    }
+
+    fn backward(&self, x: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
+        self.check(x.len())?;
+        if dy.len() != x.len() {
+            candle_core::bail!(
+                "fused norm: gradient has {} elements, input {}",
+                dy.len(),
+                x.len()
+            );
+        }
+        let mut dx = vec![0f32; x.len()];
+        let n = self.row_len as f64;
+        dx.par_chunks_mut(self.row_len)
+            .zip(x.par_chunks(self.row_len).zip(dy.par_chunks(self.row_len)))
+            .enumerate()
+            .for_each(|(row, (dxr, (xr, dyr)))| {
+                let (mean, rstd) = stats(xr, self.eps);
+                let (seg, base) = self.affine.segments(row);
+                let (mut sum_g, mut sum_gx) = (0f64, 0f64);
+                for (j, (xs, ds)) in xr.chunks(seg).zip(dyr.chunks(seg)).enumerate() {
+                    let gamma = self.gamma[base + j];
+                    for (&v, &d) in xs.iter().zip(ds) {
+                        let g = f64::from(d * gamma);
+                        sum_g += g;
+                        sum_gx += g * f64::from((v - mean) * rstd);
+                    }
+                }
+                let (mean_g, mean_gx) = ((sum_g / n) as f32, (sum_gx / n) as f32);
+                for (j, (os, (xs, ds))) in dxr
+                    .chunks_mut(seg)
+                    .zip(xr.chunks(seg).zip(dyr.chunks(seg)))
+                    .enumerate()
+                {
+                    let gamma = self.gamma[base + j];
+                    for (o, (&v, &d)) in os.iter_mut().zip(xs.iter().zip(ds)) {
+                        let xhat = (v - mean) * rstd;
+                        *o = rstd * (d * gamma - mean_g - xhat * mean_gx);
+                    }
+                }
+            });
+        Ok(dx)
+    }
+}
+
+impl CustomOp1 for FusedNorm {
+    fn name(&self) -> &'static str {
+        "fused-norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "input")?;
+        Ok((CpuStorage::F32(self.forward(x)?), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        Ok(Some(
+            arg.apply_op2_no_bwd(&grad, &FusedNormGrad(self.clone()))?,
+        ))
+    }
+}
+
+/// The input gradient of a `FusedNorm`, as an op of (input, output gradient).
+struct FusedNormGrad(FusedNorm);
+
+impl CustomOp2 for FusedNormGrad {
+    fn name(&self) -> &'static str {
+        "fused-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(xs, xl, "input")?;
+        let dy = contiguous_f32(gs, gl, "gradient")?;
+        Ok((CpuStorage::F32(self.0.backward(x, dy)?), xl.shape().clone()))
+    }
+}
+
+/// Whether the fused kernels apply to this tensor (f32 on the CPU).
+pub(crate) fn fusable(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// GroupNorm of a (B, C, ...) f32 CPU tensor with a frozen affine.
+pub(crate) fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let dims = x.dims();
+    if dims.len() < 2 || groups == 0 || !dims[1].is_multiple_of(groups) {
+        candle_core::bail!("group norm: {dims:?} does not split into {groups} groups");
+    }
+    let (c, spatial) = (dims[1], dims[2..].iter().product::<usize>());
+    let op = FusedNorm {
+        gamma: weight.to_dtype(DType::F32)?.to_vec1()?,
+        beta: bias.to_dtype(DType::F32)?.to_vec1()?,
+        row_len: c / groups * spatial,
+        affine: Affine::Group {
+            groups,
+            channels_per_group: c / groups,
+            spatial,
+        },
+        eps,
+    };
+    x.contiguous()?.apply_op1(op)
+}
+
+/// LayerNorm over the last dimension of an f32 CPU tensor with a frozen affine.
+pub(crate) fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let op = FusedNorm {
+        gamma: weight.to_dtype(DType::F32)?.to_vec1()?,
+        beta: bias.to_dtype(DType::F32)?.to_vec1()?,
+        row_len: x.dim(candle_core::D::Minus1)?,
+        affine: Affine::Layer,
+        eps,
+    };
+    x.contiguous()?.apply_op1(op)
+}
+
+/// An elementwise activation with a hand-written derivative.
+#[derive(Debug, Clone, Copy)]
+enum Activation {
+    /// x · σ(x).
+    Silu,
+    /// Exact GELU: x · Φ(x), Φ the standard normal CDF (through erf).
+    GeluErf,
+}
+
+/// Elements per parallel task: big enough to amortise the task, small enough to spread.
+const ELEMENTWISE_CHUNK: usize = 1 << 15;
+
+impl Activation {
+    #[inline]
+    fn value(self, x: f32) -> f32 {
+        match self {
+            Activation::Silu => x / (1.0 + (-x).exp()),
+            Activation::GeluErf => {
+                0.5 * x
+                    * (1.0 + candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2))
+            }
+        }
+    }
+
+    #[inline]
+    fn derivative(self, x: f32) -> f32 {
+        match self {
+            Activation::Silu => {
+                let s = 1.0 / (1.0 + (-x).exp());
+                s * (1.0 + x * (1.0 - s))
+            }
+            Activation::GeluErf => {
+                // Φ(x) + x φ(x), φ(x) = exp(−x²/2) / √(2π).
+                const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+                let cdf = 0.5
+                    * (1.0 + candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
+                cdf + x * FRAC_1_SQRT_2PI * (-0.5 * x * x).exp()
+            }
+        }
+    }
+}
+
+impl CustomOp1 for Activation {
+    fn name(&self) -> &'static str {
+        match self {
+            Activation::Silu => "fused-silu",
+            Activation::GeluErf => "fused-gelu-erf",
+        }
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "input")?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(ELEMENTWISE_CHUNK)
+            .zip(x.par_chunks(ELEMENTWISE_CHUNK))
+            .for_each(|(ys, xs)| {
+                for (o, &v) in ys.iter_mut().zip(xs) {
+                    *o = self.value(v);
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        Ok(Some(arg.apply_op2_no_bwd(&grad, &ActivationGrad(*self))?))
+    }
+}
+
+/// The input gradient of an `Activation`, as an op of (input, output gradient).
+struct ActivationGrad(Activation);
+
+impl CustomOp2 for ActivationGrad {
+    fn name(&self) -> &'static str {
+        "fused-activation-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(xs, xl, "input")?;
+        let dy = contiguous_f32(gs, gl, "gradient")?;
+        if x.len() != dy.len() {
+            candle_core::bail!(
+                "fused activation: gradient has {} elements, input {}",
+                dy.len(),
+                x.len()
+            );
+        }
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(ELEMENTWISE_CHUNK)
+            .zip(
+                x.par_chunks(ELEMENTWISE_CHUNK)
+                    .zip(dy.par_chunks(ELEMENTWISE_CHUNK)),
+            )
+            .for_each(|(os, (xs, ds))| {
+                for (o, (&v, &d)) in os.iter_mut().zip(xs.iter().zip(ds)) {
+                    *o = d * self.0.derivative(v);
+                }
+            });
+        Ok((CpuStorage::F32(dx), xl.shape().clone()))
+    }
+}
+
+/// SiLU of an f32 CPU tensor.
+pub(crate) fn silu(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Activation::Silu)
+}
+
+/// Exact (erf) GELU of an f32 CPU tensor.
+pub(crate) fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Activation::GeluErf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{D, Device, Var};
+
+    /// Deterministic, uneven data: offsets per position so every row has its own mean.
+    fn data(shape: &[usize], phase: f64) -> Vec<f64> {
+        let n: usize = shape.iter().product();
+        (0..n)
+            .map(|i| {
+                let i = i as f64;
+                (i * 0.37 + phase).sin() * 2.0 + (i * 0.011).cos() * 3.0 + phase
+            })
+            .collect()
+    }
+
+    fn tensor(v: &[f64], shape: &[usize], dtype: DType) -> Tensor {
+        Tensor::from_vec(v.to_vec(), shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    }
+
+    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+        let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+        let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        diff / scale.max(1e-12)
+    }
+
+    /// y and dL/dx for L = sum(y * r), from `norm` applied to x in `dtype`.
+    fn value_and_grad(
+        x: &[f64],
+        r: &[f64],
+        shape: &[usize],
+        dtype: DType,
+        norm: impl Fn(&Tensor) -> Tensor,
+    ) -> (Tensor, Tensor) {
+        let var = Var::from_tensor(&tensor(x, shape, dtype)).unwrap();
+        let y = norm(var.as_tensor());
+        let loss = (&y * tensor(r, shape, dtype)).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        (y, grads.get(var.as_tensor()).unwrap().clone())
+    }
+
+    #[test]
+    fn fused_group_norm_matches_the_composed_reference_value_and_gradient() {
+        let (shape, groups, eps) = ([2usize, 6, 5, 7], 3usize, 1e-5);
+        let x = data(&shape, 0.3);
+        let r = data(&shape, 1.7);
+        let gamma: Vec<f64> = (0..6).map(|c| 0.5 + c as f64 * 0.25).collect();
+        let beta: Vec<f64> = (0..6).map(|c| c as f64 * 0.1 - 0.2).collect();
+        let reference = |x: &Tensor| {
+            let g = x.reshape((2, groups, ())).unwrap();
+            let mean = g.mean_keepdim(2).unwrap();
+            let c = g.broadcast_sub(&mean).unwrap();
+            let var = c.sqr().unwrap().mean_keepdim(2).unwrap();
+            let n = c
+                .broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+                .unwrap()
+                .reshape(&shape)
+                .unwrap();
+            n.broadcast_mul(&tensor(&gamma, &[1, 6, 1, 1], DType::F64))
+                .unwrap()
+                .broadcast_add(&tensor(&beta, &[1, 6, 1, 1], DType::F64))
+                .unwrap()
+        };
+        let (y_ref, g_ref) = value_and_grad(&x, &r, &shape, DType::F64, reference);
+        let fused = |x: &Tensor| {
+            assert!(fusable(x));
+            group_norm(
+                x,
+                groups,
+                &tensor(&gamma, &[6], DType::F32),
+                &tensor(&beta, &[6], DType::F32),
+                eps,
+            )
+            .unwrap()
+        };
+        let (y, g) = value_and_grad(&x, &r, &shape, DType::F32, fused);
+        assert!(
+            max_rel_diff(&y, &y_ref) < 1e-5,
+            "{}",
+            max_rel_diff(&y, &y_ref)
+        );
+        assert!(
+            max_rel_diff(&g, &g_ref) < 1e-4,
+            "{}",
+            max_rel_diff(&g, &g_ref)
+        );
+    }
+
+    #[test]
+    fn fused_layer_norm_matches_the_composed_reference_value_and_gradient() {
+        let (shape, eps) = ([2usize, 5, 16], 1e-5);
+        let x = data(&shape, 0.9);
+        let r = data(&shape, 2.3);
+        let gamma: Vec<f64> = (0..16).map(|i| 1.0 + i as f64 * 0.05).collect();
+        let beta: Vec<f64> = (0..16).map(|i| i as f64 * -0.03).collect();
+        let reference = |x: &Tensor| {
+            let mean = x.mean_keepdim(D::Minus1).unwrap();
+            let c = x.broadcast_sub(&mean).unwrap();
+            let var = c.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+            c.broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+                .unwrap()
+                .broadcast_mul(&tensor(&gamma, &[16], DType::F64))
+                .unwrap()
+                .broadcast_add(&tensor(&beta, &[16], DType::F64))
+                .unwrap()
+        };
+        let (y_ref, g_ref) = value_and_grad(&x, &r, &shape, DType::F64, reference);
+        let fused = |x: &Tensor| {
+            layer_norm(
+                x,
+                &tensor(&gamma, &[16], DType::F32),
+                &tensor(&beta, &[16], DType::F32),
+                eps,
+            )
+            .unwrap()
+        };
+        let (y, g) = value_and_grad(&x, &r, &shape, DType::F32, fused);
+        assert!(
+            max_rel_diff(&y, &y_ref) < 1e-5,
+            "{}",
+            max_rel_diff(&y, &y_ref)
+        );
+        assert!(
+            max_rel_diff(&g, &g_ref) < 1e-4,
+            "{}",
+            max_rel_diff(&g, &g_ref)
+        );
+    }
+
+    #[test]
+    fn fused_activations_match_candles_value_and_gradient() {
+        // Wider than one parallel chunk, so chunk edges are crossed.
+        let shape = [2usize, 40_000];
+        let x: Vec<f64> = data(&shape, 0.4).iter().map(|v| v * 1.5).collect();
+        let r = data(&shape, 1.1);
+        type Act = fn(&Tensor) -> Result<Tensor>;
+        let pairs: [(Act, Act); 2] = [(silu, Tensor::silu), (gelu_erf, Tensor::gelu_erf)];
+        for (fused, candle) in pairs {
+            let (y_ref, g_ref) = value_and_grad(&x, &r, &shape, DType::F64, |t| candle(t).unwrap());
+            let (y, g) = value_and_grad(&x, &r, &shape, DType::F32, |t| fused(t).unwrap());
+            assert!(
+                max_rel_diff(&y, &y_ref) < 1e-5,
+                "{}",
+                max_rel_diff(&y, &y_ref)
+            );
+            assert!(
+                max_rel_diff(&g, &g_ref) < 1e-4,
+                "{}",
+                max_rel_diff(&g, &g_ref)
+            );
+        }
+    }
+
+    #[test]
+    fn a_strided_input_is_normalised_like_its_contiguous_copy() {
+        let x = tensor(&data(&[4, 6], 0.1), &[4, 6], DType::F32);
+        let (w, b) = (
+            Tensor::ones(4, DType::F32, &Device::Cpu).unwrap(),
+            Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(),
+        );
+        let t = x.t().unwrap();
+        let a = layer_norm(&t, &w, &b, 1e-5).unwrap();
+        let c = layer_norm(&t.contiguous().unwrap(), &w, &b, 1e-5).unwrap();
+        assert_eq!(max_rel_diff(&a, &c), 0.0);
+    }
+
+    #[test]
+    fn only_f32_on_the_cpu_takes_the_fused_path() {
+        let dev = Device::Cpu;
+        assert!(fusable(&Tensor::zeros(3, DType::F32, &dev).unwrap()));
+        assert!(!fusable(&Tensor::zeros(3, DType::F64, &dev).unwrap()));
+        assert!(!fusable(&Tensor::zeros(3, DType::BF16, &dev).unwrap()));
+    }
+}
