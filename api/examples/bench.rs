@@ -354,8 +354,11 @@ async fn main() {
         .await;
     assert!(s.is_success(), "{v}");
     let first_check_ms = t0.elapsed().as_secs_f64() * 1000.0;
-    let receipt = v["receipt"].as_str().map(str::to_string);
-    let receipt = receipt.as_deref();
+    let receipt = v["receipt"]
+        .as_str()
+        .expect("the dataset check returns a receipt")
+        .to_string();
+    let receipt = Some(receipt.as_str());
 
     // A short warm-up (connections, allocator, kube-sim's first writes), not measured.
     let warm = args.concurrency * 4;

@@ -6,7 +6,7 @@
 //! revokes, when there is no job to cancel yet. It is recorded as a ConfigMap
 //! `ltj-revoked-<hashed payment intent>` in the Stripe namespace: durable (it survives restarts
 //! and is seen by every replica), non-personal (a keyed hash, no amounts or ids in clear), and
-//! cheap to look up by name. Both sides write before they read (refund: tombstone, then look for
+//! found with one list on their `loraplane.io/tombstone-of` label. Both sides write before they read (refund: tombstone, then look for
 //! jobs; completion: job, then look for a tombstone), so whatever the interleaving one of them
 //! sees the other and the refund wins. Erasure leaves a similar `ltj-erased-<hashed order>`
 //! record, which is also the audit record and stops a replayed order from recreating the job.
@@ -278,8 +278,8 @@ impl App {
 
     /// Why an order may not have a job: its payment was refunded or disputed, or it was
     /// erased. One list by label finds both tombstones (this runs twice on every order, and
-    /// a round trip saved here is saved on every webhook); the names are still checked, so
-    /// only the tombstones this API wrote count.
+    /// a round trip saved here is saved on every webhook); the names are checked too, so a
+    /// stray ConfigMap that merely carries the label does not revoke an order.
     async fn revoked(&self, ns: &str, ids: &OrderIds) -> Result<Option<String>, AppError> {
         let selector = match &ids.payment_hash {
             Some(p) => format!("{LABEL_TOMBSTONE_OF} in ({p},{})", ids.order_hash),

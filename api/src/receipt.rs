@@ -150,7 +150,7 @@ mod tests {
         // Another dataset's hash under the same tag.
         let swapped = r.replace(&sha(), &"cd".repeat(32));
         assert_eq!(verify(KEY, &swapped, NS, UPLOAD, &limits(), NOW), None);
-        // An older issue time to stretch its life.
+        // A later issue time, to stretch its life.
         let backdated = r.replacen(&NOW.to_string(), &(NOW + 3600).to_string(), 1);
         assert_eq!(
             verify(KEY, &backdated, NS, UPLOAD, &limits(), NOW + 3600),

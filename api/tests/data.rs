@@ -195,13 +195,7 @@ async fn a_dataset_is_checked_once_and_again_when_it_is_replaced() {
         let url = ticket["url"].as_str().unwrap().to_string();
         let upload = ticket["uploadId"].as_str().unwrap().to_string();
         let validate = format!("/v1/uploads/{upload}/validate");
-        let checks = |how: &str| {
-            let m = h.app.metrics.render();
-            let line = format!("loraplane_api_dataset_checks_total{{how=\"{how}\"}} ");
-            m.lines()
-                .find_map(|l| l.strip_prefix(line.as_str()))
-                .map_or(0, |v| v.parse::<u64>().unwrap())
-        };
+        let checks = |how: &str| dataset_checks(&h.app, how);
 
         let first = dataset(3);
         assert_eq!(
@@ -278,13 +272,7 @@ async fn a_dataset_is_checked_once_and_again_when_it_is_replaced() {
 async fn a_receipt_from_the_check_stands_in_for_s3_but_only_for_its_own_upload() {
     within(120, async {
         let h = Harness::start().await;
-        let checks = |how: &str| {
-            let m = h.app.metrics.render();
-            let line = format!("loraplane_api_dataset_checks_total{{how=\"{how}\"}} ");
-            m.lines()
-                .find_map(|l| l.strip_prefix(line.as_str()))
-                .map_or(0, |v| v.parse::<u64>().unwrap())
-        };
+        let checks = |how: &str| dataset_checks(&h.app, how);
         let mut uploads = Vec::new();
         for bytes in [dataset(3), zip_of(&[("a.png", png(10))])] {
             let (s, _, ticket) = h
@@ -373,6 +361,15 @@ async fn a_receipt_from_the_check_stands_in_for_s3_but_only_for_its_own_upload()
         assert_eq!(checks("receipt"), 1);
     })
     .await;
+}
+
+/// How many dataset validations `app` answered this way (receipt, marker or download).
+fn dataset_checks(app: &loraplane_api::app::App, how: &str) -> u64 {
+    let m = app.metrics.render();
+    let line = format!("loraplane_api_dataset_checks_total{{how=\"{how}\"}} ");
+    m.lines()
+        .find_map(|l| l.strip_prefix(line.as_str()))
+        .map_or(0, |v| v.parse::<u64>().unwrap())
 }
 
 /// Waits (bounded by the caller's `within`) until `app` reports a retention deletion.

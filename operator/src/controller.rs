@@ -37,7 +37,7 @@ use crate::metrics::Metrics;
 use crate::placement::{self, PoolCapacity};
 use crate::podcache::{self, PodCache, PodSummary};
 use crate::progress::{self, TAIL_LINES};
-use crate::resources::{self, BuildError, LABEL_MANAGED_BY, MANAGED_BY};
+use crate::resources::{self, BuildError};
 use crate::status::{self, Inputs, PodPhase, PodView};
 use loraplane_crds::leader::Election;
 
@@ -190,7 +190,13 @@ impl Context {
             .map(|(_, rv)| *rv);
         let cached = self.pods.read(|index| index.view(&ids.namespace, name));
         let mut view = match cached {
-            Some(c) if podcache::cache_serves(c.1, floor) => c.0.clone(),
+            Some(c) if podcache::cache_serves(c.1, floor) => {
+                if let Some(rv) = c.1 {
+                    self.pod_floors()
+                        .insert(ids.uid.clone(), (name.to_string(), rv));
+                }
+                c.0.clone()
+            }
             _ => {
                 let Some(pod) = pods
                     .get_opt(name)
@@ -605,13 +611,9 @@ pub async fn run(
 
     let (nodes, _nodes_watch) =
         reflect(Api::<Node>::all(client.clone()), watcher::Config::default());
-    let (all_pods, pods_watch) = PodCache::spawn(client.clone());
+    let (all_pods, pod_triggers, pods_watch) = PodCache::spawn(client.clone());
     let _pods_watch = WatchTask(pods_watch);
     let jobs: Api<LoRATrainingJob> = match &settings.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let owned: Api<Pod> = match &settings.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
@@ -627,11 +629,11 @@ pub async fn run(
         nodes,
         all_pods,
     ));
+    // Pod events reach the controller through the pod cache, after the cache has them (not
+    // through a second watch that could run ahead of it): the decision reads the pod from
+    // the cache, and must see the very change that woke it.
     let controller = Controller::new(jobs, watcher::Config::default())
-        .owns(
-            owned,
-            watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}")),
-        )
+        .reconcile_on(pod_triggers)
         .with_config(controller::Config::default().concurrency(CONCURRENCY));
     metrics.watch_jobs(controller.store());
 

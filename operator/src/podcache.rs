@@ -3,6 +3,9 @@
 //! is being deleted), with GPUs in use per node and pods per job kept current from one watch.
 //! Training pods also keep the `PodView` the lifecycle decision reads, with the
 //! resourceVersion it was taken at, so a reconcile need not GET the pod it just heard about.
+//! That only holds if the reconcile a pod event causes runs after the event is in the cache,
+//! so this watch is also the controller's pod trigger: each applied event sends the owning
+//! job's reference (a relist's, when the relist is swapped in), replacing a second watch.
 //!
 //! Why not a reflector `Store<Pod>`: at 10,000 jobs a store of whole pods is most of the
 //! operator's memory, and computing capacity or finding a job's pods meant a scan of every
@@ -17,6 +20,9 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
+
+use kube::runtime::reflector::ObjectRef;
+use loraplane_crds::LoRATrainingJob;
 
 use crate::placement::pod_gpus;
 use crate::resources::LABEL_JOB_UID;
@@ -34,6 +40,8 @@ pub struct PodSummary {
     pub name: String,
     /// The `loraplane.io/job-uid` label, on training pods.
     pub job_uid: Option<String>,
+    /// The `LoRATrainingJob` that owns it, if one does.
+    pub owner_job: Option<String>,
     /// The bound node.
     pub node: Option<String>,
     /// `nvidia.com/gpu` requested.
@@ -59,6 +67,13 @@ impl PodSummary {
                 .as_ref()
                 .and_then(|l| l.get(LABEL_JOB_UID))
                 .cloned(),
+            owner_job: pod
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .find(|o| o.kind == "LoRATrainingJob" && o.api_version.starts_with("loraplane.io/"))
+                .map(|o| o.name.clone()),
             node: pod
                 .spec
                 .as_ref()
@@ -142,24 +157,44 @@ impl PodIndex {
         }
     }
 
-    /// Applies one watch event. A re-list (`Init` … `InitDone`) replaces everything at its end,
-    /// so pods deleted while the watch was down are forgotten.
-    pub fn handle(&mut self, event: watcher::Event<Pod>) {
+    /// Applies one watch event and returns the (namespace, name) of the jobs whose pods it
+    /// changed, now that the index shows the change. A re-list (`Init` … `InitDone`) replaces
+    /// everything at its end, so pods deleted while the watch was down are forgotten.
+    pub fn handle(&mut self, event: watcher::Event<Pod>) -> Vec<(String, String)> {
+        let owner = |p: &PodSummary| p.owner_job.clone().map(|j| (p.namespace.clone(), j));
         match event {
-            watcher::Event::Apply(p) => self.upsert(PodSummary::of(&p)),
-            watcher::Event::Delete(p) => self.remove(&PodSummary::of(&p).key()),
-            watcher::Event::Init => self.relist = Some(Vec::new()),
+            watcher::Event::Apply(p) => {
+                let p = PodSummary::of(&p);
+                let changed = owner(&p);
+                self.upsert(p);
+                changed.into_iter().collect()
+            }
+            watcher::Event::Delete(p) => {
+                let p = PodSummary::of(&p);
+                self.remove(&p.key());
+                owner(&p).into_iter().collect()
+            }
+            watcher::Event::Init => {
+                self.relist = Some(Vec::new());
+                Vec::new()
+            }
             watcher::Event::InitApply(p) => {
                 self.relist
                     .get_or_insert_with(Vec::new)
                     .push(PodSummary::of(&p));
+                Vec::new()
             }
             watcher::Event::InitDone => {
                 let pods = self.relist.take().unwrap_or_default();
+                let mut changed: Vec<_> =
+                    self.pods.values().chain(&pods).filter_map(owner).collect();
+                changed.sort();
+                changed.dedup();
                 *self = PodIndex::default();
                 for p in pods {
                     self.upsert(p);
                 }
+                changed
             }
         }
     }
@@ -211,6 +246,9 @@ pub fn cache_serves(cached: Option<u64>, floor: Option<u64>) -> bool {
     cached.is_some_and(|rv| floor.is_none_or(|f| rv >= f))
 }
 
+/// Jobs whose pods changed, in the order the pod cache applied the changes.
+pub type JobTriggers = futures::channel::mpsc::UnboundedReceiver<ObjectRef<LoRATrainingJob>>;
+
 /// A `PodIndex` kept current by a watch on every pod of the cluster.
 #[derive(Debug, Clone, Default)]
 pub struct PodCache {
@@ -218,25 +256,33 @@ pub struct PodCache {
 }
 
 impl PodCache {
-    /// Starts the watch (retried with back-off); returns the cache it feeds and the watch task
-    /// (the caller stops it).
-    pub fn spawn(client: Client) -> (PodCache, tokio::task::JoinHandle<()>) {
+    /// Starts the watch (retried with back-off); returns the cache it feeds, the stream of
+    /// jobs whose pods changed (sent after the cache shows the change: the controller's pod
+    /// trigger) and the watch task (the caller stops it).
+    pub fn spawn(client: Client) -> (PodCache, JobTriggers, tokio::task::JoinHandle<()>) {
         let cache = PodCache::default();
         let index = cache.index.clone();
+        let (tx, rx) = futures::channel::mpsc::unbounded();
         let stream = watcher(Api::<Pod>::all(client), watcher::Config::default()).default_backoff();
         let task = tokio::spawn(async move {
             futures::pin_mut!(stream);
             while let Some(event) = stream.next().await {
                 match event {
-                    Ok(e) => index
-                        .write()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .handle(e),
+                    Ok(e) => {
+                        let changed = index
+                            .write()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .handle(e);
+                        for (ns, job) in changed {
+                            // Closed only when the controller has stopped.
+                            let _ = tx.unbounded_send(ObjectRef::new(&job).within(&ns));
+                        }
+                    }
                     Err(e) => tracing::debug!(error = %e, "pod watch error"),
                 }
             }
         });
-        (cache, task)
+        (cache, rx, task)
     }
 
     /// Reads the index.
@@ -316,6 +362,53 @@ mod tests {
         assert!(cache_serves(Some(9), Some(7)));
         assert!(!cache_serves(Some(6), Some(7)), "behind what was acted on");
         assert!(!cache_serves(None, None), "a version that did not parse");
+    }
+
+    #[test]
+    fn events_name_the_owning_job_and_a_relist_names_them_all_when_it_lands() {
+        let owned = |name: &str, job: &str| {
+            let mut p = pod(name, Some("uid"), None, 1, "Pending");
+            p.metadata.owner_references = Some(vec![
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                    api_version: "loraplane.io/v1alpha1".into(),
+                    kind: "LoRATrainingJob".into(),
+                    name: job.into(),
+                    uid: "uid".into(),
+                    ..Default::default()
+                },
+            ]);
+            p
+        };
+        let mut ix = PodIndex::default();
+        let job = |n: &str| vec![("ns".to_string(), n.to_string())];
+        assert_eq!(
+            ix.handle(watcher::Event::Apply(owned("a-0", "a"))),
+            job("a")
+        );
+        assert!(
+            ix.view("ns", "a-0").is_some(),
+            "in the cache when the trigger goes"
+        );
+        assert!(
+            ix.handle(apply("other", None, None, 0, "Running"))
+                .is_empty()
+        );
+        assert_eq!(
+            ix.handle(watcher::Event::Delete(owned("a-0", "a"))),
+            job("a")
+        );
+        ix.handle(watcher::Event::Apply(owned("gone-0", "gone")));
+        assert!(ix.handle(watcher::Event::Init).is_empty());
+        assert!(
+            ix.handle(watcher::Event::InitApply(owned("b-0", "b")))
+                .is_empty()
+        );
+        // The job whose pod vanished during the outage is woken too.
+        assert_eq!(
+            ix.handle(watcher::Event::InitDone),
+            [job("b"), job("gone")].concat()
+        );
+        assert!(ix.view("ns", "b-0").is_some() && ix.view("ns", "gone-0").is_none());
     }
 
     #[test]

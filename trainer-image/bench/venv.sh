@@ -24,6 +24,7 @@ if ! "$venv/bin/python" -c 'import torch' 2>/dev/null; then
 fi
 if ! "$venv/bin/python" -c 'import diffusers, peft, transformers' 2>/dev/null; then
   echo "bench venv: installing diffusers, peft and transformers into $venv" >&2
-  "${pip[@]}" diffusers peft transformers || die "pip could not install diffusers, peft and transformers (needs PyPI)"
+  # The versions the trainer README's figures and load check were measured with.
+  "${pip[@]}" diffusers==0.42.1 peft==0.21.2 transformers==5.23.0 || die "pip could not install diffusers, peft and transformers (needs PyPI)"
 fi
 echo "$venv/bin/python"

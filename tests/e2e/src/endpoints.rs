@@ -161,10 +161,11 @@ impl Endpoints {
         if resp.status != 200 {
             return Err(refused("validate the dataset", &resp));
         }
-        Ok(resp.json()["receipt"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string())
+        // A check without a receipt would silently send the order down the marker path.
+        match resp.json()["receipt"].as_str() {
+            Some(r) if !r.is_empty() => Ok(r.to_string()),
+            _ => Err(refused("get a receipt from the dataset check", &resp)),
+        }
     }
 
     /// Posts a Stripe event signed with the endpoint secret; returns the webhook's outcome.

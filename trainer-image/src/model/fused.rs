@@ -202,6 +202,21 @@ pub(crate) fn fusable(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
 
+/// The scale and shift as plain vectors, refused unless each has `len` entries (the kernels
+/// index them per channel or position and must not read past them).
+fn affine_params(weight: &Tensor, bias: &Tensor, len: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    let gamma: Vec<f32> = weight.to_dtype(DType::F32)?.to_vec1()?;
+    let beta: Vec<f32> = bias.to_dtype(DType::F32)?.to_vec1()?;
+    if gamma.len() != len || beta.len() != len {
+        candle_core::bail!(
+            "fused norm: {len} channels but {} weights and {} biases",
+            gamma.len(),
+            beta.len()
+        );
+    }
+    Ok((gamma, beta))
+}
+
 /// GroupNorm of a (B, C, ...) f32 CPU tensor with a frozen affine.
 pub(crate) fn group_norm(
     x: &Tensor,
@@ -215,9 +230,10 @@ pub(crate) fn group_norm(
         candle_core::bail!("group norm: {dims:?} does not split into {groups} groups");
     }
     let (c, spatial) = (dims[1], dims[2..].iter().product::<usize>());
+    let (gamma, beta) = affine_params(weight, bias, c)?;
     let op = FusedNorm {
-        gamma: weight.to_dtype(DType::F32)?.to_vec1()?,
-        beta: bias.to_dtype(DType::F32)?.to_vec1()?,
+        gamma,
+        beta,
         row_len: c / groups * spatial,
         affine: Affine::Group {
             groups,
@@ -231,10 +247,12 @@ pub(crate) fn group_norm(
 
 /// LayerNorm over the last dimension of an f32 CPU tensor with a frozen affine.
 pub(crate) fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let row_len = x.dim(candle_core::D::Minus1)?;
+    let (gamma, beta) = affine_params(weight, bias, row_len)?;
     let op = FusedNorm {
-        gamma: weight.to_dtype(DType::F32)?.to_vec1()?,
-        beta: bias.to_dtype(DType::F32)?.to_vec1()?,
-        row_len: x.dim(candle_core::D::Minus1)?,
+        gamma,
+        beta,
+        row_len,
         affine: Affine::Layer,
         eps,
     };
@@ -403,6 +421,14 @@ mod tests {
         diff / scale.max(1e-12)
     }
 
+    /// The f32 kernel's value and gradient against the f64 reference's: f32 rounding only.
+    fn assert_matches_reference(fused: &(Tensor, Tensor), reference: &(Tensor, Tensor)) {
+        let value = max_rel_diff(&fused.0, &reference.0);
+        let grad = max_rel_diff(&fused.1, &reference.1);
+        assert!(value < 1e-5, "value differs by {value}");
+        assert!(grad < 1e-4, "gradient differs by {grad}");
+    }
+
     /// y and dL/dx for L = sum(y * r), from `norm` applied to x in `dtype`.
     fn value_and_grad(
         x: &[f64],
@@ -453,16 +479,7 @@ mod tests {
             .unwrap()
         };
         let (y, g) = value_and_grad(&x, &r, &shape, DType::F32, fused);
-        assert!(
-            max_rel_diff(&y, &y_ref) < 1e-5,
-            "{}",
-            max_rel_diff(&y, &y_ref)
-        );
-        assert!(
-            max_rel_diff(&g, &g_ref) < 1e-4,
-            "{}",
-            max_rel_diff(&g, &g_ref)
-        );
+        assert_matches_reference(&(y, g), &(y_ref, g_ref));
     }
 
     #[test]
@@ -494,16 +511,7 @@ mod tests {
             .unwrap()
         };
         let (y, g) = value_and_grad(&x, &r, &shape, DType::F32, fused);
-        assert!(
-            max_rel_diff(&y, &y_ref) < 1e-5,
-            "{}",
-            max_rel_diff(&y, &y_ref)
-        );
-        assert!(
-            max_rel_diff(&g, &g_ref) < 1e-4,
-            "{}",
-            max_rel_diff(&g, &g_ref)
-        );
+        assert_matches_reference(&(y, g), &(y_ref, g_ref));
     }
 
     #[test]
@@ -515,32 +523,43 @@ mod tests {
         type Act = fn(&Tensor) -> Result<Tensor>;
         let pairs: [(Act, Act); 2] = [(silu, Tensor::silu), (gelu_erf, Tensor::gelu_erf)];
         for (fused, candle) in pairs {
-            let (y_ref, g_ref) = value_and_grad(&x, &r, &shape, DType::F64, |t| candle(t).unwrap());
-            let (y, g) = value_and_grad(&x, &r, &shape, DType::F32, |t| fused(t).unwrap());
-            assert!(
-                max_rel_diff(&y, &y_ref) < 1e-5,
-                "{}",
-                max_rel_diff(&y, &y_ref)
-            );
-            assert!(
-                max_rel_diff(&g, &g_ref) < 1e-4,
-                "{}",
-                max_rel_diff(&g, &g_ref)
-            );
+            let reference = value_and_grad(&x, &r, &shape, DType::F64, |t| candle(t).unwrap());
+            let ours = value_and_grad(&x, &r, &shape, DType::F32, |t| fused(t).unwrap());
+            assert_matches_reference(&ours, &reference);
         }
     }
 
     #[test]
-    fn a_strided_input_is_normalised_like_its_contiguous_copy() {
+    fn a_view_into_a_larger_tensor_is_normalised_like_its_copy() {
+        // Rows 1..3 of a contiguous tensor: contiguous, but starting at an offset.
         let x = tensor(&data(&[4, 6], 0.1), &[4, 6], DType::F32);
+        let view = x.narrow(0, 1, 2).unwrap();
+        let copy = Tensor::from_vec(
+            view.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            (2, 6),
+            &Device::Cpu,
+        )
+        .unwrap();
         let (w, b) = (
-            Tensor::ones(4, DType::F32, &Device::Cpu).unwrap(),
-            Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(),
+            Tensor::ones(6, DType::F32, &Device::Cpu).unwrap(),
+            Tensor::zeros(6, DType::F32, &Device::Cpu).unwrap(),
         );
-        let t = x.t().unwrap();
-        let a = layer_norm(&t, &w, &b, 1e-5).unwrap();
-        let c = layer_norm(&t.contiguous().unwrap(), &w, &b, 1e-5).unwrap();
+        let a = layer_norm(&view, &w, &b, 1e-5).unwrap();
+        let c = layer_norm(&copy, &w, &b, 1e-5).unwrap();
         assert_eq!(max_rel_diff(&a, &c), 0.0);
+        // And the rows really are the view's, not the tensor's first ones.
+        let first = layer_norm(&x.narrow(0, 0, 2).unwrap(), &w, &b, 1e-5).unwrap();
+        assert!(max_rel_diff(&first, &c) > 0.0);
+    }
+
+    #[test]
+    fn parameters_of_the_wrong_length_are_an_error_not_a_panic() {
+        let x = tensor(&data(&[1, 4, 3, 3], 0.2), &[1, 4, 3, 3], DType::F32);
+        let three = Tensor::ones(3, DType::F32, &Device::Cpu).unwrap();
+        let four = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
+        assert!(group_norm(&x, 2, &three, &four, 1e-5).is_err());
+        assert!(layer_norm(&x, &four, &four, 1e-5).is_err(), "last dim is 3");
+        assert!(group_norm(&x, 2, &four, &four, 1e-5).is_ok());
     }
 
     #[test]
