@@ -35,17 +35,32 @@ pub const LABEL_SOURCE: &str = "loraplane.io/source";
 /// Label on a job holding the plan name.
 pub const LABEL_PLAN: &str = "loraplane.io/plan";
 
-/// A keyed hash of an identifier, as 32 lowercase hex digits (128 bits).
-pub fn hash_id(key: &[u8], kind: &str, id: &str) -> String {
-    let Ok(mut mac) = <Hmac<Sha256> as Mac>::new_from_slice(key) else {
+/// The API's keyed MAC (HMAC-SHA256 with `ID_HASH_KEY`) over a purpose and its parts, each
+/// part after a NUL so no two inputs run together. Names (job, tombstone) and dataset
+/// receipts all come from it.
+pub fn keyed_mac(key: &[u8], kind: &str, parts: &[&str]) -> Option<Hmac<Sha256>> {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).ok()?;
+    mac.update(kind.as_bytes());
+    for part in parts {
+        mac.update(b"\0");
+        mac.update(part.as_bytes());
+    }
+    Some(mac)
+}
+
+/// `keyed_mac` as 32 lowercase hex digits (128 bits).
+pub fn hash_parts(key: &[u8], kind: &str, parts: &[&str]) -> String {
+    let Some(mac) = keyed_mac(key, kind, parts) else {
         return String::new();
     };
-    mac.update(kind.as_bytes());
-    mac.update(b"\0");
-    mac.update(id.as_bytes());
     let mut h = hex::encode(mac.finalize().into_bytes());
     h.truncate(32);
     h
+}
+
+/// A keyed hash of an identifier, as 32 lowercase hex digits (128 bits).
+pub fn hash_id(key: &[u8], kind: &str, id: &str) -> String {
+    hash_parts(key, kind, &[id])
 }
 
 /// The job name of an order: the same order always gets the same name, whatever the path.

@@ -11,31 +11,24 @@
 //!
 //! Pure functions; the clock is an argument.
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use hmac::Mac;
 
+use crate::order::{hash_parts, keyed_mac};
 use crate::zipcheck::ZipLimits;
+
+/// The MAC's purpose, so a receipt tag can never equal a name the same key hashes.
+const KIND: &str = "dataset-receipt";
 
 /// How long a receipt vouches for an upload. Checkout follows validation within minutes; a
 /// day covers an abandoned cart that is paid later without stretching what a receipt means.
 pub const MAX_AGE_SECS: i64 = 24 * 3600;
 
-/// Hex digits of the tag (128 bits).
+/// Hex digits of the tag (`order::hash_parts`' 128 bits).
 const TAG_HEX: usize = 32;
 
-fn mac(key: &[u8], ns: &str, upload_id: &str, marker: &str, issued: i64) -> Option<Hmac<Sha256>> {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).ok()?;
-    for part in [
-        "dataset-receipt",
-        ns,
-        upload_id,
-        marker,
-        &issued.to_string(),
-    ] {
-        mac.update(part.as_bytes());
-        mac.update(b"\0");
-    }
-    Some(mac)
+/// What the tag covers: one list, so issuing and verifying cannot drift apart.
+fn tagged<'a>(ns: &'a str, upload_id: &'a str, marker: &'a str, issued: &'a str) -> [&'a str; 4] {
+    [ns, upload_id, marker, issued]
 }
 
 /// The receipt for an upload that passed under `limits` with this SHA-256.
@@ -47,13 +40,8 @@ pub fn issue(
     sha256: &str,
     now: i64,
 ) -> String {
-    let tag = mac(key, ns, upload_id, &limits.marker(sha256), now)
-        .map(|m| {
-            let mut t = hex::encode(m.finalize().into_bytes());
-            t.truncate(TAG_HEX);
-            t
-        })
-        .unwrap_or_default();
+    let (marker, issued) = (limits.marker(sha256), now.to_string());
+    let tag = hash_parts(key, KIND, &tagged(ns, upload_id, &marker, &issued));
     format!("v1.{now}.{sha256}.{tag}")
 }
 
@@ -77,8 +65,7 @@ pub fn verify<'r>(
     ) else {
         return None;
     };
-    let issued: i64 = issued.parse().ok()?;
-    let age = now - issued;
+    let age = now - issued.parse::<i64>().ok()?;
     // A little skew between replicas' clocks is fine; a receipt from the future is not.
     if !(-60..=MAX_AGE_SECS).contains(&age) {
         return None;
@@ -90,7 +77,8 @@ pub fn verify<'r>(
         return None;
     }
     let tag = hex::decode(tag).ok()?;
-    mac(key, ns, upload_id, &marker, issued)?
+    // Constant-time comparison of the truncated tag.
+    keyed_mac(key, KIND, &tagged(ns, upload_id, &marker, issued))?
         .verify_truncated_left(&tag)
         .ok()?;
     Some(sha)

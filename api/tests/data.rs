@@ -273,24 +273,9 @@ async fn a_receipt_from_the_check_stands_in_for_s3_but_only_for_its_own_upload()
     within(120, async {
         let h = Harness::start().await;
         let checks = |how: &str| dataset_checks(&h.app, how);
-        let mut uploads = Vec::new();
-        for bytes in [dataset(3), zip_of(&[("a.png", png(10))])] {
-            let (s, _, ticket) = h
-                .call(
-                    "POST",
-                    "/v1/uploads",
-                    Some(ACME),
-                    &[],
-                    Some(json!({"residency": "eea"})),
-                )
-                .await;
-            assert_eq!(s, StatusCode::CREATED);
-            let url = ticket["url"].as_str().unwrap();
-            assert_eq!(http("PUT", url, &[], bytes.clone()).await.0, StatusCode::OK);
-            uploads.push((ticket["uploadId"].as_str().unwrap().to_string(), bytes));
-        }
-        let (good, good_bytes) = &uploads[0];
-        let (bad, _) = &uploads[1];
+        let good_bytes = &dataset(3);
+        let good = &h.upload(ACME, "eea", good_bytes.clone()).await;
+        let bad = &h.upload(ACME, "eea", zip_of(&[("a.png", png(10))])).await;
         let (s, _, check) = h
             .call(
                 "POST",

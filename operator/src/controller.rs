@@ -35,7 +35,7 @@ use tokio::sync::watch;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::placement::{self, PoolCapacity};
-use crate::podcache::{self, PodCache, PodSummary};
+use crate::podcache::{self, PodCache, PodSummary, WatchTask};
 use crate::progress::{self, TAIL_LINES};
 use crate::resources::{self, BuildError};
 use crate::status::{self, Inputs, PodPhase, PodView};
@@ -161,10 +161,11 @@ impl Context {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn raise_pod_floor(&self, uid: &str, pod: &Pod) {
-        if let (Some(name), Some(rv)) = (&pod.metadata.name, podcache::resource_version(pod)) {
+    /// Records that a decision for job `uid` is being based on `pod` at resourceVersion `rv`.
+    fn raise_pod_floor(&self, uid: &str, pod: &str, rv: Option<u64>) {
+        if let Some(rv) = rv {
             self.pod_floors()
-                .insert(uid.to_string(), (name.clone(), rv));
+                .insert(uid.to_string(), (pod.to_string(), rv));
         }
     }
 
@@ -191,10 +192,7 @@ impl Context {
         let cached = self.pods.read(|index| index.view(&ids.namespace, name));
         let mut view = match cached {
             Some(c) if podcache::cache_serves(c.1, floor) => {
-                if let Some(rv) = c.1 {
-                    self.pod_floors()
-                        .insert(ids.uid.clone(), (name.to_string(), rv));
-                }
+                self.raise_pod_floor(&ids.uid, name, c.1);
                 c.0.clone()
             }
             _ => {
@@ -205,7 +203,7 @@ impl Context {
                 else {
                     return Ok(None);
                 };
-                self.raise_pod_floor(&ids.uid, &pod);
+                self.raise_pod_floor(&ids.uid, name, podcache::resource_version(&pod));
                 PodView::from_pod(&pod, |_| true)
             }
         };
@@ -401,7 +399,11 @@ async fn reconcile_inner(
             .patch(&next.pod_name, &params, &Patch::Apply(&pod))
             .await
             .map_err(|e| ReconcileError::CreatePod(next.pod_name.clone(), e))?;
-        ctx.raise_pod_floor(&ids.uid, &created);
+        ctx.raise_pod_floor(
+            &ids.uid,
+            &next.pod_name,
+            podcache::resource_version(&created),
+        );
         if next.index == 0
             && let Some(created) = job.metadata.creation_timestamp.as_ref()
         {
@@ -540,16 +542,6 @@ pub struct Health {
     pub leading: AtomicBool,
 }
 
-/// A background watch that stops when dropped, so the caches of a `run` that returns (shutdown,
-/// lost leadership) do not keep watching for a process that goes on, e.g. as a standby.
-struct WatchTask(tokio::task::JoinHandle<()>);
-
-impl Drop for WatchTask {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 fn reflect<K>(api: Api<K>, cfg: watcher::Config) -> (Store<K>, WatchTask)
 where
     K: Resource<DynamicType = ()>
@@ -611,8 +603,7 @@ pub async fn run(
 
     let (nodes, _nodes_watch) =
         reflect(Api::<Node>::all(client.clone()), watcher::Config::default());
-    let (all_pods, pod_triggers, pods_watch) = PodCache::spawn(client.clone());
-    let _pods_watch = WatchTask(pods_watch);
+    let (all_pods, pod_triggers, _pods_watch) = PodCache::spawn(client.clone());
     let jobs: Api<LoRATrainingJob> = match &settings.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),

@@ -18,10 +18,9 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
-
-use kube::runtime::reflector::ObjectRef;
 use loraplane_crds::LoRATrainingJob;
 
 use crate::placement::pod_gpus;
@@ -249,6 +248,16 @@ pub fn cache_serves(cached: Option<u64>, floor: Option<u64>) -> bool {
 /// Jobs whose pods changed, in the order the pod cache applied the changes.
 pub type JobTriggers = futures::channel::mpsc::UnboundedReceiver<ObjectRef<LoRATrainingJob>>;
 
+/// A background watch that stops when dropped, so the caches of a `run` that returns (shutdown,
+/// lost leadership) do not keep watching for a process that goes on, e.g. as a standby.
+pub struct WatchTask(pub(crate) tokio::task::JoinHandle<()>);
+
+impl Drop for WatchTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A `PodIndex` kept current by a watch on every pod of the cluster.
 #[derive(Debug, Clone, Default)]
 pub struct PodCache {
@@ -258,8 +267,8 @@ pub struct PodCache {
 impl PodCache {
     /// Starts the watch (retried with back-off); returns the cache it feeds, the stream of
     /// jobs whose pods changed (sent after the cache shows the change: the controller's pod
-    /// trigger) and the watch task (the caller stops it).
-    pub fn spawn(client: Client) -> (PodCache, JobTriggers, tokio::task::JoinHandle<()>) {
+    /// trigger) and the watch, which stops when dropped.
+    pub fn spawn(client: Client) -> (PodCache, JobTriggers, WatchTask) {
         let cache = PodCache::default();
         let index = cache.index.clone();
         let (tx, rx) = futures::channel::mpsc::unbounded();
@@ -282,7 +291,7 @@ impl PodCache {
                 }
             }
         });
-        (cache, rx, task)
+        (cache, rx, WatchTask(task))
     }
 
     /// Reads the index.

@@ -380,7 +380,9 @@ pub(crate) fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{D, Device, Var};
+    use crate::model::ops::tests::max_diff;
+    use crate::model::ops::{GroupNorm, LayerNorm};
+    use candle_core::{Device, Module, Var};
 
     /// Deterministic, uneven data: offsets per position so every row has its own mean.
     fn data(shape: &[usize], phase: f64) -> Vec<f64> {
@@ -400,25 +402,10 @@ mod tests {
             .unwrap()
     }
 
+    /// The largest element difference relative to the largest element of `b`.
     fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
-        let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-        let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-        let scale = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        let diff = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        diff / scale.max(1e-12)
+        let zero = b.zeros_like().unwrap();
+        max_diff(a, b) / max_diff(b, &zero).max(1e-12)
     }
 
     /// The f32 kernel's value and gradient against the f64 reference's: f32 rounding only.
@@ -447,71 +434,48 @@ mod tests {
     #[test]
     fn fused_group_norm_matches_the_composed_reference_value_and_gradient() {
         let (shape, groups, eps) = ([2usize, 6, 5, 7], 3usize, 1e-5);
-        let x = data(&shape, 0.3);
-        let r = data(&shape, 1.7);
         let gamma: Vec<f64> = (0..6).map(|c| 0.5 + c as f64 * 0.25).collect();
         let beta: Vec<f64> = (0..6).map(|c| c as f64 * 0.1 - 0.2).collect();
-        let reference = |x: &Tensor| {
-            let g = x.reshape((2, groups, ())).unwrap();
-            let mean = g.mean_keepdim(2).unwrap();
-            let c = g.broadcast_sub(&mean).unwrap();
-            let var = c.sqr().unwrap().mean_keepdim(2).unwrap();
-            let n = c
-                .broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
-                .unwrap()
-                .reshape(&shape)
-                .unwrap();
-            n.broadcast_mul(&tensor(&gamma, &[1, 6, 1, 1], DType::F64))
-                .unwrap()
-                .broadcast_add(&tensor(&beta, &[1, 6, 1, 1], DType::F64))
-                .unwrap()
-        };
-        let (y_ref, g_ref) = value_and_grad(&x, &r, &shape, DType::F64, reference);
-        let fused = |x: &Tensor| {
-            assert!(fusable(x));
-            group_norm(
-                x,
+        let norm = |dtype| {
+            GroupNorm::from_parts(
+                tensor(&gamma, &[6], dtype),
+                tensor(&beta, &[6], dtype),
                 groups,
-                &tensor(&gamma, &[6], DType::F32),
-                &tensor(&beta, &[6], DType::F32),
                 eps,
             )
-            .unwrap()
         };
-        let (y, g) = value_and_grad(&x, &r, &shape, DType::F32, fused);
-        assert_matches_reference(&(y, g), &(y_ref, g_ref));
+        let (x, r) = (data(&shape, 0.3), data(&shape, 1.7));
+        let reference = value_and_grad(&x, &r, &shape, DType::F64, |t| {
+            norm(DType::F64).forward_composed(t).unwrap()
+        });
+        let ours = value_and_grad(&x, &r, &shape, DType::F32, |t| {
+            assert!(fusable(t));
+            norm(DType::F32).forward(t).unwrap()
+        });
+        assert_matches_reference(&ours, &reference);
     }
 
     #[test]
     fn fused_layer_norm_matches_the_composed_reference_value_and_gradient() {
         let (shape, eps) = ([2usize, 5, 16], 1e-5);
-        let x = data(&shape, 0.9);
-        let r = data(&shape, 2.3);
         let gamma: Vec<f64> = (0..16).map(|i| 1.0 + i as f64 * 0.05).collect();
         let beta: Vec<f64> = (0..16).map(|i| i as f64 * -0.03).collect();
-        let reference = |x: &Tensor| {
-            let mean = x.mean_keepdim(D::Minus1).unwrap();
-            let c = x.broadcast_sub(&mean).unwrap();
-            let var = c.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-            c.broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
-                .unwrap()
-                .broadcast_mul(&tensor(&gamma, &[16], DType::F64))
-                .unwrap()
-                .broadcast_add(&tensor(&beta, &[16], DType::F64))
-                .unwrap()
-        };
-        let (y_ref, g_ref) = value_and_grad(&x, &r, &shape, DType::F64, reference);
-        let fused = |x: &Tensor| {
-            layer_norm(
-                x,
-                &tensor(&gamma, &[16], DType::F32),
-                &tensor(&beta, &[16], DType::F32),
+        let norm = |dtype| {
+            LayerNorm::from_parts(
+                tensor(&gamma, &[16], dtype),
+                tensor(&beta, &[16], dtype),
                 eps,
             )
-            .unwrap()
         };
-        let (y, g) = value_and_grad(&x, &r, &shape, DType::F32, fused);
-        assert_matches_reference(&(y, g), &(y_ref, g_ref));
+        let (x, r) = (data(&shape, 0.9), data(&shape, 2.3));
+        let reference = value_and_grad(&x, &r, &shape, DType::F64, |t| {
+            norm(DType::F64).forward_composed(t).unwrap()
+        });
+        let ours = value_and_grad(&x, &r, &shape, DType::F32, |t| {
+            assert!(fusable(t));
+            norm(DType::F32).forward(t).unwrap()
+        });
+        assert_matches_reference(&ours, &reference);
     }
 
     #[test]

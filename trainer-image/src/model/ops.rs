@@ -83,6 +83,14 @@ impl LayerNorm {
     }
 }
 
+#[cfg(test)]
+impl LayerNorm {
+    /// A norm from its parameters, for tests that compare kernels.
+    pub(crate) fn from_parts(weight: Tensor, bias: Tensor, eps: f64) -> Self {
+        Self { weight, bias, eps }
+    }
+}
+
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if super::fused::fusable(x) {
@@ -137,6 +145,19 @@ impl GroupNorm {
             groups,
             eps,
         })
+    }
+}
+
+#[cfg(test)]
+impl GroupNorm {
+    /// A norm from its parameters, for tests that compare kernels.
+    pub(crate) fn from_parts(weight: Tensor, bias: Tensor, groups: usize, eps: f64) -> Self {
+        Self {
+            weight,
+            bias,
+            groups,
+            eps,
+        }
     }
 }
 
