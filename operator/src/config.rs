@@ -112,6 +112,8 @@ pub struct Settings {
     pub error_requeue: Duration,
     /// The controller's field manager for server-side apply.
     pub field_manager: String,
+    /// How long a stopping replica waits for reconciles in flight before it abandons them.
+    pub shutdown_grace: Duration,
 }
 
 impl Settings {
@@ -133,6 +135,9 @@ impl Settings {
             progress_interval: Duration::from_secs(args.progress_interval_seconds.max(1)),
             error_requeue: Duration::from_secs(5),
             field_manager: FIELD_MANAGER.to_string(),
+            // Inside the chart's terminationGracePeriodSeconds (30), so the Lease is still
+            // released before the kubelet kills the container.
+            shutdown_grace: Duration::from_secs(20),
         }
     }
 
@@ -149,6 +154,7 @@ impl Settings {
             progress_interval: Duration::from_millis(300),
             error_requeue: Duration::from_millis(200),
             field_manager: FIELD_MANAGER.to_string(),
+            shutdown_grace: Duration::from_secs(5),
         }
     }
 }

@@ -35,9 +35,9 @@ use tokio::sync::watch;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::placement::{self, PoolCapacity};
-use crate::podcache::{PodCache, PodSummary};
+use crate::podcache::{self, PodCache, PodSummary, WatchTask};
 use crate::progress::{self, TAIL_LINES};
-use crate::resources::{self, BuildError, LABEL_MANAGED_BY, MANAGED_BY};
+use crate::resources::{self, BuildError};
 use crate::status::{self, Inputs, PodPhase, PodView};
 use loraplane_crds::leader::Election;
 
@@ -128,6 +128,9 @@ pub struct Context {
     pub pods: PodCache,
     /// The resourceVersion of the last status this replica wrote, per job uid.
     written: std::sync::Mutex<HashMap<String, String>>,
+    /// Per job uid, its current pod and the newest resourceVersion of it a decision was
+    /// based on: the pod cache serves the next decision only once it has caught up to that.
+    pod_floors: std::sync::Mutex<HashMap<String, (String, u64)>>,
 }
 
 impl Context {
@@ -148,7 +151,66 @@ impl Context {
             nodes,
             pods,
             written: std::sync::Mutex::new(HashMap::new()),
+            pod_floors: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    fn pod_floors(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, u64)>> {
+        self.pod_floors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records that a decision for job `uid` is being based on `pod` at resourceVersion `rv`.
+    fn raise_pod_floor(&self, uid: &str, pod: &str, rv: Option<u64>) {
+        if let Some(rv) = rv {
+            self.pod_floors()
+                .insert(uid.to_string(), (pod.to_string(), rv));
+        }
+    }
+
+    fn forget(&self, uid: &str) {
+        self.written().remove(uid);
+        self.pod_floors().remove(uid);
+    }
+
+    /// The current attempt's pod as the decision sees it. The watch cache answers when it is
+    /// at least as new as anything this job was decided on (the pod as created, or as last
+    /// read); otherwise (not seen yet, or behind) the API does. A decision on an older copy
+    /// could walk the job's phase backwards.
+    async fn current_pod(
+        &self,
+        pods: &Api<Pod>,
+        ids: &resources::JobIds,
+        name: &str,
+    ) -> Result<Option<PodView>, ReconcileError> {
+        let floor = self
+            .pod_floors()
+            .get(&ids.uid)
+            .filter(|(pod, _)| pod == name)
+            .map(|(_, rv)| *rv);
+        let cached = self.pods.read(|index| index.view(&ids.namespace, name));
+        let mut view = match cached {
+            Some(c) if podcache::cache_serves(c.1, floor) => {
+                self.raise_pod_floor(&ids.uid, name, c.1);
+                c.0.clone()
+            }
+            _ => {
+                let Some(pod) = pods
+                    .get_opt(name)
+                    .await
+                    .map_err(|e| ReconcileError::GetPod(name.to_string(), e))?
+                else {
+                    return Ok(None);
+                };
+                self.raise_pod_floor(&ids.uid, name, podcache::resource_version(&pod));
+                PodView::from_pod(&pod, |_| true)
+            }
+        };
+        if let Some(node) = &view.node {
+            view.node_exists = self.node_exists(node).await?;
+        }
+        Ok(Some(view))
     }
 
     fn written(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
@@ -229,7 +291,7 @@ async fn reconcile_inner(
             .map_err(ReconcileError::GetJob)?
     };
     let Some(fresh) = fresh else {
-        ctx.written().remove(&ids.uid);
+        ctx.forget(&ids.uid);
         return Ok(Action::await_change());
     };
     let job = &fresh;
@@ -246,7 +308,7 @@ async fn reconcile_inner(
         // A job can end from outside (the API cancels a refunded order by setting phase
         // Cancelled): whatever ended it, no training pod may keep running.
         delete_stray_pods(ctx, &pods, &ids, None, None).await?;
-        ctx.written().remove(&ids.uid);
+        ctx.forget(&ids.uid);
         return Ok(Action::await_change());
     }
     let settings = &ctx.settings;
@@ -259,23 +321,13 @@ async fn reconcile_inner(
         .and_then(|p| p.pod.clone());
     let mut view = None;
     let mut log = None;
-    if let Some(name) = &open_pod {
-        let pod = pods
-            .get_opt(name)
-            .await
-            .map_err(|e| ReconcileError::GetPod(name.clone(), e))?;
-        if let Some(pod) = pod {
-            let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
-            let exists = match &node {
-                Some(n) => ctx.node_exists(n).await?,
-                None => true,
-            };
-            let v = PodView::from_pod(&pod, |_| exists);
-            if v.phase != PodPhase::Pending {
-                log = read_log(&pods, name).await;
-            }
-            view = Some(v);
+    if let Some(name) = &open_pod
+        && let Some(v) = ctx.current_pod(&pods, &ids, name).await?
+    {
+        if v.phase != PodPhase::Pending {
+            log = read_log(&pods, name).await;
         }
+        view = Some(v);
     }
     let tried = status::tried_pools(status);
     let capacity = ctx.capacity();
@@ -343,9 +395,15 @@ async fn reconcile_inner(
             next.index,
             &settings.s3_credentials_secret,
         )?;
-        pods.patch(&next.pod_name, &params, &Patch::Apply(&pod))
+        let created = pods
+            .patch(&next.pod_name, &params, &Patch::Apply(&pod))
             .await
             .map_err(|e| ReconcileError::CreatePod(next.pod_name.clone(), e))?;
+        ctx.raise_pod_floor(
+            &ids.uid,
+            &next.pod_name,
+            podcache::resource_version(&created),
+        );
         if next.index == 0
             && let Some(created) = job.metadata.creation_timestamp.as_ref()
         {
@@ -484,16 +542,6 @@ pub struct Health {
     pub leading: AtomicBool,
 }
 
-/// A background watch that stops when dropped, so the caches of a `run` that returns (shutdown,
-/// lost leadership) do not keep watching for a process that goes on, e.g. as a standby.
-struct WatchTask(tokio::task::JoinHandle<()>);
-
-impl Drop for WatchTask {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 fn reflect<K>(api: Api<K>, cfg: watcher::Config) -> (Store<K>, WatchTask)
 where
     K: Resource<DynamicType = ()>
@@ -555,13 +603,8 @@ pub async fn run(
 
     let (nodes, _nodes_watch) =
         reflect(Api::<Node>::all(client.clone()), watcher::Config::default());
-    let (all_pods, pods_watch) = PodCache::spawn(client.clone());
-    let _pods_watch = WatchTask(pods_watch);
+    let (all_pods, pod_triggers, _pods_watch) = PodCache::spawn(client.clone());
     let jobs: Api<LoRATrainingJob> = match &settings.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let owned: Api<Pod> = match &settings.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
@@ -577,32 +620,34 @@ pub async fn run(
         nodes,
         all_pods,
     ));
+    // Pod events reach the controller through the pod cache, after the cache has them (not
+    // through a second watch that could run ahead of it): the decision reads the pod from
+    // the cache, and must see the very change that woke it.
     let controller = Controller::new(jobs, watcher::Config::default())
-        .owns(
-            owned,
-            watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}")),
-        )
+        .reconcile_on(pod_triggers)
         .with_config(controller::Config::default().concurrency(CONCURRENCY));
     metrics.watch_jobs(controller.store());
 
     let lost = Arc::new(AtomicBool::new(false));
     let lost_flag = lost.clone();
     let mut stop = shutdown.clone();
+    let (stopping_tx, mut stopping) = watch::channel(false);
     let stop_signal = async move {
         loop {
             tokio::select! {
                 r = leading_rx.changed() => {
                     if r.is_err() || !*leading_rx.borrow() {
                         lost_flag.store(true, Ordering::SeqCst);
-                        return;
+                        break;
                     }
                 }
-                _ = stop.changed() => return,
+                _ = stop.changed() => break,
             }
         }
+        stopping_tx.send_replace(true);
     };
     tracing::info!("leading: reconciling LoRATrainingJobs");
-    controller
+    let reconciling = controller
         .graceful_shutdown_on(stop_signal)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| {
@@ -610,8 +655,22 @@ pub async fn run(
                 tracing::debug!(error = %e, "controller event");
             }
             futures::future::ready(())
-        })
-        .await;
+        });
+    // A graceful shutdown waits for the reconciles in flight, but kube-runtime's runner also
+    // waits, with nothing left to wake it, for a job store that has not finished its first
+    // list when the shutdown begins (the watch that would fill it has stopped). So the wait
+    // is bounded; a reconcile cut short is repeated by the next leader, as after a crash.
+    let grace = settings.shutdown_grace;
+    let deadline = async move {
+        if stopping.wait_for(|s| *s).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        () = reconciling => {}
+        () = deadline => tracing::warn!(?grace, "reconciles still in flight after the shutdown grace period; stopping without them"),
+    }
     health.leading.store(false, Ordering::SeqCst);
     metrics.leader.set(0);
     // Releasing the Lease on shutdown also flips `leading`; that is not a loss.

@@ -1,6 +1,11 @@
 //! The operator's view of every pod: per pod only what placement and stray-pod cleanup need
 //! (namespace, name, the job-uid label, the node, the GPUs requested, whether it finished or
 //! is being deleted), with GPUs in use per node and pods per job kept current from one watch.
+//! Training pods also keep the `PodView` the lifecycle decision reads, with the
+//! resourceVersion it was taken at, so a reconcile need not GET the pod it just heard about.
+//! That only holds if the reconcile a pod event causes runs after the event is in the cache,
+//! so this watch is also the controller's pod trigger: each applied event sends the owning
+//! job's reference (a relist's, when the relist is swapped in), replacing a second watch.
 //!
 //! Why not a reflector `Store<Pod>`: at 10,000 jobs a store of whole pods is most of the
 //! operator's memory, and computing capacity or finding a job's pods meant a scan of every
@@ -13,17 +18,20 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
+use loraplane_crds::LoRATrainingJob;
 
 use crate::placement::pod_gpus;
 use crate::resources::LABEL_JOB_UID;
+use crate::status::PodView;
 
 /// (namespace, name) of a pod.
 pub type PodKey = (String, String);
 
 /// What the operator keeps of one pod.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PodSummary {
     /// Namespace.
     pub namespace: String,
@@ -31,6 +39,8 @@ pub struct PodSummary {
     pub name: String,
     /// The `loraplane.io/job-uid` label, on training pods.
     pub job_uid: Option<String>,
+    /// The `LoRATrainingJob` that owns it, if one does.
+    pub owner_job: Option<String>,
     /// The bound node.
     pub node: Option<String>,
     /// `nvidia.com/gpu` requested.
@@ -39,6 +49,9 @@ pub struct PodSummary {
     pub finished: bool,
     /// Has a `deletionTimestamp`.
     pub deleting: bool,
+    /// For training pods: what the lifecycle decision reads (its `node_exists` is left true;
+    /// the reader asks the Node cache) and the resourceVersion it describes.
+    pub view: Option<Arc<(PodView, Option<u64>)>>,
 }
 
 impl PodSummary {
@@ -53,6 +66,13 @@ impl PodSummary {
                 .as_ref()
                 .and_then(|l| l.get(LABEL_JOB_UID))
                 .cloned(),
+            owner_job: pod
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .find(|o| o.kind == "LoRATrainingJob" && o.api_version.starts_with("loraplane.io/"))
+                .map(|o| o.name.clone()),
             node: pod
                 .spec
                 .as_ref()
@@ -64,6 +84,12 @@ impl PodSummary {
                 Some("Succeeded" | "Failed")
             ),
             deleting: pod.metadata.deletion_timestamp.is_some(),
+            view: pod
+                .metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(LABEL_JOB_UID))
+                .then(|| Arc::new((PodView::from_pod(pod, |_| true), resource_version(pod)))),
         }
     }
 
@@ -130,26 +156,53 @@ impl PodIndex {
         }
     }
 
-    /// Applies one watch event. A re-list (`Init` … `InitDone`) replaces everything at its end,
-    /// so pods deleted while the watch was down are forgotten.
-    pub fn handle(&mut self, event: watcher::Event<Pod>) {
+    /// Applies one watch event and returns the (namespace, name) of the jobs whose pods it
+    /// changed, now that the index shows the change. A re-list (`Init` … `InitDone`) replaces
+    /// everything at its end, so pods deleted while the watch was down are forgotten.
+    pub fn handle(&mut self, event: watcher::Event<Pod>) -> Vec<(String, String)> {
+        let owner = |p: &PodSummary| p.owner_job.clone().map(|j| (p.namespace.clone(), j));
         match event {
-            watcher::Event::Apply(p) => self.upsert(PodSummary::of(&p)),
-            watcher::Event::Delete(p) => self.remove(&PodSummary::of(&p).key()),
-            watcher::Event::Init => self.relist = Some(Vec::new()),
+            watcher::Event::Apply(p) => {
+                let p = PodSummary::of(&p);
+                let changed = owner(&p);
+                self.upsert(p);
+                changed.into_iter().collect()
+            }
+            watcher::Event::Delete(p) => {
+                let p = PodSummary::of(&p);
+                self.remove(&p.key());
+                owner(&p).into_iter().collect()
+            }
+            watcher::Event::Init => {
+                self.relist = Some(Vec::new());
+                Vec::new()
+            }
             watcher::Event::InitApply(p) => {
                 self.relist
                     .get_or_insert_with(Vec::new)
                     .push(PodSummary::of(&p));
+                Vec::new()
             }
             watcher::Event::InitDone => {
                 let pods = self.relist.take().unwrap_or_default();
+                let mut changed: Vec<_> =
+                    self.pods.values().chain(&pods).filter_map(owner).collect();
+                changed.sort();
+                changed.dedup();
                 *self = PodIndex::default();
                 for p in pods {
                     self.upsert(p);
                 }
+                changed
             }
         }
+    }
+
+    /// The cached view of a training pod and the resourceVersion it was taken at.
+    pub fn view(&self, namespace: &str, name: &str) -> Option<Arc<(PodView, Option<u64>)>> {
+        self.pods
+            .get(&(namespace.to_string(), name.to_string()))
+            .and_then(|p| p.view.clone())
     }
 
     /// GPUs held by bound, unfinished pods on a node.
@@ -178,6 +231,33 @@ impl PodIndex {
     }
 }
 
+/// A resourceVersion as a number, to tell an older copy of an object from a newer one. The
+/// API calls them opaque, but every apiserver (etcd's revision) and kube-sim issues integers;
+/// a version that does not parse is treated as unknown, and the reader asks the API.
+pub fn resource_version(pod: &Pod) -> Option<u64> {
+    pod.metadata.resource_version.as_deref()?.parse().ok()
+}
+
+/// Whether a cached copy at resourceVersion `cached` may stand in for a read, when `floor` is
+/// the newest version a decision was already based on: an unknown version never does, and
+/// without a floor nothing newer was ever seen by this replica.
+pub fn cache_serves(cached: Option<u64>, floor: Option<u64>) -> bool {
+    cached.is_some_and(|rv| floor.is_none_or(|f| rv >= f))
+}
+
+/// Jobs whose pods changed, in the order the pod cache applied the changes.
+pub type JobTriggers = futures::channel::mpsc::UnboundedReceiver<ObjectRef<LoRATrainingJob>>;
+
+/// A background watch that stops when dropped, so the caches of a `run` that returns (shutdown,
+/// lost leadership) do not keep watching for a process that goes on, e.g. as a standby.
+pub struct WatchTask(pub(crate) tokio::task::JoinHandle<()>);
+
+impl Drop for WatchTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A `PodIndex` kept current by a watch on every pod of the cluster.
 #[derive(Debug, Clone, Default)]
 pub struct PodCache {
@@ -185,25 +265,33 @@ pub struct PodCache {
 }
 
 impl PodCache {
-    /// Starts the watch (retried with back-off); returns the cache it feeds and the watch task
-    /// (the caller stops it).
-    pub fn spawn(client: Client) -> (PodCache, tokio::task::JoinHandle<()>) {
+    /// Starts the watch (retried with back-off); returns the cache it feeds, the stream of
+    /// jobs whose pods changed (sent after the cache shows the change: the controller's pod
+    /// trigger) and the watch, which stops when dropped.
+    pub fn spawn(client: Client) -> (PodCache, JobTriggers, WatchTask) {
         let cache = PodCache::default();
         let index = cache.index.clone();
+        let (tx, rx) = futures::channel::mpsc::unbounded();
         let stream = watcher(Api::<Pod>::all(client), watcher::Config::default()).default_backoff();
         let task = tokio::spawn(async move {
             futures::pin_mut!(stream);
             while let Some(event) = stream.next().await {
                 match event {
-                    Ok(e) => index
-                        .write()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .handle(e),
+                    Ok(e) => {
+                        let changed = index
+                            .write()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .handle(e);
+                        for (ns, job) in changed {
+                            // Closed only when the controller has stopped.
+                            let _ = tx.unbounded_send(ObjectRef::new(&job).within(&ns));
+                        }
+                    }
                     Err(e) => tracing::debug!(error = %e, "pod watch error"),
                 }
             }
         });
-        (cache, task)
+        (cache, rx, WatchTask(task))
     }
 
     /// Reads the index.
@@ -259,6 +347,77 @@ mod tests {
         ix.handle(delete("b", None, Some("n1"), 1, "Running"));
         assert_eq!(ix.used_gpus("n1"), 0);
         assert_eq!(ix.len(), 1);
+    }
+
+    #[test]
+    fn training_pods_keep_the_decisions_view_at_its_resource_version() {
+        let mut ix = PodIndex::default();
+        let mut p = pod("j1-0", Some("j1"), Some("n1"), 1, "Running");
+        p.metadata.resource_version = Some("41".into());
+        ix.handle(watcher::Event::Apply(p));
+        let cached = ix.view("ns", "j1-0").unwrap();
+        assert_eq!(cached.0.phase, crate::status::PodPhase::Running);
+        assert_eq!(cached.0.node.as_deref(), Some("n1"));
+        assert_eq!(cached.1, Some(41));
+        ix.handle(apply("other", None, Some("n1"), 0, "Running"));
+        assert!(ix.view("ns", "other").is_none(), "only training pods");
+        assert!(ix.view("ns", "missing").is_none());
+    }
+
+    #[test]
+    fn the_cache_serves_only_when_it_has_caught_up() {
+        assert!(cache_serves(Some(7), None));
+        assert!(cache_serves(Some(7), Some(7)));
+        assert!(cache_serves(Some(9), Some(7)));
+        assert!(!cache_serves(Some(6), Some(7)), "behind what was acted on");
+        assert!(!cache_serves(None, None), "a version that did not parse");
+    }
+
+    #[test]
+    fn events_name_the_owning_job_and_a_relist_names_them_all_when_it_lands() {
+        let owned = |name: &str, job: &str| {
+            let mut p = pod(name, Some("uid"), None, 1, "Pending");
+            p.metadata.owner_references = Some(vec![
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                    api_version: "loraplane.io/v1alpha1".into(),
+                    kind: "LoRATrainingJob".into(),
+                    name: job.into(),
+                    uid: "uid".into(),
+                    ..Default::default()
+                },
+            ]);
+            p
+        };
+        let mut ix = PodIndex::default();
+        let job = |n: &str| vec![("ns".to_string(), n.to_string())];
+        assert_eq!(
+            ix.handle(watcher::Event::Apply(owned("a-0", "a"))),
+            job("a")
+        );
+        assert!(
+            ix.view("ns", "a-0").is_some(),
+            "in the cache when the trigger goes"
+        );
+        assert!(
+            ix.handle(apply("other", None, None, 0, "Running"))
+                .is_empty()
+        );
+        assert_eq!(
+            ix.handle(watcher::Event::Delete(owned("a-0", "a"))),
+            job("a")
+        );
+        ix.handle(watcher::Event::Apply(owned("gone-0", "gone")));
+        assert!(ix.handle(watcher::Event::Init).is_empty());
+        assert!(
+            ix.handle(watcher::Event::InitApply(owned("b-0", "b")))
+                .is_empty()
+        );
+        // The job whose pod vanished during the outage is woken too.
+        assert_eq!(
+            ix.handle(watcher::Event::InitDone),
+            [job("b"), job("gone")].concat()
+        );
+        assert!(ix.view("ns", "b-0").is_some() && ix.view("ns", "gone-0").is_none());
     }
 
     #[test]

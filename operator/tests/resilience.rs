@@ -158,3 +158,33 @@ async fn ten_percent_api_errors_still_converge() {
     .await
     .expect("test finished in time");
 }
+
+/// A replica told to stop the moment it leads, while its first list of jobs is still on the
+/// way (a slow apiserver), stops anyway: kube-runtime's runner would wait for that list
+/// forever once the shutdown has stopped the watch filling it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_stopped_as_it_starts_leading_still_stops() {
+    tokio::time::timeout(LIMIT, async {
+        let sim = start_sim(topology(false), vec![]).await;
+        let client = sim.client();
+        create_job(
+            &client,
+            &job(
+                "early",
+                serde_json::json!({"placement": {"residency": "any"}}),
+            ),
+        )
+        .await;
+        sim.faults().set_latency(Duration::from_millis(1500));
+        let op = Operator::start(client.clone(), platform("trainer:ok", 30), "op-a");
+        while !op.health.leading.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // `stop` fails the test if the operator has not returned within 20 s.
+        op.stop().await;
+        sim.faults().clear();
+        sim.shutdown().await;
+    })
+    .await
+    .expect("test finished in time");
+}

@@ -185,13 +185,27 @@ impl Operator {
         let metrics = Metrics::new().unwrap();
         let health = Arc::new(Health::default());
         let (stop, rx) = watch::channel(false);
-        let task = tokio::spawn(controller::run(
-            client,
-            settings,
-            metrics.clone(),
-            health.clone(),
-            rx,
-        ));
+        let (m, h) = (metrics.clone(), health.clone());
+        // A replica that loses its Lease exits and the kubelet starts it again; on a loaded
+        // machine with a 3 s test Lease that can happen in any test, so the harness restarts
+        // it the same way.
+        let task = tokio::spawn(async move {
+            loop {
+                let run = controller::run(
+                    client.clone(),
+                    settings.clone(),
+                    m.clone(),
+                    h.clone(),
+                    rx.clone(),
+                );
+                match run.await {
+                    Err(controller::RunError::LostLeadership) if !*rx.borrow() => {
+                        tracing::warn!("lost the Lease; restarting the replica");
+                    }
+                    done => return done,
+                }
+            }
+        });
         Operator {
             stop,
             task,

@@ -35,15 +35,28 @@ const NOT_EXERCISED: &[(&str, &str, &str, &str, &str)] = &[(
 
 /// Rules the scenario uses only when timing allows, exempt from the "unused" check either way:
 /// `(component, verb, group, resource, why)`.
-const MAY_BE_EXERCISED: &[(&str, &str, &str, &str, &str)] = &[(
-    "operator",
-    "get",
-    "",
-    "nodes",
-    "the operator asks the apiserver for a pod's node only when its node cache no longer holds \
-     it during a reconcile (the lost-node path); whether a reconcile lands in that window depends \
-     on the machine's load, so the lost node in the scenario exercises it in most runs, not all",
-)];
+const MAY_BE_EXERCISED: &[(&str, &str, &str, &str, &str)] = &[
+    (
+        "operator",
+        "get",
+        "",
+        "nodes",
+        "the operator asks the apiserver for a pod's node only when its node cache no longer \
+         holds it during a reconcile (the lost-node path); whether a reconcile lands in that \
+         window depends on the machine's load, so the lost node in the scenario exercises it in \
+         most runs, not all",
+    ),
+    (
+        "operator",
+        "delete",
+        "",
+        "pods",
+        "the operator deletes the pod of an attempt it ends only while that pod still runs; after \
+         the lost node, kube-sim's taint manager marks the pod failed, and on a loaded machine it \
+         can do so before the operator's reconcile, leaving nothing to delete (suspend and \
+         capacity failover, which always delete, are not in the scenario)",
+    ),
+];
 
 /// One RBAC rule, as the chart renders it.
 #[derive(Debug, Clone)]

@@ -5,6 +5,9 @@
 //! batch 1, and writes the figures as JSON. Each configuration runs in a child process so
 //! peak RSS is its own. Linux only (reads `/proc/self`).
 //!
+//! `trainer-bench --conv-micro [--steps N]` times single UNet convolutions (forward, and
+//! forward + input gradient) through the CPU kernels and through candle's `conv2d`.
+//!
 //! `trainer-bench --unet-configs DIR` writes the UNet configs it measures
 //! (`tiny-sd15.json`, `tiny-sdxl.json`, `full-sd15.json`) for the PyTorch reference in
 //! `trainer-image/bench/`.
@@ -221,6 +224,83 @@ fn measure_full_sd15(steps: usize) -> Result<serde_json::Value, String> {
     }))
 }
 
+/// One frozen 3x3 (or 1x1) convolution of the full SD1.5 UNet, forward alone and forward +
+/// input gradient, through the CPU kernels (`Conv2d::forward`) and candle's `conv2d`
+/// (`Conv2d::forward_candle`): CPU seconds per call, the mean of `reps` runs after a warm-up
+/// (process CPU time ticks at 10 ms, so single calls are not timed alone).
+fn measure_conv(reps: usize) -> Result<serde_json::Value, String> {
+    use candle_core::Module;
+    use loraplane_trainer::model::ops::Conv2d;
+    // (name, in channels, out channels, side, kernel, stride, padding)
+    let shapes = [
+        ("down 320, 64x64, 3x3", 320, 320, 64, 3, 1, 1),
+        ("up 640->320, 64x64, 3x3", 640, 320, 64, 3, 1, 1),
+        ("down 640, 32x32, 3x3", 640, 640, 32, 3, 1, 1),
+        ("mid 1280, 8x8, 3x3", 1280, 1280, 8, 3, 1, 1),
+        (
+            "downsampler 320, 64x64, 3x3 stride 2",
+            320,
+            320,
+            64,
+            3,
+            2,
+            1,
+        ),
+        ("shortcut 640->320, 64x64, 1x1", 640, 320, 64, 1, 1, 0),
+    ];
+    let dev = Device::Cpu;
+    let mut rows = Vec::new();
+    for (name, c_in, c_out, side, k, stride, padding) in shapes {
+        let tensor = |rng: &mut Rng, shape: &[usize], scale: f32| {
+            let n = shape.iter().product();
+            let v: Vec<f32> = rng.normals(n).into_iter().map(|v| v * scale).collect();
+            Tensor::from_vec(v, shape, &dev)
+        };
+        let run = || -> Result<serde_json::Value, candle_core::Error> {
+            let mut rng = Rng::new(3, 0);
+            let w = tensor(&mut rng, &[c_out, c_in, k, k], 0.02)?;
+            let b = tensor(&mut rng, &[c_out], 0.1)?;
+            let conv = Conv2d::new(w, Some(b), stride, padding);
+            let x = candle_core::Var::from_tensor(&tensor(&mut rng, &[1, c_in, side, side], 1.0)?)?;
+            let out_side = (side + 2 * padding - k) / stride + 1;
+            let r = tensor(&mut rng, &[1, c_out, out_side, out_side], 1.0)?;
+            let mut times = serde_json::Map::new();
+            for (which, candle) in [("new", false), ("candle", true)] {
+                let forward = |x: &Tensor| {
+                    if candle {
+                        conv.forward_candle(x)
+                    } else {
+                        conv.forward(x)
+                    }
+                };
+                let (mut fwd, mut both) = (0.0, 0.0);
+                for rep in 0..=reps.max(1) {
+                    let c0 = cpu_seconds();
+                    let y = forward(&x.as_tensor().detach())?;
+                    let c1 = cpu_seconds();
+                    drop(y);
+                    let y = forward(x.as_tensor())?;
+                    let grads = (y * &r)?.sum_all()?.backward()?;
+                    let c2 = cpu_seconds();
+                    drop(grads);
+                    // Rep 0 is the warm-up.
+                    if rep > 0 {
+                        fwd += (c1 - c0) / reps.max(1) as f64;
+                        both += (c2 - c1) / reps.max(1) as f64;
+                    }
+                }
+                times.insert(
+                    which.into(),
+                    serde_json::json!({"forward_cpu_s": fwd, "forward_and_input_grad_cpu_s": both}),
+                );
+            }
+            Ok(serde_json::json!({"conv": name, "times": times}))
+        };
+        rows.push(run().map_err(|e| format!("{name}: {e}"))?);
+    }
+    Ok(serde_json::json!({"config": "conv-micro", "reps": reps, "results": rows}))
+}
+
 /// Writes the UNet configs this benchmark builds, for the PyTorch reference.
 fn write_unet_configs(dir: &Path) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -276,6 +356,18 @@ fn main() -> ExitCode {
     if let Some(dir) = arg("--unet-configs") {
         return match write_unet_configs(Path::new(dir)) {
             Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("trainer-bench: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if flag("--conv-micro") {
+        return match measure_conv(steps) {
+            Ok(v) => {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
             Err(e) => {
                 eprintln!("trainer-bench: {e}");
                 ExitCode::FAILURE

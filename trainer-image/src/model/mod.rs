@@ -10,6 +10,7 @@
 //! checkpoints in the exact diffusers layout for tests and demos.
 
 pub mod clip;
+mod conv;
 mod fused;
 pub mod lora;
 pub mod ops;

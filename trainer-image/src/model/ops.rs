@@ -11,12 +11,13 @@
 //! finite-difference tests check both.
 //!
 //! On the CPU in f32, the norms and activations here hand over to `fused.rs` (one kernel each
-//! way, parallel); the composed versions stay for other devices and dtypes, and as the
-//! reference the fused kernels are tested against.
+//! way, parallel) and the frozen convolutions to `conv.rs` (im2col and a GEMM in NCHW, and a
+//! GEMM and col2im for the input gradient); the composed versions and candle's `conv2d` stay
+//! for other devices and dtypes, and as the reference those kernels are tested against.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp2, CustomOp3, D, DType, Layout, MetalStorage, Module, Result,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp3, D, DType, Layout, MetalStorage, Module, Result,
     Shape, Storage, Tensor,
 };
 
@@ -297,10 +298,37 @@ impl Conv2d {
             padding,
         })
     }
+
+    /// A convolution from its parameters: `weight` (out, in, k, k), `bias` (out).
+    pub fn new(weight: Tensor, bias: Option<Tensor>, stride: usize, padding: usize) -> Self {
+        Self {
+            weight,
+            bias,
+            stride,
+            padding,
+        }
+    }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if super::conv::applicable(x, &self.weight) {
+            return super::conv::conv2d(
+                x,
+                &self.weight,
+                self.bias.as_ref(),
+                self.stride,
+                self.padding,
+            );
+        }
+        self.forward_candle(x)
+    }
+}
+
+impl Conv2d {
+    /// The same convolution through candle's `conv2d` (any device or dtype; the reference the
+    /// CPU kernels in `conv.rs` are tested and benchmarked against).
+    pub fn forward_candle(&self, x: &Tensor) -> Result<Tensor> {
         let y = frozen(
             x,
             x.detach()
@@ -336,10 +364,30 @@ fn frozen(x: &Tensor, value: Tensor, kind: Frozen) -> Result<Tensor> {
     if !x.track_op() {
         return Ok(value);
     }
-    x.apply_op2(&value.contiguous()?, FrozenGrad(kind))
+    x.apply_op1(FrozenGrad {
+        kind,
+        value: std::sync::Mutex::new(Some(value.contiguous()?)),
+    })
 }
 
-struct FrozenGrad(Frozen);
+/// The graph node of a frozen layer: an op on the input alone, whose forward pass hands over
+/// the output computed beforehand. The output is taken out of the op there, so the graph does
+/// not keep a second copy of every frozen layer's output alive until the backward pass (as an
+/// op with the output as a second operand would).
+struct FrozenGrad {
+    kind: Frozen,
+    value: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl FrozenGrad {
+    fn take(&self) -> Result<Tensor> {
+        self.value
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("frozen-layer output lock poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("frozen-layer output already taken".into()))
+    }
+}
 
 fn pass_through<S: BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)> {
     if !l.is_contiguous() || l.start_offset() != 0 {
@@ -348,49 +396,40 @@ fn pass_through<S: BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)> {
     Ok((s.try_clone(l)?, l.shape().clone()))
 }
 
-impl CustomOp2 for FrozenGrad {
+impl CustomOp1 for FrozenGrad {
     fn name(&self) -> &'static str {
         "frozen-weight"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        s: &CpuStorage,
-        l: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        pass_through(s, l)
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        let value = self.take()?;
+        let (storage, layout) = value.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => pass_through(s, layout),
+            _ => candle_core::bail!("frozen-layer output is on another device"),
+        }
     }
 
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        s: &CudaStorage,
-        l: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        pass_through(s, l)
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        let value = self.take()?;
+        let (storage, layout) = value.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => pass_through(s, layout),
+            _ => candle_core::bail!("frozen-layer output is on another device"),
+        }
     }
 
-    fn metal_fwd(
-        &self,
-        _: &MetalStorage,
-        _: &Layout,
-        s: &MetalStorage,
-        l: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        pass_through(s, l)
+    fn metal_fwd(&self, _: &MetalStorage, _: &Layout) -> Result<(MetalStorage, Shape)> {
+        let value = self.take()?;
+        let (storage, layout) = value.storage_and_layout();
+        match &*storage {
+            Storage::Metal(s) => pass_through(s, layout),
+            _ => candle_core::bail!("frozen-layer output is on another device"),
+        }
     }
 
-    fn bwd(
-        &self,
-        arg: &Tensor,
-        _value: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = match &self.0 {
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let g = match &self.kind {
             // y = x W^T  =>  dx = dy W
             Frozen::Linear(w) => matmul_last(grad, &w.t()?)?,
             Frozen::Conv {
@@ -408,7 +447,7 @@ impl CustomOp2 for FrozenGrad {
                 }
             }
         };
-        Ok((Some(g), None))
+        Ok(Some(g))
     }
 }
 
