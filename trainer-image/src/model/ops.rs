@@ -366,7 +366,7 @@ fn frozen(x: &Tensor, value: Tensor, kind: Frozen) -> Result<Tensor> {
     }
     x.apply_op1(FrozenGrad {
         kind,
-        value: std::sync::Mutex::new(Some(value.contiguous()?)),
+        value: Precomputed::new(value.contiguous()?, "frozen-layer output"),
     })
 }
 
@@ -376,24 +376,68 @@ fn frozen(x: &Tensor, value: Tensor, kind: Frozen) -> Result<Tensor> {
 /// op with the output as a second operand would).
 struct FrozenGrad {
     kind: Frozen,
+    value: Precomputed,
+}
+
+/// An op's output computed before the op joins the graph, handed over (once) as the op's
+/// forward result, so one implementation serves every device and the graph does not hold it
+/// a second time.
+struct Precomputed {
     value: std::sync::Mutex<Option<Tensor>>,
+    what: &'static str,
 }
 
-impl FrozenGrad {
-    fn take(&self) -> Result<Tensor> {
-        self.value
+impl Precomputed {
+    fn new(value: Tensor, what: &'static str) -> Self {
+        Self {
+            value: std::sync::Mutex::new(Some(value)),
+            what,
+        }
+    }
+
+    /// The output's storage, on the device `on_device` picks; it must be a fresh contiguous
+    /// tensor, since the storage is handed over whole.
+    fn hand_over<S: BackendStorage>(
+        &self,
+        on_device: fn(&Storage) -> Option<&S>,
+    ) -> Result<(S, Shape)> {
+        let what = self.what;
+        let value = self
+            .value
             .lock()
-            .map_err(|_| candle_core::Error::Msg("frozen-layer output lock poisoned".into()))?
+            .map_err(|_| candle_core::Error::Msg(format!("{what}: lock poisoned")))?
             .take()
-            .ok_or_else(|| candle_core::Error::Msg("frozen-layer output already taken".into()))
+            .ok_or_else(|| candle_core::Error::Msg(format!("{what}: already taken")))?;
+        let (storage, layout) = value.storage_and_layout();
+        let Some(s) = on_device(&storage) else {
+            candle_core::bail!("{what} is on another device");
+        };
+        if !layout.is_contiguous() || layout.start_offset() != 0 {
+            candle_core::bail!("{what} is not contiguous");
+        }
+        Ok((s.try_clone(layout)?, layout.shape().clone()))
     }
 }
 
-fn pass_through<S: BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)> {
-    if !l.is_contiguous() || l.start_offset() != 0 {
-        candle_core::bail!("frozen-weight op expects a contiguous output");
+fn on_cpu(s: &Storage) -> Option<&CpuStorage> {
+    match s {
+        Storage::Cpu(s) => Some(s),
+        _ => None,
     }
-    Ok((s.try_clone(l)?, l.shape().clone()))
+}
+
+fn on_cuda(s: &Storage) -> Option<&CudaStorage> {
+    match s {
+        Storage::Cuda(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn on_metal(s: &Storage) -> Option<&MetalStorage> {
+    match s {
+        Storage::Metal(s) => Some(s),
+        _ => None,
+    }
 }
 
 impl CustomOp1 for FrozenGrad {
@@ -402,30 +446,15 @@ impl CustomOp1 for FrozenGrad {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let value = self.take()?;
-        let (storage, layout) = value.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => pass_through(s, layout),
-            _ => candle_core::bail!("frozen-layer output is on another device"),
-        }
+        self.value.hand_over(on_cpu)
     }
 
     fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
-        let value = self.take()?;
-        let (storage, layout) = value.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => pass_through(s, layout),
-            _ => candle_core::bail!("frozen-layer output is on another device"),
-        }
+        self.value.hand_over(on_cuda)
     }
 
     fn metal_fwd(&self, _: &MetalStorage, _: &Layout) -> Result<(MetalStorage, Shape)> {
-        let value = self.take()?;
-        let (storage, layout) = value.storage_and_layout();
-        match &*storage {
-            Storage::Metal(s) => pass_through(s, layout),
-            _ => candle_core::bail!("frozen-layer output is on another device"),
-        }
+        self.value.hand_over(on_metal)
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -539,7 +568,7 @@ pub(crate) fn chunked_attention(
         k,
         v,
         ChunkedAttention {
-            out: std::sync::Mutex::new(Some(out)),
+            out: Precomputed::new(out, "chunked attention output"),
             chunk,
         },
     )
@@ -578,26 +607,8 @@ fn chunked_forward(q: &Tensor, k: &Tensor, v: &Tensor, chunk: usize) -> Result<T
 /// per-row term D = rowsum(dO * O), as flash attention does:
 /// dV = P^T dO, dS = P * (dO V^T - D), dQ = dS K, dK = dS^T Q.
 struct ChunkedAttention {
-    out: std::sync::Mutex<Option<Tensor>>,
+    out: Precomputed,
     chunk: usize,
-}
-
-impl ChunkedAttention {
-    fn take(&self) -> Result<Tensor> {
-        self.out
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("attention output lock poisoned".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("attention output already taken".into()))
-    }
-}
-
-/// The precomputed output must be a fresh contiguous tensor: the storage is handed over whole.
-fn whole(layout: &Layout) -> Result<Shape> {
-    if !layout.is_contiguous() || layout.start_offset() != 0 {
-        candle_core::bail!("chunked attention expects a contiguous output");
-    }
-    Ok(layout.shape().clone())
 }
 
 impl CustomOp3 for ChunkedAttention {
@@ -614,12 +625,7 @@ impl CustomOp3 for ChunkedAttention {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = self.take()?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(c) => Ok((c.try_clone(layout)?, whole(layout)?)),
-            _ => candle_core::bail!("chunked attention output is on another device"),
-        }
+        self.out.hand_over(on_cpu)
     }
 
     fn cuda_fwd(
@@ -631,12 +637,7 @@ impl CustomOp3 for ChunkedAttention {
         _: &CudaStorage,
         _: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let out = self.take()?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(c) => Ok((c.try_clone(layout)?, whole(layout)?)),
-            _ => candle_core::bail!("chunked attention output is on another device"),
-        }
+        self.out.hand_over(on_cuda)
     }
 
     fn metal_fwd(
@@ -648,12 +649,7 @@ impl CustomOp3 for ChunkedAttention {
         _: &MetalStorage,
         _: &Layout,
     ) -> Result<(MetalStorage, Shape)> {
-        let out = self.take()?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Metal(c) => Ok((c.try_clone(layout)?, whole(layout)?)),
-            _ => candle_core::bail!("chunked attention output is on another device"),
-        }
+        self.out.hand_over(on_metal)
     }
 
     fn bwd(
