@@ -229,6 +229,7 @@ fn measure_full_sd15(steps: usize) -> Result<serde_json::Value, String> {
 /// (`Conv2d::forward_candle`): CPU seconds per call, the mean of `reps` runs after a warm-up
 /// (process CPU time ticks at 10 ms, so single calls are not timed alone).
 fn measure_conv(reps: usize) -> Result<serde_json::Value, String> {
+    let reps = reps.max(1);
     use candle_core::Module;
     use loraplane_trainer::model::ops::Conv2d;
     // (name, in channels, out channels, side, kernel, stride, padding)
@@ -274,7 +275,7 @@ fn measure_conv(reps: usize) -> Result<serde_json::Value, String> {
                     }
                 };
                 let (mut fwd, mut both) = (0.0, 0.0);
-                for rep in 0..=reps.max(1) {
+                for rep in 0..=reps {
                     let c0 = cpu_seconds();
                     let y = forward(&x.as_tensor().detach())?;
                     let c1 = cpu_seconds();
@@ -285,8 +286,8 @@ fn measure_conv(reps: usize) -> Result<serde_json::Value, String> {
                     drop(grads);
                     // Rep 0 is the warm-up.
                     if rep > 0 {
-                        fwd += (c1 - c0) / reps.max(1) as f64;
-                        both += (c2 - c1) / reps.max(1) as f64;
+                        fwd += (c1 - c0) / reps as f64;
+                        both += (c2 - c1) / reps as f64;
                     }
                 }
                 times.insert(
@@ -341,6 +342,22 @@ fn child(
     serde_json::from_slice(&out.stdout).map_err(|e| format!("{name}: bad output: {e}"))
 }
 
+/// Ends a one-shot mode: its output (if any) on stdout, or its error on stderr.
+fn finish(result: Result<String, String>) -> ExitCode {
+    match result {
+        Ok(out) => {
+            if !out.is_empty() {
+                println!("{out}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("trainer-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str| {
@@ -354,25 +371,12 @@ fn main() -> ExitCode {
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
     if let Some(dir) = arg("--unet-configs") {
-        return match write_unet_configs(Path::new(dir)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("trainer-bench: {e}");
-                ExitCode::FAILURE
-            }
-        };
+        return finish(write_unet_configs(Path::new(dir)).map(|()| String::new()));
     }
     if flag("--conv-micro") {
-        return match measure_conv(steps) {
-            Ok(v) => {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("trainer-bench: {e}");
-                ExitCode::FAILURE
-            }
-        };
+        return finish(
+            measure_conv(steps).map(|v| serde_json::to_string_pretty(&v).unwrap_or_default()),
+        );
     }
     // Child mode: one configuration, JSON on stdout.
     if let Some(name) = arg("--one") {
@@ -381,16 +385,7 @@ fn main() -> ExitCode {
             "tiny-sdxl" | "sdxl" => measure(ModelFamily::Sdxl, steps, 64, 1),
             _ => measure(ModelFamily::Sd15, steps, 64, 1),
         };
-        return match result {
-            Ok(v) => {
-                println!("{v}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("trainer-bench: {e}");
-                ExitCode::FAILURE
-            }
-        };
+        return finish(result.map(|v| v.to_string()));
     }
     // `--json` is what `make bench` passes; `--out` is the older spelling.
     let out_path = arg("--json")
