@@ -13,7 +13,9 @@
 //! - `storage`: local paths and S3.
 //! - `progress`: event lines and the termination summary.
 //! - `train`: one run, end to end.
+//! - `alloc`: the global allocator the binaries declare (malloc tuned for training).
 
+pub mod alloc;
 pub mod checkpoint;
 pub mod config;
 pub mod dataset;

@@ -10,6 +10,11 @@ use loraplane_crds::logging::{self, LogFormat};
 use loraplane_crds::trainer::{EXIT_BAD_INPUT, EXIT_CRASH, EXIT_OK, Outcome, TrainerSummary};
 use loraplane_trainer::{config, progress, train};
 
+// Reuses freed activations instead of faulting them in again each step (alloc.rs).
+#[global_allocator]
+static ALLOCATOR: loraplane_trainer::alloc::TrainerAllocator =
+    loraplane_trainer::alloc::TrainerAllocator;
+
 /// Command-line flags.
 #[derive(Debug, Parser)]
 #[command(version, about)]

@@ -160,6 +160,76 @@ fn sdxl_gradients_match_finite_differences() {
     finite_difference_check(ModelFamily::Sdxl);
 }
 
+/// The f32 CPU path (fused norms, activations, GEGLU and attention, GEMM convolutions) gives
+/// every adapter the gradient of the f64 path, which runs candle's composed ops and is the one
+/// checked against finite differences above.
+fn cpu_kernels_match_the_f64_path(family: ModelFamily) {
+    let run = |dtype: DType| {
+        let (dir, m) = load(family, dtype);
+        let mut ts = m.adapter_tensors();
+        for (k, t) in ts.iter_mut() {
+            if k.ends_with(".up") {
+                *t = (wave(t.dims(), k.len() as f64, dtype) * 0.05).unwrap();
+            }
+        }
+        m.load_adapters(&ts).unwrap();
+        let l = loss(&m, dtype);
+        let grads = l.backward().unwrap();
+        let per_adapter: Vec<(String, Vec<f64>)> = m
+            .adapters()
+            .iter()
+            .flat_map(|(name, a)| {
+                [
+                    (format!("{name}.down"), &a.down),
+                    (format!("{name}.up"), &a.up),
+                ]
+            })
+            .map(|(name, v)| {
+                let g = grads.get(v.as_tensor()).unwrap();
+                let g = g.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+                (name, g.to_vec1::<f64>().unwrap())
+            })
+            .collect();
+        drop(dir);
+        (
+            l.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap(),
+            per_adapter,
+        )
+    };
+    let (loss32, g32) = run(DType::F32);
+    let (loss64, g64) = run(DType::F64);
+    assert!(
+        (loss32 - loss64).abs() < 1e-5 * loss64.abs(),
+        "loss {loss32} vs {loss64}"
+    );
+    assert_eq!(g32.len(), g64.len());
+    for ((name, a), (_, b)) in g32.iter().zip(&g64) {
+        let norm = b.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let diff = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y) * (x - y))
+            .sum::<f64>()
+            .sqrt();
+        assert!(norm > 0.0, "{name}: no gradient");
+        assert!(
+            diff < 1e-4 * norm,
+            "{name}: f32 gradient off by {:e} relative",
+            diff / norm
+        );
+    }
+}
+
+#[test]
+fn sd15_cpu_kernels_match_the_f64_path() {
+    cpu_kernels_match_the_f64_path(ModelFamily::Sd15);
+}
+
+#[test]
+fn sdxl_cpu_kernels_match_the_f64_path() {
+    cpu_kernels_match_the_f64_path(ModelFamily::Sdxl);
+}
+
 #[test]
 fn half_precision_model_trains_f32_adapters() {
     let (_dir, m) = load(ModelFamily::Sd15, DType::F16);

@@ -8,6 +8,9 @@
 //! `trainer-bench --conv-micro [--steps N]` times single UNet convolutions (forward, and
 //! forward + input gradient) through the CPU kernels and through candle's `conv2d`.
 //!
+//! `trainer-bench --attention-micro [--steps N]` times the UNet's attention shapes (forward,
+//! and forward + gradients of q, k, v).
+//!
 //! `trainer-bench --unet-configs DIR` writes the UNet configs it measures
 //! (`tiny-sd15.json`, `tiny-sdxl.json`, `full-sd15.json`) for the PyTorch reference in
 //! `trainer-image/bench/`.
@@ -19,11 +22,16 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use loraplane_trainer::model::tiny::{self, ModelSize};
-use loraplane_trainer::model::{self, LoraSpec, ModelFamily};
+use loraplane_trainer::model::{self, LoraSpec, ModelFamily, ops};
 use loraplane_trainer::optim::{AdamW, AdamWParams};
 use loraplane_trainer::rng::Rng;
 use loraplane_trainer::schedule::{NoiseSchedule, SchedulerConfig};
 use loraplane_trainer::{dataset, train};
+
+// Reuses freed activations instead of faulting them in again each step (alloc.rs).
+#[global_allocator]
+static ALLOCATOR: loraplane_trainer::alloc::TrainerAllocator =
+    loraplane_trainer::alloc::TrainerAllocator;
 
 /// User + system CPU seconds of this process.
 fn cpu_seconds() -> f64 {
@@ -302,6 +310,82 @@ fn measure_conv(reps: usize) -> Result<serde_json::Value, String> {
     Ok(serde_json::json!({"config": "conv-micro", "reps": reps, "results": rows}))
 }
 
+/// The attention of the full SD1.5 UNet at 512 px (self-attention at each latent size,
+/// cross-attention at the largest), forward alone and forward + gradients of q, k and v:
+/// CPU seconds per call, the mean of `reps` runs after a warm-up.
+fn measure_attention(reps: usize) -> Result<serde_json::Value, String> {
+    let reps = reps.max(1);
+    // (name, query tokens, key tokens, channels, heads)
+    let shapes = [
+        (
+            "self 64x64 (4096 tokens), 320 ch, 8 heads",
+            4096,
+            4096,
+            320,
+            8,
+        ),
+        ("cross 64x64 (4096 x 77), 320 ch, 8 heads", 4096, 77, 320, 8),
+        (
+            "self 32x32 (1024 tokens), 640 ch, 8 heads",
+            1024,
+            1024,
+            640,
+            8,
+        ),
+        (
+            "self 16x16 (256 tokens), 1280 ch, 8 heads",
+            256,
+            256,
+            1280,
+            8,
+        ),
+    ];
+    let dev = Device::Cpu;
+    let mut rows = Vec::new();
+    for (name, n, m, c, heads) in shapes {
+        let run = || -> Result<serde_json::Value, candle_core::Error> {
+            let mut rng = Rng::new(5, 0);
+            let mut var = |len: usize| {
+                candle_core::Var::from_tensor(&Tensor::from_vec(
+                    rng.normals(len * c),
+                    (1, len, c),
+                    &dev,
+                )?)
+            };
+            let (q, k, v) = (var(n)?, var(m)?, var(m)?);
+            let r = Tensor::from_vec(rng.normals(n * c), (1, n, c), &dev)?;
+            let (mut fwd, mut both) = (0.0, 0.0);
+            for rep in 0..=reps {
+                let c0 = cpu_seconds();
+                let y = ops::attention(
+                    &q.as_tensor().detach(),
+                    &k.as_tensor().detach(),
+                    &v.as_tensor().detach(),
+                    heads,
+                )?;
+                let c1 = cpu_seconds();
+                drop(y);
+                let y = ops::attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), heads)?;
+                let grads = (y * &r)?.sum_all()?.backward()?;
+                let c2 = cpu_seconds();
+                drop(grads);
+                // Rep 0 is the warm-up.
+                if rep > 0 {
+                    fwd += (c1 - c0) / reps as f64;
+                    both += (c2 - c1) / reps as f64;
+                }
+            }
+            Ok(serde_json::json!({
+                "attention": name,
+                "forward_cpu_s": fwd,
+                "forward_and_grads_cpu_s": both,
+            }))
+        };
+        rows.push(run().map_err(|e| format!("{name}: {e}"))?);
+    }
+    Ok(serde_json::json!({"config": "attention-micro", "reps": reps, "results": rows}))
+}
+
 /// Writes the UNet configs this benchmark builds, for the PyTorch reference.
 fn write_unet_configs(dir: &Path) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -376,6 +460,11 @@ fn main() -> ExitCode {
     if flag("--conv-micro") {
         return finish(
             measure_conv(steps).map(|v| serde_json::to_string_pretty(&v).unwrap_or_default()),
+        );
+    }
+    if flag("--attention-micro") {
+        return finish(
+            measure_attention(steps).map(|v| serde_json::to_string_pretty(&v).unwrap_or_default()),
         );
     }
     // Child mode: one configuration, JSON on stdout.

@@ -100,10 +100,11 @@ impl Module for LoraLinear {
             None => Ok(y),
             Some(a) => {
                 let xa = x.to_dtype(a.down.dtype())?;
-                let h = matmul_last(&xa, a.down.as_tensor())?;
-                let h = matmul_last(&h, a.up.as_tensor())?;
-                let dtype = y.dtype();
-                y + (h * a.scale())?.to_dtype(dtype)?
+                // The scale is applied to the rank-sized middle, not the full-size output:
+                // the same product, one pass over a tensor `rank / out` the size.
+                let h = (matmul_last(&xa, a.down.as_tensor())? * a.scale())?;
+                let h = matmul_last(&h, a.up.as_tensor())?.to_dtype(y.dtype())?;
+                y + h
             }
         }
     }

@@ -9,11 +9,13 @@
 //! `DiffusionModel` is the facade the training pipeline calls; `tiny` writes small random
 //! checkpoints in the exact diffusers layout for tests and demos.
 
+mod attention;
 pub mod clip;
 mod conv;
 mod fused;
 pub mod lora;
 pub mod ops;
+mod simd;
 pub mod tiny;
 pub mod tokenizer;
 pub mod unet;

@@ -22,6 +22,7 @@ use candle_core::{
 };
 
 use super::ModelError;
+use super::attention;
 use super::weights::Weights;
 
 /// Softmax over the last dimension: exp(x - max) / sum. The max is detached: softmax is
@@ -54,6 +55,17 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
         return super::fused::gelu_erf(x);
     }
     x.gelu_erf()
+}
+
+/// GEGLU over the last dimension: its first half times the exact GELU of its second half.
+pub fn geglu(x: &Tensor) -> Result<Tensor> {
+    if super::fused::fusable(x) {
+        return super::fused::geglu(x);
+    }
+    let half = x.dim(D::Minus1)? / 2;
+    let hidden = x.narrow(D::Minus1, 0, half)?;
+    let gate = x.narrow(D::Minus1, half, half)?;
+    hidden * gelu(&gate)?
 }
 
 /// CLIP's `quick_gelu`: x * sigmoid(1.702 x).
@@ -249,16 +261,30 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = frozen(
-            x,
-            matmul_last(&x.detach(), &self.weight)?,
-            Frozen::Linear(self.weight.clone()),
-        )?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
+        // The bias is added before the result joins the graph: as a graph node of its own,
+        // candle's backward pass would also build the bias's gradient at the output's full
+        // size (zeros, then a sum) and keep it until the pass ends.
+        let y = matmul_last(&x.detach(), &self.weight)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        frozen(x, y, Frozen::Linear(self.weight.clone()))
+    }
+}
+
+/// `x + c` (broadcast) where `c` depends on nothing trained, e.g. SD's time embedding added
+/// to a resnet's feature map. candle's add would also build c's gradient at x's full size
+/// (zeros, then a sum) and keep it until the backward pass ends; here only x's is computed.
+pub fn add_untrained(x: &Tensor, c: &Tensor) -> Result<Tensor> {
+    if !c.track_op() {
+        let y = x.detach().broadcast_add(c)?;
+        // dx = dy needs y shaped like x (c broadcast to x, not x to something larger).
+        if y.dims() == x.dims() {
+            return frozen(x, y, Frozen::Shift);
         }
     }
+    x.broadcast_add(c)
 }
 
 /// x (..., in) times w^T with w (out, in), flattening leading dims into one GEMM.
@@ -329,20 +355,23 @@ impl Conv2d {
     /// The same convolution through candle's `conv2d` (any device or dtype; the reference the
     /// CPU kernels in `conv.rs` are tested and benchmarked against).
     pub fn forward_candle(&self, x: &Tensor) -> Result<Tensor> {
-        let y = frozen(
+        // The bias joins before the graph does, as in `Linear::forward`.
+        let y = x
+            .detach()
+            .conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
+            None => y,
+        };
+        frozen(
             x,
-            x.detach()
-                .conv2d(&self.weight, self.padding, self.stride, 1, 1)?,
+            y,
             Frozen::Conv {
                 weight: self.weight.clone(),
                 padding: self.padding,
                 stride: self.stride,
             },
-        )?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
-            None => Ok(y),
-        }
+        )
     }
 }
 
@@ -352,6 +381,8 @@ impl Conv2d {
 /// model. So the output is computed on a detached input and re-attached to the graph through
 /// this op, whose backward returns the input gradient alone.
 enum Frozen {
+    /// y = x + c for a c that depends on nothing trained: dx = dy.
+    Shift,
     Linear(Tensor),
     Conv {
         weight: Tensor,
@@ -459,6 +490,7 @@ impl CustomOp1 for FrozenGrad {
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let g = match &self.kind {
+            Frozen::Shift => grad.clone(),
             // y = x W^T  =>  dx = dy W
             Frozen::Linear(w) => matmul_last(grad, &w.t()?)?,
             Frozen::Conv {
@@ -545,6 +577,14 @@ pub(crate) fn attention_in_chunks(
 ) -> Result<Tensor> {
     let (b, _, c) = q.dims3()?;
     let scale = 1.0 / ((c / heads) as f64).sqrt();
+    if [q, k, v].iter().all(|t| super::fused::fusable(t)) {
+        let (q, k, v) = (
+            split_heads(q, heads)?,
+            split_heads(k, heads)?,
+            split_heads(v, heads)?,
+        );
+        return merge_heads(&flash_attention(&q, &k, &v, scale as f32, rows)?, b, heads);
+    }
     let q = split_heads(&(q * scale)?, heads)?;
     let k = split_heads(k, heads)?;
     let v = split_heads(v, heads)?;
@@ -572,6 +612,130 @@ pub(crate) fn chunked_attention(
             chunk,
         },
     )
+}
+
+/// Attention on contiguous f32 CPU tensors (BH, N, d) through the fused kernels of
+/// `attention.rs`, `rows` query rows per block (`None`: by its score budget). The graph keeps
+/// the output and one log-sum-exp per query row for the backward pass.
+fn flash_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    rows: Option<usize>,
+) -> Result<Tensor> {
+    let (heads, n, d) = q.dims3()?;
+    let shape = attention::Shape::new(heads, n, k.dim(1)?, d, rows);
+    let (out, lse) = attention::forward(
+        read_f32(q)?.slice(),
+        read_f32(k)?.slice(),
+        read_f32(v)?.slice(),
+        shape,
+        scale,
+    )
+    .map_err(candle_core::Error::Msg)?;
+    let out = Tensor::from_vec(out, q.shape(), q.device())?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(out);
+    }
+    q.apply_op3(
+        k,
+        v,
+        FlashAttention {
+            out: Precomputed::new(out, "attention output"),
+            lse,
+            shape,
+            scale,
+        },
+    )
+}
+
+/// The graph node of `flash_attention`; the backward pass is `attention::backward`.
+struct FlashAttention {
+    out: Precomputed,
+    lse: Vec<f32>,
+    shape: attention::Shape,
+    scale: f32,
+}
+
+impl CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.out.hand_over(on_cpu)
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (out, grad) = (out.contiguous()?, grad.contiguous()?);
+        let attention::Gradients { dq, dk, dv } = attention::backward(
+            read_f32(q)?.slice(),
+            read_f32(k)?.slice(),
+            read_f32(v)?.slice(),
+            read_f32(&out)?.slice(),
+            &self.lse,
+            read_f32(&grad)?.slice(),
+            self.shape,
+            self.scale,
+        )
+        .map_err(candle_core::Error::Msg)?;
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}
+
+/// Read access to the elements of a contiguous f32 CPU tensor, without a copy.
+struct ReadF32<G> {
+    /// The tensor's storage lock guard, held while the slice is in use.
+    storage: G,
+    range: std::ops::Range<usize>,
+}
+
+impl<G: std::ops::Deref<Target = Storage>> ReadF32<G> {
+    fn slice(&self) -> &[f32] {
+        match &*self.storage {
+            Storage::Cpu(CpuStorage::F32(v)) => &v[self.range.clone()],
+            // `read_f32` only builds a `ReadF32` over f32 CPU storage.
+            _ => &[],
+        }
+    }
+}
+
+fn read_f32(t: &Tensor) -> Result<ReadF32<impl std::ops::Deref<Target = Storage> + '_>> {
+    let (storage, layout) = t.storage_and_layout();
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!(
+            "expected a contiguous tensor, got strides {:?}",
+            layout.stride()
+        );
+    };
+    if !matches!(&*storage, Storage::Cpu(CpuStorage::F32(_))) {
+        candle_core::bail!("expected an f32 CPU tensor, got {:?}", t.dtype());
+    }
+    Ok(ReadF32 {
+        storage,
+        range: start..end,
+    })
 }
 
 /// Query-row ranges of at most `chunk` rows covering `0..n`.

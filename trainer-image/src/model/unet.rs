@@ -6,7 +6,7 @@
 //! All ops on this path are differentiable (see `ops`); tensor names follow diffusers
 //! exactly, so `load` reads any conforming checkpoint.
 
-use candle_core::{D, DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use serde::Deserialize;
 
 use super::ModelError;
@@ -328,7 +328,7 @@ impl ResnetBlock2D {
         let mut h = self.conv1.forward(&ops::silu(&self.norm1.forward(x)?)?)?;
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&ops::silu(t)?)?.unsqueeze(2)?.unsqueeze(3)?;
-            h = h.broadcast_add(&t)?;
+            h = ops::add_untrained(&h, &t)?;
         }
         let h = self.conv2.forward(&ops::silu(&self.norm2.forward(&h)?)?)?;
         let shortcut = match &self.conv_shortcut {
@@ -430,10 +430,7 @@ impl BasicTransformerBlock {
             .forward(&self.norm2.forward(&h)?, Some(context))?
             + h)?;
         let proj = self.ff_in.forward(&self.norm3.forward(&h)?)?;
-        let half = proj.dim(D::Minus1)? / 2;
-        let hidden = proj.narrow(D::Minus1, 0, half)?;
-        let gate = proj.narrow(D::Minus1, half, half)?;
-        let ff = self.ff_out.forward(&(hidden * ops::gelu(&gate)?)?)?;
+        let ff = self.ff_out.forward(&ops::geglu(&proj)?)?;
         ff + h
     }
 
