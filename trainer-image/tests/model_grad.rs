@@ -58,6 +58,15 @@ fn every_up_gets_a_gradient(family: ModelFamily) {
             .to_scalar::<f32>()
             .unwrap();
         assert!(norm > 0.0 && norm.is_finite(), "{name}: up gradient {norm}");
+        // A gradient that records ops holds the step's whole graph, and so would the
+        // optimizer state made from it, step after step.
+        for (which, v) in [("up", &a.up), ("down", &a.down)] {
+            let g = grads.get(v.as_tensor()).unwrap();
+            assert!(
+                !g.track_op(),
+                "{name}: the {which} gradient keeps the graph alive"
+            );
+        }
         // One plain SGD step moves `up` off zero.
         a.up.set(&(a.up.as_tensor() - (g * 0.1).unwrap()).unwrap())
             .unwrap();

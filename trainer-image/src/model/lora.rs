@@ -95,16 +95,14 @@ impl LoraLinear {
 
 impl Module for LoraLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.base.forward(x)?;
         match &self.adapter {
-            None => Ok(y),
+            None => self.base.forward(x),
             Some(a) => {
                 let xa = x.to_dtype(a.down.dtype())?;
                 // The scale is applied to the rank-sized middle, not the full-size output:
                 // the same product, one pass over a tensor `rank / out` the size.
                 let h = (matmul_last(&xa, a.down.as_tensor())? * a.scale())?;
-                let h = matmul_last(&h, a.up.as_tensor())?.to_dtype(y.dtype())?;
-                y + h
+                self.base.forward_with_low_rank(x, &h, a.up.as_tensor())
             }
         }
     }
