@@ -13,7 +13,8 @@
 //! - `storage`: local paths and S3.
 //! - `progress`: event lines and the termination summary.
 //! - `train`: one run, end to end.
-//! - `alloc`: the global allocator the binaries declare (malloc tuned for training).
+//! - `alloc`, `threads`: the global allocator the binaries declare (malloc tuned for
+//!   training) and the thread settings they apply at start.
 
 pub mod alloc;
 pub mod checkpoint;
@@ -27,4 +28,5 @@ pub mod rng;
 pub mod schedule;
 pub mod storage;
 pub mod tensors;
+pub mod threads;
 pub mod train;

@@ -51,6 +51,11 @@ fn finish(path: &Path, summary: &TrainerSummary) {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: first thing in `main`: no other thread exists yet.
+    #[allow(unsafe_code)]
+    unsafe {
+        loraplane_trainer::threads::limit_candle_spinning();
+    }
     let args = Args::parse();
     if let Err(err) = logging::init(args.log_format) {
         eprintln!("loraplane-trainer: {err}");

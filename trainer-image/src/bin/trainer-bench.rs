@@ -232,6 +232,39 @@ fn measure_full_sd15(steps: usize) -> Result<serde_json::Value, String> {
     }))
 }
 
+/// `var` itself (`graph`: the op builds its backward graph) or detached from it.
+fn tracked(var: &candle_core::Var, graph: bool) -> Tensor {
+    if graph {
+        var.as_tensor().clone()
+    } else {
+        var.as_tensor().detach()
+    }
+}
+
+/// CPU seconds of `op` without a graph, and of `op` with its graph plus the backward pass of
+/// sum(op · r): each the mean of `reps` runs after a warm-up run (process CPU time ticks at
+/// 10 ms, so single calls are not timed alone).
+fn time_op(
+    reps: usize,
+    r: &Tensor,
+    op: impl Fn(bool) -> Result<Tensor, candle_core::Error>,
+) -> Result<(f64, f64), candle_core::Error> {
+    let (mut fwd, mut both) = (0.0, 0.0);
+    for rep in 0..=reps {
+        let c0 = cpu_seconds();
+        drop(op(false)?);
+        let c1 = cpu_seconds();
+        let grads = (op(true)? * r)?.sum_all()?.backward()?;
+        let c2 = cpu_seconds();
+        drop(grads);
+        if rep > 0 {
+            fwd += (c1 - c0) / reps as f64;
+            both += (c2 - c1) / reps as f64;
+        }
+    }
+    Ok((fwd, both))
+}
+
 /// One frozen 3x3 (or 1x1) convolution of the full SD1.5 UNet, forward alone and forward +
 /// input gradient, through the CPU kernels (`Conv2d::forward`) and candle's `conv2d`
 /// (`Conv2d::forward_candle`): CPU seconds per call, the mean of `reps` runs after a warm-up
@@ -282,22 +315,7 @@ fn measure_conv(reps: usize) -> Result<serde_json::Value, String> {
                         conv.forward(x)
                     }
                 };
-                let (mut fwd, mut both) = (0.0, 0.0);
-                for rep in 0..=reps {
-                    let c0 = cpu_seconds();
-                    let y = forward(&x.as_tensor().detach())?;
-                    let c1 = cpu_seconds();
-                    drop(y);
-                    let y = forward(x.as_tensor())?;
-                    let grads = (y * &r)?.sum_all()?.backward()?;
-                    let c2 = cpu_seconds();
-                    drop(grads);
-                    // Rep 0 is the warm-up.
-                    if rep > 0 {
-                        fwd += (c1 - c0) / reps as f64;
-                        both += (c2 - c1) / reps as f64;
-                    }
-                }
+                let (fwd, both) = time_op(reps, &r, |graph| forward(&tracked(&x, graph)))?;
                 times.insert(
                     which.into(),
                     serde_json::json!({"forward_cpu_s": fwd, "forward_and_input_grad_cpu_s": both}),
@@ -354,27 +372,10 @@ fn measure_attention(reps: usize) -> Result<serde_json::Value, String> {
             };
             let (q, k, v) = (var(n)?, var(m)?, var(m)?);
             let r = Tensor::from_vec(rng.normals(n * c), (1, n, c), &dev)?;
-            let (mut fwd, mut both) = (0.0, 0.0);
-            for rep in 0..=reps {
-                let c0 = cpu_seconds();
-                let y = ops::attention(
-                    &q.as_tensor().detach(),
-                    &k.as_tensor().detach(),
-                    &v.as_tensor().detach(),
-                    heads,
-                )?;
-                let c1 = cpu_seconds();
-                drop(y);
-                let y = ops::attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), heads)?;
-                let grads = (y * &r)?.sum_all()?.backward()?;
-                let c2 = cpu_seconds();
-                drop(grads);
-                // Rep 0 is the warm-up.
-                if rep > 0 {
-                    fwd += (c1 - c0) / reps as f64;
-                    both += (c2 - c1) / reps as f64;
-                }
-            }
+            let (fwd, both) = time_op(reps, &r, |graph| {
+                let [q, k, v] = [&q, &k, &v].map(|t| tracked(t, graph));
+                ops::attention(&q, &k, &v, heads)
+            })?;
             Ok(serde_json::json!({
                 "attention": name,
                 "forward_cpu_s": fwd,
@@ -443,6 +444,11 @@ fn finish(result: Result<String, String>) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: first thing in `main`: no other thread exists yet.
+    #[allow(unsafe_code)]
+    unsafe {
+        loraplane_trainer::threads::limit_candle_spinning();
+    }
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str| {
         args.iter()

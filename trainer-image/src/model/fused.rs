@@ -61,20 +61,126 @@ struct FusedNorm {
     eps: f64,
 }
 
+/// f64 partial sums per row pass: eight lanes (one AVX-512 register) so the loops vectorise.
+const LANES: usize = 8;
+
+/// Σ f(x) over `xs` in f64, `LANES` interleaved partial sums.
+#[inline(always)]
+fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut acc = [0f64; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += f(x);
+        }
+    }
+    acc.iter().sum::<f64>() + chunks.remainder().iter().map(|&x| f(x)).sum::<f64>()
+}
+
+/// (Σ d·w, Σ d·w·(x − mean)) over a row, w one weight per element, in f64 lanes.
+#[inline(always)]
+fn gradient_sums(xs: &[f32], ds: &[f32], ws: impl Fn(usize) -> f32, mean: f32) -> (f64, f64) {
+    let (mut g, mut gx) = ([0f64; LANES], [0f64; LANES]);
+    let len = xs.len().min(ds.len());
+    let whole = len / LANES * LANES;
+    for i0 in (0..whole).step_by(LANES) {
+        for l in 0..LANES {
+            let i = i0 + l;
+            let d = ds[i] * ws(i);
+            g[l] += f64::from(d);
+            gx[l] += f64::from(d * (xs[i] - mean));
+        }
+    }
+    let (mut tail_g, mut tail_gx) = (0f64, 0f64);
+    for i in whole..len {
+        let d = ds[i] * ws(i);
+        tail_g += f64::from(d);
+        tail_gx += f64::from(d * (xs[i] - mean));
+    }
+    (
+        g.iter().sum::<f64>() + tail_g,
+        gx.iter().sum::<f64>() + tail_gx,
+    )
+}
+
 /// Mean and reciprocal standard deviation of a row (two passes in f64: the rows are up to
 /// 160k elements, where a one-pass f32 variance loses digits).
+#[inline(always)]
 fn stats(row: &[f32], eps: f64) -> (f32, f32) {
     let n = row.len() as f64;
-    let mean = row.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-    let var = row
-        .iter()
-        .map(|&v| {
-            let d = f64::from(v) - mean;
-            d * d
-        })
-        .sum::<f64>()
-        / n;
+    let mean = lane_sum(row, f64::from) / n;
+    let var = lane_sum(row, |v| {
+        let d = f64::from(v) - mean;
+        d * d
+    }) / n;
     (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+}
+
+simd::multiversion! {
+    /// One row of the forward pass: y = (x − mean) · rstd · γ + β.
+    fn forward_row(norm: &FusedNorm, row: usize, xr: &[f32], yr: &mut [f32]) {
+        let (mean, rstd) = stats(xr, norm.eps);
+        match norm.affine {
+            Affine::Layer => {
+                for (((o, &v), &g), &b) in yr.iter_mut().zip(xr).zip(&norm.gamma).zip(&norm.beta) {
+                    *o = (v - mean) * (rstd * g) + b;
+                }
+            }
+            Affine::Group { .. } => {
+                let (seg, base) = norm.affine.segments(row);
+                for (j, (ys, xs)) in yr.chunks_mut(seg).zip(xr.chunks(seg)).enumerate() {
+                    let (scale, shift) = (rstd * norm.gamma[base + j], norm.beta[base + j]);
+                    for (o, &v) in ys.iter_mut().zip(xs) {
+                        *o = (v - mean) * scale + shift;
+                    }
+                }
+            }
+        }
+    }
+}
+
+simd::multiversion! {
+    /// One row of the backward pass: dx = rstd · (g − mean(g) − x̂ · mean(g · x̂)), g = dy · γ.
+    fn backward_row(norm: &FusedNorm, row: usize, xr: &[f32], dyr: &[f32], dxr: &mut [f32]) {
+        let n = xr.len() as f64;
+        let (mean, rstd) = stats(xr, norm.eps);
+        let (sum_g, sum_gd) = match norm.affine {
+            Affine::Layer => gradient_sums(xr, dyr, |i| norm.gamma[i], mean),
+            Affine::Group { .. } => {
+                let (seg, base) = norm.affine.segments(row);
+                xr.chunks(seg)
+                    .zip(dyr.chunks(seg))
+                    .enumerate()
+                    .fold((0f64, 0f64), |(a, b), (j, (xs, ds))| {
+                        let (g, gd) = gradient_sums(xs, ds, |_| 1.0, mean);
+                        let gamma = f64::from(norm.gamma[base + j]);
+                        (a + gamma * g, b + gamma * gd)
+                    })
+            }
+        };
+        // Σ g·x̂ = rstd · Σ g·(x − mean).
+        let (mean_g, mean_gx) = ((sum_g / n) as f32, (sum_gd * f64::from(rstd) / n) as f32);
+        match norm.affine {
+            Affine::Layer => {
+                for (((o, &v), &d), &g) in dxr.iter_mut().zip(xr).zip(dyr).zip(&norm.gamma) {
+                    *o = rstd * (d * g - mean_g - (v - mean) * rstd * mean_gx);
+                }
+            }
+            Affine::Group { .. } => {
+                let (seg, base) = norm.affine.segments(row);
+                for (j, (os, (xs, ds))) in dxr
+                    .chunks_mut(seg)
+                    .zip(xr.chunks(seg).zip(dyr.chunks(seg)))
+                    .enumerate()
+                {
+                    let gamma = norm.gamma[base + j];
+                    for (o, (&v, &d)) in os.iter_mut().zip(xs.iter().zip(ds)) {
+                        *o = rstd * (d * gamma - mean_g - (v - mean) * rstd * mean_gx);
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -104,16 +210,7 @@ impl FusedNorm {
         y.par_chunks_mut(self.row_len)
             .zip(x.par_chunks(self.row_len))
             .enumerate()
-            .for_each(|(row, (yr, xr))| {
-                let (mean, rstd) = stats(xr, self.eps);
-                let (seg, base) = self.affine.segments(row);
-                for (j, (ys, xs)) in yr.chunks_mut(seg).zip(xr.chunks(seg)).enumerate() {
-                    let (scale, shift) = (rstd * self.gamma[base + j], self.beta[base + j]);
-                    for (o, &v) in ys.iter_mut().zip(xs) {
-                        *o = (v - mean) * scale + shift;
-                    }
-                }
-            });
+            .for_each(|(row, (yr, xr))| forward_row(self, row, xr, yr));
         Ok(y)
     }
 
@@ -127,35 +224,10 @@ impl FusedNorm {
             );
         }
         let mut dx = vec![0f32; x.len()];
-        let n = self.row_len as f64;
         dx.par_chunks_mut(self.row_len)
             .zip(x.par_chunks(self.row_len).zip(dy.par_chunks(self.row_len)))
             .enumerate()
-            .for_each(|(row, (dxr, (xr, dyr)))| {
-                let (mean, rstd) = stats(xr, self.eps);
-                let (seg, base) = self.affine.segments(row);
-                let (mut sum_g, mut sum_gx) = (0f64, 0f64);
-                for (j, (xs, ds)) in xr.chunks(seg).zip(dyr.chunks(seg)).enumerate() {
-                    let gamma = self.gamma[base + j];
-                    for (&v, &d) in xs.iter().zip(ds) {
-                        let g = f64::from(d * gamma);
-                        sum_g += g;
-                        sum_gx += g * f64::from((v - mean) * rstd);
-                    }
-                }
-                let (mean_g, mean_gx) = ((sum_g / n) as f32, (sum_gx / n) as f32);
-                for (j, (os, (xs, ds))) in dxr
-                    .chunks_mut(seg)
-                    .zip(xr.chunks(seg).zip(dyr.chunks(seg)))
-                    .enumerate()
-                {
-                    let gamma = self.gamma[base + j];
-                    for (o, (&v, &d)) in os.iter_mut().zip(xs.iter().zip(ds)) {
-                        let xhat = (v - mean) * rstd;
-                        *o = rstd * (d * gamma - mean_g - xhat * mean_gx);
-                    }
-                }
-            });
+            .for_each(|(row, (dxr, (xr, dyr)))| backward_row(self, row, xr, dyr, dxr));
         Ok(dx)
     }
 }
@@ -171,10 +243,7 @@ impl CustomOp1 for FusedNorm {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let grad = grad.contiguous()?;
-        Ok(Some(
-            arg.apply_op2_no_bwd(&grad, &FusedNormGrad(self.clone()))?,
-        ))
+        input_gradient(arg, grad, &FusedNormGrad(self.clone()))
     }
 }
 
@@ -197,6 +266,12 @@ impl CustomOp2 for FusedNormGrad {
         let dy = contiguous_f32(gs, gl, "gradient")?;
         Ok((CpuStorage::F32(self.0.backward(x, dy)?), xl.shape().clone()))
     }
+}
+
+/// A fused op's backward pass: its gradient op applied to (input, output gradient).
+fn input_gradient(arg: &Tensor, grad: &Tensor, op: &impl CustomOp2) -> Result<Option<Tensor>> {
+    let grad = grad.contiguous()?;
+    Ok(Some(arg.apply_op2_no_bwd(&grad, op)?))
 }
 
 /// Whether the fused kernels apply to this tensor (f32 on the CPU).
@@ -317,8 +392,7 @@ impl CustomOp1 for Activation {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let grad = grad.contiguous()?;
-        Ok(Some(arg.apply_op2_no_bwd(&grad, &ActivationGrad(*self))?))
+        input_gradient(arg, grad, &ActivationGrad(*self))
     }
 }
 
@@ -474,8 +548,7 @@ impl CustomOp1 for Geglu {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let grad = grad.contiguous()?;
-        Ok(Some(arg.apply_op2_no_bwd(&grad, &GegluGrad(*self))?))
+        input_gradient(arg, grad, &GegluGrad(*self))
     }
 }
 

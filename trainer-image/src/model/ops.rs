@@ -25,6 +25,48 @@ use super::ModelError;
 use super::attention;
 use super::weights::Weights;
 
+/// The forward passes (every device) of a three-operand graph node whose output was computed
+/// beforehand: they hand over the `Precomputed` field named.
+macro_rules! hand_over_forwards {
+    ($field:ident) => {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            self.$field.hand_over(on_cpu)
+        }
+
+        fn cuda_fwd(
+            &self,
+            _: &CudaStorage,
+            _: &Layout,
+            _: &CudaStorage,
+            _: &Layout,
+            _: &CudaStorage,
+            _: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            self.$field.hand_over(on_cuda)
+        }
+
+        fn metal_fwd(
+            &self,
+            _: &MetalStorage,
+            _: &Layout,
+            _: &MetalStorage,
+            _: &Layout,
+            _: &MetalStorage,
+            _: &Layout,
+        ) -> Result<(MetalStorage, Shape)> {
+            self.$field.hand_over(on_metal)
+        }
+    };
+}
+
 /// Softmax over the last dimension: exp(x - max) / sum. The max is detached: softmax is
 /// shift-invariant, so the gradient is exact without differentiating through it.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
@@ -257,37 +299,7 @@ impl Linear {
     pub fn out_dim(&self) -> usize {
         self.weight.dims()[0]
     }
-}
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // The bias is added before the result joins the graph: as a graph node of its own,
-        // candle's backward pass would also build the bias's gradient at the output's full
-        // size (zeros, then a sum) and keep it until the pass ends.
-        let y = matmul_last(&x.detach(), &self.weight)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        frozen(x, y, Frozen::Linear(self.weight.clone()))
-    }
-}
-
-/// `x + c` (broadcast) where `c` depends on nothing trained, e.g. SD's time embedding added
-/// to a resnet's feature map. candle's add would also build c's gradient at x's full size
-/// (zeros, then a sum) and keep it until the backward pass ends; here only x's is computed.
-pub fn add_untrained(x: &Tensor, c: &Tensor) -> Result<Tensor> {
-    if !c.track_op() {
-        let y = x.detach().broadcast_add(c)?;
-        // dx = dy needs y shaped like x (c broadcast to x, not x to something larger).
-        if y.dims() == x.dims() {
-            return frozen(x, y, Frozen::Shift);
-        }
-    }
-    x.broadcast_add(c)
-}
-
-impl Linear {
     /// `base(x) + h · upᵀ`: the frozen layer plus a LoRA branch's last product, as one graph
     /// node on (x, h, up). Built from candle ops, the sum kept two extra tensors of the
     /// output's size alive until the backward pass (the base output and the branch output,
@@ -316,6 +328,20 @@ impl Linear {
     }
 }
 
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // The bias is added before the result joins the graph: as a graph node of its own,
+        // candle's backward pass would also build the bias's gradient at the output's full
+        // size (zeros, then a sum) and keep it until the pass ends.
+        let y = matmul_last(&x.detach(), &self.weight)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        frozen(x, y, Frozen::Linear(self.weight.clone()))
+    }
+}
+
 /// The graph node of `Linear::forward_with_low_rank`.
 struct LowRankSum {
     value: Precomputed,
@@ -327,41 +353,7 @@ impl CustomOp3 for LowRankSum {
         "low-rank-sum"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.value.hand_over(on_cpu)
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.value.hand_over(on_cuda)
-    }
-
-    fn metal_fwd(
-        &self,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        self.value.hand_over(on_metal)
-    }
+    hand_over_forwards!(value);
 
     fn bwd(
         &self,
@@ -503,6 +495,20 @@ fn frozen(x: &Tensor, value: Tensor, kind: Frozen) -> Result<Tensor> {
         kind,
         value: Precomputed::new(value.contiguous()?, "frozen-layer output"),
     })
+}
+
+/// `x + c` (broadcast) where `c` depends on nothing trained, e.g. SD's time embedding added
+/// to a resnet's feature map. candle's add would also build c's gradient at x's full size
+/// (zeros, then a sum) and keep it until the backward pass ends; here only x's is computed.
+pub fn add_untrained(x: &Tensor, c: &Tensor) -> Result<Tensor> {
+    if !c.track_op() {
+        let y = x.detach().broadcast_add(c)?;
+        // dx = dy needs y shaped like x (c broadcast to x, not x to something larger).
+        if y.dims() == x.dims() {
+            return frozen(x, y, Frozen::Shift);
+        }
+    }
+    x.broadcast_add(c)
 }
 
 /// The graph node of a frozen layer: an op on the input alone, whose forward pass hands over
@@ -767,17 +773,7 @@ impl CustomOp3 for FlashAttention {
         "flash-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.out.hand_over(on_cpu)
-    }
+    hand_over_forwards!(out);
 
     fn bwd(
         &self,
@@ -884,41 +880,7 @@ impl CustomOp3 for ChunkedAttention {
         "chunked-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.out.hand_over(on_cpu)
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.out.hand_over(on_cuda)
-    }
-
-    fn metal_fwd(
-        &self,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        self.out.hand_over(on_metal)
-    }
+    hand_over_forwards!(out);
 
     fn bwd(
         &self,
