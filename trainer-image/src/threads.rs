@@ -4,8 +4,9 @@
 //! its own beside rayon's, and after every op its workers spin 25,000 `pause`s (about a
 //! millisecond here) before they sleep. A training step runs thousands of those ops between
 //! the rayon-parallel GEMMs and kernels, so that spinning was about a fifth of a full SD1.5
-//! step's CPU time and took cores from the rayon threads: 28.2 → 21.8 CPU-s and 15.4 → 12.4 s
-//! wall per step with the limit below (`trainer-bench --only-full`).
+//! step's CPU time and took cores from the rayon threads: 28.2 → 21.8–25.9 CPU-s per step
+//! over several runs with the limit below (`trainer-bench --only-full`; the machine drifts
+//! ±15 %).
 
 /// The environment variable candle reads (once, when its pool starts) for the spin limit.
 const SPIN_LIMIT_VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
