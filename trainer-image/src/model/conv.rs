@@ -32,6 +32,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use super::ops::{contiguous_f32, read_f32};
+
 /// Elements (f32) of `cols` or `dcols` one GEMM works on: 8 MiB. Large enough that the GEMMs
 /// stay efficient (a 320-channel 3x3 convolution at 64x64 gets 11 output rows per band),
 /// small enough for the allocator to reuse the buffer instead of mapping fresh pages.
@@ -127,10 +129,7 @@ impl Geometry {
 /// Whether the CPU kernels here apply: f32 input and kernel on the CPU. (The UNet's
 /// convolutions all have groups = 1 and dilation = 1, which is all `ops::Conv2d` expresses.)
 pub(crate) fn applicable(x: &Tensor, weight: &Tensor) -> bool {
-    x.device().is_cpu()
-        && weight.device().is_cpu()
-        && x.dtype() == DType::F32
-        && weight.dtype() == DType::F32
+    super::fused::fusable(x) && super::fused::fusable(weight)
 }
 
 /// A frozen convolution of an f32 CPU tensor (B, C, H, W) with `weight` (O, C, KH, KW) and an
@@ -216,11 +215,8 @@ impl CustomOp1 for FrozenConv {
                 let cols = im2col(x, l, g, b, rows)?;
                 let cols = Tensor::from_vec(cols, (g.taps(), width), &Device::Cpu)?;
                 let y = self.weight.matmul(&cols)?;
-                let (storage, layout) = y.storage_and_layout();
-                let candle_core::Storage::Cpu(y) = &*storage else {
-                    candle_core::bail!("conv2d: the GEMM result is not on the CPU");
-                };
-                let y = contiguous_f32(y, layout, "GEMM result")?;
+                let y = read_f32(&y, "conv2d GEMM result")?;
+                let y = y.slice();
                 // Row o of the band's result is output channel o's pixels from oy0 on.
                 out_b
                     .par_chunks_mut(pixels)
@@ -335,7 +331,7 @@ impl InplaceOp2 for Col2Im {
         src_l: &Layout,
     ) -> Result<()> {
         let g = self.geometry;
-        let dcols = contiguous_f32(src, src_l, "col2im source")?;
+        let dcols = contiguous_f32(src, src_l, "conv2d col2im source")?;
         let (kk, pixels, plane_len) = (g.taps_per_channel(), g.pixels(), g.h * g.w);
         let channels = dcols.len() / (kk * pixels).max(1);
         if dcols.len() != channels * kk * pixels || self.first_channel + channels > g.c_in {
@@ -378,16 +374,6 @@ impl InplaceOp2 for Col2Im {
                 }
             });
         Ok(())
-    }
-}
-
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("conv2d: {what} must be f32");
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("conv2d: {what} must be contiguous"),
     }
 }
 

@@ -21,6 +21,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::ops::contiguous_f32;
 use super::simd;
 
 /// How a row's elements map to the affine parameters.
@@ -183,16 +184,6 @@ simd::multiversion! {
     }
 }
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("fused norm: {what} must be f32");
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("fused norm: {what} must be contiguous"),
-    }
-}
-
 impl FusedNorm {
     fn check(&self, len: usize) -> Result<()> {
         if self.row_len == 0 || !len.is_multiple_of(self.row_len) {
@@ -238,7 +229,7 @@ impl CustomOp1 for FusedNorm {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l, "input")?;
+        let x = contiguous_f32(s, l, "fused norm input")?;
         Ok((CpuStorage::F32(self.forward(x)?), l.shape().clone()))
     }
 
@@ -262,8 +253,8 @@ impl CustomOp2 for FusedNormGrad {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(xs, xl, "input")?;
-        let dy = contiguous_f32(gs, gl, "gradient")?;
+        let x = contiguous_f32(xs, xl, "fused norm input")?;
+        let dy = contiguous_f32(gs, gl, "fused norm gradient")?;
         Ok((CpuStorage::F32(self.0.backward(x, dy)?), xl.shape().clone()))
     }
 }
@@ -383,7 +374,7 @@ impl CustomOp1 for Activation {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l, "input")?;
+        let x = contiguous_f32(s, l, "fused activation input")?;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(ELEMENTWISE_CHUNK)
             .zip(x.par_chunks(ELEMENTWISE_CHUNK))
@@ -411,8 +402,8 @@ impl CustomOp2 for ActivationGrad {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(xs, xl, "input")?;
-        let dy = contiguous_f32(gs, gl, "gradient")?;
+        let x = contiguous_f32(xs, xl, "fused activation input")?;
+        let dy = contiguous_f32(gs, gl, "fused activation gradient")?;
         if x.len() != dy.len() {
             candle_core::bail!(
                 "fused activation: gradient has {} elements, input {}",
@@ -533,7 +524,7 @@ impl CustomOp1 for Geglu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l, "input")?;
+        let x = contiguous_f32(s, l, "fused geglu input")?;
         let mut y = vec![0f32; x.len() / 2];
         self.check(x.len(), y.len())?;
         let (n, rows) = (self.half, rows_per_task(2 * self.half));
@@ -567,8 +558,8 @@ impl CustomOp2 for GegluGrad {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(xs, xl, "input")?;
-        let dy = contiguous_f32(gs, gl, "gradient")?;
+        let x = contiguous_f32(xs, xl, "fused geglu input")?;
+        let dy = contiguous_f32(gs, gl, "fused geglu gradient")?;
         self.0.check(x.len(), dy.len())?;
         let (n, rows) = (self.0.half, rows_per_task(2 * self.0.half));
         let mut dx = vec![0f32; x.len()];

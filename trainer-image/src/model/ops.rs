@@ -737,9 +737,9 @@ fn flash_attention(
     let (heads, n, d) = q.dims3()?;
     let shape = attention::Shape::new(heads, n, k.dim(1)?, d, rows);
     let (out, lse) = attention::forward(
-        read_f32(q)?.slice(),
-        read_f32(k)?.slice(),
-        read_f32(v)?.slice(),
+        read_f32(q, "attention q")?.slice(),
+        read_f32(k, "attention k")?.slice(),
+        read_f32(v, "attention v")?.slice(),
         shape,
         scale,
     )
@@ -785,12 +785,12 @@ impl CustomOp3 for FlashAttention {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (out, grad) = (out.contiguous()?, grad.contiguous()?);
         let attention::Gradients { dq, dk, dv } = attention::backward(
-            read_f32(q)?.slice(),
-            read_f32(k)?.slice(),
-            read_f32(v)?.slice(),
-            read_f32(&out)?.slice(),
+            read_f32(q, "attention q")?.slice(),
+            read_f32(k, "attention k")?.slice(),
+            read_f32(v, "attention v")?.slice(),
+            read_f32(&out, "attention output")?.slice(),
             &self.lse,
-            read_f32(&grad)?.slice(),
+            read_f32(&grad, "attention output gradient")?.slice(),
             self.shape,
             self.scale,
         )
@@ -804,15 +804,27 @@ impl CustomOp3 for FlashAttention {
     }
 }
 
+/// The elements of contiguous f32 CPU storage with layout `l`; `what` names the operand in
+/// the error (e.g. "conv2d GEMM result"). Shared by every CPU kernel.
+pub(super) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{what} must be f32, got {:?}", s.dtype());
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{what} must be contiguous, got strides {:?}", l.stride()),
+    }
+}
+
 /// Read access to the elements of a contiguous f32 CPU tensor, without a copy.
-struct ReadF32<G> {
+pub(super) struct ReadF32<G> {
     /// The tensor's storage lock guard, held while the slice is in use.
     storage: G,
     range: std::ops::Range<usize>,
 }
 
 impl<G: std::ops::Deref<Target = Storage>> ReadF32<G> {
-    fn slice(&self) -> &[f32] {
+    pub(super) fn slice(&self) -> &[f32] {
         match &*self.storage {
             Storage::Cpu(CpuStorage::F32(v)) => &v[self.range.clone()],
             // `read_f32` only builds a `ReadF32` over f32 CPU storage.
@@ -821,21 +833,19 @@ impl<G: std::ops::Deref<Target = Storage>> ReadF32<G> {
     }
 }
 
-fn read_f32(t: &Tensor) -> Result<ReadF32<impl std::ops::Deref<Target = Storage> + '_>> {
+/// `t`'s elements as a slice (see `ReadF32`), refused unless `t` is a contiguous f32 CPU
+/// tensor; `what` names it in the error.
+pub(super) fn read_f32<'a>(
+    t: &'a Tensor,
+    what: &str,
+) -> Result<ReadF32<impl std::ops::Deref<Target = Storage> + 'a>> {
     let (storage, layout) = t.storage_and_layout();
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!(
-            "expected a contiguous tensor, got strides {:?}",
-            layout.stride()
-        );
+    let Some(cpu) = on_cpu(&storage) else {
+        candle_core::bail!("{what} must be on the CPU");
     };
-    if !matches!(&*storage, Storage::Cpu(CpuStorage::F32(_))) {
-        candle_core::bail!("expected an f32 CPU tensor, got {:?}", t.dtype());
-    }
-    Ok(ReadF32 {
-        storage,
-        range: start..end,
-    })
+    let start = layout.start_offset();
+    let range = start..start + contiguous_f32(cpu, layout, what)?.len();
+    Ok(ReadF32 { storage, range })
 }
 
 /// Query-row ranges of at most `chunk` rows covering `0..n`.
