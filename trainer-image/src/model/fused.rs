@@ -62,30 +62,14 @@ struct FusedNorm {
     eps: f64,
 }
 
-/// f64 partial sums per row pass: eight lanes (one AVX-512 register) so the loops vectorise.
-const LANES: usize = 8;
-
-/// Σ f(x) over `xs` in f64, `LANES` interleaved partial sums.
-#[inline(always)]
-fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
-    let mut acc = [0f64; LANES];
-    let mut chunks = xs.chunks_exact(LANES);
-    for c in &mut chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a += f(x);
-        }
-    }
-    acc.iter().sum::<f64>() + chunks.remainder().iter().map(|&x| f(x)).sum::<f64>()
-}
-
 /// (Σ d·w, Σ d·w·(x − mean)) over a row, w one weight per element, in f64 lanes.
 #[inline(always)]
 fn gradient_sums(xs: &[f32], ds: &[f32], ws: impl Fn(usize) -> f32, mean: f32) -> (f64, f64) {
-    let (mut g, mut gx) = ([0f64; LANES], [0f64; LANES]);
+    let (mut g, mut gx) = ([0f64; simd::F64_LANES], [0f64; simd::F64_LANES]);
     let len = xs.len().min(ds.len());
-    let whole = len / LANES * LANES;
-    for i0 in (0..whole).step_by(LANES) {
-        for l in 0..LANES {
+    let whole = len / simd::F64_LANES * simd::F64_LANES;
+    for i0 in (0..whole).step_by(simd::F64_LANES) {
+        for l in 0..simd::F64_LANES {
             let i = i0 + l;
             let d = ds[i] * ws(i);
             g[l] += f64::from(d);
@@ -109,8 +93,8 @@ fn gradient_sums(xs: &[f32], ds: &[f32], ws: impl Fn(usize) -> f32, mean: f32) -
 #[inline(always)]
 fn stats(row: &[f32], eps: f64) -> (f32, f32) {
     let n = row.len() as f64;
-    let mean = lane_sum(row, f64::from) / n;
-    let var = lane_sum(row, |v| {
+    let mean = simd::sum_f64(row, f64::from) / n;
+    let var = simd::sum_f64(row, |v| {
         let d = f64::from(v) - mean;
         d * d
     }) / n;

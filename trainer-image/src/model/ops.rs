@@ -300,6 +300,17 @@ impl Linear {
         self.weight.dims()[0]
     }
 
+    /// x Wᵀ + b computed outside the graph. The bias is added before the result joins the
+    /// graph: as a graph node of its own, candle's backward pass would also build the bias's
+    /// gradient at the output's full size (zeros, then a sum) and keep it until the pass ends.
+    fn output(&self, x: &Tensor) -> Result<Tensor> {
+        let y = matmul_last(&x.detach(), &self.weight)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
     /// `base(x) + h · upᵀ`: the frozen layer plus a LoRA branch's last product, as one graph
     /// node on (x, h, up). Built from candle ops, the sum kept two extra tensors of the
     /// output's size alive until the backward pass (the base output and the branch output,
@@ -312,7 +323,7 @@ impl Linear {
         h: &Tensor,
         up: &Tensor,
     ) -> Result<Tensor> {
-        let z = self.forward(&x.detach())?;
+        let z = self.output(x)?;
         let z = (&z + matmul_last(&h.detach(), &up.detach())?.to_dtype(z.dtype())?)?;
         if !(x.track_op() || h.track_op() || up.track_op()) {
             return Ok(z);
@@ -330,15 +341,7 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // The bias is added before the result joins the graph: as a graph node of its own,
-        // candle's backward pass would also build the bias's gradient at the output's full
-        // size (zeros, then a sum) and keep it until the pass ends.
-        let y = matmul_last(&x.detach(), &self.weight)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        frozen(x, y, Frozen::Linear(self.weight.clone()))
+        frozen(x, self.output(x)?, Frozen::Linear(self.weight.clone()))
     }
 }
 

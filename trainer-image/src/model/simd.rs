@@ -59,6 +59,22 @@ pub(crate) fn erf(x: f32) -> f32 {
 /// Lanes of the partial sums and maxima below: one AVX-512 register of f32.
 const LANES: usize = 16;
 
+/// Lanes of f64 partial sums: one AVX-512 register.
+pub(crate) const F64_LANES: usize = 8;
+
+/// Σ f(x) over `xs` in f64, `F64_LANES` interleaved partial sums (vectorises, as below).
+#[inline(always)]
+pub(crate) fn sum_f64(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut acc = [0f64; F64_LANES];
+    let mut chunks = xs.chunks_exact(F64_LANES);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += f(x);
+        }
+    }
+    acc.iter().sum::<f64>() + chunks.remainder().iter().map(|&x| f(x)).sum::<f64>()
+}
+
 /// Replaces each element x of `xs` with exp(x − shift) and returns their sum, in one pass, in
 /// `LANES` interleaved partial sums (a single running sum is a chain of dependent additions
 /// the compiler must keep in order, which does not vectorise).
