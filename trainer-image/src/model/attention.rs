@@ -12,23 +12,36 @@
 //! dV += Pᵀ dO, dP = dO Vᵀ, dQ = scale·dS K, dK += scale·dSᵀ Q, with
 //! dS = P ∘ (dP − rowsum(dO ∘ O))), on the `gemm` crate single-threaded within the task.
 //!
-//! Parallelism: forward over (head, query block) pairs; backward over heads, because dK and
-//! dV sum over every query block of their head. SD1.5 has 8 heads per sample, enough for a
+//! Parallelism: forward over (sample, query block) pairs, each doing every head of its rows;
+//! backward over (sample, head) pairs, because dK and dV sum over every query block of their
+//! head. SD1.5 has 8 heads per sample, enough for a
 //! few cores; a many-core machine would want the backward split by key blocks too.
 
-use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::gemm::gemm_into;
 use super::simd;
 
-/// Score elements (query rows × keys) of one block: 1 MiB in f32, so a block's scores and
-/// their gradient fit in a core's L2 next to the operands.
-const BLOCK_SCORES: usize = 1 << 18;
+/// Score elements (query rows × keys) of one block: 2 MiB in f32, 128 query rows at SD1.5's
+/// 4096 tokens. A block's scores and their gradient (4 MiB) about fill a core's L2 here; half
+/// the rows (1 MiB, the first choice) kept them in L2 with room to spare, but the GEMMs whose
+/// inner or outer size is the block's rows (O = P V, dV, dQ, dK) ran at 70–77 GFLOP/s against
+/// 110–115 at 256 rows (a standalone `gemm` harness, 4096 keys, head width 40). Self-attention
+/// at 64x64 with its gradients (`trainer-bench --attention-micro`, minimum of 8 runs):
+/// 1.29 CPU-s at 64 rows, 1.13 at 128, 1.31 at 256.
+const BLOCK_SCORES: usize = 1 << 19;
 
-/// The geometry of one attention call: `heads` independent (sample, head) pairs, `n` query
-/// rows, `m` keys, head width `d`, and `rows` query rows per block.
+/// The geometry of one attention call on token-major tensors, the layout the projections
+/// produce: q is (batch, n, heads·d), k and v are (batch, m, heads·d), and head h of a token
+/// is its columns h·d..(h+1)·d. `rows` query rows per block.
+///
+/// The kernels split the heads into (batch·heads, len, d) copies and merge the results back
+/// themselves: as candle ops around the kernel, the split and the merge were four graph nodes
+/// per operand (reshape, transpose, copy, reshape), each of which candle's backward pass pays
+/// for with a zero tensor and a sum at the operand's full size.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Shape {
+    pub batch: usize,
     pub heads: usize,
     pub n: usize,
     pub m: usize,
@@ -39,11 +52,17 @@ pub(crate) struct Shape {
 impl Shape {
     /// `rows`: query rows per block, `None` for the default (as many as fit `BLOCK_SCORES`,
     /// between 16 and 256).
-    pub(crate) fn new(heads: usize, n: usize, m: usize, d: usize, rows: Option<usize>) -> Self {
+    pub(crate) fn new(
+        batch: usize,
+        heads: usize,
+        (n, m, d): (usize, usize, usize),
+        rows: Option<usize>,
+    ) -> Self {
         let rows = rows
             .unwrap_or_else(|| (BLOCK_SCORES / m.max(1)).clamp(16, 256))
             .clamp(1, n.max(1));
         Self {
+            batch,
             heads,
             n,
             m,
@@ -52,77 +71,61 @@ impl Shape {
         }
     }
 
+    /// Elements per token: heads · d.
+    fn width(&self) -> usize {
+        self.heads * self.d
+    }
+
+    /// (sample, head) pairs.
+    fn pairs(&self) -> usize {
+        self.batch * self.heads
+    }
+
+    /// A token-major (batch, len, heads·d) operand as head-major (batch·heads, len, d), which
+    /// the kernels read contiguously: their GEMMs are ~6 % slower reading the heads in place
+    /// with a row stride of heads·d.
+    fn split(&self, x: &[f32], len: usize) -> Vec<f32> {
+        let (d, c) = (self.d, self.width());
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(len * d)
+            .enumerate()
+            .for_each(|(pair, dst)| {
+                let (b, h) = (pair / self.heads, pair % self.heads);
+                let src = &x[b * len * c + h * d..];
+                for (i, row) in dst.chunks_mut(d).enumerate() {
+                    row.copy_from_slice(&src[i * c..][..d]);
+                }
+            });
+        out
+    }
+
+    /// The inverse of `split`.
+    fn merge(&self, x: &[f32], len: usize) -> Vec<f32> {
+        let (d, c) = (self.d, self.width());
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(c)
+            .with_min_len(64)
+            .enumerate()
+            .for_each(|(token, dst)| {
+                let (b, i) = (token / len, token % len);
+                for (h, dst) in dst.chunks_mut(d).enumerate() {
+                    dst.copy_from_slice(&x[((b * self.heads + h) * len + i) * d..][..d]);
+                }
+            });
+        out
+    }
+
     fn check(&self, q: usize, k: usize, v: usize) -> Result<(), String> {
-        let (qn, kn) = (self.heads * self.n * self.d, self.heads * self.m * self.d);
+        let (qn, kn) = (
+            self.batch * self.n * self.width(),
+            self.batch * self.m * self.width(),
+        );
         if q != qn || k != kn || v != kn {
             return Err(format!(
                 "attention: q, k, v have {q}, {k}, {v} elements, expected {qn}, {kn}, {kn}"
             ));
         }
         Ok(())
-    }
-}
-
-/// dst (r × c, row stride `dst_rs`) := [dst +] beta · lhs · rhs, where lhs is r × k and rhs is
-/// k × c, each given by (column stride, row stride). Single-threaded: the callers run one
-/// block per rayon task.
-#[allow(unsafe_code)]
-fn gemm_into(
-    (r, c, k): (usize, usize, usize),
-    dst: &mut [f32],
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: (&[f32], usize, usize),
-    rhs: (&[f32], usize, usize),
-    beta: f32,
-) {
-    let extent = |rows: usize, cols: usize, cs: usize, rs: usize| {
-        if rows == 0 || cols == 0 {
-            0
-        } else {
-            (rows - 1) * rs + (cols - 1) * cs + 1
-        }
-    };
-    // The GEMM reads and writes through raw pointers; these bounds make that sound.
-    assert!(
-        dst.len() >= extent(r, c, 1, dst_rs),
-        "attention gemm: dst too short"
-    );
-    assert!(
-        lhs.0.len() >= extent(r, k, lhs.1, lhs.2),
-        "attention gemm: lhs too short"
-    );
-    assert!(
-        rhs.0.len() >= extent(k, c, rhs.1, rhs.2),
-        "attention gemm: rhs too short"
-    );
-    if r == 0 || c == 0 {
-        return;
-    }
-    // SAFETY: every element addressed lies inside the slices (asserted above), `dst` does not
-    // alias `lhs` or `rhs` (it is a distinct `&mut`), and f32 is a type `gemm` supports.
-    unsafe {
-        gemm::gemm(
-            r,
-            c,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs.0.as_ptr(),
-            lhs.1 as isize,
-            lhs.2 as isize,
-            rhs.0.as_ptr(),
-            rhs.1 as isize,
-            rhs.2 as isize,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
     }
 }
 
@@ -162,8 +165,9 @@ simd::multiversion! {
     }
 }
 
-/// Attention output (heads, n, d) and per-row log-sum-exp (heads, n) of `softmax(scale · q
-/// kᵀ) v` for contiguous q (heads, n, d), k and v (heads, m, d).
+/// Attention output (batch, n, heads·d) and per-row log-sum-exp (one per sample, head and
+/// query row) of `softmax(scale · q kᵀ) v`, head by head, for contiguous token-major q, k
+/// and v (`Shape`).
 pub(crate) fn forward(
     q: &[f32],
     k: &[f32],
@@ -172,15 +176,86 @@ pub(crate) fn forward(
     scale: f32,
 ) -> Result<(Vec<f32>, Vec<f32>), String> {
     shape.check(q.len(), k.len(), v.len())?;
-    let Shape { n, m, d, rows, .. } = shape;
-    let mut out = vec![0f32; q.len()];
-    let mut lse = vec![0f32; shape.heads * n];
-    if n == 0 || d == 0 {
-        return Ok((out, lse));
+    let Shape { n, m, d, .. } = shape;
+    if n == 0 || d == 0 || shape.heads == 0 {
+        return Ok((vec![0f32; q.len()], vec![0f32; shape.pairs() * n]));
     }
     if m == 0 {
         return Err("attention over zero keys".into());
     }
+    let (q, k, v) = (shape.split(q, n), shape.split(k, m), shape.split(v, m));
+    let (out, lse) = forward_heads(&q, &k, &v, shape, scale);
+    Ok((shape.merge(&out, n), lse))
+}
+
+/// The gradients of q, k and v, laid out as the inputs.
+#[derive(Debug)]
+pub(crate) struct Gradients {
+    pub dq: Vec<f32>,
+    pub dk: Vec<f32>,
+    pub dv: Vec<f32>,
+}
+
+/// Gradients of q, k and v of `forward`, given its output, its log-sum-exp and the output
+/// gradient `dout` (batch, n, heads·d).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    shape: Shape,
+    scale: f32,
+) -> Result<Gradients, String> {
+    shape.check(q.len(), k.len(), v.len())?;
+    let Shape { n, m, d, .. } = shape;
+    if out.len() != q.len() || dout.len() != q.len() || lse.len() != shape.pairs() * n {
+        return Err(format!(
+            "attention backward: output {}, gradient {}, log-sum-exp {} elements for q of {}",
+            out.len(),
+            dout.len(),
+            lse.len(),
+            q.len()
+        ));
+    }
+    if n == 0 || m == 0 || d == 0 || shape.heads == 0 {
+        return Ok(Gradients {
+            dq: vec![0f32; q.len()],
+            dk: vec![0f32; k.len()],
+            dv: vec![0f32; v.len()],
+        });
+    }
+    let split = |x: &[f32], len: usize| shape.split(x, len);
+    let Gradients { dq, dk, dv } = backward_heads(
+        &split(q, n),
+        &split(k, m),
+        &split(v, m),
+        &split(out, n),
+        lse,
+        &split(dout, n),
+        shape,
+        scale,
+    );
+    Ok(Gradients {
+        dq: shape.merge(&dq, n),
+        dk: shape.merge(&dk, m),
+        dv: shape.merge(&dv, m),
+    })
+}
+
+/// `forward` on head-major operands: q (pairs, n, d), k and v (pairs, m, d), n, m, d > 0.
+fn forward_heads(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: Shape,
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>) {
+    let Shape { n, m, d, rows, .. } = shape;
+    let mut out = vec![0f32; q.len()];
+    let mut lse = vec![0f32; shape.pairs() * n];
     out.par_chunks_mut(n * d)
         .zip(lse.par_chunks_mut(n))
         .enumerate()
@@ -211,21 +286,12 @@ pub(crate) fn forward(
                     },
                 );
         });
-    Ok((out, lse))
+    (out, lse)
 }
 
-/// The gradients of q, k and v, laid out as the inputs.
-#[derive(Debug)]
-pub(crate) struct Gradients {
-    pub dq: Vec<f32>,
-    pub dk: Vec<f32>,
-    pub dv: Vec<f32>,
-}
-
-/// Gradients of q, k and v of `forward`, given its output, its log-sum-exp and the output
-/// gradient `dout` (heads, n, d).
+/// `backward` on head-major operands, as `forward_heads`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn backward(
+fn backward_heads(
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -234,24 +300,11 @@ pub(crate) fn backward(
     dout: &[f32],
     shape: Shape,
     scale: f32,
-) -> Result<Gradients, String> {
-    shape.check(q.len(), k.len(), v.len())?;
+) -> Gradients {
     let Shape { n, m, d, rows, .. } = shape;
-    if out.len() != q.len() || dout.len() != q.len() || lse.len() != shape.heads * n {
-        return Err(format!(
-            "attention backward: output {}, gradient {}, log-sum-exp {} elements for q of {}",
-            out.len(),
-            dout.len(),
-            lse.len(),
-            q.len()
-        ));
-    }
     let mut dq = vec![0f32; q.len()];
     let mut dk = vec![0f32; k.len()];
     let mut dv = vec![0f32; v.len()];
-    if n == 0 || m == 0 || d == 0 {
-        return Ok(Gradients { dq, dk, dv });
-    }
     dq.par_chunks_mut(n * d)
         .zip(dk.par_chunks_mut(m * d).zip(dv.par_chunks_mut(m * d)))
         .enumerate()
@@ -283,14 +336,15 @@ pub(crate) fn backward(
                 gemm_into((m, d, r), dk_h, d, true, (ds, m, 1), (q_b, 1, d), scale);
             }
         });
-    Ok(Gradients { dq, dk, dv })
+    Gradients { dq, dk, dv }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Attention and its gradients in f64 straight from the definitions, one head at a time.
+    /// Attention and its gradients in f64 straight from the definitions, one (sample, head)
+    /// at a time, on token-major operands.
     fn reference(
         q: &[f32],
         k: &[f32],
@@ -299,39 +353,51 @@ mod tests {
         s: Shape,
         scale: f64,
     ) -> [Vec<f64>; 4] {
-        let Shape { heads, n, m, d, .. } = s;
+        let Shape {
+            batch,
+            heads,
+            n,
+            m,
+            d,
+            ..
+        } = s;
+        let c = heads * d;
         let (mut o, mut dq, mut dk, mut dv) = (
-            vec![0f64; heads * n * d],
-            vec![0f64; heads * n * d],
-            vec![0f64; heads * m * d],
-            vec![0f64; heads * m * d],
+            vec![0f64; batch * n * c],
+            vec![0f64; batch * n * c],
+            vec![0f64; batch * m * c],
+            vec![0f64; batch * m * c],
         );
-        for h in 0..heads {
-            let qi = |i: usize, t: usize| f64::from(q[(h * n + i) * d + t]);
-            let kj = |j: usize, t: usize| f64::from(k[(h * m + j) * d + t]);
-            let vj = |j: usize, t: usize| f64::from(v[(h * m + j) * d + t]);
-            let gi = |i: usize, t: usize| f64::from(dout[(h * n + i) * d + t]);
-            for i in 0..n {
-                let scores: Vec<f64> = (0..m)
-                    .map(|j| scale * (0..d).map(|t| qi(i, t) * kj(j, t)).sum::<f64>())
-                    .collect();
-                let max = scores.iter().cloned().fold(f64::MIN, f64::max);
-                let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-                let z: f64 = e.iter().sum();
-                let p: Vec<f64> = e.iter().map(|x| x / z).collect();
-                for t in 0..d {
-                    o[(h * n + i) * d + t] = (0..m).map(|j| p[j] * vj(j, t)).sum();
-                }
-                let dp: Vec<f64> = (0..m)
-                    .map(|j| (0..d).map(|t| gi(i, t) * vj(j, t)).sum())
-                    .collect();
-                let dot: f64 = (0..m).map(|j| p[j] * dp[j]).sum();
-                for j in 0..m {
-                    let ds = p[j] * (dp[j] - dot);
+        for b in 0..batch {
+            for h in 0..heads {
+                let at_q = |i: usize, t: usize| (b * n + i) * c + h * d + t;
+                let at_k = |j: usize, t: usize| (b * m + j) * c + h * d + t;
+                let qi = |i: usize, t: usize| f64::from(q[at_q(i, t)]);
+                let kj = |j: usize, t: usize| f64::from(k[at_k(j, t)]);
+                let vj = |j: usize, t: usize| f64::from(v[at_k(j, t)]);
+                let gi = |i: usize, t: usize| f64::from(dout[at_q(i, t)]);
+                for i in 0..n {
+                    let scores: Vec<f64> = (0..m)
+                        .map(|j| scale * (0..d).map(|t| qi(i, t) * kj(j, t)).sum::<f64>())
+                        .collect();
+                    let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                    let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    let p: Vec<f64> = e.iter().map(|x| x / z).collect();
                     for t in 0..d {
-                        dq[(h * n + i) * d + t] += scale * ds * kj(j, t);
-                        dk[(h * m + j) * d + t] += scale * ds * qi(i, t);
-                        dv[(h * m + j) * d + t] += p[j] * gi(i, t);
+                        o[at_q(i, t)] = (0..m).map(|j| p[j] * vj(j, t)).sum();
+                    }
+                    let dp: Vec<f64> = (0..m)
+                        .map(|j| (0..d).map(|t| gi(i, t) * vj(j, t)).sum())
+                        .collect();
+                    let dot: f64 = (0..m).map(|j| p[j] * dp[j]).sum();
+                    for j in 0..m {
+                        let ds = p[j] * (dp[j] - dot);
+                        for t in 0..d {
+                            dq[at_q(i, t)] += scale * ds * kj(j, t);
+                            dk[at_k(j, t)] += scale * ds * qi(i, t);
+                            dv[at_k(j, t)] += p[j] * gi(i, t);
+                        }
                     }
                 }
             }
@@ -353,27 +419,28 @@ mod tests {
             .fold(0.0, f64::max)
     }
 
-    /// Self- and cross-attention, blocks that do and do not divide the rows, one row per
-    /// block, and the default blocking: output and all three gradients match the f64
-    /// definition.
+    /// Self- and cross-attention, one and several samples and heads, blocks that do and do
+    /// not divide the rows, one row per block, and the default blocking: output and all three
+    /// gradients match the f64 definition.
     #[test]
     fn matches_the_definition_and_its_gradients() {
-        for (heads, n, m, d, rows) in [
-            (3usize, 37usize, 37usize, 8usize, Some(8usize)),
-            (2, 29, 11, 5, Some(7)),
-            (1, 5, 77, 16, Some(1)),
-            (4, 64, 64, 40, None),
+        for (batch, heads, n, m, d, rows) in [
+            (1usize, 3usize, 37usize, 37usize, 8usize, Some(8usize)),
+            (2, 2, 29, 11, 5, Some(7)),
+            (1, 1, 5, 77, 16, Some(1)),
+            (2, 4, 64, 64, 40, None),
         ] {
-            let s = Shape::new(heads, n, m, d, rows);
-            let q = wave(heads * n * d, 0.1, 1.0);
-            let k = wave(heads * m * d, 1.3, 2.0);
-            let v = wave(heads * m * d, 2.9, 1.0);
-            let g = wave(heads * n * d, 4.2, 1.0);
+            let s = Shape::new(batch, heads, (n, m, d), rows);
+            let c = heads * d;
+            let q = wave(batch * n * c, 0.1, 1.0);
+            let k = wave(batch * m * c, 1.3, 2.0);
+            let v = wave(batch * m * c, 2.9, 1.0);
+            let g = wave(batch * n * c, 4.2, 1.0);
             let scale = 1.0 / (d as f32).sqrt();
             let (o, lse) = forward(&q, &k, &v, s, scale).unwrap();
             let Gradients { dq, dk, dv } = backward(&q, &k, &v, &o, &lse, &g, s, scale).unwrap();
             let [ro, rdq, rdk, rdv] = reference(&q, &k, &v, &g, s, f64::from(scale));
-            let case = format!("{heads}x{n}x{m}x{d} rows {rows:?}");
+            let case = format!("{batch}x{heads}x{n}x{m}x{d} rows {rows:?}");
             assert!(max_abs_diff(&o, &ro) < 2e-6, "output {case}");
             for (name, ours, theirs) in [("q", &dq, &rdq), ("k", &dk, &rdk), ("v", &dv, &rdv)] {
                 let norm = theirs.iter().map(|x| x.abs()).fold(0.0, f64::max);
@@ -388,7 +455,7 @@ mod tests {
 
     #[test]
     fn rejects_mismatched_operands() {
-        let s = Shape::new(1, 4, 4, 2, None);
+        let s = Shape::new(1, 1, (4, 4, 2), None);
         let err = forward(&[0.0; 8], &[0.0; 8], &[0.0; 6], s, 1.0).unwrap_err();
         assert!(err.contains("expected 8, 8, 8"), "{err}");
     }

@@ -8,6 +8,12 @@
 //! transposed and flipped copy of the kernel (stride 2: candle's direct-loop
 //! `conv_transpose2d`). Here, per batch item:
 //!
+//! - stride 1 on large planes (SD1.5's 64x64 latents): `correlate`, one GEMM per kernel tap
+//!   reading the zero-padded input planes in place at the tap's offset, no im2col; the input
+//!   gradient is the same correlation of the output gradient with the flipped kernel.
+//!
+//! Otherwise (strided, small planes, few channels):
+//!
 //! - forward: `cols` (C·kh·kw, pixels) holds in row (c, ky, kx) input plane c shifted by
 //!   (ky, kx) (and subsampled for stride 2), zero outside: a few contiguous copies per row,
 //!   built in parallel over channels. The kernel's own contiguous (O, C, kh, kw) layout already
@@ -32,6 +38,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use super::gemm::gemm_into_on_all_cores;
 use super::ops::{contiguous_f32, read_f32};
 
 /// Elements (f32) of `cols` or `dcols` one GEMM works on: 8 MiB. Large enough that the GEMMs
@@ -55,7 +62,34 @@ struct Geometry {
     w_out: usize,
     /// Elements of `cols` or `dcols` per GEMM (`COLUMN_BUDGET`; smaller in tests).
     budget: usize,
+    /// Which way a stride-1 convolution goes (`Method::BySize`; forced in tests).
+    method: Method,
 }
+
+/// The two ways of a stride-1 convolution; strided ones always take im2col. Only the tests
+/// force one way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(test), allow(dead_code))]
+enum Method {
+    /// Shifted GEMMs for large planes with enough channels, im2col otherwise.
+    BySize,
+    /// Shifted GEMMs wherever they apply.
+    Shifted,
+    /// im2col and col2im.
+    Im2col,
+}
+
+/// Output positions (rows × padded width) from which a stride-1 convolution takes the shifted
+/// GEMMs. Measured with a standalone `gemm` harness at SD1.5 sizes (CPU ms, single-threaded,
+/// shifted vs im2col): 320→320 at 64x64 68 vs 122, 640→320 at 64x64 140 vs 249, 640→640 at
+/// 32x32 76 vs 80, 1280→1280 at 16x16 102 vs 68, at 8x8 34 vs 19. Below some thousand
+/// positions the GEMMs are too narrow for nine passes over the output to pay off.
+const SHIFTED_MIN_POSITIONS: usize = 2048;
+
+/// Channels (in and out) from which a convolution takes the shifted GEMMs: each tap's GEMM
+/// has the channels as its inner dimension, which must not be tiny (the UNet's `conv_in` has
+/// 4).
+const SHIFTED_MIN_CHANNELS: usize = 32;
 
 impl Geometry {
     fn new(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Self> {
@@ -83,6 +117,7 @@ impl Geometry {
             h_out: (h + 2 * padding - kh) / stride + 1,
             w_out: (w + 2 * padding - kw) / stride + 1,
             budget: COLUMN_BUDGET,
+            method: Method::BySize,
         })
     }
 
@@ -120,6 +155,22 @@ impl Geometry {
         (self.budget / (self.taps() * self.w_out).max(1)).clamp(1, self.h_out.max(1))
     }
 
+    /// Whether forward and input gradient go through `correlate` (shifted GEMMs) rather than
+    /// im2col and col2im. The input gradient correlates the output gradient with the flipped
+    /// kernel, padded by kernel − 1 − padding, so the padding must be smaller than the kernel.
+    fn shifted(&self) -> bool {
+        let applies = self.stride == 1 && self.padding < self.kh && self.padding < self.kw;
+        match self.method {
+            Method::Im2col => false,
+            Method::Shifted => applies,
+            Method::BySize => {
+                applies
+                    && self.c_in.min(self.c_out) >= SHIFTED_MIN_CHANNELS
+                    && self.h_out * (self.w + 2 * self.padding) >= SHIFTED_MIN_POSITIONS
+            }
+        }
+    }
+
     /// Input channels per backward group: `dcols` of a group stays within `COLUMN_BUDGET`.
     fn channels_per_group(&self) -> usize {
         (self.budget / (self.taps_per_channel() * self.pixels()).max(1)).clamp(1, self.c_in)
@@ -141,21 +192,29 @@ pub(crate) fn conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    conv2d_in_pieces(x, weight, bias, stride, padding, COLUMN_BUDGET)
+    conv2d_with(
+        x,
+        weight,
+        bias,
+        stride,
+        padding,
+        (COLUMN_BUDGET, Method::BySize),
+    )
 }
 
 /// `conv2d` with `budget` elements of `cols` / `dcols` per GEMM (tests use small ones, so
-/// several bands and channel groups are crossed).
-fn conv2d_in_pieces(
+/// several bands and channel groups are crossed) and a chosen `Method`.
+fn conv2d_with(
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
     stride: usize,
     padding: usize,
-    budget: usize,
+    (budget, method): (usize, Method),
 ) -> Result<Tensor> {
     let geometry = Geometry {
         budget,
+        method,
         ..Geometry::new(x, weight, stride, padding)?
     };
     let bias = match bias {
@@ -207,6 +266,33 @@ impl CustomOp1 for FrozenConv {
         let g = self.geometry;
         let pixels = g.pixels();
         let mut out = vec![0f32; g.batch * g.c_out * pixels];
+        if g.shifted()
+            && let Some((start, end)) = l.contiguous_offsets()
+        {
+            let weight = read_f32(&self.weight, "conv2d kernel")?;
+            let taps = g.taps_per_channel();
+            let plan = Correlation {
+                channels: g.c_in,
+                h: g.h,
+                w: g.w,
+                pad: (g.padding, g.padding),
+                kh: g.kh,
+                kw: g.kw,
+                m: g.c_out,
+            };
+            // Tap (ky, kx) of the kernel (O, C, kh, kw) as the (O × C) matrix it multiplies.
+            let tap = |ky: usize, kx: usize| (ky * g.kw + kx, taps, g.c_in * taps);
+            for (x, out) in x[start..end]
+                .chunks(g.c_in * g.h * g.w)
+                .zip(out.chunks_mut(g.c_out * pixels))
+            {
+                correlate(x, plan, (weight.slice(), &tap), Some(&self.bias), out);
+            }
+            return Ok((
+                CpuStorage::F32(out),
+                Shape::from((g.batch, g.c_out, g.h_out, g.w_out)),
+            ));
+        }
         let band = g.rows_per_band();
         for (b, out_b) in out.chunks_mut(g.c_out * pixels).enumerate() {
             for oy0 in (0..g.h_out).step_by(band) {
@@ -237,6 +323,9 @@ impl CustomOp1 for FrozenConv {
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let g = self.geometry;
+        if g.shifted() {
+            return self.input_gradient_shifted(grad).map(Some);
+        }
         let dy =
             grad.to_dtype(DType::F32)?
                 .contiguous()?
@@ -262,6 +351,119 @@ impl CustomOp1 for FrozenConv {
         }
         Ok(Some(dx))
     }
+}
+
+impl FrozenConv {
+    /// The input gradient of a stride-1 convolution: the output gradient correlated with the
+    /// kernel flipped in both axes and transposed (in ↔ out), padded by kernel − 1 − padding.
+    fn input_gradient_shifted(&self, grad: &Tensor) -> Result<Tensor> {
+        let g = self.geometry;
+        let dy = grad.to_dtype(DType::F32)?.contiguous()?;
+        let dy = read_f32(&dy, "conv2d output gradient")?;
+        let weight = read_f32(&self.weight, "conv2d kernel")?;
+        let taps = g.taps_per_channel();
+        let plan = Correlation {
+            channels: g.c_out,
+            h: g.h_out,
+            w: g.w_out,
+            pad: (g.kh - 1 - g.padding, g.kw - 1 - g.padding),
+            kh: g.kh,
+            kw: g.kw,
+            m: g.c_in,
+        };
+        // Tap (a, b) of the flipped kernel as the (C × O) matrix it multiplies: element (c, o)
+        // is W[o, c, kh − 1 − a, kw − 1 − b].
+        let tap =
+            |a: usize, b: usize| ((g.kh - 1 - a) * g.kw + (g.kw - 1 - b), g.c_in * taps, taps);
+        let plane = g.h * g.w;
+        let mut dx = vec![0f32; g.batch * g.c_in * plane];
+        for (dy, dx) in dy
+            .slice()
+            .chunks(g.c_out * g.pixels())
+            .zip(dx.chunks_mut(g.c_in * plane))
+        {
+            correlate(dy, plan, (weight.slice(), &tap), None, dx);
+        }
+        Tensor::from_vec(dx, (g.batch, g.c_in, g.h, g.w), &Device::Cpu)
+    }
+}
+
+/// One correlation of a set of planes with a kernel, as `correlate` computes it.
+#[derive(Debug, Clone, Copy)]
+struct Correlation {
+    /// Input planes (the GEMMs' inner dimension).
+    channels: usize,
+    h: usize,
+    w: usize,
+    /// Zero padding (rows, columns) on each side.
+    pad: (usize, usize),
+    kh: usize,
+    kw: usize,
+    /// Output planes.
+    m: usize,
+}
+
+/// A kernel tap's matrix: `tap(ky, kx)` gives (offset, column stride, row stride) of the
+/// (m × channels) matrix inside the kernel's elements.
+type Taps<'a> = (&'a [f32], &'a dyn Fn(usize, usize) -> (usize, usize, usize));
+
+/// `out` (m, oh, ow) = Σ over taps (ky, kx) of the tap's matrix times the input planes shifted
+/// by (ky, kx), plus `bias` per output plane, for a stride-1 correlation of `src` (channels,
+/// h, w), zero-padded by `pad`.
+///
+/// No im2col: in the padded planes (width wp = w + 2·pad), the input an output at (y, x)
+/// sees through tap (ky, kx) sits at a fixed distance ky·wp + kx from the output's own index
+/// y·wp + x, so each tap is one GEMM that reads the padded planes in place, offset by that
+/// distance, into a (m, oh·wp) result. The last kw − 1 columns of each result row wrap into
+/// the next padded row; they are computed and dropped. im2col wrote and read kh·kw copies of
+/// the input (94 MB for 640 channels at 64x64) and col2im added them back.
+fn correlate(
+    src: &[f32],
+    c: Correlation,
+    (kernel, tap): Taps<'_>,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let (hp, wp) = (c.h + 2 * c.pad.0, c.w + 2 * c.pad.1);
+    let (oh, ow) = (hp + 1 - c.kh, wp + 1 - c.kw);
+    let plane = hp * wp;
+    // kw − 1 floats past the last plane: the dropped columns of the last taps read there.
+    let mut padded = vec![0f32; c.channels * plane + c.kw];
+    padded[..c.channels * plane]
+        .par_chunks_mut(plane)
+        .zip(src.par_chunks(c.h * c.w))
+        .for_each(|(dst, src)| {
+            for (y, row) in src.chunks(c.w).enumerate() {
+                dst[(y + c.pad.0) * wp + c.pad.1..][..c.w].copy_from_slice(row);
+            }
+        });
+    let positions = oh * wp;
+    let mut wide = vec![0f32; c.m * positions];
+    for ky in 0..c.kh {
+        for kx in 0..c.kw {
+            let (offset, cs, rs) = tap(ky, kx);
+            gemm_into_on_all_cores(
+                (c.m, positions, c.channels),
+                &mut wide,
+                positions,
+                ky + kx > 0,
+                (&kernel[offset..], cs, rs),
+                (&padded[ky * wp + kx..], 1, plane),
+                1.0,
+            );
+        }
+    }
+    out.par_chunks_mut(oh * ow)
+        .zip(wide.par_chunks(positions))
+        .enumerate()
+        .for_each(|(o, (out, wide))| {
+            let b = bias.map_or(0.0, |b| b[o]);
+            for (out, wide) in out.chunks_mut(ow).zip(wide.chunks(wp)) {
+                for (y, &v) in out.iter_mut().zip(wide) {
+                    *y = v + b;
+                }
+            }
+        });
 }
 
 /// `cols` (C·kh·kw, rows·Wo) for output rows `rows` of batch item `b`, from an input of any
@@ -476,12 +678,12 @@ mod tests {
         stride: usize,
         padding: usize,
         r: &Tensor,
-        budget: usize,
+        tuning: (usize, Method),
     ) -> (Tensor, Tensor) {
         let var = Var::from_tensor(&f32(x)).unwrap();
         assert!(applicable(var.as_tensor(), &f32(w)));
         let (w, b) = (f32(w), f32(b));
-        let y = conv2d_in_pieces(var.as_tensor(), &w, Some(&b), stride, padding, budget).unwrap();
+        let y = conv2d_with(var.as_tensor(), &w, Some(&b), stride, padding, tuning).unwrap();
         let grads = (&y * f32(r))
             .unwrap()
             .sum_all()
@@ -497,11 +699,16 @@ mod tests {
         // A weighting makes every output element matter differently in the loss.
         let r = data(&out_dims, 3.1);
         let expected = reference(x, w, &b, stride, padding, &r);
-        // The production budget (one piece at these sizes), one output row / input channel
-        // per GEMM, and sizes in between (ragged last pieces).
-        for budget in [COLUMN_BUDGET, 1, 1000, 3000] {
-            let got = ours(x, w, &b, stride, padding, &r, budget);
-            let case = format!("{case}, budget {budget}");
+        // im2col with the production budget (one piece at these sizes), one output row /
+        // input channel per GEMM, and sizes in between (ragged last pieces); then the shifted
+        // GEMMs (the same as im2col where they do not apply).
+        let tunings = [COLUMN_BUDGET, 1, 1000, 3000]
+            .map(|budget| (budget, Method::Im2col))
+            .into_iter()
+            .chain([(COLUMN_BUDGET, Method::Shifted)]);
+        for tuning in tunings {
+            let got = ours(x, w, &b, stride, padding, &r, tuning);
+            let case = format!("{case}, {tuning:?}");
             assert_eq!(got.0.dims(), expected.0.dims(), "{case}: output shape");
             assert_eq!(got.1.dims(), x.dims(), "{case}: gradient shape");
             let (value, grad) = (rel_diff(&got.0, &expected.0), rel_diff(&got.1, &expected.1));

@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 
 use super::ModelError;
-use super::ops::{Linear, matmul_last};
+use super::ops::Linear;
 
 /// Rank and alpha of the adapters. The `down` initialisation is seeded from each module's
 /// path, so it is reproducible; `DiffusionModel::reseed_adapters` draws it from another seed.
@@ -98,11 +98,8 @@ impl Module for LoraLinear {
         match &self.adapter {
             None => self.base.forward(x),
             Some(a) => {
-                let xa = x.to_dtype(a.down.dtype())?;
-                // The scale is applied to the rank-sized middle, not the full-size output:
-                // the same product, one pass over a tensor `rank / out` the size.
-                let h = (matmul_last(&xa, a.down.as_tensor())? * a.scale())?;
-                self.base.forward_with_low_rank(x, &h, a.up.as_tensor())
+                self.base
+                    .forward_with_adapter(x, a.down.as_tensor(), a.up.as_tensor(), a.scale())
             }
         }
     }

@@ -13,6 +13,7 @@ mod attention;
 pub mod clip;
 mod conv;
 mod fused;
+mod gemm;
 pub mod lora;
 pub mod ops;
 mod simd;

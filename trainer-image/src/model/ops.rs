@@ -11,9 +11,10 @@
 //! finite-difference tests check both.
 //!
 //! On the CPU in f32, the norms and activations here hand over to `fused.rs` (one kernel each
-//! way, parallel) and the frozen convolutions to `conv.rs` (im2col and a GEMM in NCHW, and a
-//! GEMM and col2im for the input gradient); the composed versions and candle's `conv2d` stay
-//! for other devices and dtypes, and as the reference those kernels are tested against.
+//! way, parallel) and the frozen convolutions to `conv.rs` (GEMMs in NCHW: one per kernel tap
+//! on large planes, im2col and one GEMM otherwise); the composed versions and candle's
+//! `conv2d` stay for other devices and dtypes, and as the reference those kernels are tested
+//! against.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -311,29 +312,42 @@ impl Linear {
         }
     }
 
-    /// `base(x) + h · upᵀ`: the frozen layer plus a LoRA branch's last product, as one graph
-    /// node on (x, h, up). Built from candle ops, the sum kept two extra tensors of the
-    /// output's size alive until the backward pass (the base output and the branch output,
-    /// both operands of the add): 0.6 GB at full SD1.5 size. This node keeps only its
-    /// operands, which the branch's first product needs anyway, and its backward pass computes
-    /// dx = dz·W (the frozen weight gets no gradient), dh = dz·up and d_up = dzᵀ·h.
-    pub(crate) fn forward_with_low_rank(
+    /// `base(x) + scale · (x · downᵀ) · upᵀ`: the frozen layer plus a LoRA branch, as one
+    /// graph node on (x, down, up).
+    ///
+    /// Built from candle ops, the sum kept two extra tensors of the output's size alive until
+    /// the backward pass (the base output and the branch output, both operands of the add;
+    /// 0.6 GB at full SD1.5 size), and the branch's first product was three more nodes on x
+    /// (a reshape to a matrix, the product, the reshape back), each of which candle's backward
+    /// pass pays for with a zero tensor and a sum of the operand's size. This node keeps only
+    /// its operands and the rank-sized middle h = scale · x · downᵀ, and its backward pass
+    /// computes, with g = scale · dz · up: dx = dz · W + g · down (the frozen weight gets no
+    /// gradient), d_down = gᵀ · x and d_up = dzᵀ · h. The scale is applied to the rank-sized
+    /// middle, not the full-size output: the same product, one pass over a tensor `rank / out`
+    /// the size.
+    pub(crate) fn forward_with_adapter(
         &self,
         x: &Tensor,
-        h: &Tensor,
+        down: &Tensor,
         up: &Tensor,
+        scale: f64,
     ) -> Result<Tensor> {
+        // The branch is in the adapter's dtype (f32 for a half-precision model).
+        let xa = x.detach().to_dtype(down.dtype())?;
+        let h = (matmul_last(&xa, &down.detach())? * scale)?;
         let z = self.output(x)?;
-        let z = (&z + matmul_last(&h.detach(), &up.detach())?.to_dtype(z.dtype())?)?;
-        if !(x.track_op() || h.track_op() || up.track_op()) {
+        let z = (&z + matmul_last(&h, &up.detach())?.to_dtype(z.dtype())?)?;
+        if !(x.track_op() || down.track_op() || up.track_op()) {
             return Ok(z);
         }
         x.apply_op3(
-            h,
+            down,
             up,
-            LowRankSum {
-                value: Precomputed::new(z.contiguous()?, "low-rank sum"),
+            Adapted {
+                value: Precomputed::new(z.contiguous()?, "adapted linear"),
                 weight: self.weight.clone(),
+                h,
+                scale,
             },
         )
     }
@@ -345,15 +359,18 @@ impl Module for Linear {
     }
 }
 
-/// The graph node of `Linear::forward_with_low_rank`.
-struct LowRankSum {
+/// The graph node of `Linear::forward_with_adapter`.
+struct Adapted {
     value: Precomputed,
     weight: Tensor,
+    /// scale · x · downᵀ, (..., rank), detached.
+    h: Tensor,
+    scale: f64,
 }
 
-impl CustomOp3 for LowRankSum {
+impl CustomOp3 for Adapted {
     fn name(&self) -> &'static str {
-        "low-rank-sum"
+        "adapted-linear"
     }
 
     hand_over_forwards!(value);
@@ -361,28 +378,29 @@ impl CustomOp3 for LowRankSum {
     fn bwd(
         &self,
         x: &Tensor,
-        h: &Tensor,
+        down: &Tensor,
         up: &Tensor,
         _z: &Tensor,
         dz: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dx = x
-            .track_op()
-            .then(|| matmul_last(dz, &self.weight.t()?)?.to_dtype(x.dtype()))
-            .transpose()?;
         // Detached: gradients built from graph tensors would record ops on them, and the
         // optimizer state made from those gradients would keep every step's graph alive.
-        let (h, up) = (h.detach(), up.detach());
-        // The branch is in its own dtype (f32 for a half-precision model).
-        let dz = dz.to_dtype(h.dtype())?;
-        let dh = matmul_last(&dz, &up.t()?)?;
-        let (out, rank) = (up.dim(0)?, up.dim(1)?);
+        let (down, up) = (down.detach(), up.detach());
+        let (rank, in_dim, out) = (down.dim(0)?, down.dim(1)?, up.dim(0)?);
         let rows = dz.elem_count() / out.max(1);
-        let d_up = dz
-            .reshape((rows, out))?
-            .t()?
-            .matmul(&h.reshape((rows, rank))?)?;
-        Ok((dx, Some(dh), Some(d_up)))
+        let dz_branch = dz.to_dtype(self.h.dtype())?.reshape((rows, out))?;
+        let g = (dz_branch.matmul(&up)? * self.scale)?;
+        let d_up = dz_branch.t()?.matmul(&self.h.reshape((rows, rank))?)?;
+        let xa = x.detach().to_dtype(g.dtype())?.reshape((rows, in_dim))?;
+        let d_down = g.t()?.matmul(&xa)?;
+        let dx = if x.track_op() {
+            let base = matmul_last(dz, &self.weight.t()?)?;
+            let branch = g.matmul(&down)?.to_dtype(base.dtype())?;
+            Some((base + branch.reshape(x.shape())?)?)
+        } else {
+            None
+        };
+        Ok((dx, Some(d_down), Some(d_up)))
     }
 }
 
@@ -691,12 +709,7 @@ pub(crate) fn attention_in_chunks(
     let (b, _, c) = q.dims3()?;
     let scale = 1.0 / ((c / heads) as f64).sqrt();
     if [q, k, v].iter().all(|t| super::fused::fusable(t)) {
-        let (q, k, v) = (
-            split_heads(q, heads)?,
-            split_heads(k, heads)?,
-            split_heads(v, heads)?,
-        );
-        return merge_heads(&flash_attention(&q, &k, &v, scale as f32, rows)?, b, heads);
+        return flash_attention(q, k, v, heads, scale as f32, rows);
     }
     let q = split_heads(&(q * scale)?, heads)?;
     let k = split_heads(k, heads)?;
@@ -727,22 +740,24 @@ pub(crate) fn chunked_attention(
     )
 }
 
-/// Attention on contiguous f32 CPU tensors (BH, N, d) through the fused kernels of
-/// `attention.rs`, `rows` query rows per block (`None`: by its score budget). The graph keeps
-/// the output and one log-sum-exp per query row for the backward pass.
+/// Attention on f32 CPU tensors (B, N, C) through the fused kernels of `attention.rs`, which
+/// read the heads in place; `rows` query rows per block (`None`: by its score budget). The
+/// graph keeps the output and one log-sum-exp per query row and head for the backward pass.
 fn flash_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
+    heads: usize,
     scale: f32,
     rows: Option<usize>,
 ) -> Result<Tensor> {
-    let (heads, n, d) = q.dims3()?;
-    let shape = attention::Shape::new(heads, n, k.dim(1)?, d, rows);
+    let (b, n, c) = q.dims3()?;
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let shape = attention::Shape::new(b, heads, (n, k.dim(1)?, c / heads), rows);
     let (out, lse) = attention::forward(
-        read_f32(q, "attention q")?.slice(),
-        read_f32(k, "attention k")?.slice(),
-        read_f32(v, "attention v")?.slice(),
+        read_f32(&q, "attention q")?.slice(),
+        read_f32(&k, "attention k")?.slice(),
+        read_f32(&v, "attention v")?.slice(),
         shape,
         scale,
     )
@@ -752,8 +767,8 @@ fn flash_attention(
         return Ok(out);
     }
     q.apply_op3(
-        k,
-        v,
+        &k,
+        &v,
         FlashAttention {
             out: Precomputed::new(out, "attention output"),
             lse,
