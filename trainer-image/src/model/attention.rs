@@ -12,14 +12,14 @@
 //! dV += Pᵀ dO, dP = dO Vᵀ, dQ = scale·dS K, dK += scale·dSᵀ Q, with
 //! dS = P ∘ (dP − rowsum(dO ∘ O))), on the `gemm` crate single-threaded within the task.
 //!
-//! Parallelism: forward over (sample, query block) pairs, each doing every head of its rows;
-//! backward over (sample, head) pairs, because dK and dV sum over every query block of their
-//! head. SD1.5 has 8 heads per sample, enough for a
-//! few cores; a many-core machine would want the backward split by key blocks too.
+//! Parallelism: forward over (sample, head) pairs and within each over its query blocks;
+//! backward over (sample, head) pairs only, because dK and dV sum over every query block of
+//! their head. SD1.5 has 8 heads per sample, enough for a few cores; a many-core machine would
+//! want the backward split by key blocks too.
 
 use rayon::prelude::*;
 
-use super::gemm::gemm_into;
+use super::gemm::{Cores, gemm_into};
 use super::simd;
 
 /// Score elements (query rows × keys) of one block: 2 MiB in f32, 128 query rows at SD1.5's
@@ -129,6 +129,21 @@ impl Shape {
     }
 }
 
+/// S = scale · Q_b Kᵀ for a block of r query rows of one head: Kᵀ is k read with column
+/// stride d, row stride 1.
+fn scores(s: &mut [f32], q_b: &[f32], k_h: &[f32], (r, m, d): (usize, usize, usize), scale: f32) {
+    gemm_into(
+        (r, m, d),
+        s,
+        m,
+        false,
+        (q_b, 1, d),
+        (k_h, d, 1),
+        scale,
+        Cores::One,
+    );
+}
+
 simd::multiversion! {
     /// Each row of `s` (length `m`) becomes exp(row − max(row)), unnormalised; its
     /// log-sum-exp goes to `lse` and 1 / its sum to `inv_sum` (the caller scales the block's
@@ -227,13 +242,26 @@ pub(crate) fn backward(
             dv: vec![0f32; v.len()],
         });
     }
+    // D = rowsum(dO ∘ O) per (sample, head, query row), the softmax backward's per-row
+    // term, read from the token-major operands as they are.
+    let mut row_term = vec![0f32; shape.pairs() * n];
+    row_term
+        .par_chunks_mut(n)
+        .enumerate()
+        .for_each(|(pair, terms)| {
+            let start = (pair / shape.heads) * n * shape.width() + (pair % shape.heads) * d;
+            for (i, t) in terms.iter_mut().enumerate() {
+                let at = start + i * shape.width();
+                let (g, o) = (&dout[at..][..d], &out[at..][..d]);
+                *t = g.iter().zip(o).map(|(a, b)| a * b).sum();
+            }
+        });
     let split = |x: &[f32], len: usize| shape.split(x, len);
     let Gradients { dq, dk, dv } = backward_heads(
         &split(q, n),
         &split(k, m),
         &split(v, m),
-        &split(out, n),
-        lse,
+        (lse, &row_term),
         &split(dout, n),
         shape,
         scale,
@@ -276,10 +304,18 @@ fn forward_heads(
                         let q_b = &q_h[b * rows * d..][..r * d];
                         s.resize(r * m, 0.0);
                         inv.resize(r, 0.0);
-                        // S = scale · Q_b Kᵀ: Kᵀ is k read with column stride d, row stride 1.
-                        gemm_into((r, m, d), s, m, false, (q_b, 1, d), (k_h, d, 1), scale);
+                        scores(s, q_b, k_h, (r, m, d), scale);
                         softmax_rows(s, m, l, inv);
-                        gemm_into((r, d, m), o, d, false, (s, 1, m), (v_h, 1, d), 1.0);
+                        gemm_into(
+                            (r, d, m),
+                            o,
+                            d,
+                            false,
+                            (s, 1, m),
+                            (v_h, 1, d),
+                            1.0,
+                            Cores::One,
+                        );
                         for (row, &f) in o.chunks_mut(d).zip(inv.iter()) {
                             row.iter_mut().for_each(|x| *x *= f);
                         }
@@ -289,14 +325,13 @@ fn forward_heads(
     (out, lse)
 }
 
-/// `backward` on head-major operands, as `forward_heads`.
-#[allow(clippy::too_many_arguments)]
+/// `backward` on head-major operands, as `forward_heads`, given the per-row log-sum-exp and
+/// softmax-backward term (pairs, n) each.
 fn backward_heads(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    out: &[f32],
-    lse: &[f32],
+    (lse, row_terms): (&[f32], &[f32]),
     dout: &[f32],
     shape: Shape,
     scale: f32,
@@ -311,13 +346,7 @@ fn backward_heads(
         .for_each(|(h, (dq_h, (dk_h, dv_h)))| {
             let span = |len: usize| h * len..(h + 1) * len;
             let (q_h, k_h, v_h) = (&q[span(n * d)], &k[span(m * d)], &v[span(m * d)]);
-            let (o_h, do_h, lse_h) = (&out[span(n * d)], &dout[span(n * d)], &lse[span(n)]);
-            // D = rowsum(dO ∘ O), the softmax backward's per-row term.
-            let row_term: Vec<f32> = do_h
-                .chunks(d)
-                .zip(o_h.chunks(d))
-                .map(|(g, o)| g.iter().zip(o).map(|(a, b)| a * b).sum())
-                .collect();
+            let (do_h, lse_h, row_term) = (&dout[span(n * d)], &lse[span(n)], &row_terms[span(n)]);
             let (mut p, mut ds) = (vec![0f32; rows * m], vec![0f32; rows * m]);
             for (b, dq_b) in dq_h.chunks_mut(rows * d).enumerate() {
                 let r = dq_b.len() / d;
@@ -326,14 +355,50 @@ fn backward_heads(
                     &do_h[b * rows * d..][..r * d],
                 );
                 let (p, ds) = (&mut p[..r * m], &mut ds[..r * m]);
-                gemm_into((r, m, d), p, m, false, (q_b, 1, d), (k_h, d, 1), scale);
+                scores(p, q_b, k_h, (r, m, d), scale);
                 probabilities(p, m, &lse_h[b * rows..][..r]);
                 // dV += Pᵀ dO_b: Pᵀ is p read with column stride m, row stride 1.
-                gemm_into((m, d, r), dv_h, d, true, (p, m, 1), (do_b, 1, d), 1.0);
-                gemm_into((r, m, d), ds, m, false, (do_b, 1, d), (v_h, d, 1), 1.0);
+                gemm_into(
+                    (m, d, r),
+                    dv_h,
+                    d,
+                    true,
+                    (p, m, 1),
+                    (do_b, 1, d),
+                    1.0,
+                    Cores::One,
+                );
+                gemm_into(
+                    (r, m, d),
+                    ds,
+                    m,
+                    false,
+                    (do_b, 1, d),
+                    (v_h, d, 1),
+                    1.0,
+                    Cores::One,
+                );
                 score_gradient(ds, p, m, &row_term[b * rows..][..r]);
-                gemm_into((r, d, m), dq_b, d, false, (ds, 1, m), (k_h, 1, d), scale);
-                gemm_into((m, d, r), dk_h, d, true, (ds, m, 1), (q_b, 1, d), scale);
+                gemm_into(
+                    (r, d, m),
+                    dq_b,
+                    d,
+                    false,
+                    (ds, 1, m),
+                    (k_h, 1, d),
+                    scale,
+                    Cores::One,
+                );
+                gemm_into(
+                    (m, d, r),
+                    dk_h,
+                    d,
+                    true,
+                    (ds, m, 1),
+                    (q_b, 1, d),
+                    scale,
+                    Cores::One,
+                );
             }
         });
     Gradients { dq, dk, dv }

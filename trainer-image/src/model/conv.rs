@@ -27,8 +27,9 @@
 //! channels at a time, at most `COLUMN_BUDGET` elements each: the whole `cols` of a 3x3
 //! convolution is 9x its input (94 MB for 640 channels at 64x64), and a buffer that large
 //! comes fresh from the kernel, page fault by page fault, on every call, where one of a few MB
-//! is reused by the allocator. The GEMMs are candle's `matmul` (the `gemm` crate on rayon,
-//! which reads the transposed view as it is).
+//! is reused by the allocator. These GEMMs are candle's `matmul` (the `gemm` crate on rayon,
+//! which reads the transposed view as it is); `correlate` calls the `gemm` crate directly
+//! (`gemm.rs`), since its operands are offset, strided views of one buffer.
 //!
 //! Used for f32 tensors on the CPU with groups = 1 and dilation = 1 (`applicable`); `ops::Conv2d`
 //! keeps candle's path for other devices and dtypes, and the tests compare against it.
@@ -38,7 +39,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use super::gemm::gemm_into_on_all_cores;
+use super::gemm::{Cores, gemm_into};
 use super::ops::{contiguous_f32, read_f32};
 
 /// Elements (f32) of `cols` or `dcols` one GEMM works on: 8 MiB. Large enough that the GEMMs
@@ -83,7 +84,8 @@ enum Method {
 /// GEMMs. Measured with a standalone `gemm` harness at SD1.5 sizes (CPU ms, single-threaded,
 /// shifted vs im2col): 320→320 at 64x64 68 vs 122, 640→320 at 64x64 140 vs 249, 640→640 at
 /// 32x32 76 vs 80, 1280→1280 at 16x16 102 vs 68, at 8x8 34 vs 19. Below some thousand
-/// positions the GEMMs are too narrow for nine passes over the output to pay off.
+/// positions the GEMMs are too narrow for nine passes over the output to pay off; 32x32 (1088
+/// positions) is a near-tie and stays with im2col.
 const SHIFTED_MIN_POSITIONS: usize = 2048;
 
 /// Channels (in and out) from which a convolution takes the shifted GEMMs: each tap's GEMM
@@ -159,7 +161,10 @@ impl Geometry {
     /// im2col and col2im. The input gradient correlates the output gradient with the flipped
     /// kernel, padded by kernel − 1 − padding, so the padding must be smaller than the kernel.
     fn shifted(&self) -> bool {
-        let applies = self.stride == 1 && self.padding < self.kh && self.padding < self.kw;
+        let applies = self.stride == 1
+            && self.padding < self.kh
+            && self.padding < self.kw
+            && self.h * self.w * self.pixels() > 0;
         match self.method {
             Method::Im2col => false,
             Method::Shifted => applies,
@@ -427,7 +432,7 @@ fn correlate(
     let (hp, wp) = (c.h + 2 * c.pad.0, c.w + 2 * c.pad.1);
     let (oh, ow) = (hp + 1 - c.kh, wp + 1 - c.kw);
     let plane = hp * wp;
-    // kw − 1 floats past the last plane: the dropped columns of the last taps read there.
+    // kw floats past the last plane: the dropped columns of the last taps read there.
     let mut padded = vec![0f32; c.channels * plane + c.kw];
     padded[..c.channels * plane]
         .par_chunks_mut(plane)
@@ -442,7 +447,7 @@ fn correlate(
     for ky in 0..c.kh {
         for kx in 0..c.kw {
             let (offset, cs, rs) = tap(ky, kx);
-            gemm_into_on_all_cores(
+            gemm_into(
                 (c.m, positions, c.channels),
                 &mut wide,
                 positions,
@@ -450,6 +455,7 @@ fn correlate(
                 (&kernel[offset..], cs, rs),
                 (&padded[ky * wp + kx..], 1, plane),
                 1.0,
+                Cores::All,
             );
         }
     }

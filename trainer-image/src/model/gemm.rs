@@ -1,53 +1,23 @@
 //! The `gemm` crate called directly on f32 slices with arbitrary strides, for the CPU kernels
 //! that need more than candle's `matmul` offers: a GEMM into part of a larger buffer,
-//! accumulating into it, or reading an operand in place through strides (attention's heads,
-//! the convolutions' shifted input planes).
+//! accumulating into it, or reading an operand in place through strides (attention's Kᵀ and
+//! Pᵀ, the convolutions' shifted input planes, a linear's transposed weight).
 
 use ::gemm::Parallelism;
 
+/// The threads one GEMM runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cores {
+    /// The calling thread only: for callers that run one block per rayon task.
+    One,
+    /// Spread over rayon's threads: for one large product.
+    All,
+}
+
 /// dst (r × c, row stride `dst_rs`) := [dst +] beta · lhs · rhs, where lhs is r × k and rhs is
-/// k × c, each given by (column stride, row stride). Single-threaded: for callers that run
-/// one block per rayon task.
-pub(crate) fn gemm_into(
-    dims: (usize, usize, usize),
-    dst: &mut [f32],
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: (&[f32], usize, usize),
-    rhs: (&[f32], usize, usize),
-    beta: f32,
-) {
-    gemm_with(
-        dims,
-        dst,
-        dst_rs,
-        accumulate,
-        lhs,
-        rhs,
-        beta,
-        Parallelism::None,
-    );
-}
-
-/// `gemm_into` spread over rayon's threads, for one large product.
-pub(crate) fn gemm_into_on_all_cores(
-    dims: (usize, usize, usize),
-    dst: &mut [f32],
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: (&[f32], usize, usize),
-    rhs: (&[f32], usize, usize),
-    beta: f32,
-) {
-    let parallelism = match rayon::current_num_threads() {
-        0 | 1 => Parallelism::None,
-        n => Parallelism::Rayon(n),
-    };
-    gemm_with(dims, dst, dst_rs, accumulate, lhs, rhs, beta, parallelism);
-}
-
+/// k × c, each given by (column stride, row stride).
 #[allow(unsafe_code, clippy::too_many_arguments)]
-fn gemm_with(
+pub(crate) fn gemm_into(
     (r, c, k): (usize, usize, usize),
     dst: &mut [f32],
     dst_rs: usize,
@@ -55,17 +25,28 @@ fn gemm_with(
     lhs: (&[f32], usize, usize),
     rhs: (&[f32], usize, usize),
     beta: f32,
-    parallelism: Parallelism,
+    cores: Cores,
 ) {
+    let parallelism = match (cores, rayon::current_num_threads()) {
+        (Cores::One, _) | (Cores::All, 0 | 1) => Parallelism::None,
+        (Cores::All, n) => Parallelism::Rayon(n),
+    };
+    // One past the last element a (rows × cols) operand addresses; saturating, so that an
+    // overflow fails the bounds checks below instead of wrapping past them.
     let extent = |rows: usize, cols: usize, cs: usize, rs: usize| {
         if rows == 0 || cols == 0 {
             0
         } else {
-            (rows - 1) * rs + (cols - 1) * cs + 1
+            (rows - 1)
+                .saturating_mul(rs)
+                .saturating_add((cols - 1).saturating_mul(cs))
+                .saturating_add(1)
         }
     };
-    // The GEMM reads and writes through raw pointers; these bounds make that sound.
+    // The GEMM reads and writes through raw pointers; these bounds make that sound, and rows
+    // of `dst` that do not overlap keep the parallel GEMM's threads off each other's elements.
     assert!(dst.len() >= extent(r, c, 1, dst_rs), "gemm: dst too short");
+    assert!(r <= 1 || dst_rs >= c, "gemm: dst rows overlap");
     assert!(
         lhs.0.len() >= extent(r, k, lhs.1, lhs.2),
         "gemm: lhs too short"
@@ -77,8 +58,10 @@ fn gemm_with(
     if r == 0 || c == 0 {
         return;
     }
-    // SAFETY: every element addressed lies inside the slices (asserted above), `dst` does not
-    // alias `lhs` or `rhs` (it is a distinct `&mut`), and f32 is a type `gemm` supports.
+    // SAFETY: every element addressed lies inside the slices (asserted above), no two
+    // elements of `dst` share an address (its rows do not overlap, asserted above), `dst`
+    // does not alias `lhs` or `rhs` (it is a distinct `&mut`), and f32 is a type `gemm`
+    // supports.
     unsafe {
         ::gemm::gemm(
             r,

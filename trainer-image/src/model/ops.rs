@@ -2,13 +2,14 @@
 //! `rms_norm` kernels have no backward pass, so gradients silently stop at them; everything
 //! here is composed from elementary ops that candle can differentiate.
 //!
-//! Two backward passes are written by hand. `ChunkedAttention` computes attention a block of
+//! Some backward passes are written by hand. `ChunkedAttention` computes attention a block of
 //! query rows at a time and recomputes the probabilities in the backward pass, so no
-//! sequence-squared score matrix outlives its chunk (SD1.5 at 512 px has 4096 tokens).
-//! `FrozenGrad`, for frozen linear/conv layers, returns the input gradient only, because
-//! candle's stock matmul/conv backward also computes a weight gradient (as much work as the
-//! forward pass, and model-sized memory) that frozen base weights never use. The
-//! finite-difference tests check both.
+//! sequence-squared score matrix outlives its chunk (SD1.5 at 512 px has 4096 tokens);
+//! `FlashAttention` does the same through `attention.rs`'s kernels. `FrozenGrad`, for frozen
+//! linear/conv layers, returns the input gradient only, because candle's stock matmul/conv
+//! backward also computes a weight gradient (as much work as the forward pass, and
+//! model-sized memory) that frozen base weights never use; `Adapted` is a frozen linear with
+//! its LoRA branch as one node. The finite-difference tests check them all.
 //!
 //! On the CPU in f32, the norms and activations here hand over to `fused.rs` (one kernel each
 //! way, parallel) and the frozen convolutions to `conv.rs` (GEMMs in NCHW: one per kernel tap
@@ -24,7 +25,7 @@ use candle_core::{
 
 use super::ModelError;
 use super::attention;
-use super::gemm::gemm_into_on_all_cores;
+use super::gemm::{Cores, gemm_into};
 use super::weights::Weights;
 
 /// The forward passes (every device) of a three-operand graph node whose output was computed
@@ -325,7 +326,10 @@ impl Linear {
             None => y,
         };
         match branch {
-            Some((h, up)) => y.clone() + matmul_last(h, up)?.to_dtype(y.dtype())?,
+            Some((h, up)) => {
+                let dtype = y.dtype();
+                y + matmul_last(h, up)?.to_dtype(dtype)?
+            }
             None => Ok(y),
         }
     }
@@ -336,6 +340,12 @@ impl Linear {
     /// feed-forward's first linear at 64x64) 42 MB more.
     fn output_on_cpu(&self, x: &Tensor, branch: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
         let (in_dim, out) = (self.in_dim(), self.out_dim());
+        if x.dim(D::Minus1)? != in_dim {
+            candle_core::bail!(
+                "linear: input {:?} does not end in the layer's {in_dim} features",
+                x.dims()
+            );
+        }
         let x = x.detach().contiguous()?;
         let rows = x.elem_count() / in_dim.max(1);
         let mut z = match &self.bias {
@@ -344,7 +354,7 @@ impl Linear {
         };
         let weight = self.weight.contiguous()?;
         // Wᵀ (in × out) is the kernel read with column stride `in`, row stride 1.
-        gemm_into_on_all_cores(
+        gemm_into(
             (rows, out, in_dim),
             &mut z,
             out,
@@ -352,11 +362,12 @@ impl Linear {
             (read_f32(&x, "linear input")?.slice(), 1, in_dim),
             (read_f32(&weight, "linear weight")?.slice(), in_dim, 1),
             1.0,
+            Cores::All,
         );
         if let Some((h, up)) = branch {
             let rank = up.dim(1)?;
             let (h, up) = (h.contiguous()?, up.contiguous()?);
-            gemm_into_on_all_cores(
+            gemm_into(
                 (rows, out, rank),
                 &mut z,
                 out,
@@ -364,6 +375,7 @@ impl Linear {
                 (read_f32(&h, "LoRA middle")?.slice(), 1, rank),
                 (read_f32(&up, "LoRA up")?.slice(), rank, 1),
                 1.0,
+                Cores::All,
             );
         }
         let mut dims = x.dims().to_vec();
@@ -455,12 +467,15 @@ impl CustomOp3 for Adapted {
         let d_down = g.t()?.matmul(&xa)?;
         let dx = if !x.track_op() {
             None
-        } else if [dz, &self.weight, &g, &down].iter().all(|t| super::fused::fusable(t)) {
+        } else if [dz, &self.weight, &g, &down]
+            .iter()
+            .all(|t| super::fused::fusable(t))
+        {
             // dz · W and g · down into one buffer.
             let (dz, weight) = (dz.contiguous()?, self.weight.contiguous()?);
             let (g, down) = (g.contiguous()?, down.contiguous()?);
             let mut dx = vec![0f32; rows * in_dim];
-            gemm_into_on_all_cores(
+            gemm_into(
                 (rows, in_dim, out),
                 &mut dx,
                 in_dim,
@@ -468,8 +483,9 @@ impl CustomOp3 for Adapted {
                 (read_f32(&dz, "linear output gradient")?.slice(), 1, out),
                 (read_f32(&weight, "linear weight")?.slice(), 1, in_dim),
                 1.0,
+                Cores::All,
             );
-            gemm_into_on_all_cores(
+            gemm_into(
                 (rows, in_dim, rank),
                 &mut dx,
                 in_dim,
@@ -477,6 +493,7 @@ impl CustomOp3 for Adapted {
                 (read_f32(&g, "LoRA middle gradient")?.slice(), 1, rank),
                 (read_f32(&down, "LoRA down")?.slice(), 1, in_dim),
                 1.0,
+                Cores::All,
             );
             Some(Tensor::from_vec(dx, x.shape(), x.device())?)
         } else {
@@ -825,7 +842,8 @@ pub(crate) fn chunked_attention(
 }
 
 /// Attention on f32 CPU tensors (B, N, C) through the fused kernels of `attention.rs`, which
-/// read the heads in place; `rows` query rows per block (`None`: by its score budget). The
+/// split the heads into head-major copies and merge them back themselves; `rows` query rows
+/// per block (`None`: by its score budget). The
 /// graph keeps the output and one log-sum-exp per query row and head for the backward pass.
 fn flash_attention(
     q: &Tensor,
