@@ -352,31 +352,16 @@ impl Linear {
             Some(b) => b.to_vec1::<f32>()?.repeat(rows),
             None => vec![0f32; rows * out],
         };
-        let weight = self.weight.contiguous()?;
-        // Wᵀ (in × out) is the kernel read with column stride `in`, row stride 1.
-        gemm_into(
-            (rows, out, in_dim),
-            &mut z,
-            out,
-            self.bias.is_some(),
-            (read_f32(&x, "linear input")?.slice(), 1, in_dim),
-            (read_f32(&weight, "linear weight")?.slice(), in_dim, 1),
-            1.0,
-            Cores::All,
+        // Wᵀ (in × out) is the kernel read with column stride `in`, row stride 1; upᵀ likewise.
+        let (input, w) = (
+            (&x, 1, in_dim, "linear input"),
+            (&self.weight, in_dim, 1, "linear weight"),
         );
+        gemm_tensors(&mut z, (rows, out, in_dim), self.bias.is_some(), input, w)?;
         if let Some((h, up)) = branch {
             let rank = up.dim(1)?;
-            let (h, up) = (h.contiguous()?, up.contiguous()?);
-            gemm_into(
-                (rows, out, rank),
-                &mut z,
-                out,
-                true,
-                (read_f32(&h, "LoRA middle")?.slice(), 1, rank),
-                (read_f32(&up, "LoRA up")?.slice(), rank, 1),
-                1.0,
-                Cores::All,
-            );
+            let (h, up) = ((h, 1, rank, "LoRA middle"), (up, rank, 1, "LoRA up"));
+            gemm_tensors(&mut z, (rows, out, rank), true, h, up)?;
         }
         let mut dims = x.dims().to_vec();
         if let Some(last) = dims.last_mut() {
@@ -472,29 +457,17 @@ impl CustomOp3 for Adapted {
             .all(|t| super::fused::fusable(t))
         {
             // dz · W and g · down into one buffer.
-            let (dz, weight) = (dz.contiguous()?, self.weight.contiguous()?);
-            let (g, down) = (g.contiguous()?, down.contiguous()?);
             let mut dx = vec![0f32; rows * in_dim];
-            gemm_into(
-                (rows, in_dim, out),
-                &mut dx,
-                in_dim,
-                false,
-                (read_f32(&dz, "linear output gradient")?.slice(), 1, out),
-                (read_f32(&weight, "linear weight")?.slice(), 1, in_dim),
-                1.0,
-                Cores::All,
+            let (dz, w) = (
+                (dz, 1, out, "linear output gradient"),
+                (&self.weight, 1, in_dim, "linear weight"),
             );
-            gemm_into(
-                (rows, in_dim, rank),
-                &mut dx,
-                in_dim,
-                true,
-                (read_f32(&g, "LoRA middle gradient")?.slice(), 1, rank),
-                (read_f32(&down, "LoRA down")?.slice(), 1, in_dim),
-                1.0,
-                Cores::All,
+            gemm_tensors(&mut dx, (rows, in_dim, out), false, dz, w)?;
+            let (g, down) = (
+                (&g, 1, rank, "LoRA middle gradient"),
+                (&down, 1, in_dim, "LoRA down"),
             );
+            gemm_tensors(&mut dx, (rows, in_dim, rank), true, g, down)?;
             Some(Tensor::from_vec(dx, x.shape(), x.device())?)
         } else {
             let base = matmul_last(dz, &self.weight.t()?)?;
@@ -503,6 +476,33 @@ impl CustomOp3 for Adapted {
         };
         Ok((dx, Some(d_down), Some(d_up)))
     }
+}
+
+/// A GEMM operand: an f32 CPU tensor, read (made contiguous first) with (column stride, row
+/// stride), and its name for errors.
+type Operand<'a> = (&'a Tensor, usize, usize, &'static str);
+
+/// `dst` (r × c) [+]= lhs (r × k) · rhs (k × c) on every core, for the CPU kernels of `Linear`
+/// and `Adapted`.
+fn gemm_tensors(
+    dst: &mut [f32],
+    dims: (usize, usize, usize),
+    accumulate: bool,
+    (lhs, lhs_cs, lhs_rs, lhs_name): Operand<'_>,
+    (rhs, rhs_cs, rhs_rs, rhs_name): Operand<'_>,
+) -> Result<()> {
+    let (lhs, rhs) = (lhs.contiguous()?, rhs.contiguous()?);
+    gemm_into(
+        dims,
+        dst,
+        dims.1,
+        accumulate,
+        (read_f32(&lhs, lhs_name)?.slice(), lhs_cs, lhs_rs),
+        (read_f32(&rhs, rhs_name)?.slice(), rhs_cs, rhs_rs),
+        1.0,
+        Cores::All,
+    );
+    Ok(())
 }
 
 /// x (..., in) times w^T with w (out, in), flattening leading dims into one GEMM.
