@@ -1,9 +1,9 @@
 //! Benchmark: webhook-to-CR throughput and latency against kube-sim (with a real SeaweedFS
-//! holding the dataset each order validates), Stripe signature verification cost, and
-//! retention GC lag. Prints one JSON object (and writes it to `--json PATH`); no assertions:
+//! holding the dataset each order validates) and Stripe signature verification cost (retention
+//! and erasure are the operator's: see `operator-bench`). Prints one JSON object (and writes it to `--json PATH`); no assertions:
 //! the goals are in the report for a human or a CI script to compare.
 //!
-//! `cargo run --release -p loraplane-api --example bench -- [ORDERS] [CONCURRENCY] [GC_JOBS] [--low-concurrency N] [--json PATH]`
+//! `cargo run --release -p loraplane-api --example bench -- [ORDERS] [CONCURRENCY] [--low-concurrency N] [--json PATH]`
 //!
 //! Everything runs on this machine: the API, kube-sim and the load generator share one tokio
 //! runtime (one worker per hardware thread), SeaweedFS is its own process. The API logs as in
@@ -16,7 +16,7 @@ mod common;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::http::{Method, Request};
 use clap::Parser;
@@ -24,8 +24,7 @@ use common::*;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use kube::Api;
-use kube::api::{ListParams, Patch, PatchParams};
-use loraplane_api::leader::Leader;
+use kube::api::ListParams;
 use loraplane_api::zipcheck::testing::dataset;
 use loraplane_crds::v1alpha1::LoRATrainingJob;
 use serde_json::json;
@@ -42,9 +41,6 @@ struct Args {
     /// Orders in flight at once (one keep-alive connection each, as a webhook sender's pool).
     #[arg(default_value_t = 32)]
     concurrency: usize,
-    /// Jobs whose retention falls due at once, for the GC lag.
-    #[arg(default_value_t = 50)]
-    gc_jobs: usize,
     /// A second, lower concurrency to measure the same orders at (0: skip), so the report can
     /// tell queueing (latency ≈ concurrency / throughput, Little's law) from service time.
     #[arg(long, default_value_t = 8)]
@@ -252,74 +248,6 @@ async fn kube_only(h: &Harness, orders: usize, concurrency: usize) -> f64 {
     (cpu1 - cpu0) * 1000.0 / orders.max(1) as f64
 }
 
-/// Jobs whose outputs fall due together 2 s after completion; the lag of each deletion, in
-/// seconds after its due time, as seen by listing the jobs every 50 ms.
-async fn gc_lag(h: &Harness, jobs: usize) -> Vec<f64> {
-    let api: Api<LoRATrainingJob> = Api::namespaced(h.sim.client(), "acme");
-    let gc_upload = h.upload(ACME, "eea", dataset(2)).await;
-    let mut ids = Vec::new();
-    for i in 0..jobs {
-        let order = json!({"orderId": format!("gc-{i}"), "family": "sdxl", "conceptType": "object",
-            "triggerWord": "mug", "plan": "fast", "uploadId": gc_upload});
-        let (_, _, job) = h
-            .call(
-                "POST",
-                "/v1/jobs",
-                Some(ACME),
-                &[("idempotency-key", &format!("gc-{i}"))],
-                Some(order),
-            )
-            .await;
-        ids.push(job["id"].as_str().unwrap().to_string());
-    }
-    let leader = Arc::new(Leader::new(
-        h.sim.client(),
-        "loraplane-system",
-        "gc",
-        "bench",
-        Duration::from_secs(15),
-    ));
-    leader.try_acquire().await;
-    tokio::spawn(loraplane_api::app::retention_loop(
-        h.app.clone(),
-        leader,
-        Duration::from_secs(30),
-    ));
-    tokio::spawn(loraplane_api::app::watch_jobs(h.app.clone()));
-    let completed = k8s_openapi::jiff::Timestamp::now();
-    for id in &ids {
-        api.patch_status(
-            id,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {
-            "phase": "Succeeded", "completionTime": completed.to_string()}})),
-        )
-        .await
-        .unwrap();
-    }
-    // Due times are whole seconds (the CRD's time format); lag is measured from them.
-    let out_due_ms = (completed.as_second() + 2) * 1000;
-    let mut lags = Vec::new();
-    let mut pending: std::collections::HashSet<String> = ids.into_iter().collect();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !pending.is_empty() && Instant::now() < deadline {
-        let now_ms = k8s_openapi::jiff::Timestamp::now().as_millisecond();
-        for j in api.list(&ListParams::default()).await.unwrap().items {
-            let done = j
-                .status
-                .as_ref()
-                .and_then(|s| s.retention.as_ref())
-                .is_some_and(|r| r.outputs_deleted_at.is_some());
-            if done && pending.remove(j.metadata.name.as_deref().unwrap_or_default()) {
-                lags.push(((now_ms - out_due_ms).max(0) as f64) / 1000.0);
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    lags.sort_by(|a, b| a.total_cmp(b));
-    lags
-}
-
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
@@ -399,7 +327,6 @@ async fn main() {
     let marker_tput = args.orders as f64 / mwall;
 
     let kube_only_ms = kube_only(&h, args.orders, args.concurrency).await;
-    let lags = gc_lag(&h, args.gc_jobs).await;
 
     let throughput = args.orders as f64 / wall;
     // Little's law: with `concurrency` orders always in flight, the mean latency is
@@ -450,8 +377,6 @@ async fn main() {
         },
         "first_dataset_check_ms": round(first_check_ms, 2),
         "signature_verify_us": round(verify_us, 2),
-        "gc_lag_s": {"jobs": args.gc_jobs, "deleted": lags.len(), "p50": round(pct(&lags, 0.5), 3), "p99": round(pct(&lags, 0.99), 3),
-            "note": "observed by listing the jobs every 50 ms, so it includes up to 0.05 s of observation delay", "goal_p99": 5},
     });
     let text = serde_json::to_string_pretty(&report).unwrap();
     println!("{text}");

@@ -1,5 +1,7 @@
 //! The API's behaviour behind the HTTP layer: turning orders into jobs (idempotently, with
-//! refund tombstones), cancelling, erasing, and the retention pass. Kubernetes and S3 hold all
+//! refund tombstones), and stating the customer's intent on a job's spec: cancel
+//! (`spec.cancel`) and erase (`spec.erasure`). The operator acts on both; the API never writes a
+//! job's status and never deletes its pods, claims, Secret or data. Kubernetes and S3 hold all
 //! state, so any number of replicas can run this.
 //!
 //! Refund tombstones: a refund or dispute can reach us before the checkout completion it
@@ -12,19 +14,19 @@
 //! record, which is also the audit record and stops a replayed order from recreating the job.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Event, ObjectReference, PersistentVolumeClaim, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Api, Resource, ResourceExt};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
 use loraplane_crds::platform::PlatformConfig;
-use loraplane_crds::v1alpha1::{LoRATrainingJob, LoRATrainingJobSpec, Phase};
+use loraplane_crds::v1alpha1::{
+    ErasureReason, ErasureRequest, LoRATrainingJob, LoRATrainingJobSpec,
+};
+use loraplane_runtime::storage::{Marker, Storage, StorageError};
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use tokio::sync::Notify;
 
 use crate::config::ApiConfig;
 use crate::metrics::Metrics;
@@ -33,16 +35,8 @@ use crate::order::{
     LABEL_SOURCE, LABEL_TOMBSTONE_OF, Order, OrderError, SpecInputs, UploadId,
 };
 use crate::receipt;
-use crate::retention::{self, RetentionFacts};
-use crate::storage::{Deleted, Marker, Storage, StorageError, parse_uri};
 use crate::stripe::{RevokeReason, WebhookEvent};
 use crate::zipcheck::{self, ZipError, ZipLimits};
-
-/// The label the operator puts on a job's pods and claims.
-pub const LABEL_JOB_UID: &str = "loraplane.io/job-uid";
-
-/// Jobs the retention pass works on at once.
-const GC_PARALLELISM: usize = 8;
 
 /// Secrets the API holds in memory only.
 #[derive(Clone)]
@@ -122,7 +116,7 @@ fn is_status(e: &kube::Error, code: u16) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == code)
 }
 
-/// Shared state of every handler and the retention loop.
+/// Shared state of every handler.
 pub struct App {
     /// Kubernetes client.
     pub kube: kube::Client,
@@ -136,8 +130,6 @@ pub struct App {
     pub secrets: Secrets,
     /// Metrics.
     pub metrics: Metrics,
-    /// Wakes the retention loop early (a job changed).
-    pub gc_wake: Notify,
 }
 
 impl std::fmt::Debug for App {
@@ -170,7 +162,7 @@ pub enum Outcome {
     Duplicate,
     /// The order had been revoked before it completed: no job.
     RevokedFirst,
-    /// A job was cancelled and erased.
+    /// The order's job was asked to stop and be erased.
     Erased,
     /// A revocation recorded with no job (yet).
     Tombstoned,
@@ -193,14 +185,6 @@ impl Outcome {
             Outcome::Rejected => "rejected",
         }
     }
-}
-
-fn now_time() -> Time {
-    Time(Timestamp::now())
-}
-
-fn ts(secs: i64) -> Option<Time> {
-    Timestamp::from_second(secs).ok().map(Time)
 }
 
 /// Lowercase hex SHA-256.
@@ -455,10 +439,7 @@ impl App {
         }
         job.metadata.labels = Some(labels);
         match api.create(&PostParams::default(), &job).await {
-            Ok(created) => {
-                self.gc_wake.notify_one();
-                Ok((created, true))
-            }
+            Ok(created) => Ok((created, true)),
             Err(e) if is_status(&e, 409) => {
                 let existing = api.get(&name).await.map_err(kube_err("get job"))?;
                 Ok((existing, false))
@@ -550,7 +531,8 @@ impl App {
                 };
                 // Write-then-read: a refund that raced past our tombstone check is seen here.
                 if created && self.revoked(&ns, &ids).await?.is_some() {
-                    self.erase(&ns, &job.name_any(), "refund").await?;
+                    self.erase(&ns, &job.name_any(), ErasureReason::Refund)
+                        .await?;
                     return Ok(Outcome::RevokedFirst);
                 }
                 Ok(if created {
@@ -583,7 +565,8 @@ impl App {
                     return Ok(Outcome::Tombstoned);
                 }
                 for job in jobs.items {
-                    self.erase(&ns, &job.name_any(), reason_str(reason)).await?;
+                    self.erase(&ns, &job.name_any(), erasure_reason(reason))
+                        .await?;
                 }
                 Ok(Outcome::Erased)
             }
@@ -600,11 +583,9 @@ impl App {
         let Some(region) = self.platform.region(&upload.region) else {
             return Ok(());
         };
-        let d = self
-            .storage
-            .delete_prefix(&region.buckets.datasets, &upload.key(ns))
+        self.storage
+            .delete_object(&region.buckets.datasets, &upload.key(ns))
             .await?;
-        self.metrics.bytes_erased.inc_by(d.bytes);
         Ok(())
     }
 
@@ -637,129 +618,38 @@ impl App {
         Ok((list.items, next))
     }
 
-    /// Cancels a job: suspends it (the operator removes its pod) and marks it Cancelled.
-    pub async fn cancel(
+    /// Cancels a job: sets `spec.cancel` (one-way), and the operator stops it for good. A job
+    /// that has already ended is returned as it is.
+    pub async fn cancel(&self, ns: &str, name: &str) -> Result<LoRATrainingJob, AppError> {
+        let job = self.get_job(ns, name).await?;
+        let ended = job
+            .status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .is_some_and(|p| p.is_terminal());
+        if ended || job.spec.cancel {
+            return Ok(job);
+        }
+        self.jobs(ns)
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"cancel": true}})),
+            )
+            .await
+            .map_err(kube_err("cancel job"))
+    }
+
+    /// Requests the erasure of every byte of a job: records the request for the order (so a
+    /// replayed order cannot recreate the job), then writes `spec.erasure` (one-way). The
+    /// operator stops the job, deletes its data and the job, and leaves the audit record.
+    /// Returns false when there is no such job (any more).
+    pub async fn erase(
         &self,
         ns: &str,
         name: &str,
-        reason: &str,
-    ) -> Result<LoRATrainingJob, AppError> {
-        let job = self.get_job(ns, name).await?;
-        let phase = job.status.as_ref().and_then(|s| s.phase);
-        if phase.is_some_and(Phase::is_terminal) {
-            return Ok(job);
-        }
-        let api = self.jobs(ns);
-        api.patch(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"suspend": true}})),
-        )
-        .await
-        .map_err(kube_err("suspend job"))?;
-        let now = now_time();
-        let cond = Condition {
-            type_: "Cancelled".into(),
-            status: "True".into(),
-            reason: "Cancelled".into(),
-            message: format!("cancelled by the API ({reason})"),
-            last_transition_time: now.clone(),
-            observed_generation: job.metadata.generation,
-        };
-        let patched = api
-            .patch_status(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"status": {
-                    "phase": Phase::Cancelled,
-                    "completionTime": now,
-                    "conditions": [cond],
-                }})),
-            )
-            .await
-            .map_err(kube_err("patch status"))?;
-        self.gc_wake.notify_one();
-        Ok(patched)
-    }
-
-    async fn delete_inputs(&self, job: &LoRATrainingJob) -> Result<Deleted, AppError> {
-        let mut d = Deleted::default();
-        if let Ok((bucket, key)) = parse_uri(&job.spec.dataset.uri) {
-            d += self.storage.delete_prefix(bucket, key).await?;
-        }
-        let prefix = job_prefix(job);
-        for (_, r) in self.storage.all() {
-            d += self
-                .storage
-                .delete_prefix(&r.buckets.checkpoints, &prefix)
-                .await?;
-        }
-        let ns = job.namespace().unwrap_or_default();
-        if let Some(uid) = job.uid() {
-            let lp = ListParams::default().labels(&format!("{LABEL_JOB_UID}={uid}"));
-            let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(self.kube.clone(), &ns);
-            for pvc in pvcs.list(&lp).await.map_err(kube_err("list claims"))?.items {
-                match pvcs.delete(&pvc.name_any(), &DeleteParams::default()).await {
-                    Ok(_) => {}
-                    Err(e) if is_status(&e, 404) => {}
-                    Err(e) => return Err(kube_err("delete claim")(e)),
-                }
-            }
-        }
-        Ok(d)
-    }
-
-    async fn delete_outputs(&self, job: &LoRATrainingJob) -> Result<Deleted, AppError> {
-        let mut d = Deleted::default();
-        let prefix = job_prefix(job);
-        for (_, r) in self.storage.all() {
-            d += self
-                .storage
-                .delete_prefix(&r.buckets.outputs, &prefix)
-                .await?;
-        }
-        Ok(d)
-    }
-
-    async fn audit(&self, job: &LoRATrainingJob, reason: &str, message: String) {
-        let ns = job.namespace().unwrap_or_default();
-        let now = now_time();
-        let ev = Event {
-            metadata: ObjectMeta {
-                generate_name: Some(format!("{}.", job.name_any())),
-                namespace: Some(ns.clone()),
-                ..ObjectMeta::default()
-            },
-            involved_object: ObjectReference {
-                api_version: Some(LoRATrainingJob::api_version(&()).into_owned()),
-                kind: Some(LoRATrainingJob::kind(&()).into_owned()),
-                name: Some(job.name_any()),
-                namespace: Some(ns.clone()),
-                uid: job.uid(),
-                ..ObjectReference::default()
-            },
-            reason: Some(reason.into()),
-            message: Some(message),
-            type_: Some("Normal".into()),
-            first_timestamp: Some(now.clone()),
-            last_timestamp: Some(now),
-            count: Some(1),
-            reporting_component: Some("loraplane-api".into()),
-            source: Some(k8s_openapi::api::core::v1::EventSource {
-                component: Some("loraplane-api".into()),
-                host: None,
-            }),
-            ..Event::default()
-        };
-        let events: Api<Event> = Api::namespaced(self.kube.clone(), &ns);
-        if let Err(e) = events.create(&PostParams::default(), &ev).await {
-            tracing::warn!(job = %job.name_any(), error = %e, "could not record audit event");
-        }
-    }
-
-    /// Erases every byte of a job (S3 objects, claims, pods, then the job itself), leaving
-    /// only the audit record: an Event, a log line and the `ltj-erased-…` ConfigMap.
-    pub async fn erase(&self, ns: &str, name: &str, reason: &str) -> Result<bool, AppError> {
+        reason: ErasureReason,
+    ) -> Result<bool, AppError> {
         let Some(job) = self
             .jobs(ns)
             .get_opt(name)
@@ -768,250 +658,62 @@ impl App {
         else {
             return Ok(false);
         };
+        if job.spec.erasure.is_some() {
+            return Ok(true);
+        }
         let order_hash = job
             .labels()
             .get(LABEL_ORDER)
             .cloned()
             .unwrap_or_else(|| name.to_string());
-        let uid = job.uid().unwrap_or_default();
-        let erased_at = Timestamp::now();
+        let requested = Timestamp::now();
         self.write_tombstone(
             ns,
             &erased_name(&order_hash),
             &order_hash,
             BTreeMap::from([
-                ("job".to_string(), name.to_string()),
-                ("uid".to_string(), uid.clone()),
-                ("reason".to_string(), reason.to_string()),
-                ("erasedAt".to_string(), erased_at.to_string()),
+                ("reason".to_string(), reason.as_str().to_string()),
+                ("requestedAt".to_string(), requested.to_string()),
             ]),
         )
         .await?;
-        // Stop the trainer first so it cannot write new checkpoints after the sweep.
-        if !uid.is_empty() {
-            let pods: Api<Pod> = Api::namespaced(self.kube.clone(), ns);
-            let lp = ListParams::default().labels(&format!("{LABEL_JOB_UID}={uid}"));
-            for pod in pods.list(&lp).await.map_err(kube_err("list pods"))?.items {
-                match pods.delete(&pod.name_any(), &DeleteParams::default()).await {
-                    Ok(_) => {}
-                    Err(e) if is_status(&e, 404) => {}
-                    Err(e) => return Err(kube_err("delete pod")(e)),
-                }
-            }
-        }
-        let mut d = self.delete_inputs(&job).await?;
-        d += self.delete_outputs(&job).await?;
-        let stamp = Time(erased_at);
-        let _ = self
+        let request = ErasureRequest {
+            requested_at: Time(requested),
+            reason,
+        };
+        match self
             .jobs(ns)
-            .patch_status(
+            .patch(
                 name,
                 &PatchParams::default(),
-                &Patch::Merge(json!({"status": {"retention": {
-                    "erasedAt": stamp, "inputsDeletedAt": stamp, "outputsDeletedAt": stamp
-                }}})),
+                &Patch::Merge(json!({"spec": {"erasure": request}})),
             )
-            .await;
-        self.audit(
-            &job,
-            "Erased",
-            format!(
-                "all job data erased ({reason}): {} objects, {} bytes",
-                d.objects, d.bytes
-            ),
-        )
-        .await;
-        match self.jobs(ns).delete(name, &DeleteParams::default()).await {
+            .await
+        {
             Ok(_) => {}
-            Err(e) if is_status(&e, 404) => {}
-            Err(e) => return Err(kube_err("delete job")(e)),
+            // Already being deleted (or gone): the operator's purge takes its data anyway.
+            Err(e) if is_status(&e, 404) => return Ok(false),
+            // An earlier request won the race; the first request stands.
+            Err(e) if is_status(&e, 422) => {}
+            Err(e) => return Err(kube_err("request erasure")(e)),
         }
         self.metrics
-            .retention_deletions
-            .with_label_values(&["erasure"])
+            .erasure_requests
+            .with_label_values(&[reason.as_str()])
             .inc();
-        self.metrics.bytes_erased.inc_by(d.bytes);
         tracing::info!(
-            audit = "erased",
             namespace = ns,
             job = name,
-            uid = %uid,
-            reason,
-            objects = d.objects,
-            bytes = d.bytes,
-            "job data erased"
+            reason = reason.as_str(),
+            "erasure requested"
         );
         Ok(true)
     }
-
-    /// One retention pass over every job; returns the next due time (Unix seconds).
-    pub async fn retention_pass(&self) -> Result<Option<i64>, AppError> {
-        let api: Api<LoRATrainingJob> = Api::all(self.kube.clone());
-        let jobs = api
-            .list(&ListParams::default())
-            .await
-            .map_err(kube_err("list jobs"))?;
-        // Jobs that fall due together (a batch finishing at once) are deleted a few at a time,
-        // so the last one's lag is not the sum of everyone's S3 round trips.
-        use futures::StreamExt;
-        let mut results = futures::stream::iter(jobs.items)
-            .map(|job| async move {
-                let r = self.retain_one(&job).await;
-                (job, r)
-            })
-            .buffer_unordered(GC_PARALLELISM);
-        let mut next: Option<i64> = None;
-        while let Some((job, r)) = results.next().await {
-            match r {
-                Ok(Some(t)) => next = Some(next.map_or(t, |n| n.min(t))),
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(job = %job.name_any(), error = %e.log_safe(), "retention failed; retrying soon");
-                    let soon = Timestamp::now().as_second() + 5;
-                    next = Some(next.map_or(soon, |n| n.min(soon)));
-                }
-            }
-        }
-        Ok(next)
-    }
-
-    async fn retain_one(&self, job: &LoRATrainingJob) -> Result<Option<i64>, AppError> {
-        let facts = RetentionFacts::of(job);
-        let now = Timestamp::now().as_second();
-        let d = retention::decide(&facts, now);
-        let Some(in_at) = d.inputs_expire_at else {
-            return Ok(None);
-        };
-        let out_at = d.outputs_expire_at.unwrap_or(in_at);
-        let ret = job
-            .status
-            .as_ref()
-            .and_then(|s| s.retention.clone())
-            .unwrap_or_default();
-        let mut patch = serde_json::Map::new();
-        if ret.inputs_expire_at.is_none() {
-            patch.insert("inputsExpireAt".into(), json!(ts(in_at)));
-        }
-        if ret.outputs_expire_at.is_none() {
-            patch.insert("outputsExpireAt".into(), json!(ts(out_at)));
-        }
-        let mut deleted = Deleted::default();
-        let stamp = now_time();
-        if d.delete_inputs {
-            deleted += self.delete_inputs(job).await?;
-            patch.insert("inputsDeletedAt".into(), json!(stamp));
-            self.metrics
-                .record_retention_deletion("inputs", lag_secs(in_at));
-        }
-        if d.delete_outputs {
-            deleted += self.delete_outputs(job).await?;
-            patch.insert("outputsDeletedAt".into(), json!(stamp));
-            self.metrics
-                .record_retention_deletion("outputs", lag_secs(out_at));
-        }
-        if !patch.is_empty() {
-            self.jobs(&job.namespace().unwrap_or_default())
-                .patch_status(
-                    &job.name_any(),
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({"status": {"retention": patch}})),
-                )
-                .await
-                .map_err(kube_err("patch status"))?;
-        }
-        if d.delete_inputs || d.delete_outputs {
-            let what = match (d.delete_inputs, d.delete_outputs) {
-                (true, true) => "inputs and outputs",
-                (true, false) => "inputs",
-                _ => "outputs",
-            };
-            self.metrics.bytes_erased.inc_by(deleted.bytes);
-            self.audit(
-                job,
-                "RetentionExpired",
-                format!(
-                    "retention expired: {what} deleted ({} objects, {} bytes)",
-                    deleted.objects, deleted.bytes
-                ),
-            )
-            .await;
-            tracing::info!(
-                audit = "retention",
-                namespace = %job.namespace().unwrap_or_default(),
-                job = %job.name_any(),
-                deleted = what,
-                objects = deleted.objects,
-                bytes = deleted.bytes,
-                "retention deletion"
-            );
-        }
-        Ok(d.next_due)
-    }
 }
 
-fn lag_secs(due: i64) -> f64 {
-    let now = Timestamp::now();
-    let due_ms = due.saturating_mul(1000);
-    ((now.as_millisecond() - due_ms).max(0) as f64) / 1000.0
-}
-
-fn reason_str(r: RevokeReason) -> &'static str {
-    r.as_str()
-}
-
-/// The prefix of a job's checkpoints and outputs (as the operator lays them out).
-pub fn job_prefix(job: &LoRATrainingJob) -> String {
-    format!(
-        "{}/{}-{}/",
-        job.namespace().unwrap_or_default(),
-        job.name_any(),
-        job.uid().unwrap_or_default()
-    )
-}
-
-/// Runs the retention loop forever: a pass whenever a job changes or the next expiry comes,
-/// and at least every `resync`, but only while this replica holds the lease.
-pub async fn retention_loop(app: Arc<App>, leader: Arc<crate::leader::Leader>, resync: Duration) {
-    loop {
-        let mut wait = resync;
-        if leader.is_leader() {
-            match app.retention_pass().await {
-                Ok(Some(due)) => {
-                    let until = (due - Timestamp::now().as_second()).max(0) as u64;
-                    // Wake just after the due second so the decision sees it as due.
-                    wait = wait.min(Duration::from_millis(until * 1000 + 50));
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e.log_safe(), "retention pass failed");
-                    wait = wait.min(Duration::from_secs(5));
-                }
-            }
-        } else {
-            wait = wait.min(leader.retry_period());
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = app.gc_wake.notified() => {
-                // Progress reports change jobs every few seconds; coalesce a burst of changes
-                // into one pass instead of listing every job per change.
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        }
-    }
-}
-
-/// Wakes the retention loop on every job change (completion sets the retention clock).
-pub async fn watch_jobs(app: Arc<App>) {
-    use futures::StreamExt;
-    use kube::runtime::WatchStreamExt;
-    let api: Api<LoRATrainingJob> = Api::all(app.kube.clone());
-    let mut stream = kube::runtime::watcher(api, kube::runtime::watcher::Config::default())
-        .default_backoff()
-        .boxed();
-    while let Some(ev) = stream.next().await {
-        if ev.is_ok() {
-            app.gc_wake.notify_one();
-        }
+fn erasure_reason(r: RevokeReason) -> ErasureReason {
+    match r {
+        RevokeReason::Refund => ErasureReason::Refund,
+        RevokeReason::Dispute => ErasureReason::Dispute,
     }
 }

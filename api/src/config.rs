@@ -18,16 +18,9 @@ pub struct ApiConfig {
     pub tenants: Vec<Tenant>,
     /// The namespace jobs ordered through the Stripe webhook live in.
     pub stripe_namespace: String,
-    /// The namespace of the retention loop's leader-election Lease.
-    #[serde(default = "default_lease_namespace")]
-    pub lease_namespace: String,
     /// Limits.
     #[serde(default)]
     pub limits: Limits,
-}
-
-fn default_lease_namespace() -> String {
-    "loraplane-system".into()
 }
 
 /// A plan: what a paid order of this kind is allowed and how long its data lives.
@@ -43,9 +36,6 @@ pub struct Plan {
     /// Seconds outputs are kept after completion (at most 86400 for zero retention).
     #[serde(default = "default_keep_outputs")]
     pub keep_outputs_seconds: i64,
-    /// Whether orders on this plan include training consent.
-    #[serde(default)]
-    pub training_consent: bool,
     /// Regions the plan may use; empty means every region of the residency.
     #[serde(default)]
     pub allowed_regions: Vec<String>,
@@ -117,8 +107,6 @@ pub struct Limits {
     pub tenant_rps: f64,
     /// Requests per second allowed per client IP (burst = 2x).
     pub ip_rps: f64,
-    /// Longest the retention loop sleeps without a change or a due time.
-    pub gc_resync_seconds: u64,
 }
 
 impl Default for Limits {
@@ -134,7 +122,6 @@ impl Default for Limits {
             presign_seconds: 900,
             tenant_rps: 50.0,
             ip_rps: 100.0,
-            gc_resync_seconds: 60,
         }
     }
 }
@@ -182,12 +169,6 @@ impl ApiConfig {
                         "must be a multiple of {RESOLUTION_MULTIPLE} from {RESOLUTION_MIN} to {RESOLUTION_MAX}, not {r}"
                     ),
                 });
-            }
-            if p.retention == RetentionMode::ZeroRetention && p.training_consent {
-                return Err(bad(
-                    format!("plans.{name}.trainingConsent"),
-                    "a zeroRetention plan cannot include training consent",
-                ));
             }
             if p.retention == RetentionMode::ZeroRetention && p.keep_outputs_seconds > 86_400 {
                 return Err(bad(

@@ -27,8 +27,9 @@ use utoipa::{OpenApi, ToSchema};
 use crate::app::{App, AppError, OrderIds, sha256_hex};
 use crate::config::{Tenant, parse_residency};
 use crate::order::{ANNOTATION_REQUEST, Order, UploadId};
-use crate::storage::parse_uri;
 use crate::stripe;
+use loraplane_crds::v1alpha1::ErasureReason;
+use loraplane_runtime::storage::parse_uri;
 
 /// An error response.
 #[derive(Debug, Clone)]
@@ -544,33 +545,46 @@ pub async fn cancel_job(
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
     let tenant = s.tenant(&headers)?;
-    let job = s.app.cancel(&tenant.namespace, &id, "request").await?;
+    let job = s.app.cancel(&tenant.namespace, &id).await?;
     Ok(Json(JobView::of(&job)))
 }
 
-/// Result of an erasure.
+/// An accepted erasure request.
 #[derive(Serialize, Deserialize, ToSchema, Debug)]
-pub struct Erased {
-    /// The erased job.
+#[serde(rename_all = "camelCase")]
+pub struct ErasureAccepted {
+    /// The job being erased.
     pub id: String,
-    /// Always true.
-    pub erased: bool,
+    /// Always true: the request is recorded on the job and cannot be withdrawn.
+    pub erasure_requested: bool,
 }
 
-/// Erases a job and all its data now.
+/// Requests the erasure of a job and all its data. Answered 202 once the request is recorded:
+/// the operator stops the job, deletes every byte of it and then the job itself (seconds);
+/// afterwards `GET /v1/jobs/{id}` answers 404.
 #[utoipa::path(delete, path = "/v1/jobs/{id}", tag = "jobs", security(("bearer" = [])),
     params(("id" = String, Path)),
-    responses((status = 200, body = Erased), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 202, body = ErasureAccepted), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn erase_job(
     State(s): State<HttpState>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<Json<Erased>, ApiError> {
+) -> Result<(StatusCode, Json<ErasureAccepted>), ApiError> {
     let tenant = s.tenant(&headers)?;
-    if !s.app.erase(&tenant.namespace, &id, "request").await? {
+    if !s
+        .app
+        .erase(&tenant.namespace, &id, ErasureReason::CustomerRequest)
+        .await?
+    {
         return Err(AppError::JobNotFound(id).into());
     }
-    Ok(Json(Erased { id, erased: true }))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(ErasureAccepted {
+            id,
+            erasure_requested: true,
+        }),
+    ))
 }
 
 /// A presigned download.
@@ -602,7 +616,7 @@ pub struct Artifacts {
     params(("id" = String, Path)),
     responses((status = 200, body = Artifacts), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody, description = "the job has no artifacts yet"),
-        (status = 410, body = ErrorBody, description = "retention deleted the artifacts")))]
+        (status = 410, body = ErrorBody, description = "erasure of the job was requested")))]
 pub async fn artifacts(
     State(s): State<HttpState>,
     headers: HeaderMap,
@@ -611,15 +625,13 @@ pub async fn artifacts(
     let tenant = s.tenant(&headers)?;
     let job = s.app.get_job(&tenant.namespace, &id).await?;
     let status = job.status.clone().unwrap_or_default();
-    if status
-        .retention
-        .as_ref()
-        .is_some_and(|r| r.outputs_deleted_at.is_some())
-    {
+    // Once retention ends the job itself is gone (404); an erasure request closes the
+    // downloads at once, before the operator has deleted anything.
+    if job.spec.erasure.is_some() {
         return Err(ApiError::new(
             StatusCode::GONE,
             "artifacts_deleted",
-            "the job's retention period is over and its files were deleted",
+            "erasure of the job was requested: its files are being deleted",
         ));
     }
     if status.artifacts.is_empty() {

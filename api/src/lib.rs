@@ -1,20 +1,19 @@
 //! `loraplane-api`: the only door between the paying world and the cluster. Stripe webhooks and
 //! the service API turn paid orders into `LoRATrainingJob`s; uploads and downloads go straight
-//! to regional S3 through presigned URLs; erasure and the retention loop delete a job's data on
-//! time and leave an audit record. All state lives in Kubernetes and S3.
+//! to regional S3 through presigned URLs. Cancellation, erasure and refunds are *intent*
+//! written on the job's spec: the operator owns every job's life from there, deletes its data
+//! and leaves the audit record. All state lives in Kubernetes and S3.
 //!
-//! Pure logic (signatures, orders, retention decisions, zip validation) is in its own modules
-//! with unit tests; `app` does the I/O, `http` is the surface.
+//! Pure logic (signatures, orders, zip validation) is in its own modules with unit tests; `app`
+//! does the I/O, `http` is the surface. S3 access is `loraplane_runtime::storage`, shared with
+//! the operator.
 
 pub mod app;
 pub mod config;
 pub mod http;
-pub mod leader;
 pub mod metrics;
 pub mod order;
 pub mod receipt;
-pub mod retention;
-pub mod storage;
 pub mod stripe;
 pub mod zipcheck;
 

@@ -1,20 +1,18 @@
-//! `loraplane-api`: reads its configuration, connects to Kubernetes and S3, serves HTTP and runs
-//! the leader-elected retention loop.
+//! `loraplane-api`: reads its configuration, connects to Kubernetes and S3 and serves HTTP.
+//! It holds no lease and runs no background loop: every replica is the same.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::Parser;
-use loraplane_api::app::{self, App, Secrets};
+use loraplane_api::app::{App, Secrets};
 use loraplane_api::config::ApiConfig;
 use loraplane_api::http;
-use loraplane_api::leader::Leader;
 use loraplane_api::metrics::Metrics;
-use loraplane_api::storage::{S3Credentials, Storage};
 use loraplane_crds::logging::{self, LogFormat};
 use loraplane_crds::platform::PlatformConfig;
+use loraplane_runtime::storage::{S3Credentials, Storage};
 
 // glibc malloc was about a quarter of the CPU under load (perf); mimalloc is a drop-in.
 #[global_allocator]
@@ -36,9 +34,6 @@ struct Args {
     /// The platform configuration (regions, buckets).
     #[arg(long, env = "PLATFORM_CONFIG")]
     platform: PathBuf,
-    /// This replica's identity in the retention lease (the pod name).
-    #[arg(long, env = "POD_NAME", default_value = "loraplane-api")]
-    identity: String,
 }
 
 /// Why start-up failed.
@@ -88,30 +83,14 @@ async fn run(args: Args) -> Result<(), StartError> {
         secret_key: env("AWS_SECRET_ACCESS_KEY")?,
     };
     let kube = kube::Client::try_default().await?;
-    let resync = Duration::from_secs(config.limits.gc_resync_seconds.max(1));
-    let lease_ns = config.lease_namespace.clone();
     let app = Arc::new(App {
-        kube: kube.clone(),
+        kube,
         storage: Storage::new(&platform, &creds),
         config,
         platform,
         secrets,
         metrics: Metrics::new()?,
-        gc_wake: tokio::sync::Notify::new(),
     });
-    let leader = Arc::new(Leader::new(
-        kube,
-        &lease_ns,
-        "loraplane-api-retention",
-        &args.identity,
-        Duration::from_secs(15),
-    ));
-    tokio::spawn({
-        let leader = leader.clone();
-        async move { leader.run().await }
-    });
-    tokio::spawn(app::watch_jobs(app.clone()));
-    tokio::spawn(app::retention_loop(app.clone(), leader, resync));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| StartError::Listen(args.listen, e))?;

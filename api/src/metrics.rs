@@ -1,10 +1,10 @@
 //! Prometheus metrics of the API: requests by route and status, webhook events by type and
-//! outcome, retention deletions, GC lag and bytes erased. Labels carry only route templates,
+//! outcome, erasure requests and dataset checks (deletions are the operator's, and so are
+//! their metrics). Labels carry only route templates,
 //! event types and outcomes: never ids.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
 };
 
 /// The API's metrics.
@@ -17,12 +17,8 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     /// Webhook events by type and outcome.
     pub webhook_events: IntCounterVec,
-    /// Retention deletions by what was deleted (`inputs`, `outputs`, `erasure`).
-    pub retention_deletions: IntCounterVec,
-    /// Seconds between a deletion's due time and the deletion.
-    pub gc_lag: Histogram,
-    /// Bytes deleted from S3 by retention and erasure.
-    pub bytes_erased: IntCounter,
+    /// Erasure requests written on jobs, by reason.
+    pub erasure_requests: IntCounterVec,
     /// Dataset checks by how they were answered: `marker` (an earlier validation of the same
     /// bytes) or `download` (fetched and inflated).
     pub dataset_checks: IntCounterVec,
@@ -56,25 +52,12 @@ impl Metrics {
             ),
             &["type", "outcome"],
         )?;
-        let retention_deletions = IntCounterVec::new(
+        let erasure_requests = IntCounterVec::new(
             Opts::new(
-                "loraplane_api_retention_deletions_total",
-                "Retention and erasure deletions by what was deleted",
+                "loraplane_api_erasure_requests_total",
+                "Erasure requests written on jobs, by reason (customerRequest, refund, dispute)",
             ),
-            &["what"],
-        )?;
-        let gc_lag = Histogram::with_opts(
-            HistogramOpts::new(
-                "loraplane_api_gc_lag_seconds",
-                "Seconds between a retention due time and the deletion",
-            )
-            .buckets(vec![
-                0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0,
-            ]),
-        )?;
-        let bytes_erased = IntCounter::new(
-            "loraplane_api_bytes_erased_total",
-            "Bytes deleted from S3 by retention and erasure",
+            &["reason"],
         )?;
         let dataset_checks = IntCounterVec::new(
             Opts::new(
@@ -87,26 +70,15 @@ impl Metrics {
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(webhook_events.clone()))?;
-        registry.register(Box::new(retention_deletions.clone()))?;
-        registry.register(Box::new(gc_lag.clone()))?;
-        registry.register(Box::new(bytes_erased.clone()))?;
+        registry.register(Box::new(erasure_requests.clone()))?;
         Ok(Metrics {
             registry,
             requests,
             request_duration,
             webhook_events,
-            retention_deletions,
-            gc_lag,
-            bytes_erased,
+            erasure_requests,
             dataset_checks,
         })
-    }
-
-    /// Records one retention deletion of `what` (`inputs`, `outputs`) done `lag_secs` after
-    /// it was due.
-    pub fn record_retention_deletion(&self, what: &str, lag_secs: f64) {
-        self.retention_deletions.with_label_values(&[what]).inc();
-        self.gc_lag.observe(lag_secs);
     }
 
     /// The Prometheus text exposition.

@@ -95,6 +95,11 @@ pub struct Order {
     /// creation then need not ask S3 whether the upload was checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataset_receipt: Option<String>,
+    /// Whether the customer, on this order, consented to their images and LoRA being used to
+    /// improve our models. The customer's answer, never the plan's: false unless given, and
+    /// refused with a zero-retention plan (which keeps no copy to train on).
+    #[serde(default)]
+    pub training_consent: bool,
 }
 
 impl std::fmt::Debug for Order {
@@ -162,6 +167,16 @@ impl Order {
                 None => None,
             },
             dataset_receipt: m.get("dataset_receipt").cloned(),
+            training_consent: match m.get("training_consent").map(String::as_str) {
+                None | Some("false") => false,
+                Some("true") => true,
+                Some(_) => {
+                    return Err(OrderError::Invalid {
+                        field: "training_consent",
+                        message: "must be true or false".into(),
+                    });
+                }
+            },
         })
     }
 }
@@ -300,6 +315,12 @@ pub fn build_spec(order: &Order, inp: &SpecInputs<'_>) -> Result<LoRATrainingJob
         .collect();
     let all_allowed = plan.allowed_regions.is_empty();
     let zero = plan.retention == RetentionMode::ZeroRetention;
+    if zero && order.training_consent {
+        return Err(OrderError::Invalid {
+            field: "trainingConsent",
+            message: "a zeroRetention plan keeps no copy to train on".into(),
+        });
+    }
     let training = Training {
         steps,
         // Orders (webhook metadata and the service API's request alike) carry no resolution,
@@ -344,9 +365,11 @@ pub fn build_spec(order: &Order, inp: &SpecInputs<'_>) -> Result<LoRATrainingJob
             keep_outputs_seconds: Some(plan.keep_outputs_seconds),
         },
         data_use: DataUse {
-            training_consent: plan.training_consent && !zero,
+            training_consent: order.training_consent,
         },
         suspend: false,
+        cancel: false,
+        erasure: None,
         managed_by: None,
         active_deadline_seconds: None,
         backoff_limit: 3,
@@ -386,7 +409,6 @@ families: []
             retention: RetentionMode::Standard,
             keep_inputs_seconds: 100,
             keep_outputs_seconds: 200,
-            training_consent: true,
             allowed_regions: vec![],
             gpu_products: vec!["NVIDIA-L4".into()],
             min_gpu_memory_gib: Some(20),
@@ -406,6 +428,7 @@ families: []
             upload_id: "eu-west.0123456789abcdef0123456789abcdef".into(),
             steps: None,
             dataset_receipt: None,
+            training_consent: false,
         }
     }
 
@@ -430,12 +453,52 @@ families: []
     }
 
     #[test]
+    fn consent_is_the_customers_answer_never_the_plans() {
+        assert!(!build(&order(), &plan()).unwrap().data_use.training_consent);
+        let consenting = Order {
+            training_consent: true,
+            ..order()
+        };
+        assert!(
+            build(&consenting, &plan())
+                .unwrap()
+                .data_use
+                .training_consent
+        );
+        let zero = Plan {
+            retention: RetentionMode::ZeroRetention,
+            ..plan()
+        };
+        assert!(matches!(
+            build(&consenting, &zero),
+            Err(OrderError::Invalid {
+                field: "trainingConsent",
+                ..
+            })
+        ));
+        let mut m = BTreeMap::from([
+            ("family".to_string(), "sdxl".to_string()),
+            ("concept_type".to_string(), "object".to_string()),
+            ("trigger_word".to_string(), "mug".to_string()),
+            ("plan".to_string(), "basic".to_string()),
+            (
+                "upload_id".to_string(),
+                "eu-west.0123456789abcdef0123456789abcdef".to_string(),
+            ),
+        ]);
+        assert!(!Order::from_metadata(&m).unwrap().training_consent);
+        m.insert("training_consent".into(), "true".into());
+        assert!(Order::from_metadata(&m).unwrap().training_consent);
+        m.insert("training_consent".into(), "yes".into());
+        assert!(Order::from_metadata(&m).is_err());
+    }
+
+    #[test]
     fn the_plan_policy_is_written_into_the_spec() {
         let spec = build(&order(), &plan()).unwrap();
         assert_eq!(spec.training.steps, 500);
         assert_eq!(spec.retention.keep_inputs_seconds, Some(100));
         assert_eq!(spec.retention.keep_outputs_seconds, Some(200));
-        assert!(spec.data_use.training_consent);
         assert_eq!(spec.placement.residency, Residency::Eea);
         assert!(spec.placement.regions.is_empty());
         assert_eq!(spec.dataset.region.as_deref(), Some("eu-west"));
@@ -473,7 +536,7 @@ families: []
     }
 
     #[test]
-    fn zero_retention_plans_keep_no_inputs_and_never_consent() {
+    fn zero_retention_plans_keep_no_inputs() {
         let p = Plan {
             retention: RetentionMode::ZeroRetention,
             keep_outputs_seconds: 3600,

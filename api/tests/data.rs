@@ -1,19 +1,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Data end to end against a real SeaweedFS and kube-sim: presigned uploads and downloads with
-//! a plain HTTP client (and their expiry), precise dataset validation errors, and the retention
-//! loop deleting every object and claim on time.
+//! a plain HTTP client (and their expiry), precise dataset validation errors, and datasets
+//! checked once (retention and erasure are the operator's: see `operator/tests/retention.rs`).
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
 use common::*;
-use k8s_openapi::api::core::v1::{Event, PersistentVolumeClaim};
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
-use kube::{Api, ResourceExt};
-use loraplane_api::leader::Leader;
+use kube::Api;
+use kube::api::{ListParams, Patch, PatchParams};
 use loraplane_api::zipcheck::testing::{dataset, png, zip_of};
 use loraplane_crds::v1alpha1::LoRATrainingJob;
 use serde_json::json;
@@ -110,70 +107,6 @@ async fn bad_datasets_are_refused_with_precise_errors_before_any_job_exists() {
         assert_eq!(s, StatusCode::OK, "{ok}");
         let api: Api<LoRATrainingJob> = Api::namespaced(h.sim.client(), "acme");
         assert!(api.list(&ListParams::default()).await.unwrap().items.is_empty());
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn retention_deletes_every_object_and_claim_when_due() {
-    within(120, async {
-        let h = Harness::start().await;
-        let upload = h.upload(ACME, "eea", dataset(2)).await;
-        let order = json!({"orderId": "ret", "family": "sdxl", "conceptType": "object",
-            "triggerWord": "mug", "plan": "fast", "uploadId": upload});
-        let (s, _, job) = h.call("POST", "/v1/jobs", Some(ACME), &[("idempotency-key", "r")], Some(order)).await;
-        assert_eq!(s, StatusCode::CREATED, "{job}");
-        let id = job["id"].as_str().unwrap().to_string();
-        let api: Api<LoRATrainingJob> = Api::namespaced(h.sim.client(), "acme");
-        let cr = api.get(&id).await.unwrap();
-        let uid = cr.uid().unwrap();
-        let prefix = format!("acme/{id}-{uid}/");
-        for i in 0..5 {
-            h.put("ck-eu", &format!("{prefix}step-{i}/state.safetensors"), b"ck").await;
-        }
-        h.put("out-eu", &format!("{prefix}lora.safetensors"), b"lora").await;
-        h.put("out-eu", &format!("{prefix}diffusers/pytorch_lora_weights.safetensors"), b"lora").await;
-        let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(h.sim.client(), "acme");
-        let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
-            "metadata": {"name": format!("{id}-work-eu-west"), "labels": {"loraplane.io/job-uid": uid}},
-            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
-        })).unwrap();
-        pvcs.create(&PostParams::default(), &pvc).await.unwrap();
-
-        let leader = Arc::new(Leader::new(h.sim.client(), "loraplane-system", "gc", "replica-a", Duration::from_secs(15)));
-        assert!(leader.try_acquire().await);
-        let other = Leader::new(h.sim.client(), "loraplane-system", "gc", "replica-b", Duration::from_secs(15));
-        assert!(!other.try_acquire().await, "only one replica leads");
-        tokio::spawn(loraplane_api::app::retention_loop(h.app.clone(), leader, Duration::from_secs(30)));
-        tokio::spawn(loraplane_api::app::watch_jobs(h.app.clone()));
-
-        // The operator's completion starts the clock (inputs: 1 s, outputs: 2 s).
-        let completed = k8s_openapi::jiff::Timestamp::now();
-        api.patch_status(&id, &PatchParams::default(), &Patch::Merge(json!({"status": {
-            "phase": "Succeeded", "completionTime": completed.to_string()
-        }}))).await.unwrap();
-
-        let done = loop {
-            let j = api.get(&id).await.unwrap();
-            let r = j.status.as_ref().and_then(|s| s.retention.clone()).unwrap_or_default();
-            if r.outputs_deleted_at.is_some() && r.inputs_deleted_at.is_some() {
-                break r;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        assert!(done.inputs_expire_at.is_some() && done.outputs_expire_at.is_some());
-        assert!(done.outputs_deleted_at.unwrap().0 >= done.outputs_expire_at.unwrap().0, "not before due");
-        assert!(h.keys("ck-eu").await.is_empty());
-        assert!(h.keys("out-eu").await.is_empty());
-        assert!(h.keys("ds-eu").await.is_empty());
-        assert!(pvcs.list(&ListParams::default()).await.unwrap().items.is_empty());
-        let events: Api<Event> = Api::namespaced(h.sim.client(), "acme");
-        let evs = events.list(&ListParams::default()).await.unwrap().items;
-        assert!(evs.iter().any(|e| e.reason.as_deref() == Some("RetentionExpired")));
-        let (s, _, e) = h.call("GET", &format!("/v1/jobs/{id}/artifacts"), Some(ACME), &[], None).await;
-        assert_eq!((s, e["error"]["code"].as_str()), (StatusCode::GONE, Some("artifacts_deleted")));
-        let m = h.app.metrics.render();
-        assert!(m.contains("loraplane_api_gc_lag_seconds_count 2"), "{m}");
     })
     .await;
 }
@@ -355,110 +288,4 @@ fn dataset_checks(app: &loraplane_api::app::App, how: &str) -> u64 {
     m.lines()
         .find_map(|l| l.strip_prefix(line.as_str()))
         .map_or(0, |v| v.parse::<u64>().unwrap())
-}
-
-/// Waits (bounded by the caller's `within`) until `app` reports a retention deletion.
-async fn until_deletions(app: &loraplane_api::app::App, at_least: u64) {
-    loop {
-        let n: u64 = ["inputs", "outputs"]
-            .iter()
-            .map(|w| {
-                app.metrics
-                    .retention_deletions
-                    .with_label_values(&[*w])
-                    .get()
-            })
-            .sum();
-        if n >= at_least {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-#[tokio::test]
-async fn only_the_leader_collects_and_the_other_replica_takes_over_when_it_stops() {
-    within(120, async {
-        let h = Harness::start().await;
-        let replicas = [h.app.clone(), h.replica()];
-        let mut tasks: Vec<Vec<tokio::task::JoinHandle<()>>> = Vec::new();
-        let mut leaders = Vec::new();
-        for (i, app) in replicas.iter().enumerate() {
-            // A 3 s lease so the takeover happens within seconds.
-            let leader = Arc::new(Leader::new(
-                app.kube.clone(),
-                "loraplane-system",
-                "loraplane-api-retention",
-                &format!("replica-{i}"),
-                Duration::from_secs(3),
-            ));
-            let l = leader.clone();
-            tasks.push(vec![
-                tokio::spawn(async move { l.run().await }),
-                tokio::spawn(loraplane_api::app::watch_jobs(app.clone())),
-                tokio::spawn(loraplane_api::app::retention_loop(app.clone(), leader.clone(), Duration::from_secs(30))),
-            ]);
-            leaders.push(leader);
-        }
-        let first = loop {
-            if let Some(i) = leaders.iter().position(|l| l.is_leader()) {
-                break i;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        let second = 1 - first;
-
-        let api: Api<LoRATrainingJob> = Api::namespaced(h.sim.client(), "acme");
-        let job_due_now = |n: usize| {
-            let h = &h;
-            let api = api.clone();
-            async move {
-                let upload = h.upload(ACME, "eea", dataset(2)).await;
-                let order = json!({"orderId": format!("gc-{n}"), "family": "sdxl", "conceptType": "object",
-                    "triggerWord": "mug", "plan": "fast", "uploadId": upload});
-                let (s, _, job) = h.call("POST", "/v1/jobs", Some(ACME), &[("idempotency-key", &format!("gc-{n}"))], Some(order)).await;
-                assert_eq!(s, StatusCode::CREATED, "{job}");
-                let id = job["id"].as_str().unwrap().to_string();
-                let uid = api.get(&id).await.unwrap().uid().unwrap();
-                h.put("out-eu", &format!("acme/{id}-{uid}/lora.safetensors"), b"lora").await;
-                api.patch_status(&id, &PatchParams::default(), &Patch::Merge(json!({"status": {
-                    "phase": "Succeeded", "completionTime": k8s_openapi::jiff::Timestamp::now().to_string()
-                }}))).await.unwrap();
-                (id, uid)
-            }
-        };
-        let outputs_gone = |id: String, uid: String| {
-            let h = &h;
-            async move {
-                while !h.keys("out-eu").await.iter().all(|k| !k.contains(&format!("{id}-{uid}"))) {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        };
-
-        let (id, uid) = job_due_now(1).await;
-        until_deletions(&replicas[first], 2).await;
-        outputs_gone(id, uid).await;
-        assert_eq!(replicas[second].metrics.retention_deletions.with_label_values(&["outputs"]).get(), 0,
-            "the standby replica deleted nothing");
-
-        // The leader dies (its lease renewals, watch and GC stop; the lease is not released,
-        // so the standby waits for it to expire).
-        for t in &tasks[first] {
-            t.abort();
-        }
-        let (id, uid) = job_due_now(2).await;
-        until_deletions(&replicas[second], 2).await;
-        outputs_gone(id.clone(), uid).await;
-        assert!(leaders[second].is_leader());
-        let j = api.get(&id).await.unwrap();
-        let r = j.status.and_then(|s| s.retention).unwrap();
-        assert!(r.inputs_deleted_at.is_some() && r.outputs_deleted_at.is_some());
-        assert_eq!(replicas[first].metrics.retention_deletions.with_label_values(&["outputs"]).get(), 1);
-        let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(h.sim.client(), "loraplane-system");
-        let lease = leases.get("loraplane-api-retention").await.unwrap().spec.unwrap();
-        assert_eq!(lease.holder_identity.as_deref(), Some(format!("replica-{second}").as_str()));
-        assert_eq!(lease.lease_transitions, Some(1));
-    })
-    .await;
 }

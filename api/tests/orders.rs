@@ -7,11 +7,11 @@ mod common;
 
 use axum::http::StatusCode;
 use common::*;
-use k8s_openapi::api::core::v1::{ConfigMap, Event};
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 use loraplane_api::zipcheck::testing::dataset;
-use loraplane_crds::v1alpha1::{LoRATrainingJob, Residency, RetentionMode};
+use loraplane_crds::v1alpha1::{ErasureReason, LoRATrainingJob, Residency, RetentionMode};
 use serde_json::json;
 
 async fn jobs(h: &Harness, ns: &str) -> Vec<LoRATrainingJob> {
@@ -47,7 +47,10 @@ async fn a_signed_checkout_creates_exactly_one_job_whatever_the_delivery_order()
         assert_eq!(job.spec.training.steps, 500);
         assert_eq!(job.spec.retention.mode, RetentionMode::Standard);
         assert_eq!(job.spec.retention.keep_inputs_seconds, Some(3600));
-        assert!(job.spec.data_use.training_consent);
+        assert!(
+            job.spec.data_use.training_consent,
+            "the customer consented at checkout"
+        );
         assert_eq!(job.spec.placement.residency, Residency::Eea);
         assert_eq!(job.spec.dataset.region.as_deref(), Some("eu-west"));
         assert_eq!(
@@ -138,45 +141,54 @@ async fn a_refund_before_the_completion_wins_and_a_dispute_erases_a_job() {
         }
         assert!(jobs(&h, "orders").await.is_empty());
 
-        // Completion first, then a dispute: the job and every byte of it go.
+        // Completion first, then a dispute: the API asks for the job's erasure on its spec
+        // (the operator deletes it and its data; the API itself deletes nothing of a job).
         let upload = h.upload(STOREFRONT, "eea", dataset(3)).await;
         let paid = paid_event("cs_late", "pi_late", &upload, "basic");
         let (_, ack) = h.webhook(&paid, now(), WEBHOOK_SECRET).await;
         assert_eq!(ack["outcome"], "created");
         let job = jobs(&h, "orders").await.remove(0);
-        let prefix = format!("orders/{}-{}/", job.name_any(), job.uid().unwrap());
-        h.put(
-            "ck-eu",
-            &format!("{prefix}step-10/lora.safetensors"),
-            b"ckpt",
-        )
-        .await;
-        h.put("out-eu", &format!("{prefix}lora.safetensors"), b"lora")
-            .await;
         let (_, ack) = h
             .webhook(&dispute_event("pi_late"), now(), WEBHOOK_SECRET)
             .await;
         assert_eq!(ack["outcome"], "erased");
-        assert!(jobs(&h, "orders").await.is_empty());
-        assert!(h.keys("ck-eu").await.is_empty());
-        assert!(h.keys("out-eu").await.is_empty());
-        assert!(h.keys("ds-eu").await.is_empty(), "both datasets are gone");
-        // The completion replayed after the erasure does not bring the job back.
+        let after = jobs(&h, "orders").await.remove(0);
+        let erasure = after
+            .spec
+            .erasure
+            .clone()
+            .expect("erasure requested on the spec");
+        assert_eq!(erasure.reason, ErasureReason::Dispute);
+        assert_eq!(after.status, None, "the API never writes status");
+        assert_eq!(after.uid(), job.uid());
+        assert_eq!(
+            h.keys("ds-eu").await.len(),
+            1,
+            "the API deletes no job data"
+        );
+        // A second dispute delivery changes nothing: the first request stands.
+        let (_, ack) = h
+            .webhook(&dispute_event("pi_late"), now(), WEBHOOK_SECRET)
+            .await;
+        assert_eq!(ack["outcome"], "erased");
+        let again = jobs(&h, "orders").await.remove(0);
+        assert_eq!(again.spec.erasure, Some(erasure));
+        // Once the operator has deleted the job, a replayed completion does not bring it back.
+        let api: Api<LoRATrainingJob> = Api::namespaced(h.sim.client(), "orders");
+        api.delete(&after.name_any(), &Default::default())
+            .await
+            .unwrap();
         let (_, ack) = h.webhook(&paid, now(), WEBHOOK_SECRET).await;
         assert_eq!(ack["outcome"], "revoked_first");
         assert!(jobs(&h, "orders").await.is_empty());
-        // What stays is the audit record, with no personal data.
-        let events: Api<Event> = Api::namespaced(h.sim.client(), "orders");
-        let evs = events.list(&ListParams::default()).await.unwrap().items;
-        assert!(evs.iter().any(|e| e.reason.as_deref() == Some("Erased")));
+        // The tombstones that make this so hold no personal data.
         let cms: Api<ConfigMap> = Api::namespaced(h.sim.client(), "orders");
-        let all = serde_json::to_string(&cms.list(&ListParams::default()).await.unwrap().items)
-            .unwrap()
-            + &serde_json::to_string(&evs).unwrap();
+        let all =
+            serde_json::to_string(&cms.list(&ListParams::default()).await.unwrap().items).unwrap();
         for secret in [
             "pi_late", "cs_late", "pi_early", "zxq", "grey cat", "someone@",
         ] {
-            assert!(!all.contains(secret), "{secret} in audit records");
+            assert!(!all.contains(secret), "{secret} in tombstones");
         }
     })
     .await;
@@ -316,7 +328,7 @@ async fn tenants_are_isolated_and_idempotency_keys_replay() {
 }
 
 #[tokio::test]
-async fn cancel_then_erase_leaves_only_the_audit_record() {
+async fn cancel_and_erase_are_one_way_intent_on_the_spec() {
     within(120, async {
         let h = Harness::start().await;
         let upload = h.upload(ACME, "eea", dataset(2)).await;
@@ -344,40 +356,66 @@ async fn cancel_then_erase_leaves_only_the_audit_record() {
                 None,
             )
             .await;
-        assert_eq!(s, StatusCode::OK);
-        assert_eq!(cancelled["phase"], "Cancelled");
+        assert_eq!(s, StatusCode::OK, "{cancelled}");
         let api: Api<LoRATrainingJob> = Api::namespaced(h.sim.client(), "acme");
         let cr = api.get(&id).await.unwrap();
-        assert!(cr.spec.suspend, "the operator is told to stop the pod");
+        assert!(
+            cr.spec.cancel,
+            "the operator is told to stop the job for good"
+        );
+        assert_eq!(cr.status, None, "the API never writes status");
+        // Nobody can take a cancel back: the apiserver refuses it.
+        let undo = api
+            .patch(
+                &id,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(json!({"spec": {"cancel": false}})),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            undo.to_string().contains("spec.cancel cannot be undone"),
+            "{undo}"
+        );
 
         let prefix = format!("acme/{id}-{}/", cr.uid().unwrap());
-        h.put("ck-eu", &format!("{prefix}a"), b"1").await;
         h.put("out-eu", &format!("{prefix}b"), b"2").await;
-        h.put("out-eu", "acme/another-job/keep", b"3").await;
-        let (s, _, body) = h
-            .call("DELETE", &format!("/v1/jobs/{id}"), Some(ACME), &[], None)
+        for _ in 0..2 {
+            let (s, _, body) = h
+                .call("DELETE", &format!("/v1/jobs/{id}"), Some(ACME), &[], None)
+                .await;
+            assert_eq!(s, StatusCode::ACCEPTED, "{body}");
+            assert_eq!(body["erasureRequested"], true);
+        }
+        let cr = api.get(&id).await.unwrap();
+        let erasure = cr.spec.erasure.clone().expect("erasure on the spec");
+        assert_eq!(erasure.reason, ErasureReason::CustomerRequest);
+        assert_eq!(cr.status, None);
+        // Downloads close at once; the data itself is the operator's to delete.
+        let (s, _, e) = h
+            .call(
+                "GET",
+                &format!("/v1/jobs/{id}/artifacts"),
+                Some(ACME),
+                &[],
+                None,
+            )
             .await;
-        assert_eq!(s, StatusCode::OK, "{body}");
-        assert_eq!(body["erased"], true);
-        let (s, _, _) = h
-            .call("GET", &format!("/v1/jobs/{id}"), Some(ACME), &[], None)
-            .await;
-        assert_eq!(s, StatusCode::NOT_FOUND);
-        assert!(h.keys("ds-eu").await.is_empty());
-        assert!(h.keys("ck-eu").await.is_empty());
         assert_eq!(
-            h.keys("out-eu").await,
-            vec!["acme/another-job/keep".to_string()]
+            (s, e["error"]["code"].as_str()),
+            (StatusCode::GONE, Some("artifacts_deleted"))
         );
-        let events: Api<Event> = Api::namespaced(h.sim.client(), "acme");
-        let evs = events.list(&ListParams::default()).await.unwrap().items;
-        assert!(evs.iter().any(|e| e.reason.as_deref() == Some("Erased")
-            && e.involved_object.name.as_deref() == Some(id.as_str())));
+        assert_eq!(h.keys("out-eu").await, vec![format!("{prefix}b")]);
         let metrics = h.app.metrics.render();
         assert!(
-            metrics.contains("loraplane_api_retention_deletions_total{what=\"erasure\"} 1"),
+            metrics.contains("loraplane_api_erasure_requests_total{reason=\"customerRequest\"} 1"),
             "{metrics}"
         );
+        // A job that does not exist cannot be erased.
+        let (s, _, _) = h
+            .call("DELETE", "/v1/jobs/nope", Some(ACME), &[], None)
+            .await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
     })
     .await;
 }

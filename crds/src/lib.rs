@@ -1,11 +1,10 @@
 //! loraplane's shared contracts: the `LoRATrainingJob` custom resource (`v1alpha1`), the
 //! trainer's config file, progress lines and exit codes (`trainer`), the regions / node pools /
-//! model families configuration (`platform`), and the Lease election the operator and the API
-//! both use (`leader`, behind the `leader` feature). Every crate that writes or reads these uses
+//! model families configuration (`platform`), label keys and the S3 layout of a job's data
+//! (`layout`). Every crate that writes or reads these uses
 //! the types from here, so the operator, the API and the trainer cannot drift apart.
 
-#[cfg(feature = "leader")]
-pub mod leader;
+pub mod layout;
 pub mod logging;
 pub mod platform;
 pub mod tls;

@@ -43,6 +43,14 @@ pub const VERSION: &str = "v1alpha1";
     validation = Rule::new("!has(self.retention) || !has(self.retention.mode) || self.retention.mode != 'zeroRetention' || !has(self.dataUse) || !has(self.dataUse.trainingConsent) || !self.dataUse.trainingConsent")
         .message("spec.dataUse.trainingConsent cannot be true for a zeroRetention job: zero retention keeps no copy to train on")
 )]
+#[x_kube(
+    validation = Rule::new("!has(oldSelf.cancel) || !oldSelf.cancel || (has(self.cancel) && self.cancel)")
+        .message("spec.cancel cannot be undone: a cancelled job stays cancelled")
+)]
+#[x_kube(
+    validation = Rule::new("!has(oldSelf.erasure) || (has(self.erasure) && self.erasure == oldSelf.erasure)")
+        .message("spec.erasure cannot be changed or withdrawn once requested")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct LoRATrainingJobSpec {
     /// The base model the LoRA is trained against. Immutable.
@@ -110,6 +118,52 @@ pub struct LoRATrainingJobSpec {
     #[serde(default = "default_backoff_limit")]
     #[schemars(range(min = 0, max = 20))]
     pub backoff_limit: i32,
+
+    /// Stops the job for good: its pod is removed, no attempt starts again, and the job ends
+    /// `Cancelled`. One-way: once true it cannot be set back. Retention then runs as for any
+    /// ended job (the API sets this when a customer cancels).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel: bool,
+
+    /// A request to erase every byte of the job. The operator stops the job for good, deletes
+    /// its pods and waits for them, deletes its data in every bucket of every region it
+    /// touched, its claims and its Secret, records an audit entry without personal data, and
+    /// finally deletes this object. One-way: once set it cannot be changed or removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub erasure: Option<ErasureRequest>,
+}
+
+/// Why a job's erasure was requested (recorded in the audit record).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ErasureReason {
+    /// The customer asked for their data to be erased.
+    CustomerRequest,
+    /// The order was refunded.
+    Refund,
+    /// The payment was disputed.
+    Dispute,
+}
+
+impl ErasureReason {
+    /// The name used in the CRD, audit records and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErasureReason::CustomerRequest => "customerRequest",
+            ErasureReason::Refund => "refund",
+            ErasureReason::Dispute => "dispute",
+        }
+    }
+}
+
+/// A request to erase a job's data.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ErasureRequest {
+    /// When the erasure was requested; the erasure latency is measured from here.
+    pub requested_at: Time,
+    /// `customerRequest`, `refund` or `dispute`.
+    pub reason: ErasureReason,
 }
 
 fn default_backoff_limit() -> i32 {
@@ -476,7 +530,9 @@ pub enum SpotPolicy {
 pub struct Placement {
     /// The jurisdiction the job's data may be processed in: `eea`, `us` or `any`. Enforced on
     /// every placement, including failover: an `eea` job waits rather than leave the EEA.
+    /// Immutable: it is the customer's choice, part of what they paid for.
     #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.placement.residency is immutable"))]
     pub residency: Residency,
 
     /// Optional allow-list of region names, further restricting the residency. Empty allows
@@ -525,8 +581,9 @@ pub enum RetentionMode {
         .message("a zeroRetention job keeps no inputs (keepInputsSeconds must be 0) and outputs for at most 86400 seconds")
 )]
 pub struct Retention {
-    /// `standard` or `zeroRetention`.
+    /// `standard` or `zeroRetention`. Immutable: it is the customer's choice.
     #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.retention.mode is immutable"))]
     pub mode: RetentionMode,
 
     /// Seconds the dataset and checkpoints are kept after completion. When empty: the plan's
@@ -547,8 +604,10 @@ pub struct Retention {
 #[serde(rename_all = "camelCase")]
 pub struct DataUse {
     /// Whether the customer consented to their images being used to improve our models.
-    /// Without it nothing is copied anywhere beyond this job.
+    /// Without it nothing is copied anywhere beyond this job. Immutable: it is the customer's
+    /// answer on the order.
     #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.dataUse.trainingConsent is immutable"))]
     pub training_consent: bool,
 }
 
@@ -588,7 +647,7 @@ impl Phase {
     }
 }
 
-/// Observed state of a job, written only by the operator (and the API's retention loop).
+/// Observed state of a job, written only by the operator.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LoRATrainingJobStatus {
@@ -723,7 +782,8 @@ pub struct Artifact {
     pub bytes: i64,
 }
 
-/// When the job's data was or will be deleted. Written by the API's retention loop.
+/// When the job's data was or will be deleted. When the outputs are deleted the job object goes
+/// too; what survives is the audit record.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RetentionStatus {
@@ -733,13 +793,11 @@ pub struct RetentionStatus {
     /// When the dataset, checkpoints and claims were deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inputs_deleted_at: Option<Time>,
-    /// When the trained LoRA files are due for deletion.
+    /// When the trained LoRA files are due for deletion; the job object is deleted with them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outputs_expire_at: Option<Time>,
-    /// When the trained LoRA files were deleted.
+    /// When the trainer-config Secret and the finished pods were deleted (once the job ended
+    /// and its outcome was recorded: nothing needs them again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub outputs_deleted_at: Option<Time>,
-    /// When every byte of the job was erased on request, refund or dispute.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub erased_at: Option<Time>,
+    pub released_at: Option<Time>,
 }

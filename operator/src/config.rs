@@ -54,6 +54,11 @@ pub struct Args {
     /// Log output format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "LOG_FORMAT")]
     pub log_format: LogFormat,
+
+    /// Days an audit record of a deleted job is kept (records live in the operator's own
+    /// namespace, `--leader-election-namespace`).
+    #[arg(long, env = "AUDIT_RETENTION_DAYS", default_value_t = 3 * 365)]
+    pub audit_retention_days: u64,
 }
 
 /// Why the operator could not start.
@@ -114,6 +119,12 @@ pub struct Settings {
     pub field_manager: String,
     /// How long a stopping replica waits for reconciles in flight before it abandons them.
     pub shutdown_grace: Duration,
+    /// Where audit records of deleted jobs are written (the operator's namespace).
+    pub audit_namespace: String,
+    /// How long an audit record is kept.
+    pub audit_keep: Duration,
+    /// How often expired audit records are looked for.
+    pub audit_sweep: Duration,
 }
 
 impl Settings {
@@ -138,6 +149,9 @@ impl Settings {
             // Inside the chart's terminationGracePeriodSeconds (30), so the Lease is still
             // released before the kubelet kills the container.
             shutdown_grace: Duration::from_secs(20),
+            audit_namespace: args.leader_election_namespace.clone(),
+            audit_keep: Duration::from_secs(args.audit_retention_days.saturating_mul(86_400)),
+            audit_sweep: Duration::from_secs(3600),
         }
     }
 
@@ -155,6 +169,9 @@ impl Settings {
             error_requeue: Duration::from_millis(200),
             field_manager: FIELD_MANAGER.to_string(),
             shutdown_grace: Duration::from_secs(5),
+            audit_namespace: lease_namespace.to_string(),
+            audit_keep: Duration::from_secs(3 * 365 * 86_400),
+            audit_sweep: Duration::from_secs(3600),
         }
     }
 }

@@ -12,8 +12,16 @@
 //! 4. **record**: server-side apply the status (with apiVersion/kind), then Events and metrics.
 //!
 //! Status writes retrigger the controller; `decide` is idempotent, so the second pass writes
-//! nothing. Children carry owner references and are removed by the garbage collector when the
-//! job is deleted; the operator holds no external state, so there is no finalizer.
+//! nothing. Children carry owner references, so a job's pods, claims and Secret are never
+//! orphaned; but a job also owns data in S3, which no garbage collector knows of, so every job
+//! carries the `loraplane.io/data` finalizer from its first reconcile on.
+//!
+//! Once a job has ended, the reconcile runs the lifecycle instead (`lifecycle` decides,
+//! `cleanup` acts): release the Secret and finished pods, delete the inputs when they fall due,
+//! delete the job object when its outputs do or when erasure is requested; each job is requeued
+//! for its own next due time. A job being deleted is *purged*: its pods are deleted and waited
+//! for, then its data in every region, its claims and Secret; then the audit record is
+//! written and the finalizer removed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,14 +40,19 @@ use kube::{Client, Resource, ResourceExt};
 use loraplane_crds::LoRATrainingJob;
 use tokio::sync::watch;
 
+use crate::audit;
+use crate::cleanup::{self, CleanupError, Scope};
 use crate::config::Settings;
+use crate::lifecycle::{self, Facts};
 use crate::metrics::Metrics;
 use crate::placement::{self, PoolCapacity};
 use crate::podcache::{self, PodCache, PodSummary, WatchTask};
 use crate::progress::{self, TAIL_LINES};
 use crate::resources::{self, BuildError};
 use crate::status::{self, Inputs, PodPhase, PodView};
-use loraplane_crds::leader::Election;
+use loraplane_crds::LoRATrainingJobStatus;
+use loraplane_runtime::leader::Election;
+use loraplane_runtime::storage::Storage;
 
 /// `spec.managedBy` values that mean this operator.
 const OUR_MANAGERS: [&str; 2] = ["", "loraplane.io/operator"];
@@ -79,6 +92,9 @@ pub enum ReconcileError {
     /// Writing the status failed.
     #[error("could not patch the job status: {0}")]
     PatchStatus(#[source] kube::Error),
+    /// A lifecycle step (finalizer, release, deletion, audit) failed.
+    #[error(transparent)]
+    Cleanup(#[from] CleanupError),
 }
 
 impl ReconcileError {
@@ -94,6 +110,7 @@ impl ReconcileError {
             ReconcileError::CreatePod(..) => "CreatePod",
             ReconcileError::DeletePod(..) => "DeletePod",
             ReconcileError::PatchStatus(_) => "PatchStatus",
+            ReconcileError::Cleanup(e) => e.step(),
         }
     }
 }
@@ -126,11 +143,25 @@ pub struct Context {
     pub nodes: Store<Node>,
     /// What is known of every pod: GPUs in use per node, pods per job.
     pub pods: PodCache,
+    /// S3 in every region: where a job's data is deleted.
+    pub storage: Storage,
+    /// The controller's job cache: which other jobs read the same dataset.
+    pub jobs: Store<LoRATrainingJob>,
     /// The resourceVersion of the last status this replica wrote, per job uid.
     written: std::sync::Mutex<HashMap<String, String>>,
     /// Per job uid, its current pod and the newest resourceVersion of it a decision was
     /// based on: the pod cache serves the next decision only once it has caught up to that.
     pod_floors: std::sync::Mutex<HashMap<String, (String, u64)>>,
+}
+
+/// The watch caches a reconcile reads instead of the apiserver.
+pub struct Caches {
+    /// Nodes.
+    pub nodes: Store<Node>,
+    /// Pods.
+    pub pods: PodCache,
+    /// Jobs (the controller's own store).
+    pub jobs: Store<LoRATrainingJob>,
 }
 
 impl Context {
@@ -140,9 +171,10 @@ impl Context {
         settings: Arc<Settings>,
         recorder: Recorder,
         metrics: Metrics,
-        nodes: Store<Node>,
-        pods: PodCache,
+        storage: Storage,
+        caches: Caches,
     ) -> Context {
+        let Caches { nodes, pods, jobs } = caches;
         Context {
             client,
             settings,
@@ -150,6 +182,8 @@ impl Context {
             metrics,
             nodes,
             pods,
+            storage,
+            jobs,
             written: std::sync::Mutex::new(HashMap::new()),
             pod_floors: std::sync::Mutex::new(HashMap::new()),
         }
@@ -294,22 +328,28 @@ async fn reconcile_inner(
         ctx.forget(&ids.uid);
         return Ok(Action::await_change());
     };
-    let job = &fresh;
-    if job.metadata.deletion_timestamp.is_some() || !is_ours(job) {
+    if !is_ours(&fresh) {
         return Ok(Action::await_change());
     }
+    let facts = Facts::of(&fresh);
+    if facts.deleting {
+        if !facts.guarded {
+            return Ok(Action::await_change());
+        }
+        return purge(ctx, &fresh, &ids, &facts).await;
+    }
+    // The finalizer goes on before the first pod can write anything to S3.
+    let fresh = if facts.guarded {
+        fresh
+    } else {
+        cleanup::add_finalizer(&ctx.client, &fresh, &ids).await?
+    };
+    let job = &fresh;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ids.namespace);
-    if job
-        .status
-        .as_ref()
-        .and_then(|s| s.phase)
-        .is_some_and(|p| p.is_terminal())
-    {
-        // A job can end from outside (the API cancels a refunded order by setting phase
-        // Cancelled): whatever ended it, no training pod may keep running.
+    if facts.ended {
+        // Whatever ended the job, no training pod may keep running.
         delete_stray_pods(ctx, &pods, &ids, None, None).await?;
-        ctx.forget(&ids.uid);
-        return Ok(Action::await_change());
+        return run_chores(ctx, job, &ids, &facts).await;
     }
     let settings = &ctx.settings;
 
@@ -427,23 +467,7 @@ async fn reconcile_inner(
 
     // Step 4: record.
     if job.status.as_ref() != Some(&plan.status) {
-        let body = serde_json::json!({
-            "apiVersion": LoRATrainingJob::api_version(&()),
-            "kind": LoRATrainingJob::kind(&()),
-            "metadata": {"resourceVersion": job.metadata.resource_version},
-            "status": plan.status,
-        });
-        let stored = Api::<LoRATrainingJob>::namespaced(ctx.client.clone(), &ids.namespace)
-            .patch_status(
-                &ids.name,
-                &PatchParams::apply(&settings.field_manager).force(),
-                &Patch::Apply(&body),
-            )
-            .await
-            .map_err(ReconcileError::PatchStatus)?;
-        if let Some(rv) = stored.metadata.resource_version {
-            ctx.written().insert(ids.uid.clone(), rv);
-        }
+        write_status(ctx, job, &ids, &plan.status).await?;
         ctx.metrics.record(&plan.signals);
         let reference = job.object_ref(&());
         for note in &plan.notes {
@@ -472,6 +496,217 @@ async fn reconcile_inner(
         Some(d) => Action::requeue(d),
         None => Action::await_change(),
     })
+}
+
+/// Server-side applies the job's whole status, as of the job version it was decided from
+/// (a concurrent change makes it fail with 409, and the next reconcile decides again).
+async fn write_status(
+    ctx: &Context,
+    job: &LoRATrainingJob,
+    ids: &resources::JobIds,
+    status: &LoRATrainingJobStatus,
+) -> Result<(), ReconcileError> {
+    let body = serde_json::json!({
+        "apiVersion": LoRATrainingJob::api_version(&()),
+        "kind": LoRATrainingJob::kind(&()),
+        "metadata": {"resourceVersion": job.metadata.resource_version},
+        "status": status,
+    });
+    let stored = Api::<LoRATrainingJob>::namespaced(ctx.client.clone(), &ids.namespace)
+        .patch_status(
+            &ids.name,
+            &PatchParams::apply(&ctx.settings.field_manager).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .map_err(ReconcileError::PatchStatus)?;
+    if let Some(rv) = stored.metadata.resource_version {
+        ctx.written().insert(ids.uid.clone(), rv);
+    }
+    Ok(())
+}
+
+/// Whether another job that is not being deleted reads the same dataset (from the cache: the
+/// API refuses a second order on one upload, this is the second line of defence).
+fn dataset_shared(ctx: &Context, job: &LoRATrainingJob, ids: &resources::JobIds) -> bool {
+    ctx.jobs.state().iter().any(|other| {
+        other.metadata.uid.as_deref() != Some(ids.uid.as_str())
+            && other.metadata.deletion_timestamp.is_none()
+            && other.spec.dataset.uri == job.spec.dataset.uri
+    })
+}
+
+fn time_at(secs: i64) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time> {
+    Timestamp::from_second(secs)
+        .ok()
+        .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time)
+}
+
+/// Records a failed deletion on the job (condition `Deleting`, reason `DeletionFailed`), so a
+/// stalled cleanup is visible in `kubectl describe`; the error itself goes on to the error
+/// policy, which retries.
+async fn record_deletion_failure(
+    ctx: &Context,
+    job: &LoRATrainingJob,
+    ids: &resources::JobIds,
+    error: &CleanupError,
+) {
+    let mut st = job.status.clone().unwrap_or_default();
+    status::set_condition(
+        &mut st.conditions,
+        status::condition::DELETING,
+        true,
+        "DeletionFailed",
+        &format!("{}; retrying", error.log_safe()),
+        job.metadata.generation,
+        Timestamp::now(),
+    );
+    if job.status.as_ref() != Some(&st)
+        && let Err(e) = write_status(ctx, job, ids, &st).await
+    {
+        tracing::debug!(job = %ids.name, error = %e, "could not record the deletion failure");
+    }
+}
+
+/// An ended job's lifecycle: release what no pod needs, delete inputs when due, delete the job
+/// object when its outputs are due or erasure was requested; then wait for the next due time.
+async fn run_chores(
+    ctx: &Context,
+    job: &LoRATrainingJob,
+    ids: &resources::JobIds,
+    facts: &Facts,
+) -> Result<Action, ReconcileError> {
+    let now = lifecycle::now_secs();
+    let chores = lifecycle::chores(facts, now);
+    let mut st = job.status.clone().unwrap_or_default();
+    let mut ret = st.retention.clone().unwrap_or_default();
+    if let Some(s) = lifecycle::schedule(facts) {
+        ret.inputs_expire_at = time_at(s.inputs_expire_at);
+        ret.outputs_expire_at = time_at(s.outputs_expire_at);
+    }
+    let result = async {
+        if chores.release {
+            let finished: Vec<String> = ctx
+                .pods
+                .read(|index| index.pods_of_job(&ids.uid))
+                .into_iter()
+                .filter(|p| p.namespace == ids.namespace && !p.deleting)
+                .map(|p| p.name)
+                .collect();
+            cleanup::release(&ctx.client, ids, &finished).await?;
+            ret.released_at = time_at(now);
+        }
+        if chores.delete_inputs {
+            let shared = dataset_shared(ctx, job, ids);
+            let deleted =
+                cleanup::delete_data(&ctx.client, &ctx.storage, job, ids, Scope::Inputs, shared)
+                    .await?;
+            ret.inputs_deleted_at = time_at(now);
+            let due = lifecycle::schedule(facts).map_or(now, |s| s.inputs_expire_at);
+            ctx.metrics
+                .record_deletion("inputs", "retention", deleted.bytes, (now - due) as f64);
+        }
+        Ok::<(), CleanupError>(())
+    }
+    .await;
+    if let Err(e) = result {
+        record_deletion_failure(ctx, job, ids, &e).await;
+        return Err(e.into());
+    }
+    if st.retention.as_ref() != Some(&ret) {
+        st.retention = Some(ret);
+        write_status(ctx, job, ids, &st).await?;
+    }
+    if let Some(cause) = chores.delete_job {
+        cleanup::delete_job(&ctx.client, ids).await?;
+        tracing::info!(job = %ids.name, namespace = %ids.namespace, reason = cause.as_str(), "deleting the job and its data");
+        return Ok(Action::await_change());
+    }
+    ctx.pod_floors().remove(&ids.uid);
+    Ok(match chores.wake_at {
+        // Just after the due second, so the decision sees it as due.
+        Some(at) => Action::requeue(Duration::from_millis(
+            u64::try_from(at - now).unwrap_or(0) * 1000 + 50,
+        )),
+        None => Action::await_change(),
+    })
+}
+
+/// A job being deleted: stop its pods and wait for them, delete its data everywhere, write the
+/// audit record, remove the finalizer. Each step is idempotent; a failure is recorded on the
+/// job and retried.
+async fn purge(
+    ctx: &Context,
+    job: &LoRATrainingJob,
+    ids: &resources::JobIds,
+    facts: &Facts,
+) -> Result<Action, ReconcileError> {
+    let now = Timestamp::now();
+    let cause = lifecycle::cause(facts, now.as_second());
+    let mut st = job.status.clone().unwrap_or_default();
+    let progress = |st: &mut LoRATrainingJobStatus, message: &str| {
+        status::set_condition(
+            &mut st.conditions,
+            status::condition::DELETING,
+            true,
+            cause.condition_reason(),
+            message,
+            job.metadata.generation,
+            now,
+        );
+    };
+    let left = match cleanup::stop_pods(&ctx.client, ids).await {
+        Ok(n) => n,
+        Err(e) => {
+            record_deletion_failure(ctx, job, ids, &e).await;
+            return Err(e.into());
+        }
+    };
+    if left > 0 {
+        progress(
+            &mut st,
+            &format!("waiting for {left} pod(s) to stop before the data is deleted"),
+        );
+        if job.status.as_ref() != Some(&st) {
+            write_status(ctx, job, ids, &st).await?;
+        }
+        // Pod deletions wake the controller; the requeue is only a safety net.
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
+    let shared = dataset_shared(ctx, job, ids);
+    let deleted =
+        match cleanup::delete_data(&ctx.client, &ctx.storage, job, ids, Scope::All, shared).await {
+            Ok(d) => d,
+            Err(e) => {
+                record_deletion_failure(ctx, job, ids, &e).await;
+                return Err(e.into());
+            }
+        };
+    let record = audit::record(
+        &ctx.settings.audit_namespace,
+        &audit::Entry {
+            job,
+            cause,
+            deleted,
+            at: Timestamp::now(),
+            keep: ctx.settings.audit_keep,
+        },
+    );
+    cleanup::write_audit(&ctx.client, &record).await?;
+    cleanup::remove_finalizer(&ctx.client, job, ids).await?;
+    let since = match (cause, &job.spec.erasure) {
+        (lifecycle::Cause::Erasure(_), Some(e)) => e.requested_at.0.as_second(),
+        _ => lifecycle::schedule(facts).map_or(now.as_second(), |s| s.outputs_expire_at),
+    };
+    let lag =
+        (Timestamp::now().as_millisecond() - since.saturating_mul(1000)).max(0) as f64 / 1000.0;
+    ctx.metrics
+        .record_deletion("job", cause.as_str(), deleted.bytes, lag);
+    ctx.forget(&ids.uid);
+    tracing::info!(job = %ids.name, namespace = %ids.namespace, reason = cause.as_str(),
+        objects = deleted.objects, bytes = deleted.bytes, audit = %record.metadata.name.as_deref().unwrap_or_default(),
+        "job and its data deleted");
+    Ok(Action::await_change())
 }
 
 async fn read_log(pods: &Api<Pod>, name: &str) -> Option<progress::LogProgress> {
@@ -569,6 +804,7 @@ where
 pub async fn run(
     client: Client,
     settings: Settings,
+    storage: Storage,
     metrics: Metrics,
     health: Arc<Health>,
     shutdown: watch::Receiver<bool>,
@@ -612,14 +848,6 @@ pub async fn run(
         controller: crate::config::FIELD_MANAGER.into(),
         instance: Some(settings.identity.clone()),
     };
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        settings.clone(),
-        Recorder::new(client.clone(), reporter),
-        metrics.clone(),
-        nodes,
-        all_pods,
-    ));
     // Pod events reach the controller through the pod cache, after the cache has them (not
     // through a second watch that could run ahead of it): the decision reads the pod from
     // the cache, and must see the very change that woke it.
@@ -627,6 +855,22 @@ pub async fn run(
         .reconcile_on(pod_triggers)
         .with_config(controller::Config::default().concurrency(CONCURRENCY));
     metrics.watch_jobs(controller.store());
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        settings.clone(),
+        Recorder::new(client.clone(), reporter),
+        metrics.clone(),
+        storage,
+        Caches {
+            nodes,
+            pods: all_pods,
+            jobs: controller.store(),
+        },
+    ));
+    let _audit_sweep = WatchTask(tokio::spawn(sweep_audit_records(
+        client.clone(),
+        settings.clone(),
+    )));
 
     let lost = Arc::new(AtomicBool::new(false));
     let lost_flag = lost.clone();
@@ -681,6 +925,33 @@ pub async fn run(
     let _ = election_task.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Deletes audit records whose `keepUntil` has passed, once at start and then every
+/// `audit_sweep`: one list of the records (never of the jobs) per sweep.
+async fn sweep_audit_records(client: Client, settings: Arc<Settings>) {
+    let api: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(client, &settings.audit_namespace);
+    let selector = format!(
+        "{}={}",
+        loraplane_crds::layout::LABEL_RECORD,
+        loraplane_crds::layout::AUDIT_RECORD
+    );
+    loop {
+        match api.list(&ListParams::default().labels(&selector)).await {
+            Ok(list) => {
+                let now = Timestamp::now();
+                for record in list.items.iter().filter(|r| audit::expired(r, now)) {
+                    let name = record.name_any();
+                    if let Err(e) = api.delete(&name, &DeleteParams::default()).await {
+                        tracing::warn!(record = %name, error = %e, "could not delete an expired audit record");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not list audit records"),
+        }
+        tokio::time::sleep(settings.audit_sweep).await;
+    }
 }
 
 /// Deletes this job's unfinished pods other than `keep`. `just_deleted` is a pod this

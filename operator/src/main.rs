@@ -12,6 +12,7 @@ use loraplane_operator::config::{Args, Settings, load_platform_config};
 use loraplane_operator::controller::{self, Health};
 use loraplane_operator::metrics::Metrics;
 use loraplane_operator::server;
+use loraplane_runtime::storage::{S3Credentials, Storage};
 use tokio::sync::watch;
 
 // glibc malloc was about a quarter of the CPU under load (perf); mimalloc is a drop-in.
@@ -48,6 +49,22 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The operator deletes jobs' data in S3 (retention, erasure): it holds the credentials the
+    // chart gives it from the S3 Secret; trainer pods get their own access.
+    let creds = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"].map(|k| std::env::var(k));
+    let [Ok(access_key), Ok(secret_key)] = creds else {
+        eprintln!(
+            "loraplane-operator: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set (the chart takes them from the S3 credentials Secret)"
+        );
+        return ExitCode::from(2);
+    };
+    let storage = Storage::new(
+        &platform,
+        &S3Credentials {
+            access_key,
+            secret_key,
+        },
+    );
     let settings = Settings::from_args(&args, platform);
     let metrics = match Metrics::new() {
         Ok(m) => m,
@@ -78,7 +95,7 @@ async fn main() -> ExitCode {
         stop_rx.clone(),
         None,
     ));
-    let result = controller::run(client, settings, metrics, health, stop_rx).await;
+    let result = controller::run(client, settings, storage, metrics, health, stop_rx).await;
     http.abort();
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,10 +12,11 @@ use loraplane_crds::v1alpha1::Phase;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{
-    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::lifecycle;
 use crate::status::Signal;
 
 /// Why metrics could not be set up or rendered.
@@ -46,12 +47,57 @@ pub struct Metrics {
     pub gpu_seconds: CounterVec,
     /// 1 while this replica holds the leader Lease (the "operator not leading" alert sums it).
     pub leader: IntGauge,
+    /// Deletions of a job's inputs, and of whole jobs, by what and why.
+    pub deletions: IntCounterVec,
+    /// Bytes deleted from S3 by retention and erasure.
+    pub deleted_bytes: IntCounter,
+    /// Seconds from a deletion's due time (or erasure request) to its completion.
+    pub deletion_lag: HistogramVec,
     jobs: Arc<Mutex<Option<Store<LoRATrainingJob>>>>,
 }
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// Overdue deletions at scrape time, from the job cache: the oldest overdue item's age and the
+/// number of jobs with something overdue, by what (`inputs`, `outputs`, `erasure`). A job whose
+/// cleanup stalls stays here, and ages, until it is gone.
+struct Overdue {
+    oldest: IntGaugeVec,
+    count: IntGaugeVec,
+    jobs: Arc<Mutex<Option<Store<LoRATrainingJob>>>>,
+}
+
+impl Collector for Overdue {
+    fn desc(&self) -> Vec<&Desc> {
+        let mut d = self.oldest.desc();
+        d.extend(self.count.desc());
+        d
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        for what in ["inputs", "outputs", "erasure"] {
+            self.oldest.with_label_values(&[what]).set(0);
+            self.count.with_label_values(&[what]).set(0);
+        }
+        if let Ok(guard) = self.jobs.lock()
+            && let Some(store) = guard.as_ref()
+        {
+            let now = lifecycle::now_secs();
+            for job in store.state() {
+                for o in lifecycle::overdue(&lifecycle::Facts::of(&job), now) {
+                    let oldest = self.oldest.with_label_values(&[o.what]);
+                    oldest.set(oldest.get().max(o.seconds));
+                    self.count.with_label_values(&[o.what]).inc();
+                }
+            }
+        }
+        let mut out = self.oldest.collect();
+        out.extend(self.count.collect());
+        out
     }
 }
 
@@ -154,7 +200,46 @@ impl Metrics {
             "loraplane_operator_leader",
             "1 while this replica holds the leader Lease, else 0.",
         )?;
+        let deletions = IntCounterVec::new(
+            Opts::new(
+                "loraplane_retention_deletions_total",
+                "Deletions of a job's inputs (what=inputs) and of whole jobs with all their data \
+                 (what=job), by reason (retention, customerRequest, refund, dispute, deleted).",
+            ),
+            &["what", "reason"],
+        )?;
+        let deleted_bytes = IntCounter::new(
+            "loraplane_retention_deleted_bytes_total",
+            "Bytes deleted from S3 by retention and erasure.",
+        )?;
+        let deletion_lag = HistogramVec::new(
+            HistogramOpts::new(
+                "loraplane_retention_lag_seconds",
+                "Seconds from a deletion's due time (or the erasure request) to its completion.",
+            )
+            .buckets(vec![
+                0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+            ]),
+            &["what"],
+        )?;
         let jobs = Arc::new(Mutex::new(None));
+        let overdue = Overdue {
+            oldest: IntGaugeVec::new(
+                Opts::new(
+                    "loraplane_retention_overdue_seconds",
+                    "Age of the oldest overdue deletion, by what (inputs, outputs, erasure).",
+                ),
+                &["what"],
+            )?,
+            count: IntGaugeVec::new(
+                Opts::new(
+                    "loraplane_retention_overdue_jobs",
+                    "Jobs with an overdue deletion, by what (inputs, outputs, erasure).",
+                ),
+                &["what"],
+            )?,
+            jobs: jobs.clone(),
+        };
         let by_phase = JobsByPhase {
             gauge: IntGaugeVec::new(
                 Opts::new("loraplane_jobs", "LoRATrainingJobs by phase."),
@@ -171,6 +256,10 @@ impl Metrics {
         registry.register(Box::new(gpu_seconds.clone()))?;
         registry.register(Box::new(leader.clone()))?;
         registry.register(Box::new(by_phase))?;
+        registry.register(Box::new(deletions.clone()))?;
+        registry.register(Box::new(deleted_bytes.clone()))?;
+        registry.register(Box::new(deletion_lag.clone()))?;
+        registry.register(Box::new(overdue))?;
         Ok(Metrics {
             registry,
             reconcile_duration,
@@ -181,8 +270,21 @@ impl Metrics {
             preemptions,
             gpu_seconds,
             leader,
+            deletions,
+            deleted_bytes,
+            deletion_lag,
             jobs,
         })
+    }
+
+    /// Records one deletion of `what` (`inputs`, `job`) for `reason`, `lag` seconds after it
+    /// fell due.
+    pub fn record_deletion(&self, what: &str, reason: &str, bytes: u64, lag: f64) {
+        self.deletions.with_label_values(&[what, reason]).inc();
+        self.deleted_bytes.inc_by(bytes);
+        self.deletion_lag
+            .with_label_values(&[what])
+            .observe(lag.max(0.0));
     }
 
     /// Lets the jobs-by-phase gauge read the controller's cache.

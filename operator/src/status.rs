@@ -48,6 +48,32 @@ pub mod reason {
     pub const DEADLINE_EXCEEDED: &str = "DeadlineExceeded";
     /// The trainer finished.
     pub const COMPLETED: &str = "Completed";
+    /// `spec.cancel` was set.
+    pub const CANCEL_REQUESTED: &str = "CancelRequested";
+    /// `spec.erasure` was set.
+    pub const ERASURE_REQUESTED: &str = "ErasureRequested";
+}
+
+/// Condition types the operator writes besides the phase-like ones.
+pub mod condition {
+    /// True while a job being deleted is purged (reason: why; message: what is left), or
+    /// while a deletion keeps failing (reason `DeletionFailed`).
+    pub const DELETING: &str = "Deleting";
+}
+
+/// Why the job must stop for good, when its spec asks for it: an erasure request outranks a
+/// cancel (it says more about what follows).
+pub fn stop_requested(job: &LoRATrainingJob) -> Option<(&'static str, &'static str)> {
+    if job.spec.erasure.is_some() {
+        Some((
+            reason::ERASURE_REQUESTED,
+            "erasure of the job's data was requested",
+        ))
+    } else if job.spec.cancel {
+        Some((reason::CANCEL_REQUESTED, "the job was cancelled"))
+    } else {
+        None
+    }
 }
 
 /// The pod phases the decision cares about.
@@ -397,6 +423,7 @@ pub fn decide(inputs: &Inputs<'_>) -> Plan {
     // `Some((reason, counts_as_failure, failover))` once the open attempt is over.
     let mut ended: Option<(&'static str, String)> = None;
     let mut terminal: Option<(Phase, &'static str, String)> = None;
+    let stop = stop_requested(job);
     let deadline_hit = spec
         .active_deadline_seconds
         .is_some_and(|d| active_seconds(&st.attempts, now) >= d);
@@ -404,6 +431,9 @@ pub fn decide(inputs: &Inputs<'_>) -> Plan {
     if open {
         let idx = st.attempts.len() - 1;
         match &inputs.pod {
+            None if stop.is_some() => {
+                ended = stop.map(|(why, message)| (why, message.to_string()));
+            }
             None => {
                 ended = Some((
                     if spec.suspend {
@@ -450,6 +480,11 @@ pub fn decide(inputs: &Inputs<'_>) -> Plan {
                             "Completed",
                             "the LoRA was trained and uploaded".into(),
                         ));
+                    }
+                    // A stop request ends the attempt whatever the pod does, unless the LoRA
+                    // is already written (then the job succeeded; an erasure still follows).
+                    _ if stop.is_some() => {
+                        ended = stop.map(|(why, message)| (why, message.to_string()));
                     }
                     _ if disrupted && pod.exit_code != Some(0) => {
                         let why = disruption_reason(pod);
@@ -621,7 +656,13 @@ pub fn decide(inputs: &Inputs<'_>) -> Plan {
                 pool: pool.clone(),
             });
         }
-        let warning = !matches!(*why, reason::COMPLETED | reason::SUSPENDED);
+        let warning = !matches!(
+            *why,
+            reason::COMPLETED
+                | reason::SUSPENDED
+                | reason::CANCEL_REQUESTED
+                | reason::ERASURE_REQUESTED
+        );
         plan.notes.push(Note {
             warning,
             reason: format!("Attempt{why}"),
@@ -648,6 +689,12 @@ pub fn decide(inputs: &Inputs<'_>) -> Plan {
         ));
     }
 
+    if terminal.is_none()
+        && let Some((why, message)) = stop
+    {
+        terminal = Some((Phase::Cancelled, why, message.to_string()));
+    }
+
     // Step 3: terminal outcomes.
     if let Some((phase, why, message)) = terminal {
         st.phase = Some(phase);
@@ -656,6 +703,10 @@ pub fn decide(inputs: &Inputs<'_>) -> Plan {
             Phase::Succeeded => {
                 cond(st, "Running", false, "Completed", "the trainer finished");
                 cond(st, "Complete", true, why, &message);
+            }
+            Phase::Cancelled => {
+                cond(st, "Running", false, why, &message);
+                cond(st, "Cancelled", true, why, &message);
             }
             _ => {
                 cond(st, "Running", false, why, &message);

@@ -44,6 +44,16 @@ async fn happy_path_reaches_succeeded_with_progress_and_locked_down_pod() {
             .clone()
             .unwrap();
         assert!(summary.contains("/30 "), "{summary}");
+        // The pod as the cluster stores it while it trains: pinned, locked down, no customer
+        // text.
+        let pods = pods_of(&client, &running).await;
+        assert_eq!(pods.len(), 1);
+        let text = serde_json::to_string(&pods[0]).unwrap();
+        assert!(!text.contains("zxqsecret") && !text.contains("private description"));
+        let spec = pods[0].spec.as_ref().unwrap();
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        let pool = &running.status.as_ref().unwrap().placement.as_ref().unwrap().pool;
+        assert!(spec.node_name.as_deref().unwrap().starts_with(pool.as_str()));
 
         let done = wait_job(
             &client,
@@ -64,19 +74,21 @@ async fn happy_path_reaches_succeeded_with_progress_and_locked_down_pod() {
         assert_eq!(st.progress.as_ref().unwrap().last_checkpoint_step, Some(40));
         assert!(st.start_time.is_some() && st.completion_time.is_some());
 
-        // The pod as the cluster stores it: pinned, locked down, no customer text.
-        let pods = pods_of(&client, &done).await;
-        assert_eq!(pods.len(), 1);
-        let text = serde_json::to_string(&pods[0]).unwrap();
-        assert!(!text.contains("zxqsecret") && !text.contains("private description"));
-        let spec = pods[0].spec.as_ref().unwrap();
-        assert_eq!(spec.automount_service_account_token, Some(false));
-        assert!(
-            spec.node_name
-                .as_deref()
-                .unwrap()
-                .starts_with(&st.placement.as_ref().unwrap().pool)
-        );
+        // Once the outcome is recorded nothing needs the finished pod or the Secret (which
+        // holds the customer's text) again: both go; the claim waits for the inputs' expiry.
+        let released = wait_job(&client, "happy", Duration::from_secs(10), "released", |j| {
+            j.status
+                .as_ref()
+                .and_then(|s| s.retention.as_ref())
+                .is_some_and(|r| r.released_at.is_some() && r.inputs_expire_at.is_some())
+        })
+        .await;
+        assert!(pods_of(&client, &released).await.is_empty());
+        let secret = Api::<Secret>::namespaced(client.clone(), NS)
+            .get_opt("happy-trainer-config")
+            .await
+            .unwrap();
+        assert!(secret.is_none());
         let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), NS)
             .list(&ListParams::default().labels(&format!(
                 "loraplane.io/job-uid={}",
@@ -256,12 +268,20 @@ fn condition_of(st: &loraplane_crds::LoRATrainingJobStatus, t: &str) -> Option<S
         .map(|c| c.status.clone())
 }
 
+/// `kubectl delete` of a running job: the finalizer holds the object until its pods have
+/// stopped and its data is gone; then the audit record says why (`deleted`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deleting_a_job_removes_its_pod_claim_and_secret() {
+async fn deleting_a_job_removes_its_pod_claim_secret_and_data() {
     tokio::time::timeout(LIMIT, async {
         let sim = start_sim(topology(false), vec![script("trainer:long", None, 0, 0)]).await;
         let client = sim.client();
-        let op = Operator::start(client.clone(), platform("trainer:long", 30), "op-a");
+        let s3 = S3::start().await;
+        let op = Operator::start_with(
+            client.clone(),
+            s3.platform("trainer:long", 30),
+            s3.storage(),
+            "op-a",
+        );
         let created = create_job(&client, &job("doomed", serde_json::json!({}))).await;
         wait_job(&client, "doomed", Duration::from_secs(20), "Running", |j| {
             phase(j) == Some("Running")
@@ -296,15 +316,23 @@ async fn deleting_a_job_removes_its_pod_claim_and_secret() {
                 .unwrap()
                 .items
                 .len();
-            if pods + claims + secrets == 0 {
+            let gone = Api::<LoRATrainingJob>::namespaced(client.clone(), NS)
+                .get_opt("doomed")
+                .await
+                .unwrap()
+                .is_none();
+            if pods + claims + secrets == 0 && gone {
                 break;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "children left: {pods} pods, {claims} claims, {secrets} secrets"
+                "children left: {pods} pods, {claims} claims, {secrets} secrets; job gone: {gone}"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        assert!(s3.keys().await.is_empty(), "{:?}", s3.keys().await);
+        let record = audit_record(&client, created.metadata.uid.as_deref().unwrap()).await;
+        assert_eq!(record["reason"], "deleted");
         op.stop().await;
         sim.shutdown().await;
     })
@@ -312,10 +340,10 @@ async fn deleting_a_job_removes_its_pod_claim_and_secret() {
     .expect("test finished in time");
 }
 
-/// The API cancels a refunded order by writing phase Cancelled; the operator then stops the
-/// training pod and leaves the phase alone.
+/// A customer cancels: the API sets `spec.cancel`; the operator ends the attempt, deletes the
+/// pod, writes phase Cancelled, releases the Secret, and never starts another attempt.
 #[tokio::test]
-async fn a_job_cancelled_from_outside_loses_its_pod_and_stays_cancelled() {
+async fn a_cancelled_job_loses_its_pod_and_secret_and_stays_cancelled() {
     tokio::time::timeout(LIMIT, async {
         let sim = start_sim(topology(false), vec![script("trainer:long", None, 0, 0)]).await;
         let client = sim.client();
@@ -330,10 +358,10 @@ async fn a_job_cancelled_from_outside_loses_its_pod_and_stays_cancelled() {
         )
         .await;
         let api = Api::<LoRATrainingJob>::namespaced(client.clone(), NS);
-        api.patch_status(
+        api.patch(
             "refunded",
             &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"status": {"phase": "Cancelled"}})),
+            &Patch::Merge(serde_json::json!({"spec": {"cancel": true}})),
         )
         .await
         .unwrap();
@@ -353,9 +381,39 @@ async fn a_job_cancelled_from_outside_loses_its_pod_and_stays_cancelled() {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let after = api.get("refunded").await.unwrap();
+        let after = wait_job(
+            &client,
+            "refunded",
+            Duration::from_secs(10),
+            "released",
+            |j| {
+                j.status
+                    .as_ref()
+                    .and_then(|s| s.retention.as_ref())
+                    .is_some_and(|r| r.released_at.is_some())
+            },
+        )
+        .await;
         assert_eq!(phase(&after), Some("Cancelled"));
+        assert_eq!(
+            condition(&after, "Cancelled").map(|c| c.0),
+            Some("True".to_string())
+        );
+        let st = after.status.clone().unwrap();
+        assert_eq!(st.attempts.len(), 1, "no new attempt: {:?}", st.attempts);
+        assert_eq!(st.attempts[0].reason.as_deref(), Some("CancelRequested"));
+        let secret = Api::<Secret>::namespaced(client.clone(), NS)
+            .get_opt("refunded-trainer-config")
+            .await
+            .unwrap();
+        assert!(secret.is_none(), "the Secret goes once the job has ended");
+        assert!(
+            pods_of(&client, &created).await.is_empty(),
+            "finished pods go once their outcome is recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let later = api.get("refunded").await.unwrap();
+        assert_eq!(later.status.unwrap().attempts.len(), 1);
         op.stop().await;
     })
     .await

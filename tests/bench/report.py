@@ -49,9 +49,6 @@ HEADLINES = [
      ["webhook_to_cr_without_receipt.latency_ms.p99"], "ms", "", None),
     ("api", "Stripe signature check", ["signature_verify_us"], "µs",
      "", None),
-    ("api", "retention GC lag p50", ["gc_lag_s.p50"], "s", "", None),
-    ("api", "retention GC lag p99", ["gc_lag_s.p99"], "s", "≤ 5",
-     lambda v: v <= 5),
     ("kube-sim", "creates", ["creates_per_s"], "/s", "", None),
     ("kube-sim", "merge-patch updates", ["updates_per_s"], "/s", "", None),
     ("kube-sim", "watch fan-out", ["fanout.events_delivered_per_s"], "events/s", "", None),
@@ -218,7 +215,7 @@ def main() -> None:
         sys.exit(f"report: no benchmark results in {args.results}: run `make bench`")
     settings = ", ".join(
         f"{k}={os.environ[k]}" for k in
-        ["OPERATOR_JOBS", "API_ORDERS", "API_CONCURRENCY", "GC_JOBS", "TRAINER_STEPS"]
+        ["OPERATOR_JOBS", "API_ORDERS", "API_CONCURRENCY", "TRAINER_STEPS"]
         if k in os.environ) or "defaults"
     report = {"profile": args.profile, "settings": settings, "machine": machine(),
               "headlines": headlines(benches), "benches": benches}

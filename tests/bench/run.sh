@@ -5,7 +5,7 @@
 # description. Benchmarks never run inside `make test`: their figures depend on the machine.
 #
 # Knobs (environment): PROFILE (release|dev, default release), OPERATOR_JOBS (10000),
-# API_ORDERS (2000), API_CONCURRENCY (32), GC_JOBS (50), TRAINER_STEPS (20), ONLY (a space-separated
+# API_ORDERS (2000), API_CONCURRENCY (32), TRAINER_STEPS (20), ONLY (a space-separated
 # subset of: kube-sim operator api trainer).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -14,7 +14,6 @@ PROFILE=${PROFILE:-release}
 OPERATOR_JOBS=${OPERATOR_JOBS:-10000}
 API_ORDERS=${API_ORDERS:-2000}
 API_CONCURRENCY=${API_CONCURRENCY:-32}
-GC_JOBS=${GC_JOBS:-50}
 TRAINER_STEPS=${TRAINER_STEPS:-20}
 ONLY=${ONLY:-kube-sim operator api trainer}
 
@@ -49,13 +48,13 @@ run() {
 
 wants kube-sim && run kube-sim "$target/kube-sim-bench"
 wants operator && run operator "$target/examples/operator-bench" --jobs "$OPERATOR_JOBS"
-wants api && run api "$target/examples/bench" "$API_ORDERS" "$API_CONCURRENCY" "$GC_JOBS"
+wants api && run api "$target/examples/bench" "$API_ORDERS" "$API_CONCURRENCY"
 if wants trainer; then
   echo "== trainer: $target/trainer-bench --steps $TRAINER_STEPS"
   "$target/trainer-bench" --steps "$TRAINER_STEPS" --out "$results/trainer.json" >/dev/null
 fi
 
-export OPERATOR_JOBS API_ORDERS API_CONCURRENCY GC_JOBS TRAINER_STEPS
+export OPERATOR_JOBS API_ORDERS API_CONCURRENCY TRAINER_STEPS
 python3 tests/bench/report.py --profile "$PROFILE" --results "$results" \
   --json tests/bench/REPORT.json --markdown tests/bench/REPORT.md
 echo "make bench: wrote tests/bench/REPORT.md and tests/bench/REPORT.json"

@@ -18,6 +18,17 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 command -v kubectl >/dev/null || die "kubectl not found: install it (Debian: 'apt-get install kubernetes-client', or the upstream binary)"
 
+# promtool (Prometheus' rule tester) runs the chart's alert rules in the chart tests. Debian's
+# `prometheus` package ships it; as root with apt the bootstrap installs it.
+if ! command -v promtool >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "bootstrap: installing promtool (Debian package prometheus)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
+      || die "could not install promtool: run 'apt-get install prometheus'"
+  fi
+  command -v promtool >/dev/null || die "promtool not found: install it (Debian: 'apt-get install prometheus')"
+fi
+
 # Python tools pinned in tests/tools/requirements.txt.
 command -v python3 >/dev/null || die "python3 not found: install Python 3.11+ with pip and venv"
 req=tests/tools/requirements.txt

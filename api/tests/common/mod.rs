@@ -14,8 +14,8 @@ use kube::api::PostParams;
 use loraplane_api::app::{App, Secrets};
 use loraplane_api::config::ApiConfig;
 use loraplane_api::metrics::Metrics;
-use loraplane_api::storage::{S3Credentials, Storage};
 use loraplane_crds::platform::PlatformConfig;
+use loraplane_runtime::storage::{S3Credentials, Storage};
 use serde_json::Value;
 
 pub const WEBHOOK_SECRET: &[u8] = b"whsec_test_secret";
@@ -38,9 +38,8 @@ pub fn api_config() -> ApiConfig {
     ApiConfig::from_yaml(&format!(
         r#"
 stripeNamespace: orders
-leaseNamespace: loraplane-system
 plans:
-  basic: {{retention: standard, keepInputsSeconds: 3600, keepOutputsSeconds: 7200, trainingConsent: true, maxSteps: 500}}
+  basic: {{retention: standard, keepInputsSeconds: 3600, keepOutputsSeconds: 7200, maxSteps: 500}}
   fast: {{retention: standard, keepInputsSeconds: 1, keepOutputsSeconds: 2, maxSteps: 100}}
   zero: {{retention: zeroRetention, keepOutputsSeconds: 2, maxSteps: 100, allowedRegions: [eu-west]}}
 tenants:
@@ -58,7 +57,6 @@ limits:
   presignSeconds: 900
   tenantRps: 1000
   ipRps: 1000
-  gcResyncSeconds: 30
 "#,
         sha(ACME),
         sha(GLOBEX),
@@ -105,7 +103,6 @@ fn new_app(sim: &kube_sim::KubeSim, s3: &seaweed::SeaweedFs, config: ApiConfig) 
             id_key: b"test-id-key".to_vec(),
         },
         metrics: Metrics::new().unwrap(),
-        gc_wake: tokio::sync::Notify::new(),
     })
 }
 
@@ -343,7 +340,8 @@ pub fn paid_event(session: &str, payment: &str, upload_id: &str, plan: &str) -> 
                 "concept": "my grey cat",
                 "plan": plan,
                 "residency": "eea",
-                "upload_id": upload_id
+                "upload_id": upload_id,
+                "training_consent": "true"
             }
         }}
     })

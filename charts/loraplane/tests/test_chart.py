@@ -109,7 +109,8 @@ def test_platform_config_reaches_the_operator_and_api():
     api = yaml.safe_load(config["data"]["api.yaml"])
     assert api["plans"]["private-eea"]["retention"] == "zeroRetention"
     assert api["plans"]["private-eea"]["resolution"] == 512
-    assert api["leaseNamespace"] == "loraplane-system"
+    # The API holds no lease and runs no loop: retention is the operator's.
+    assert "leaseNamespace" not in api
 
 
 def test_trainer_network_policy_lands_in_every_tenant_namespace():

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::Client;
 use kube::api::{Api, ListParams, PostParams};
 use kube_sim::cluster::{KubeletConfig, Script, ScriptRule, Topology};
@@ -17,6 +17,7 @@ use loraplane_crds::platform::PlatformConfig;
 use loraplane_operator::config::Settings;
 use loraplane_operator::controller::{self, Health};
 use loraplane_operator::metrics::Metrics;
+use loraplane_runtime::storage::{S3Credentials, Storage};
 use tokio::sync::watch;
 
 pub const NS: &str = "default";
@@ -76,12 +77,17 @@ regions:
 /// The platform configuration matching `topology`; `image` is every family's trainer image
 /// (kubelet scripts are chosen by image).
 pub fn platform(image: &str, scheduling_timeout: u64) -> PlatformConfig {
+    platform_with_s3(image, scheduling_timeout, "http://127.0.0.1:8333")
+}
+
+/// `platform` with every region's S3 at `endpoint` (a SeaweedFS the test started).
+pub fn platform_with_s3(image: &str, scheduling_timeout: u64, endpoint: &str) -> PlatformConfig {
     let region = |name: &str, j: &str| {
         format!(
             r#"
   - name: {name}
     jurisdiction: {j}
-    s3: {{endpoint: "http://127.0.0.1:8333", region: {name}, forcePathStyle: true}}
+    s3: {{endpoint: "{endpoint}", region: {name}, forcePathStyle: true}}
     buckets: {{datasets: datasets-{name}, checkpoints: checkpoints-{name}, outputs: outputs-{name}}}"#
         )
     };
@@ -179,8 +185,30 @@ pub struct Operator {
     pub health: Arc<Health>,
 }
 
+/// S3 for an operator whose test never deletes data: the platform's endpoints, where nothing
+/// listens (a deletion there fails, visibly, rather than passing unnoticed).
+pub fn storage_without_s3(platform: &PlatformConfig) -> Storage {
+    Storage::new(
+        platform,
+        &S3Credentials {
+            access_key: "none".into(),
+            secret_key: "none".into(),
+        },
+    )
+}
+
 impl Operator {
     pub fn start(client: Client, platform: PlatformConfig, identity: &str) -> Operator {
+        let storage = storage_without_s3(&platform);
+        Operator::start_with(client, platform, storage, identity)
+    }
+
+    pub fn start_with(
+        client: Client,
+        platform: PlatformConfig,
+        storage: Storage,
+        identity: &str,
+    ) -> Operator {
         let settings = Settings::for_tests(platform, NS, identity);
         let metrics = Metrics::new().unwrap();
         let health = Arc::new(Health::default());
@@ -194,6 +222,7 @@ impl Operator {
                 let run = controller::run(
                     client.clone(),
                     settings.clone(),
+                    storage.clone(),
                     m.clone(),
                     h.clone(),
                     rx.clone(),
@@ -305,4 +334,139 @@ pub async fn pods_of(client: &Client, job: &LoRATrainingJob) -> Vec<Pod> {
         .await
         .unwrap()
         .items
+}
+
+/// A SeaweedFS holding every bucket of `platform_with_s3`, for the tests that delete data.
+pub struct S3 {
+    pub fs: seaweed::SeaweedFs,
+}
+
+pub const BUCKET_REGIONS: [&str; 3] = ["eu-west", "eu-north", "us-east"];
+
+impl S3 {
+    pub async fn start() -> S3 {
+        let fs = seaweed::SeaweedFs::start()
+            .await
+            .expect("SeaweedFS starts (`weed` comes from `make bootstrap`)");
+        for region in BUCKET_REGIONS {
+            for kind in ["datasets", "checkpoints", "outputs"] {
+                fs.create_bucket(&format!("{kind}-{region}")).await.unwrap();
+            }
+        }
+        S3 { fs }
+    }
+
+    pub fn platform(&self, image: &str, scheduling_timeout: u64) -> PlatformConfig {
+        platform_with_s3(image, scheduling_timeout, self.fs.endpoint())
+    }
+
+    pub fn storage(&self) -> Storage {
+        Storage::new(
+            &self.platform("unused", 30),
+            &S3Credentials {
+                access_key: self.fs.access_key().into(),
+                secret_key: self.fs.secret_key().into(),
+            },
+        )
+    }
+
+    pub async fn put(&self, bucket: &str, key: &str, body: &[u8]) {
+        self.fs
+            .client()
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .body(body.to_vec().into())
+            .send()
+            .await
+            .unwrap();
+    }
+
+    /// Every object left, as `bucket/key`.
+    pub async fn keys(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for region in BUCKET_REGIONS {
+            for kind in ["datasets", "checkpoints", "outputs"] {
+                let bucket = format!("{kind}-{region}");
+                let list = self
+                    .fs
+                    .client()
+                    .list_objects_v2()
+                    .bucket(&bucket)
+                    .send()
+                    .await
+                    .unwrap();
+                for o in list.contents() {
+                    out.push(format!("{bucket}/{}", o.key().unwrap_or_default()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Puts a job's data where the trainer would: the dataset, two checkpoints and the LoRA.
+    pub async fn seed_job(&self, job: &LoRATrainingJob) {
+        let ns = job.metadata.namespace.as_deref().unwrap();
+        let prefix = loraplane_crds::layout::job_prefix(
+            ns,
+            job.metadata.name.as_deref().unwrap(),
+            job.metadata.uid.as_deref().unwrap(),
+        );
+        let (bucket, key) = job
+            .spec
+            .dataset
+            .uri
+            .strip_prefix("s3://")
+            .unwrap()
+            .split_once('/')
+            .unwrap();
+        self.put(bucket, key, b"zip").await;
+        self.put(
+            "checkpoints-eu-west",
+            &format!("{prefix}step-40/state"),
+            b"ckpt",
+        )
+        .await;
+        self.put(
+            "checkpoints-eu-north",
+            &format!("{prefix}step-80/state"),
+            b"ckpt",
+        )
+        .await;
+        self.put(
+            "outputs-eu-west",
+            &format!("{prefix}lora.safetensors"),
+            b"lora",
+        )
+        .await;
+    }
+}
+
+/// The audit record of a deleted job (by the hash of its uid), waiting for it a little.
+pub async fn audit_record(
+    client: &Client,
+    uid: &str,
+) -> std::collections::BTreeMap<String, String> {
+    let api = Api::<ConfigMap>::namespaced(client.clone(), NS);
+    let want = loraplane_operator::audit::uid_hash(uid);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = api
+            .list(&ListParams::default().labels("loraplane.io/record=job-audit"))
+            .await
+            .unwrap();
+        if let Some(data) = list
+            .items
+            .into_iter()
+            .filter_map(|c| c.data)
+            .find(|d| d.get("jobUidSha256") == Some(&want))
+        {
+            return data;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no audit record for {uid}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -253,7 +253,6 @@ pub fn sha256_hex(s: &str) -> String {
 pub fn api_yaml(r: &RetentionKnobs) -> String {
     format!(
         r#"stripeNamespace: {ORDERS_NS}
-leaseNamespace: {SYSTEM_NS}
 plans:
   standard: {{retention: standard, keepInputsSeconds: {}, keepOutputsSeconds: {}, maxSteps: 400, resolution: {E2E_RESOLUTION}}}
   zero: {{retention: zeroRetention, keepOutputsSeconds: {}, maxSteps: 400, resolution: {E2E_RESOLUTION}}}
@@ -270,7 +269,6 @@ limits:
   presignSeconds: 600
   tenantRps: 1000
   ipRps: 1000
-  gcResyncSeconds: 2
 "#,
         r.keep_inputs_seconds,
         r.keep_outputs_seconds,

@@ -10,7 +10,7 @@ use loraplane_crds::LoRATrainingJob;
 use loraplane_crds::v1alpha1::Phase;
 use serde_json::{Value, json};
 
-use crate::config::{ORDERS_NS, REGIONS};
+use crate::config::{ORDERS_NS, REGIONS, SYSTEM_NS};
 use crate::endpoints::Endpoints;
 use crate::fixtures::{self, LoraFacts};
 use crate::http;
@@ -585,6 +585,8 @@ pub async fn download_loras(
 pub struct Leftovers {
     /// The job object still exists.
     pub job_exists: bool,
+    /// Its trainer-config Secret still exists.
+    pub secret_exists: bool,
     /// Its pods (name, phase) still present.
     pub pods: Vec<(String, String)>,
     /// Pods still running or pending.
@@ -595,8 +597,8 @@ pub struct Leftovers {
     pub objects: Vec<String>,
     /// Events about it: (reason, message).
     pub events: Vec<(String, String)>,
-    /// The erasure record ConfigMaps in the orders namespace.
-    pub erasure_records: Vec<serde_json::Map<String, Value>>,
+    /// The operator's audit records of this job (by the hash of its uid), as data maps.
+    pub audit_records: Vec<serde_json::Map<String, Value>>,
 }
 
 /// Lists what exists of a job.
@@ -613,34 +615,34 @@ pub async fn leftovers(stack: &Endpoints, p: &Placed) -> Result<Leftovers, Journ
             ph != "Succeeded" && ph != "Failed"
         })
         .count();
+    let uid_hash = loraplane_operator::audit::uid_hash(&p.uid);
     let cms =
-        kube::Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(stack.client(), ORDERS_NS)
-            .list(&kube::api::ListParams::default())
+        kube::Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(stack.client(), SYSTEM_NS)
+            .list(&kube::api::ListParams::default().labels("loraplane.io/record=job-audit"))
             .await
             .map_err(|source| StackError::Kube {
-                action: "list configmaps",
+                action: "list audit records",
                 source,
             })?;
-    let erasure_records = cms
+    let audit_records = cms
         .items
         .into_iter()
-        .filter(|c| {
-            c.metadata
-                .name
-                .as_deref()
-                .is_some_and(|n| n.starts_with("ltj-erased-"))
-                && c.data.as_ref().and_then(|d| d.get("job")) == Some(&p.job)
-        })
-        .map(|c| {
-            c.data
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(k, v)| (k, Value::from(v)))
-                .collect()
-        })
+        .filter_map(|c| c.data)
+        .filter(|d| d.get("jobUidSha256") == Some(&uid_hash))
+        .map(|d| d.into_iter().map(|(k, v)| (k, Value::from(v))).collect())
         .collect();
+    let secret_exists =
+        kube::Api::<k8s_openapi::api::core::v1::Secret>::namespaced(stack.client(), ORDERS_NS)
+            .get_opt(&loraplane_operator::resources::secret_name(&p.job))
+            .await
+            .map_err(|source| StackError::Kube {
+                action: "get the trainer-config Secret",
+                source,
+            })?
+            .is_some();
     Ok(Leftovers {
         job_exists: stack.job(&p.job).await?.is_some(),
+        secret_exists,
         pods: pods
             .iter()
             .map(|x| {
@@ -664,50 +666,67 @@ pub async fn leftovers(stack: &Endpoints, p: &Placed) -> Result<Leftovers, Journ
             .job_objects(&p.job, &p.uid, Some(&p.dataset_key))
             .await?,
         events: stack.events_of(&p.job).await?,
-        erasure_records,
+        audit_records,
     })
 }
 
-/// Waits until retention has deleted the job's outputs (and, before them, its inputs).
+/// Waits until retention has run its course: inputs deleted first, then, when the outputs fall
+/// due, the job object with everything left of it. Returns the last state seen of the job
+/// (its retention times) and the audit record left in its place.
 pub async fn wait_retention(
     stack: &Endpoints,
-    job: &str,
+    p: &Placed,
     tl: &mut Timeline,
-) -> Result<LoRATrainingJob, JourneyError> {
-    let j = stack
-        .wait_job(
-            job,
-            Duration::from_secs(90),
-            "retention to delete the outputs",
-            |j| {
-                j.status
-                    .as_ref()
-                    .and_then(|s| s.retention.as_ref())
-                    .is_some_and(|r| {
-                        r.outputs_deleted_at.is_some() && r.inputs_deleted_at.is_some()
-                    })
-            },
-        )
-        .await?;
-    let r = j
-        .status
-        .as_ref()
-        .and_then(|s| s.retention.clone())
-        .unwrap_or_default();
-    let t = |x: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>| {
-        x.as_ref().map(|t| t.0.to_string()).unwrap_or_default()
-    };
-    tl.note(
-        "retention ran",
-        format!(
-            "inputs deleted {} (due {}), outputs deleted {} (due {})",
-            t(&r.inputs_deleted_at),
-            t(&r.inputs_expire_at),
-            t(&r.outputs_deleted_at),
-            t(&r.outputs_expire_at)
-        ),
-    );
-    Ok(j)
+) -> Result<serde_json::Map<String, Value>, JourneyError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let mut last: Option<LoRATrainingJob> = None;
+    loop {
+        match stack.job(&p.job).await? {
+            Some(j) => last = Some(j),
+            None => {
+                let left = leftovers(stack, p).await?;
+                if let Some(record) = left.audit_records.into_iter().next() {
+                    let r = last
+                        .as_ref()
+                        .and_then(|j| j.status.as_ref())
+                        .and_then(|s| s.retention.clone())
+                        .unwrap_or_default();
+                    let t = |x: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>| {
+                        x.as_ref().map(|t| t.0.to_string()).unwrap_or_default()
+                    };
+                    let field = |k: &str| {
+                        record
+                            .get(k)
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string()
+                    };
+                    tl.note(
+                        "retention ran",
+                        format!(
+                            "inputs deleted {} (due {}); job and outputs deleted {} (due {}), reason {}",
+                            t(&r.inputs_deleted_at),
+                            t(&r.inputs_expire_at),
+                            field("deletedAt"),
+                            t(&r.outputs_expire_at),
+                            field("reason"),
+                        ),
+                    );
+                    return Ok(record);
+                }
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(JourneyError::Check {
+                step: "retention",
+                message: format!(
+                    "retention did not delete the job within 90 s; last status: {:?}",
+                    last.and_then(|j| j.status)
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// `kubectl get ltj -n orders` against the stack (the real kubectl binary).
@@ -764,7 +783,9 @@ pub struct JourneyReport {
     pub claims_after_success: Vec<String>,
     /// What is left after retention.
     pub after_retention: Leftovers,
-    /// The API's answer for the artifacts after retention.
+    /// The audit record retention left in the job's place.
+    pub audit_record: serde_json::Map<String, Value>,
+    /// The API's answer for the artifacts after retention (404: the job is gone).
     pub artifacts_status_after_retention: u16,
     /// The API's view of the job at the end.
     pub api_view: Value,
@@ -808,14 +829,18 @@ pub async fn happy_journey(
         .api("GET", &format!("/v1/jobs/{}", placed.job), None)
         .await?;
     let api_view = view.json();
-    wait_retention(stack, &placed.job, tl).await?;
+    let audit_record = wait_retention(stack, &placed, tl).await?;
     let after = leftovers(stack, &placed).await?;
     tl.note(
         "audit",
         format!(
-            "{} claims, {} S3 objects left; events: {}",
+            "job object {}, Secret {}, {} pods, {} claims, {} S3 objects left; audit record {}; events: {}",
+            if after.job_exists { "left" } else { "gone" },
+            if after.secret_exists { "left" } else { "gone" },
+            after.pods.len(),
             after.claims.len(),
             after.objects.len(),
+            serde_json::to_string(&audit_record).unwrap_or_default(),
             after
                 .events
                 .iter()
@@ -837,6 +862,7 @@ pub async fn happy_journey(
         objects_after_success,
         claims_after_success,
         after_retention: after,
+        audit_record,
         artifacts_status_after_retention: gone.status,
         api_view,
     })

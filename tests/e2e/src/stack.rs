@@ -8,7 +8,7 @@
 //! The operator and the API run in this process through their library crates rather than as
 //! their binaries: a scenario can stop and start them at will (operator restart, API replica
 //! crash), both use exactly the code their binaries run (`controller::run`; the API's router,
-//! job watch, retention loop and Lease), start in milliseconds without a second build, and die
+//! handlers), start in milliseconds without a second build, and die
 //! with the test process, so nothing is left running. The trainer, by contrast, runs as the
 //! real binary in its own process, as it would in its container: the kubelet starts it, reads
 //! its stdout and termination message, and kills it on preemption.
@@ -22,14 +22,13 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use kube::api::{Api, PostParams};
 use kube_sim::cluster::{KubeletConfig, LocalImage, Script, ScriptRule};
 use kube_sim::{KubeSim, SimConfig};
-use loraplane_api::app::{self, App, Secrets};
+use loraplane_api::app::{App, Secrets};
 use loraplane_api::config::ApiConfig;
 use loraplane_api::http::{HttpState, router};
-use loraplane_api::leader::Leader;
-use loraplane_api::storage::{S3Credentials, Storage};
 use loraplane_crds::platform::PlatformConfig;
 use loraplane_operator::config::Settings;
 use loraplane_operator::controller::{self, Health};
+use loraplane_runtime::storage::{S3Credentials, Storage};
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -343,6 +342,17 @@ impl Stack {
         Ok(())
     }
 
+    /// S3 of every region, with the stack's credentials (the operator's and the API's).
+    fn storage(&self) -> Storage {
+        Storage::new(
+            &self.platform,
+            &S3Credentials {
+                access_key: self.s3.access_key().into(),
+                secret_key: self.s3.secret_key().into(),
+            },
+        )
+    }
+
     /// The stack's working directory.
     pub fn work_dir(&self) -> &Path {
         self.dir.path()
@@ -362,6 +372,7 @@ impl Stack {
         self.operator_starts += 1;
         let identity = format!("loraplane-operator-{}", self.operator_starts);
         let settings = Settings::for_tests(self.platform.clone(), SYSTEM_NS, &identity);
+        let storage = self.storage();
         let (stop, rx) = watch::channel(false);
         let client = self.client();
         let task = tokio::spawn(async move {
@@ -372,7 +383,15 @@ impl Stack {
                 .ok();
             match metrics {
                 Some(m) => {
-                    controller::run(client, settings, m, Arc::new(Health::default()), rx).await
+                    controller::run(
+                        client,
+                        settings,
+                        storage,
+                        m,
+                        Arc::new(Health::default()),
+                        rx,
+                    )
+                    .await
                 }
                 None => Ok(()),
             }
@@ -411,13 +430,7 @@ impl Stack {
         self.api_starts += 1;
         let identity = format!("loraplane-api-{}", self.api_starts);
         let client = self.client();
-        let storage = Storage::new(
-            &self.platform,
-            &S3Credentials {
-                access_key: self.s3.access_key().into(),
-                secret_key: self.s3.secret_key().into(),
-            },
-        );
+        let storage = self.storage();
         let app = Arc::new(App {
             kube: client.clone(),
             storage,
@@ -429,17 +442,7 @@ impl Stack {
             },
             metrics: loraplane_api::metrics::Metrics::new()
                 .map_err(|e| StackError::StartApi(e.to_string()))?,
-            gc_wake: tokio::sync::Notify::new(),
         });
-        // A short lease so that a crashed replica's retention duty moves on within seconds.
-        let leader = Arc::new(Leader::new(
-            client,
-            &self.api_config.lease_namespace,
-            "loraplane-api-retention",
-            &identity,
-            Duration::from_secs(3),
-        ));
-        let resync = Duration::from_secs(self.api_config.limits.gc_resync_seconds.max(1));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| StackError::StartApi(e.to_string()))?;
@@ -448,19 +451,11 @@ impl Stack {
             .map_err(|e| StackError::StartApi(e.to_string()))?;
         let svc =
             router(HttpState::new(app.clone())).into_make_service_with_connect_info::<SocketAddr>();
-        let tasks = vec![
-            tokio::spawn({
-                let leader = leader.clone();
-                async move { leader.run().await }
-            }),
-            tokio::spawn(app::watch_jobs(app.clone())),
-            tokio::spawn(app::retention_loop(app.clone(), leader, resync)),
-            tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, svc).await {
-                    tracing::error!(error = %e, "API replica stopped serving");
-                }
-            }),
-        ];
+        let tasks = vec![tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, svc).await {
+                tracing::error!(error = %e, "API replica stopped serving");
+            }
+        })];
         let url = format!("http://{addr}");
         self.apis.push(ApiReplica {
             identity,

@@ -76,17 +76,47 @@ async fn eea_order_survives_spot_preemption_and_leaves_nothing_after_retention()
     // Data stayed in the EEA buckets.
     assert!(objs.iter().all(|o| !o.contains("us-east")), "{objs:?}");
 
-    // After retention: no claim, no S3 object, the links answer 410, the audit Event stays.
+    // After retention nothing of the job is left: no job object (the customer's text went
+    // with it), no Secret, no pod, no claim, no S3 object; the links answer 404. What stays is
+    // the audit record, without personal data.
     let left = &report.after_retention;
+    assert!(!left.job_exists, "the job object outlived its retention");
+    assert!(
+        !left.secret_exists,
+        "the trainer-config Secret outlived the job"
+    );
+    assert!(left.pods.is_empty(), "{:?}", left.pods);
     assert!(left.claims.is_empty(), "{:?}", left.claims);
     assert!(left.objects.is_empty(), "{:?}", left.objects);
-    assert_eq!(report.artifacts_status_after_retention, 410);
-    assert!(left.job_exists);
+    assert_eq!(report.artifacts_status_after_retention, 404);
+    let record = &report.audit_record;
+    assert_eq!(record["reason"], "retention");
+    assert_eq!(record["tenant"], "orders");
+    assert_eq!(record["phase"], "Succeeded");
     assert!(
-        left.events.iter().any(|(r, _)| r == "RetentionExpired"),
-        "{:?}",
-        left.events
+        record["regions"].as_str().unwrap().contains("eu-"),
+        "{record:?}"
     );
+    assert!(
+        record["bytesDeleted"]
+            .as_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            > 0
+    );
+    let text = serde_json::to_string(record).unwrap();
+    for private in [
+        "zxqcat",
+        "Mimi",
+        report.placed.job.as_str(),
+        report.placed.uid.as_str(),
+    ] {
+        assert!(
+            !text.contains(private),
+            "{private} in the audit record {text}"
+        );
+    }
     eprintln!("journey wall time: {:.1} s", t0.elapsed().as_secs_f64());
     stack.shutdown().await;
 }

@@ -16,24 +16,31 @@ fn report(name: &str, t0: Instant) {
 }
 
 async fn wait_settled_empty(stack: &Stack, placed: &journey::Placed) -> journey::Leftovers {
-    // Pods are deleted gracefully and their processes stop on their own schedule: wait until
-    // nothing of the job runs, then look twice, a second apart, so a late writer would show.
-    stack
-        .wait_for(
-            Duration::from_secs(30),
-            "the job's pods to be gone",
-            || async {
-                let pods = stack.pods_of(&placed.uid).await?;
-                Ok(pods.is_empty().then_some(()))
-            },
-        )
-        .await
-        .unwrap();
+    // The operator deletes the job object last, once its pods have stopped and its data is
+    // gone, and writes the audit record just before: wait for both, then look twice, a second
+    // apart, so a late writer (a trainer outliving the sweep) would show.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = journey::leftovers(stack, placed).await.unwrap();
+        if !left.job_exists && !left.audit_records.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job was not purged within 30 s: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let first = journey::leftovers(stack, placed).await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let second = journey::leftovers(stack, placed).await.unwrap();
     assert_eq!(first.objects, second.objects);
+    assert!(second.pods.is_empty(), "{:?}", second.pods);
+    assert!(
+        !second.secret_exists,
+        "the trainer-config Secret is deleted"
+    );
     second
 }
 
@@ -95,17 +102,19 @@ async fn zero_retention_order_keeps_no_inputs_and_outputs_only_for_the_delivery_
         done.status.as_ref().unwrap().artifacts.len()
     );
 
-    journey::wait_retention(&stack, &placed.job, &mut tl)
+    let record = journey::wait_retention(&stack, &placed, &mut tl)
         .await
         .unwrap();
+    assert_eq!(record["reason"], "retention");
     let left = journey::leftovers(&stack, &placed).await.unwrap();
     assert!(left.objects.is_empty(), "{:?}", left.objects);
     assert!(left.claims.is_empty());
+    assert!(!left.job_exists && !left.secret_exists && left.pods.is_empty());
     let gone = stack
         .api("GET", &format!("/v1/jobs/{}/artifacts", placed.job), None)
         .await
         .unwrap();
-    assert_eq!(gone.status, 410);
+    assert_eq!(gone.status, 404);
     report("zero_retention", t0);
     stack.shutdown().await;
 }
@@ -143,25 +152,22 @@ async fn refund_mid_training_stops_the_trainer_and_erases_the_order() {
     );
     assert!(left.claims.is_empty(), "{:?}", left.claims);
     assert!(left.objects.is_empty(), "{:?}", left.objects);
-    // The audit trail: an erasure record without personal data, and an Event.
-    assert_eq!(left.erasure_records.len(), 1);
-    let rec = &left.erasure_records[0];
+    // The audit trail: the operator's record, without personal data.
+    assert_eq!(left.audit_records.len(), 1);
+    let rec = &left.audit_records[0];
     assert_eq!(rec["reason"], "refund");
-    assert!(rec.contains_key("erasedAt"));
+    assert_eq!(rec["phase"], "Cancelled");
+    assert!(rec.contains_key("erasureRequestedAt") && rec.contains_key("deletedAt"));
     let rec_text = serde_json::to_string(rec).unwrap();
     for private in [
         "zxqcat",
         "Mimi",
         "customer@example.com",
         &order.payment_intent,
+        &placed.job,
     ] {
         assert!(!rec_text.contains(private), "{private} in {rec_text}");
     }
-    assert!(
-        left.events.iter().any(|(r, _)| r == "Erased"),
-        "{:?}",
-        left.events
-    );
     // The customer's view: the job is gone, and a replayed checkout does not bring it back.
     let view = stack
         .api("GET", &format!("/v1/jobs/{}", placed.job), None)
@@ -212,19 +218,24 @@ async fn erasure_request_deletes_every_byte_and_keeps_an_audit_record() {
         .api("DELETE", &format!("/v1/jobs/{}", placed.job), None)
         .await
         .unwrap();
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    assert_eq!(r.json()["erased"], true);
-    tl.note("erasure", "DELETE /v1/jobs/{id} answered 200");
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["erasureRequested"], true);
+    tl.note("erasure", "DELETE /v1/jobs/{id} answered 202");
 
     let left = wait_settled_empty(&stack, &placed).await;
     assert!(!left.job_exists);
     assert!(left.claims.is_empty(), "{:?}", left.claims);
     assert!(left.objects.is_empty(), "{:?}", left.objects);
-    assert_eq!(left.erasure_records.len(), 1);
-    assert_eq!(left.erasure_records[0]["reason"], "request");
-    let erased_event = left.events.iter().find(|(r, _)| r == "Erased").cloned();
-    let (_, msg) = erased_event.expect("an Erased event");
-    assert!(msg.contains("objects"), "{msg}");
+    assert_eq!(left.audit_records.len(), 1);
+    let rec = &left.audit_records[0];
+    assert_eq!(rec["reason"], "customerRequest");
+    assert_eq!(rec["phase"], "Succeeded");
+    let deleted: u64 = rec["objectsDeleted"].as_str().unwrap().parse().unwrap();
+    assert!(
+        deleted >= before.objects.len() as u64,
+        "{rec:?} vs {:?}",
+        before.objects
+    );
     let links = stack
         .api("GET", &format!("/v1/jobs/{}/artifacts", placed.job), None)
         .await
@@ -373,7 +384,8 @@ async fn api_replica_crash_loses_no_order_and_retention_still_runs() {
             stack.api_identities().join(", ")
         ),
     );
-    // The surviving replica sees the order, serves the download, and takes over retention.
+    // The surviving replica sees the order and serves the download; retention is the
+    // operator's and goes on regardless.
     let view = stack
         .api("GET", &format!("/v1/jobs/{}", placed.job), None)
         .await
@@ -385,12 +397,13 @@ async fn api_replica_crash_loses_no_order_and_retention_still_runs() {
     journey::download_loras(&stack, &placed.job, &mut tl)
         .await
         .unwrap();
-    journey::wait_retention(&stack, &placed.job, &mut tl)
+    journey::wait_retention(&stack, &placed, &mut tl)
         .await
         .unwrap();
     let left = journey::leftovers(&stack, &placed).await.unwrap();
     assert!(left.objects.is_empty(), "{:?}", left.objects);
     assert!(left.claims.is_empty());
+    assert!(!left.job_exists);
     report("api_replica_crash", t0);
     stack.shutdown().await;
 }

@@ -108,14 +108,10 @@ async fn run(args: &Args) -> Result<(), String> {
         Ok(report) => {
             rule("what an auditor sees afterwards");
             let left = &report.after_retention;
-            println!(
-                "job object          {}",
-                if left.job_exists {
-                    "kept (status only; the customer's text goes with erasure)"
-                } else {
-                    "gone"
-                }
-            );
+            let gone = |exists: bool| if exists { "LEFT" } else { "gone" };
+            println!("job object          {}", gone(left.job_exists));
+            println!("trainer Secret      {}", gone(left.secret_exists));
+            println!("pods                {}", left.pods.len());
             println!(
                 "attempts            {}",
                 report
@@ -143,11 +139,27 @@ async fn run(args: &Args) -> Result<(), String> {
                 "artifact links      HTTP {}",
                 report.artifacts_status_after_retention
             );
-            for (reason, message) in &left.events {
-                if reason == "RetentionExpired" || reason == "Erased" {
-                    println!("audit event         {reason}: {message}");
-                }
-            }
+            let field = |k: &str| {
+                report
+                    .audit_record
+                    .get(k)
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("")
+                    .to_string()
+            };
+            println!(
+                "audit record        reason {}, tenant {}, regions {}, {} objects / {} bytes deleted at {}, kept until {}",
+                field("reason"),
+                field("tenant"),
+                field("regions"),
+                field("objectsDeleted"),
+                field("bytesDeleted"),
+                field("deletedAt"),
+                field("keepUntil")
+            );
+            println!(
+                "                    (kubectl -n loraplane-system get configmaps -l loraplane.io/record=job-audit)"
+            );
             let residency_ok = report
                 .attempts
                 .iter()
@@ -157,7 +169,12 @@ async fn run(args: &Args) -> Result<(), String> {
                 .last()
                 .and_then(|a| a.resumed_from_step)
                 .unwrap_or(0);
-            if !left.objects.is_empty() || !left.claims.is_empty() {
+            if !left.objects.is_empty()
+                || !left.claims.is_empty()
+                || left.job_exists
+                || left.secret_exists
+                || !left.pods.is_empty()
+            {
                 Err(format!(
                     "retention left data behind: {:?} {:?}",
                     left.claims, left.objects

@@ -226,7 +226,7 @@ async fn journey_on(
     journey::download_loras(ends, &placed.job, &mut tl)
         .await
         .map_err(step)?;
-    journey::wait_retention(ends, &placed.job, &mut tl)
+    journey::wait_retention(ends, &placed, &mut tl)
         .await
         .map_err(step)?;
     let left = journey::leftovers(ends, &placed).await.map_err(step)?;
@@ -239,7 +239,8 @@ async fn journey_on(
             left.live_pods
         ),
     );
-    if !left.claims.is_empty() || !left.objects.is_empty() || left.live_pods > 0 {
+    if left.job_exists || !left.claims.is_empty() || !left.objects.is_empty() || left.live_pods > 0
+    {
         return Err(step(format!(
             "retention left data behind: claims {:?}, objects {:?}, pods {:?}",
             left.claims, left.objects, left.pods

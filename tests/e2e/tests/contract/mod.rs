@@ -9,6 +9,7 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -97,7 +98,6 @@ fn api_config() -> loraplane_api::config::ApiConfig {
     loraplane_api::config::ApiConfig::from_yaml(&format!(
         r#"
 stripeNamespace: {ORDERS_NS}
-leaseNamespace: {RELEASE_NS}
 plans:
   basic: {{retention: standard, keepInputsSeconds: 3600, keepOutputsSeconds: 7200, maxSteps: 500}}
   fast: {{retention: standard, keepInputsSeconds: 1, keepOutputsSeconds: 2, maxSteps: 100}}
@@ -115,7 +115,6 @@ limits:
   presignSeconds: 900
   tenantRps: 1000
   ipRps: 1000
-  gcResyncSeconds: 30
 "#,
         sha(ACME),
         sha(STOREFRONT)
@@ -153,7 +152,12 @@ struct Operator {
 }
 
 impl Operator {
-    async fn start(client: Client, platform: PlatformConfig, identity: &str) -> Operator {
+    async fn start(
+        client: Client,
+        platform: PlatformConfig,
+        storage: loraplane_runtime::storage::Storage,
+        identity: &str,
+    ) -> Operator {
         use loraplane_operator::controller::{self, Health};
         let settings =
             loraplane_operator::config::Settings::for_tests(platform, RELEASE_NS, identity);
@@ -172,6 +176,7 @@ impl Operator {
         let task = tokio::spawn(controller::run(
             client,
             settings,
+            storage,
             metrics,
             health.clone(),
             rx,
@@ -406,6 +411,16 @@ pub async fn run() -> Outcome {
             .await
             .unwrap();
     }
+    // An audit record from long ago, which the operator's sweep deletes at start.
+    let expired: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "ltj-audit-expired", "labels": {"loraplane.io/record": "job-audit"}},
+        "data": {"keepUntil": "2020-01-01T00:00:00Z", "reason": "retention"}
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(admin.clone(), RELEASE_NS)
+        .create(&PostParams::default(), &expired)
+        .await
+        .unwrap();
     sim.audit().enable();
 
     let platform = platform(s3.endpoint());
@@ -413,12 +428,31 @@ pub async fn run() -> Outcome {
     let api_client = sim.client_as(API_AGENT).unwrap();
 
     // Two operator replicas: one leads, the other stands by.
-    let op_a = Operator::start(operator_client.clone(), platform.clone(), "op-a").await;
+    let storage = loraplane_runtime::storage::Storage::new(
+        &platform,
+        &loraplane_runtime::storage::S3Credentials {
+            access_key: s3.access_key().into(),
+            secret_key: s3.secret_key().into(),
+        },
+    );
+    let op_a = Operator::start(
+        operator_client.clone(),
+        platform.clone(),
+        storage.clone(),
+        "op-a",
+    )
+    .await;
     wait_until("operator leader", async || {
         op_a.health.leading.load(Ordering::SeqCst)
     })
     .await;
-    let op_b = Operator::start(operator_client.clone(), platform.clone(), "op-b").await;
+    let op_b = Operator::start(
+        operator_client.clone(),
+        platform.clone(),
+        storage.clone(),
+        "op-b",
+    )
+    .await;
     wait_until("standby operator ready", async || {
         op_b.health.ready.load(Ordering::SeqCst)
     })
@@ -427,13 +461,7 @@ pub async fn run() -> Outcome {
     // The API as `loraplane-api` runs it: HTTP, the job watch and the leader-elected GC.
     let app = Arc::new(loraplane_api::app::App {
         kube: api_client.clone(),
-        storage: loraplane_api::storage::Storage::new(
-            &platform,
-            &loraplane_api::storage::S3Credentials {
-                access_key: s3.access_key().into(),
-                secret_key: s3.secret_key().into(),
-            },
-        ),
+        storage: storage.clone(),
         config: api_config(),
         platform: platform.clone(),
         secrets: loraplane_api::app::Secrets {
@@ -441,27 +469,8 @@ pub async fn run() -> Outcome {
             id_key: b"contract-id-key".to_vec(),
         },
         metrics: loraplane_api::metrics::Metrics::new().unwrap(),
-        gc_wake: tokio::sync::Notify::new(),
     });
-    let leader = Arc::new(loraplane_api::leader::Leader::new(
-        api_client.clone(),
-        RELEASE_NS,
-        "loraplane-api-retention",
-        "api-a",
-        Duration::from_secs(15),
-    ));
-    let mut background = vec![
-        tokio::spawn({
-            let leader = leader.clone();
-            async move { leader.run().await }
-        }),
-        tokio::spawn(loraplane_api::app::watch_jobs(app.clone())),
-        tokio::spawn(loraplane_api::app::retention_loop(
-            app.clone(),
-            leader,
-            Duration::from_secs(30),
-        )),
-    ];
+    let mut background = Vec::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let api_addr = listener.local_addr().unwrap();
     let svc = loraplane_api::http::router(loraplane_api::http::HttpState::new(app.clone()))
@@ -517,14 +526,16 @@ pub async fn run() -> Outcome {
         "{:?}",
         st.attempts
     );
-    // Retention: the plan keeps inputs 1 s and outputs 2 s after completion.
-    wait_job(&admin, ORDERS_NS, &a, "retention deletions", |j| {
+    // Retention: the plan keeps inputs 1 s and outputs 2 s after completion; then the operator
+    // deletes the job, purges what is left and writes the audit record.
+    wait_job(&admin, ORDERS_NS, &a, "inputs deleted", |j| {
         j.status
             .as_ref()
             .and_then(|s| s.retention.as_ref())
-            .is_some_and(|r| r.inputs_deleted_at.is_some() && r.outputs_deleted_at.is_some())
+            .is_some_and(|r| r.inputs_deleted_at.is_some())
     })
     .await;
+    wait_gone(&admin, ORDERS_NS, &a).await;
 
     // A service-API order: created, running, cancelled, then erased on request.
     let upload = api.upload(ACME).await;
@@ -560,10 +571,26 @@ pub async fn run() -> Outcome {
     let (status, body) = api
         .call("DELETE", &format!("/v1/jobs/{b}"), ACME, None)
         .await;
-    assert_eq!(status, 200, "{body}");
+    assert_eq!(status, 202, "{body}");
     wait_gone(&admin, TENANT_NS, &b).await;
+    let records =
+        Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(admin.clone(), RELEASE_NS)
+            .list(&ListParams::default().labels("loraplane.io/record=job-audit"))
+            .await
+            .unwrap()
+            .items;
+    let reasons: BTreeSet<String> = records
+        .iter()
+        .filter_map(|r| r.data.as_ref()?.get("reason").cloned())
+        .collect();
+    assert_eq!(
+        reasons,
+        BTreeSet::from(["retention".to_string(), "customerRequest".to_string()]),
+        "one record per deleted job, the expired one swept: {records:?}"
+    );
 
-    // A dispute erases finished job A; a refund of an unknown payment leaves a tombstone.
+    // A dispute of job A, whose retention already deleted it, and a refund of an unknown
+    // payment: tombstones only.
     let ack = api
         .webhook(
             &json!({"id": "evt_dispute", "type": "charge.dispute.created",
@@ -571,8 +598,7 @@ pub async fn run() -> Outcome {
                                 "payment_intent": "pi_contract"}}}),
         )
         .await;
-    assert_eq!(ack["outcome"], "erased", "{ack}");
-    wait_gone(&admin, ORDERS_NS, &a).await;
+    assert_eq!(ack["outcome"], "tombstoned", "{ack}");
     let ack = api
         .webhook(&json!({"id": "evt_refund", "type": "charge.refunded",
             "data": {"object": {"id": "ch_2", "object": "charge", "refunded": true,

@@ -8,7 +8,7 @@ use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region, RequestChecksumCa
 use aws_sdk_s3::presigning::PresigningConfig;
 use loraplane_crds::platform::{Buckets, PlatformConfig};
 
-/// Static S3 credentials of the API.
+/// Static S3 credentials of a service (the operator's or the API's).
 #[derive(Clone)]
 pub struct S3Credentials {
     /// Access key id.
@@ -123,7 +123,7 @@ impl Storage {
                     creds.secret_key.clone(),
                     None,
                     None,
-                    "loraplane-api",
+                    "loraplane",
                 ))
                 .force_path_style(r.s3.force_path_style)
                 // Presigned PUTs must be usable by any HTTP client, which will not add
@@ -160,6 +160,11 @@ impl Storage {
                 || r.buckets.checkpoints == bucket
                 || r.buckets.outputs == bucket
         })
+    }
+
+    /// Whether `bucket` is some region's dataset bucket.
+    pub fn is_dataset_bucket(&self, bucket: &str) -> bool {
+        self.regions.values().any(|r| r.buckets.datasets == bucket)
     }
 
     /// A presigned PUT URL.
@@ -302,6 +307,41 @@ impl Storage {
             .await
             .map_err(|e| StorageError::PutTagging(err_text(&e)))?;
         Ok(())
+    }
+
+    /// Deletes one object (of whichever region owns the bucket); a missing object is no error.
+    pub async fn delete_object(&self, bucket: &str, key: &str) -> Result<Deleted, StorageError> {
+        let Some(store) = self.region_of_bucket(bucket) else {
+            return Err(StorageError::UnknownRegion(bucket.to_string()));
+        };
+        let size = match store
+            .client
+            .head_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(h) => h.content_length().unwrap_or(0).max(0) as u64,
+            Err(e) => {
+                if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) {
+                    return Ok(Deleted::default());
+                }
+                return Err(StorageError::GetObject(err_text(&e)));
+            }
+        };
+        store
+            .client
+            .delete_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| StorageError::DeleteObject(err_text(&e)))?;
+        Ok(Deleted {
+            objects: 1,
+            bytes: size,
+        })
     }
 
     /// Deletes every object under `prefix` in `bucket` (of whichever region owns the bucket).

@@ -1,6 +1,5 @@
-//! Leader election through a `coordination.k8s.io/v1` Lease, shared by the operator (only the
-//! holder reconciles and writes status) and the API (only the holder runs the retention
-//! loop), so two replicas of either are safe. The Lease is taken and renewed with optimistic concurrency (replace
+//! Leader election through a `coordination.k8s.io/v1` Lease: only the operator replica that
+//! holds it reconciles jobs, writes status and deletes data, so two replicas are safe. The Lease is taken and renewed with optimistic concurrency (replace
 //! with the read `resourceVersion`), so of two replicas racing for an expired Lease exactly one
 //! wins. A leader that cannot renew within the lease duration steps down before anyone else
 //! may take over (it stops at two thirds of the duration).
