@@ -20,15 +20,22 @@
 //!  target/release/examples/operator-bench --jobs 10000 --json operator-bench.json`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "bench_cluster/mod.rs"]
+mod bench_cluster;
+
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
+use bench_cluster::{
+    GPUS_PER_NODE, NODES_PER_POOL, POOLS_PER_REGION, REGIONS, percentile, platform_yaml, topology,
+    vm_hwm_kib,
+};
 use clap::Parser;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube_sim::cluster::{KubeletConfig, Script, ScriptRule, Topology};
+use kube_sim::cluster::{KubeletConfig, Script, ScriptRule};
 use kube_sim::{KubeSim, SimConfig};
 use loraplane_crds::LoRATrainingJob;
 
@@ -63,68 +70,25 @@ struct Args {
     audit: bool,
 }
 
-const REGIONS: [(&str, &str); 3] = [("eu-west", "eea"), ("eu-north", "eea"), ("us-east", "us")];
-const POOLS_PER_REGION: usize = 2;
-const NODES_PER_POOL: usize = 13;
-const GPUS_PER_NODE: usize = 8;
-
-fn topology() -> Topology {
-    let mut yaml = String::from("regions:\n");
-    for (region, j) in REGIONS {
-        yaml.push_str(&format!(
-            "  - name: {region}\n    jurisdiction: {j}\n    pools:\n"
-        ));
-        for kind in ["a", "b"] {
-            yaml.push_str(&format!(
-                "      - name: {region}-{kind}\n        gpuProduct: NVIDIA-L4\n        gpuMemoryGiB: 24\n        gpusPerNode: {GPUS_PER_NODE}\n        instanceType: g6.48xlarge\n        nodes: {NODES_PER_POOL}\n"
-            ));
-        }
-    }
-    Topology::from_yaml(&yaml).unwrap()
-}
-
-fn platform_yaml() -> String {
-    let mut y = String::from("regions:\n");
-    for (region, j) in [("eu-west", "eea"), ("eu-north", "eea"), ("us-east", "us")] {
-        y.push_str(&format!("  - name: {region}\n    jurisdiction: {j}\n    s3: {{endpoint: \"http://127.0.0.1:8333\", region: {region}, forcePathStyle: true}}\n    buckets: {{datasets: datasets-{region}, checkpoints: checkpoints-{region}, outputs: outputs-{region}}}\n"));
-    }
-    y.push_str("pools:\n");
-    for (i, region) in ["eu-west", "eu-north", "us-east"].iter().enumerate() {
-        for kind in ["a", "b"] {
-            y.push_str(&format!("  - name: {region}-{kind}\n    region: {region}\n    nodeSelector: {{loraplane.io/node-pool: {region}-{kind}}}\n    gpuProduct: NVIDIA-L4\n    gpuMemoryGib: 24\n    hourlyPrice: {}\n", 1.0 + i as f64));
-        }
-    }
-    y.push_str("families:\n  - family: sdxl\n    minGpuMemoryGib: 16\n    weights: /models/sdxl\n    trainerImage: trainer:bench\n");
-    y
-}
-
 fn job(i: usize) -> LoRATrainingJob {
     let residency = ["eea", "any", "us"][i % 3];
+    // The dataset lies in a bucket of a region the residency allows, or the job fails at once.
+    let data_region = if residency == "us" {
+        "us-east"
+    } else {
+        "eu-west"
+    };
     serde_json::from_value(serde_json::json!({
         "apiVersion": "loraplane.io/v1alpha1", "kind": "LoRATrainingJob",
         "metadata": {"name": format!("bench-{i}"), "namespace": "default"},
         "spec": {
             "baseModel": {"family": "sdxl"},
             "concept": {"type": "style", "triggerWord": "zxq"},
-            "dataset": {"uri": "s3://datasets-eu-west/d.zip", "sha256": "a".repeat(64)},
+            "dataset": {"uri": format!("s3://datasets-{data_region}/d.zip"), "sha256": "a".repeat(64)},
             "placement": {"residency": residency},
         }
     }))
     .unwrap()
-}
-
-fn vm_hwm_kib(pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
 }
 
 /// What one phase measured.
@@ -173,8 +137,12 @@ async fn run_phase(args: &Args, n: usize, rate: Option<f64>) -> PhaseResult {
     std::fs::create_dir_all(&dir).unwrap();
     let kubeconfig = dir.join("kubeconfig");
     sim.write_kubeconfig(&kubeconfig).unwrap();
-    let config = dir.join("platform.yaml");
-    std::fs::write(&config, platform_yaml()).unwrap();
+    let (mut child, pid) = bench_cluster::start_operator(
+        &dir,
+        &kubeconfig,
+        &platform_yaml("http://127.0.0.1:8333"),
+        ("bench", "bench"),
+    );
     let secret: Secret = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "loraplane-s3-credentials"},
         "stringData": {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}
@@ -184,35 +152,6 @@ async fn run_phase(args: &Args, n: usize, rate: Option<f64>) -> PhaseResult {
         .create(&PostParams::default(), &secret)
         .await
         .unwrap();
-
-    let exe = std::env::current_exe().unwrap();
-    let operator_bin = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .unwrap()
-        .join("loraplane-operator");
-    let mut child = tokio::process::Command::new(&operator_bin)
-        .args([
-            "--config",
-            config.to_str().unwrap(),
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--leader-election-namespace",
-            "default",
-            "--log-format",
-            "json",
-        ])
-        .env("KUBECONFIG", &kubeconfig)
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot start {} (build it with --bins): {e}",
-                operator_bin.display()
-            )
-        });
-    let pid = child.id().unwrap();
 
     // Pod watch: first pod per job.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();

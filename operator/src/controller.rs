@@ -374,6 +374,9 @@ async fn reconcile_inner(
     let candidates = placement::rank(&job.spec, &settings.platform, &capacity, &tried)
         .map_err(|e| e.to_string());
 
+    let data_location =
+        placement::check_data_location(&job.spec, &settings.platform).map_err(|e| e.to_string());
+
     // Step 2: decide.
     let now = Timestamp::now();
     let plan = status::decide(&Inputs {
@@ -381,6 +384,7 @@ async fn reconcile_inner(
         pod: view,
         candidates,
         log,
+        data_location,
         defaults: &settings.platform.defaults,
         now,
         progress_interval: settings.progress_interval,

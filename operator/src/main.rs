@@ -51,7 +51,7 @@ async fn main() -> ExitCode {
     };
     // The operator deletes jobs' data in S3 (retention, erasure): it holds the credentials the
     // chart gives it from the S3 Secret; trainer pods get their own access.
-    let creds = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"].map(|k| std::env::var(k));
+    let creds = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"].map(std::env::var);
     let [Ok(access_key), Ok(secret_key)] = creds else {
         eprintln!(
             "loraplane-operator: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set (the chart takes them from the S3 credentials Secret)"

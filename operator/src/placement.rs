@@ -66,6 +66,110 @@ pub fn required_gpu_memory_gib(
     Ok(family.min_gpu_memory_gib.max(asked))
 }
 
+/// Why a job's data may not be used where it lies. Each message names the rule broken (the
+/// `BadInput` condition carries it); none quotes customer text (bucket names, region names
+/// and the configured weights locations only).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DataLocationError {
+    /// `spec.dataset.uri` is not in any region's dataset bucket.
+    #[error(
+        "spec.dataset.uri must lie in a configured dataset bucket; bucket {bucket:?} is none of them"
+    )]
+    DatasetOutsideBuckets {
+        /// The bucket the URI names.
+        bucket: String,
+    },
+    /// The dataset's bucket is in a region the residency does not allow.
+    #[error(
+        "the dataset lies in region {region} ({jurisdiction}), which residency {residency} does not allow"
+    )]
+    DatasetOutsideResidency {
+        /// The bucket's region.
+        region: String,
+        /// Its jurisdiction.
+        jurisdiction: String,
+        /// The job's residency.
+        residency: String,
+    },
+    /// `spec.dataset.region` names another region than the one whose bucket holds it.
+    #[error("spec.dataset.region is {claimed} but the dataset's bucket belongs to region {actual}")]
+    DatasetRegionMismatch {
+        /// What the spec says.
+        claimed: String,
+        /// Where the bucket is.
+        actual: String,
+    },
+    /// `spec.baseModel.weights` is outside every configured weights location.
+    #[error(
+        "spec.baseModel.weights must lie under a configured model location ({allowed}); {weights:?} does not"
+    )]
+    WeightsOutsideModelLocations {
+        /// The job's weights location.
+        weights: String,
+        /// The configured locations.
+        allowed: String,
+    },
+}
+
+/// Checks that the job's data lies where its residency allows, in buckets the platform owns:
+/// the dataset in a configured dataset bucket of a region whose jurisdiction the residency
+/// allows (retention later deletes by that location, so it must be ours), and explicit base
+/// weights under one of the families' configured weights locations.
+pub fn check_data_location(
+    spec: &LoRATrainingJobSpec,
+    config: &PlatformConfig,
+) -> Result<(), DataLocationError> {
+    let bucket = spec
+        .dataset
+        .uri
+        .strip_prefix("s3://")
+        .and_then(|rest| rest.split_once('/'))
+        .map_or("", |(b, _)| b);
+    let region = config
+        .regions
+        .iter()
+        .find(|r| r.buckets.datasets == bucket)
+        .ok_or_else(|| DataLocationError::DatasetOutsideBuckets {
+            bucket: bucket.to_string(),
+        })?;
+    if !region.jurisdiction.allows(spec.placement.residency) {
+        return Err(DataLocationError::DatasetOutsideResidency {
+            region: region.name.clone(),
+            jurisdiction: format!("{:?}", region.jurisdiction).to_lowercase(),
+            residency: format!("{:?}", spec.placement.residency).to_lowercase(),
+        });
+    }
+    if let Some(claimed) = &spec.dataset.region
+        && *claimed != region.name
+    {
+        return Err(DataLocationError::DatasetRegionMismatch {
+            claimed: claimed.clone(),
+            actual: region.name.clone(),
+        });
+    }
+    if let Some(weights) = &spec.base_model.weights {
+        let under = |root: &str| {
+            let root = root.trim_end_matches('/');
+            weights == root
+                || weights
+                    .strip_prefix(root)
+                    .is_some_and(|rest| rest.starts_with('/'))
+        };
+        if !config.families.iter().any(|f| under(&f.weights)) {
+            return Err(DataLocationError::WeightsOutsideModelLocations {
+                weights: weights.clone(),
+                allowed: config
+                    .families
+                    .iter()
+                    .map(|f| f.weights.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Whether a pool may ever host the job: residency, allow-list, GPU and spot policy.
 fn eligible(
     spec: &LoRATrainingJobSpec,
@@ -334,6 +438,56 @@ pub(crate) mod tests {
 
     fn names(c: &[Candidate]) -> Vec<&str> {
         c.iter().map(|c| c.pool.as_str()).collect()
+    }
+
+    #[test]
+    fn the_data_must_lie_in_our_buckets_where_the_residency_allows() {
+        let cfg = platform();
+        assert_eq!(check_data_location(&spec(Residency::Eea), &cfg), Ok(()));
+        let mut us_data = spec(Residency::Eea);
+        us_data.dataset.uri = "s3://datasets-us-east/a.zip".into();
+        let err = check_data_location(&us_data, &cfg).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the dataset lies in region us-east (us), which residency eea does not allow"
+        );
+        us_data.placement.residency = Residency::Any;
+        assert_eq!(check_data_location(&us_data, &cfg), Ok(()));
+        let mut foreign = spec(Residency::Any);
+        foreign.dataset.uri = "s3://someone-elses-bucket/a.zip".into();
+        assert!(matches!(
+            check_data_location(&foreign, &cfg),
+            Err(DataLocationError::DatasetOutsideBuckets { .. })
+        ));
+        // A checkpoint bucket is ours, but not a dataset bucket: retention would delete there.
+        foreign.dataset.uri = "s3://checkpoints-eu-west/a.zip".into();
+        assert!(check_data_location(&foreign, &cfg).is_err());
+        let mut lying = spec(Residency::Eea);
+        lying.dataset.region = Some("eu-north".into());
+        assert!(matches!(
+            check_data_location(&lying, &cfg),
+            Err(DataLocationError::DatasetRegionMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn explicit_weights_must_lie_under_a_configured_model_location() {
+        let cfg = platform();
+        let mut s = spec(Residency::Eea);
+        for ok in ["/models/sdxl", "/models/sdxl/", "/models/sd15/finetune-a"] {
+            s.base_model.weights = Some(ok.into());
+            assert_eq!(check_data_location(&s, &cfg), Ok(()), "{ok}");
+        }
+        for bad in ["/models/sdxl-evil", "s3://elsewhere/sdxl", "/etc"] {
+            s.base_model.weights = Some(bad.into());
+            assert!(
+                matches!(
+                    check_data_location(&s, &cfg),
+                    Err(DataLocationError::WeightsOutsideModelLocations { .. })
+                ),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

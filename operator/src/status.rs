@@ -210,6 +210,9 @@ pub struct Inputs<'a> {
     pub candidates: Result<Vec<Candidate>, String>,
     /// The trainer's log tail, when read.
     pub log: Option<LogProgress>,
+    /// Whether the job's data lies where its residency allows (`placement::check_data_location`);
+    /// a job whose data does not fails as bad input before any pod.
+    pub data_location: Result<(), String>,
     /// Platform defaults.
     pub defaults: &'a Defaults,
     /// The clock.
@@ -694,6 +697,17 @@ pub fn decide(inputs: &Inputs<'_>) -> Plan {
     {
         terminal = Some((Phase::Cancelled, why, message.to_string()));
     }
+    // Data in the wrong place is refused before the first pod could read it.
+    if terminal.is_none()
+        && st.attempts.is_empty()
+        && let Err(rule) = &inputs.data_location
+    {
+        terminal = Some((
+            Phase::Failed,
+            reason::BAD_INPUT,
+            format!("the job's data is not where it may be used: {rule}"),
+        ));
+    }
 
     // Step 3: terminal outcomes.
     if let Some((phase, why, message)) = terminal {
@@ -980,6 +994,7 @@ mod tests {
                 pod,
                 candidates: cands(&[("eu-west-l4", "eu-west"), ("eu-north-a100", "eu-north")]),
                 log,
+                data_location: Ok(()),
                 defaults: &self.defaults,
                 now: at(now),
                 progress_interval: Duration::from_secs(10),
@@ -1303,6 +1318,66 @@ mod tests {
     }
 
     #[test]
+    fn data_outside_the_residency_fails_as_bad_input_before_any_pod() {
+        let r = Run::new(Residency::Eea);
+        let plan = decide(&Inputs {
+            job: &r.job,
+            pod: None,
+            candidates: cands(&[("eu-west-l4", "eu-west")]),
+            log: None,
+            data_location: Err(
+                "the dataset lies in region us-east (us), which residency eea does not allow"
+                    .into(),
+            ),
+            defaults: &r.defaults,
+            now: at(0),
+            progress_interval: Duration::from_secs(10),
+        });
+        assert!(plan.create.is_none(), "no pod may read the data");
+        assert_eq!(plan.status.phase, Some(Phase::Failed));
+        let failed = plan
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Failed")
+            .unwrap();
+        assert_eq!(failed.reason, "BadInput");
+        assert!(
+            failed.message.contains("residency eea does not allow"),
+            "{}",
+            failed.message
+        );
+        assert!(plan.requeue.is_none());
+    }
+
+    #[test]
+    fn a_stop_request_ends_the_attempt_and_no_attempt_follows() {
+        for (erase, why) in [(false, "CancelRequested"), (true, "ErasureRequested")] {
+            let mut r = Run::new(Residency::Eea);
+            r.step(0, None, None);
+            r.step(5, Some(pod("order-1-a0", PodPhase::Running)), None);
+            if erase {
+                r.job.spec.erasure = Some(loraplane_crds::v1alpha1::ErasureRequest {
+                    requested_at: Time(at(6)),
+                    reason: loraplane_crds::v1alpha1::ErasureReason::Refund,
+                });
+            } else {
+                r.job.spec.cancel = true;
+            }
+            let plan = r.step(7, Some(pod("order-1-a0", PodPhase::Running)), None);
+            assert_eq!(plan.delete_pod.as_deref(), Some("order-1-a0"));
+            assert!(plan.create.is_none());
+            assert_eq!(r.status().phase, Some(Phase::Cancelled));
+            assert_eq!(r.cond("Cancelled").reason, why);
+            assert_eq!(r.status().attempts[0].reason.as_deref(), Some(why));
+            // Whatever happens next, nothing starts again.
+            let plan = r.step(60, None, None);
+            assert!(plan.create.is_none());
+            assert_eq!(r.status().attempts.len(), 1);
+        }
+    }
+
+    #[test]
     fn an_unknown_family_fails_once_and_no_pool_waits() {
         let mut r = Run::new(Residency::Eea);
         let plan = decide(&Inputs {
@@ -1310,6 +1385,7 @@ mod tests {
             pod: None,
             candidates: Err("model family sdxl is not configured on this platform".into()),
             log: None,
+            data_location: Ok(()),
             defaults: &r.defaults,
             now: at(0),
             progress_interval: Duration::from_secs(10),
@@ -1321,6 +1397,7 @@ mod tests {
             pod: None,
             candidates: Ok(vec![]),
             log: None,
+            data_location: Ok(()),
             defaults: &r.defaults,
             now: at(0),
             progress_interval: Duration::from_secs(10),
@@ -1403,6 +1480,7 @@ mod tests {
                     pod,
                     candidates,
                     log: None,
+                    data_location: Ok(()),
                     defaults: &r.defaults,
                     now: at(t),
                     progress_interval: Duration::from_secs(10),

@@ -52,8 +52,20 @@ async fn happy_path_reaches_succeeded_with_progress_and_locked_down_pod() {
         assert!(!text.contains("zxqsecret") && !text.contains("private description"));
         let spec = pods[0].spec.as_ref().unwrap();
         assert_eq!(spec.automount_service_account_token, Some(false));
-        let pool = &running.status.as_ref().unwrap().placement.as_ref().unwrap().pool;
-        assert!(spec.node_name.as_deref().unwrap().starts_with(pool.as_str()));
+        let pool = &running
+            .status
+            .as_ref()
+            .unwrap()
+            .placement
+            .as_ref()
+            .unwrap()
+            .pool;
+        assert!(
+            spec.node_name
+                .as_deref()
+                .unwrap()
+                .starts_with(pool.as_str())
+        );
 
         let done = wait_job(
             &client,
@@ -504,4 +516,48 @@ async fn active_deadline_fails_a_running_job_and_removes_its_pod() {
     })
     .await
     .expect("test timed out");
+}
+
+/// A job whose dataset lies in a US bucket while its residency is `eea` fails at once as bad
+/// input, naming the rule, and no pod ever exists to read the data.
+#[tokio::test]
+async fn data_outside_the_residency_fails_as_bad_input_with_no_pod() {
+    tokio::time::timeout(LIMIT, async {
+        let sim = start_sim(topology(false), vec![script("trainer:ok", None, 0, 0)]).await;
+        let client = sim.client();
+        let op = Operator::start(client.clone(), platform("trainer:ok", 30), "op-a");
+        let created = create_job(
+            &client,
+            &job(
+                "abroad",
+                serde_json::json!({"dataset": {"uri": "s3://datasets-us-east/d.zip", "sha256": "a".repeat(64)}}),
+            ),
+        )
+        .await;
+        let failed = wait_job(&client, "abroad", Duration::from_secs(20), "Failed", |j| {
+            phase(j) == Some("Failed")
+        })
+        .await;
+        let cond = failed
+            .status
+            .as_ref()
+            .unwrap()
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Failed")
+            .cloned()
+            .unwrap();
+        assert_eq!(cond.reason, "BadInput");
+        assert!(
+            cond.message
+                .contains("the dataset lies in region us-east (us), which residency eea does not allow"),
+            "{}",
+            cond.message
+        );
+        assert!(failed.status.unwrap().attempts.is_empty());
+        assert!(pods_of(&client, &created).await.is_empty());
+        op.stop().await;
+    })
+    .await
+    .expect("test finished in time");
 }

@@ -324,7 +324,10 @@ async fn a_dataset_another_job_reads_outlives_the_first_job() {
         // The same upload, placed elsewhere so both run at once.
         let two = create_job(
             &client,
-            &job("two", serde_json::json!({"placement": {"residency": "eea", "regions": ["eu-north"]}})),
+            &job(
+                "two",
+                serde_json::json!({"placement": {"residency": "eea", "regions": ["eu-north"]}}),
+            ),
         )
         .await;
         s3.seed_job(&one).await;

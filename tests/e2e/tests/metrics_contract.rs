@@ -126,16 +126,32 @@ async fn every_metric_the_chart_queries_is_served_on_live_metrics_endpoints() {
         "{}",
         outcome.api_metrics
     );
-    for what in ["inputs", "outputs", "erasure"] {
+    // Retention (job A: inputs, then the job) and an erasure request (job B), counted where
+    // they happen: the API counts the request, the operator the deletions.
+    for (what, reason) in [
+        ("inputs", "retention"),
+        ("job", "retention"),
+        ("job", "customerRequest"),
+    ] {
         assert!(
             value(
-                &api,
-                "loraplane_api_retention_deletions_total",
-                &[("what", what)]
+                &operator,
+                "loraplane_retention_deletions_total",
+                &[("what", what), ("reason", reason)]
             )
             .is_some_and(|v| v >= 1.0),
-            "no {what} deletion counted:\n{}",
-            outcome.api_metrics
+            "no {what} deletion for {reason} counted:\n{}",
+            outcome.operator_metrics
         );
     }
+    assert_eq!(
+        value(
+            &api,
+            "loraplane_api_erasure_requests_total",
+            &[("reason", "customerRequest")]
+        ),
+        Some(1.0),
+        "{}",
+        outcome.api_metrics
+    );
 }

@@ -355,8 +355,9 @@ async fn operator_restart_during_training_creates_no_duplicate_pod() {
         "{:?}",
         journey::attempts(&done)
     );
+    // One attempt is one pod (pods are named per attempt); finished, it is released.
     let pods = stack.pods_of(&placed.uid).await.unwrap();
-    assert_eq!(pods.len(), 1, "one pod for the whole job");
+    assert!(pods.len() <= 1, "one pod for the whole job: {}", pods.len());
     journey::download_loras(&stack, &placed.job, &mut tl)
         .await
         .unwrap();

@@ -1,0 +1,105 @@
+//! The cluster the operator benchmarks run against: kube-sim's three regions and six pools
+//! (624 simulated GPUs), the matching platform configuration, and the release
+//! `loraplane-operator` binary started as its own process (so its peak RSS is its own).
+//! Shared by `operator-bench` (admission) and `lifecycle-bench` (erasure and retention).
+
+#![allow(dead_code)]
+
+use std::path::Path;
+
+use kube_sim::cluster::Topology;
+
+pub const REGIONS: [(&str, &str); 3] = [("eu-west", "eea"), ("eu-north", "eea"), ("us-east", "us")];
+pub const POOLS_PER_REGION: usize = 2;
+pub const NODES_PER_POOL: usize = 13;
+pub const GPUS_PER_NODE: usize = 8;
+
+pub fn topology() -> Topology {
+    let mut yaml = String::from("regions:\n");
+    for (region, j) in REGIONS {
+        yaml.push_str(&format!(
+            "  - name: {region}\n    jurisdiction: {j}\n    pools:\n"
+        ));
+        for kind in ["a", "b"] {
+            yaml.push_str(&format!(
+                "      - name: {region}-{kind}\n        gpuProduct: NVIDIA-L4\n        gpuMemoryGiB: 24\n        gpusPerNode: {GPUS_PER_NODE}\n        instanceType: g6.48xlarge\n        nodes: {NODES_PER_POOL}\n"
+            ));
+        }
+    }
+    Topology::from_yaml(&yaml).unwrap()
+}
+
+/// The platform configuration of `topology`, every region's S3 at `s3_endpoint`.
+pub fn platform_yaml(s3_endpoint: &str) -> String {
+    let mut y = String::from("regions:\n");
+    for (region, j) in REGIONS {
+        y.push_str(&format!("  - name: {region}\n    jurisdiction: {j}\n    s3: {{endpoint: \"{s3_endpoint}\", region: {region}, forcePathStyle: true}}\n    buckets: {{datasets: datasets-{region}, checkpoints: checkpoints-{region}, outputs: outputs-{region}}}\n"));
+    }
+    y.push_str("pools:\n");
+    for (i, (region, _)) in REGIONS.iter().enumerate() {
+        for kind in ["a", "b"] {
+            y.push_str(&format!("  - name: {region}-{kind}\n    region: {region}\n    nodeSelector: {{loraplane.io/node-pool: {region}-{kind}}}\n    gpuProduct: NVIDIA-L4\n    gpuMemoryGib: 24\n    hourlyPrice: {}\n", 1.0 + i as f64));
+        }
+    }
+    y.push_str("families:\n  - family: sdxl\n    minGpuMemoryGib: 16\n    weights: /models/sdxl\n    trainerImage: trainer:bench\n");
+    y
+}
+
+/// Starts the release operator next to this example against `kubeconfig`, with
+/// `platform_yaml` and S3 credentials `(access key, secret key)`. Returns it and its pid.
+pub fn start_operator(
+    dir: &Path,
+    kubeconfig: &Path,
+    platform_yaml: &str,
+    (access_key, secret_key): (&str, &str),
+) -> (tokio::process::Child, u32) {
+    let config = dir.join("platform.yaml");
+    std::fs::write(&config, platform_yaml).unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let operator_bin = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .unwrap()
+        .join("loraplane-operator");
+    let child = tokio::process::Command::new(&operator_bin)
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--leader-election-namespace",
+            "default",
+            "--log-format",
+            "json",
+        ])
+        .env("KUBECONFIG", kubeconfig)
+        .env("AWS_ACCESS_KEY_ID", access_key)
+        .env("AWS_SECRET_ACCESS_KEY", secret_key)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start {} (build it with --bins): {e}",
+                operator_bin.display()
+            )
+        });
+    let pid = child.id().unwrap();
+    (child, pid)
+}
+
+/// The peak resident set (VmHWM) of a process, in KiB.
+pub fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The `p` quantile of sorted values (nearest rank).
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
