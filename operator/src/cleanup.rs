@@ -221,18 +221,23 @@ pub async fn delete_data(
                 .await?;
         }
     }
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ids.namespace);
-    let regions: BTreeSet<String> = job
-        .status
-        .iter()
-        .flat_map(|s| s.attempts.iter().map(|a| a.region.clone()))
-        .collect();
-    for region in regions {
-        let name = resources::claim_name(&ids.name, &region);
-        gone_ok(claims.delete(&name, &DeleteParams::default()).await)
-            .map_err(|e| CleanupError::DeleteClaim(name.clone(), e))?;
+    // What the status records as deleted was deleted before it was recorded: the purge skips
+    // it rather than ask the apiserver again.
+    let recorded = job.status.as_ref().and_then(|s| s.retention.as_ref());
+    if recorded.is_none_or(|r| r.inputs_deleted_at.is_none()) {
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ids.namespace);
+        let regions: BTreeSet<String> = job
+            .status
+            .iter()
+            .flat_map(|s| s.attempts.iter().map(|a| a.region.clone()))
+            .collect();
+        for region in regions {
+            let name = resources::claim_name(&ids.name, &region);
+            gone_ok(claims.delete(&name, &DeleteParams::default()).await)
+                .map_err(|e| CleanupError::DeleteClaim(name.clone(), e))?;
+        }
     }
-    if scope == Scope::All {
+    if scope == Scope::All && recorded.is_none_or(|r| r.released_at.is_none()) {
         release(client, ids, &[]).await?;
     }
     Ok(deleted)

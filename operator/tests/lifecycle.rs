@@ -285,20 +285,8 @@ fn condition_of(st: &loraplane_crds::LoRATrainingJobStatus, t: &str) -> Option<S
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_job_removes_its_pod_claim_secret_and_data() {
     tokio::time::timeout(LIMIT, async {
-        let sim = start_sim(topology(false), vec![script("trainer:long", None, 0, 0)]).await;
-        let client = sim.client();
-        let s3 = S3::start().await;
-        let op = Operator::start_with(
-            client.clone(),
-            s3.platform("trainer:long", 30),
-            s3.storage(),
-            "op-a",
-        );
-        let created = create_job(&client, &job("doomed", serde_json::json!({}))).await;
-        wait_job(&client, "doomed", Duration::from_secs(20), "Running", |j| {
-            phase(j) == Some("Running")
-        })
-        .await;
+        let (sim, client, s3, op) = start_with_s3(script("trainer:long", None, 0, 0)).await;
+        let created = create_running(&client, "doomed", serde_json::json!({})).await;
         Api::<LoRATrainingJob>::namespaced(client.clone(), NS)
             .delete("doomed", &DeleteParams::default())
             .await

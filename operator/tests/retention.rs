@@ -203,20 +203,8 @@ async fn retention_deletes_the_inputs_then_the_job_and_every_byte() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn erasure_of_a_running_job_stops_it_first_and_no_attempt_follows() {
     tokio::time::timeout(LIMIT, async {
-        let sim = start_sim(topology(false), vec![script("trainer:long", None, 0, 0)]).await;
-        let client = sim.client();
-        let s3 = S3::start().await;
-        let op = Operator::start_with(
-            client.clone(),
-            s3.platform("trainer:long", 30),
-            s3.storage(),
-            "op-a",
-        );
-        let created = create_job(&client, &job("erased", serde_json::json!({}))).await;
-        wait_job(&client, "erased", Duration::from_secs(20), "Running", |j| {
-            phase(j) == Some("Running")
-        })
-        .await;
+        let (sim, client, s3, op) = start_with_s3(script("trainer:long", None, 0, 0)).await;
+        let created = create_running(&client, "erased", serde_json::json!({})).await;
         s3.seed_job(&created).await;
         request_erasure(&client, "erased", "customerRequest").await;
         let pods = wait_gone(&client, &created, Duration::from_secs(20)).await;
@@ -311,15 +299,7 @@ async fn erasure_with_s3_failing_is_visible_and_completes_after_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dataset_another_job_reads_outlives_the_first_job() {
     tokio::time::timeout(LIMIT, async {
-        let sim = start_sim(topology(false), vec![script("trainer:long", None, 0, 0)]).await;
-        let client = sim.client();
-        let s3 = S3::start().await;
-        let op = Operator::start_with(
-            client.clone(),
-            s3.platform("trainer:long", 30),
-            s3.storage(),
-            "op-a",
-        );
+        let (sim, client, s3, op) = start_with_s3(script("trainer:long", None, 0, 0)).await;
         let one = create_job(&client, &job("one", serde_json::json!({}))).await;
         // The same upload, placed elsewhere so both run at once.
         let two = create_job(

@@ -36,6 +36,13 @@ HEADLINES = [
      "s", "", None),
     ("operator", "creation → pod p99, paced", ["paced.p99_latency_seconds"],
      "s", "< 2", lambda v: v < 2),
+    ("lifecycle", "live jobs beside the lifecycle", ["live_jobs"], "jobs", "", None),
+    ("lifecycle", "erasure, request → nothing left, p50", ["erasure.p50_seconds"], "s", "", None),
+    ("lifecycle", "erasure, request → nothing left, p99", ["erasure.p99_seconds"], "s", "< 10",
+     lambda v: v < 10),
+    ("lifecycle", "operator requests per erasure", ["erasure.apiserver_requests_per_erasure.total"],
+     "requests", "O(1)", None),
+    ("lifecycle", "retention lag p99 (due → job gone)", ["retention.lag_p99_seconds"], "s", "", None),
     ("api", "webhook → CR throughput",
      ["webhook_to_cr.throughput_orders_per_s"], "orders/s", "≥ 2000",
      lambda v: v >= 2000),
@@ -215,7 +222,7 @@ def main() -> None:
         sys.exit(f"report: no benchmark results in {args.results}: run `make bench`")
     settings = ", ".join(
         f"{k}={os.environ[k]}" for k in
-        ["OPERATOR_JOBS", "API_ORDERS", "API_CONCURRENCY", "TRAINER_STEPS"]
+        ["OPERATOR_JOBS", "LIFECYCLE_LIVE_JOBS", "API_ORDERS", "API_CONCURRENCY", "TRAINER_STEPS"]
         if k in os.environ) or "defaults"
     report = {"profile": args.profile, "settings": settings, "machine": machine(),
               "headlines": headlines(benches), "benches": benches}

@@ -470,3 +470,33 @@ pub async fn audit_record(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A job's life with S3: kube-sim running `script`'s image, a SeaweedFS with every bucket,
+/// and an operator that deletes there.
+pub async fn start_with_s3(script: ScriptRule) -> (KubeSim, Client, S3, Operator) {
+    let image = script.image.clone();
+    let sim = start_sim(topology(false), vec![script]).await;
+    let client = sim.client();
+    let s3 = S3::start().await;
+    let op = Operator::start_with(
+        client.clone(),
+        s3.platform(&image, 30),
+        s3.storage(),
+        "op-a",
+    );
+    (sim, client, s3, op)
+}
+
+/// Creates `job(name, extra)` and waits until it trains.
+pub async fn create_running(
+    client: &Client,
+    name: &str,
+    extra: serde_json::Value,
+) -> LoRATrainingJob {
+    let created = create_job(client, &job(name, extra)).await;
+    wait_job(client, name, Duration::from_secs(20), "Running", |j| {
+        phase(j) == Some("Running")
+    })
+    .await;
+    created
+}
