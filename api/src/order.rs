@@ -19,10 +19,9 @@ use sha2::Sha256;
 
 use crate::config::{Plan, parse_residency};
 
-/// Label on a job holding the hashed order id.
-pub const LABEL_ORDER: &str = "loraplane.io/order";
-/// Label on a job holding the hashed payment id (refunds and disputes find jobs by it).
-pub const LABEL_PAYMENT: &str = "loraplane.io/payment";
+/// The job labels the operator reads too (the audit record carries none of them; refunds and
+/// disputes find jobs by the payment's) are defined once, with the other shared label keys.
+pub use loraplane_crds::layout::{LABEL_ORDER, LABEL_PAYMENT};
 /// Label on a tombstone ConfigMap holding the hashed payment (refund, dispute) or order
 /// (erasure) it stands for, so one list finds both an order's tombstones.
 pub const LABEL_TOMBSTONE_OF: &str = "loraplane.io/tombstone-of";

@@ -39,16 +39,9 @@ pub const CONFIG_KEY: &str = "config.json";
 pub const WORK_DIR: &str = "/work";
 /// The termination-message file.
 pub const TERMINATION_MESSAGE_PATH: &str = "/dev/termination-log";
-/// Label holding the job's name.
-pub const LABEL_JOB: &str = "loraplane.io/job";
-/// Label holding the job's uid (what the operator selects its pods by).
-pub const LABEL_JOB_UID: &str = "loraplane.io/job-uid";
-/// Label holding the pool of a pod.
-pub const LABEL_POOL: &str = "loraplane.io/pool";
-/// Label holding the region of a pod or claim.
-pub const LABEL_REGION: &str = "loraplane.io/region";
-/// Label marking every object this operator creates.
-pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+pub use loraplane_crds::layout::{
+    LABEL_JOB, LABEL_JOB_UID, LABEL_MANAGED_BY, LABEL_POOL, LABEL_REGION,
+};
 /// Value of `LABEL_MANAGED_BY`.
 pub const MANAGED_BY: &str = "loraplane-operator";
 /// The region label of nodes.
@@ -198,7 +191,7 @@ pub fn trainer_config(
         .ok_or(BuildError::UnknownFamily(spec.base_model.family.as_str()))?;
     let home =
         home_region(job, config, region).ok_or_else(|| BuildError::UnknownPool(region.into()))?;
-    let prefix = format!("{}/{}-{}/", ids.namespace, ids.name, ids.uid);
+    let prefix = loraplane_crds::layout::job_prefix(&ids.namespace, &ids.name, &ids.uid);
     let t = &spec.training;
     Ok(TrainerConfig {
         job: JobRef {

@@ -618,7 +618,11 @@ pub async fn leftovers(stack: &Endpoints, p: &Placed) -> Result<Leftovers, Journ
     let uid_hash = loraplane_operator::audit::uid_hash(&p.uid);
     let cms =
         kube::Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(stack.client(), SYSTEM_NS)
-            .list(&kube::api::ListParams::default().labels("loraplane.io/record=job-audit"))
+            .list(&kube::api::ListParams::default().labels(&format!(
+                "{}={}",
+                loraplane_crds::layout::LABEL_RECORD,
+                loraplane_crds::layout::AUDIT_RECORD
+            )))
             .await
             .map_err(|source| StackError::Kube {
                 action: "list audit records",
