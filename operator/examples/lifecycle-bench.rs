@@ -3,7 +3,8 @@
 //!
 //! - `--live` EEA jobs are submitted first and left training (their trainers never finish):
 //!   416 run on the EEA pools, the rest wait in them. They are the load the operator carries.
-//! - **erasure**: `--erasures` of them (running and waiting alike), each with a dataset,
+//! - **erasure**: once the operator has settled (no job changed for 3 s), `--erasures` of them
+//!   (running and waiting alike), each with a dataset,
 //!   checkpoints and a LoRA in S3, get `spec.erasure` at `--erasure-rate` per second; the
 //!   latency is request → job object gone (pods stopped and waited for, every object deleted,
 //!   audit record written, finalizer removed).
@@ -219,10 +220,19 @@ async fn main() {
     });
     let jobs: Api<LoRATrainingJob> = Api::namespaced(client.clone(), "default");
     let watched = jobs.clone();
+    // When any job last changed (ms since `epoch`): the erasures start once the operator has
+    // settled after admitting the live jobs, so they measure erasure, not that backlog.
+    let epoch = Instant::now();
+    let last_change = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let changed = last_change.clone();
     tokio::spawn(async move {
         let stream = watcher(watched, watcher::Config::default());
         futures::pin_mut!(stream);
         while let Ok(Some(ev)) = stream.try_next().await {
+            changed.store(
+                u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             match ev {
                 watcher::Event::Delete(j) => {
                     let _ = gone_tx.send((j.metadata.name.unwrap_or_default(), Instant::now()));
@@ -264,6 +274,16 @@ async fn main() {
     let all_live: HashSet<String> = live.iter().cloned().collect();
     let admitted = collect(&mut pod_rx, &all_live, timeout).await;
     let admission_seconds = started.elapsed().as_secs_f64();
+
+    let settle_started = Instant::now();
+    while settle_started.elapsed() < Duration::from_secs(120) {
+        let last = Duration::from_millis(last_change.load(std::sync::atomic::Ordering::Relaxed));
+        if epoch.elapsed().saturating_sub(last) >= Duration::from_secs(3) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let settle_seconds = settle_started.elapsed().as_secs_f64();
 
     // Erasure of running and waiting jobs alike, each with data in S3.
     let step = (args.live / args.erasures.max(1)).max(1);
@@ -386,6 +406,7 @@ async fn main() {
         "live_jobs": args.live,
         "live_jobs_with_pod": admitted.len(),
         "admission_seconds": admission_seconds,
+        "settle_seconds": settle_seconds,
         "erasure": {
             "requested": victims.len(),
             "rate_per_s": args.erasure_rate,

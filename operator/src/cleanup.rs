@@ -140,12 +140,19 @@ pub async fn remove_finalizer(
 }
 
 /// Deletes the job object (retention ran out, or erasure was requested); the finalizer keeps it
-/// until the purge is done.
-pub async fn delete_job(client: &Client, ids: &JobIds) -> Result<(), CleanupError> {
-    let r = Api::<LoRATrainingJob>::namespaced(client.clone(), &ids.namespace)
+/// until the purge is done. Returns the job as now stored (being deleted), if it still is.
+pub async fn delete_job(
+    client: &Client,
+    ids: &JobIds,
+) -> Result<Option<LoRATrainingJob>, CleanupError> {
+    match Api::<LoRATrainingJob>::namespaced(client.clone(), &ids.namespace)
         .delete(&ids.name, &DeleteParams::default())
-        .await;
-    gone_ok(r).map_err(CleanupError::DeleteJob)
+        .await
+    {
+        Ok(either) => Ok(either.left()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
+        Err(e) => Err(CleanupError::DeleteJob(e)),
+    }
 }
 
 /// Deletes the trainer-config Secret and the named pods (an ended job's finished pods).
@@ -165,6 +172,14 @@ pub async fn release(client: &Client, ids: &JobIds, pods: &[String]) -> Result<(
     Ok(())
 }
 
+/// How the pods of a job that is stopped for good (cancel, erasure, deletion) are deleted: a
+/// second's grace rather than the pod's own. A checkpoint written on the way out would only be
+/// deleted again; the kubelet still confirms the container is gone before the pod object goes,
+/// so the purge's wait for the pods stays a wait for the processes.
+pub fn stop_params() -> DeleteParams {
+    DeleteParams::default().grace_period(1)
+}
+
 /// Deletes every pod of the job and says how many are still there (terminating). Nothing in S3
 /// may be deleted while one is: a trainer still writing a checkpoint would outlive the sweep.
 pub async fn stop_pods(client: &Client, ids: &JobIds) -> Result<usize, CleanupError> {
@@ -175,7 +190,7 @@ pub async fn stop_pods(client: &Client, ids: &JobIds) -> Result<usize, CleanupEr
         if pod.metadata.deletion_timestamp.is_none()
             && let Some(name) = &pod.metadata.name
         {
-            gone_ok(api.delete(name, &DeleteParams::default()).await)
+            gone_ok(api.delete(name, &stop_params()).await)
                 .map_err(|e| CleanupError::DeletePod(name.clone(), e))?;
         }
     }

@@ -392,7 +392,13 @@ async fn reconcile_inner(
 
     // Step 3: apply.
     if let Some(name) = &plan.delete_pod {
-        match pods.delete(name, &DeleteParams::default()).await {
+        // A job stopped for good needs no graceful checkpoint: the trainer gets a second.
+        let params = if status::stop_requested(job).is_some() {
+            cleanup::stop_params()
+        } else {
+            DeleteParams::default()
+        };
+        match pods.delete(name, &params).await {
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(e) => return Err(ReconcileError::DeletePod(name.clone(), e)),
@@ -622,9 +628,13 @@ async fn run_chores(
         write_status(ctx, job, ids, &st).await?;
     }
     if let Some(cause) = chores.delete_job {
-        cleanup::delete_job(&ctx.client, ids).await?;
         tracing::info!(job = %ids.name, namespace = %ids.namespace, reason = cause.as_str(), "deleting the job and its data");
-        return Ok(Action::await_change());
+        // The purge starts in this reconcile, on the object the delete returned, rather
+        // than after a round through the queue.
+        return match cleanup::delete_job(&ctx.client, ids).await? {
+            Some(deleting) => purge(ctx, &deleting, ids, &Facts::of(&deleting)).await,
+            None => Ok(Action::await_change()),
+        };
     }
     ctx.pod_floors().remove(&ids.uid);
     Ok(match chores.wake_at {
