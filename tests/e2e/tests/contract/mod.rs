@@ -3,9 +3,9 @@
 //! SeaweedFS, two operator replicas and the API in this process, each component with its own
 //! `kube::Client` whose User-Agent names it in kube-sim's audit log. `run` drives the paths the
 //! chart's RBAC and dashboards are about: a paid webhook order placed on spot, preempted,
-//! resumed elsewhere and finished; retention GC; a service-API order whose node is lost,
-//! then cancelled and erased; a dispute erasing a finished job; a refund tombstone; leader
-//! election and hand-over.
+//! resumed elsewhere and finished, then released and deleted by the operator's retention; a
+//! service-API order whose node is lost, then cancelled and erased; an expired audit record
+//! swept; a dispute and a refund leaving tombstones; leader election and hand-over.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
@@ -458,7 +458,7 @@ pub async fn run() -> Outcome {
     })
     .await;
 
-    // The API as `loraplane-api` runs it: HTTP, the job watch and the leader-elected GC.
+    // The API as `loraplane-api` runs it: HTTP only (no lease, no background loop).
     let app = Arc::new(loraplane_api::app::App {
         kube: api_client.clone(),
         storage: storage.clone(),
