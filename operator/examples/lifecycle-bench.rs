@@ -27,14 +27,14 @@ mod bench_cluster;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use bench_cluster::{percentile, platform_yaml, topology, vm_hwm_kib};
+use bench_cluster::{percentile, platform_yaml, vm_hwm_kib};
 use clap::Parser;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
-use kube_sim::cluster::{KubeletConfig, Script, ScriptRule};
-use kube_sim::{KubeSim, SimConfig};
+use kube_sim::KubeSim;
+use kube_sim::cluster::{Script, ScriptRule};
 use loraplane_crds::LoRATrainingJob;
 
 #[global_allocator]
@@ -150,39 +150,25 @@ async fn main() {
             s3.create_bucket(&format!("{kind}-{region}")).await.unwrap();
         }
     }
-    let sim = KubeSim::start(
-        SimConfig {
-            topology: Some(topology()),
-            kubelet: KubeletConfig {
-                scripts: vec![
-                    ScriptRule {
-                        image: "trainer:bench".into(),
-                        script: Script {
-                            duration: None,
-                            ..Script::default()
-                        },
-                    },
-                    ScriptRule {
-                        image: "trainer:quick".into(),
-                        script: Script {
-                            duration: Some(Duration::from_millis(500)),
-                            ..Script::default()
-                        },
-                    },
-                ],
-                ..KubeletConfig::default()
+    let sim = bench_cluster::start_sim(vec![
+        ScriptRule {
+            image: "trainer:bench".into(),
+            script: Script {
+                duration: None,
+                ..Script::default()
             },
-            crds: vec![],
-        }
-        .with_loraplane_crd(),
-    )
-    .await
-    .unwrap();
+        },
+        ScriptRule {
+            image: "trainer:quick".into(),
+            script: Script {
+                duration: Some(Duration::from_millis(500)),
+                ..Script::default()
+            },
+        },
+    ])
+    .await;
     let client = sim.client_as(AGENT).unwrap();
-    let dir = std::env::temp_dir().join(format!("lifecycle-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = dir.join("kubeconfig");
-    sim.write_kubeconfig(&kubeconfig).unwrap();
+    let (dir, kubeconfig) = bench_cluster::work_dir("lifecycle-bench", &sim);
     // The short jobs get their own family entry (another trainer image) by model family:
     // sd15 runs the quick script.
     // Waiting jobs stay where they wait (as under a queue) instead of moving pool every

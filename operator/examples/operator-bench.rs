@@ -27,16 +27,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use bench_cluster::{
-    GPUS_PER_NODE, NODES_PER_POOL, POOLS_PER_REGION, REGIONS, percentile, platform_yaml, topology,
-    vm_hwm_kib,
+    GPUS_PER_NODE, NODES_PER_POOL, POOLS_PER_REGION, REGIONS, percentile, platform_yaml, vm_hwm_kib,
 };
 use clap::Parser;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube_sim::cluster::{KubeletConfig, Script, ScriptRule};
-use kube_sim::{KubeSim, SimConfig};
+use kube_sim::cluster::{Script, ScriptRule};
 use loraplane_crds::LoRATrainingJob;
 
 // glibc malloc was about a quarter of the CPU under load (perf); mimalloc is a drop-in.
@@ -113,30 +111,16 @@ impl PhaseResult {
 /// Starts kube-sim and the operator, submits `n` jobs (all at once, or `rate` per second),
 /// and waits until each has a pod.
 async fn run_phase(args: &Args, n: usize, rate: Option<f64>) -> PhaseResult {
-    let sim = KubeSim::start(
-        SimConfig {
-            topology: Some(topology()),
-            kubelet: KubeletConfig {
-                scripts: vec![ScriptRule {
-                    image: "trainer:*".into(),
-                    script: Script {
-                        duration: None,
-                        ..Script::default()
-                    },
-                }],
-                ..KubeletConfig::default()
-            },
-            crds: vec![],
-        }
-        .with_loraplane_crd(),
-    )
-    .await
-    .unwrap();
+    let sim = bench_cluster::start_sim(vec![ScriptRule {
+        image: "trainer:*".into(),
+        script: Script {
+            duration: None,
+            ..Script::default()
+        },
+    }])
+    .await;
     let client = sim.client();
-    let dir = std::env::temp_dir().join(format!("operator-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = dir.join("kubeconfig");
-    sim.write_kubeconfig(&kubeconfig).unwrap();
+    let (dir, kubeconfig) = bench_cluster::work_dir("operator-bench", &sim);
     let (mut child, pid) = bench_cluster::start_operator(
         &dir,
         &kubeconfig,

@@ -588,9 +588,10 @@ async fn run_chores(
 ) -> Result<Action, ReconcileError> {
     let now = lifecycle::now_secs();
     let chores = lifecycle::chores(facts, now);
+    let schedule = lifecycle::schedule(facts);
     let mut st = job.status.clone().unwrap_or_default();
     let mut ret = st.retention.clone().unwrap_or_default();
-    if let Some(s) = lifecycle::schedule(facts) {
+    if let Some(s) = schedule {
         ret.inputs_expire_at = time_at(s.inputs_expire_at);
         ret.outputs_expire_at = time_at(s.outputs_expire_at);
     }
@@ -612,7 +613,7 @@ async fn run_chores(
                 cleanup::delete_data(&ctx.client, &ctx.storage, job, ids, Scope::Inputs, shared)
                     .await?;
             ret.inputs_deleted_at = time_at(now);
-            let due = lifecycle::schedule(facts).map_or(now, |s| s.inputs_expire_at);
+            let due = schedule.map_or(now, |s| s.inputs_expire_at);
             ctx.metrics
                 .record_deletion("inputs", "retention", deleted.bytes, (now - due) as f64);
         }

@@ -5,9 +5,10 @@
 
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use kube_sim::cluster::Topology;
+use kube_sim::cluster::{KubeletConfig, ScriptRule, Topology};
+use kube_sim::{KubeSim, SimConfig};
 
 pub const REGIONS: [(&str, &str); 3] = [("eu-west", "eea"), ("eu-north", "eea"), ("us-east", "us")];
 pub const POOLS_PER_REGION: usize = 2;
@@ -27,6 +28,33 @@ pub fn topology() -> Topology {
         }
     }
     Topology::from_yaml(&yaml).unwrap()
+}
+
+/// kube-sim with `topology`, the CRD, and kubelets that run `scripts`.
+pub async fn start_sim(scripts: Vec<ScriptRule>) -> KubeSim {
+    KubeSim::start(
+        SimConfig {
+            topology: Some(topology()),
+            kubelet: KubeletConfig {
+                scripts,
+                ..KubeletConfig::default()
+            },
+            crds: vec![],
+        }
+        .with_loraplane_crd(),
+    )
+    .await
+    .unwrap()
+}
+
+/// A fresh working directory for one run of bench `name`, holding a kubeconfig for `sim`;
+/// returns both paths.
+pub fn work_dir(name: &str, sim: &KubeSim) -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    sim.write_kubeconfig(&kubeconfig).unwrap();
+    (dir, kubeconfig)
 }
 
 /// The platform configuration of `topology`, every region's S3 at `s3_endpoint`.
