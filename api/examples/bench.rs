@@ -130,17 +130,67 @@ async fn connect(base: &str) -> hyper::client::conn::http1::SendRequest<Full<Byt
     sender
 }
 
-/// Sends `orders` signed checkout completions (sessions numbered from `first`) over
-/// `concurrency` connections; returns the sorted latencies (ms) of the orders answered
-/// `created`, the failures, and the wall time (s).
+/// One order's upload id and, when the storefront carries it, the dataset check's receipt.
+/// One upload backs one order only, so every order of the bench has its own.
+type Upload = (String, Option<String>);
+
+/// Uploads for orders `first..first + n` that carry a receipt: the receipt vouches for the
+/// dataset, so these orders make no S3 request and the objects need not exist.
+fn receipted_uploads(h: &Harness, region: &str, sha: &str, first: usize, n: usize) -> Vec<Upload> {
+    (first..first + n)
+        .map(|i| {
+            let id = format!("{region}.{:032x}", i);
+            let receipt = h.app.dataset_receipt("orders", &id, sha);
+            (id, Some(receipt))
+        })
+        .collect()
+}
+
+/// Uploads for orders `first..first + n` without a receipt: each is a real object carrying the
+/// validation marker a passed check leaves, which the order reads.
+async fn marked_uploads(
+    h: &Harness,
+    region: &str,
+    zip: &[u8],
+    sha: &str,
+    first: usize,
+    n: usize,
+) -> Vec<Upload> {
+    let bucket = h
+        .app
+        .platform
+        .region(region)
+        .unwrap()
+        .buckets
+        .datasets
+        .clone();
+    let marker = h.app.zip_limits().marker(sha);
+    let mut out = Vec::new();
+    for i in first..first + n {
+        let token = format!("{:032x}", i);
+        let key = loraplane_crds::layout::upload_key("orders", &token);
+        h.put(&bucket, &key, zip).await;
+        h.app
+            .storage
+            .set_validation_marker(region, &bucket, &key, &marker)
+            .await
+            .unwrap();
+        out.push((format!("{region}.{token}"), None));
+    }
+    out
+}
+
+/// Sends `orders` signed checkout completions (sessions numbered from `first`, order `i` on
+/// `uploads[i - first]`) over `concurrency` connections; returns the sorted latencies (ms) of
+/// the orders answered `created`, the failures, and the wall time (s).
 async fn webhook_load(
     h: &Harness,
-    upload: &str,
-    receipt: Option<&str>,
+    uploads: Vec<Upload>,
     first: usize,
-    orders: usize,
     concurrency: usize,
 ) -> (Vec<f64>, usize, f64) {
+    let orders = uploads.len();
+    let uploads = Arc::new(uploads);
     let next = Arc::new(AtomicUsize::new(first));
     let end = first + orders;
     let started = Instant::now();
@@ -148,8 +198,7 @@ async fn webhook_load(
     for _ in 0..concurrency {
         let next = next.clone();
         let base = h.base.clone();
-        let upload = upload.to_string();
-        let receipt = receipt.map(str::to_string);
+        let uploads = uploads.clone();
         workers.push(tokio::spawn(async move {
             let mut conn = connect(&base).await;
             let mut lat = Vec::new();
@@ -159,13 +208,14 @@ async fn webhook_load(
                 if i >= end {
                     return (lat, failed);
                 }
+                let (upload, receipt) = &uploads[i - first];
                 let mut ev = paid_event(
                     &format!("cs_bench_{i}"),
                     &format!("pi_bench_{i}"),
-                    &upload,
+                    upload,
                     "basic",
                 );
-                if let Some(r) = &receipt {
+                if let Some(r) = receipt {
                     ev["data"]["object"]["metadata"]["dataset_receipt"] = json!(r);
                 }
                 let body = serde_json::to_vec(&ev).unwrap();
@@ -205,8 +255,9 @@ async fn webhook_load(
     (lat, failed, wall)
 }
 
-/// The Kubernetes part of an order alone, with no API in between: the same five requests
-/// (two tombstone lookups, the create, two lookups) straight from a `kube::Client`, so the
+/// The Kubernetes part of an order alone, with no API in between: the same requests (two
+/// tombstone lookups, the upload's claim, the create, the claim's owner) straight from a
+/// `kube::Client`, so the
 /// report can tell the API's own cost from the apiserver's (kube-sim runs in this process).
 async fn kube_only(h: &Harness, orders: usize, concurrency: usize) -> f64 {
     use k8s_openapi::api::core::v1::ConfigMap;
@@ -236,8 +287,25 @@ async fn kube_only(h: &Harness, orders: usize, concurrency: usize) -> f64 {
                 for _ in 0..2 {
                     let _ = cms.list(&ListParams::default().labels(&selector)).await;
                 }
+                let claim = format!("ltj-upload-kube-only-{i}");
+                let cm: ConfigMap = serde_json::from_value(json!({
+                    "metadata": {"name": claim, "labels": {"loraplane.io/order": format!("o{i}")}}
+                }))
+                .unwrap();
+                cms.create(&Default::default(), &cm).await.unwrap();
                 let job = LoRATrainingJob::new(&format!("ltj-kube-only-{i}"), spec.clone());
-                jobs.create(&Default::default(), &job).await.unwrap();
+                let job = jobs.create(&Default::default(), &job).await.unwrap();
+                let owner = json!({"metadata": {"ownerReferences": [{
+                    "apiVersion": "loraplane.io/v1alpha1", "kind": "LoRATrainingJob",
+                    "name": job.metadata.name, "uid": job.metadata.uid,
+                }]}});
+                cms.patch(
+                    &claim,
+                    &Default::default(),
+                    &kube::api::Patch::Merge(&owner),
+                )
+                .await
+                .unwrap();
             }
         }));
     }
@@ -269,7 +337,8 @@ async fn main() {
     // the check downloads and inflates it and returns a receipt the storefront puts in the
     // checkout session; orders with the receipt need no S3 request, orders without read the
     // marker the check left on the object.
-    let upload = h.upload(STOREFRONT, "eea", dataset(8)).await;
+    let zip = dataset(8);
+    let upload = h.upload(STOREFRONT, "eea", zip.clone()).await;
     let t0 = Instant::now();
     let (s, _, v) = h
         .call(
@@ -282,19 +351,30 @@ async fn main() {
         .await;
     assert!(s.is_success(), "{v}");
     let first_check_ms = t0.elapsed().as_secs_f64() * 1000.0;
-    let receipt = v["receipt"]
+    assert!(
+        v["receipt"].is_string(),
+        "the dataset check returns a receipt: {v}"
+    );
+    let sha = v["sha256"]
         .as_str()
-        .expect("the dataset check returns a receipt")
+        .expect("the check returns the SHA-256")
         .to_string();
-    let receipt = Some(receipt.as_str());
+    let region = upload.split_once('.').unwrap().0.to_string();
 
     // A short warm-up (connections, allocator, kube-sim's first writes), not measured.
     let warm = args.concurrency * 4;
-    let _ = webhook_load(&h, &upload, receipt, 0, warm, args.concurrency).await;
+    let n = args.orders;
+    let _ = webhook_load(
+        &h,
+        receipted_uploads(&h, &region, &sha, 0, warm),
+        0,
+        args.concurrency,
+    )
+    .await;
+    let measured = receipted_uploads(&h, &region, &sha, warm, n);
     h.sim.audit().enable();
     let cpu0 = cpu_now();
-    let (lat, failed, wall) =
-        webhook_load(&h, &upload, receipt, warm, args.orders, args.concurrency).await;
+    let (lat, failed, wall) = webhook_load(&h, measured, warm, args.concurrency).await;
     let cpu1 = cpu_now();
     h.sim.audit().disable();
     let per_order_ms = |a: f64, b: f64| round((b - a) * 1000.0 / args.orders.max(1) as f64, 3);
@@ -308,21 +388,15 @@ async fn main() {
     let low = (args.low_concurrency > 0).then_some(args.low_concurrency);
     let low_run = match low {
         Some(c) => {
-            Some(webhook_load(&h, &upload, receipt, warm + args.orders, args.orders, c).await)
+            let uploads = receipted_uploads(&h, &region, &sha, warm + n, n);
+            Some(webhook_load(&h, uploads, warm + n, c).await)
         }
         None => None,
     };
     // Orders that carry no receipt: each reads the validation marker from SeaweedFS.
+    let marked = marked_uploads(&h, &region, &zip, &sha, warm + 2 * n, n).await;
     let cpu2 = cpu_now();
-    let (mlat, mfailed, mwall) = webhook_load(
-        &h,
-        &upload,
-        None,
-        warm + 2 * args.orders,
-        args.orders,
-        args.concurrency,
-    )
-    .await;
+    let (mlat, mfailed, mwall) = webhook_load(&h, marked, warm + 2 * n, args.concurrency).await;
     let cpu3 = cpu_now();
     let marker_tput = args.orders as f64 / mwall;
 

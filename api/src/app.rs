@@ -1,6 +1,7 @@
 //! The API's behaviour behind the HTTP layer: turning orders into jobs (idempotently, with
 //! refund tombstones), and stating the customer's intent on a job's spec: cancel
-//! (`spec.cancel`) and erase (`spec.erasure`). The operator acts on both; the API never writes a
+//! (`spec.cancel`), erase (`spec.erasure`) and withdraw training consent
+//! (`spec.dataUse.consentWithdrawn`). The operator acts on all three; the API never writes a
 //! job's status and never deletes its pods, claims, Secret or data. Kubernetes and S3 hold all
 //! state, so any number of replicas can run this.
 //!
@@ -12,6 +13,11 @@
 //! jobs; completion: job, then look for a tombstone), so whatever the interleaving one of them
 //! sees the other and the refund wins. Erasure leaves a similar `ltj-erased-<hashed order>`
 //! record, which is also the audit record and stops a replayed order from recreating the job.
+//!
+//! One upload, one order: before an order's job is created the API creates the upload's claim,
+//! a ConfigMap `ltj-upload-<keyed hash of the upload>` labelled with the order's hash, and then
+//! makes the job its owner. A second order on the same upload finds the claim held and is
+//! refused (`upload_consumed`); the claim goes with the job.
 
 use std::collections::BTreeMap;
 
@@ -20,6 +26,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
+use loraplane_crds::layout::{LABEL_MANAGED_BY, LABEL_RECORD, UPLOAD_CLAIM_RECORD};
 use loraplane_crds::platform::PlatformConfig;
 use loraplane_crds::v1alpha1::{
     ErasureReason, ErasureRequest, LoRATrainingJob, LoRATrainingJobSpec,
@@ -65,6 +72,11 @@ pub enum AppError {
     /// The upload id names nothing.
     #[error("upload {0:?} does not exist or was not uploaded yet")]
     UploadNotFound(String),
+    /// Another order already consumed the upload.
+    #[error(
+        "upload {0:?} was already used by another order; upload the dataset again for a new order"
+    )]
+    UploadConsumed(String),
     /// The upload id is malformed or in an unknown region.
     #[error("upload id {0:?} is not valid")]
     BadUploadId(String),
@@ -200,6 +212,15 @@ fn erased_name(order_hash: &str) -> String {
     format!("ltj-erased-{order_hash}")
 }
 
+/// Who holds an upload's claim, as [`App::claim_upload`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Claim {
+    /// This order holds it (just created, or from an earlier delivery).
+    Ours(String),
+    /// Another order holds it.
+    Theirs,
+}
+
 impl App {
     /// The dataset limits from the configuration.
     pub fn zip_limits(&self) -> ZipLimits {
@@ -219,6 +240,15 @@ impl App {
 
     fn configmaps(&self, ns: &str) -> Api<ConfigMap> {
         Api::namespaced(self.kube.clone(), ns)
+    }
+
+    /// The name of an upload's claim: a keyed hash of the upload, so it says nothing of the
+    /// upload token.
+    fn claim_name(&self, ns: &str, upload: &UploadId) -> String {
+        format!(
+            "ltj-upload-{}",
+            self.hash("upload", &format!("{ns}/{}", upload.to_id()))
+        )
     }
 
     /// Hashes an id with the API's key.
@@ -416,6 +446,14 @@ impl App {
                 return Err(e);
             }
         };
+        // One upload, one order: the claim is created before the job, so of two orders on one
+        // upload exactly one gets it (the apiserver's create is the arbiter).
+        let upload = UploadId::parse(&order.upload_id)
+            .ok_or_else(|| AppError::BadUploadId(order.upload_id.clone()))?;
+        let claim = match self.claim_upload(ns, &upload, &ids.order_hash).await? {
+            Claim::Ours(claim) => claim,
+            Claim::Theirs => return Err(AppError::UploadConsumed(upload.to_id())),
+        };
         let mut job = LoRATrainingJob::new(&name, spec);
         job.metadata.namespace = Some(ns.to_string());
         let mut labels = BTreeMap::from([
@@ -438,14 +476,86 @@ impl App {
             )]));
         }
         job.metadata.labels = Some(labels);
-        match api.create(&PostParams::default(), &job).await {
-            Ok(created) => Ok((created, true)),
+        let (job, created) = match api.create(&PostParams::default(), &job).await {
+            Ok(created) => (created, true),
             Err(e) if is_status(&e, 409) => {
                 let existing = api.get(&name).await.map_err(kube_err("get job"))?;
-                Ok((existing, false))
+                (existing, false)
             }
-            Err(e) => Err(kube_err("create job")(e)),
-        }
+            Err(e) => return Err(kube_err("create job")(e)),
+        };
+        self.own_claim(ns, &claim, &job).await?;
+        Ok((job, created))
+    }
+
+    /// Claims an upload for an order: a small ConfigMap named by the upload's keyed hash and
+    /// labelled with the order's. Creating it twice for the same order is harmless (a
+    /// redelivery); for another order it is refused.
+    async fn claim_upload(
+        &self,
+        ns: &str,
+        upload: &UploadId,
+        order_hash: &str,
+    ) -> Result<Claim, AppError> {
+        let name = self.claim_name(ns, upload);
+        let cm = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(ns.to_string()),
+                labels: Some(BTreeMap::from([
+                    (LABEL_MANAGED_BY.to_string(), "loraplane-api".to_string()),
+                    (LABEL_RECORD.to_string(), UPLOAD_CLAIM_RECORD.to_string()),
+                    (LABEL_ORDER.to_string(), order_hash.to_string()),
+                ])),
+                ..ObjectMeta::default()
+            },
+            ..ConfigMap::default()
+        };
+        let holder = match self
+            .configmaps(ns)
+            .create(&PostParams::default(), &cm)
+            .await
+        {
+            Ok(_) => return Ok(Claim::Ours(name)),
+            Err(e) if is_status(&e, 409) => self
+                .configmaps(ns)
+                .get(&name)
+                .await
+                .map_err(kube_err("get upload claim"))?
+                .labels()
+                .get(LABEL_ORDER)
+                .cloned(),
+            Err(e) => return Err(kube_err("create upload claim")(e)),
+        };
+        Ok(if holder.as_deref() == Some(order_hash) {
+            Claim::Ours(name)
+        } else {
+            Claim::Theirs
+        })
+    }
+
+    /// Makes the job the owner of its upload's claim, so the claim goes when the job goes
+    /// (Kubernetes' garbage collector deletes it); until then no other order gets the upload.
+    async fn own_claim(
+        &self,
+        ns: &str,
+        claim: &str,
+        job: &LoRATrainingJob,
+    ) -> Result<(), AppError> {
+        let Some(uid) = job.metadata.uid.clone() else {
+            return Ok(());
+        };
+        let patch = json!({"metadata": {"ownerReferences": [{
+            "apiVersion": "loraplane.io/v1alpha1",
+            "kind": "LoRATrainingJob",
+            "name": job.name_any(),
+            "uid": uid,
+        }]}});
+        self.configmaps(ns)
+            .patch(claim, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(kube_err("own upload claim"))?;
+        Ok(())
     }
 
     /// The spec of an order: its plan's policy (cheap checks first) and its validated dataset.
@@ -517,14 +627,17 @@ impl App {
                 let (job, created) = match self.create_job(&ns, &order, &ids).await {
                     Ok(r) => r,
                     Err(AppError::Revoked(_)) => {
-                        // The refund came first; the upload is the order's only data.
-                        self.delete_upload(&ns, &order.upload_id).await?;
+                        // The refund came first; the upload is the order's only data, unless
+                        // another order consumed it.
+                        self.delete_unclaimed_upload(&ns, &order.upload_id, &ids.order_hash)
+                            .await?;
                         return Ok(Outcome::RevokedFirst);
                     }
                     Err(
                         AppError::Order(_)
                         | AppError::Upload(_)
                         | AppError::UploadNotFound(_)
+                        | AppError::UploadConsumed(_)
                         | AppError::BadUploadId(_),
                     ) => return Ok(Outcome::Rejected),
                     Err(e) => return Err(e),
@@ -576,13 +689,30 @@ impl App {
         }
     }
 
-    async fn delete_upload(&self, ns: &str, upload_id: &str) -> Result<(), AppError> {
+    /// Deletes an upload that no other order holds a claim on.
+    async fn delete_unclaimed_upload(
+        &self,
+        ns: &str,
+        upload_id: &str,
+        order_hash: &str,
+    ) -> Result<(), AppError> {
         let Some(upload) = UploadId::parse(upload_id) else {
             return Ok(());
         };
         let Some(region) = self.platform.region(&upload.region) else {
             return Ok(());
         };
+        let claim = self.claim_name(ns, &upload);
+        let holder = self
+            .configmaps(ns)
+            .get_opt(&claim)
+            .await
+            .map_err(kube_err("get upload claim"))?;
+        if holder
+            .is_some_and(|c| c.labels().get(LABEL_ORDER).map(String::as_str) != Some(order_hash))
+        {
+            return Ok(());
+        }
         self.storage
             .delete_object(&region.buckets.datasets, &upload.key(ns))
             .await?;
@@ -638,6 +768,28 @@ impl App {
             )
             .await
             .map_err(kube_err("cancel job"))
+    }
+
+    /// Withdraws the customer's training consent: sets `spec.dataUse.consentWithdrawn`
+    /// (one-way), and the operator deletes the job's copy in the consented corpus (or never
+    /// makes it). A job ordered without consent is returned as it is.
+    pub async fn withdraw_consent(
+        &self,
+        ns: &str,
+        name: &str,
+    ) -> Result<LoRATrainingJob, AppError> {
+        let job = self.get_job(ns, name).await?;
+        if !job.spec.data_use.training_consent || job.spec.data_use.consent_withdrawn {
+            return Ok(job);
+        }
+        self.jobs(ns)
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"dataUse": {"consentWithdrawn": true}}})),
+            )
+            .await
+            .map_err(kube_err("withdraw consent"))
     }
 
     /// Requests the erasure of every byte of a job: records the request for the order (so a

@@ -100,6 +100,9 @@ impl From<AppError> for ApiError {
             AppError::UploadNotFound(_) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "upload_not_found", msg)
             }
+            AppError::UploadConsumed(_) => {
+                ApiError::new(StatusCode::CONFLICT, "upload_consumed", msg)
+            }
             AppError::BadUploadId(_) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "upload_id_invalid", msg)
             }
@@ -549,6 +552,41 @@ pub async fn cancel_job(
     Ok(Json(JobView::of(&job)))
 }
 
+/// A recorded consent withdrawal.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsentWithdrawn {
+    /// The job.
+    pub id: String,
+    /// Whether the order had given training consent at all; false means nothing was ever
+    /// going to be copied.
+    pub consent_given: bool,
+    /// Always true: the withdrawal is recorded on the job and cannot be undone.
+    pub consent_withdrawn: bool,
+}
+
+/// Withdraws the customer's training consent. Answered 202 once recorded on the job: the
+/// operator deletes the job's copy in the consented corpus, or never makes it.
+#[utoipa::path(post, path = "/v1/jobs/{id}/consent/withdraw", tag = "jobs", security(("bearer" = [])),
+    params(("id" = String, Path)),
+    responses((status = 202, body = ConsentWithdrawn), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn withdraw_consent(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<ConsentWithdrawn>), ApiError> {
+    let tenant = s.tenant(&headers)?;
+    let job = s.app.withdraw_consent(&tenant.namespace, &id).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(ConsentWithdrawn {
+            id,
+            consent_given: job.spec.data_use.training_consent,
+            consent_withdrawn: true,
+        }),
+    ))
+}
+
 /// An accepted erasure request.
 #[derive(Serialize, Deserialize, ToSchema, Debug)]
 #[serde(rename_all = "camelCase")]
@@ -851,7 +889,7 @@ impl utoipa::Modify for BearerAuth {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "loraplane API", description = "Paid orders into LoRA training jobs, uploads, downloads and erasure."),
-    paths(stripe_webhook, create_job, get_job, list_jobs, cancel_job, erase_job, artifacts, create_upload, validate_upload),
+    paths(stripe_webhook, create_job, get_job, list_jobs, cancel_job, withdraw_consent, erase_job, artifacts, create_upload, validate_upload),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -956,6 +994,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/jobs/{id}"),
     ("delete", "/v1/jobs/{id}"),
     ("post", "/v1/jobs/{id}/cancel"),
+    ("post", "/v1/jobs/{id}/consent/withdraw"),
     ("get", "/v1/jobs/{id}/artifacts"),
     ("post", "/v1/uploads"),
     ("post", "/v1/uploads/{id}/validate"),
@@ -989,6 +1028,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/jobs", post(create_job).get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job).delete(erase_job))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
+        .route("/v1/jobs/{id}/consent/withdraw", post(withdraw_consent))
         .route("/v1/jobs/{id}/artifacts", get(artifacts))
         .route("/v1/uploads", post(create_upload))
         .route("/v1/uploads/{id}/validate", post(validate_upload))

@@ -17,4 +17,4 @@ pub mod receipt;
 pub mod stripe;
 pub mod zipcheck;
 
-pub use loraplane_crds::tls::install_crypto_provider;
+pub use loraplane_runtime::tls::install_crypto_provider;

@@ -10,8 +10,8 @@ use loraplane_api::app::{App, Secrets};
 use loraplane_api::config::ApiConfig;
 use loraplane_api::http;
 use loraplane_api::metrics::Metrics;
-use loraplane_crds::logging::{self, LogFormat};
 use loraplane_crds::platform::PlatformConfig;
+use loraplane_runtime::logging::{self, LogFormat};
 use loraplane_runtime::storage::{S3Credentials, Storage};
 
 // glibc malloc was about a quarter of the CPU under load (perf); mimalloc is a drop-in.

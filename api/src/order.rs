@@ -216,7 +216,7 @@ impl UploadId {
     /// The object key in the region's dataset bucket; namespaced, so a tenant can only ever
     /// reach its own uploads.
     pub fn key(&self, namespace: &str) -> String {
-        format!("uploads/{namespace}/{}.zip", self.token)
+        loraplane_crds::layout::upload_key(namespace, &self.token)
     }
 }
 
@@ -365,6 +365,7 @@ pub fn build_spec(order: &Order, inp: &SpecInputs<'_>) -> Result<LoRATrainingJob
         },
         data_use: DataUse {
             training_consent: order.training_consent,
+            consent_withdrawn: false,
         },
         suspend: false,
         cancel: false,

@@ -40,9 +40,31 @@ async fn a_signed_checkout_creates_exactly_one_job_whatever_the_delivery_order()
             assert_eq!(s, StatusCode::OK);
             assert_eq!(ack["outcome"], "duplicate");
         }
+        // Another checkout on the same upload: one upload, one order.
+        let other = paid_event("cs_test_2", "pi_test_2", &upload, "basic");
+        let (s, ack) = h.webhook(&other, now(), WEBHOOK_SECRET).await;
+        assert_eq!(
+            (s, ack["outcome"].as_str()),
+            (StatusCode::OK, Some("rejected"))
+        );
         let all = jobs(&h, "orders").await;
         assert_eq!(all.len(), 1);
         let job = &all[0];
+        // The upload's claim belongs to the job, so it goes when the job goes.
+        let claims: Api<ConfigMap> = Api::namespaced(h.sim.client(), "orders");
+        let claims = claims
+            .list(&ListParams::default().labels("loraplane.io/record=upload-claim"))
+            .await
+            .unwrap()
+            .items;
+        assert_eq!(claims.len(), 1);
+        let owners = claims[0]
+            .metadata
+            .owner_references
+            .clone()
+            .unwrap_or_default();
+        assert_eq!(owners.len(), 1);
+        assert_eq!(Some(&owners[0].uid), job.metadata.uid.as_ref());
         // The plan's policy and the validated dataset are in the spec.
         assert_eq!(job.spec.training.steps, 500);
         assert_eq!(job.spec.retention.mode, RetentionMode::Standard);
@@ -244,6 +266,23 @@ async fn tenants_are_isolated_and_idempotency_keys_replay() {
             (s, e["error"]["code"].as_str()),
             (StatusCode::CONFLICT, Some("order_exists"))
         );
+        // A new order on an upload another order consumed is refused, however it is keyed.
+        let mut reuse = order.clone();
+        reuse["orderId"] = json!("order-reusing-the-upload");
+        let (s, _, e) = h
+            .call(
+                "POST",
+                "/v1/jobs",
+                Some(ACME),
+                &[("idempotency-key", "k-reuse")],
+                Some(reuse),
+            )
+            .await;
+        assert_eq!(
+            (s, e["error"]["code"].as_str()),
+            (StatusCode::CONFLICT, Some("upload_consumed")),
+            "{e}"
+        );
         let (s, _, e) = h
             .call("POST", "/v1/jobs", Some(ACME), &[], Some(order.clone()))
             .await;
@@ -334,7 +373,7 @@ async fn cancel_and_erase_are_one_way_intent_on_the_spec() {
         let upload = h.upload(ACME, "eea", dataset(2)).await;
         let order = json!({
             "orderId": "o-9", "family": "sdxl", "conceptType": "object",
-            "triggerWord": "mug", "plan": "basic", "uploadId": upload
+            "triggerWord": "mug", "plan": "basic", "uploadId": upload, "trainingConsent": true
         });
         let (s, _, job) = h
             .call(
@@ -364,6 +403,22 @@ async fn cancel_and_erase_are_one_way_intent_on_the_spec() {
             "the operator is told to stop the job for good"
         );
         assert_eq!(cr.status, None, "the API never writes status");
+        // Consent withdrawn: recorded on the spec, one-way, for the operator to act on.
+        let (s, _, w) = h
+            .call(
+                "POST",
+                &format!("/v1/jobs/{id}/consent/withdraw"),
+                Some(ACME),
+                &[],
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{w}");
+        assert_eq!(w["consentWithdrawn"], true);
+        let withdrawn = api.get(&id).await.unwrap();
+        assert!(
+            withdrawn.spec.data_use.training_consent && withdrawn.spec.data_use.consent_withdrawn
+        );
         // Nobody can take a cancel back: the apiserver refuses it.
         let undo = api
             .patch(

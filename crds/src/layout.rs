@@ -22,6 +22,10 @@ pub const LABEL_RECORD: &str = "loraplane.io/record";
 /// Value of [`LABEL_RECORD`] on the audit record a deleted job leaves behind.
 pub const AUDIT_RECORD: &str = "job-audit";
 
+/// Value of [`LABEL_RECORD`] on an upload's claim: the ConfigMap that marks an upload as
+/// consumed by one order (owned by that order's job, so it goes when the job goes).
+pub const UPLOAD_CLAIM_RECORD: &str = "upload-claim";
+
 /// The finalizer that guards a job's data in S3: the job object stays until its data is gone.
 pub const DATA_FINALIZER: &str = "loraplane.io/data";
 
@@ -31,6 +35,20 @@ pub fn job_prefix(namespace: &str, name: &str, uid: &str) -> String {
     format!("{namespace}/{name}-{uid}/")
 }
 
+/// The key prefix, inside each region's dataset bucket, of uploads not yet ordered and of the
+/// datasets orders consume: `uploads/<namespace>/<token>.zip`.
+pub const UPLOADS_PREFIX: &str = "uploads/";
+
+/// The key of an upload in its region's dataset bucket. Namespaced, so a tenant can only
+/// ever reach its own uploads.
+pub fn upload_key(namespace: &str, token: &str) -> String {
+    format!("{UPLOADS_PREFIX}{namespace}/{token}.zip")
+}
+
+/// The key, in a region's corpus bucket, of the dataset a consenting job copied there; its
+/// LoRA files keep their names under the same [`job_prefix`].
+pub const CORPUS_DATASET: &str = "dataset.zip";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -38,5 +56,6 @@ mod tests {
     #[test]
     fn the_prefix_keeps_namespace_name_and_uid_apart() {
         assert_eq!(job_prefix("ns", "job", "u-1"), "ns/job-u-1/");
+        assert_eq!(upload_key("ns", "ab"), "uploads/ns/ab.zip");
     }
 }

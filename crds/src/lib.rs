@@ -1,13 +1,12 @@
 //! loraplane's shared contracts: the `LoRATrainingJob` custom resource (`v1alpha1`), the
 //! trainer's config file, progress lines and exit codes (`trainer`), the regions / node pools /
 //! model families configuration (`platform`), label keys and the S3 layout of a job's data
-//! (`layout`). Every crate that writes or reads these uses
+//! (`layout`). Only contracts live here; what the services run (S3, Lease, logging, TLS) is in
+//! `loraplane-runtime`. Every crate that writes or reads these uses
 //! the types from here, so the operator, the API and the trainer cannot drift apart.
 
 pub mod layout;
-pub mod logging;
 pub mod platform;
-pub mod tls;
 pub mod trainer;
 pub mod v1alpha1;
 

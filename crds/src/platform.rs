@@ -74,6 +74,11 @@ pub struct Buckets {
     pub checkpoints: String,
     /// Trained LoRA files.
     pub outputs: String,
+    /// The consented corpus: where the dataset and LoRA of a job whose customer consented to
+    /// training use are copied when it succeeds. Optional; a region without one copies nothing.
+    /// It must lie in the region's jurisdiction, like the other buckets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub corpus: Option<String>,
 }
 
 /// A Kubernetes toleration for a pool's taints.
@@ -151,6 +156,9 @@ pub struct Defaults {
     /// Size of the job's scratch claim in GiB.
     #[serde(default = "default_scratch_gib")]
     pub scratch_gib: u32,
+    /// Seconds an upload that no order consumed is kept before the operator deletes it.
+    #[serde(default = "default_upload_ttl")]
+    pub upload_ttl_seconds: u64,
 }
 
 fn default_scheduling_timeout() -> u64 {
@@ -165,6 +173,9 @@ fn default_backoff_seconds() -> u64 {
 fn default_scratch_gib() -> u32 {
     50
 }
+fn default_upload_ttl() -> u64 {
+    86_400
+}
 
 impl Default for Defaults {
     fn default() -> Self {
@@ -173,6 +184,7 @@ impl Default for Defaults {
             checkpoint_every: default_checkpoint_every(),
             backoff_seconds: default_backoff_seconds(),
             scratch_gib: default_scratch_gib(),
+            upload_ttl_seconds: default_upload_ttl(),
         }
     }
 }
@@ -227,11 +239,14 @@ impl PlatformConfig {
                     format!("duplicate region {:?}", r.name),
                 ));
             }
-            for (field, bucket) in [
-                ("datasets", &r.buckets.datasets),
-                ("checkpoints", &r.buckets.checkpoints),
-                ("outputs", &r.buckets.outputs),
-            ] {
+            let b = &r.buckets;
+            let named = [
+                ("datasets", Some(&b.datasets)),
+                ("checkpoints", Some(&b.checkpoints)),
+                ("outputs", Some(&b.outputs)),
+                ("corpus", b.corpus.as_ref()),
+            ];
+            for (field, bucket) in named.into_iter().filter_map(|(f, b)| Some((f, b?))) {
                 if bucket.len() < 3
                     || bucket.len() > 63
                     || !bucket.chars().all(|c| {

@@ -609,6 +609,11 @@ pub struct DataUse {
     #[serde(default)]
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.dataUse.trainingConsent is immutable"))]
     pub training_consent: bool,
+    /// The customer withdrew their consent: the copy in the consented corpus is deleted (or
+    /// never made). One-way: once true it cannot be set back.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self || !oldSelf").message("spec.dataUse.consentWithdrawn cannot be undone"))]
+    pub consent_withdrawn: bool,
 }
 
 /// The lifecycle phase of a job.
@@ -800,4 +805,11 @@ pub struct RetentionStatus {
     /// and its outcome was recorded: nothing needs them again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub released_at: Option<Time>,
+    /// When the dataset and LoRA were copied into the consented corpus (consent given, job
+    /// succeeded, the region has a corpus bucket).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub corpus_copied_at: Option<Time>,
+    /// When the corpus copy was deleted (consent withdrawn).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub corpus_deleted_at: Option<Time>,
 }

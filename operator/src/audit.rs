@@ -70,6 +70,9 @@ pub struct Entry<'a> {
     pub cause: Cause,
     /// What the purge deleted.
     pub deleted: Deleted,
+    /// The job's copy in the consented corpus stays (the customer consented, and neither
+    /// withdrew nor asked for erasure).
+    pub corpus_kept: bool,
     /// When the purge finished.
     pub at: Timestamp,
     /// How long the record is kept.
@@ -119,6 +122,10 @@ pub fn record(namespace: &str, e: &Entry<'_>) -> ConfigMap {
         ("bytesDeleted".to_string(), e.deleted.bytes.to_string()),
         (KEEP_UNTIL.to_string(), keep_until.to_string()),
     ]);
+    if let Some(t) = ret.and_then(|r| r.corpus_copied_at.as_ref()) {
+        data.insert("corpusCopiedAt".into(), t.0.to_string());
+        data.insert("corpusKept".into(), e.corpus_kept.to_string());
+    }
     if let Some(er) = &job.spec.erasure {
         data.insert("erasureRequestedAt".into(), er.requested_at.0.to_string());
     }
@@ -197,6 +204,7 @@ mod tests {
                 objects: 3,
                 bytes: 1234,
             },
+            corpus_kept: false,
             at: Timestamp::from_second(1_800_000_010).unwrap(),
             keep: Duration::from_secs(100),
         }

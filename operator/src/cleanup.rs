@@ -41,6 +41,9 @@ pub enum CleanupError {
     /// Deleting objects in S3 failed.
     #[error("could not delete the job's objects in S3: {0}")]
     DeleteObjects(#[from] StorageError),
+    /// Copying the dataset and LoRA into the consented corpus failed.
+    #[error("could not copy the job's data into the consented corpus: {0}")]
+    CopyToCorpus(#[source] StorageError),
     /// Writing the audit record failed.
     #[error("could not write the audit record: {0}")]
     WriteAudit(#[source] kube::Error),
@@ -60,6 +63,7 @@ impl CleanupError {
             CleanupError::DeleteSecret(_) => "DeleteSecret",
             CleanupError::DeleteClaim(..) => "DeleteClaim",
             CleanupError::DeleteObjects(_) => "DeleteObjects",
+            CleanupError::CopyToCorpus(_) => "CopyToCorpus",
             CleanupError::WriteAudit(_) => "WriteAudit",
             CleanupError::DeleteJob(_) => "DeleteJob",
         }
@@ -81,6 +85,7 @@ impl CleanupError {
             CleanupError::DeleteSecret(e) => api("delete the trainer-config Secret", e),
             CleanupError::DeleteClaim(n, e) => api(&format!("delete claim {n}"), e),
             CleanupError::DeleteObjects(e) => format!("delete the job's objects in S3: {e}"),
+            CleanupError::CopyToCorpus(e) => format!("copy the job's data into the corpus: {e}"),
             CleanupError::WriteAudit(e) => api("write the audit record", e),
             CleanupError::DeleteJob(e) => api("delete the job", e),
         }

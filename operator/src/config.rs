@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
-use loraplane_crds::logging::LogFormat;
 use loraplane_crds::platform::{ConfigError, PlatformConfig};
+use loraplane_runtime::logging::LogFormat;
 
 /// Command-line flags of `loraplane-operator`.
 #[derive(Debug, Clone, Parser)]
@@ -125,6 +125,8 @@ pub struct Settings {
     pub audit_keep: Duration,
     /// How often expired audit records are looked for.
     pub audit_sweep: Duration,
+    /// How often unordered uploads past their TTL are looked for.
+    pub upload_sweep: Duration,
 }
 
 impl Settings {
@@ -152,6 +154,7 @@ impl Settings {
             audit_namespace: args.leader_election_namespace.clone(),
             audit_keep: Duration::from_secs(args.audit_retention_days.saturating_mul(86_400)),
             audit_sweep: Duration::from_secs(3600),
+            upload_sweep: Duration::from_secs(600),
         }
     }
 
@@ -172,6 +175,7 @@ impl Settings {
             audit_namespace: lease_namespace.to_string(),
             audit_keep: Duration::from_secs(3 * 365 * 86_400),
             audit_sweep: Duration::from_secs(3600),
+            upload_sweep: Duration::from_secs(3600),
         }
     }
 }

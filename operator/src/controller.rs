@@ -43,6 +43,7 @@ use tokio::sync::watch;
 use crate::audit;
 use crate::cleanup::{self, CleanupError, Scope};
 use crate::config::Settings;
+use crate::corpus;
 use crate::lifecycle::{self, Facts};
 use crate::metrics::Metrics;
 use crate::placement::{self, PoolCapacity};
@@ -50,6 +51,7 @@ use crate::podcache::{self, PodCache, PodSummary, WatchTask};
 use crate::progress::{self, TAIL_LINES};
 use crate::resources::{self, BuildError};
 use crate::status::{self, Inputs, PodPhase, PodView};
+use crate::uploads;
 use loraplane_crds::LoRATrainingJobStatus;
 use loraplane_runtime::leader::Election;
 use loraplane_runtime::storage::Storage;
@@ -607,6 +609,22 @@ async fn run_chores(
             cleanup::release(&ctx.client, ids, &finished).await?;
             ret.released_at = time_at(now);
         }
+        if chores.copy_to_corpus
+            && let Some(corpus) = corpus::bucket_for(&ctx.storage, job)
+        {
+            let copied = corpus::copy(&ctx.storage, job, ids, corpus)
+                .await
+                .map_err(CleanupError::CopyToCorpus)?;
+            tracing::info!(job = %ids.name, namespace = %ids.namespace, objects = copied.objects,
+                bytes = copied.bytes, "copied into the consented corpus");
+            ret.corpus_copied_at = time_at(now);
+        }
+        if chores.delete_corpus {
+            let deleted = corpus::delete(&ctx.storage, ids).await?;
+            ret.corpus_deleted_at = time_at(now);
+            ctx.metrics
+                .record_deletion("corpus", "withdrawal", deleted.bytes, 0.0);
+        }
         if chores.delete_inputs {
             let shared = dataset_shared(ctx, job, ids);
             let deleted =
@@ -689,20 +707,30 @@ async fn purge(
         return Ok(Action::requeue(Duration::from_secs(2)));
     }
     let shared = dataset_shared(ctx, job, ids);
-    let deleted =
-        match cleanup::delete_data(&ctx.client, &ctx.storage, job, ids, Scope::All, shared).await {
-            Ok(d) => d,
-            Err(e) => {
-                record_deletion_failure(ctx, job, ids, &e).await;
-                return Err(e.into());
-            }
-        };
+    let takes_corpus = lifecycle::purge_takes_corpus(facts);
+    let deleted = async {
+        let mut deleted =
+            cleanup::delete_data(&ctx.client, &ctx.storage, job, ids, Scope::All, shared).await?;
+        if takes_corpus {
+            deleted += corpus::delete(&ctx.storage, ids).await?;
+        }
+        Ok::<_, CleanupError>(deleted)
+    }
+    .await;
+    let deleted = match deleted {
+        Ok(d) => d,
+        Err(e) => {
+            record_deletion_failure(ctx, job, ids, &e).await;
+            return Err(e.into());
+        }
+    };
     let record = audit::record(
         &ctx.settings.audit_namespace,
         &audit::Entry {
             job,
             cause,
             deleted,
+            corpus_kept: facts.corpus_copied && !facts.corpus_deleted && !takes_corpus,
             at: Timestamp::now(),
             keep: ctx.settings.audit_keep,
         },
@@ -886,6 +914,7 @@ pub async fn run(
         client.clone(),
         settings.clone(),
     )));
+    let _upload_sweep = WatchTask(tokio::spawn(sweep_uploads(ctx.clone())));
 
     let lost = Arc::new(AtomicBool::new(false));
     let lost_flag = lost.clone();
@@ -966,6 +995,41 @@ async fn sweep_audit_records(client: Client, settings: Arc<Settings>) {
             Err(e) => tracing::warn!(error = %e, "could not list audit records"),
         }
         tokio::time::sleep(settings.audit_sweep).await;
+    }
+}
+
+/// Deletes uploads no order consumed once they are `uploadTtlSeconds` old, every
+/// `upload_sweep`, and only once the job cache has been filled (an empty cache would make
+/// every upload look unordered).
+async fn sweep_uploads(ctx: Arc<Context>) {
+    let ttl = i64::try_from(ctx.settings.platform.defaults.upload_ttl_seconds).unwrap_or(i64::MAX);
+    loop {
+        tokio::time::sleep(ctx.settings.upload_sweep).await;
+        // The store's readiness is a oneshot that wakes only its latest waiter, and the
+        // controller's runner waits on it too: look without waiting, a whole interval after
+        // the start, when the first list is long done.
+        let ready = tokio::time::timeout(Duration::ZERO, ctx.jobs.wait_until_ready()).await;
+        if !matches!(ready, Ok(Ok(()))) {
+            continue;
+        }
+        let now = lifecycle::now_secs();
+        match uploads::sweep(&ctx.storage, &ctx.jobs.state(), now, ttl).await {
+            Ok(swept) if swept.deleted.objects > 0 => {
+                tracing::info!(
+                    uploads = swept.deleted.objects,
+                    bytes = swept.deleted.bytes,
+                    "deleted uploads no order consumed"
+                );
+                ctx.metrics.record_deletion(
+                    "upload",
+                    "unordered",
+                    swept.deleted.bytes,
+                    swept.max_lag as f64,
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not sweep unordered uploads"),
+        }
     }
 }
 

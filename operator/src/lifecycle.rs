@@ -9,11 +9,16 @@
 //!   since completion, at once for zero retention;
 //! - when `keepOutputsSeconds` has passed, or on an erasure request, the job object itself is
 //!   deleted; its finalizer then *purges* whatever is left and writes the audit record.
+//!
+//! With the customer's training consent, a job that succeeds has its dataset and LoRA copied
+//! into its region's consented corpus, before its inputs can go. That copy outlives the job's
+//! retention (it is what the customer consented to); withdrawing consent or requesting erasure
+//! deletes it.
 
 use k8s_openapi::jiff::Timestamp;
 use loraplane_crds::LoRATrainingJob;
 use loraplane_crds::layout::DATA_FINALIZER;
-use loraplane_crds::v1alpha1::{ErasureReason, RetentionMode};
+use loraplane_crds::v1alpha1::{ErasureReason, Phase, RetentionMode};
 
 /// Default input retention when the spec leaves it empty (standard mode).
 pub const DEFAULT_KEEP_INPUTS: i64 = 7 * 86_400;
@@ -76,6 +81,16 @@ pub struct Facts {
     pub released: bool,
     /// `spec.erasure`: why and when.
     pub erasure: Option<(ErasureReason, i64)>,
+    /// The stored phase is Succeeded.
+    pub succeeded: bool,
+    /// `spec.dataUse.trainingConsent`.
+    pub consent: bool,
+    /// `spec.dataUse.consentWithdrawn`.
+    pub consent_withdrawn: bool,
+    /// `status.retention.corpusCopiedAt` is set.
+    pub corpus_copied: bool,
+    /// `status.retention.corpusDeletedAt` is set.
+    pub corpus_deleted: bool,
 }
 
 impl Facts {
@@ -106,6 +121,11 @@ impl Facts {
                 .erasure
                 .as_ref()
                 .map(|e| (e.reason, e.requested_at.0.as_second())),
+            succeeded: status.and_then(|s| s.phase) == Some(Phase::Succeeded),
+            consent: job.spec.data_use.training_consent,
+            consent_withdrawn: job.spec.data_use.consent_withdrawn,
+            corpus_copied: ret.is_some_and(|r| r.corpus_copied_at.is_some()),
+            corpus_deleted: ret.is_some_and(|r| r.corpus_deleted_at.is_some()),
         }
     }
 }
@@ -145,6 +165,10 @@ pub fn schedule(f: &Facts) -> Option<Schedule> {
 pub struct Chores {
     /// Delete the trainer-config Secret and the finished pods.
     pub release: bool,
+    /// Copy the dataset and LoRA into the consented corpus (before the inputs go).
+    pub copy_to_corpus: bool,
+    /// Delete the corpus copy: consent was withdrawn after it was made.
+    pub delete_corpus: bool,
     /// Delete the dataset, checkpoints and claims.
     pub delete_inputs: bool,
     /// Delete the job object (its finalizer purges the rest), and why.
@@ -168,6 +192,9 @@ pub fn chores(f: &Facts, now: i64) -> Chores {
         c.delete_job = Some(Cause::Erasure(reason));
         return c;
     }
+    c.copy_to_corpus =
+        f.succeeded && f.consent && !f.consent_withdrawn && !f.corpus_copied && !f.inputs_deleted;
+    c.delete_corpus = f.consent_withdrawn && f.corpus_copied && !f.corpus_deleted;
     let Some(s) = schedule(f) else {
         return c;
     };
@@ -195,6 +222,13 @@ pub fn cause(f: &Facts, now: i64) -> Cause {
         Some(s) if now >= s.outputs_expire_at => Cause::Retention,
         _ => Cause::Deleted,
     }
+}
+
+/// Whether the purge of a job deletes its corpus copy too: only when the customer asked
+/// (erasure, or consent withdrawn). Retention, and an administrator's `kubectl delete`, leave
+/// what the customer consented to.
+pub fn purge_takes_corpus(f: &Facts) -> bool {
+    f.erasure.is_some() || f.consent_withdrawn
 }
 
 /// One piece of work past its due time.
@@ -359,6 +393,64 @@ mod tests {
             ..Facts::default()
         };
         assert_eq!(cause(&unfinished, 0), Cause::Deleted);
+    }
+
+    #[test]
+    fn a_consenting_job_is_copied_to_the_corpus_once_before_its_inputs_go() {
+        let f = Facts {
+            succeeded: true,
+            consent: true,
+            keep_inputs: Some(0),
+            ..ended_at(10)
+        };
+        let c = chores(&f, 10);
+        assert!(c.copy_to_corpus && c.delete_inputs && !c.delete_corpus);
+        let copied = Facts {
+            corpus_copied: true,
+            ..f
+        };
+        assert!(!chores(&copied, 10).copy_to_corpus);
+        // Retention leaves the copy; the customer's erasure takes it.
+        assert!(!purge_takes_corpus(&copied));
+        let erased = Facts {
+            erasure: Some((ErasureReason::CustomerRequest, 11)),
+            ..copied
+        };
+        assert!(!chores(&erased, 11).copy_to_corpus);
+        assert!(purge_takes_corpus(&erased));
+    }
+
+    #[test]
+    fn no_consent_no_failure_no_copy_and_withdrawal_deletes_it() {
+        let base = Facts {
+            succeeded: true,
+            ..ended_at(10)
+        };
+        assert!(!chores(&base, 10).copy_to_corpus);
+        let failed = Facts {
+            succeeded: false,
+            consent: true,
+            ..base
+        };
+        assert!(!chores(&failed, 10).copy_to_corpus);
+        let withdrawn_first = Facts {
+            consent: true,
+            consent_withdrawn: true,
+            ..base
+        };
+        let c = chores(&withdrawn_first, 10);
+        assert!(!c.copy_to_corpus && !c.delete_corpus);
+        let withdrawn_after = Facts {
+            corpus_copied: true,
+            ..withdrawn_first
+        };
+        assert!(chores(&withdrawn_after, 10).delete_corpus);
+        assert!(purge_takes_corpus(&withdrawn_after));
+        let done = Facts {
+            corpus_deleted: true,
+            ..withdrawn_after
+        };
+        assert!(!chores(&done, 10).delete_corpus);
     }
 
     #[test]

@@ -7,11 +7,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use loraplane_crds::logging;
 use loraplane_operator::config::{Args, Settings, load_platform_config};
 use loraplane_operator::controller::{self, Health};
 use loraplane_operator::metrics::Metrics;
 use loraplane_operator::server;
+use loraplane_runtime::logging;
 use loraplane_runtime::storage::{S3Credentials, Storage};
 use tokio::sync::watch;
 
@@ -73,7 +73,7 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    loraplane_crds::tls::install_crypto_provider();
+    loraplane_runtime::tls::install_crypto_provider();
     let client = match kube::Client::try_default().await {
         Ok(c) => c,
         Err(err) => {

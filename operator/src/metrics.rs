@@ -203,8 +203,10 @@ impl Metrics {
         let deletions = IntCounterVec::new(
             Opts::new(
                 "loraplane_retention_deletions_total",
-                "Deletions of a job's inputs (what=inputs) and of whole jobs with all their data \
-                 (what=job), by reason (retention, customerRequest, refund, dispute, deleted).",
+                "Deletions of a job's inputs (what=inputs), of whole jobs with all their data \
+                 (what=job), of a corpus copy (what=corpus, reason=withdrawal) and of uploads \
+                 no order consumed (what=upload, reason=unordered; counted per sweep), by \
+                 reason (retention, customerRequest, refund, dispute, deleted).",
             ),
             &["what", "reason"],
         )?;
@@ -277,7 +279,7 @@ impl Metrics {
         })
     }
 
-    /// Records one deletion of `what` (`inputs`, `job`) for `reason`, `lag` seconds after it
+    /// Records one deletion of `what` (`inputs`, `job`, `corpus`, `upload`) for `reason`, `lag` seconds after it
     /// fell due.
     pub fn record_deletion(&self, what: &str, reason: &str, bytes: u64, lag: f64) {
         self.deletions.with_label_values(&[what, reason]).inc();

@@ -362,6 +362,7 @@ pub(crate) mod tests {
                 datasets: format!("datasets-{name}"),
                 checkpoints: format!("checkpoints-{name}"),
                 outputs: format!("outputs-{name}"),
+                corpus: None,
             },
         }
     }

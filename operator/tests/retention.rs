@@ -2,7 +2,9 @@
 //! SeaweedFS: inputs go when due, then the job object with everything left of it; an erasure
 //! stops the job before it deletes anything, survives S3 failing and an operator restart, and
 //! never deletes a dataset another job reads; privacy fields cannot be changed (checked with
-//! the real `kubectl`). What stays is the audit record, without customer text.
+//! the real `kubectl`). What stays is the audit record, without customer text. With consent a
+//! successful job is copied into its region's corpus, and withdrawal deletes the copy; uploads
+//! no order consumed go after their TTL; a bucket that keeps versions keeps none of a job.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -334,6 +336,230 @@ async fn a_dataset_another_job_reads_outlives_the_first_job() {
     .expect("test finished in time");
 }
 
+/// The keys left in one region's corpus bucket.
+async fn corpus_keys(s3: &S3) -> Vec<String> {
+    s3.keys()
+        .await
+        .into_iter()
+        .filter(|k| k.starts_with("corpus-"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consented_data_is_copied_to_the_corpus_and_withdrawal_deletes_it() {
+    tokio::time::timeout(LIMIT, async {
+        let lora = "s3://outputs-eu-west/default/lora-of-the-test.safetensors";
+        let summary = loraplane_crds::trainer::TrainerSummary {
+            outcome: loraplane_crds::trainer::Outcome::Succeeded,
+            step: 100,
+            artifacts: vec![loraplane_crds::trainer::ArtifactInfo {
+                format: "kohya".into(),
+                uri: lora.into(),
+                sha256: "b".repeat(64),
+                bytes: 4,
+            }],
+            error: None,
+        };
+        let mut rule = script("trainer:ok", Some(Duration::from_millis(300)), 0, 5);
+        rule.script.termination_message = Some(serde_json::to_string(&summary).unwrap());
+        let (sim, client, s3, op) = start_with_s3(rule).await;
+        s3.put(
+            "outputs-eu-west",
+            "default/lora-of-the-test.safetensors",
+            b"lora",
+        )
+        .await;
+        let keep = serde_json::json!({"keepInputsSeconds": 60, "keepOutputsSeconds": 120});
+        let consenting = create_job(
+            &client,
+            &job(
+                "consenting",
+                serde_json::json!({"retention": keep, "dataUse": {"trainingConsent": true}}),
+            ),
+        )
+        .await;
+        let declining = create_job(
+            &client,
+            &job("declining", serde_json::json!({"retention": keep})),
+        )
+        .await;
+        s3.seed_job(&consenting).await;
+        s3.seed_job(&declining).await;
+        wait_job(
+            &client,
+            "declining",
+            Duration::from_secs(30),
+            "Succeeded",
+            |j| phase(j) == Some("Succeeded"),
+        )
+        .await;
+        let copied_at = |j: &LoRATrainingJob| {
+            j.status
+                .as_ref()
+                .and_then(|s| s.retention.as_ref())
+                .and_then(|r| r.corpus_copied_at.clone())
+        };
+        wait_job(
+            &client,
+            "consenting",
+            Duration::from_secs(30),
+            "the corpus copy",
+            |j| copied_at(j).is_some(),
+        )
+        .await;
+        let prefix = format!("corpus-eu-west/{NS}/consenting-{}/", uid(&consenting));
+        assert_eq!(
+            corpus_keys(&s3).await,
+            vec![
+                format!("{prefix}dataset.zip"),
+                format!("{prefix}lora-of-the-test.safetensors")
+            ],
+            "the consenting job's dataset and LoRA, nothing of the declining job"
+        );
+        let declined = Api::<LoRATrainingJob>::namespaced(client.clone(), NS)
+            .get("declining")
+            .await
+            .unwrap();
+        assert!(copied_at(&declined).is_none());
+
+        // Withdrawal deletes the copy; the job and its own data stay until their retention.
+        Api::<LoRATrainingJob>::namespaced(client.clone(), NS)
+            .patch(
+                "consenting",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"spec": {"dataUse": {"consentWithdrawn": true}}})),
+            )
+            .await
+            .unwrap();
+        wait_job(
+            &client,
+            "consenting",
+            Duration::from_secs(10),
+            "the copy deleted",
+            |j| {
+                j.status
+                    .as_ref()
+                    .and_then(|s| s.retention.as_ref())
+                    .is_some_and(|r| r.corpus_deleted_at.is_some())
+            },
+        )
+        .await;
+        assert!(
+            corpus_keys(&s3).await.is_empty(),
+            "{:?}",
+            corpus_keys(&s3).await
+        );
+        assert_eq!(
+            metric(
+                &op,
+                r#"loraplane_retention_deletions_total{reason="withdrawal",what="corpus"}"#
+            ),
+            Some(1.0)
+        );
+        op.stop().await;
+        sim.shutdown().await;
+    })
+    .await
+    .expect("test finished in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unordered_uploads_go_after_their_ttl_and_ordered_ones_stay() {
+    tokio::time::timeout(LIMIT, async {
+        let sim = start_sim(topology(false), vec![script("trainer:long", None, 0, 0)]).await;
+        let client = sim.client();
+        let s3 = S3::start().await;
+        let mut platform = s3.platform("trainer:long", 30);
+        platform.defaults.upload_ttl_seconds = 1;
+        let mut settings =
+            loraplane_operator::config::Settings::for_tests(platform, NS, "op-a");
+        settings.upload_sweep = Duration::from_millis(300);
+        let ordered = "uploads/default/0123456789abcdef0123456789abcdef.zip";
+        let unordered = "uploads/us/fedcba9876543210fedcba9876543210.zip";
+        s3.put("datasets-eu-west", ordered, b"zip").await;
+        s3.put("datasets-us-east", unordered, b"zip").await;
+        create_job(
+            &client,
+            &job(
+                "ordered",
+                serde_json::json!({"dataset": {"uri": format!("s3://datasets-eu-west/{ordered}"), "sha256": "a".repeat(64)}}),
+            ),
+        )
+        .await;
+        let op = Operator::start_configured(client.clone(), settings, s3.storage());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while s3.keys().await.iter().any(|k| k.ends_with(unordered)) {
+            assert!(tokio::time::Instant::now() < deadline, "unordered upload kept");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            s3.keys().await,
+            vec![format!("datasets-eu-west/{ordered}")],
+            "the ordered upload stays"
+        );
+        assert_eq!(
+            metric(
+                &op,
+                r#"loraplane_retention_deletions_total{reason="unordered",what="upload"}"#
+            ),
+            Some(1.0)
+        );
+        op.stop().await;
+        sim.shutdown().await;
+    })
+    .await
+    .expect("test finished in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_leaves_no_old_version_in_a_versioned_bucket() {
+    tokio::time::timeout(LIMIT, async {
+        let (sim, client, s3, op) = start_with_s3(script("trainer:long", None, 0, 0)).await;
+        let bucket = "checkpoints-eu-west";
+        s3.fs
+            .client()
+            .put_bucket_versioning()
+            .bucket(bucket)
+            .versioning_configuration(
+                aws_sdk_s3::types::VersioningConfiguration::builder()
+                    .status(aws_sdk_s3::types::BucketVersioningStatus::Enabled)
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        let created = create_running(&client, "versioned", serde_json::json!({})).await;
+        s3.seed_job(&created).await;
+        // A second checkpoint over the first: the bucket now keeps two versions of it.
+        s3.seed_job(&created).await;
+        let versions = |s3: &S3| {
+            let client = s3.fs.client();
+            async move {
+                let out = client
+                    .list_object_versions()
+                    .bucket(bucket)
+                    .send()
+                    .await
+                    .unwrap();
+                out.versions().len() + out.delete_markers().len()
+            }
+        };
+        assert_eq!(versions(&s3).await, 2);
+        request_erasure(&client, "versioned", "customerRequest").await;
+        wait_gone(&client, &created, Duration::from_secs(20)).await;
+        assert_eq!(
+            versions(&s3).await,
+            0,
+            "old versions and delete markers are gone too"
+        );
+        assert!(s3.keys().await.is_empty(), "{:?}", s3.keys().await);
+        op.stop().await;
+        sim.shutdown().await;
+    })
+    .await
+    .expect("test finished in time");
+}
+
 /// The privacy fields and the one-way intents, refused by the apiserver with its own words,
 /// as a platform engineer would meet them with `kubectl`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -347,7 +573,7 @@ async fn privacy_fields_and_intents_cannot_be_changed_back_with_kubectl() {
                 "fixed",
                 serde_json::json!({
                     "retention": {"mode": "standard"},
-                    "dataUse": {"trainingConsent": true},
+                    "dataUse": {"trainingConsent": true, "consentWithdrawn": true},
                     "cancel": true,
                     "erasure": {"requestedAt": "2026-12-01T00:00:00Z", "reason": "customerRequest"}
                 }),
@@ -369,6 +595,10 @@ async fn privacy_fields_and_intents_cannot_be_changed_back_with_kubectl() {
             (
                 r#"{"spec":{"dataUse":{"trainingConsent":false}}}"#,
                 "spec.dataUse.trainingConsent is immutable",
+            ),
+            (
+                r#"{"spec":{"dataUse":{"consentWithdrawn":false}}}"#,
+                "spec.dataUse.consentWithdrawn cannot be undone",
             ),
             (
                 r#"{"spec":{"cancel":false}}"#,

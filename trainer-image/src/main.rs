@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
-use loraplane_crds::logging::{self, LogFormat};
 use loraplane_crds::trainer::{EXIT_BAD_INPUT, EXIT_CRASH, EXIT_OK, Outcome, TrainerSummary};
 use loraplane_trainer::{config, progress, train};
 
@@ -14,6 +13,30 @@ use loraplane_trainer::{config, progress, train};
 #[global_allocator]
 static ALLOCATOR: loraplane_trainer::alloc::TrainerAllocator =
     loraplane_trainer::alloc::TrainerAllocator;
+
+/// Log output format: the services' convention (text, or one JSON object per line), set up
+/// here because the trainer does not link the services' runtime crate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logs go to stderr (stdout carries the progress lines), filtered by `RUST_LOG`.
+fn init_logging(format: LogFormat) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => fmt.try_init(),
+        LogFormat::Json => fmt.json().flatten_event(true).try_init(),
+    }
+    .map_err(|e| format!("could not install the log subscriber: {e}"))
+}
 
 /// Command-line flags.
 #[derive(Debug, Parser)]
@@ -57,7 +80,7 @@ fn main() -> ExitCode {
         loraplane_trainer::threads::limit_candle_spinning();
     }
     let args = Args::parse();
-    if let Err(err) = logging::init(args.log_format) {
+    if let Err(err) = init_logging(args.log_format) {
         eprintln!("loraplane-trainer: {err}");
         return code(EXIT_CRASH);
     }

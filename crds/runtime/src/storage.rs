@@ -1,5 +1,6 @@
 //! S3, the I/O part: one client per region (each region has its own endpoint and buckets),
-//! presigned URLs, fetching an upload for validation, and deleting every object under a prefix.
+//! presigned URLs, fetching an upload for validation, listing and copying objects, and deleting
+//! every object under a prefix (old versions too, where a bucket keeps them).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -47,6 +48,15 @@ pub enum StorageError {
     /// Writing an object's tags failed.
     #[error("put object tagging: {0}")]
     PutTagging(String),
+    /// Listing object versions failed.
+    #[error("list object versions: {0}")]
+    ListVersions(String),
+    /// Copying an object failed.
+    #[error("copy object: {0}")]
+    CopyObject(String),
+    /// Writing an object failed.
+    #[error("put object: {0}")]
+    PutObject(String),
     /// A URI is not `s3://bucket/key`.
     #[error("not an s3:// URI")]
     BadUri,
@@ -75,6 +85,8 @@ fn err_text<E: std::error::Error + 'static>(e: &E) -> String {
 pub struct RegionStore {
     /// The client.
     pub client: aws_sdk_s3::Client,
+    /// The endpoint the client talks to (two regions may share one).
+    pub endpoint: String,
     /// The buckets.
     pub buckets: Buckets,
 }
@@ -99,6 +111,17 @@ impl std::ops::AddAssign for Deleted {
         self.objects += o.objects;
         self.bytes += o.bytes;
     }
+}
+
+/// One object of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// Its key.
+    pub key: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// When it was last written, Unix seconds.
+    pub modified: i64,
 }
 
 /// Splits `s3://bucket/key` into bucket and key.
@@ -134,6 +157,7 @@ impl Storage {
                 r.name.clone(),
                 RegionStore {
                     client: aws_sdk_s3::Client::from_conf(conf),
+                    endpoint: r.s3.endpoint.clone(),
                     buckets: r.buckets.clone(),
                 },
             );
@@ -159,6 +183,7 @@ impl Storage {
             r.buckets.datasets == bucket
                 || r.buckets.checkpoints == bucket
                 || r.buckets.outputs == bucket
+                || r.buckets.corpus.as_deref() == Some(bucket)
         })
     }
 
@@ -344,7 +369,105 @@ impl Storage {
         })
     }
 
-    /// Deletes every object under `prefix` in `bucket` (of whichever region owns the bucket).
+    /// Every object under `prefix` in `bucket` (of whichever region owns the bucket); a missing
+    /// bucket holds nothing.
+    pub async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<Listed>, StorageError> {
+        let store = self.store_of(bucket)?;
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = match store
+                .client
+                .list_objects_v2()
+                .bucket(bucket)
+                .prefix(prefix)
+                .set_continuation_token(token.clone())
+                .send()
+                .await
+            {
+                Ok(p) => p,
+                Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_bucket()) => {
+                    return Ok(out);
+                }
+                Err(e) => return Err(StorageError::ListObjects(err_text(&e))),
+            };
+            out.extend(page.contents().iter().filter_map(|o| {
+                Some(Listed {
+                    key: o.key()?.to_string(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    modified: o.last_modified().map_or(0, |t| t.secs()),
+                })
+            }));
+            token = page.next_continuation_token().map(str::to_string);
+            if token.is_none() || page.is_truncated() != Some(true) {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Copies one object to another bucket of any region: a server-side copy when both lie
+    /// behind the same endpoint, else a streamed GET and PUT. Returns the bytes copied, or
+    /// `None` when the source does not exist.
+    pub async fn copy_object(
+        &self,
+        (from_bucket, from_key): (&str, &str),
+        (to_bucket, to_key): (&str, &str),
+    ) -> Result<Option<u64>, StorageError> {
+        let from = self.store_of(from_bucket)?;
+        let to = self.store_of(to_bucket)?;
+        let size = match from
+            .client
+            .head_object()
+            .bucket(from_bucket)
+            .key(from_key)
+            .send()
+            .await
+        {
+            Ok(h) => h.content_length().unwrap_or(0).max(0) as u64,
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(StorageError::GetObject(err_text(&e))),
+        };
+        if from.endpoint == to.endpoint {
+            to.client
+                .copy_object()
+                .copy_source(format!("{from_bucket}/{from_key}"))
+                .bucket(to_bucket)
+                .key(to_key)
+                .send()
+                .await
+                .map_err(|e| StorageError::CopyObject(err_text(&e)))?;
+            return Ok(Some(size));
+        }
+        let body = from
+            .client
+            .get_object()
+            .bucket(from_bucket)
+            .key(from_key)
+            .send()
+            .await
+            .map_err(|e| StorageError::GetObject(err_text(&e)))?;
+        to.client
+            .put_object()
+            .bucket(to_bucket)
+            .key(to_key)
+            .content_length(body.content_length().unwrap_or(0))
+            .body(body.body)
+            .send()
+            .await
+            .map_err(|e| StorageError::PutObject(err_text(&e)))?;
+        Ok(Some(size))
+    }
+
+    fn store_of(&self, bucket: &str) -> Result<&RegionStore, StorageError> {
+        self.region_of_bucket(bucket)
+            .ok_or_else(|| StorageError::UnknownRegion(bucket.to_string()))
+    }
+
+    /// Deletes every object under `prefix` in `bucket` (of whichever region owns the bucket),
+    /// then every older version and delete marker left under it, so a bucket with versioning
+    /// enabled keeps nothing either.
     pub async fn delete_prefix(&self, bucket: &str, prefix: &str) -> Result<Deleted, StorageError> {
         let Some(store) = self.region_of_bucket(bucket) else {
             return Err(StorageError::UnknownRegion(bucket.to_string()));
@@ -384,7 +507,80 @@ impl Storage {
             }
             token = page.next_continuation_token().map(str::to_string);
             if token.is_none() || page.is_truncated() != Some(true) {
-                return Ok(deleted);
+                break;
+            }
+        }
+        deleted += self.delete_versions(store, bucket, prefix).await?;
+        Ok(deleted)
+    }
+
+    /// Deletes the noncurrent versions and delete markers under `prefix`. In a bucket without
+    /// versioning nothing is left by then, and the listing comes back empty.
+    async fn delete_versions(
+        &self,
+        store: &RegionStore,
+        bucket: &str,
+        prefix: &str,
+    ) -> Result<Deleted, StorageError> {
+        let mut deleted = Deleted::default();
+        // Each round deletes what one page listed and lists again from the start, so no
+        // marker is needed across rounds; a round that lists nothing ends it, and one that
+        // lists only what was deleted already means the store ignores version deletes.
+        let mut gone = std::collections::HashSet::new();
+        loop {
+            let page = match store
+                .client
+                .list_object_versions()
+                .bucket(bucket)
+                .prefix(prefix)
+                .send()
+                .await
+            {
+                Ok(p) => p,
+                Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => {
+                    return Ok(deleted);
+                }
+                Err(e) => return Err(StorageError::ListVersions(err_text(&e))),
+            };
+            let versions = page
+                .versions()
+                .iter()
+                .map(|v| (v.key(), v.version_id(), v.size().unwrap_or(0).max(0) as u64));
+            let markers = page
+                .delete_markers()
+                .iter()
+                .map(|m| (m.key(), m.version_id(), 0));
+            let mut any = false;
+            for (key, version, size) in versions.chain(markers) {
+                let (Some(key), Some(version)) = (key, version) else {
+                    continue;
+                };
+                if !gone.insert((key.to_string(), version.to_string())) {
+                    continue;
+                }
+                any = true;
+                store
+                    .client
+                    .delete_object()
+                    .bucket(bucket)
+                    .key(key)
+                    .version_id(version)
+                    .send()
+                    .await
+                    .map_err(|e| StorageError::DeleteObject(err_text(&e)))?;
+                if size > 0 {
+                    deleted.objects += 1;
+                    deleted.bytes += size;
+                }
+            }
+            if !any {
+                return if page.versions().is_empty() && page.delete_markers().is_empty() {
+                    Ok(deleted)
+                } else {
+                    Err(StorageError::DeleteObject(format!(
+                        "versions under {prefix:?} in {bucket} remain after deletion"
+                    )))
+                };
             }
         }
     }

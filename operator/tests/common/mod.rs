@@ -88,7 +88,7 @@ pub fn platform_with_s3(image: &str, scheduling_timeout: u64, endpoint: &str) ->
   - name: {name}
     jurisdiction: {j}
     s3: {{endpoint: "{endpoint}", region: {name}, forcePathStyle: true}}
-    buckets: {{datasets: datasets-{name}, checkpoints: checkpoints-{name}, outputs: outputs-{name}}}"#
+    buckets: {{datasets: datasets-{name}, checkpoints: checkpoints-{name}, outputs: outputs-{name}, corpus: corpus-{name}}}"#
         )
     };
     let pool = |name: &str, region: &str, spot: bool, price: f64| {
@@ -209,7 +209,10 @@ impl Operator {
         storage: Storage,
         identity: &str,
     ) -> Operator {
-        let settings = Settings::for_tests(platform, NS, identity);
+        Operator::start_configured(client, Settings::for_tests(platform, NS, identity), storage)
+    }
+
+    pub fn start_configured(client: Client, settings: Settings, storage: Storage) -> Operator {
         let metrics = Metrics::new().unwrap();
         let health = Arc::new(Health::default());
         let (stop, rx) = watch::channel(false);
@@ -342,6 +345,7 @@ pub struct S3 {
 }
 
 pub const BUCKET_REGIONS: [&str; 3] = ["eu-west", "eu-north", "us-east"];
+pub const BUCKET_KINDS: [&str; 4] = ["datasets", "checkpoints", "outputs", "corpus"];
 
 impl S3 {
     pub async fn start() -> S3 {
@@ -349,7 +353,7 @@ impl S3 {
             .await
             .expect("SeaweedFS starts (`weed` comes from `make bootstrap`)");
         for region in BUCKET_REGIONS {
-            for kind in ["datasets", "checkpoints", "outputs"] {
+            for kind in BUCKET_KINDS {
                 fs.create_bucket(&format!("{kind}-{region}")).await.unwrap();
             }
         }
@@ -386,7 +390,7 @@ impl S3 {
     pub async fn keys(&self) -> Vec<String> {
         let mut out = Vec::new();
         for region in BUCKET_REGIONS {
-            for kind in ["datasets", "checkpoints", "outputs"] {
+            for kind in BUCKET_KINDS {
                 let bucket = format!("{kind}-{region}");
                 let list = self
                     .fs

@@ -225,7 +225,7 @@ impl Stack {
     /// Starts everything: trainer binary, tiny models, SeaweedFS and buckets, kube-sim with
     /// nodes and kubelets, namespaces and the S3 credentials Secret, the operator and the API.
     pub async fn start(opts: StackOptions) -> Result<Stack, StackError> {
-        loraplane_crds::tls::install_crypto_provider();
+        loraplane_runtime::tls::install_crypto_provider();
         let trainer_binary = crate::trainer_bin::trainer_binary().await?;
         let dir = match &opts.work_dir {
             Some(p) => {

@@ -89,6 +89,13 @@ impl std::fmt::Debug for KubeSim {
     }
 }
 
+/// Selects rustls' ring provider for the whole process (kube links rustls with ring, the S3
+/// SDK with aws-lc-rs; with both in one test binary rustls will not choose). Idempotent.
+pub fn install_crypto_provider() {
+    // Err only means a provider is installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// A `kube::Client` for a plain-HTTP emulator URL.
 pub fn client_for(url: &str) -> Result<kube::Client, SimError> {
     client_with_agent(url, None)
@@ -101,7 +108,7 @@ pub fn client_with_agent(url: &str, user_agent: Option<&str>) -> Result<kube::Cl
         url: url.to_string(),
         message,
     };
-    loraplane_crds::tls::install_crypto_provider();
+    install_crypto_provider();
     let uri: axum::http::Uri = url.parse().map_err(|e| err(format!("{e}")))?;
     let mut config = kube::Config::new(uri);
     config.default_namespace = "default".to_string();
@@ -125,7 +132,7 @@ impl KubeSim {
     /// starts the simulated cluster.
     pub async fn start(config: SimConfig) -> Result<KubeSim, SimError> {
         // Tests build their own clients after this; give them a TLS provider too.
-        loraplane_crds::tls::install_crypto_provider();
+        install_crypto_provider();
         let logs = logs::PodLogs::default();
         let server = apiserver::ApiServer::start(&config.crds, logs.clone()).await?;
         let client = client_for(&server.url())?;

@@ -10,10 +10,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use loraplane_crds::logging::{self, LogFormat};
 use loraplane_e2e::config::{self, ORDERS_NS, RetentionKnobs, STOREFRONT_TOKEN};
 use loraplane_e2e::journey::{self, OrderSpec, Timeline};
 use loraplane_e2e::stack::{Stack, StackOptions};
+use loraplane_runtime::logging::{self, LogFormat};
 
 /// Command-line flags.
 #[derive(Debug, Parser)]

@@ -125,7 +125,7 @@ fn kubeconfig() -> Result<PathBuf, RunError> {
 
 async fn client() -> Result<(kube::Client, PathBuf), RunError> {
     let path = kubeconfig()?;
-    loraplane_crds::tls::install_crypto_provider();
+    loraplane_runtime::tls::install_crypto_provider();
     let client = kube::Client::try_default()
         .await
         .map_err(|e| RunError::Usage(format!("connect with KUBECONFIG={}: {e}", path.display())))?;

@@ -485,10 +485,12 @@ pub async fn run() -> Outcome {
     // A paid checkout: the webhook creates job A; it lands on spot, is preempted, resumes
     // elsewhere from its checkpoint and succeeds.
     let upload = api.upload(STOREFRONT).await;
-    let ack = api
-        .webhook(&paid_event("cs_contract", "pi_contract", &upload))
-        .await;
+    let paid = paid_event("cs_contract", "pi_contract", &upload);
+    let ack = api.webhook(&paid).await;
     assert_eq!(ack["outcome"], "created", "{ack}");
+    // Stripe delivers at least once: the redelivery finds the order's own upload claim.
+    let ack = api.webhook(&paid).await;
+    assert_eq!(ack["outcome"], "duplicate", "{ack}");
     let jobs = Api::<LoRATrainingJob>::namespaced(admin.clone(), ORDERS_NS)
         .list(&ListParams::default())
         .await
