@@ -812,4 +812,11 @@ pub struct RetentionStatus {
     /// When the corpus copy was deleted (consent withdrawn).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub corpus_deleted_at: Option<Time>,
+    /// Objects deleted from S3 so far while the job lived (its inputs, a withdrawn corpus
+    /// copy); the audit record adds what the final purge deletes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted_objects: Option<i64>,
+    /// Bytes deleted from S3 so far while the job lived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted_bytes: Option<i64>,
 }

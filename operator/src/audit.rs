@@ -68,7 +68,7 @@ pub struct Entry<'a> {
     pub job: &'a LoRATrainingJob,
     /// Why its data went.
     pub cause: Cause,
-    /// What the purge deleted.
+    /// What the purge deleted (the record adds what the status says went before).
     pub deleted: Deleted,
     /// The job's copy in the consented corpus stays (the customer consented, and neither
     /// withdrew nor asked for erasure).
@@ -88,6 +88,15 @@ pub fn record(namespace: &str, e: &Entry<'_>) -> ConfigMap {
     let status = job.status.as_ref();
     let ret = status.and_then(|s| s.retention.as_ref());
     let keep = i64::try_from(e.keep.as_secs()).unwrap_or(i64::MAX);
+    // What went while the job lived (inputs, a withdrawn corpus copy) plus the purge.
+    let earlier_objects = ret.and_then(|r| r.deleted_objects).unwrap_or(0);
+    let earlier_bytes = ret.and_then(|r| r.deleted_bytes).unwrap_or(0);
+    let total = |earlier: i64, now: u64| {
+        u64::try_from(earlier)
+            .unwrap_or(0)
+            .saturating_add(now)
+            .to_string()
+    };
     let keep_until =
         Timestamp::from_second(e.at.as_second().saturating_add(keep)).unwrap_or(Timestamp::MAX);
     let mut data = BTreeMap::from([
@@ -118,8 +127,14 @@ pub fn record(namespace: &str, e: &Entry<'_>) -> ConfigMap {
             time(ret.and_then(|r| r.inputs_deleted_at.as_ref()).map(|t| t.0)),
         ),
         ("deletedAt".to_string(), e.at.to_string()),
-        ("objectsDeleted".to_string(), e.deleted.objects.to_string()),
-        ("bytesDeleted".to_string(), e.deleted.bytes.to_string()),
+        (
+            "objectsDeleted".to_string(),
+            total(earlier_objects, e.deleted.objects),
+        ),
+        (
+            "bytesDeleted".to_string(),
+            total(earlier_bytes, e.deleted.bytes),
+        ),
         (KEEP_UNTIL.to_string(), keep_until.to_string()),
     ]);
     if let Some(t) = ret.and_then(|r| r.corpus_copied_at.as_ref()) {
@@ -234,6 +249,24 @@ mod tests {
         assert_eq!(data["jobUidSha256"], uid_hash("uid-1"));
         assert!(data.contains_key("erasureRequestedAt"));
         assert_eq!(cm.metadata.name.unwrap(), record_name("uid-1"));
+    }
+
+    #[test]
+    fn counts_add_what_went_while_the_job_lived_to_the_purge() {
+        let mut j = job();
+        if let Some(st) = j.status.as_mut() {
+            st.retention = Some(loraplane_crds::v1alpha1::RetentionStatus {
+                deleted_objects: Some(2),
+                deleted_bytes: Some(100),
+                corpus_copied_at: Some(Time(Timestamp::from_second(1_799_999_000).unwrap())),
+                ..Default::default()
+            });
+        }
+        let data = record("ns", &entry(&j)).data.unwrap();
+        assert_eq!(data["objectsDeleted"], "5");
+        assert_eq!(data["bytesDeleted"], "1334");
+        assert_eq!(data["corpusKept"], "false");
+        assert!(data.contains_key("corpusCopiedAt"));
     }
 
     #[test]

@@ -54,7 +54,7 @@ use crate::status::{self, Inputs, PodPhase, PodView};
 use crate::uploads;
 use loraplane_crds::LoRATrainingJobStatus;
 use loraplane_runtime::leader::Election;
-use loraplane_runtime::storage::Storage;
+use loraplane_runtime::storage::{Deleted, Storage};
 
 /// `spec.managedBy` values that mean this operator.
 const OUR_MANAGERS: [&str; 2] = ["", "loraplane.io/operator"];
@@ -554,6 +554,19 @@ fn time_at(secs: i64) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::
         .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time)
 }
 
+/// Adds what a deletion removed to the job's running totals (the audit record's counts).
+fn count_deleted(ret: &mut loraplane_crds::v1alpha1::RetentionStatus, d: Deleted) {
+    let add = |total: Option<i64>, n: u64| {
+        Some(
+            total
+                .unwrap_or(0)
+                .saturating_add(i64::try_from(n).unwrap_or(i64::MAX)),
+        )
+    };
+    ret.deleted_objects = add(ret.deleted_objects, d.objects);
+    ret.deleted_bytes = add(ret.deleted_bytes, d.bytes);
+}
+
 /// Records a failed deletion on the job (condition `Deleting`, reason `DeletionFailed`), so a
 /// stalled cleanup is visible in `kubectl describe`; the error itself goes on to the error
 /// policy, which retries.
@@ -621,6 +634,7 @@ async fn run_chores(
         }
         if chores.delete_corpus {
             let deleted = corpus::delete(&ctx.storage, ids).await?;
+            count_deleted(&mut ret, deleted);
             ret.corpus_deleted_at = time_at(now);
             ctx.metrics
                 .record_deletion("corpus", "withdrawal", deleted.bytes, 0.0);
@@ -630,6 +644,7 @@ async fn run_chores(
             let deleted =
                 cleanup::delete_data(&ctx.client, &ctx.storage, job, ids, Scope::Inputs, shared)
                     .await?;
+            count_deleted(&mut ret, deleted);
             ret.inputs_deleted_at = time_at(now);
             let due = schedule.map_or(now, |s| s.inputs_expire_at);
             ctx.metrics

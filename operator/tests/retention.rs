@@ -175,6 +175,10 @@ async fn retention_deletes_the_inputs_then_the_job_and_every_byte() {
         let record = audit_record(&client, &uid(&created)).await;
         assert_eq!(record["reason"], "retention");
         assert_eq!(record["phase"], "Succeeded");
+        assert_eq!(
+            record["objectsDeleted"], "4",
+            "the inputs deleted earlier count too: {record:?}"
+        );
         assert_eq!(record["tenant"], NS);
         assert!(record.contains_key("inputsDeletedAt") && record.contains_key("keepUntil"));
         let text = serde_json::to_string(&record).unwrap();
