@@ -255,11 +255,11 @@ async fn webhook_load(
     (lat, failed, wall)
 }
 
-/// The Kubernetes part of an order alone, with no API in between: the same requests (two
-/// tombstone lookups, the upload's claim, the create, the claim's owner) straight from a
-/// `kube::Client`, so the
+/// The Kubernetes part of an order alone, with no API in between: the same four requests (two
+/// tombstone lookups, the upload's claim, the create) straight from a `kube::Client`, so the
 /// report can tell the API's own cost from the apiserver's (kube-sim runs in this process).
 async fn kube_only(h: &Harness, orders: usize, concurrency: usize) -> f64 {
+    use k8s_openapi::api::coordination::v1::Lease;
     use k8s_openapi::api::core::v1::ConfigMap;
     let jobs: Api<LoRATrainingJob> = Api::namespaced(h.sim.client(), "orders");
     let template = jobs
@@ -275,6 +275,7 @@ async fn kube_only(h: &Harness, orders: usize, concurrency: usize) -> f64 {
         let next = next.clone();
         let jobs = jobs.clone();
         let cms: Api<ConfigMap> = Api::namespaced(h.sim.client(), "orders");
+        let leases: Api<Lease> = Api::namespaced(h.sim.client(), "orders");
         let spec = template.spec.clone();
         workers.push(tokio::spawn(async move {
             loop {
@@ -288,24 +289,13 @@ async fn kube_only(h: &Harness, orders: usize, concurrency: usize) -> f64 {
                     let _ = cms.list(&ListParams::default().labels(&selector)).await;
                 }
                 let claim = format!("ltj-upload-kube-only-{i}");
-                let cm: ConfigMap = serde_json::from_value(json!({
-                    "metadata": {"name": claim, "labels": {"loraplane.io/order": format!("o{i}")}}
+                let lease: Lease = serde_json::from_value(json!({
+                    "metadata": {"name": claim}, "spec": {"holderIdentity": format!("o{i}")}
                 }))
                 .unwrap();
-                cms.create(&Default::default(), &cm).await.unwrap();
+                leases.create(&Default::default(), &lease).await.unwrap();
                 let job = LoRATrainingJob::new(&format!("ltj-kube-only-{i}"), spec.clone());
-                let job = jobs.create(&Default::default(), &job).await.unwrap();
-                let owner = json!({"metadata": {"ownerReferences": [{
-                    "apiVersion": "loraplane.io/v1alpha1", "kind": "LoRATrainingJob",
-                    "name": job.metadata.name, "uid": job.metadata.uid,
-                }]}});
-                cms.patch(
-                    &claim,
-                    &Default::default(),
-                    &kube::api::Patch::Merge(&owner),
-                )
-                .await
-                .unwrap();
+                jobs.create(&Default::default(), &job).await.unwrap();
             }
         }));
     }

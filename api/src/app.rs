@@ -15,18 +15,21 @@
 //! record, which is also the audit record and stops a replayed order from recreating the job.
 //!
 //! One upload, one order: before an order's job is created the API creates the upload's claim,
-//! a ConfigMap `ltj-upload-<keyed hash of the upload>` labelled with the order's hash, and then
-//! makes the job its owner. A second order on the same upload finds the claim held and is
-//! refused (`upload_consumed`); the claim goes with the job.
+//! a Lease `ltj-upload-<hash of the dataset URI>` held by the order's hash. A second order on
+//! the same upload finds the claim held and is refused (`upload_consumed`); the operator
+//! deletes the claim with the job's data.
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
-use loraplane_crds::layout::{LABEL_MANAGED_BY, LABEL_RECORD, UPLOAD_CLAIM_RECORD};
+use loraplane_crds::layout::{
+    LABEL_MANAGED_BY, LABEL_RECORD, UPLOAD_CLAIM_RECORD, upload_claim_name,
+};
 use loraplane_crds::platform::PlatformConfig;
 use loraplane_crds::v1alpha1::{
     ErasureReason, ErasureRequest, LoRATrainingJob, LoRATrainingJobSpec,
@@ -213,10 +216,10 @@ fn erased_name(order_hash: &str) -> String {
 }
 
 /// Who holds an upload's claim, as [`App::claim_upload`] finds it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Claim {
     /// This order holds it (just created, or from an earlier delivery).
-    Ours(String),
+    Ours,
     /// Another order holds it.
     Theirs,
 }
@@ -242,13 +245,8 @@ impl App {
         Api::namespaced(self.kube.clone(), ns)
     }
 
-    /// The name of an upload's claim: a keyed hash of the upload, so it says nothing of the
-    /// upload token.
-    fn claim_name(&self, ns: &str, upload: &UploadId) -> String {
-        format!(
-            "ltj-upload-{}",
-            self.hash("upload", &format!("{ns}/{}", upload.to_id()))
-        )
+    fn leases(&self, ns: &str) -> Api<Lease> {
+        Api::namespaced(self.kube.clone(), ns)
     }
 
     /// Hashes an id with the API's key.
@@ -268,10 +266,7 @@ impl App {
                 name: Some(name.to_string()),
                 namespace: Some(ns.to_string()),
                 labels: Some(BTreeMap::from([
-                    (
-                        "app.kubernetes.io/managed-by".to_string(),
-                        "loraplane-api".to_string(),
-                    ),
+                    (LABEL_MANAGED_BY.to_string(), "loraplane-api".to_string()),
                     (LABEL_TOMBSTONE_OF.to_string(), stands_for.to_string()),
                 ])),
                 ..ObjectMeta::default()
@@ -448,22 +443,17 @@ impl App {
         };
         // One upload, one order: the claim is created before the job, so of two orders on one
         // upload exactly one gets it (the apiserver's create is the arbiter).
-        let upload = UploadId::parse(&order.upload_id)
-            .ok_or_else(|| AppError::BadUploadId(order.upload_id.clone()))?;
-        let claim = match self.claim_upload(ns, &upload, &ids.order_hash).await? {
-            Claim::Ours(claim) => claim,
-            Claim::Theirs => return Err(AppError::UploadConsumed(upload.to_id())),
-        };
+        let claim = upload_claim_name(&spec.dataset.uri);
+        if self.claim_upload(ns, &claim, &ids.order_hash).await? == Claim::Theirs {
+            return Err(AppError::UploadConsumed(order.upload_id.clone()));
+        }
         let mut job = LoRATrainingJob::new(&name, spec);
         job.metadata.namespace = Some(ns.to_string());
         let mut labels = BTreeMap::from([
             (LABEL_ORDER.to_string(), ids.order_hash.clone()),
             (LABEL_SOURCE.to_string(), ids.source.to_string()),
             (LABEL_PLAN.to_string(), order.plan.clone()),
-            (
-                "app.kubernetes.io/managed-by".to_string(),
-                "loraplane-api".to_string(),
-            ),
+            (LABEL_MANAGED_BY.to_string(), "loraplane-api".to_string()),
         ]);
         if let Some(p) = &ids.payment_hash {
             labels.insert(LABEL_PAYMENT.to_string(), p.clone());
@@ -476,86 +466,63 @@ impl App {
             )]));
         }
         job.metadata.labels = Some(labels);
-        let (job, created) = match api.create(&PostParams::default(), &job).await {
-            Ok(created) => (created, true),
+        match api.create(&PostParams::default(), &job).await {
+            Ok(created) => Ok((created, true)),
             Err(e) if is_status(&e, 409) => {
                 let existing = api.get(&name).await.map_err(kube_err("get job"))?;
-                (existing, false)
+                Ok((existing, false))
             }
-            Err(e) => return Err(kube_err("create job")(e)),
-        };
-        self.own_claim(ns, &claim, &job).await?;
-        Ok((job, created))
+            Err(e) => Err(kube_err("create job")(e)),
+        }
     }
 
-    /// Claims an upload for an order: a small ConfigMap named by the upload's keyed hash and
-    /// labelled with the order's. Creating it twice for the same order is harmless (a
-    /// redelivery); for another order it is refused.
+    /// Claims an upload for an order: the Lease `claim` (see
+    /// `loraplane_crds::layout::upload_claim_name`) held by the order's hash. A Lease, not a
+    /// ConfigMap: the tombstone lookups list the namespace's ConfigMaps on every order, and a
+    /// claim per order there would make each of them slower. Claiming twice for the same
+    /// order is harmless (a redelivery); for another order it is refused.
     async fn claim_upload(
         &self,
         ns: &str,
-        upload: &UploadId,
+        claim: &str,
         order_hash: &str,
     ) -> Result<Claim, AppError> {
-        let name = self.claim_name(ns, upload);
-        let cm = ConfigMap {
+        let lease = Lease {
             metadata: ObjectMeta {
-                name: Some(name.clone()),
+                name: Some(claim.to_string()),
                 namespace: Some(ns.to_string()),
                 labels: Some(BTreeMap::from([
                     (LABEL_MANAGED_BY.to_string(), "loraplane-api".to_string()),
                     (LABEL_RECORD.to_string(), UPLOAD_CLAIM_RECORD.to_string()),
-                    (LABEL_ORDER.to_string(), order_hash.to_string()),
                 ])),
                 ..ObjectMeta::default()
             },
-            ..ConfigMap::default()
+            spec: Some(LeaseSpec {
+                holder_identity: Some(order_hash.to_string()),
+                ..LeaseSpec::default()
+            }),
         };
-        let holder = match self
-            .configmaps(ns)
-            .create(&PostParams::default(), &cm)
-            .await
-        {
-            Ok(_) => return Ok(Claim::Ours(name)),
-            Err(e) if is_status(&e, 409) => self
-                .configmaps(ns)
-                .get(&name)
-                .await
-                .map_err(kube_err("get upload claim"))?
-                .labels()
-                .get(LABEL_ORDER)
-                .cloned(),
+        let holder = match self.leases(ns).create(&PostParams::default(), &lease).await {
+            Ok(_) => return Ok(Claim::Ours),
+            Err(e) if is_status(&e, 409) => self.claim_holder(ns, claim).await?,
             Err(e) => return Err(kube_err("create upload claim")(e)),
         };
         Ok(if holder.as_deref() == Some(order_hash) {
-            Claim::Ours(name)
+            Claim::Ours
         } else {
             Claim::Theirs
         })
     }
 
-    /// Makes the job the owner of its upload's claim, so the claim goes when the job goes
-    /// (Kubernetes' garbage collector deletes it); until then no other order gets the upload.
-    async fn own_claim(
-        &self,
-        ns: &str,
-        claim: &str,
-        job: &LoRATrainingJob,
-    ) -> Result<(), AppError> {
-        let Some(uid) = job.metadata.uid.clone() else {
-            return Ok(());
-        };
-        let patch = json!({"metadata": {"ownerReferences": [{
-            "apiVersion": "loraplane.io/v1alpha1",
-            "kind": "LoRATrainingJob",
-            "name": job.name_any(),
-            "uid": uid,
-        }]}});
-        self.configmaps(ns)
-            .patch(claim, &PatchParams::default(), &Patch::Merge(&patch))
+    /// The order hash holding a claim, if the claim exists.
+    async fn claim_holder(&self, ns: &str, claim: &str) -> Result<Option<String>, AppError> {
+        Ok(self
+            .leases(ns)
+            .get_opt(claim)
             .await
-            .map_err(kube_err("own upload claim"))?;
-        Ok(())
+            .map_err(kube_err("get upload claim"))?
+            .and_then(|l| l.spec)
+            .and_then(|s| s.holder_identity))
     }
 
     /// The spec of an order: its plan's policy (cheap checks first) and its validated dataset.
@@ -702,19 +669,17 @@ impl App {
         let Some(region) = self.platform.region(&upload.region) else {
             return Ok(());
         };
-        let claim = self.claim_name(ns, &upload);
-        let holder = self
-            .configmaps(ns)
-            .get_opt(&claim)
-            .await
-            .map_err(kube_err("get upload claim"))?;
-        if holder
-            .is_some_and(|c| c.labels().get(LABEL_ORDER).map(String::as_str) != Some(order_hash))
+        let key = upload.key(ns);
+        let claim = upload_claim_name(&format!("s3://{}/{key}", region.buckets.datasets));
+        if self
+            .claim_holder(ns, &claim)
+            .await?
+            .is_some_and(|h| h != order_hash)
         {
             return Ok(());
         }
         self.storage
-            .delete_object(&region.buckets.datasets, &upload.key(ns))
+            .delete_object(&region.buckets.datasets, &key)
             .await?;
         Ok(())
     }

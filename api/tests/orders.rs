@@ -50,21 +50,27 @@ async fn a_signed_checkout_creates_exactly_one_job_whatever_the_delivery_order()
         let all = jobs(&h, "orders").await;
         assert_eq!(all.len(), 1);
         let job = &all[0];
-        // The upload's claim belongs to the job, so it goes when the job goes.
-        let claims: Api<ConfigMap> = Api::namespaced(h.sim.client(), "orders");
+        // The upload's claim names neither the upload nor the order in clear, and is the
+        // one the operator deletes with the job's data.
+        let claims: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(h.sim.client(), "orders");
         let claims = claims
             .list(&ListParams::default().labels("loraplane.io/record=upload-claim"))
             .await
             .unwrap()
             .items;
         assert_eq!(claims.len(), 1);
-        let owners = claims[0]
-            .metadata
-            .owner_references
-            .clone()
-            .unwrap_or_default();
-        assert_eq!(owners.len(), 1);
-        assert_eq!(Some(&owners[0].uid), job.metadata.uid.as_ref());
+        assert_eq!(
+            claims[0].metadata.name.as_deref(),
+            Some(loraplane_crds::layout::upload_claim_name(&job.spec.dataset.uri).as_str())
+        );
+        assert_eq!(
+            claims[0]
+                .spec
+                .as_ref()
+                .and_then(|s| s.holder_identity.as_deref()),
+            job.labels().get("loraplane.io/order").map(String::as_str)
+        );
         // The plan's policy and the validated dataset are in the spec.
         assert_eq!(job.spec.training.steps, 500);
         assert_eq!(job.spec.retention.mode, RetentionMode::Standard);

@@ -22,9 +22,19 @@ pub const LABEL_RECORD: &str = "loraplane.io/record";
 /// Value of [`LABEL_RECORD`] on the audit record a deleted job leaves behind.
 pub const AUDIT_RECORD: &str = "job-audit";
 
-/// Value of [`LABEL_RECORD`] on an upload's claim: the ConfigMap that marks an upload as
-/// consumed by one order (owned by that order's job, so it goes when the job goes).
+/// Value of [`LABEL_RECORD`] on an upload's claim: the Lease that marks an upload as consumed
+/// by one order (held by the order's hash; see [`upload_claim_name`]).
 pub const UPLOAD_CLAIM_RECORD: &str = "upload-claim";
+
+/// The name of the claim on the upload at `dataset_uri` (`s3://bucket/uploads/<ns>/<token>.zip`),
+/// in the job's namespace. The API creates it before the order's job, so a second order on the
+/// same upload is refused; the operator deletes it with the job's data. A SHA-256 of the URI:
+/// the token is random, so the name says nothing of it, and both sides derive it alone.
+pub fn upload_claim_name(dataset_uri: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = hex::encode(Sha256::digest(dataset_uri.as_bytes()));
+    format!("ltj-upload-{}", &digest[..40])
+}
 
 /// The finalizer that guards a job's data in S3: the job object stays until its data is gone.
 pub const DATA_FINALIZER: &str = "loraplane.io/data";
@@ -57,5 +67,9 @@ mod tests {
     fn the_prefix_keeps_namespace_name_and_uid_apart() {
         assert_eq!(job_prefix("ns", "job", "u-1"), "ns/job-u-1/");
         assert_eq!(upload_key("ns", "ab"), "uploads/ns/ab.zip");
+        let claim = upload_claim_name("s3://b/uploads/ns/ab.zip");
+        assert_eq!(claim.len(), "ltj-upload-".len() + 40);
+        assert!(!claim.contains("ab.zip"));
+        assert_ne!(claim, upload_claim_name("s3://b/uploads/ns/ac.zip"));
     }
 }

@@ -8,11 +8,12 @@
 
 use std::collections::BTreeSet;
 
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret};
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use loraplane_crds::LoRATrainingJob;
-use loraplane_crds::layout::{DATA_FINALIZER, LABEL_JOB_UID, job_prefix};
+use loraplane_crds::layout::{DATA_FINALIZER, LABEL_JOB_UID, job_prefix, upload_claim_name};
 use loraplane_runtime::storage::{Deleted, Storage, StorageError, parse_uri};
 
 use crate::resources::{self, JobIds};
@@ -38,6 +39,9 @@ pub enum CleanupError {
     /// Deleting a scratch claim failed.
     #[error("could not delete claim {0}: {1}")]
     DeleteClaim(String, #[source] kube::Error),
+    /// Deleting the upload's claim (a Lease) failed.
+    #[error("could not delete the upload claim: {0}")]
+    DeleteUploadClaim(#[source] kube::Error),
     /// Deleting objects in S3 failed.
     #[error("could not delete the job's objects in S3: {0}")]
     DeleteObjects(#[from] StorageError),
@@ -62,6 +66,7 @@ impl CleanupError {
             CleanupError::DeletePod(..) => "DeletePod",
             CleanupError::DeleteSecret(_) => "DeleteSecret",
             CleanupError::DeleteClaim(..) => "DeleteClaim",
+            CleanupError::DeleteUploadClaim(_) => "DeleteUploadClaim",
             CleanupError::DeleteObjects(_) => "DeleteObjects",
             CleanupError::CopyToCorpus(_) => "CopyToCorpus",
             CleanupError::WriteAudit(_) => "WriteAudit",
@@ -84,6 +89,7 @@ impl CleanupError {
             CleanupError::DeletePod(n, e) => api(&format!("delete pod {n}"), e),
             CleanupError::DeleteSecret(e) => api("delete the trainer-config Secret", e),
             CleanupError::DeleteClaim(n, e) => api(&format!("delete claim {n}"), e),
+            CleanupError::DeleteUploadClaim(e) => api("delete the upload claim", e),
             CleanupError::DeleteObjects(e) => format!("delete the job's objects in S3: {e}"),
             CleanupError::CopyToCorpus(e) => format!("copy the job's data into the corpus: {e}"),
             CleanupError::WriteAudit(e) => api("write the audit record", e),
@@ -211,7 +217,8 @@ pub enum Scope {
     All,
 }
 
-/// Deletes a job's data in S3 and its claims. The dataset is left alone while `dataset_shared`
+/// Deletes a job's data in S3 and its scratch claims; with `Scope::All`, its Secret and its
+/// upload's claim too. The dataset is left alone while `dataset_shared`
 /// (another live job reads the same upload); checkpoints and outputs are searched in every
 /// configured region, since a job's home region is recorded only in its trainer config.
 pub async fn delete_data(
@@ -259,6 +266,13 @@ pub async fn delete_data(
     }
     if scope == Scope::All && recorded.is_none_or(|r| r.released_at.is_none()) {
         release(client, ids, &[]).await?;
+    }
+    // The upload's claim (the API's "one upload, one order" record) goes with the upload.
+    if scope == Scope::All && !dataset_shared {
+        let claim = upload_claim_name(&job.spec.dataset.uri);
+        let leases: Api<Lease> = Api::namespaced(client.clone(), &ids.namespace);
+        gone_ok(leases.delete(&claim, &DeleteParams::default()).await)
+            .map_err(CleanupError::DeleteUploadClaim)?;
     }
     Ok(deleted)
 }

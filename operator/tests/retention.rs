@@ -95,6 +95,14 @@ async fn assert_no_children(client: &kube::Client, job: &LoRATrainingJob) {
     );
 }
 
+/// `loraplane_retention_deletions_total{what, reason}`.
+fn deletions(op: &Operator, what: &str, reason: &str) -> Option<f64> {
+    metric(
+        op,
+        &format!(r#"loraplane_retention_deletions_total{{reason="{reason}",what="{what}"}}"#),
+    )
+}
+
 fn metric(op: &Operator, line_start: &str) -> Option<f64> {
     op.metrics
         .render()
@@ -185,20 +193,8 @@ async fn retention_deletes_the_inputs_then_the_job_and_every_byte() {
         for private in ["zxqsecret", "private description", "kept", &uid(&created)] {
             assert!(!text.contains(private), "{private} in {text}");
         }
-        assert_eq!(
-            metric(
-                &op,
-                r#"loraplane_retention_deletions_total{reason="retention",what="inputs"}"#
-            ),
-            Some(1.0)
-        );
-        assert_eq!(
-            metric(
-                &op,
-                r#"loraplane_retention_deletions_total{reason="retention",what="job"}"#
-            ),
-            Some(1.0)
-        );
+        assert_eq!(deletions(&op, "inputs", "retention"), Some(1.0));
+        assert_eq!(deletions(&op, "job", "retention"), Some(1.0));
         op.stop().await;
         sim.shutdown().await;
     })
@@ -229,13 +225,7 @@ async fn erasure_of_a_running_job_stops_it_first_and_no_attempt_follows() {
         assert_eq!(record["phase"], "Cancelled");
         assert_eq!(record["objectsDeleted"], "4", "{record:?}");
         assert!(record.contains_key("erasureRequestedAt"));
-        assert_eq!(
-            metric(
-                &op,
-                r#"loraplane_retention_deletions_total{reason="customerRequest",what="job"}"#
-            ),
-            Some(1.0)
-        );
+        assert_eq!(deletions(&op, "job", "customerRequest"), Some(1.0));
         op.stop().await;
         sim.shutdown().await;
     })
@@ -306,6 +296,17 @@ async fn erasure_with_s3_failing_is_visible_and_completes_after_a_restart() {
 async fn a_dataset_another_job_reads_outlives_the_first_job() {
     tokio::time::timeout(LIMIT, async {
         let (sim, client, s3, op) = start_with_s3(script("trainer:long", None, 0, 0)).await;
+        // The API's claim on the upload both orders read (made by hand here).
+        let claim = loraplane_crds::layout::upload_claim_name("s3://datasets-eu-west/d.zip");
+        let leases =
+            Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), NS);
+        leases
+            .create(
+                &Default::default(),
+                &serde_json::from_value(serde_json::json!({"metadata": {"name": claim}})).unwrap(),
+            )
+            .await
+            .unwrap();
         let one = create_job(&client, &job("one", serde_json::json!({}))).await;
         // The same upload, placed elsewhere so both run at once.
         let two = create_job(
@@ -330,9 +331,17 @@ async fn a_dataset_another_job_reads_outlives_the_first_job() {
             vec!["datasets-eu-west/d.zip".to_string()],
             "job two still reads the dataset"
         );
+        assert!(
+            leases.get_opt(&claim).await.unwrap().is_some(),
+            "and its claim"
+        );
         request_erasure(&client, "two", "customerRequest").await;
         wait_gone(&client, &two, Duration::from_secs(20)).await;
         assert!(s3.keys().await.is_empty(), "{:?}", s3.keys().await);
+        assert!(
+            leases.get_opt(&claim).await.unwrap().is_none(),
+            "the claim went with the upload"
+        );
         op.stop().await;
         sim.shutdown().await;
     })
@@ -453,13 +462,7 @@ async fn consented_data_is_copied_to_the_corpus_and_withdrawal_deletes_it() {
             "{:?}",
             corpus_keys(&s3).await
         );
-        assert_eq!(
-            metric(
-                &op,
-                r#"loraplane_retention_deletions_total{reason="withdrawal",what="corpus"}"#
-            ),
-            Some(1.0)
-        );
+        assert_eq!(deletions(&op, "corpus", "withdrawal"), Some(1.0));
         op.stop().await;
         sim.shutdown().await;
     })
@@ -502,10 +505,7 @@ async fn unordered_uploads_go_after_their_ttl_and_ordered_ones_stay() {
             "the ordered upload stays"
         );
         assert_eq!(
-            metric(
-                &op,
-                r#"loraplane_retention_deletions_total{reason="unordered",what="upload"}"#
-            ),
+            deletions(&op, "upload", "unordered"),
             Some(1.0)
         );
         op.stop().await;

@@ -124,6 +124,26 @@ pub struct Listed {
     pub modified: i64,
 }
 
+/// The size of an object, or `None` when it does not exist.
+async fn object_size(
+    store: &RegionStore,
+    bucket: &str,
+    key: &str,
+) -> Result<Option<u64>, StorageError> {
+    match store
+        .client
+        .head_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+    {
+        Ok(h) => Ok(Some(h.content_length().unwrap_or(0).max(0) as u64)),
+        Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(None),
+        Err(e) => Err(StorageError::GetObject(err_text(&e))),
+    }
+}
+
 /// Splits `s3://bucket/key` into bucket and key.
 pub fn parse_uri(uri: &str) -> Result<(&str, &str), StorageError> {
     uri.strip_prefix("s3://")
@@ -221,9 +241,7 @@ impl Storage {
         key: &str,
         expires: Duration,
     ) -> Result<String, StorageError> {
-        let store = self
-            .region_of_bucket(bucket)
-            .ok_or_else(|| StorageError::UnknownRegion(bucket.to_string()))?;
+        let store = self.store_of(bucket)?;
         let conf = PresigningConfig::expires_in(expires)
             .map_err(|e| StorageError::Presign("get", e.to_string()))?;
         let req = store
@@ -336,24 +354,9 @@ impl Storage {
 
     /// Deletes one object (of whichever region owns the bucket); a missing object is no error.
     pub async fn delete_object(&self, bucket: &str, key: &str) -> Result<Deleted, StorageError> {
-        let Some(store) = self.region_of_bucket(bucket) else {
-            return Err(StorageError::UnknownRegion(bucket.to_string()));
-        };
-        let size = match store
-            .client
-            .head_object()
-            .bucket(bucket)
-            .key(key)
-            .send()
-            .await
-        {
-            Ok(h) => h.content_length().unwrap_or(0).max(0) as u64,
-            Err(e) => {
-                if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) {
-                    return Ok(Deleted::default());
-                }
-                return Err(StorageError::GetObject(err_text(&e)));
-            }
+        let store = self.store_of(bucket)?;
+        let Some(size) = object_size(store, bucket, key).await? else {
+            return Ok(Deleted::default());
         };
         store
             .client
@@ -415,19 +418,8 @@ impl Storage {
     ) -> Result<Option<u64>, StorageError> {
         let from = self.store_of(from_bucket)?;
         let to = self.store_of(to_bucket)?;
-        let size = match from
-            .client
-            .head_object()
-            .bucket(from_bucket)
-            .key(from_key)
-            .send()
-            .await
-        {
-            Ok(h) => h.content_length().unwrap_or(0).max(0) as u64,
-            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => {
-                return Ok(None);
-            }
-            Err(e) => return Err(StorageError::GetObject(err_text(&e))),
+        let Some(size) = object_size(from, from_bucket, from_key).await? else {
+            return Ok(None);
         };
         if from.endpoint == to.endpoint {
             to.client
@@ -469,9 +461,7 @@ impl Storage {
     /// then every older version and delete marker left under it, so a bucket with versioning
     /// enabled keeps nothing either.
     pub async fn delete_prefix(&self, bucket: &str, prefix: &str) -> Result<Deleted, StorageError> {
-        let Some(store) = self.region_of_bucket(bucket) else {
-            return Err(StorageError::UnknownRegion(bucket.to_string()));
-        };
+        let store = self.store_of(bucket)?;
         let mut deleted = Deleted::default();
         let mut token: Option<String> = None;
         loop {
