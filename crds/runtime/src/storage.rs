@@ -463,42 +463,17 @@ impl Storage {
     pub async fn delete_prefix(&self, bucket: &str, prefix: &str) -> Result<Deleted, StorageError> {
         let store = self.store_of(bucket)?;
         let mut deleted = Deleted::default();
-        let mut token: Option<String> = None;
-        loop {
-            let page = store
+        for obj in self.list(bucket, prefix).await? {
+            store
                 .client
-                .list_objects_v2()
+                .delete_object()
                 .bucket(bucket)
-                .prefix(prefix)
-                .set_continuation_token(token.clone())
+                .key(&obj.key)
                 .send()
-                .await;
-            let page = match page {
-                Ok(p) => p,
-                Err(e) => {
-                    if e.as_service_error().is_some_and(|s| s.is_no_such_bucket()) {
-                        return Ok(deleted);
-                    }
-                    return Err(StorageError::ListObjects(err_text(&e)));
-                }
-            };
-            for obj in page.contents() {
-                let Some(key) = obj.key() else { continue };
-                store
-                    .client
-                    .delete_object()
-                    .bucket(bucket)
-                    .key(key)
-                    .send()
-                    .await
-                    .map_err(|e| StorageError::DeleteObject(err_text(&e)))?;
-                deleted.objects += 1;
-                deleted.bytes += obj.size().unwrap_or(0).max(0) as u64;
-            }
-            token = page.next_continuation_token().map(str::to_string);
-            if token.is_none() || page.is_truncated() != Some(true) {
-                break;
-            }
+                .await
+                .map_err(|e| StorageError::DeleteObject(err_text(&e)))?;
+            deleted.objects += 1;
+            deleted.bytes += obj.size;
         }
         deleted += self.delete_versions(store, bucket, prefix).await?;
         Ok(deleted)
