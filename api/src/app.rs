@@ -83,6 +83,9 @@ pub enum AppError {
     /// The upload id is malformed or in an unknown region.
     #[error("upload id {0:?} is not valid")]
     BadUploadId(String),
+    /// The `continue` token is not one a previous page handed out (or it expired).
+    #[error("the continue token is not valid (or has expired); list again from the start")]
+    BadContinue,
     /// No such job in the caller's namespace.
     #[error("job {0:?} not found")]
     JobNotFound(String),
@@ -704,11 +707,14 @@ impl App {
         if let Some(c) = continue_token {
             lp = lp.continue_token(&c);
         }
-        let list = self
-            .jobs(ns)
-            .list(&lp)
-            .await
-            .map_err(kube_err("list jobs"))?;
+        let list = match self.jobs(ns).list(&lp).await {
+            Ok(list) => list,
+            // The apiserver answers a malformed token 400 and an expired one 410.
+            Err(e) if is_status(&e, 400) || is_status(&e, 410) => {
+                return Err(AppError::BadContinue);
+            }
+            Err(e) => return Err(kube_err("list jobs")(e)),
+        };
         let next = list.metadata.continue_.filter(|c| !c.is_empty());
         Ok((list.items, next))
     }

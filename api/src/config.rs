@@ -81,7 +81,22 @@ pub struct Tenant {
     pub namespace: String,
     /// Lowercase hex SHA-256 of the tenant's bearer token (the token itself is never stored).
     pub token_sha256: String,
+    /// Hashes of tokens still accepted while the tenant rotates to `tokenSha256`: add the new
+    /// token as `tokenSha256`, move the old one here, remove it once the clients switched.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_token_sha256s: Vec<String>,
 }
+
+impl Tenant {
+    /// Every token hash that authenticates the tenant.
+    pub fn token_hashes(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.token_sha256.as_str())
+            .chain(self.previous_token_sha256s.iter().map(String::as_str))
+    }
+}
+
+/// SHA-256 of the empty string: a tenant whose hash is this would accept an empty token.
+const EMPTY_TOKEN_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
 /// Request and data limits.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -178,13 +193,23 @@ impl ApiConfig {
             }
         }
         let mut namespaces = std::collections::HashSet::new();
+        let mut hashes = std::collections::HashSet::new();
         for (i, t) in self.tenants.iter().enumerate() {
-            if t.token_sha256.len() != 64 || !t.token_sha256.chars().all(|c| c.is_ascii_hexdigit())
-            {
-                return Err(bad(
-                    format!("tenants[{i}].tokenSha256"),
-                    "must be 64 hex digits",
-                ));
+            for (j, h) in t.token_hashes().enumerate() {
+                let field = if j == 0 {
+                    format!("tenants[{i}].tokenSha256")
+                } else {
+                    format!("tenants[{i}].previousTokenSha256s[{}]", j - 1)
+                };
+                if h.len() != 64 || !h.chars().all(|c| c.is_ascii_hexdigit()) {
+                    return Err(bad(field, "must be 64 hex digits"));
+                }
+                if h.eq_ignore_ascii_case(EMPTY_TOKEN_SHA256) {
+                    return Err(bad(field, "is the SHA-256 of an empty token"));
+                }
+                if !hashes.insert(h.to_ascii_lowercase()) {
+                    return Err(bad(field, "the same token hash is configured twice"));
+                }
             }
             // The Stripe namespace may have one tenant: the storefront that creates uploads
             // for checkout orders.
@@ -217,6 +242,38 @@ mod tests {
         ApiConfig::from_yaml(&format!(
             "stripeNamespace: orders\nplans:\n  basic: {{{plan}}}\n"
         ))
+    }
+
+    fn tenants(yaml: &str) -> Result<ApiConfig, ConfigError> {
+        ApiConfig::from_yaml(&format!(
+            "stripeNamespace: orders\nplans: {{}}\ntenants:\n{yaml}"
+        ))
+    }
+
+    #[test]
+    fn tokens_rotate_and_the_empty_tokens_hash_is_refused() {
+        let (a, b) = ("a".repeat(64), "b".repeat(64));
+        let c = tenants(&format!(
+            "  - {{name: t, namespace: t, tokenSha256: {a}, previousTokenSha256s: [{b}]}}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.tenants[0].token_hashes().collect::<Vec<_>>(), [&a, &b]);
+        let err = |yaml: String| match tenants(&yaml) {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            err(format!(
+                "  - {{name: t, namespace: t, tokenSha256: {EMPTY_TOKEN_SHA256}}}\n"
+            )),
+            "tenants[0].tokenSha256"
+        );
+        assert_eq!(
+            err(format!(
+                "  - {{name: t, namespace: t, tokenSha256: {a}}}\n  - {{name: u, namespace: u, tokenSha256: {b}, previousTokenSha256s: [{a}]}}\n"
+            )),
+            "tenants[1].previousTokenSha256s[0]"
+        );
     }
 
     #[test]

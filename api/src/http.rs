@@ -103,6 +103,9 @@ impl From<AppError> for ApiError {
             AppError::UploadConsumed(_) => {
                 ApiError::new(StatusCode::CONFLICT, "upload_consumed", msg)
             }
+            AppError::BadContinue => {
+                ApiError::new(StatusCode::BAD_REQUEST, "continue_invalid", msg)
+            }
             AppError::BadUploadId(_) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "upload_id_invalid", msg)
             }
@@ -178,6 +181,8 @@ pub struct HttpState {
     pub tokens: Arc<HashMap<String, Tenant>>,
     /// Rate limits.
     pub limiter: Arc<RateLimiter>,
+    /// The last readiness answer and when it was found.
+    ready: Arc<Mutex<Option<(std::time::Instant, bool)>>>,
 }
 
 impl HttpState {
@@ -187,12 +192,16 @@ impl HttpState {
             .config
             .tenants
             .iter()
-            .map(|t| (t.token_sha256.to_ascii_lowercase(), t.clone()))
+            .flat_map(|t| {
+                t.token_hashes()
+                    .map(|h| (h.to_ascii_lowercase(), t.clone()))
+            })
             .collect();
         HttpState {
             app,
             tokens: Arc::new(tokens),
             limiter: Arc::new(RateLimiter::default()),
+            ready: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -484,6 +493,47 @@ pub async fn create_job(
     Ok((status, Json(JobView::of(&job))).into_response())
 }
 
+/// A job id from the path, checked to be a Kubernetes object name (lowercase letters, digits,
+/// `-` and `.`, at most 253) before it reaches the apiserver: anything else is a 400 here, not
+/// a 502 from a malformed apiserver URL.
+#[derive(Debug)]
+pub struct JobId(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for JobId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<JobId, ApiError> {
+        let invalid = || {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "job_id_invalid",
+                "a job id is 1 to 253 lowercase letters, digits, '-' and '.'",
+            )
+        };
+        let Path(id) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| invalid())?;
+        if is_object_name(&id) {
+            Ok(JobId(id))
+        } else {
+            Err(invalid())
+        }
+    }
+}
+
+/// A DNS-1123 subdomain, what Kubernetes accepts as an object name.
+fn is_object_name(s: &str) -> bool {
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    (1..=253).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && edge(s.chars().next())
+        && edge(s.chars().last())
+}
+
 /// One job.
 #[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", security(("bearer" = [])),
     params(("id" = String, Path)),
@@ -491,7 +541,7 @@ pub async fn create_job(
 pub async fn get_job(
     State(s): State<HttpState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    JobId(id): JobId,
 ) -> Result<Json<JobView>, ApiError> {
     let tenant = s.tenant(&headers)?;
     let job = s.app.get_job(&tenant.namespace, &id).await?;
@@ -545,7 +595,7 @@ pub async fn list_jobs(
 pub async fn cancel_job(
     State(s): State<HttpState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    JobId(id): JobId,
 ) -> Result<Json<JobView>, ApiError> {
     let tenant = s.tenant(&headers)?;
     let job = s.app.cancel(&tenant.namespace, &id).await?;
@@ -573,7 +623,7 @@ pub struct ConsentWithdrawn {
 pub async fn withdraw_consent(
     State(s): State<HttpState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    JobId(id): JobId,
 ) -> Result<(StatusCode, Json<ConsentWithdrawn>), ApiError> {
     let tenant = s.tenant(&headers)?;
     let job = s.app.withdraw_consent(&tenant.namespace, &id).await?;
@@ -606,7 +656,7 @@ pub struct ErasureAccepted {
 pub async fn erase_job(
     State(s): State<HttpState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    JobId(id): JobId,
 ) -> Result<(StatusCode, Json<ErasureAccepted>), ApiError> {
     let tenant = s.tenant(&headers)?;
     if !s
@@ -658,7 +708,7 @@ pub struct Artifacts {
 pub async fn artifacts(
     State(s): State<HttpState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    JobId(id): JobId,
 ) -> Result<Json<Artifacts>, ApiError> {
     let tenant = s.tenant(&headers)?;
     let job = s.app.get_job(&tenant.namespace, &id).await?;
@@ -850,16 +900,36 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
+/// Ready when the apiserver answers. The answer is reused for a second, so a flood of
+/// probes costs the apiserver one request a second at most.
 async fn readyz(State(s): State<HttpState>) -> Result<&'static str, ApiError> {
-    s.app.kube.apiserver_version().await.map_err(|_| {
-        ApiError::new(
+    let fresh = |at: &Option<(std::time::Instant, bool)>| {
+        at.filter(|(t, _)| t.elapsed() < READY_CACHE)
+            .map(|(_, ok)| ok)
+    };
+    let cached = s.ready.lock().ok().and_then(|g| fresh(&g));
+    let ok = match cached {
+        Some(ok) => ok,
+        None => {
+            let ok = s.app.kube.apiserver_version().await.is_ok();
+            if let Ok(mut g) = s.ready.lock() {
+                *g = Some((std::time::Instant::now(), ok));
+            }
+            ok
+        }
+    };
+    if !ok {
+        return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "not_ready",
             "the Kubernetes API is unreachable",
-        )
-    })?;
+        ));
+    }
     Ok("ok")
 }
+
+/// How long a readiness answer is reused.
+const READY_CACHE: std::time::Duration = std::time::Duration::from_secs(1);
 
 async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
     (
@@ -907,14 +977,16 @@ async fn request_context(State(s): State<HttpState>, req: Request, next: Next) -
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
-    let method = req.method().to_string();
+    // Any token is a valid HTTP method: only a fixed set may become a label or a log field.
+    let method = method_label(req.method());
     let ip = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip().to_string());
     let started = std::time::Instant::now();
-    // Probes and scrapes are not customers; never throttle them.
-    let limited = !matches!(route.as_str(), "/healthz" | "/readyz" | "/metrics");
+    // Liveness probes and scrapes cost nothing and are not customers; `/readyz` asks the
+    // apiserver (at most once a second), so it is throttled like any call.
+    let limited = !matches!(route.as_str(), "/healthz" | "/metrics");
     let span = tracing::info_span!("request", request_id = %id, %route, %method);
     let mut resp = if let (true, Some(ip)) = (limited, &ip) {
         match s
@@ -937,7 +1009,7 @@ async fn request_context(State(s): State<HttpState>, req: Request, next: Next) -
     s.app
         .metrics
         .requests
-        .with_label_values(&[route.as_str(), method.as_str(), status.as_str()])
+        .with_label_values(&[route.as_str(), method, status.as_str()])
         .inc();
     s.app
         .metrics
@@ -946,6 +1018,21 @@ async fn request_context(State(s): State<HttpState>, req: Request, next: Next) -
         .observe(started.elapsed().as_secs_f64());
     span.in_scope(|| tracing::info!(status = status.as_u16(), "request served"));
     resp
+}
+
+/// The method as a metric label and log field: one of a fixed set, `OTHER` for the rest.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
 }
 
 /// Rewrites a non-JSON error (axum rejections, unknown routes) into the JSON error shape.

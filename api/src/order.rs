@@ -261,11 +261,12 @@ pub fn build_spec(order: &Order, inp: &SpecInputs<'_>) -> Result<LoRATrainingJob
         }
     };
     let tw = &order.trigger_word;
-    if tw.is_empty() || tw.chars().count() > 64 || tw.contains([',', '\r', '\n']) || tw.trim() != tw
-    {
+    if !loraplane_crds::v1alpha1::trigger_word_ok(tw) {
         return Err(OrderError::Invalid {
             field: "triggerWord",
-            message: "1 to 64 characters, no commas or line breaks, no surrounding blanks".into(),
+            message: "1 to 64 printable characters: no commas, control or format characters \
+                      (line breaks, bidi overrides, zero-width marks), no surrounding blanks"
+                .into(),
         });
     }
     if order
@@ -577,15 +578,34 @@ families: []
             build(&o, &plan()),
             Err(OrderError::Invalid { field: "steps", .. })
         ));
-        let mut o = order();
-        o.trigger_word = "a, b".into();
-        assert!(matches!(
-            build(&o, &plan()),
-            Err(OrderError::Invalid {
-                field: "triggerWord",
-                ..
-            })
-        ));
+        for bad in [
+            "a, b",
+            " lead",
+            "nul\0byte",
+            "line\u{2028}sep",
+            "bidi\u{202e}txet",
+            "zero\u{200b}width",
+            "new\nline",
+            "",
+        ] {
+            let mut o = order();
+            o.trigger_word = bad.into();
+            assert!(
+                matches!(
+                    build(&o, &plan()),
+                    Err(OrderError::Invalid {
+                        field: "triggerWord",
+                        ..
+                    })
+                ),
+                "{bad:?}"
+            );
+        }
+        for good in ["zxq", "van gogh", "café-ü", "東京"] {
+            let mut o = order();
+            o.trigger_word = good.into();
+            assert!(build(&o, &plan()).is_ok(), "{good:?}");
+        }
         let mut o = order();
         o.family = "flux".into();
         assert!(matches!(

@@ -5,6 +5,11 @@
 //! `v1=<hex HMAC-SHA256("{t}.{body}")>`; any matching `v1` is accepted (Stripe sends several
 //! while a secret is being rolled), compared in constant time, and the timestamp must be within
 //! the tolerance of now in both directions so a captured request cannot be replayed later.
+//!
+//! The work per request is bounded before any HMAC: a header over [`MAX_HEADER_BYTES`] or with
+//! more than [`MAX_SIGNATURES`] `v1` entries is refused, and the body's MAC is computed once
+//! per configured secret, not once per entry (a header of 100,000 entries would otherwise cost
+//! 100,000 passes over the body).
 
 use std::collections::BTreeMap;
 
@@ -14,6 +19,12 @@ use sha2::Sha256;
 
 /// Stripe's default tolerance between the signed timestamp and now.
 pub const DEFAULT_TOLERANCE_SECS: i64 = 300;
+
+/// The longest `Stripe-Signature` header accepted (Stripe's are about 150 bytes per secret).
+pub const MAX_HEADER_BYTES: usize = 1024;
+
+/// The most `v1` entries accepted (one per endpoint secret; two while one is being rolled).
+pub const MAX_SIGNATURES: usize = 4;
 
 /// Why a webhook signature was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -30,6 +41,12 @@ pub enum SignatureError {
     /// The timestamp is too far from now.
     #[error("Stripe-Signature timestamp is outside the {0} s tolerance")]
     StaleTimestamp(i64),
+    /// The header is longer than [`MAX_HEADER_BYTES`].
+    #[error("Stripe-Signature is longer than {MAX_HEADER_BYTES} bytes")]
+    HeaderTooLong,
+    /// The header carries more than [`MAX_SIGNATURES`] `v1` entries.
+    #[error("Stripe-Signature carries more than {MAX_SIGNATURES} v1 signatures")]
+    TooManySignatures,
     /// No `v1` matches the body.
     #[error("no Stripe-Signature v1 signature matches the body")]
     Mismatch,
@@ -66,8 +83,12 @@ pub fn verify(
     tolerance: i64,
 ) -> Result<(), SignatureError> {
     let header = header.ok_or(SignatureError::MissingHeader)?;
+    if header.len() > MAX_HEADER_BYTES {
+        return Err(SignatureError::HeaderTooLong);
+    }
     let mut timestamp = None;
     let mut signatures = Vec::new();
+    let mut entries = 0;
     for part in header.split(',') {
         let Some((k, v)) = part.trim().split_once('=') else {
             continue;
@@ -75,6 +96,10 @@ pub fn verify(
         match k {
             "t" => timestamp = v.parse::<i64>().ok(),
             "v1" => {
+                entries += 1;
+                if entries > MAX_SIGNATURES {
+                    return Err(SignatureError::TooManySignatures);
+                }
                 if let Ok(bytes) = hex::decode(v) {
                     signatures.push(bytes);
                 }
@@ -87,12 +112,13 @@ pub fn verify(
         return Err(SignatureError::NoSignature);
     }
     for secret in secrets {
+        // One pass over the body per secret; each entry costs only a finalisation.
+        let Some(mac) = signed_mac(secret, t, body) else {
+            continue;
+        };
         for sig in &signatures {
-            let Some(mac) = signed_mac(secret, t, body) else {
-                continue;
-            };
             // verify_slice compares in constant time.
-            if mac.verify_slice(sig).is_ok() {
+            if mac.clone().verify_slice(sig).is_ok() {
                 // Only an authentic request learns about the tolerance.
                 if (now - t).abs() > tolerance {
                     return Err(SignatureError::StaleTimestamp(tolerance));
@@ -305,6 +331,33 @@ mod tests {
         assert_eq!(
             verify(Some("t=1000"), body, &secrets, 1000, 300),
             Err(SignatureError::NoSignature)
+        );
+    }
+
+    #[test]
+    fn oversized_headers_are_refused_before_any_hmac() {
+        let body = b"{}";
+        let good = sign(SECRET, 1000, body);
+        let entries = |n: usize| {
+            let mut h = String::from("t=1000");
+            for _ in 0..n {
+                h.push_str(&format!(",v1={good}"));
+            }
+            h
+        };
+        let secrets = [SECRET.to_vec()];
+        assert_eq!(
+            verify(Some(&entries(MAX_SIGNATURES)), body, &secrets, 1000, 300),
+            Ok(())
+        );
+        let many = format!("t=1000{}", ",v1=0".repeat(MAX_SIGNATURES + 1));
+        assert_eq!(
+            verify(Some(&many), body, &secrets, 1000, 300),
+            Err(SignatureError::TooManySignatures)
+        );
+        assert_eq!(
+            verify(Some(&entries(100_000)), body, &secrets, 1000, 300),
+            Err(SignatureError::HeaderTooLong)
         );
     }
 

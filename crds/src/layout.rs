@@ -5,6 +5,12 @@
 
 /// Label marking every object a loraplane component creates (`app.kubernetes.io/managed-by`).
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// Label naming what a pod is (`app.kubernetes.io/component`); the chart's NetworkPolicies
+/// select pods by it.
+pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
+/// Value of [`LABEL_COMPONENT`] on trainer pods.
+pub const TRAINER_COMPONENT: &str = "trainer";
+
 /// Label holding a child's job name.
 pub const LABEL_JOB: &str = "loraplane.io/job";
 /// Label holding a child's job uid (what the operator selects a job's pods by).

@@ -236,12 +236,10 @@ pub struct Concept {
     pub concept_type: ConceptType,
 
     /// The word that invokes the concept in prompts (for example `zxq`). It is prepended to
-    /// captions that lack it. 1 to 64 characters, no commas or line breaks, no surrounding
-    /// blanks.
-    #[schemars(
-        length(min = 1, max = 64),
-        regex(pattern = r"^[^\s,]([^,\r\n]*[^\s,])?$")
-    )]
+    /// captions that lack it. 1 to 64 printable characters: no commas, no control or format
+    /// characters (line breaks, NUL, bidi overrides, zero-width marks), no line or paragraph
+    /// separators, no surrounding blanks.
+    #[schemars(length(min = 1, max = 64), regex(pattern = TRIGGER_WORD_PATTERN))]
     pub trigger_word: String,
 
     /// The customer's free-text description of the concept. Sensitive: it reaches only the
@@ -557,6 +555,19 @@ pub struct RegionName(
     )]
     pub String,
 );
+
+/// What a trigger word may be (see `Concept::trigger_word`), as the CRD's `pattern` (RE2
+/// syntax, which the apiserver uses) and as [`trigger_word_ok`] for the API's own check.
+pub const TRIGGER_WORD_PATTERN: &str = r"^[^\s,\p{C}]([^,\p{C}\p{Zl}\p{Zp}]*[^\s,\p{C}])?$";
+
+/// Whether `word` is a valid trigger word: 1 to 64 characters matching
+/// [`TRIGGER_WORD_PATTERN`].
+pub fn trigger_word_ok(word: &str) -> bool {
+    static PATTERN: std::sync::LazyLock<Option<regex::Regex>> =
+        std::sync::LazyLock::new(|| regex::Regex::new(TRIGGER_WORD_PATTERN).ok());
+    let len = word.chars().count();
+    (1..=64).contains(&len) && PATTERN.as_ref().is_some_and(|p| p.is_match(word))
+}
 
 /// Retention modes.
 #[derive(

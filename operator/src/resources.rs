@@ -40,7 +40,8 @@ pub const WORK_DIR: &str = "/work";
 /// The termination-message file.
 pub const TERMINATION_MESSAGE_PATH: &str = "/dev/termination-log";
 pub use loraplane_crds::layout::{
-    LABEL_JOB, LABEL_JOB_UID, LABEL_MANAGED_BY, LABEL_POOL, LABEL_REGION,
+    LABEL_COMPONENT, LABEL_JOB, LABEL_JOB_UID, LABEL_MANAGED_BY, LABEL_POOL, LABEL_REGION,
+    TRAINER_COMPONENT,
 };
 /// Value of `LABEL_MANAGED_BY`.
 pub const MANAGED_BY: &str = "loraplane-operator";
@@ -353,6 +354,8 @@ pub fn trainer_pod(
         .ok_or(BuildError::UnknownFamily(spec.base_model.family.as_str()))?;
     let mut labels = base_labels(&ids);
     labels.insert("app.kubernetes.io/name".into(), "loraplane-trainer".into());
+    // What the chart's trainer NetworkPolicy selects (with the managed-by label).
+    labels.insert(LABEL_COMPONENT.into(), TRAINER_COMPONENT.into());
     labels.insert(LABEL_POOL.into(), label_value(&pool.name));
     labels.insert(LABEL_REGION.into(), label_value(&pool.region));
     labels.insert("loraplane.io/attempt".into(), attempt.to_string());
@@ -531,6 +534,28 @@ mod tests {
             }),
             _ => {}
         }
+    }
+
+    /// The trainer pod's labels, as the chart's NetworkPolicy test reads them
+    /// (`charts/loraplane/tests/test_chart.py`): generated here and diffed, like the CRD, so the
+    /// policies are checked against the labels the operator really puts on its pods.
+    #[test]
+    fn the_trainer_pod_labels_the_chart_checks_are_current() {
+        let cfg = platform();
+        let pod = trainer_pod(&job(false), &cfg, &cfg.pools[0], "order-42-a0", 0, "creds").unwrap();
+        let labels = serde_json::to_string_pretty(&pod.metadata.labels).unwrap() + "\n";
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../charts/loraplane/tests/trainer-pod-labels.json");
+        if std::env::var_os("LORAPLANE_WRITE_GOLDEN").is_some() {
+            std::fs::write(&path, &labels).unwrap();
+        }
+        let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+        assert_eq!(
+            checked_in,
+            labels,
+            "{} is stale: run `LORAPLANE_WRITE_GOLDEN=1 cargo test -p loraplane-operator trainer_pod_labels`",
+            path.display()
+        );
     }
 
     #[test]

@@ -59,3 +59,29 @@ seccompProfile:
 {{- $_ := set $p "families" $families -}}
 {{- toYaml $p -}}
 {{- end -}}
+
+{{/*
+Egress ipBlocks for a list of CIDRs. The cloud metadata endpoint (169.254.169.254) is never
+reachable: a CIDR that contains it gets it as an `except` (a /32 of it is refused). Integer
+arithmetic on the dotted quad, since Helm has no CIDR functions.
+*/}}
+{{- define "loraplane.ipBlocks" -}}
+{{- $meta := 2852039166 }}
+{{- range . }}
+{{- $parts := split "/" . }}
+{{- $o := split "." $parts._0 }}
+{{- $ip := add (mul (atoi $o._0) 16777216) (mul (atoi $o._1) 65536) (mul (atoi $o._2) 256) (atoi $o._3) }}
+{{- $prefix := atoi $parts._1 }}
+{{- $size := 1 }}
+{{- range until (sub 32 $prefix | int) }}{{ $size = mul $size 2 }}{{ end }}
+{{- $hasMeta := eq (div $ip $size) (div $meta $size) }}
+{{- if and $hasMeta (eq $prefix 32) }}
+{{- fail "networkPolicy: a /32 of the cloud metadata endpoint 169.254.169.254 may not be allowed" }}
+{{- end }}
+- ipBlock:
+    cidr: {{ . | quote }}
+    {{- if $hasMeta }}
+    except: ["169.254.169.254/32"]
+    {{- end }}
+{{- end }}
+{{- end }}

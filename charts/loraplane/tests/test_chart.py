@@ -4,6 +4,7 @@ workspace targets. Run by `make test` (target `chart-test`) with the tools `make
 installs into .tools/venv."""
 
 import copy
+import ipaddress
 import json
 import pathlib
 
@@ -113,14 +114,48 @@ def test_platform_config_reaches_the_operator_and_api():
     assert "leaseNamespace" not in api
 
 
-def test_trainer_network_policy_lands_in_every_tenant_namespace():
+def test_trainer_network_policy_lands_in_every_namespace_jobs_run_in():
     objects = render(values_of(CHART / "ci" / "multi-region-values.yaml"))
     trainer = [p for p in by_kind(objects, "NetworkPolicy") if p["metadata"]["name"].endswith("-trainer")]
-    assert sorted(p["metadata"]["namespace"] for p in trainer) == ["tenant-acme", "tenant-globex"]
+    assert sorted(p["metadata"]["namespace"] for p in trainer) == ["loraplane-orders", "tenant-acme", "tenant-globex"]
     for p in trainer:
         assert p["spec"]["ingress"] == []
         cidrs = {peer["ipBlock"]["cidr"] for rule in p["spec"]["egress"] for peer in rule["to"] if "ipBlock" in peer}
         assert cidrs == {"52.0.0.0/8", "3.0.0.0/8"}
+
+
+def selects(policy, labels):
+    return all(labels.get(k) == v for k, v in policy["spec"]["podSelector"]["matchLabels"].items())
+
+
+@pytest.mark.parametrize("values_file", [None, *VALUES_FILES], ids=lambda p: p.name if p else "defaults")
+def test_every_pod_is_selected_by_a_policy(values_file):
+    """The labels a real trainer pod carries (written by the operator's
+    `the_trainer_pod_labels_the_chart_checks_are_current`) and the chart's own pods, against
+    every policy's selector: a pod no policy selects is a pod the network is open to."""
+    objects = render(values_of(values_file))
+    policies = by_kind(objects, "NetworkPolicy")
+    if not policies:
+        return
+    trainer = json.loads((CHART / "tests" / "trainer-pod-labels.json").read_text())
+    assert any(selects(p, trainer) for p in policies if p["metadata"]["name"].endswith("-trainer"))
+    for dep in by_kind(objects, "Deployment"):
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        assert any(selects(p, labels) for p in policies), dep["metadata"]["name"]
+
+
+@pytest.mark.parametrize("cidrs", [["0.0.0.0/0"], ["169.254.0.0/16", "10.0.0.0/8"]])
+def test_no_policy_lets_a_pod_reach_the_metadata_endpoint(cidrs):
+    objects = render({"networkPolicy": {"s3Cidrs": cidrs}})
+    meta = ipaddress.ip_address("169.254.169.254")
+    for p in by_kind(objects, "NetworkPolicy"):
+        for rule in p["spec"].get("egress", []):
+            for peer in rule["to"]:
+                block = peer.get("ipBlock")
+                if block and meta in ipaddress.ip_network(block["cidr"]):
+                    assert "169.254.169.254/32" in block.get("except", []), (p["metadata"]["name"], block)
+    with pytest.raises(Exception, match="metadata endpoint"):
+        render({"networkPolicy": {"s3Cidrs": ["169.254.169.254/32"]}})
 
 
 def test_monitoring_can_be_switched_off():

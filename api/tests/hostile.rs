@@ -1,0 +1,169 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Hostile input against the running API (kube-sim + SeaweedFS): what an attacker or a broken
+//! client sends is answered with a 4xx JSON error, never a 5xx, never by work proportional to
+//! the attack, and never turned into a metric label or an apiserver call it should not cost.
+
+mod common;
+
+use axum::http::StatusCode;
+use common::*;
+use loraplane_api::zipcheck::testing::dataset;
+use serde_json::{Value, json};
+
+#[tokio::test]
+async fn a_signature_header_stuffed_with_entries_is_refused_without_checking_them() {
+    within(60, async {
+        let h = Harness::start().await;
+        let body = serde_json::to_vec(&json!({"id": "evt_x", "type": "charge.refunded"})).unwrap();
+        let t = now();
+        let good = loraplane_api::stripe::sign(WEBHOOK_SECRET, t, &body);
+        // Thousands of entries, the genuine one last: refused before any HMAC.
+        let mut header = format!("t={t}");
+        for _ in 0..2_000 {
+            header.push_str(&format!(",v1={}", "0".repeat(64)));
+        }
+        header.push_str(&format!(",v1={good}"));
+        let (s, _, b) = http(
+            "POST",
+            &format!("{}/v1/webhooks/stripe", h.base),
+            &[("stripe-signature".into(), header)],
+            body,
+        )
+        .await;
+        let e: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(
+            (s, e["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_signature")),
+            "{e}"
+        );
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("longer than")
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn malformed_job_ids_and_continue_tokens_are_400s_not_502s() {
+    within(60, async {
+        let h = Harness::start().await;
+        for id in [
+            "UPPER",
+            "a%2Fb",
+            "%C3%A9t%C3%A9",
+            "-lead",
+            "x%3Fy%3Dz",
+            &"a".repeat(254),
+        ] {
+            for (m, p) in [
+                ("GET", format!("/v1/jobs/{id}")),
+                ("DELETE", format!("/v1/jobs/{id}")),
+                ("POST", format!("/v1/jobs/{id}/cancel")),
+                ("POST", format!("/v1/jobs/{id}/consent/withdraw")),
+                ("GET", format!("/v1/jobs/{id}/artifacts")),
+            ] {
+                let (s, _, e) = h.call(m, &p, Some(ACME), &[], None).await;
+                assert_eq!(
+                    (s, e["error"]["code"].as_str()),
+                    (StatusCode::BAD_REQUEST, Some("job_id_invalid")),
+                    "{m} {p}: {e}"
+                );
+            }
+        }
+        // A well-formed id that names nothing is still a plain 404.
+        let (s, _, _) = h
+            .call("GET", "/v1/jobs/ltj-none", Some(ACME), &[], None)
+            .await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        for token in ["garbage", "eyJ2IjoxfQ", "%00"] {
+            let (s, _, e) = h
+                .call(
+                    "GET",
+                    &format!("/v1/jobs?continue={token}"),
+                    Some(ACME),
+                    &[],
+                    None,
+                )
+                .await;
+            assert_eq!(
+                (s, e["error"]["code"].as_str()),
+                (StatusCode::BAD_REQUEST, Some("continue_invalid")),
+                "{token}: {e}"
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn trigger_words_with_controls_or_bidi_overrides_are_refused() {
+    within(60, async {
+        let h = Harness::start().await;
+        let upload = h.upload(ACME, "eea", dataset(2)).await;
+        for (i, word) in [
+            "nul\u{0}byte",
+            "rtl\u{202e}txet",
+            "line\u{2028}sep",
+            "zw\u{200b}j",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let order = json!({
+                "orderId": format!("hostile-{i}"), "family": "sd15", "conceptType": "style",
+                "triggerWord": word, "plan": "basic", "uploadId": upload
+            });
+            let (s, _, e) = h
+                .call(
+                    "POST",
+                    "/v1/jobs",
+                    Some(ACME),
+                    &[("idempotency-key", &format!("k-{i}"))],
+                    Some(order),
+                )
+                .await;
+            assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{word:?}: {e}");
+            assert!(
+                e["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("triggerWord"),
+                "{e}"
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_invented_method_is_no_metric_label_and_readyz_is_throttled() {
+    within(60, async {
+        let h = Harness::start_with(|c| c.limits.ip_rps = 1.0).await;
+        let (s, _, _) = http(
+            "FROBNICATE",
+            &format!("{}/v1/jobs", h.base),
+            &[],
+            Vec::new(),
+        )
+        .await;
+        assert!(s.is_client_error(), "{s}");
+        let metrics = h.app.metrics.render();
+        assert!(!metrics.contains("FROBNICATE"), "{metrics}");
+        assert!(metrics.contains("method=\"OTHER\""), "{metrics}");
+        // Readiness asks the apiserver, so a flood of probes from one address is throttled.
+        let mut statuses = Vec::new();
+        for _ in 0..10 {
+            let (s, _, _) = http("GET", &format!("{}/readyz", h.base), &[], Vec::new()).await;
+            statuses.push(s);
+        }
+        assert_eq!(statuses[0], StatusCode::OK);
+        assert!(
+            statuses.contains(&StatusCode::TOO_MANY_REQUESTS),
+            "{statuses:?}"
+        );
+    })
+    .await;
+}
