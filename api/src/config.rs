@@ -122,6 +122,10 @@ pub struct Limits {
     pub tenant_rps: f64,
     /// Requests per second allowed per client IP (burst = 2x).
     pub ip_rps: f64,
+    /// Proxies (CIDRs) whose `X-Forwarded-For` is believed: behind an ingress, its addresses,
+    /// so each client gets its own rate-limit bucket. Empty: the socket peer is the client.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for Limits {
@@ -137,6 +141,7 @@ impl Default for Limits {
             presign_seconds: 900,
             tenant_rps: 50.0,
             ip_rps: 100.0,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -189,6 +194,14 @@ impl ApiConfig {
                 return Err(bad(
                     format!("plans.{name}.keepOutputsSeconds"),
                     "a zeroRetention plan keeps outputs for at most 86400 seconds",
+                ));
+            }
+        }
+        for (i, c) in self.limits.trusted_proxies.iter().enumerate() {
+            if crate::client_ip::Cidr::parse(c).is_none() {
+                return Err(bad(
+                    format!("limits.trustedProxies[{i}]"),
+                    "must be an address or ADDRESS/PREFIX",
                 ));
             }
         }

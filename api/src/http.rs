@@ -27,7 +27,7 @@ use utoipa::{OpenApi, ToSchema};
 use crate::app::{App, AppError, OrderIds, sha256_hex};
 use crate::config::{Tenant, parse_residency};
 use crate::order::{ANNOTATION_REQUEST, Order, UploadId};
-use crate::stripe;
+use crate::{client_ip, stripe};
 use loraplane_crds::v1alpha1::ErasureReason;
 use loraplane_runtime::storage::parse_uri;
 
@@ -181,6 +181,8 @@ pub struct HttpState {
     pub tokens: Arc<HashMap<String, Tenant>>,
     /// Rate limits.
     pub limiter: Arc<RateLimiter>,
+    /// Proxies whose `X-Forwarded-For` names the client (`limits.trustedProxies`).
+    trusted_proxies: Arc<Vec<client_ip::Cidr>>,
     /// The last readiness answer and when it was found.
     ready: Arc<Mutex<Option<(std::time::Instant, bool)>>>,
 }
@@ -197,11 +199,19 @@ impl HttpState {
                     .map(|h| (h.to_ascii_lowercase(), t.clone()))
             })
             .collect();
+        let trusted_proxies = app
+            .config
+            .limits
+            .trusted_proxies
+            .iter()
+            .filter_map(|c| client_ip::Cidr::parse(c))
+            .collect();
         HttpState {
             app,
             tokens: Arc::new(tokens),
             limiter: Arc::new(RateLimiter::default()),
             ready: Arc::new(Mutex::new(None)),
+            trusted_proxies: Arc::new(trusted_proxies),
         }
     }
 
@@ -979,10 +989,13 @@ async fn request_context(State(s): State<HttpState>, req: Request, next: Next) -
         .unwrap_or_else(|| "unmatched".into());
     // Any token is a valid HTTP method: only a fixed set may become a label or a log field.
     let method = method_label(req.method());
-    let ip = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip().to_string());
+    let ip = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| {
+        let forwarded = req
+            .headers()
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        client_ip::client_ip(c.0.ip(), forwarded, &s.trusted_proxies).to_string()
+    });
     let started = std::time::Instant::now();
     // Liveness probes and scrapes cost nothing and are not customers; `/readyz` asks the
     // apiserver (at most once a second), so it is throttled like any call.

@@ -9,6 +9,7 @@
 //! the operator.
 
 pub mod app;
+pub mod client_ip;
 pub mod config;
 pub mod http;
 pub mod metrics;

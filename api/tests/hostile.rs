@@ -167,3 +167,33 @@ async fn an_invented_method_is_no_metric_label_and_readyz_is_throttled() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn forwarded_for_is_believed_only_from_a_trusted_proxy() {
+    within(60, async {
+        let h = Harness::start_with(|c| {
+            c.limits.ip_rps = 1.0;
+            c.limits.trusted_proxies = vec!["127.0.0.2".into()];
+        })
+        .await;
+        let url = format!("{}/v1/jobs", h.base);
+        let limited = |from: [u8; 4]| {
+            let url = url.clone();
+            async move {
+                let mut n = 0;
+                for i in 0..6 {
+                    let xff = vec![("x-forwarded-for".to_string(), format!("198.51.100.{i}"))];
+                    let (s, _, _) =
+                        http_from(Some(from.into()), "GET", &url, &xff, Vec::new()).await;
+                    n += usize::from(s == StatusCode::TOO_MANY_REQUESTS);
+                }
+                n
+            }
+        };
+        // Behind the ingress every customer has a bucket of their own.
+        assert_eq!(limited([127, 0, 0, 2]).await, 0);
+        // A client writing the header itself does not get a fresh bucket per request.
+        assert!(limited([127, 0, 0, 3]).await > 0);
+    })
+    .await;
+}

@@ -138,6 +138,26 @@ pub struct FamilyConfig {
     /// Extra trainer arguments.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trainer_args: Vec<String>,
+    /// CPU cores a trainer pod requests and is limited to.
+    #[serde(default = "default_trainer_cpu")]
+    pub cpu: u32,
+    /// Memory a trainer pod requests and is limited to, in GiB (decoding, the model on the
+    /// host while it loads, data loading).
+    #[serde(default = "default_trainer_memory_gib")]
+    pub memory_gib: u32,
+    /// Size limit of the trainer's `/tmp` emptyDir, in GiB.
+    #[serde(default = "default_trainer_tmp_gib")]
+    pub tmp_gib: u32,
+}
+
+fn default_trainer_cpu() -> u32 {
+    4
+}
+fn default_trainer_memory_gib() -> u32 {
+    32
+}
+fn default_trainer_tmp_gib() -> u32 {
+    1
 }
 
 /// Operator defaults.

@@ -389,10 +389,22 @@ pub fn trainer_pod(
             secret_env("AWS_ACCESS_KEY_ID", s3_credentials_secret),
             secret_env("AWS_SECRET_ACCESS_KEY", s3_credentials_secret),
         ]),
-        resources: Some(ResourceRequirements {
-            limits: Some(BTreeMap::from([(GPU_RESOURCE.to_string(), gpus.clone())])),
-            requests: Some(BTreeMap::from([(GPU_RESOURCE.to_string(), gpus)])),
-            ..ResourceRequirements::default()
+        resources: Some({
+            // Requests equal limits: a trainer decoding hostile images cannot take more of
+            // the node than it was scheduled with.
+            let amounts = BTreeMap::from([
+                (GPU_RESOURCE.to_string(), gpus),
+                ("cpu".to_string(), Quantity(family.cpu.to_string())),
+                (
+                    "memory".to_string(),
+                    Quantity(format!("{}Gi", family.memory_gib)),
+                ),
+            ]);
+            ResourceRequirements {
+                limits: Some(amounts.clone()),
+                requests: Some(amounts),
+                ..ResourceRequirements::default()
+            }
         }),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
@@ -486,7 +498,10 @@ pub fn trainer_pod(
                 work,
                 Volume {
                     name: "tmp".into(),
-                    empty_dir: Some(EmptyDirVolumeSource::default()),
+                    empty_dir: Some(EmptyDirVolumeSource {
+                        size_limit: Some(Quantity(format!("{}Gi", family.tmp_gib))),
+                        ..EmptyDirVolumeSource::default()
+                    }),
                     ..Volume::default()
                 },
             ]),
@@ -615,6 +630,15 @@ mod tests {
         assert_eq!(term["values"][0], "eu-west");
         let c = &spec["containers"][0];
         assert_eq!(c["resources"]["limits"]["nvidia.com/gpu"], "1");
+        assert_eq!(c["resources"]["limits"]["memory"], "32Gi");
+        assert_eq!(c["resources"]["requests"]["cpu"], "4");
+        let tmp = spec["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "tmp")
+            .unwrap();
+        assert_eq!(tmp["emptyDir"]["sizeLimit"], "1Gi");
         assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
         assert_eq!(c["securityContext"]["runAsNonRoot"], true);
         assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
