@@ -29,6 +29,9 @@ pub async fn copy(
     let prefix = job_prefix(&ids.namespace, &ids.name, &ids.uid);
     let mut sources = vec![(job.spec.dataset.uri.as_str(), CORPUS_DATASET)];
     for artifact in job.status.iter().flat_map(|s| s.artifacts.iter()) {
+        if !own_output(storage, &artifact.uri, &prefix) {
+            continue;
+        }
         let file = artifact.uri.rsplit('/').next().unwrap_or_default();
         sources.push((artifact.uri.as_str(), file));
     }
@@ -46,6 +49,18 @@ pub async fn copy(
     Ok(copied)
 }
 
+/// Whether `uri` lies under the job's `prefix` in some region's outputs bucket. The trainer
+/// reports its artifacts; only those are copied, so a trainer naming another job's file
+/// copies nothing.
+fn own_output(storage: &Storage, uri: &str, prefix: &str) -> bool {
+    parse_uri(uri).is_ok_and(|(bucket, key)| {
+        key.starts_with(prefix)
+            && storage
+                .region_of_bucket(bucket)
+                .is_some_and(|r| r.buckets.outputs == bucket)
+    })
+}
+
 /// Deletes the job's copy from every region's corpus bucket (a region's configuration may
 /// have changed since the copy was made).
 pub async fn delete(storage: &Storage, ids: &JobIds) -> Result<Deleted, StorageError> {
@@ -57,4 +72,36 @@ pub async fn delete(storage: &Storage, ids: &JobIds) -> Result<Deleted, StorageE
         }
     }
     Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use loraplane_runtime::storage::S3Credentials;
+
+    #[test]
+    fn only_files_in_the_jobs_own_output_layout_are_copied() {
+        let storage = Storage::new(
+            &crate::placement::tests::platform(),
+            &S3Credentials {
+                access_key: "a".into(),
+                secret_key: "b".into(),
+            },
+        );
+        let prefix = job_prefix("ns", "job", "uid-1");
+        assert!(own_output(
+            &storage,
+            "s3://outputs-eu-west/ns/job-uid-1/lora.safetensors",
+            &prefix
+        ));
+        for other in [
+            "s3://outputs-eu-west/ns/job-uid-2/lora.safetensors",
+            "s3://outputs-eu-west/other/lora.safetensors",
+            "s3://datasets-eu-west/ns/job-uid-1/lora.safetensors",
+            "s3://elsewhere/ns/job-uid-1/lora.safetensors",
+            "https://outputs-eu-west/ns/job-uid-1/lora.safetensors",
+        ] {
+            assert!(!own_output(&storage, other, &prefix), "{other}");
+        }
+    }
 }
