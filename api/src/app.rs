@@ -28,7 +28,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use loraplane_crds::layout::{
-    LABEL_MANAGED_BY, LABEL_RECORD, UPLOAD_CLAIM_RECORD, upload_claim_name,
+    LABEL_MANAGED_BY, LABEL_RECORD, UPLOAD_CLAIM_RECORD, s3_uri, upload_claim_name,
 };
 use loraplane_crds::platform::PlatformConfig;
 use loraplane_crds::v1alpha1::{
@@ -673,7 +673,7 @@ impl App {
             return Ok(());
         };
         let key = upload.key(ns);
-        let claim = upload_claim_name(&format!("s3://{}/{key}", region.buckets.datasets));
+        let claim = upload_claim_name(&s3_uri(&region.buckets.datasets, &key));
         if self
             .claim_holder(ns, &claim)
             .await?

@@ -184,7 +184,7 @@ pub struct HttpState {
     /// Proxies whose `X-Forwarded-For` names the client (`limits.trustedProxies`).
     trusted_proxies: Arc<Vec<client_ip::Cidr>>,
     /// The last readiness answer and when it was found.
-    ready: Arc<Mutex<Option<(std::time::Instant, bool)>>>,
+    ready: Arc<Mutex<Option<(Instant, bool)>>>,
 }
 
 impl HttpState {
@@ -913,7 +913,7 @@ async fn healthz() -> &'static str {
 /// Ready when the apiserver answers. The answer is reused for a second, so a flood of
 /// probes costs the apiserver one request a second at most.
 async fn readyz(State(s): State<HttpState>) -> Result<&'static str, ApiError> {
-    let fresh = |at: &Option<(std::time::Instant, bool)>| {
+    let fresh = |at: &Option<(Instant, bool)>| {
         at.filter(|(t, _)| t.elapsed() < READY_CACHE)
             .map(|(_, ok)| ok)
     };
@@ -923,7 +923,7 @@ async fn readyz(State(s): State<HttpState>) -> Result<&'static str, ApiError> {
         None => {
             let ok = s.app.kube.apiserver_version().await.is_ok();
             if let Ok(mut g) = s.ready.lock() {
-                *g = Some((std::time::Instant::now(), ok));
+                *g = Some((Instant::now(), ok));
             }
             ok
         }

@@ -344,11 +344,7 @@ pub fn build_spec(order: &Order, inp: &SpecInputs<'_>) -> Result<LoRATrainingJob
             description: order.description.clone(),
         },
         dataset: Dataset {
-            uri: format!(
-                "s3://{}/{}",
-                inp.dataset_bucket,
-                inp.upload.key(inp.namespace)
-            ),
+            uri: loraplane_crds::layout::s3_uri(inp.dataset_bucket, &inp.upload.key(inp.namespace)),
             sha256: inp.dataset_sha256.to_string(),
             region: Some(region.name.clone()),
         },

@@ -61,6 +61,12 @@ pub fn upload_key(namespace: &str, token: &str) -> String {
     format!("{UPLOADS_PREFIX}{namespace}/{token}.zip")
 }
 
+/// The `s3://bucket/key` form a job's spec and status use for an object (the inverse of
+/// `loraplane_runtime::storage::parse_uri`).
+pub fn s3_uri(bucket: &str, key: &str) -> String {
+    format!("s3://{bucket}/{key}")
+}
+
 /// The key, in a region's corpus bucket, of the dataset a consenting job copied there; its
 /// LoRA files keep their names under the same [`job_prefix`].
 pub const CORPUS_DATASET: &str = "dataset.zip";

@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 
 use loraplane_crds::LoRATrainingJob;
-use loraplane_crds::layout::UPLOADS_PREFIX;
+use loraplane_crds::layout::{UPLOADS_PREFIX, s3_uri};
 use loraplane_runtime::storage::{Deleted, Listed, Storage, StorageError};
 
 /// The uploads in `bucket` that no job references and that are at least `ttl` seconds old at
@@ -24,7 +24,7 @@ pub fn expired<'l>(
     listed
         .iter()
         .filter(|o| now.saturating_sub(o.modified) >= ttl)
-        .filter(|o| !referenced.contains(&format!("s3://{bucket}/{}", o.key)))
+        .filter(|o| !referenced.contains(&s3_uri(bucket, &o.key)))
         .collect()
 }
 
