@@ -126,6 +126,28 @@ pub struct Limits {
     /// so each client gets its own rate-limit bucket. Empty: the socket peer is the client.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusted_proxies: Vec<String>,
+    /// Most connections open at once; more wait in the kernel's backlog.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Seconds a connection may take to send a request's headers, counted from its opening
+    /// or from the previous response (slow or idle clients are dropped).
+    #[serde(default = "default_header_timeout_seconds")]
+    pub header_timeout_seconds: u64,
+    /// Seconds a request may take to send its body.
+    #[serde(default = "default_body_timeout_seconds")]
+    pub body_timeout_seconds: u64,
+}
+
+fn default_max_connections() -> usize {
+    1024
+}
+
+fn default_header_timeout_seconds() -> u64 {
+    10
+}
+
+fn default_body_timeout_seconds() -> u64 {
+    30
 }
 
 impl Default for Limits {
@@ -142,6 +164,9 @@ impl Default for Limits {
             tenant_rps: 50.0,
             ip_rps: 100.0,
             trusted_proxies: Vec::new(),
+            max_connections: default_max_connections(),
+            header_timeout_seconds: default_header_timeout_seconds(),
+            body_timeout_seconds: default_body_timeout_seconds(),
         }
     }
 }
@@ -203,6 +228,21 @@ impl ApiConfig {
                     format!("limits.trustedProxies[{i}]"),
                     "must be an address or ADDRESS/PREFIX",
                 ));
+            }
+        }
+        for (field, value) in [
+            ("limits.maxConnections", self.limits.max_connections as u64),
+            (
+                "limits.headerTimeoutSeconds",
+                self.limits.header_timeout_seconds,
+            ),
+            (
+                "limits.bodyTimeoutSeconds",
+                self.limits.body_timeout_seconds,
+            ),
+        ] {
+            if value == 0 {
+                return Err(bad(field.into(), "must be at least 1"));
             }
         }
         let mut namespaces = std::collections::HashSet::new();

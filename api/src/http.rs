@@ -741,7 +741,18 @@ pub async fn artifacts(
     }
     let secs = s.app.config.limits.presign_seconds;
     let mut links = Vec::new();
-    for a in &status.artifacts {
+    let prefix = loraplane_crds::layout::job_prefix(
+        &tenant.namespace,
+        &job.name_any(),
+        job.metadata.uid.as_deref().unwrap_or_default(),
+    );
+    // Only the job's own files: status is the operator's, but the names in it came from a
+    // trainer, and a presigned link is a download for whoever holds it.
+    for a in status
+        .artifacts
+        .iter()
+        .filter(|a| s.app.storage.is_job_output(&a.uri, &prefix))
+    {
         let (bucket, key) = parse_uri(&a.uri).map_err(AppError::from)?;
         let url = s
             .app
@@ -850,7 +861,6 @@ pub async fn create_upload(
         .app
         .storage
         .presign_put(
-            &region.name,
             &region.buckets.datasets,
             &upload.key(&tenant.namespace),
             Duration::from_secs(secs),
@@ -1102,23 +1112,80 @@ pub const ROUTES: &[(&str, &str)] = &[
 
 /// Serves the API on `listener` until `shutdown` completes: the server `main` runs, and the
 /// tests and bench run too.
+///
+/// Connections are bounded by hyper's and tower-http's own settings, from `limits`: at most
+/// `maxConnections` open (past that, new ones wait in the kernel's backlog and cost nothing
+/// here), a request's headers must arrive within `headerTimeoutSeconds` of the connection
+/// opening or of the previous response (so a slowloris client, or an idle keep-alive one, is
+/// dropped), and its body within `bodyTimeoutSeconds`. On shutdown each connection finishes
+/// the request it is serving, then closes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Arc<App>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    // Responses are small and written whole; without NODELAY a keep-alive client can wait on
-    // Nagle's algorithm against its delayed ACK.
-    let listener = listener.tap_io(|tcp| {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::Service;
+
+    let limits = app.config.limits.clone();
+    let max = limits.max_connections.max(1);
+    let slots = Arc::new(tokio::sync::Semaphore::new(max));
+    let router =
+        router(HttpState::new(app)).layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            Duration::from_secs(limits.body_timeout_seconds),
+        ));
+    let header_timeout = Duration::from_secs(limits.header_timeout_seconds);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.map_err(std::io::Error::other)?,
+            () = &mut shutdown => break,
+        };
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                // Out of file descriptors and the like: wait rather than spin.
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // Responses are small and written whole; without NODELAY a keep-alive client can wait
+        // on Nagle's algorithm against its delayed ACK.
         let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(
-        listener,
-        router(HttpState::new(app)).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+        let router = router.clone();
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let service =
+                hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(ConnectInfo(peer));
+                    router.clone().call(req)
+                });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(tcp), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stopped.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    let _ = stop.send(true);
+    // Every slot back means every connection has finished.
+    let _ = slots
+        .acquire_many(u32::try_from(max).unwrap_or(u32::MAX))
+        .await;
+    Ok(())
 }
 
 /// The router.

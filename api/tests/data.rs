@@ -48,14 +48,22 @@ async fn presigned_urls_work_with_a_plain_http_client_and_expire() {
         let id = job["id"].as_str().unwrap();
         let (s, _, e) = h.call("GET", &format!("/v1/jobs/{id}/artifacts"), Some(ACME), &[], None).await;
         assert_eq!((s, e["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("artifacts_not_ready")));
-        h.put("out-eu", "acme/x/lora.safetensors", b"LORA-BYTES").await;
         let api: Api<LoRATrainingJob> = Api::namespaced(h.sim.client(), "acme");
+        let uid = api.get(id).await.unwrap().metadata.uid.unwrap();
+        let own = format!("acme/{id}-{uid}/lora.safetensors");
+        h.put("out-eu", &own, b"LORA-BYTES").await;
+        h.put("out-eu", "acme/other-job-uid/lora.safetensors", b"NOT-YOURS").await;
+        // A status naming a file outside the job's layout (as a lying trainer would) gets no link.
         api.patch_status(id, &PatchParams::default(), &Patch::Merge(json!({"status": {
             "phase": "Succeeded",
-            "artifacts": [{"format": "kohya", "uri": "s3://out-eu/acme/x/lora.safetensors", "sha256": "a".repeat(64), "bytes": 10}]
+            "artifacts": [
+                {"format": "kohya", "uri": format!("s3://out-eu/{own}"), "sha256": "a".repeat(64), "bytes": 10},
+                {"format": "diffusers", "uri": "s3://out-eu/acme/other-job-uid/lora.safetensors", "sha256": "b".repeat(64), "bytes": 9},
+            ]
         }}))).await.unwrap();
         let (s, _, links) = h.call("GET", &format!("/v1/jobs/{id}/artifacts"), Some(ACME), &[], None).await;
         assert_eq!(s, StatusCode::OK, "{links}");
+        assert_eq!(links["artifacts"].as_array().unwrap().len(), 1, "{links}");
         let get_url = links["artifacts"][0]["url"].as_str().unwrap().to_string();
         let (s, _, body) = http("GET", &get_url, &[], Vec::new()).await;
         assert_eq!((s, body.as_slice()), (StatusCode::OK, b"LORA-BYTES".as_slice()));

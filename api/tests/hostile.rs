@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use axum::http::StatusCode;
 use common::*;
 use loraplane_api::zipcheck::testing::dataset;
@@ -194,6 +196,82 @@ async fn forwarded_for_is_believed_only_from_a_trusted_proxy() {
         assert_eq!(limited([127, 0, 0, 2]).await, 0);
         // A client writing the header itself does not get a fresh bucket per request.
         assert!(limited([127, 0, 0, 3]).await > 0);
+    })
+    .await;
+}
+
+/// Reads from a raw connection until the server closes it; what it sent.
+async fn until_closed(conn: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let _ = conn.read_to_end(&mut got).await;
+    got
+}
+
+#[tokio::test]
+async fn slow_and_idle_clients_are_dropped_and_connections_are_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    within(60, async {
+        let h = Harness::start_with(|c| {
+            c.limits.header_timeout_seconds = 1;
+            c.limits.body_timeout_seconds = 1;
+            c.limits.max_connections = 2;
+        })
+        .await;
+        let addr = h.base.trim_start_matches("http://").to_string();
+
+        // Slowloris: half a request head, then nothing. The server hangs up on its own.
+        let mut slow = TcpStream::connect(&addr).await.unwrap();
+        slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), until_closed(&mut slow))
+            .await
+            .expect("a client that never finishes its headers is dropped");
+        assert!(!String::from_utf8_lossy(&got).contains("200 OK"));
+
+        // A body that never arrives: refused after the body timeout, not waited on forever.
+        let mut stalled = TcpStream::connect(&addr).await.unwrap();
+        stalled
+            .write_all(
+                b"POST /v1/webhooks/stripe HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{",
+            )
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), until_closed(&mut stalled))
+            .await
+            .expect("a stalled body is given up on");
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with("HTTP/1.1 4"), "{got}");
+
+        // Two connections held open (the cap), a third waits: it is served only once one of
+        // the two goes.
+        let mut held: Vec<TcpStream> = Vec::new();
+        for _ in 0..2 {
+            let mut c = TcpStream::connect(&addr).await.unwrap();
+            c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut buf = [0u8; 12];
+            c.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"HTTP/1.1 200");
+            held.push(c);
+        }
+        let mut third = TcpStream::connect(&addr).await.unwrap();
+        third
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 12];
+        let early =
+            tokio::time::timeout(Duration::from_millis(300), third.read_exact(&mut buf)).await;
+        assert!(early.is_err(), "a connection past the cap was served");
+        drop(held.pop());
+        let got = tokio::time::timeout(Duration::from_secs(10), until_closed(&mut third))
+            .await
+            .expect("the waiting connection is served once a slot frees");
+        assert!(String::from_utf8_lossy(&got).contains("200 OK"), "{got:?}");
     })
     .await;
 }

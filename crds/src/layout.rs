@@ -1,5 +1,6 @@
 //! Names more than one crate relies on, defined once: the label keys on jobs, their children
-//! and the records that outlive them, and where a job's data lies in S3. The operator writes
+//! and the records that outlive them, and where a job's data lies in S3 (down to the names of
+//! its checkpoint and LoRA files). The operator writes
 //! by these names, the API and the trainer read by them, and cleanup deletes by them, so a
 //! rename here is a rename everywhere.
 
@@ -70,6 +71,22 @@ pub fn s3_uri(bucket: &str, key: &str) -> String {
 /// The key, in a region's corpus bucket, of the dataset a consenting job copied there; its
 /// LoRA files keep their names under the same [`job_prefix`].
 pub const CORPUS_DATASET: &str = "dataset.zip";
+
+/// The one checkpoint object of a job, under its [`job_prefix`] in the checkpoints bucket.
+/// Each checkpoint replaces the last: an S3 PUT is atomic, so the object is always a whole
+/// checkpoint, and one fixed key is what lets the operator grant the trainer exactly the
+/// objects it may write before the trainer knows which steps it will reach.
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+
+/// The LoRA files a job delivers, under its [`job_prefix`] in the outputs bucket, as
+/// `(format, file name)`: the kohya file (named after the job, as ComfyUI and Automatic1111
+/// list it) and the diffusers/PEFT file under the name `load_lora_weights` looks for.
+pub fn output_files(job_name: &str) -> [(&'static str, String); 2] {
+    [
+        ("kohya", format!("{job_name}.safetensors")),
+        ("diffusers", "pytorch_lora_weights.safetensors".to_string()),
+    ]
+}
 
 #[cfg(test)]
 mod tests {

@@ -4,13 +4,16 @@
 //! "crashed, retry".
 //!
 //! The operator mounts the config file (from a Secret, since it holds the customer's trigger
-//! word and description) and passes `--config PATH`; S3 credentials come from a separate
-//! Secret as the standard `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` environment variables.
-//! Nothing else about the job reaches the pod.
+//! word and description and the attempt's presigned URLs) and passes `--config PATH`. The pod
+//! holds no S3 credential: its only access to S3 is [`Grants`], one presigned URL per object
+//! it may read or write, all inside its own job's layout (and the platform's base weights),
+//! valid until the attempt's deadline. Nothing else about the job reaches the pod.
 //!
 //! Progress travels through the pod's log: the operator reads the newest lines through the
 //! `pods/log` subresource, which works on a locked-down pod (no network path from the pod to
 //! the operator, no extra credentials) and on any conformant cluster.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -48,9 +51,9 @@ pub struct TrainerConfig {
     pub checkpoints: String,
     /// Where the LoRA files go (`s3://bucket/prefix/` or a local directory).
     pub output: String,
-    /// The S3 endpoint for `s3://` locations; absent means local paths only.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub s3: Option<S3Endpoint>,
+    /// The attempt's access to `s3://` locations; empty means local paths only.
+    #[serde(default, skip_serializing_if = "Grants::is_empty")]
+    pub grants: Grants,
     /// Scratch directory (the job's claim, or a memory-backed volume for zero retention).
     pub work_dir: String,
     /// Where to write the final summary (Kubernetes' `terminationMessagePath`).
@@ -72,7 +75,7 @@ impl std::fmt::Debug for TrainerConfig {
             .field("training", &self.training)
             .field("checkpoints", &self.checkpoints)
             .field("output", &self.output)
-            .field("s3", &self.s3)
+            .field("grants", &self.grants)
             .field("work_dir", &self.work_dir)
             .finish_non_exhaustive()
     }
@@ -165,6 +168,43 @@ pub struct TrainingConfig {
     /// Min-SNR gamma; absent disables the weighting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_snr_gamma: Option<f64>,
+}
+
+/// Presigned URLs: the trainer's whole access to S3. Keys are the `s3://bucket/key` names the
+/// rest of the config uses (and the trainer reports back); values are the URLs that grant
+/// one method on that one object. A location with no grant cannot be reached, so "listing"
+/// a prefix means the granted objects under it.
+#[derive(Serialize, Deserialize, Clone, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Grants {
+    /// Objects the trainer may read (presigned GET).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub get: BTreeMap<String, String>,
+    /// Objects the trainer may write (presigned PUT).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub put: BTreeMap<String, String>,
+    /// When the URLs stop working (RFC 3339), for messages; a trainer still running then
+    /// fails its next transfer and the operator's next attempt gets fresh grants.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+}
+
+impl Grants {
+    /// Whether nothing is granted (local paths only).
+    pub fn is_empty(&self) -> bool {
+        self.get.is_empty() && self.put.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Grants {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URLs are bearer credentials: show what they reach, never the signatures.
+        f.debug_struct("Grants")
+            .field("get", &self.get.keys().collect::<Vec<_>>())
+            .field("put", &self.put.keys().collect::<Vec<_>>())
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
 }
 
 /// An S3-compatible endpoint.

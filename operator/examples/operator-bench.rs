@@ -31,7 +31,7 @@ use bench_cluster::{
 };
 use clap::Parser;
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube_sim::cluster::{Script, ScriptRule};
@@ -127,15 +127,6 @@ async fn run_phase(args: &Args, n: usize, rate: Option<f64>) -> PhaseResult {
         &platform_yaml("http://127.0.0.1:8333"),
         ("bench", "bench"),
     );
-    let secret: Secret = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "loraplane-s3-credentials"},
-        "stringData": {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}
-    }))
-    .unwrap();
-    Api::<Secret>::namespaced(client.clone(), "default")
-        .create(&PostParams::default(), &secret)
-        .await
-        .unwrap();
 
     // Pod watch: first pod per job.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();

@@ -42,11 +42,6 @@ pub struct Args {
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
 
-    /// Name of the Secret (in each job's namespace) holding `AWS_ACCESS_KEY_ID` and
-    /// `AWS_SECRET_ACCESS_KEY` for the trainer.
-    #[arg(long, default_value = "loraplane-s3-credentials")]
-    pub s3_credentials_secret: String,
-
     /// Seconds between reads of a running trainer's progress.
     #[arg(long, default_value_t = 10)]
     pub progress_interval_seconds: u64,
@@ -109,8 +104,6 @@ pub struct Settings {
     pub identity: String,
     /// How long a Lease is valid without renewal.
     pub lease_duration: Duration,
-    /// Name of the S3 credentials Secret.
-    pub s3_credentials_secret: String,
     /// How often a running job's progress is read.
     pub progress_interval: Duration,
     /// Requeue delay after a failed reconcile.
@@ -144,7 +137,6 @@ impl Settings {
             lease_name: "loraplane-operator".to_string(),
             identity,
             lease_duration: Duration::from_secs(15),
-            s3_credentials_secret: args.s3_credentials_secret.clone(),
             progress_interval: Duration::from_secs(args.progress_interval_seconds.max(1)),
             error_requeue: Duration::from_secs(5),
             field_manager: FIELD_MANAGER.to_string(),
@@ -167,7 +159,6 @@ impl Settings {
             lease_name: "loraplane-operator".to_string(),
             identity: identity.to_string(),
             lease_duration: Duration::from_secs(3),
-            s3_credentials_secret: "loraplane-s3-credentials".to_string(),
             progress_interval: Duration::from_millis(300),
             error_requeue: Duration::from_millis(200),
             field_manager: FIELD_MANAGER.to_string(),

@@ -44,6 +44,7 @@ use crate::audit;
 use crate::cleanup::{self, CleanupError, Scope};
 use crate::config::Settings;
 use crate::corpus;
+use crate::grants::{self, GrantError};
 use crate::lifecycle::{self, Facts};
 use crate::metrics::Metrics;
 use crate::placement::{self, PoolCapacity};
@@ -79,6 +80,9 @@ pub enum ReconcileError {
     /// A child object could not be built.
     #[error("could not build a child object: {0}")]
     Build(#[from] BuildError),
+    /// Granting the attempt its objects (presigned URLs) failed.
+    #[error("could not grant the attempt its S3 objects: {0}")]
+    Grant(#[from] GrantError),
     /// Applying the trainer-config Secret failed.
     #[error("could not apply the trainer-config Secret: {0}")]
     ApplySecret(#[source] kube::Error),
@@ -107,6 +111,7 @@ impl ReconcileError {
             ReconcileError::GetPod(..) => "GetPod",
             ReconcileError::GetNode(..) => "GetNode",
             ReconcileError::Build(_) => "Build",
+            ReconcileError::Grant(_) => "Grant",
             ReconcileError::ApplySecret(_) => "ApplySecret",
             ReconcileError::ApplyClaim(_) => "ApplyClaim",
             ReconcileError::CreatePod(..) => "CreatePod",
@@ -381,8 +386,17 @@ async fn reconcile_inner(
 
     // Step 2: decide.
     let now = Timestamp::now();
+    // The LoRA files this job's trainer may write (home region per its first attempt).
+    let current_region = job
+        .status
+        .as_ref()
+        .and_then(|s| s.attempts.last())
+        .map_or("", |a| a.region.as_str());
+    let outputs =
+        resources::output_uris(job, &settings.platform, current_region).unwrap_or_default();
     let plan = status::decide(&Inputs {
         job,
+        outputs: &outputs,
         pod: view,
         candidates,
         log,
@@ -418,7 +432,22 @@ async fn reconcile_inner(
         let mut future_job = job.clone();
         future_job.status = Some(plan.status.clone());
         let params = PatchParams::apply(&settings.field_manager).force();
-        let secret = resources::config_secret(&future_job, &settings.platform, &next.region)?;
+        // The attempt's whole access to S3: presigned URLs for its own objects, in the
+        // Secret beside the customer's text.
+        let mut trainer = resources::trainer_config(&future_job, &settings.platform, &next.region)?;
+        let family_weights = settings
+            .platform
+            .family(job.spec.base_model.family)
+            .map_or("", |f| f.weights.as_str());
+        let grant_plan = grants::plan(&trainer, family_weights)?;
+        trainer.grants = grants::presign(
+            &ctx.storage,
+            &grant_plan,
+            grants::lifetime(&future_job, now),
+            now,
+        )
+        .await?;
+        let secret = resources::config_secret(&future_job, &trainer)?;
         Api::<k8s_openapi::api::core::v1::Secret>::namespaced(ctx.client.clone(), &ids.namespace)
             .patch(
                 &resources::secret_name(&ids.name),
@@ -445,7 +474,6 @@ async fn reconcile_inner(
             pool,
             &next.pod_name,
             next.index,
-            &settings.s3_credentials_secret,
         )?;
         let created = pods
             .patch(&next.pod_name, &params, &Patch::Apply(&pod))

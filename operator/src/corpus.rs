@@ -29,7 +29,7 @@ pub async fn copy(
     let prefix = job_prefix(&ids.namespace, &ids.name, &ids.uid);
     let mut sources = vec![(job.spec.dataset.uri.as_str(), CORPUS_DATASET)];
     for artifact in job.status.iter().flat_map(|s| s.artifacts.iter()) {
-        if !own_output(storage, &artifact.uri, &prefix) {
+        if !storage.is_job_output(&artifact.uri, &prefix) {
             continue;
         }
         let file = artifact.uri.rsplit('/').next().unwrap_or_default();
@@ -47,18 +47,6 @@ pub async fn copy(
         }
     }
     Ok(copied)
-}
-
-/// Whether `uri` lies under the job's `prefix` in some region's outputs bucket. The trainer
-/// reports its artifacts; only those are copied, so a trainer naming another job's file
-/// copies nothing.
-fn own_output(storage: &Storage, uri: &str, prefix: &str) -> bool {
-    parse_uri(uri).is_ok_and(|(bucket, key)| {
-        key.starts_with(prefix)
-            && storage
-                .region_of_bucket(bucket)
-                .is_some_and(|r| r.buckets.outputs == bucket)
-    })
 }
 
 /// Deletes the job's copy from every region's corpus bucket (a region's configuration may
@@ -89,8 +77,7 @@ mod tests {
             },
         );
         let prefix = job_prefix("ns", "job", "uid-1");
-        assert!(own_output(
-            &storage,
+        assert!(storage.is_job_output(
             "s3://outputs-eu-west/ns/job-uid-1/lora.safetensors",
             &prefix
         ));
@@ -101,7 +88,7 @@ mod tests {
             "s3://elsewhere/ns/job-uid-1/lora.safetensors",
             "https://outputs-eu-west/ns/job-uid-1/lora.safetensors",
         ] {
-            assert!(!own_output(&storage, other, &prefix), "{other}");
+            assert!(!storage.is_job_output(other, &prefix), "{other}");
         }
     }
 }

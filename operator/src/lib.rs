@@ -13,6 +13,7 @@ pub mod cleanup;
 pub mod config;
 pub mod controller;
 pub mod corpus;
+pub mod grants;
 pub mod lifecycle;
 pub mod metrics;
 pub mod placement;

@@ -4,26 +4,27 @@
 //!
 //! Privacy rule: the customer's words (trigger word, description) reach only the Secret's data,
 //! mounted as the trainer's config file. Labels carry only non-sensitive ids (job name and uid,
-//! pool, region); nothing goes into env but the S3 credentials, taken from a Secret by
-//! reference.
+//! pool, region). The pod has no environment and no credential: its S3 access is the
+//! presigned URLs in its config (`grants`).
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, NodeAffinity,
-    NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec,
-    ResourceRequirements, SeccompProfile, Secret, SecretKeySelector, SecretVolumeSource,
-    SecurityContext, Toleration, Volume, VolumeMount, VolumeResourceRequirements,
+    Affinity, Capabilities, Container, EmptyDirVolumeSource, NodeAffinity, NodeSelector,
+    NodeSelectorRequirement, NodeSelectorTerm, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, ResourceRequirements,
+    SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Toleration, Volume, VolumeMount,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
 use loraplane_crds::LoRATrainingJob;
+use loraplane_crds::layout::s3_uri;
 use loraplane_crds::platform::{PlatformConfig, PoolConfig, RegionConfig};
 use loraplane_crds::trainer::{
-    BaseModelSource, ConceptConfig, DatasetSource, JobRef, TrainerConfig, TrainingConfig,
+    BaseModelSource, ConceptConfig, DatasetSource, Grants, JobRef, TrainerConfig, TrainingConfig,
 };
 use loraplane_crds::v1alpha1::RetentionMode;
 
@@ -179,7 +180,25 @@ fn non_negative(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-/// The trainer's config file for the job's attempt in `region`.
+/// The `s3://` names of the LoRA files the job's trainer writes (the only artifacts the
+/// operator records, and the only objects besides its checkpoint it may write).
+pub fn output_uris(
+    job: &LoRATrainingJob,
+    config: &PlatformConfig,
+    region: &str,
+) -> Result<Vec<String>, BuildError> {
+    let ids = JobIds::of(job)?;
+    let home =
+        home_region(job, config, region).ok_or_else(|| BuildError::UnknownPool(region.into()))?;
+    let prefix = loraplane_crds::layout::job_prefix(&ids.namespace, &ids.name, &ids.uid);
+    Ok(loraplane_crds::layout::output_files(&ids.name)
+        .into_iter()
+        .map(|(_, file)| s3_uri(&home.buckets.outputs, &format!("{prefix}{file}")))
+        .collect())
+}
+
+/// The trainer's config file for the job's attempt in `region`, without its grants
+/// (`grants::plan` derives them from this config, the controller signs them).
 pub fn trainer_config(
     job: &LoRATrainingJob,
     config: &PlatformConfig,
@@ -241,23 +260,20 @@ pub fn trainer_config(
             noise_offset: t.noise_offset.unwrap_or(0.0),
             min_snr_gamma: t.min_snr_gamma,
         },
-        checkpoints: format!("s3://{}/{prefix}", home.buckets.checkpoints),
-        output: format!("s3://{}/{prefix}", home.buckets.outputs),
-        s3: Some(home.s3.clone()),
+        checkpoints: s3_uri(&home.buckets.checkpoints, &prefix),
+        output: s3_uri(&home.buckets.outputs, &prefix),
+        grants: Grants::default(),
         work_dir: WORK_DIR.to_string(),
         termination_message_path: TERMINATION_MESSAGE_PATH.to_string(),
         log_every: 10,
     })
 }
 
-/// The Secret holding the trainer's config file.
-pub fn config_secret(
-    job: &LoRATrainingJob,
-    config: &PlatformConfig,
-    region: &str,
-) -> Result<Secret, BuildError> {
+/// The Secret holding the trainer's config file (with its grants: presigned URLs are bearer
+/// credentials, as the customer's text is sensitive).
+pub fn config_secret(job: &LoRATrainingJob, trainer: &TrainerConfig) -> Result<Secret, BuildError> {
     let ids = JobIds::of(job)?;
-    let body = serde_json::to_vec_pretty(&trainer_config(job, config, region)?)?;
+    let body = serde_json::to_vec_pretty(trainer)?;
     Ok(Secret {
         metadata: ObjectMeta {
             name: Some(secret_name(&ids.name)),
@@ -323,21 +339,6 @@ fn toleration(t: &loraplane_crds::platform::TolerationConfig) -> Toleration {
     }
 }
 
-fn secret_env(name: &str, secret: &str) -> EnvVar {
-    EnvVar {
-        name: name.to_string(),
-        value_from: Some(EnvVarSource {
-            secret_key_ref: Some(SecretKeySelector {
-                name: secret.to_string(),
-                key: name.to_string(),
-                optional: Some(false),
-            }),
-            ..EnvVarSource::default()
-        }),
-        ..EnvVar::default()
-    }
-}
-
 /// The training pod of an attempt.
 pub fn trainer_pod(
     job: &LoRATrainingJob,
@@ -345,7 +346,6 @@ pub fn trainer_pod(
     pool: &PoolConfig,
     pod_name: &str,
     attempt: usize,
-    s3_credentials_secret: &str,
 ) -> Result<Pod, BuildError> {
     let ids = JobIds::of(job)?;
     let spec = &job.spec;
@@ -385,10 +385,7 @@ pub fn trainer_pod(
         name: TRAINER_CONTAINER.into(),
         image: Some(family.trainer_image.clone()),
         args: Some(args),
-        env: Some(vec![
-            secret_env("AWS_ACCESS_KEY_ID", s3_credentials_secret),
-            secret_env("AWS_SECRET_ACCESS_KEY", s3_credentials_secret),
-        ]),
+        // No environment at all: S3 access is the config's presigned URLs, nothing else.
         resources: Some({
             // Requests equal limits: a trainer decoding hostile images cannot take more of
             // the node than it was scheduled with.
@@ -512,7 +509,7 @@ pub fn trainer_pod(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::placement::tests::{platform, spec};
     use loraplane_crds::v1alpha1::Residency;
@@ -520,7 +517,7 @@ mod tests {
     const TRIGGER: &str = "zxqsecretword";
     const DESCRIPTION: &str = "my private description of alice@example.com";
 
-    fn job(zero: bool) -> LoRATrainingJob {
+    pub(crate) fn job(zero: bool) -> LoRATrainingJob {
         let mut s = spec(Residency::Eea);
         s.concept.trigger_word = TRIGGER.into();
         s.concept.description = Some(DESCRIPTION.into());
@@ -557,7 +554,7 @@ mod tests {
     #[test]
     fn the_trainer_pod_labels_the_chart_checks_are_current() {
         let cfg = platform();
-        let pod = trainer_pod(&job(false), &cfg, &cfg.pools[0], "order-42-a0", 0, "creds").unwrap();
+        let pod = trainer_pod(&job(false), &cfg, &cfg.pools[0], "order-42-a0", 0).unwrap();
         let labels = serde_json::to_string_pretty(&pod.metadata.labels).unwrap() + "\n";
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../charts/loraplane/tests/trainer-pod-labels.json");
@@ -578,9 +575,9 @@ mod tests {
         let cfg = platform();
         for zero in [false, true] {
             let j = job(zero);
-            let pod = trainer_pod(&j, &cfg, &cfg.pools[0], "order-42-a0", 0, "creds").unwrap();
+            let pod = trainer_pod(&j, &cfg, &cfg.pools[0], "order-42-a0", 0).unwrap();
             let claim = scratch_claim(&j, &cfg, "eu-west").unwrap();
-            let secret = config_secret(&j, &cfg, "eu-west").unwrap();
+            let secret = config_secret(&j, &trainer_config(&j, &cfg, "eu-west").unwrap()).unwrap();
             let mut all = Vec::new();
             strings(&serde_json::to_value(&pod).unwrap(), &mut all);
             strings(&serde_json::to_value(&claim).unwrap(), &mut all);
@@ -614,7 +611,7 @@ mod tests {
             effect: Some("NoSchedule".into()),
         }];
         let j = job(false);
-        let pod = trainer_pod(&j, &cfg, &cfg.pools[1], "order-42-a3", 3, "creds").unwrap();
+        let pod = trainer_pod(&j, &cfg, &cfg.pools[1], "order-42-a3", 3).unwrap();
         let v = serde_json::to_value(&pod).unwrap();
         let spec = &v["spec"];
         assert_eq!(spec["automountServiceAccountToken"], false);
@@ -648,14 +645,16 @@ mod tests {
             "RuntimeDefault"
         );
         assert_eq!(c["terminationMessagePath"], TERMINATION_MESSAGE_PATH);
-        assert_eq!(c["env"][0]["valueFrom"]["secretKeyRef"]["name"], "creds");
-        assert!(
-            c["env"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|e| e.get("value").is_none())
-        );
+        // No credential of any kind: no environment, no Secret but the config file.
+        assert!(c.get("env").is_none() && c.get("envFrom").is_none(), "{c}");
+        let secrets: Vec<&serde_json::Value> = spec["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.get("secret"))
+            .collect();
+        assert_eq!(secrets.len(), 1);
+        assert_eq!(secrets[0]["secretName"], secret_name("order-42"));
         assert_eq!(
             v["metadata"]["ownerReferences"][0]["kind"],
             "LoRATrainingJob"
@@ -673,7 +672,7 @@ mod tests {
         let cfg = platform();
         let j = job(true);
         assert!(scratch_claim(&j, &cfg, "eu-west").unwrap().is_none());
-        let pod = trainer_pod(&j, &cfg, &cfg.pools[0], "p", 0, "creds").unwrap();
+        let pod = trainer_pod(&j, &cfg, &cfg.pools[0], "p", 0).unwrap();
         let v = serde_json::to_value(&pod).unwrap();
         assert_eq!(v["spec"]["volumes"][1]["emptyDir"]["medium"], "Memory");
     }

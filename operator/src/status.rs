@@ -213,6 +213,9 @@ pub struct Inputs<'a> {
     /// Whether the job's data lies where its residency allows (`placement::check_data_location`);
     /// a job whose data does not fails as bad input before any pod.
     pub data_location: Result<(), String>,
+    /// The `s3://` names of the LoRA files the trainer was granted (`resources::output_uris`):
+    /// the only artifacts recorded, whatever else a trainer reports.
+    pub outputs: &'a [String],
     /// Platform defaults.
     pub defaults: &'a Defaults,
     /// The clock.
@@ -464,6 +467,7 @@ pub fn decide(inputs: &Inputs<'_>) -> Plan {
                             st.artifacts = summary
                                 .artifacts
                                 .iter()
+                                .filter(|a| inputs.outputs.contains(&a.uri))
                                 .map(|a| Artifact {
                                     format: a.format.clone(),
                                     uri: a.uri.clone(),
@@ -934,6 +938,9 @@ mod tests {
         Timestamp::from_second(T0 + s).unwrap()
     }
 
+    /// The LoRA file the test job's trainer is granted.
+    const OWN_OUTPUT: &str = "s3://outputs-eu-west/ns/order-1-uid-1/order-1.safetensors";
+
     fn job(residency: Residency) -> LoRATrainingJob {
         let mut j = LoRATrainingJob::new("order-1", spec(residency));
         j.metadata.namespace = Some("jobs".into());
@@ -995,6 +1002,7 @@ mod tests {
                 candidates: cands(&[("eu-west-l4", "eu-west"), ("eu-north-a100", "eu-north")]),
                 log,
                 data_location: Ok(()),
+                outputs: &[OWN_OUTPUT.to_string()],
                 defaults: &self.defaults,
                 now: at(now),
                 progress_interval: Duration::from_secs(10),
@@ -1075,17 +1083,29 @@ mod tests {
         done.summary = Some(TrainerSummary {
             outcome: Outcome::Succeeded,
             step: 1000,
-            artifacts: vec![ArtifactInfo {
-                format: "kohya".into(),
-                uri: "s3://outputs-eu-west/x.safetensors".into(),
-                sha256: "ab".repeat(32),
-                bytes: 1234,
-            }],
+            artifacts: vec![
+                ArtifactInfo {
+                    format: "kohya".into(),
+                    uri: OWN_OUTPUT.into(),
+                    sha256: "ab".repeat(32),
+                    bytes: 1234,
+                },
+                // A compromised trainer naming another job's file: not recorded, so the API
+                // never presigns it.
+                ArtifactInfo {
+                    format: "diffusers".into(),
+                    uri: "s3://outputs-eu-west/ns/other-job-uid-9/lora.safetensors".into(),
+                    sha256: "cd".repeat(32),
+                    bytes: 99,
+                },
+            ],
             error: None,
         });
         let plan = r.step(30, Some(done), None);
         let st = r.status();
         assert_eq!(st.phase, Some(Phase::Succeeded));
+        assert_eq!(st.artifacts.len(), 1);
+        assert_eq!(st.artifacts[0].uri, OWN_OUTPUT);
         assert_eq!(st.artifacts[0].bytes, 1234);
         assert_eq!(st.attempts[0].reason.as_deref(), Some("Completed"));
         assert_eq!(
@@ -1329,6 +1349,7 @@ mod tests {
                 "the dataset lies in region us-east (us), which residency eea does not allow"
                     .into(),
             ),
+            outputs: &[],
             defaults: &r.defaults,
             now: at(0),
             progress_interval: Duration::from_secs(10),
@@ -1386,6 +1407,7 @@ mod tests {
             candidates: Err("model family sdxl is not configured on this platform".into()),
             log: None,
             data_location: Ok(()),
+            outputs: &[],
             defaults: &r.defaults,
             now: at(0),
             progress_interval: Duration::from_secs(10),
@@ -1398,6 +1420,7 @@ mod tests {
             candidates: Ok(vec![]),
             log: None,
             data_location: Ok(()),
+            outputs: &[],
             defaults: &r.defaults,
             now: at(0),
             progress_interval: Duration::from_secs(10),
@@ -1481,6 +1504,7 @@ mod tests {
                     candidates,
                     log: None,
                     data_location: Ok(()),
+                    outputs: &[],
                     defaults: &r.defaults,
                     now: at(t),
                     progress_interval: Duration::from_secs(10),

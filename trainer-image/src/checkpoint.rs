@@ -2,7 +2,9 @@
 //! optimiser moments and, in its metadata, the step, the RNG state and a fingerprint of
 //! everything that shapes the run. A restarted trainer (possibly in another region) resumes
 //! from the newest checkpoint whose fingerprint matches, and continues exactly as the
-//! interrupted run would have.
+//! interrupted run would have. The work dir keeps the two newest as `checkpoint-<step>`
+//! (a torn local write leaves the older one); the job's bucket keeps one object,
+//! `layout::CHECKPOINT_FILE`, replaced at each checkpoint.
 
 use std::collections::BTreeMap;
 
@@ -44,7 +46,7 @@ pub struct Checkpoint {
     pub optimizer: BTreeMap<String, HostTensor>,
 }
 
-/// File name of the checkpoint at `step` (zero-padded so names sort by step).
+/// Local file name of the checkpoint at `step` (zero-padded so names sort by step).
 pub fn file_name(step: u64) -> String {
     format!("checkpoint-{step:010}.safetensors")
 }
@@ -56,14 +58,6 @@ pub fn step_of(name: &str) -> Option<u64> {
         .strip_suffix(".safetensors")?
         .parse()
         .ok()
-}
-
-/// The newest checkpoint among file names.
-pub fn newest<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<(u64, &'a str)> {
-    names
-        .into_iter()
-        .filter_map(|n| step_of(n).map(|s| (s, n)))
-        .max_by_key(|(s, _)| *s)
 }
 
 /// Hash of everything that must be equal for a checkpoint to be resumable: hyperparameters,
@@ -140,18 +134,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_sort_by_step_and_newest_wins() {
+    fn local_names_sort_by_step() {
         assert_eq!(step_of(&file_name(42)), Some(42));
         assert_eq!(step_of("x/checkpoint-0000000007.safetensors"), Some(7));
         assert_eq!(step_of("checkpoint-7.partial"), None);
-        let names = [
-            file_name(5),
-            file_name(100),
-            "other.txt".into(),
-            file_name(20),
-        ];
-        let n = newest(names.iter().map(String::as_str)).unwrap();
-        assert_eq!(n.0, 100);
+        assert_eq!(step_of(loraplane_crds::layout::CHECKPOINT_FILE), None);
         assert!(file_name(5) < file_name(100));
     }
 

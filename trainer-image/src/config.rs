@@ -168,14 +168,41 @@ pub fn check(c: &TrainerConfig) -> Result<(), ConfigError> {
         if value.trim().is_empty() {
             return bad(key, "must not be empty".into());
         }
-        if value.starts_with("s3://") && c.s3.is_none() {
-            return bad(
-                key,
-                "is an s3:// location but no `s3` endpoint is configured".into(),
-            );
+    }
+    // Every s3:// location must come with its grant, so a missing one fails here, before any
+    // work, rather than after hours of training when the LoRA cannot be uploaded.
+    let ck = format!(
+        "{}{}",
+        with_slash(&c.checkpoints),
+        loraplane_crds::layout::CHECKPOINT_FILE
+    );
+    let mut needed: Vec<(&str, String, bool)> = vec![
+        ("dataset.uri", c.dataset.uri.clone(), false),
+        ("checkpoints", ck, true),
+    ];
+    for (_, file) in loraplane_crds::layout::output_files(&c.job.name) {
+        needed.push(("output", format!("{}{file}", with_slash(&c.output)), true));
+    }
+    for (key, uri, put) in needed {
+        let table = if put { &c.grants.put } else { &c.grants.get };
+        if uri.starts_with("s3://") && !table.contains_key(&uri) {
+            let method = if put { "PUT" } else { "GET" };
+            return bad(key, format!("{uri} has no {method} grant"));
         }
     }
+    let model = with_slash(&c.base_model.path);
+    if model.starts_with("s3://") && !c.grants.get.keys().any(|k| k.starts_with(&model)) {
+        return bad("baseModel.path", "no object under it is granted".into());
+    }
     Ok(())
+}
+
+fn with_slash(prefix: &str) -> String {
+    if prefix.ends_with('/') {
+        prefix.to_string()
+    } else {
+        format!("{prefix}/")
+    }
 }
 
 #[cfg(test)]
@@ -256,6 +283,13 @@ workDir: /work
         assert!(e.contains("dataset.sha256"), "{e}");
         let e = err_of(&SAMPLE.replace("output: /work/out", "output: s3://b/out/"));
         assert!(e.contains("config key output"), "{e}");
+        assert!(
+            e.contains("s3://b/out/j1.safetensors has no PUT grant"),
+            "{e}"
+        );
+        let granted = SAMPLE.replace("output: /work/out", "output: s3://b/out/")
+            + "grants:\n  put:\n    s3://b/out/j1.safetensors: http://s3/one\n    s3://b/out/pytorch_lora_weights.safetensors: http://s3/two\n";
+        assert_eq!(err_of(&granted), "");
         let e = err_of(&SAMPLE.replace("type: character", "type: 5"));
         assert!(e.contains("concept.type"), "{e}");
         assert!(!e.contains("zqxperson") && !e.contains("secret"), "{e}");

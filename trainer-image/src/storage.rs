@@ -1,22 +1,39 @@
-//! Where inputs come from and outputs go: a local directory or an S3 bucket (`s3://bucket/key`,
-//! path-style for SeaweedFS/MinIO endpoints). Credentials come only from the standard
-//! `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` (/ `AWS_SESSION_TOKEN`) variables the
-//! operator sets from a Secret. The trainer is synchronous; S3 calls run on a private
-//! single-threaded runtime.
+//! Where inputs come from and outputs go: a local directory, or an `s3://bucket/key` location
+//! reached only through the presigned URL the operator granted for it ([`Grants`]). The pod
+//! holds no S3 credential, so an object nobody granted (another job's data, another region)
+//! cannot be read or written at all. The trainer is synchronous; transfers run on a private
+//! single-threaded runtime and stream, so a checkpoint or dataset never sits in memory twice.
+//! Error messages name the `s3://` location, never the URL (its signature is a credential).
 
 use std::path::{Path, PathBuf};
 
-use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
-use aws_sdk_s3::primitives::ByteStream;
-use loraplane_crds::trainer::S3Endpoint;
+use http_body_util::{BodyExt, Empty, StreamBody, combinators::BoxBody};
+use hyper::body::{Bytes, Frame};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use loraplane_crds::trainer::Grants;
 use tokio::io::AsyncWriteExt;
+use tokio_util::io::ReaderStream;
+
+type Body = BoxBody<Bytes, std::io::Error>;
+type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
 
 /// Why a storage operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    /// The S3 client could not be set up.
-    #[error("setting up S3: {0}")]
-    SetupS3(String),
+    /// The HTTP client could not be set up.
+    #[error("setting up HTTPS: {0}")]
+    SetupHttp(String),
+    /// The config grants no access to the location.
+    #[error("{uri} is not granted to this attempt ({method})")]
+    NotGranted {
+        /// The location.
+        uri: String,
+        /// `GET` or `PUT`.
+        method: &'static str,
+    },
     /// A local file operation failed.
     #[error("{action} {path}: {source}")]
     LocalIo {
@@ -115,16 +132,17 @@ impl Location {
     }
 }
 
-/// Local and S3 access.
+/// Local and granted S3 access.
 pub struct Storage {
-    s3: Option<(aws_sdk_s3::Client, tokio::runtime::Runtime)>,
+    grants: Grants,
+    http: Option<(HttpClient, tokio::runtime::Runtime)>,
 }
 
 impl std::fmt::Debug for Storage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Storage")
-            .field("s3", &self.s3.is_some())
-            .finish()
+            .field("grants", &self.grants)
+            .finish_non_exhaustive()
     }
 }
 
@@ -137,86 +155,118 @@ fn local_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -
     }
 }
 
+/// Whether a local read failed because nothing is there (a path through a file included).
+fn missing(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+    )
+}
+
+/// What a refused transfer says: the status, and for 403 the likely cause.
+fn refusal(status: StatusCode, grants: &Grants) -> String {
+    match (status, &grants.expires_at) {
+        (StatusCode::FORBIDDEN, Some(at)) => {
+            format!("{status} (the grant does not cover it, or expired at {at})")
+        }
+        _ => status.to_string(),
+    }
+}
+
 impl Storage {
-    /// Storage for local paths and, when `endpoint` is set, S3 with credentials from the
-    /// environment.
-    pub fn new(endpoint: Option<&S3Endpoint>) -> Result<Storage, StorageError> {
-        let Some(ep) = endpoint else {
-            return Ok(Storage { s3: None });
-        };
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-        let (Some(key), Some(secret)) = (var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY"))
-        else {
-            return Err(StorageError::SetupS3(
-                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set".into(),
-            ));
-        };
-        let creds = Credentials::new(key, secret, var("AWS_SESSION_TOKEN"), None, "environment");
-        let config = aws_sdk_s3::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .endpoint_url(&ep.endpoint)
-            .region(Region::new(ep.region.clone()))
-            .force_path_style(ep.force_path_style)
-            .credentials_provider(creds)
+    /// Storage for local paths and the granted `s3://` objects.
+    pub fn new(grants: &Grants) -> Result<Storage, StorageError> {
+        if grants.is_empty() {
+            return Ok(Storage {
+                grants: Grants::default(),
+                http: None,
+            });
+        }
+        // Pick ring explicitly: a build that also links aws-lc-rs has no default provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_native_roots()
+            .map_err(|e| StorageError::SetupHttp(e.to_string()))?
+            .https_or_http()
+            .enable_http1()
             .build();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| StorageError::SetupS3(e.to_string()))?;
+            .map_err(|e| StorageError::SetupHttp(e.to_string()))?;
+        let client = Client::builder(TokioExecutor::new()).build(https);
         Ok(Storage {
-            s3: Some((aws_sdk_s3::Client::from_conf(config), rt)),
+            grants: grants.clone(),
+            http: Some((client, rt)),
         })
     }
 
-    fn s3(
+    /// The URL granting `method` on `uri`, and the client to use it with.
+    fn granted(
         &self,
         uri: &str,
-    ) -> Result<&(aws_sdk_s3::Client, tokio::runtime::Runtime), StorageError> {
-        self.s3
-            .as_ref()
-            .ok_or_else(|| StorageError::SetupS3(format!("{uri} needs an S3 endpoint")))
+        method: &'static str,
+    ) -> Result<(&str, &(HttpClient, tokio::runtime::Runtime)), StorageError> {
+        let table = if method == "PUT" {
+            &self.grants.put
+        } else {
+            &self.grants.get
+        };
+        let not_granted = || StorageError::NotGranted {
+            uri: uri.to_string(),
+            method,
+        };
+        let url = table.get(uri).ok_or_else(not_granted)?;
+        let http = self.http.as_ref().ok_or_else(not_granted)?;
+        Ok((url, http))
+    }
+
+    /// Sends a GET for a granted object; `NotFound` for 404, an error for any other refusal.
+    async fn get(
+        &self,
+        client: &HttpClient,
+        url: &str,
+        uri: &str,
+    ) -> Result<hyper::body::Incoming, StorageError> {
+        let get = |message: String| StorageError::GetObject {
+            uri: uri.to_string(),
+            message,
+        };
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(url)
+            .body(Empty::new().map_err(|never| match never {}).boxed())
+            .map_err(|e| get(e.to_string()))?;
+        let resp = client.request(req).await.map_err(|e| get(e.to_string()))?;
+        match resp.status() {
+            s if s.is_success() => Ok(resp.into_body()),
+            StatusCode::NOT_FOUND => Err(StorageError::NotFound {
+                uri: uri.to_string(),
+            }),
+            s => Err(get(refusal(s, &self.grants))),
+        }
     }
 
     /// Reads a whole object or file into memory.
     pub fn read(&self, loc: &Location) -> Result<Vec<u8>, StorageError> {
         match loc {
             Location::Local(p) => std::fs::read(p).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
+                if missing(&e) {
                     StorageError::NotFound { uri: loc.uri() }
                 } else {
                     local_err("reading", p)(e)
                 }
             }),
-            Location::S3 { bucket, key } => {
+            Location::S3 { .. } => {
                 let uri = loc.uri();
-                let (client, rt) = self.s3(&uri)?;
+                let (url, (client, rt)) = self.granted(&uri, "GET")?;
                 rt.block_on(async {
-                    let out = client
-                        .get_object()
-                        .bucket(bucket)
-                        .key(key)
-                        .send()
-                        .await
-                        .map_err(|e| {
-                            let e = e.into_service_error();
-                            if e.is_no_such_key() {
-                                StorageError::NotFound { uri: uri.clone() }
-                            } else {
-                                StorageError::GetObject {
-                                    uri: uri.clone(),
-                                    message: e.to_string(),
-                                }
-                            }
-                        })?;
-                    let bytes = out
-                        .body
-                        .collect()
-                        .await
-                        .map_err(|e| StorageError::GetObject {
-                            uri: uri.clone(),
-                            message: e.to_string(),
-                        })?;
-                    Ok(bytes.into_bytes().to_vec())
+                    let body = self.get(client, url, &uri).await?;
+                    let bytes = body.collect().await.map_err(|e| StorageError::GetObject {
+                        uri: uri.clone(),
+                        message: e.to_string(),
+                    })?;
+                    Ok(bytes.to_bytes().to_vec())
                 })
             }
         }
@@ -230,31 +280,33 @@ impl Storage {
         let tmp = dest.with_extension("download");
         match loc {
             Location::Local(p) => {
-                std::fs::copy(p, &tmp).map_err(local_err("copying", p))?;
+                std::fs::copy(p, &tmp).map_err(|e| {
+                    if missing(&e) {
+                        StorageError::NotFound { uri: loc.uri() }
+                    } else {
+                        local_err("copying", p)(e)
+                    }
+                })?;
             }
-            Location::S3 { bucket, key } => {
+            Location::S3 { .. } => {
                 let uri = loc.uri();
-                let (client, rt) = self.s3(&uri)?;
+                let (url, (client, rt)) = self.granted(&uri, "GET")?;
                 rt.block_on(async {
                     let get = |message: String| StorageError::GetObject {
                         uri: uri.clone(),
                         message,
                     };
-                    let out = client
-                        .get_object()
-                        .bucket(bucket)
-                        .key(key)
-                        .send()
-                        .await
-                        .map_err(|e| get(e.into_service_error().to_string()))?;
+                    let mut body = self.get(client, url, &uri).await?;
                     let mut file = tokio::fs::File::create(&tmp)
                         .await
                         .map_err(local_err("creating", &tmp))?;
-                    let mut body = out.body;
-                    while let Some(chunk) = body.try_next().await.map_err(|e| get(e.to_string()))? {
-                        file.write_all(&chunk)
-                            .await
-                            .map_err(local_err("writing", &tmp))?;
+                    while let Some(frame) = body.frame().await {
+                        let frame = frame.map_err(|e| get(e.to_string()))?;
+                        if let Ok(chunk) = frame.into_data() {
+                            file.write_all(&chunk)
+                                .await
+                                .map_err(local_err("writing", &tmp))?;
+                        }
                     }
                     file.flush().await.map_err(local_err("writing", &tmp))
                 })?;
@@ -277,32 +329,43 @@ impl Storage {
                 std::fs::copy(src, &tmp).map_err(local_err("copying", src))?;
                 std::fs::rename(&tmp, p).map_err(local_err("renaming", &tmp))
             }
-            Location::S3 { bucket, key } => {
+            Location::S3 { .. } => {
                 let uri = loc.uri();
-                let (client, rt) = self.s3(&uri)?;
+                let (url, (client, rt)) = self.granted(&uri, "PUT")?;
                 rt.block_on(async {
                     let put = |message: String| StorageError::PutObject {
                         uri: uri.clone(),
                         message,
                     };
-                    let body = ByteStream::from_path(src)
+                    let file = tokio::fs::File::open(src)
                         .await
+                        .map_err(local_err("opening", src))?;
+                    let len = file
+                        .metadata()
+                        .await
+                        .map_err(local_err("reading", src))?
+                        .len();
+                    // S3 wants the length up front (no chunked uploads to a presigned PUT).
+                    let stream = frames(file);
+                    let req = Request::builder()
+                        .method(Method::PUT)
+                        .uri(url)
+                        .header(hyper::header::CONTENT_LENGTH, len)
+                        .body(BodyExt::boxed(StreamBody::new(stream)))
                         .map_err(|e| put(e.to_string()))?;
-                    client
-                        .put_object()
-                        .bucket(bucket)
-                        .key(key)
-                        .body(body)
-                        .send()
-                        .await
-                        .map_err(|e| put(e.into_service_error().to_string()))?;
+                    let resp = client.request(req).await.map_err(|e| put(e.to_string()))?;
+                    if !resp.status().is_success() {
+                        return Err(put(refusal(resp.status(), &self.grants)));
+                    }
                     Ok(())
                 })
             }
         }
     }
 
-    /// Names (relative to the prefix, recursively) of the files under a directory/prefix.
+    /// Names (relative to the prefix, recursively) of the files under a directory, or of the
+    /// granted objects under an `s3://` prefix (granted to read; whether each exists shows
+    /// when it is read).
     pub fn list(&self, loc: &Location) -> Result<Vec<String>, StorageError> {
         match loc {
             Location::Local(p) => {
@@ -314,46 +377,32 @@ impl Storage {
                 Ok(out)
             }
             Location::S3 { bucket, key } => {
-                let uri = loc.uri();
-                let (client, rt) = self.s3(&uri)?;
                 let prefix = if key.is_empty() || key.ends_with('/') {
                     key.clone()
                 } else {
                     format!("{key}/")
                 };
-                rt.block_on(async {
-                    let mut out = Vec::new();
-                    let mut token = None;
-                    loop {
-                        let page = client
-                            .list_objects_v2()
-                            .bucket(bucket)
-                            .prefix(&prefix)
-                            .set_continuation_token(token.take())
-                            .send()
-                            .await
-                            .map_err(|e| StorageError::ListObjects {
-                                uri: uri.clone(),
-                                message: e.into_service_error().to_string(),
-                            })?;
-                        for obj in page.contents() {
-                            if let Some(k) = obj.key().and_then(|k| k.strip_prefix(&prefix)) {
-                                out.push(k.to_string());
-                            }
-                        }
-                        match page.next_continuation_token() {
-                            Some(t) if page.is_truncated() == Some(true) => {
-                                token = Some(t.to_string())
-                            }
-                            _ => break,
-                        }
-                    }
-                    out.sort();
-                    Ok(out)
-                })
+                let base = format!("s3://{bucket}/{prefix}");
+                // BTreeMap keys come sorted.
+                Ok(self
+                    .grants
+                    .get
+                    .keys()
+                    .filter_map(|k| k.strip_prefix(&base))
+                    .filter(|rest| !rest.is_empty())
+                    .map(str::to_string)
+                    .collect())
             }
         }
     }
+}
+
+/// A file's chunks as body frames.
+fn frames(
+    file: tokio::fs::File,
+) -> impl futures::Stream<Item = Result<Frame<Bytes>, std::io::Error>> {
+    use futures::StreamExt;
+    ReaderStream::new(file).map(|chunk| chunk.map(Frame::data))
 }
 
 fn list_local(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<(), StorageError> {
@@ -401,7 +450,7 @@ mod tests {
     #[test]
     fn local_round_trip_and_missing_files() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Storage::new(None).unwrap();
+        let s = Storage::new(&Grants::default()).unwrap();
         let src = dir.path().join("a.bin");
         std::fs::write(&src, b"hello").unwrap();
         let dst = Location::Local(dir.path().join("out/sub/a.bin"));
@@ -420,6 +469,9 @@ mod tests {
         s.download(&dst, &got).unwrap();
         assert_eq!(std::fs::read(got).unwrap(), b"hello");
         let e = s.read(&Location::parse("s3://b/k")).err().unwrap();
-        assert!(e.to_string().contains("needs an S3 endpoint"));
+        assert_eq!(
+            e.to_string(),
+            "s3://b/k is not granted to this attempt (GET)"
+        );
     }
 }

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use candle_core::{DType, Device, Tensor};
+use loraplane_crds::layout::CHECKPOINT_FILE;
 use loraplane_crds::trainer::{ArtifactInfo, Outcome, TrainerConfig, TrainerEvent, TrainerSummary};
 use loraplane_crds::v1alpha1::{LrScheduler, MixedPrecision};
 use sha2::{Digest, Sha256};
@@ -367,48 +368,57 @@ fn fetch_model(
     Ok(dir)
 }
 
-/// Finds the newest usable checkpoint in the work dir or the checkpoint location.
+/// Finds the newest usable checkpoint: the local ones in the work dir (a retry on the same
+/// claim) and the job's checkpoint object (which an attempt in another region may have
+/// carried further).
 fn find_checkpoint(
     storage: &Storage,
     remote: &Location,
     local_dir: &Path,
     fingerprint: &str,
 ) -> Result<Option<Checkpoint>, TrainError> {
-    let local = storage.list(&Location::Local(local_dir.to_path_buf()))?;
-    let remote_names = storage.list(remote)?;
-    let mut candidates: Vec<(u64, bool, String)> = local
-        .iter()
-        .filter_map(|n| checkpoint::step_of(n).map(|s| (s, true, n.clone())))
-        .chain(
-            remote_names
-                .iter()
-                .filter_map(|n| checkpoint::step_of(n).map(|s| (s, false, n.clone()))),
-        )
+    let mut local: Vec<(u64, String)> = storage
+        .list(&Location::Local(local_dir.to_path_buf()))?
+        .into_iter()
+        .filter_map(|n| checkpoint::step_of(&n).map(|s| (s, n)))
         .collect();
-    // Newest first; the local copy of a step before the remote one.
-    candidates.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)));
-    for (_, is_local, name) in candidates {
-        let path = local_dir.join(&name);
-        if !is_local {
-            storage.download(&remote.join(&name), &path)?;
-        }
-        let ck = match TensorFile::read(&path)
-            .map_err(TrainError::from)
-            .and_then(|f| Checkpoint::from_file(f).map_err(TrainError::from))
-        {
-            Ok(ck) => ck,
-            Err(e) => {
-                tracing::warn!(checkpoint = %name, error = %e, "skipping unreadable checkpoint");
-                continue;
+    local.sort_by_key(|(step, _)| std::cmp::Reverse(*step));
+    let mut best = local
+        .iter()
+        .find_map(|(_, name)| usable_checkpoint(&local_dir.join(name), name, fingerprint));
+    let fetched = local_dir.join("fetched.safetensors");
+    match storage.download(&remote.join(CHECKPOINT_FILE), &fetched) {
+        Ok(()) => {
+            if let Some(ck) = usable_checkpoint(&fetched, CHECKPOINT_FILE, fingerprint)
+                && best.as_ref().is_none_or(|b| ck.step > b.step)
+            {
+                best = Some(ck);
             }
-        };
-        if ck.fingerprint != fingerprint {
-            tracing::warn!(checkpoint = %name, "skipping checkpoint of a different configuration");
-            continue;
+            let _ = std::fs::remove_file(&fetched);
         }
-        return Ok(Some(ck));
+        Err(StorageError::NotFound { .. }) => {}
+        Err(e) => return Err(e.into()),
     }
-    Ok(None)
+    Ok(best)
+}
+
+/// The checkpoint in `path` if it reads and belongs to this configuration.
+fn usable_checkpoint(path: &Path, name: &str, fingerprint: &str) -> Option<Checkpoint> {
+    let ck = match TensorFile::read(path)
+        .map_err(TrainError::from)
+        .and_then(|f| Checkpoint::from_file(f).map_err(TrainError::from))
+    {
+        Ok(ck) => ck,
+        Err(e) => {
+            tracing::warn!(checkpoint = %name, error = %e, "skipping unreadable checkpoint");
+            return None;
+        }
+    };
+    if ck.fingerprint != fingerprint {
+        tracing::warn!(checkpoint = %name, "skipping checkpoint of a different configuration");
+        return None;
+    }
+    Some(ck)
 }
 
 fn scheduler_of(model: &DiffusionModel) -> Result<NoiseSchedule, TrainError> {
@@ -445,7 +455,7 @@ pub fn run_tracking(
     let out_dir = work.join("output");
     mkdir(&ck_dir)?;
     mkdir(&out_dir)?;
-    let storage = Storage::new(config.s3.as_ref())?;
+    let storage = Storage::new(&config.grants)?;
     let emit = |ev: TrainerEvent| {
         if opts.emit_events {
             progress::emit(&ev);
@@ -600,17 +610,11 @@ pub fn run_tracking(
     };
     let out_loc = Location::parse(&config.output);
     let mut artifacts = Vec::new();
+    let [(kohya_format, kohya_name), (peft_format, peft_name)] =
+        loraplane_crds::layout::output_files(&config.job.name);
     for (format, name, file) in [
-        (
-            "kohya",
-            format!("{}.safetensors", config.job.name),
-            export::kohya(&adapters, &info)?,
-        ),
-        (
-            "diffusers",
-            "pytorch_lora_weights.safetensors".to_string(),
-            export::peft(&adapters, &info)?,
-        ),
+        (kohya_format, kohya_name, export::kohya(&adapters, &info)?),
+        (peft_format, peft_name, export::peft(&adapters, &info)?),
     ] {
         let path = out_dir.join(&name);
         file.write(&path)?;
@@ -683,7 +687,8 @@ fn save_checkpoint(
     let name = checkpoint::file_name(step);
     let path = dir.join(&name);
     ck.to_file().write(&path)?;
-    let dest = remote.join(&name);
+    // The job's one checkpoint object is replaced whole (an S3 PUT is atomic).
+    let dest = remote.join(CHECKPOINT_FILE);
     storage.upload(&path, &dest)?;
     // Keep the two newest local checkpoints: enough to survive a torn write of the newest.
     let mut old: Vec<u64> = storage

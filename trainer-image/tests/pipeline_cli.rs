@@ -183,8 +183,10 @@ fn invalid_dataset_exits_2_and_crash_exits_1() {
     assert_eq!(sum.step, 1, "the summary says how far the run got");
 }
 
-/// Dataset, base model, checkpoints and outputs all in a real S3 (SeaweedFS on loopback);
-/// a second run on a fresh work dir resumes from the bucket and produces the same adapters.
+/// Dataset, base model, checkpoints and outputs all in a real S3 (SeaweedFS on loopback),
+/// reached only through presigned URLs (no credential in the trainer's environment); a second
+/// run on a fresh work dir resumes from the bucket and produces the same adapters; a grant
+/// bent to another object is refused by S3.
 #[test]
 fn s3_round_trip_and_resume_from_bucket() {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -215,6 +217,27 @@ fn s3_round_trip_and_resume_from_bucket() {
         })
     };
 
+    let presign = |method: &str, key: &str| -> String {
+        let conf = aws_sdk_s3::presigning::PresigningConfig::expires_in(
+            std::time::Duration::from_secs(600),
+        )
+        .unwrap();
+        rt.block_on(async {
+            if method == "PUT" {
+                let req = client.put_object().bucket("jobs").key(key);
+                req.presigned(conf).await.unwrap().uri().to_string()
+            } else {
+                let req = client.get_object().bucket("jobs").key(key);
+                req.presigned(conf).await.unwrap().uri().to_string()
+            }
+        })
+    };
+    let mut grants = serde_json::json!({"get": {}, "put": {}});
+    let mut grant = |method: &str, key: &str| {
+        let table = if method == "PUT" { "put" } else { "get" };
+        grants[table][format!("s3://jobs/{key}")] = presign(method, key).into();
+    };
+
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path(), ModelFamily::Sd15);
     for entry in walk(&model) {
@@ -224,7 +247,13 @@ fn s3_round_trip_and_resume_from_bucket() {
             .to_string_lossy()
             .to_string();
         put(format!("models/sd15/{rel}"), std::fs::read(&entry).unwrap());
+        grant("GET", &format!("models/sd15/{rel}"));
     }
+    grant("GET", "in/dataset.zip");
+    grant("GET", "ckpt/checkpoint.safetensors");
+    grant("PUT", "ckpt/checkpoint.safetensors");
+    grant("PUT", "out/job-1.safetensors");
+    grant("PUT", "out/pytorch_lora_weights.safetensors");
     let zip = zip_of(&dataset_entries(5));
     let sha = sha256_hex(&zip);
     put("in/dataset.zip".into(), zip);
@@ -243,12 +272,12 @@ fn s3_round_trip_and_resume_from_bucket() {
         cfg["dataset"]["uri"] = "s3://jobs/in/dataset.zip".into();
         cfg["checkpoints"] = "s3://jobs/ckpt/".into();
         cfg["output"] = "s3://jobs/out/".into();
-        cfg["s3"] = serde_json::json!({"endpoint": sw.endpoint(), "region": sw.region(), "forcePathStyle": true});
+        cfg["grants"] = grants.clone();
         let out = Command::new(env!("CARGO_BIN_EXE_loraplane-trainer"))
             .arg("--config")
             .arg(write_config(dir.path(), &cfg, true))
-            .env("AWS_ACCESS_KEY_ID", sw.access_key())
-            .env("AWS_SECRET_ACCESS_KEY", sw.secret_key())
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
             .output()
             .unwrap();
         assert_eq!(
@@ -283,11 +312,39 @@ fn s3_round_trip_and_resume_from_bucket() {
                 .tensors,
         );
     }
-    assert!(!get("ckpt/checkpoint-0000000002.safetensors").is_empty());
+    assert!(!get("ckpt/checkpoint.safetensors").is_empty());
     assert_eq!(
         outputs[0], outputs[1],
         "resuming from the bucket changed the result"
     );
+
+    // A compromised config that points the dataset's grant at another customer's object: the
+    // signature covers the key, so S3 refuses it, and the trainer says so without the URL.
+    put("in/other-customer.zip".into(), b"not yours".to_vec());
+    let run = dir.path().join("bent");
+    let mut cfg = serde_json::to_value(config(&s, &run, 3, 2)).unwrap();
+    cfg["baseModel"]["path"] = "s3://jobs/models/sd15".into();
+    cfg["dataset"]["uri"] = "s3://jobs/in/dataset.zip".into();
+    cfg["checkpoints"] = "s3://jobs/ckpt-bent/".into();
+    cfg["output"] = "s3://jobs/out/".into();
+    let mut bent = grants.clone();
+    let url = bent["get"]["s3://jobs/in/dataset.zip"].as_str().unwrap();
+    let url = url.replace("/in/dataset.zip", "/in/other-customer.zip");
+    bent["get"]["s3://jobs/in/dataset.zip"] = url.into();
+    bent["put"]["s3://jobs/ckpt-bent/checkpoint.safetensors"] = "http://unused".into();
+    cfg["grants"] = bent;
+    let out = Command::new(env!("CARGO_BIN_EXE_loraplane-trainer"))
+        .arg("--config")
+        .arg(write_config(dir.path(), &cfg, true))
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(EXIT_OK));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("downloading s3://jobs/in/dataset.zip: 403 Forbidden"),
+        "{err}"
+    );
+    assert!(!err.contains("Signature"), "a presigned URL leaked: {err}");
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {

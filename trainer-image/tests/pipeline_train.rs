@@ -55,7 +55,8 @@ fn sd15_run_writes_kohya_and_peft_files_with_metadata() {
     }
     // A checkpoint went to the checkpoint location.
     assert!(
-        run.join("remote-ckpt/checkpoint-0000000002.safetensors")
+        run.join("remote-ckpt")
+            .join(loraplane_crds::layout::CHECKPOINT_FILE)
             .exists()
     );
 

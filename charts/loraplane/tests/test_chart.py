@@ -22,9 +22,24 @@ VALUES_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
 
 
-def render(values=None):
+# What an installation must say that the chart cannot default (where its S3 endpoints are).
+REQUIRED = {"networkPolicy": {"s3Cidrs": ["203.0.113.0/24"]}}
+
+
+def with_required(values):
+    merged = copy.deepcopy(REQUIRED)
+    for key, value in (values or {}).items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def render(values=None, required=True):
     with helm.Chart.load(str(CHART)) as chart:
-        out = chart.render(values or {}, name="loraplane", namespace="loraplane-system")
+        values = with_required(values) if required else (values or {})
+        out = chart.render(values, name="loraplane", namespace="loraplane-system")
     objects = []
     for text in out.values():
         objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
@@ -40,7 +55,7 @@ def by_kind(objects, kind):
 
 
 def test_lint_reports_no_errors():
-    result = helm.lint(str(CHART))
+    result = helm.lint(str(CHART), REQUIRED)
     errors = [m for m in result["messages"] if m["severity"] >= 3] + list(result["errors"] or [])
     assert not errors, errors
 
@@ -156,6 +171,17 @@ def test_no_policy_lets_a_pod_reach_the_metadata_endpoint(cidrs):
                     assert "169.254.169.254/32" in block.get("except", []), (p["metadata"]["name"], block)
     with pytest.raises(Exception, match="metadata endpoint"):
         render({"networkPolicy": {"s3Cidrs": ["169.254.169.254/32"]}})
+
+
+def test_s3_egress_has_no_default_and_must_be_given():
+    with pytest.raises(Exception, match="networkPolicy.s3Cidrs is required"):
+        render({}, required=False)
+    objects = render({"networkPolicy": {"enabled": False}}, required=False)
+    assert not by_kind(objects, "NetworkPolicy")
+    for policy in by_kind(render(), "NetworkPolicy"):
+        for rule in policy["spec"]["egress"]:
+            for peer in rule["to"]:
+                assert peer.get("ipBlock", {}).get("cidr") != "0.0.0.0/0", policy["metadata"]["name"]
 
 
 def test_monitoring_can_be_switched_off():

@@ -207,15 +207,26 @@ impl Storage {
         })
     }
 
+    /// Whether `uri` lies under a job's `prefix` (`layout::job_prefix`) in some region's
+    /// outputs bucket: the only files the API presigns for a job and the corpus copies, so a
+    /// status naming another job's file (a trainer's lie) reaches nobody.
+    pub fn is_job_output(&self, uri: &str, prefix: &str) -> bool {
+        parse_uri(uri).is_ok_and(|(bucket, key)| {
+            key.starts_with(prefix)
+                && self
+                    .region_of_bucket(bucket)
+                    .is_some_and(|r| r.buckets.outputs == bucket)
+        })
+    }
+
     /// Whether `bucket` is some region's dataset bucket.
     pub fn is_dataset_bucket(&self, bucket: &str) -> bool {
         self.regions.values().any(|r| r.buckets.datasets == bucket)
     }
 
-    /// A presigned PUT URL.
+    /// A presigned PUT URL for an object in any configured bucket.
     pub async fn presign_put(
         &self,
-        region: &str,
         bucket: &str,
         key: &str,
         expires: Duration,
@@ -223,7 +234,7 @@ impl Storage {
         let conf = PresigningConfig::expires_in(expires)
             .map_err(|e| StorageError::Presign("put", e.to_string()))?;
         let req = self
-            .region(region)?
+            .store_of(bucket)?
             .client
             .put_object()
             .bucket(bucket)

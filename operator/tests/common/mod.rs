@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::Client;
 use kube::api::{Api, ListParams, PostParams};
 use kube_sim::cluster::{KubeletConfig, Script, ScriptRule, Topology};
@@ -142,7 +142,7 @@ pub fn script(image: &str, duration: Option<Duration>, exit_code: i32, steps: u6
 }
 
 pub async fn start_sim(topology: Topology, scripts: Vec<ScriptRule>) -> KubeSim {
-    let sim = KubeSim::start(
+    KubeSim::start(
         SimConfig {
             topology: Some(topology),
             kubelet: KubeletConfig {
@@ -155,26 +155,7 @@ pub async fn start_sim(topology: Topology, scripts: Vec<ScriptRule>) -> KubeSim 
         .with_loraplane_crd(),
     )
     .await
-    .unwrap();
-    let creds = Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some("loraplane-s3-credentials".into()),
-            ..Default::default()
-        },
-        string_data: Some(
-            [
-                ("AWS_ACCESS_KEY_ID".to_string(), "test".to_string()),
-                ("AWS_SECRET_ACCESS_KEY".to_string(), "test".to_string()),
-            ]
-            .into(),
-        ),
-        ..Default::default()
-    };
-    Api::<Secret>::namespaced(sim.client(), NS)
-        .create(&PostParams::default(), &creds)
-        .await
-        .unwrap();
-    sim
+    .unwrap()
 }
 
 /// An operator running in this process.

@@ -18,8 +18,6 @@ use serde_json::Value;
 pub const ORDERS_NS: &str = "orders";
 /// The namespace of the operator's and the API's Leases.
 pub const SYSTEM_NS: &str = "loraplane-system";
-/// The Secret (in `ORDERS_NS`) holding the trainer's S3 credentials.
-pub const S3_SECRET: &str = "loraplane-s3-credentials";
 /// The trainer image name in the platform configuration; the kubelets run it as the local
 /// `loraplane-trainer` binary.
 pub const TRAINER_IMAGE: &str = "registry.local/loraplane/trainer:e2e";

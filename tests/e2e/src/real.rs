@@ -17,8 +17,8 @@ use kube_sim::cluster::node_for;
 use serde_json::{Value, json};
 
 use crate::config::{
-    self, ID_HASH_KEY, ORDERS_NS, PlatformKnobs, RetentionKnobs, S3_SECRET, STOREFRONT_TOKEN,
-    SYSTEM_NS, WEBHOOK_SECRET,
+    self, ID_HASH_KEY, ORDERS_NS, PlatformKnobs, RetentionKnobs, STOREFRONT_TOKEN, SYSTEM_NS,
+    WEBHOOK_SECRET,
 };
 use crate::endpoints::Endpoints;
 use crate::stack::StackError;
@@ -163,7 +163,6 @@ pub fn helm_values(s: &RealSettings) -> Result<Value, RealError> {
                 "accessKeyIdKey": "AWS_ACCESS_KEY_ID",
                 "secretAccessKeyKey": "AWS_SECRET_ACCESS_KEY",
             },
-            "trainerSecretName": S3_SECRET,
         },
         "platform": platform,
         "networkPolicy": {"enabled": false},
@@ -218,8 +217,7 @@ pub async fn prepare(
             json!({"webhook-secret": WEBHOOK_SECRET}),
         ),
         (SYSTEM_NS, API_SECRET, json!({"id-hash-key": ID_HASH_KEY})),
-        (SYSTEM_NS, PLATFORM_S3_SECRET, s3_data.clone()),
-        (ORDERS_NS, S3_SECRET, s3_data),
+        (SYSTEM_NS, PLATFORM_S3_SECRET, s3_data),
     ];
     for (ns, name, data) in secrets {
         let secret: Secret = serde_json::from_value(json!({
@@ -447,6 +445,6 @@ mod tests {
             config::sha256_hex(STOREFRONT_TOKEN)
         );
         assert_eq!(v["api"]["plans"]["standard"]["keepOutputsSeconds"], 60);
-        assert_eq!(v["s3"]["trainerSecretName"], S3_SECRET);
+        assert!(v["s3"].get("trainerSecretName").is_none());
     }
 }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, PostParams};
 use kube_sim::cluster::{KubeletConfig, LocalImage, Script, ScriptRule};
 use kube_sim::{KubeSim, SimConfig};
@@ -34,8 +34,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{
-    self, ORDERS_NS, PlatformKnobs, RetentionKnobs, S3_SECRET, STOREFRONT_TOKEN, SYSTEM_NS,
-    TRAINER_IMAGE, WEBHOOK_SECRET,
+    self, ORDERS_NS, PlatformKnobs, RetentionKnobs, STOREFRONT_TOKEN, SYSTEM_NS, TRAINER_IMAGE,
+    WEBHOOK_SECRET,
 };
 use crate::endpoints::{Endpoints, kube_err};
 use crate::fixtures;
@@ -326,19 +326,6 @@ impl Stack {
                 Err(e) => return Err(kube_err("create namespace")(e)),
             }
         }
-        // What the platform team creates next to the chart: the trainer's S3 credentials.
-        let secret: Secret = serde_json::from_value(json!({
-            "metadata": {"name": S3_SECRET, "namespace": ORDERS_NS},
-            "stringData": {
-                "AWS_ACCESS_KEY_ID": self.s3.access_key(),
-                "AWS_SECRET_ACCESS_KEY": self.s3.secret_key(),
-            }
-        }))
-        .map_err(|e| StackError::StartApi(e.to_string()))?;
-        Api::<Secret>::namespaced(client, ORDERS_NS)
-            .create(&PostParams::default(), &secret)
-            .await
-            .map_err(kube_err("create the S3 credentials secret"))?;
         Ok(())
     }
 

@@ -189,8 +189,9 @@ fn grants_of(objects: &[Value], namespace: &str, name: &str) -> Vec<Grant> {
     grants
 }
 
-/// The chart rendered with default values by Helm's Go SDK (helm-python-sdk), as the chart
-/// tests do: RBAC objects and Deployments.
+/// The chart rendered with default values (plus the one value it cannot default, the S3
+/// CIDRs of its NetworkPolicies) by Helm's Go SDK (helm-python-sdk), as the chart tests do:
+/// RBAC objects and Deployments.
 fn render_chart() -> Vec<Value> {
     let kinds = [
         "Role",
@@ -199,7 +200,8 @@ fn render_chart() -> Vec<Value> {
         "ClusterRoleBinding",
         "Deployment",
     ];
-    loraplane_e2e::helm::render(&serde_json::json!({}), "loraplane", "loraplane-system")
+    let values = serde_json::json!({"networkPolicy": {"s3Cidrs": ["203.0.113.0/24"]}});
+    loraplane_e2e::helm::render(&values, "loraplane", "loraplane-system")
         .unwrap_or_else(|e| panic!("{e}"))
         .into_iter()
         .filter(|d| d["kind"].as_str().is_some_and(|k| kinds.contains(&k)))

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use kube_sim::apiserver::audit::AuditRecord;
@@ -399,15 +399,6 @@ pub async fn run() -> Outcome {
         let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap();
         Api::<Namespace>::all(admin.clone())
             .create(&PostParams::default(), &obj)
-            .await
-            .unwrap();
-        let creds: Secret = serde_json::from_value(json!({
-            "metadata": {"name": "loraplane-s3-credentials"},
-            "stringData": {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
-        }))
-        .unwrap();
-        Api::<Secret>::namespaced(admin.clone(), ns)
-            .create(&PostParams::default(), &creds)
             .await
             .unwrap();
     }
