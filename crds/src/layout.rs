@@ -72,6 +72,17 @@ pub fn s3_uri(bucket: &str, key: &str) -> String {
 /// LoRA files keep their names under the same [`job_prefix`].
 pub const CORPUS_DATASET: &str = "dataset.zip";
 
+/// The name of `file` inside a location prefix (`s3://bucket/prefix/` or a directory), with
+/// or without its trailing `/`: how the operator's grants and the trainer's config check name
+/// the checkpoint and LoRA objects alike.
+pub fn object_in(prefix: &str, file: &str) -> String {
+    if prefix.ends_with('/') {
+        format!("{prefix}{file}")
+    } else {
+        format!("{prefix}/{file}")
+    }
+}
+
 /// The one checkpoint object of a job, under its [`job_prefix`] in the checkpoints bucket.
 /// Each checkpoint replaces the last: an S3 PUT is atomic, so the object is always a whole
 /// checkpoint, and one fixed key is what lets the operator grant the trainer exactly the

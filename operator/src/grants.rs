@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::{self, Timestamp};
 use loraplane_crds::LoRATrainingJob;
-use loraplane_crds::layout::{CHECKPOINT_FILE, output_files, s3_uri};
+use loraplane_crds::layout::{CHECKPOINT_FILE, object_in, output_files, s3_uri};
 use loraplane_crds::trainer::{Grants, TrainerConfig};
 use loraplane_runtime::storage::{Storage, StorageError, parse_uri};
 
@@ -48,14 +48,6 @@ pub struct GrantPlan {
     pub weights_prefix: Option<String>,
 }
 
-fn slash(prefix: &str) -> String {
-    if prefix.ends_with('/') {
-        prefix.to_string()
-    } else {
-        format!("{prefix}/")
-    }
-}
-
 /// The grants a trainer config needs. `family_weights` is the platform's configured weights
 /// for the job's family: an `s3://` base model is granted only when it is that one.
 pub fn plan(config: &TrainerConfig, family_weights: &str) -> Result<GrantPlan, GrantError> {
@@ -63,23 +55,24 @@ pub fn plan(config: &TrainerConfig, family_weights: &str) -> Result<GrantPlan, G
     if config.dataset.uri.starts_with("s3://") {
         plan.get.push(config.dataset.uri.clone());
     }
-    let checkpoint = format!("{}{CHECKPOINT_FILE}", slash(&config.checkpoints));
+    let checkpoint = object_in(&config.checkpoints, CHECKPOINT_FILE);
     if checkpoint.starts_with("s3://") {
         plan.get.push(checkpoint.clone());
         plan.put.push(checkpoint);
     }
     for (_, file) in output_files(&config.job.name) {
-        let uri = format!("{}{file}", slash(&config.output));
+        let uri = object_in(&config.output, &file);
         if uri.starts_with("s3://") {
             plan.put.push(uri);
         }
     }
     let weights = &config.base_model.path;
     if weights.starts_with("s3://") {
-        if slash(weights) != slash(family_weights) {
+        let prefix = object_in(weights, "");
+        if prefix != object_in(family_weights, "") {
             return Err(GrantError::CheckWeights);
         }
-        plan.weights_prefix = Some(slash(weights));
+        plan.weights_prefix = Some(prefix);
     }
     Ok(plan)
 }

@@ -6,6 +6,7 @@
 
 use std::path::Path;
 
+use loraplane_crds::layout::{CHECKPOINT_FILE, object_in, output_files};
 use loraplane_crds::trainer::TrainerConfig;
 
 /// Why a config file was rejected.
@@ -171,17 +172,13 @@ pub fn check(c: &TrainerConfig) -> Result<(), ConfigError> {
     }
     // Every s3:// location must come with its grant, so a missing one fails here, before any
     // work, rather than after hours of training when the LoRA cannot be uploaded.
-    let ck = format!(
-        "{}{}",
-        with_slash(&c.checkpoints),
-        loraplane_crds::layout::CHECKPOINT_FILE
-    );
+    let ck = object_in(&c.checkpoints, CHECKPOINT_FILE);
     let mut needed: Vec<(&str, String, bool)> = vec![
         ("dataset.uri", c.dataset.uri.clone(), false),
         ("checkpoints", ck, true),
     ];
-    for (_, file) in loraplane_crds::layout::output_files(&c.job.name) {
-        needed.push(("output", format!("{}{file}", with_slash(&c.output)), true));
+    for (_, file) in output_files(&c.job.name) {
+        needed.push(("output", object_in(&c.output, &file), true));
     }
     for (key, uri, put) in needed {
         let table = if put { &c.grants.put } else { &c.grants.get };
@@ -190,19 +187,11 @@ pub fn check(c: &TrainerConfig) -> Result<(), ConfigError> {
             return bad(key, format!("{uri} has no {method} grant"));
         }
     }
-    let model = with_slash(&c.base_model.path);
+    let model = object_in(&c.base_model.path, "");
     if model.starts_with("s3://") && !c.grants.get.keys().any(|k| k.starts_with(&model)) {
         return bad("baseModel.path", "no object under it is granted".into());
     }
     Ok(())
-}
-
-fn with_slash(prefix: &str) -> String {
-    if prefix.ends_with('/') {
-        prefix.to_string()
-    } else {
-        format!("{prefix}/")
-    }
 }
 
 #[cfg(test)]
