@@ -25,8 +25,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use kube::Api;
 use kube::api::ListParams;
-use loraplane_api::zipcheck::testing::dataset;
 use loraplane_crds::v1alpha1::LoRATrainingJob;
+use loraplane_dataset::testing::dataset;
 use serde_json::json;
 
 // glibc malloc was about a quarter of the CPU under load (perf); mimalloc is a drop-in.
@@ -164,7 +164,7 @@ async fn marked_uploads(
         .buckets
         .datasets
         .clone();
-    let marker = h.app.zip_limits().marker(sha);
+    let marker = loraplane_api::dataset_check::marker(h.app.dataset_rules(), sha);
     let mut out = Vec::new();
     for i in first..first + n {
         let token = format!("{:032x}", i);

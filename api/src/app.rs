@@ -20,6 +20,7 @@
 //! deletes the claim with the job's data.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -39,6 +40,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::config::ApiConfig;
+use crate::dataset_check::{self, CheckError};
 use crate::metrics::Metrics;
 use crate::order::{
     self, ANNOTATION_REQUEST, LABEL_IDEMPOTENCY, LABEL_ORDER, LABEL_PAYMENT, LABEL_PLAN,
@@ -46,7 +48,7 @@ use crate::order::{
 };
 use crate::receipt;
 use crate::stripe::{RevokeReason, WebhookEvent};
-use crate::zipcheck::{self, ZipError, ZipLimits};
+use loraplane_dataset::{DatasetError, DatasetRules};
 
 /// Secrets the API holds in memory only.
 #[derive(Clone)]
@@ -71,7 +73,7 @@ pub enum AppError {
     Order(#[from] OrderError),
     /// The upload is unusable.
     #[error(transparent)]
-    Upload(#[from] ZipError),
+    Upload(#[from] DatasetError),
     /// The upload id names nothing.
     #[error("upload {0:?} does not exist or was not uploaded yet")]
     UploadNotFound(String),
@@ -110,6 +112,9 @@ pub enum AppError {
     /// An S3 call failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// A dataset check could not run to its end (the API is shutting down).
+    #[error("the dataset check was interrupted; retry")]
+    CheckDataset,
 }
 
 impl AppError {
@@ -148,6 +153,8 @@ pub struct App {
     pub secrets: Secrets,
     /// Metrics.
     pub metrics: Metrics,
+    /// One permit per dataset check allowed at once (`limits.maxConcurrentValidations`).
+    pub validations: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for App {
@@ -228,16 +235,16 @@ enum Claim {
 }
 
 impl App {
-    /// The dataset limits from the configuration.
-    pub fn zip_limits(&self) -> ZipLimits {
-        let l = &self.config.limits;
-        ZipLimits {
-            max_bytes: l.upload_max_bytes,
-            max_uncompressed: l.upload_max_uncompressed_bytes,
-            max_ratio: l.upload_max_ratio,
-            min_images: l.min_images,
-            max_images: l.max_images,
-        }
+    /// The permits that bound concurrent dataset checks, as the configuration sets them.
+    pub fn validation_permits(config: &ApiConfig) -> Arc<tokio::sync::Semaphore> {
+        Arc::new(tokio::sync::Semaphore::new(
+            config.limits.max_concurrent_validations,
+        ))
+    }
+
+    /// The dataset rules: the platform's, the trainer's too.
+    pub fn dataset_rules(&self) -> &DatasetRules {
+        &self.platform.dataset
     }
 
     fn jobs(&self, ns: &str) -> Api<LoRATrainingJob> {
@@ -323,7 +330,7 @@ impl App {
             &self.secrets.id_key,
             ns,
             upload_id,
-            &self.zip_limits(),
+            self.dataset_rules(),
             sha256,
             Timestamp::now().as_second(),
         )
@@ -339,14 +346,14 @@ impl App {
     ) -> Result<String, AppError> {
         let upload =
             UploadId::parse(upload_id).ok_or_else(|| AppError::BadUploadId(upload_id.into()))?;
-        let limits = self.zip_limits();
+        let rules = *self.dataset_rules();
         if let Some(sha) = receipt.and_then(|r| {
             receipt::verify(
                 &self.secrets.id_key,
                 r,
                 ns,
                 upload_id,
-                &limits,
+                &rules,
                 Timestamp::now().as_second(),
             )
         }) {
@@ -372,7 +379,7 @@ impl App {
         {
             Marker::Missing => return Err(AppError::UploadNotFound(upload_id.into())),
             Marker::Marked(m) => {
-                if let Some(sha) = limits.vouched_sha256(&m) {
+                if let Some(sha) = dataset_check::vouched_sha256(&rules, &m) {
                     self.metrics
                         .dataset_checks
                         .with_label_values(&["marker"])
@@ -382,33 +389,58 @@ impl App {
             }
             Marker::Unmarked => {}
         }
-        let max = self.config.limits.upload_max_bytes;
-        let bytes = match self
-            .storage
-            .fetch(&upload.region, &bucket, &key, max)
-            .await?
-        {
-            None => return Err(AppError::UploadNotFound(upload_id.into())),
-            Some(Err(size)) => return Err(ZipError::TooLarge { size, limit: max }.into()),
-            Some(Ok(b)) => b,
+        let object = self.storage.object(&upload.region, &bucket, &key)?;
+        let Some(stat) = object.stat().await? else {
+            return Err(AppError::UploadNotFound(upload_id.into()));
         };
+        if stat.size > rules.max_zip_bytes {
+            // A presigned PUT cannot bound its body, so the bound is kept here: the oversized
+            // object goes now rather than waiting for the upload sweep.
+            if let Err(e) = self.storage.delete_object(&bucket, &key).await {
+                tracing::warn!(error = %e, "could not delete an oversized upload");
+            }
+            return Err(DatasetError::ZipTooLarge {
+                size: stat.size,
+                limit: rules.max_zip_bytes,
+            }
+            .into());
+        }
+        // A check holds an entry and a decoded image in memory: the permit bounds how many run
+        // at once. It moves into the blocking task, so a client that hangs up does not free it
+        // before the memory is.
+        let permit = self
+            .validations
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| AppError::CheckDataset)?;
         self.metrics
             .dataset_checks
             .with_label_values(&["download"])
             .inc();
-        // Inflating is CPU work; keep it off the async workers.
+        let runtime = tokio::runtime::Handle::current();
         let checked = tokio::task::spawn_blocking(move || {
-            zipcheck::validate(&bytes, &limits).map(|_| sha256_hex(&bytes))
+            let _permit = permit;
+            dataset_check::check_object(runtime, object, stat.etag, stat.size, &rules)
         })
         .await
-        .map_err(|e| ZipError::Corrupt("archive".into(), e.to_string()))?;
-        let sha = checked?;
+        .map_err(|_| AppError::CheckDataset)?;
+        let sha = match checked {
+            Ok((_, sha)) => sha,
+            Err(CheckError::Invalid(e)) => return Err(e.into()),
+            Err(CheckError::Read(e)) => return Err(e.into()),
+        };
         // Should the object be replaced between our read and this write, the marker names the
         // old bytes' hash, which the job spec pins and the trainer verifies before unpacking:
         // the replacement is refused at start, never trained on unchecked.
         if let Err(e) = self
             .storage
-            .set_validation_marker(&upload.region, &bucket, &key, &limits.marker(&sha))
+            .set_validation_marker(
+                &upload.region,
+                &bucket,
+                &key,
+                &dataset_check::marker(&rules, &sha),
+            )
             .await
         {
             // Only an optimisation is lost: the next order checks the bytes again.

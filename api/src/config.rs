@@ -106,16 +106,6 @@ pub struct Limits {
     pub webhook_max_bytes: usize,
     /// Largest JSON request body accepted.
     pub json_max_bytes: usize,
-    /// Largest dataset zip accepted.
-    pub upload_max_bytes: u64,
-    /// Largest total uncompressed size of a dataset.
-    pub upload_max_uncompressed_bytes: u64,
-    /// Largest compression ratio of any zip entry (decompression-bomb guard).
-    pub upload_max_ratio: u64,
-    /// Fewest images in a dataset.
-    pub min_images: usize,
-    /// Most images in a dataset.
-    pub max_images: usize,
     /// Presigned URL lifetime in seconds.
     pub presign_seconds: u64,
     /// Requests per second allowed per tenant (burst = 2x).
@@ -136,6 +126,11 @@ pub struct Limits {
     /// Seconds a request may take to send its body.
     #[serde(default = "default_body_timeout_seconds")]
     pub body_timeout_seconds: u64,
+    /// Dataset checks run at once; more wait their turn. Each holds up to the dataset rules'
+    /// `maxEntryBytes + maxDecodeBytes` (320 MiB by default), so the chart's memory limit
+    /// follows this number.
+    #[serde(default = "default_max_concurrent_validations")]
+    pub max_concurrent_validations: usize,
 }
 
 fn default_max_connections() -> usize {
@@ -150,16 +145,15 @@ fn default_body_timeout_seconds() -> u64 {
     30
 }
 
+fn default_max_concurrent_validations() -> usize {
+    2
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             webhook_max_bytes: 64 * 1024,
             json_max_bytes: 16 * 1024,
-            upload_max_bytes: 512 * 1024 * 1024,
-            upload_max_uncompressed_bytes: 2 * 1024 * 1024 * 1024,
-            upload_max_ratio: 100,
-            min_images: 5,
-            max_images: 200,
             presign_seconds: 900,
             tenant_rps: 50.0,
             ip_rps: 100.0,
@@ -167,6 +161,7 @@ impl Default for Limits {
             max_connections: default_max_connections(),
             header_timeout_seconds: default_header_timeout_seconds(),
             body_timeout_seconds: default_body_timeout_seconds(),
+            max_concurrent_validations: default_max_concurrent_validations(),
         }
     }
 }
@@ -232,6 +227,10 @@ impl ApiConfig {
         }
         for (field, value) in [
             ("limits.maxConnections", self.limits.max_connections as u64),
+            (
+                "limits.maxConcurrentValidations",
+                self.limits.max_concurrent_validations as u64,
+            ),
             (
                 "limits.headerTimeoutSeconds",
                 self.limits.header_timeout_seconds,

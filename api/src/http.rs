@@ -29,7 +29,8 @@ use crate::config::{Tenant, parse_residency};
 use crate::order::{ANNOTATION_REQUEST, Order, UploadId};
 use crate::{client_ip, stripe};
 use loraplane_crds::v1alpha1::ErasureReason;
-use loraplane_runtime::storage::parse_uri;
+use loraplane_dataset::DatasetError;
+use loraplane_runtime::storage::{StorageError, parse_uri};
 
 /// An error response.
 #[derive(Debug, Clone)]
@@ -96,7 +97,26 @@ impl From<AppError> for ApiError {
         let safe = e.log_safe();
         match &e {
             AppError::Order(o) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, o.code(), msg),
-            AppError::Upload(z) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, z.code(), msg),
+            // Only the customer who uploaded the zip sees an entry's file name: here.
+            AppError::Upload(z) => {
+                let msg = match z.entry() {
+                    Some(entry) => format!("{msg} (file {:?})", entry.name),
+                    None => msg,
+                };
+                let status = match z {
+                    DatasetError::ZipTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                    _ => StatusCode::UNPROCESSABLE_ENTITY,
+                };
+                ApiError::new(status, z.code(), msg)
+            }
+            AppError::Storage(StorageError::Changed) => ApiError::new(
+                StatusCode::CONFLICT,
+                "upload_changed",
+                "the upload was replaced while it was being checked; check it again",
+            ),
+            AppError::CheckDataset => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "check_interrupted", msg)
+            }
             AppError::UploadNotFound(_) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "upload_not_found", msg)
             }
@@ -877,7 +897,7 @@ pub async fn create_upload(
             expires_at: Timestamp::from_second(expires)
                 .map(|t| t.to_string())
                 .unwrap_or_default(),
-            max_bytes: s.app.config.limits.upload_max_bytes,
+            max_bytes: s.app.dataset_rules().max_zip_bytes,
         }),
     ))
 }
@@ -1213,7 +1233,7 @@ pub fn router(state: HttpState) -> Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::zipcheck::ZipError;
+    use loraplane_dataset::Entry;
 
     #[test]
     fn the_openapi_document_lists_exactly_the_routes() {
@@ -1250,7 +1270,31 @@ mod tests {
         let e: ApiError = AppError::JobNotFound("x".into()).into();
         assert_eq!(e.status, StatusCode::NOT_FOUND);
         assert_eq!(e.code, "job_not_found");
-        let z: ApiError = AppError::Upload(ZipError::UnsafePath("../a".into())).into();
+        let entry = Entry {
+            number: 3,
+            name: "../a".into(),
+        };
+        let z: ApiError = AppError::Upload(DatasetError::UnsafePath { entry }).into();
         assert_eq!(z.code, "upload_unsafe_path");
+        // The uploader is told the file's name; the message's own text names the number.
+        assert!(
+            z.message.starts_with("entry #3: unsafe path"),
+            "{}",
+            z.message
+        );
+        assert!(z.message.ends_with("(file \"../a\")"), "{}", z.message);
+    }
+
+    proptest::proptest! {
+        /// The job-id check accepts exactly Kubernetes object names (DNS-1123 subdomains as the
+        /// apiserver's own regex states them, up to 253 characters) and nothing else.
+        #[test]
+        fn job_ids_are_exactly_object_names(id in proptest::prop_oneof![
+            "[a-z0-9.\\-]{0,260}",
+            "[a-z0-9.\\-/?%#A-Z\u{00e9}\u{202e} ]{0,40}",
+        ]) {
+            let reference = regex::Regex::new(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$").unwrap();
+            proptest::prop_assert_eq!(is_object_name(&id), id.len() <= 253 && reference.is_match(&id));
+        }
     }
 }

@@ -83,6 +83,7 @@ async fn run(args: Args) -> Result<(), StartError> {
         secret_key: env("AWS_SECRET_ACCESS_KEY")?,
     };
     let kube = kube::Client::try_default().await?;
+    let validations = App::validation_permits(&config);
     let app = Arc::new(App {
         kube,
         storage: Storage::new(&platform, &creds),
@@ -90,6 +91,7 @@ async fn run(args: Args) -> Result<(), StartError> {
         platform,
         secrets,
         metrics: Metrics::new()?,
+        validations,
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

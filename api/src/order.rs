@@ -643,4 +643,15 @@ families: []
         assert!(UploadId::parse("EU.0123456789abcdef0123456789abcdef").is_none());
         assert!(UploadId::parse("eu-west").is_none());
     }
+
+    proptest::proptest! {
+        /// Any string parses to an upload id or to nothing; what parses prints back the same.
+        #[test]
+        fn upload_ids_round_trip_or_are_refused(s in "[a-z0-9A-F.\\-/]{0,80}") {
+            if let Some(id) = UploadId::parse(&s) {
+                proptest::prop_assert_eq!(id.to_id(), s);
+                proptest::prop_assert!(!id.key("acme").contains(".."));
+            }
+        }
+    }
 }

@@ -3,10 +3,10 @@
 //!
 //! A receipt is `v1.<issued unix seconds>.<sha256 of the zip>.<tag>`, where the tag is a keyed
 //! MAC (the API's `ID_HASH_KEY`) over the tenant namespace, the upload id, the validation
-//! marker (the limits' fingerprint and the SHA-256) and the issue time. It vouches for those
+//! marker (the dataset rules' fingerprint and the SHA-256) and the issue time. It vouches for those
 //! bytes only: the job spec pins the SHA-256 and the trainer verifies it before unpacking, so
 //! a zip replaced after its receipt was issued is refused at start, never trained on
-//! unchecked. A receipt made for another tenant, another upload, other limits, or longer ago
+//! unchecked. A receipt made for another tenant, another upload, other rules, or longer ago
 //! than [`MAX_AGE_SECS`] does not count; the caller then checks the upload in S3 as before.
 //!
 //! Pure functions; the clock is an argument.
@@ -14,7 +14,9 @@
 use hmac::Mac;
 
 use crate::order::{hash_parts, keyed_mac};
-use crate::zipcheck::ZipLimits;
+use loraplane_dataset::DatasetRules;
+
+use crate::dataset_check::{marker, vouched_sha256};
 
 /// The MAC's purpose, so a receipt tag can never equal a name the same key hashes.
 const KIND: &str = "dataset-receipt";
@@ -31,28 +33,28 @@ fn tagged<'a>(ns: &'a str, upload_id: &'a str, marker: &'a str, issued: &'a str)
     [ns, upload_id, marker, issued]
 }
 
-/// The receipt for an upload that passed under `limits` with this SHA-256.
+/// The receipt for an upload that passed under `rules` with this SHA-256.
 pub fn issue(
     key: &[u8],
     ns: &str,
     upload_id: &str,
-    limits: &ZipLimits,
+    rules: &DatasetRules,
     sha256: &str,
     now: i64,
 ) -> String {
-    let (marker, issued) = (limits.marker(sha256), now.to_string());
+    let (marker, issued) = (marker(rules, sha256), now.to_string());
     let tag = hash_parts(key, KIND, &tagged(ns, upload_id, &marker, &issued));
     format!("v1.{now}.{sha256}.{tag}")
 }
 
 /// The SHA-256 a receipt vouches for, if it is genuine, for this tenant's upload, made under
-/// these limits and young enough.
+/// these rules and young enough.
 pub fn verify<'r>(
     key: &[u8],
     receipt: &'r str,
     ns: &str,
     upload_id: &str,
-    limits: &ZipLimits,
+    rules: &DatasetRules,
     now: i64,
 ) -> Option<&'r str> {
     let mut parts = receipt.split('.');
@@ -70,9 +72,9 @@ pub fn verify<'r>(
     if !(-60..=MAX_AGE_SECS).contains(&age) {
         return None;
     }
-    let marker = limits.marker(sha);
+    let marker = marker(rules, sha);
     // The marker check also insists on a well-formed SHA-256.
-    limits.vouched_sha256(&marker)?;
+    vouched_sha256(rules, &marker)?;
     if tag.len() != TAG_HEX {
         return None;
     }
@@ -97,13 +99,10 @@ mod tests {
         "ab".repeat(32)
     }
 
-    fn limits() -> ZipLimits {
-        ZipLimits {
-            max_bytes: 1 << 20,
-            max_uncompressed: 8 << 20,
-            max_ratio: 100,
-            min_images: 1,
+    fn limits() -> DatasetRules {
+        DatasetRules {
             max_images: 50,
+            ..DatasetRules::default()
         }
     }
 
@@ -124,7 +123,7 @@ mod tests {
         let other_upload = "eu-west.ffffffffffffffffffffffffffffffff";
         assert_eq!(verify(KEY, &r, "tenant-b", UPLOAD, &limits(), NOW), None);
         assert_eq!(verify(KEY, &r, NS, other_upload, &limits(), NOW), None);
-        let stricter = ZipLimits {
+        let stricter = DatasetRules {
             max_images: 10,
             ..limits()
         };

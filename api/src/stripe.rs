@@ -411,4 +411,46 @@ mod tests {
             Err(EventError::MissingField { .. })
         ));
     }
+
+    proptest::proptest! {
+        /// Whatever the header, the answer is an error or a match, never a panic, and a header
+        /// over the limits is refused before any MAC is computed.
+        #[test]
+        fn any_header_is_answered_without_panicking(header in ".{0,2000}", body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            let r = verify(Some(&header), &body, &[SECRET.to_vec()], 1000, 300);
+            if header.len() > MAX_HEADER_BYTES {
+                proptest::prop_assert_eq!(r, Err(SignatureError::HeaderTooLong));
+            } else {
+                proptest::prop_assert!(r.is_err(), "a random header verified: {header:?}");
+            }
+        }
+
+        /// A genuine signature among junk entries verifies; the same header over any other
+        /// body does not; more than MAX_SIGNATURES v1 entries are refused whatever they hold.
+        #[test]
+        fn a_genuine_signature_verifies_only_its_own_body(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..256),
+            flip in proptest::prelude::any::<proptest::sample::Index>(),
+            junk in proptest::collection::vec("[a-z0-9]{1,3}=[0-9a-f]{0,64}", 0..3),
+            extra in 0usize..8,
+        ) {
+            let mut parts: Vec<String> = junk.into_iter().filter(|j| !j.starts_with("v1=")).collect();
+            parts.push(header(SECRET, 1000, &body));
+            let h = parts.join(",");
+            proptest::prop_assume!(h.len() <= MAX_HEADER_BYTES);
+            proptest::prop_assert_eq!(verify(Some(&h), &body, &[SECRET.to_vec()], 1000, 300), Ok(()));
+            let mut other = body.clone();
+            let i = flip.index(other.len());
+            other[i] ^= 0x01;
+            proptest::prop_assert_eq!(
+                verify(Some(&h), &other, &[SECRET.to_vec()], 1000, 300),
+                Err(SignatureError::Mismatch)
+            );
+            let flood = format!("{h}{}", ",v1=00".repeat(MAX_SIGNATURES + extra));
+            proptest::prop_assert_eq!(
+                verify(Some(&flood), &body, &[SECRET.to_vec()], 1000, 300),
+                Err(SignatureError::TooManySignatures)
+            );
+        }
+    }
 }

@@ -11,8 +11,8 @@ use axum::http::StatusCode;
 use common::*;
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams};
-use loraplane_api::zipcheck::testing::{dataset, png, zip_of};
 use loraplane_crds::v1alpha1::LoRATrainingJob;
+use loraplane_dataset::testing::{dataset, png, zip_of};
 use serde_json::json;
 
 #[tokio::test]
@@ -81,28 +81,46 @@ async fn presigned_urls_work_with_a_plain_http_client_and_expire() {
 async fn bad_datasets_are_refused_with_precise_errors_before_any_job_exists() {
     within(120, async {
         let h = Harness::start().await;
-        let bomb = zip_of(&[("a.png", png(1_500_000)), ("b.png", png(10))]);
-        let cases: Vec<(Vec<u8>, &str)> = vec![
-            (b"definitely not a zip".to_vec(), "upload_not_zip"),
-            (zip_of(&[("../../etc/a.png", png(10)), ("b.png", png(10))]), "upload_unsafe_path"),
-            (zip_of(&[("a.png", png(10))]), "upload_image_count"),
-            (zip_of(&[("a.png", png(10)), ("b.gif", b"GIF89a".to_vec())]), "upload_unsupported_file"),
-            (zip_of(&[("a.png", png(10)), ("b.jpg", png(10))]), "upload_bad_image"),
-            (bomb, "upload_decompression_bomb"),
-            (vec![0u8; 250_000], "upload_too_large"),
+        let img = || png(8, 8, 1);
+        // A truncated PNG: right magic bytes, no image. The API decodes every image, as the
+        // trainer will, so it is refused here, not after payment.
+        let truncated = png(8, 8, 2)[..40].to_vec();
+        let bomb = zip_of(&[("a.png", img()), ("notes.txt", vec![b'a'; 1_500_000])]);
+        let cases: Vec<(Vec<u8>, StatusCode, &str)> = vec![
+            (b"definitely not a zip".to_vec(), StatusCode::UNPROCESSABLE_ENTITY, "upload_not_zip"),
+            (zip_of(&[("../../etc/a.png", img()), ("b.png", img())]), StatusCode::UNPROCESSABLE_ENTITY, "upload_unsafe_path"),
+            (zip_of(&[("a.png", img())]), StatusCode::UNPROCESSABLE_ENTITY, "upload_image_count"),
+            (zip_of(&[("a.png", img()), ("b.gif", b"GIF89a".to_vec())]), StatusCode::UNPROCESSABLE_ENTITY, "upload_unsupported_file"),
+            (zip_of(&[("a.png", img()), ("b.jpg", truncated)]), StatusCode::UNPROCESSABLE_ENTITY, "upload_bad_image"),
+            (bomb, StatusCode::UNPROCESSABLE_ENTITY, "upload_decompression_bomb"),
+            (vec![0u8; 250_000], StatusCode::PAYLOAD_TOO_LARGE, "upload_too_large"),
         ];
-        for (i, (zip, code)) in cases.into_iter().enumerate() {
+        for (i, (zip, status, code)) in cases.into_iter().enumerate() {
             let upload = h.upload(ACME, "eea", zip).await;
             let (s, _, e) = h
                 .call("POST", &format!("/v1/uploads/{upload}/validate"), Some(ACME), &[], None)
                 .await;
-            assert_eq!((s, e["error"]["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some(code)), "{e}");
+            assert_eq!((s, e["error"]["code"].as_str()), (status, Some(code)), "{e}");
+            if code == "upload_bad_image" {
+                // The uploader learns which file; the entry's number is what the rest of the
+                // system would ever see.
+                let msg = e["error"]["message"].as_str().unwrap_or_default();
+                assert!(msg.starts_with("entry #2: corrupt image") && msg.ends_with("(file \"b.jpg\")"), "{msg}");
+            }
+            if code == "upload_too_large" {
+                // Nothing oversized is kept: the object is gone, and asking again says so.
+                let (s, _, e) = h
+                    .call("POST", &format!("/v1/uploads/{upload}/validate"), Some(ACME), &[], None)
+                    .await;
+                assert_eq!((s, e["error"]["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("upload_not_found")));
+                continue;
+            }
             let order = json!({"orderId": format!("bad-{i}"), "family": "sdxl", "conceptType": "object",
                 "triggerWord": "mug", "plan": "basic", "uploadId": upload});
             let (s, _, e) = h
                 .call("POST", "/v1/jobs", Some(ACME), &[("idempotency-key", &format!("k{i}"))], Some(order))
                 .await;
-            assert_eq!((s, e["error"]["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some(code)));
+            assert_eq!((s, e["error"]["code"].as_str()), (status, Some(code)));
         }
         let (s, _, e) = h
             .call("POST", "/v1/uploads/eu-west.00000000000000000000000000000000/validate", Some(ACME), &[], None)
@@ -155,7 +173,7 @@ async fn a_dataset_is_checked_once_and_again_when_it_is_replaced() {
         );
 
         // Replacing the bytes (the ticket's URL is still valid) drops the marker with them.
-        let bad = zip_of(&[("a.png", png(10))]);
+        let bad = zip_of(&[("a.png", png(8, 8, 1))]);
         assert_eq!(http("PUT", &url, &[], bad).await.0, StatusCode::OK);
         let (s, _, e) = h.call("POST", &validate, Some(ACME), &[], None).await;
         assert_eq!(
@@ -189,9 +207,11 @@ async fn a_dataset_is_checked_once_and_again_when_it_is_replaced() {
         assert_eq!(checks("download"), 3);
 
         // Tighter limits (a new configuration) do not trust a marker made under the old ones.
-        let mut stricter = h.app.config.clone();
-        stricter.limits.max_images = 3;
-        let replica = h.replica_with(stricter);
+        let stricter = loraplane_dataset::DatasetRules {
+            max_images: 3,
+            ..h.app.platform.dataset
+        };
+        let replica = h.replica_with_rules(stricter);
         let e = replica
             .validate_upload("acme", &upload, None)
             .await
@@ -200,7 +220,7 @@ async fn a_dataset_is_checked_once_and_again_when_it_is_replaced() {
             matches!(
                 e,
                 loraplane_api::app::AppError::Upload(
-                    loraplane_api::zipcheck::ZipError::ImageCount { .. }
+                    loraplane_dataset::DatasetError::ImageCount { .. }
                 )
             ),
             "{e}"
@@ -216,7 +236,9 @@ async fn a_receipt_from_the_check_stands_in_for_s3_but_only_for_its_own_upload()
         let checks = |how: &str| dataset_checks(&h.app, how);
         let good_bytes = &dataset(3);
         let good = &h.upload(ACME, "eea", good_bytes.clone()).await;
-        let bad = &h.upload(ACME, "eea", zip_of(&[("a.png", png(10))])).await;
+        let bad = &h
+            .upload(ACME, "eea", zip_of(&[("a.png", png(8, 8, 1))]))
+            .await;
         let (s, _, check) = h
             .call(
                 "POST",

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use common::*;
-use loraplane_api::zipcheck::testing::dataset;
+use loraplane_dataset::testing::dataset;
 use serde_json::{Value, json};
 
 #[tokio::test]

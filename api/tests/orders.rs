@@ -10,8 +10,8 @@ use common::*;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
-use loraplane_api::zipcheck::testing::dataset;
 use loraplane_crds::v1alpha1::{ErasureReason, LoRATrainingJob, Residency, RetentionMode};
+use loraplane_dataset::testing::dataset;
 use serde_json::json;
 
 async fn jobs(h: &Harness, ns: &str) -> Vec<LoRATrainingJob> {

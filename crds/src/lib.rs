@@ -1,10 +1,11 @@
 //! loraplane's shared contracts: the `LoRATrainingJob` custom resource (`v1alpha1`), the
 //! trainer's config file, progress lines and exit codes (`trainer`), the regions / node pools /
-//! model families configuration (`platform`), label keys and the S3 layout of a job's data
+//! model families configuration (`platform`), the dataset rules (`dataset`), label keys and the S3 layout of a job's data
 //! (`layout`). Only contracts live here; what the services run (S3, Lease, logging, TLS) is in
 //! `loraplane-runtime`. Every crate that writes or reads these uses
 //! the types from here, so the operator, the API and the trainer cannot drift apart.
 
+pub mod dataset;
 pub mod layout;
 pub mod platform;
 pub mod trainer;

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::dataset::DatasetRules;
 use crate::trainer::S3Endpoint;
 use crate::v1alpha1::{ModelFamily, Residency};
 
@@ -48,6 +49,9 @@ pub struct PlatformConfig {
     /// Operator defaults.
     #[serde(default)]
     pub defaults: Defaults,
+    /// What a dataset may be: checked by the API at upload and by the trainer before it trains.
+    #[serde(default)]
+    pub dataset: DatasetRules,
 }
 
 /// A region: where its nodes are, under which law, and its buckets.
@@ -242,6 +246,9 @@ impl PlatformConfig {
 
     /// Checks the rules serde cannot: unique names, pools in known regions, sane numbers.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.dataset
+            .validate()
+            .map_err(|e| invalid("dataset", e.to_string()))?;
         if self.regions.is_empty() {
             return Err(invalid("regions", "at least one region is required"));
         }

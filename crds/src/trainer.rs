@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::dataset::DatasetRules;
 use crate::v1alpha1::{ConceptType, LrScheduler, MixedPrecision, ModelFamily};
 
 /// Exit code of a successful run.
@@ -119,6 +120,9 @@ pub struct DatasetSource {
     pub uri: String,
     /// Lowercase hex SHA-256 the zip must have.
     pub sha256: String,
+    /// The platform's dataset rules, the same the API checked the upload against.
+    #[serde(default)]
+    pub rules: DatasetRules,
 }
 
 /// The concept. Sensitive: never logged.

@@ -421,6 +421,7 @@ pub(crate) mod tests {
                 },
             ],
             defaults: Defaults::default(),
+            dataset: Default::default(),
         }
     }
 

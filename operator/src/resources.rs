@@ -230,6 +230,7 @@ pub fn trainer_config(
         dataset: DatasetSource {
             uri: spec.dataset.uri.clone(),
             sha256: spec.dataset.sha256.clone(),
+            rules: config.dataset,
         },
         concept: ConceptConfig {
             concept_type: spec.concept.concept_type,

@@ -18,7 +18,7 @@ use loraplane_crds::v1alpha1::{LrScheduler, MixedPrecision};
 use sha2::{Digest, Sha256};
 
 use crate::checkpoint::{self, Checkpoint, CheckpointError};
-use crate::dataset::{self, DatasetError, Limits, Sample};
+use crate::dataset::{self, Sample};
 use crate::export::{self, ExportAdapter, ExportError, ExportInfo};
 use crate::model::{self, DiffusionModel, LoraSpec, ModelError, TextConditioning};
 use crate::optim::{AdamW, AdamWParams, OptimError};
@@ -27,6 +27,7 @@ use crate::rng::Rng;
 use crate::schedule::{self, NoiseSchedule, PredictionType, ScheduleError};
 use crate::storage::{Location, Storage, StorageError};
 use crate::tensors::{HostTensor, TensorFile, TensorFileError};
+use loraplane_dataset::{DatasetError, DatasetRules};
 
 /// Why a run failed.
 #[derive(Debug, thiserror::Error)]
@@ -124,8 +125,6 @@ impl TrainError {
 /// Knobs that are not part of the job's config.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
-    /// Dataset limits.
-    pub limits: Limits,
     /// Stop with [`TrainError::Interrupted`] after this many steps (crash simulation).
     pub stop_after: Option<u64>,
     /// Compute device.
@@ -137,7 +136,6 @@ pub struct RunOptions {
 impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
-            limits: Limits::default(),
             stop_after: None,
             device: default_device(),
             emit_events: true,
@@ -172,11 +170,11 @@ pub fn cache_samples(
     model: &DiffusionModel,
     samples: &[Sample],
     resolution: u32,
-    limits: &Limits,
+    rules: &DatasetRules,
 ) -> Result<Vec<Cached>, TrainError> {
     let mut out = Vec::with_capacity(samples.len());
     for s in samples {
-        let img = dataset::decode(&s.name, &s.bytes, limits)?;
+        let img = dataset::decode(s, rules)?;
         let prep = dataset::center_crop(&img, resolution);
         let r = resolution as usize;
         let pixels = Tensor::from_vec(prep.pixels.clone(), (1, 3, r, r), model.device())?;
@@ -479,7 +477,7 @@ pub fn run_tracking(
         &zip,
         &config.concept.trigger_word,
         config.concept.description.as_deref(),
-        &opts.limits,
+        &config.dataset.rules,
     )?;
     drop(zip);
     tracing::info!(images = samples.len(), "dataset validated");
@@ -492,7 +490,7 @@ pub fn run_tracking(
     let model = model::load(&model_dir, config.base_model.family, spec, &opts.device)
         .map_err(TrainError::LoadModel)?;
     let sched = scheduler_of(&model)?;
-    let cache = cache_samples(&model, &samples, t.resolution, &opts.limits)?;
+    let cache = cache_samples(&model, &samples, t.resolution, &config.dataset.rules)?;
     tracing::info!(
         adapters = model.adapters().len(),
         "model loaded, inputs cached"
@@ -739,8 +737,12 @@ mod tests {
             .is_bad_input()
         );
         assert!(
-            TrainError::ValidateDataset(DatasetError::TooFewImages { count: 1, min: 5 })
-                .is_bad_input()
+            TrainError::ValidateDataset(DatasetError::ImageCount {
+                count: 1,
+                min: 5,
+                max: 200
+            })
+            .is_bad_input()
         );
         assert!(!TrainError::Compute("oom".into()).is_bad_input());
         assert!(!TrainError::Interrupted { step: 3 }.is_bad_input());

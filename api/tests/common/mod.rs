@@ -15,6 +15,7 @@ use loraplane_api::app::{App, Secrets};
 use loraplane_api::config::ApiConfig;
 use loraplane_api::metrics::Metrics;
 use loraplane_crds::platform::PlatformConfig;
+use loraplane_dataset::DatasetRules;
 use loraplane_runtime::storage::{S3Credentials, Storage};
 use serde_json::Value;
 
@@ -49,11 +50,6 @@ tenants:
 limits:
   webhookMaxBytes: 8192
   jsonMaxBytes: 8192
-  uploadMaxBytes: 200000
-  uploadMaxUncompressedBytes: 2000000
-  uploadMaxRatio: 100
-  minImages: 2
-  maxImages: 10
   presignSeconds: 900
   tenantRps: 1000
   ipRps: 1000
@@ -79,13 +75,26 @@ regions:
     buckets: {{datasets: ds-us, checkpoints: ck-us, outputs: out-us}}
 pools: []
 families: []
+dataset:
+  maxZipBytes: 200000
+  maxTotalBytes: 2000000
+  minImages: 2
+  maxImages: 10
 "#
     ))
     .unwrap()
 }
 
-fn new_app(sim: &kube_sim::KubeSim, s3: &seaweed::SeaweedFs, config: ApiConfig) -> Arc<App> {
-    let platform = platform(s3.endpoint());
+fn new_app(
+    sim: &kube_sim::KubeSim,
+    s3: &seaweed::SeaweedFs,
+    config: ApiConfig,
+    rules: Option<DatasetRules>,
+) -> Arc<App> {
+    let mut platform = platform(s3.endpoint());
+    if let Some(rules) = rules {
+        platform.dataset = rules;
+    }
     let storage = Storage::new(
         &platform,
         &S3Credentials {
@@ -93,6 +102,7 @@ fn new_app(sim: &kube_sim::KubeSim, s3: &seaweed::SeaweedFs, config: ApiConfig) 
             secret_key: s3.secret_key().into(),
         },
     );
+    let validations = App::validation_permits(&config);
     Arc::new(App {
         kube: kube_sim::client_for(&sim.url()).unwrap(),
         storage,
@@ -103,6 +113,7 @@ fn new_app(sim: &kube_sim::KubeSim, s3: &seaweed::SeaweedFs, config: ApiConfig) 
             id_key: b"test-id-key".to_vec(),
         },
         metrics: Metrics::new().unwrap(),
+        validations,
     })
 }
 
@@ -128,7 +139,7 @@ impl Harness {
         }
         let mut config = api_config();
         tweak(&mut config);
-        let app = new_app(&sim, &s3, config);
+        let app = new_app(&sim, &s3, config, None);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(loraplane_api::http::serve(
@@ -147,12 +158,12 @@ impl Harness {
     /// Another replica of the API (same cluster, storage, configuration and secrets, its own
     /// clients and metrics), not serving HTTP.
     pub fn replica(&self) -> Arc<App> {
-        self.replica_with(self.app.config.clone())
+        new_app(&self.sim, &self.s3, self.app.config.clone(), None)
     }
 
-    /// [`Harness::replica`] with another configuration.
-    pub fn replica_with(&self, config: ApiConfig) -> Arc<App> {
-        new_app(&self.sim, &self.s3, config)
+    /// [`Harness::replica`] with other dataset rules in its platform configuration.
+    pub fn replica_with_rules(&self, rules: DatasetRules) -> Arc<App> {
+        new_app(&self.sim, &self.s3, self.app.config.clone(), Some(rules))
     }
 
     /// An API call with an optional bearer token and JSON body.

@@ -33,6 +33,9 @@ pub enum StorageError {
     /// Presigning failed.
     #[error("presign {0}: {1}")]
     Presign(&'static str, String),
+    /// The object was replaced between two range reads.
+    #[error("the object changed while it was being read")]
+    Changed,
     /// Reading an object failed.
     #[error("get object: {0}")]
     GetObject(String),
@@ -95,6 +98,86 @@ pub struct RegionStore {
 #[derive(Debug, Clone)]
 pub struct Storage {
     regions: HashMap<String, RegionStore>,
+}
+
+/// An object's size and version, as [`Object::stat`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectStat {
+    /// Length in bytes.
+    pub size: u64,
+    /// The ETag range reads must match.
+    pub etag: String,
+}
+
+/// One object, read in byte ranges: how the API checks a 512 MiB dataset without holding it.
+#[derive(Clone)]
+pub struct Object {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    key: String,
+}
+
+impl Object {
+    /// Its size and ETag, or `None` when it does not exist.
+    pub async fn stat(&self) -> Result<Option<ObjectStat>, StorageError> {
+        let head = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&self.key);
+        match head.send().await {
+            Ok(h) => Ok(Some(ObjectStat {
+                size: h.content_length().unwrap_or(0).max(0) as u64,
+                etag: h.e_tag().unwrap_or_default().to_string(),
+            })),
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(None),
+            Err(e) => Err(StorageError::GetObject(err_text(&e))),
+        }
+    }
+
+    /// Bytes `start..start + len`, provided the object still has `etag`: a replaced object is
+    /// an error ([`StorageError::Changed`]), never a mix of two versions.
+    pub async fn read_range(
+        &self,
+        etag: &str,
+        start: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, StorageError> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .if_match(etag)
+            .range(format!("bytes={start}-{}", start + len - 1))
+            .send()
+            .await
+            .map_err(|e| {
+                if e.raw_response().is_some_and(|r| r.status().as_u16() == 412) {
+                    StorageError::Changed
+                } else {
+                    StorageError::GetObject(err_text(&e))
+                }
+            })?;
+        let bytes = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| StorageError::GetObject(e.to_string()))?
+            .into_bytes();
+        Ok(bytes.to_vec())
+    }
+}
+
+impl std::fmt::Debug for Object {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Object")
+            .field("bucket", &self.bucket)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a prefix deletion removed.
@@ -266,41 +349,14 @@ impl Storage {
         Ok(req.uri().to_string())
     }
 
-    /// Fetches an object if it exists and is at most `max` bytes; `Ok(Err(size))` when larger.
-    pub async fn fetch(
-        &self,
-        region: &str,
-        bucket: &str,
-        key: &str,
-        max: u64,
-    ) -> Result<Option<Result<Vec<u8>, u64>>, StorageError> {
-        let client = &self.region(region)?.client;
-        let out = match client.get_object().bucket(bucket).key(key).send().await {
-            Ok(o) => o,
-            Err(e) => {
-                if e.as_service_error().is_some_and(|s| s.is_no_such_key()) {
-                    return Ok(None);
-                }
-                if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) {
-                    return Ok(None);
-                }
-                return Err(StorageError::GetObject(err_text(&e)));
-            }
-        };
-        let len = out.content_length().unwrap_or(0).max(0) as u64;
-        if len > max {
-            return Ok(Some(Err(len)));
-        }
-        let bytes = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| StorageError::GetObject(e.to_string()))?
-            .into_bytes();
-        if bytes.len() as u64 > max {
-            return Ok(Some(Err(bytes.len() as u64)));
-        }
-        Ok(Some(Ok(bytes.to_vec())))
+    /// One object of a region, to be read in byte ranges (from any thread: the handle owns
+    /// its client).
+    pub fn object(&self, region: &str, bucket: &str, key: &str) -> Result<Object, StorageError> {
+        Ok(Object {
+            client: self.region(region)?.client.clone(),
+            bucket: bucket.to_string(),
+            key: key.to_string(),
+        })
     }
 
     /// The validation marker of an object: one small request that neither downloads the object

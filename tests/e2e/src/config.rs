@@ -259,11 +259,6 @@ tenants:
 limits:
   webhookMaxBytes: 16384
   jsonMaxBytes: 16384
-  uploadMaxBytes: 2000000
-  uploadMaxUncompressedBytes: 20000000
-  uploadMaxRatio: 100
-  minImages: 5
-  maxImages: 50
   presignSeconds: 600
   tenantRps: 1000
   ipRps: 1000

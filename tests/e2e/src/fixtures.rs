@@ -132,16 +132,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_dataset_passes_the_apis_own_validation() {
+    fn the_dataset_passes_the_platforms_default_rules() {
         let zip = dataset_zip(6).unwrap();
-        let limits = loraplane_api::zipcheck::ZipLimits {
-            max_bytes: 2_000_000,
-            max_uncompressed: 20_000_000,
-            max_ratio: 100,
-            min_images: 5,
-            max_images: 50,
-        };
-        loraplane_api::zipcheck::validate(&zip, &limits).unwrap();
+        let rules = loraplane_dataset::DatasetRules::default();
+        let size = zip.len() as u64;
+        loraplane_dataset::check(std::io::Cursor::new(zip), size, &rules).unwrap();
     }
 
     #[test]

@@ -429,6 +429,7 @@ impl Stack {
             },
             metrics: loraplane_api::metrics::Metrics::new()
                 .map_err(|e| StackError::StartApi(e.to_string()))?,
+            validations: App::validation_permits(&self.api_config),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

@@ -102,14 +102,17 @@ fn measure(
     let mut samples = Vec::new();
     for i in 0..5 {
         samples.push(dataset::Sample {
-            name: format!("{i}.png"),
+            entry: loraplane_dataset::Entry {
+                number: i as usize + 1,
+                name: format!("{i}.png"),
+            },
             bytes: png(i)?,
             caption: "bench, a photo".into(),
         });
     }
-    let limits = dataset::Limits::default();
+    let rules = loraplane_dataset::DatasetRules::default();
     let cache =
-        train::cache_samples(&m, &samples, resolution, &limits).map_err(|e| e.to_string())?;
+        train::cache_samples(&m, &samples, resolution, &rules).map_err(|e| e.to_string())?;
     let sched = NoiseSchedule::new(&SchedulerConfig::default()).map_err(|e| e.to_string())?;
     let mut opt =
         AdamW::new(train::named_params(&m), AdamWParams::default()).map_err(|e| e.to_string())?;

@@ -83,7 +83,7 @@ fn platform(s3: &str) -> PlatformConfig {
         )
     };
     let yaml = format!(
-        "regions:{}{}\npools:{}{}{}\nfamilies:\n  - {{family: sdxl, minGpuMemoryGib: 16, weights: /models/sdxl, trainerImage: {TRAINER_IMAGE}}}\n  - {{family: sd15, minGpuMemoryGib: 8, weights: /models/sd15, trainerImage: {TRAINER_IMAGE}}}\ndefaults:\n  schedulingTimeoutSeconds: 20\n  backoffSeconds: 0\n  checkpointEvery: 10\n",
+        "regions:{}{}\npools:{}{}{}\nfamilies:\n  - {{family: sdxl, minGpuMemoryGib: 16, weights: /models/sdxl, trainerImage: {TRAINER_IMAGE}}}\n  - {{family: sd15, minGpuMemoryGib: 8, weights: /models/sd15, trainerImage: {TRAINER_IMAGE}}}\ndefaults:\n  schedulingTimeoutSeconds: 20\n  backoffSeconds: 0\n  checkpointEvery: 10\ndataset:\n  minImages: 2\n",
         region("eu-west", "ew"),
         region("eu-north", "en"),
         pool("eu-west-l4", "eu-west", false, 0.5),
@@ -107,11 +107,6 @@ tenants:
 limits:
   webhookMaxBytes: 8192
   jsonMaxBytes: 8192
-  uploadMaxBytes: 200000
-  uploadMaxUncompressedBytes: 2000000
-  uploadMaxRatio: 100
-  minImages: 2
-  maxImages: 10
   presignSeconds: 900
   tenantRps: 1000
   ipRps: 1000
@@ -288,7 +283,7 @@ impl ApiClient {
             )
             .await;
         assert_eq!(status, 201, "{ticket}");
-        let zip = loraplane_api::zipcheck::testing::dataset(2);
+        let zip = loraplane_dataset::testing::dataset(2);
         let (status, body) = http("PUT", ticket["url"].as_str().unwrap(), &[], zip).await;
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
         let id = ticket["uploadId"].as_str().unwrap().to_string();
@@ -460,6 +455,7 @@ pub async fn run() -> Outcome {
             id_key: b"contract-id-key".to_vec(),
         },
         metrics: loraplane_api::metrics::Metrics::new().unwrap(),
+        validations: loraplane_api::app::App::validation_permits(&api_config()),
     });
     let mut background = Vec::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
