@@ -85,3 +85,31 @@ arithmetic on the dotted quad, since Helm has no CIDR functions.
     {{- end }}
 {{- end }}
 {{- end }}
+
+{{/*
+The namespaces the API writes in: every tenant's and the Stripe order namespace. A JSON list:
+`include "loraplane.apiNamespaces" . | fromJsonArray`.
+*/}}
+{{- define "loraplane.apiNamespaces" -}}
+{{- $namespaces := list -}}
+{{- range .Values.api.tenants -}}
+{{- $namespaces = append $namespaces .namespace -}}
+{{- end -}}
+{{- $namespaces = append $namespaces .Values.api.stripe.namespace -}}
+{{- uniq $namespaces | toJson -}}
+{{- end -}}
+
+{{/*
+The namespaces jobs (and so trainer pods, their Secrets and claims) live in: `jobNamespaces`,
+the operator's `watchNamespace` if it has one, and the API's namespaces. The trainer
+NetworkPolicy and the operator's namespaced RBAC are rendered into each. A JSON list:
+`include "loraplane.jobNamespaces" . | fromJsonArray`.
+*/}}
+{{- define "loraplane.jobNamespaces" -}}
+{{- $namespaces := .Values.jobNamespaces | default list -}}
+{{- with .Values.operator.watchNamespace -}}
+{{- $namespaces = append $namespaces . -}}
+{{- end -}}
+{{- $namespaces = concat $namespaces (include "loraplane.apiNamespaces" . | fromJsonArray) -}}
+{{- uniq $namespaces | toJson -}}
+{{- end -}}

@@ -139,6 +139,42 @@ def test_trainer_network_policy_lands_in_every_namespace_jobs_run_in():
         assert cidrs == {"52.0.0.0/8", "3.0.0.0/8"}
 
 
+WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection", "*"}
+JOB_RESOURCES = {"secrets", "pods", "persistentvolumeclaims", "configmaps", "leases", "events", "*"}
+
+
+def test_rbac_is_granted_per_job_namespace_and_cluster_wide_only_reads():
+    """Two tenants and the Stripe namespace: the operator's and the API's Roles and
+    RoleBindings land in exactly those three (an extra job namespace gets the operator's
+    only), and no ClusterRole bound to either may write anything."""
+    values = values_of(CHART / "ci" / "multi-region-values.yaml")
+    job_namespaces = {"loraplane-orders", "tenant-acme", "tenant-globex"}
+    for extra, operator_namespaces in (([], job_namespaces), (["batch"], job_namespaces | {"batch"})):
+        objects = render({**values, "jobNamespaces": extra})
+        for component, expected in (("operator", operator_namespaces), ("api", job_namespaces)):
+            name = f"loraplane-{component}"
+            for kind in ("Role", "RoleBinding"):
+                found = [o["metadata"].get("namespace") for o in by_kind(objects, kind) if o["metadata"]["name"] == name]
+                assert sorted(found) == sorted(expected), (kind, name, found)
+            for binding in (b for b in by_kind(objects, "RoleBinding") if b["metadata"]["name"] == name):
+                assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name}
+                assert binding["subjects"] == [{"kind": "ServiceAccount", "name": name, "namespace": "loraplane-system"}]
+        # Everything a ServiceAccount of the chart gets cluster-wide only reads.
+        cluster_roles = {r["metadata"]["name"]: r for r in by_kind(objects, "ClusterRole")}
+        for binding in by_kind(objects, "ClusterRoleBinding"):
+            role = cluster_roles[binding["roleRef"]["name"]]
+            for rule in role["rules"]:
+                assert not set(rule["verbs"]) & WRITE_VERBS, (role["metadata"]["name"], rule)
+        assert "loraplane-api" not in cluster_roles, "the API needs nothing cluster-wide"
+        # The Roles are what writes to a job's objects.
+        role = next(r for r in by_kind(objects, "Role") if r["metadata"]["name"] == "loraplane-operator")
+        written = {res for rule in role["rules"] if set(rule["verbs"]) & WRITE_VERBS for res in rule["resources"]}
+        assert {"secrets", "pods", "persistentvolumeclaims", "leases", "events"} <= written
+        assert not written & {"*"}
+        for rule in (r for cr in cluster_roles.values() for r in cr["rules"]):
+            assert not (set(rule["resources"]) & JOB_RESOURCES and set(rule["verbs"]) & WRITE_VERBS), rule
+
+
 def selects(policy, labels):
     return all(labels.get(k) == v for k, v in policy["spec"]["podSelector"]["matchLabels"].items())
 

@@ -4,13 +4,17 @@
 //! erased, each leaving an audit record) and the API (webhook orders, uploads, cancel and
 //! erasure intent, refund tombstones) against kube-sim with its audit log on, each
 //! component with its own client (told apart by User-Agent). The chart's RBAC is rendered with
-//! Helm's own SDK; then:
+//! Helm's own SDK, with the scenario's tenants and Stripe namespace (so the per-job-namespace
+//! Roles land where its jobs live); then:
 //!
 //! - every call a component made is allowed by the rules bound to its ServiceAccount, with the
 //!   binding's scope (a RoleBinding grants only in its namespace, a ClusterRoleBinding
 //!   everywhere, including cluster-scoped resources and lists across namespaces);
-//! - every rule (verb × resource) was used by some call, or is in `NOT_EXERCISED` with the
-//!   reason a real cluster needs it.
+//! - every rule (verb × resource) of every role was used by some call, or is in
+//!   `NOT_EXERCISED` with the reason a real cluster needs it (a Role rendered into several
+//!   job namespaces is one template: a call in any of them uses its rule);
+//! - nothing bound cluster-wide writes: writes to pods, Secrets, claims, ConfigMaps, Leases,
+//!   Events and jobs are granted per namespace.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -83,6 +87,8 @@ struct Rule {
 #[derive(Debug, Clone)]
 struct Grant {
     binding: String,
+    /// `Kind/name` of the role bound: one Role rendered into several namespaces is one role.
+    role: String,
     namespace: Option<String>,
     rules: Vec<Rule>,
 }
@@ -182,6 +188,11 @@ fn grants_of(objects: &[Value], namespace: &str, name: &str) -> Vec<Grant> {
         );
         grants.push(Grant {
             binding: format!("{kind}/{}", b["metadata"]["name"].as_str().unwrap()),
+            role: format!(
+                "{}/{}",
+                role_ref["kind"].as_str().unwrap(),
+                role_ref["name"].as_str().unwrap()
+            ),
             namespace: binding_ns,
             rules,
         });
@@ -189,8 +200,8 @@ fn grants_of(objects: &[Value], namespace: &str, name: &str) -> Vec<Grant> {
     grants
 }
 
-/// The chart rendered with default values (plus the one value it cannot default, the S3
-/// CIDRs of its NetworkPolicies) by Helm's Go SDK (helm-python-sdk), as the chart tests do:
+/// The chart rendered with the scenario's values ([`contract::chart_values`]: its tenants and
+/// Stripe namespace, the S3 CIDRs) by Helm's Go SDK (helm-python-sdk), as the chart tests do:
 /// RBAC objects and Deployments.
 fn render_chart() -> Vec<Value> {
     let kinds = [
@@ -200,8 +211,7 @@ fn render_chart() -> Vec<Value> {
         "ClusterRoleBinding",
         "Deployment",
     ];
-    let values = serde_json::json!({"networkPolicy": {"s3Cidrs": ["203.0.113.0/24"]}});
-    loraplane_e2e::helm::render(&values, "loraplane", "loraplane-system")
+    loraplane_e2e::helm::render(&contract::chart_values(), "loraplane", "loraplane-system")
         .unwrap_or_else(|e| panic!("{e}"))
         .into_iter()
         .filter(|d| d["kind"].as_str().is_some_and(|k| kinds.contains(&k)))
@@ -243,34 +253,66 @@ fn forbidden(grants: &[Grant], calls: &[&AuditRecord]) -> BTreeSet<String> {
         .collect()
 }
 
-/// Rule items (binding, verb, group, resource) no call used.
+/// Rule items (role, verb, group, resource) no call used. A Role bound in several namespaces
+/// (the per-job-namespace Roles) counts as one: its rule is used if a call in any of them
+/// needed it, since every job namespace runs the same code paths and which one a scenario
+/// takes where is the scenario's choice.
 fn unused(grants: &[Grant], calls: &[&AuditRecord]) -> BTreeSet<(String, String, String, String)> {
-    let mut out = BTreeSet::new();
+    let mut granted = BTreeSet::new();
+    let mut used = BTreeSet::new();
     for g in grants {
         for rule in &g.rules {
             for group in &rule.groups {
                 for resource in &rule.resources {
                     for verb in &rule.verbs {
-                        let used = calls.iter().any(|r| {
+                        let item = (
+                            g.role.clone(),
+                            verb.clone(),
+                            group.clone(),
+                            resource.clone(),
+                        );
+                        if calls.iter().any(|r| {
                             r.group == *group
                                 && r.rbac_resource() == *resource
                                 && r.verb == *verb
                                 && g.allows(r)
-                        });
-                        if !used {
-                            out.insert((
-                                g.binding.clone(),
-                                verb.clone(),
-                                group.clone(),
-                                resource.clone(),
-                            ));
+                        }) {
+                            used.insert(item.clone());
                         }
+                        granted.insert(item);
                     }
                 }
             }
         }
     }
-    out
+    granted.difference(&used).cloned().collect()
+}
+
+/// Verbs that only read: the only ones a ClusterRoleBinding may grant.
+const READ_VERBS: &[&str] = &["get", "list", "watch"];
+
+/// Rules bound cluster-wide that write (any verb but get, list, watch), described.
+fn cluster_wide_writes(grants: &[Grant]) -> Vec<String> {
+    grants
+        .iter()
+        .filter(|g| g.namespace.is_none())
+        .flat_map(|g| {
+            g.rules.iter().filter_map(move |rule| {
+                let writes: Vec<&str> = rule
+                    .verbs
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|v| !READ_VERBS.contains(v))
+                    .collect();
+                (!writes.is_empty()).then(|| {
+                    format!(
+                        "{} grants {writes:?} on {:?} in every namespace",
+                        g.binding, rule.resources
+                    )
+                })
+            })
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,6 +333,7 @@ async fn the_charts_rbac_allows_every_call_and_nothing_unused() {
     let mut report = Vec::new();
     let mut unused_report = Vec::new();
     let mut allow_listed_but_used = Vec::new();
+    let mut written_cluster_wide = Vec::new();
     for (component, agent, deployment) in [
         ("operator", contract::OPERATOR_AGENT, "loraplane-operator"),
         ("api", contract::API_AGENT, "loraplane-api"),
@@ -316,6 +359,9 @@ async fn the_charts_rbac_allows_every_call_and_nothing_unused() {
             !grants.is_empty(),
             "nothing is bound to ServiceAccount {ns}/{sa}"
         );
+        for write in cluster_wide_writes(&grants) {
+            written_cluster_wide.push(format!("{component}: {write}"));
+        }
         for call in forbidden(&grants, &calls) {
             report.push(format!("{component} ({ns}/{sa}) may not: {call}"));
         }
@@ -330,11 +376,11 @@ async fn the_charts_rbac_allows_every_call_and_nothing_unused() {
             .filter(|e| e.0 == component)
             .map(|e| (e.1, e.2, e.3))
             .collect();
-        for (binding, verb, group, resource) in &never_used {
+        for (role, verb, group, resource) in &never_used {
             let key = (verb.as_str(), group.as_str(), resource.as_str());
             if !listed.contains_key(&key) && !sometimes.contains(&key) {
                 unused_report.push(format!(
-                    "{component}: {binding} grants {verb} {group}/{resource}, which no call used"
+                    "{component}: {role} grants {verb} {group}/{resource}, which no call used"
                 ));
             }
         }
@@ -350,6 +396,12 @@ async fn the_charts_rbac_allows_every_call_and_nothing_unused() {
             }
         }
     }
+    assert!(
+        written_cluster_wide.is_empty(),
+        "writes (to pods, Secrets, claims, ConfigMaps, Leases, Events, jobs…) must be granted \
+         per job namespace, by a Role, never cluster-wide:\n{}",
+        written_cluster_wide.join("\n")
+    );
     assert!(
         report.is_empty(),
         "calls the chart's RBAC would refuse (403 on a real cluster):\n{}",
@@ -389,6 +441,7 @@ fn record(
 fn a_role_binding_grants_only_in_its_namespace_and_subresources_are_separate() {
     let leases = Grant {
         binding: "RoleBinding/le".into(),
+        role: "Role/le".into(),
         namespace: Some("sys".into()),
         rules: vec![Rule {
             groups: vec!["coordination.k8s.io".into()],
@@ -399,6 +452,7 @@ fn a_role_binding_grants_only_in_its_namespace_and_subresources_are_separate() {
     };
     let jobs = Grant {
         binding: "ClusterRoleBinding/op".into(),
+        role: "ClusterRole/op".into(),
         namespace: None,
         rules: vec![Rule {
             groups: vec!["loraplane.io".into()],
@@ -440,4 +494,41 @@ fn a_role_binding_grants_only_in_its_namespace_and_subresources_are_separate() {
     let used: Vec<&AuditRecord> = ok.iter().collect();
     let unused: Vec<_> = unused(&grants, &used).into_iter().map(|u| u.1).collect();
     assert_eq!(unused, vec!["update".to_string()]);
+}
+
+#[test]
+fn a_role_in_several_namespaces_is_one_role_and_cluster_wide_writes_are_caught() {
+    let in_ns = |ns: &str| Grant {
+        binding: "RoleBinding/op".into(),
+        role: "Role/op".into(),
+        namespace: Some(ns.into()),
+        rules: vec![Rule {
+            groups: vec!["".into()],
+            resources: vec!["secrets".into()],
+            verbs: vec!["create".into(), "delete".into()],
+            names: vec![],
+        }],
+    };
+    let grants = [in_ns("a"), in_ns("b")];
+    // create used only in a, delete only in b: neither is unused.
+    let calls = [
+        record("create", "", "secrets", None, Some("a")),
+        record("delete", "", "secrets", None, Some("b")),
+    ];
+    let used: Vec<&AuditRecord> = calls.iter().collect();
+    assert!(unused(&grants, &used).is_empty());
+    // A namespaced grant may write; the same rules bound cluster-wide may not.
+    assert!(cluster_wide_writes(&grants).is_empty());
+    let everywhere = Grant {
+        binding: "ClusterRoleBinding/op".into(),
+        role: "ClusterRole/op".into(),
+        namespace: None,
+        ..in_ns("a")
+    };
+    assert_eq!(
+        cluster_wide_writes(&[everywhere]),
+        vec![
+            r#"ClusterRoleBinding/op grants ["create", "delete"] on ["secrets"] in every namespace"#
+        ]
+    );
 }

@@ -117,6 +117,23 @@ limits:
     .unwrap()
 }
 
+/// The chart values the scenario's RBAC is rendered with: the tenants and Stripe namespace of
+/// [`api_config`], so the per-namespace Roles land where the scenario's jobs live (plus the
+/// one value the chart cannot default, the S3 CIDRs of its NetworkPolicies).
+pub fn chart_values() -> Value {
+    let sha = |s: &str| loraplane_api::app::sha256_hex(s.as_bytes());
+    json!({
+        "networkPolicy": {"s3Cidrs": ["203.0.113.0/24"]},
+        "api": {
+            "stripe": {"namespace": ORDERS_NS},
+            "tenants": [
+                {"name": "acme", "namespace": TENANT_NS, "tokenSha256": sha(ACME)},
+                {"name": "storefront", "namespace": ORDERS_NS, "tokenSha256": sha(STOREFRONT)},
+            ],
+        },
+    })
+}
+
 /// The trainer as the scripted kubelet plays it: a checkpoint at step 40 at once, then 20
 /// progress lines over 4 s and a successful summary.
 fn trainer_script() -> ScriptRule {
