@@ -57,7 +57,13 @@ fn reset_peak() {
     std::fs::write("/proc/self/clear_refs", "5").expect("resetting the RSS high-water mark");
 }
 
-fn png_bytes(w: u32, h: u32, channels: usize, pixel: impl Fn(u32, u32, usize) -> u8) -> Vec<u8> {
+fn png_bytes(
+    w: u32,
+    h: u32,
+    channels: usize,
+    small: bool,
+    mut pixel: impl FnMut(u32, u32, usize) -> u8,
+) -> Vec<u8> {
     let mut raw = Vec::with_capacity(w as usize * h as usize * channels);
     for y in 0..h {
         for x in 0..w {
@@ -72,7 +78,14 @@ fn png_bytes(w: u32, h: u32, channels: usize, pixel: impl Fn(u32, u32, usize) ->
     } else {
         ExtendedColorType::Rgb8
     };
-    PngEncoder::new_with_quality(&mut out, CompressionType::Fast, FilterType::NoFilter)
+    // Noise cannot be compressed, so it is written fast; the pattern is filtered and deflated
+    // properly, so 256 MB of pixels fit in a small file.
+    let (compression, filter) = if small {
+        (CompressionType::Default, FilterType::Sub)
+    } else {
+        (CompressionType::Fast, FilterType::NoFilter)
+    };
+    PngEncoder::new_with_quality(&mut out, compression, filter)
         .write_image(&raw, w, h, color)
         .unwrap();
     out
@@ -85,18 +98,19 @@ fn write_dataset(path: &Path, limit: u64) -> (u64, usize) {
     let stored =
         zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
     // The decode-heavy one first: 8000×8000 RGBA is 256 MB of pixels from a small file.
-    let big = png_bytes(8000, 8000, 4, |x, y, c| {
+    let big = png_bytes(8000, 8000, 4, true, |x, y, c| {
         ((x / 64 + y / 64) as u8) ^ (c as u8)
     });
     zip.start_file("huge.png", stored).unwrap();
     zip.write_all(&big).unwrap();
+    eprintln!("the 8000x8000 RGBA image is {} bytes", big.len());
     let mut written = big.len() as u64;
     drop(big);
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let mut images = 1;
     loop {
         // xorshift noise: PNG cannot compress it, so the file is as large as its pixels.
-        let noise = png_bytes(2400, 2400, 3, |_, _, _| {
+        let noise = png_bytes(2400, 2400, 3, false, |_, _, _| {
             state ^= state << 13;
             state ^= state >> 7;
             state ^= state << 17;

@@ -700,4 +700,12 @@ pub(crate) mod tests {
         assert_eq!(c.training.resolution, 1024);
         assert_eq!(c.training.seed, derived_seed("uid-42"));
     }
+
+    #[test]
+    fn the_trainer_checks_the_dataset_under_the_platforms_rules() {
+        let mut cfg = platform();
+        cfg.dataset.max_images = 42;
+        let c = trainer_config(&job(false), &cfg, "eu-west").unwrap();
+        assert_eq!(c.dataset.rules, cfg.dataset);
+    }
 }

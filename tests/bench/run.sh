@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # `make bench`: builds the benchmark programs, runs each one (operator admission on kube-sim,
-# the operator's erasure latency and retention lag beside live jobs, API webhook-to-CR,
-# kube-sim itself, the trainer), keeps each program's
+# the operator's erasure latency and retention lag beside live jobs, API webhook-to-CR, the
+# API's memory checking 512 MiB datasets, kube-sim itself, the trainer), keeps each program's
 # JSON in tests/bench/results/, and writes tests/bench/REPORT.json + REPORT.md with the machine
 # description. Benchmarks never run inside `make test`: their figures depend on the machine.
 #
 # Knobs (environment): PROFILE (release|dev, default release), OPERATOR_JOBS (10000),
 # LIFECYCLE_LIVE_JOBS (10000), API_ORDERS (2000), API_CONCURRENCY (32), TRAINER_STEPS (20),
-# ONLY (a space-separated subset of: kube-sim operator lifecycle api trainer).
+# ONLY (a space-separated subset of: kube-sim operator lifecycle api dataset trainer).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -17,7 +17,7 @@ LIFECYCLE_LIVE_JOBS=${LIFECYCLE_LIVE_JOBS:-10000}
 API_ORDERS=${API_ORDERS:-2000}
 API_CONCURRENCY=${API_CONCURRENCY:-32}
 TRAINER_STEPS=${TRAINER_STEPS:-20}
-ONLY=${ONLY:-kube-sim operator lifecycle api trainer}
+ONLY=${ONLY:-kube-sim operator lifecycle api dataset trainer}
 
 case "$PROFILE" in
   release) dir=release ;;
@@ -35,7 +35,7 @@ echo "== building the benchmark programs ($PROFILE)"
 # One invocation (one feature resolution); target selectors apply to every package named.
 cargo build --locked --profile "$PROFILE" \
   -p kube-sim -p loraplane-operator -p loraplane-api -p loraplane-trainer \
-  --bins --example operator-bench --example lifecycle-bench --example bench
+  --bins --example operator-bench --example lifecycle-bench --example bench --example dataset-bench
 
 wants() { [[ " $ONLY " == *" $1 "* ]]; }
 
@@ -52,6 +52,7 @@ wants kube-sim && run kube-sim "$target/kube-sim-bench"
 wants operator && run operator "$target/examples/operator-bench" --jobs "$OPERATOR_JOBS"
 wants lifecycle && run lifecycle "$target/examples/lifecycle-bench" --live "$LIFECYCLE_LIVE_JOBS"
 wants api && run api "$target/examples/bench" "$API_ORDERS" "$API_CONCURRENCY"
+wants dataset && run dataset "$target/examples/dataset-bench"
 if wants trainer; then
   echo "== trainer: $target/trainer-bench --steps $TRAINER_STEPS"
   "$target/trainer-bench" --steps "$TRAINER_STEPS" --out "$results/trainer.json" >/dev/null

@@ -106,6 +106,24 @@ def test_workloads_are_locked_down_and_replicated():
     assert len(by_kind(objects, "PodDisruptionBudget")) == 2
 
 
+def mebibytes(quantity):
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return float(quantity[: -len(suffix)]) * factor
+    return float(quantity) / 2**20
+
+
+def test_the_api_memory_limit_holds_its_dataset_checks():
+    """Each concurrent dataset check may hold one file and one decoded image
+    (loraplane_crds::dataset::DatasetRules defaults); the API must not be killed for it."""
+    objects = render()
+    api = next(d for d in by_kind(objects, "Deployment") if d["metadata"]["name"] == "loraplane-api")
+    limit = mebibytes(api["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"])
+    max_entry_mib, max_decode_mib, checks, idle_mib = 64, 256, 2, 128
+    assert limit >= checks * (max_entry_mib + max_decode_mib) + idle_mib
+
+
 def test_no_secret_material_is_rendered():
     objects = render(values_of(CHART / "ci" / "multi-region-values.yaml"))
     assert not by_kind(objects, "Secret"), "credentials must come from existing Secrets"
