@@ -47,6 +47,7 @@ use crate::order::{
     LABEL_SOURCE, LABEL_TOMBSTONE_OF, Order, OrderError, SpecInputs, UploadId,
 };
 use crate::receipt;
+use crate::refunds::{RefundError, RefundReason, Stripe};
 use crate::stripe::{RevokeReason, WebhookEvent};
 use loraplane_dataset::{DatasetError, DatasetRules};
 
@@ -115,6 +116,9 @@ pub enum AppError {
     /// A dataset check could not run to its end (the API is shutting down).
     #[error("the dataset check was interrupted; retry")]
     CheckDataset,
+    /// A paid order could not be refunded (yet): the webhook fails, Stripe delivers it again.
+    #[error(transparent)]
+    Refund(#[from] RefundError),
 }
 
 impl AppError {
@@ -155,6 +159,8 @@ pub struct App {
     pub metrics: Metrics,
     /// One permit per dataset check allowed at once (`limits.maxConcurrentValidations`).
     pub validations: Arc<tokio::sync::Semaphore>,
+    /// Stripe's API, for refunds.
+    pub stripe: Stripe,
 }
 
 impl std::fmt::Debug for App {
@@ -193,8 +199,11 @@ pub enum Outcome {
     Tombstoned,
     /// Acknowledged, nothing to do.
     Ignored,
-    /// The order is unusable (bad metadata or dataset); acknowledged so Stripe stops retrying.
+    /// The order is unusable (bad metadata or dataset) and there was no payment to refund;
+    /// acknowledged so Stripe stops retrying.
     Rejected,
+    /// The order is unusable and its payment was refunded in full.
+    Refunded,
 }
 
 impl Outcome {
@@ -208,6 +217,7 @@ impl Outcome {
             Outcome::Tombstoned => "tombstoned",
             Outcome::Ignored => "ignored",
             Outcome::Rejected => "rejected",
+            Outcome::Refunded => "refunded",
         }
     }
 }
@@ -607,6 +617,28 @@ impl App {
         Ok(list.items.into_iter().next())
     }
 
+    /// Refunds a paid order that cannot become a job. Without a payment intent (nothing was
+    /// charged) there is nothing to give back.
+    async fn refund_rejected(
+        &self,
+        payment_intent: Option<&str>,
+        ids: &OrderIds,
+    ) -> Result<Outcome, AppError> {
+        let Some(pi) = payment_intent else {
+            return Ok(Outcome::Rejected);
+        };
+        let state = self
+            .stripe
+            .refund(pi, &ids.order_hash, RefundReason::OrderRejected)
+            .await?;
+        tracing::info!(
+            reason = RefundReason::OrderRejected.as_str(),
+            state = ?state,
+            "paid order refunded"
+        );
+        Ok(Outcome::Refunded)
+    }
+
     /// Handles one verified webhook event.
     pub async fn handle_event(&self, event: WebhookEvent) -> Result<Outcome, AppError> {
         let ns = self.config.stripe_namespace.clone();
@@ -622,27 +654,31 @@ impl App {
                     payment_hash: payment_intent.as_deref().map(|p| self.hash("payment", p)),
                     idempotency: None,
                 };
-                let order = match Order::from_metadata(&metadata) {
-                    Ok(o) => o,
-                    Err(_) => return Ok(Outcome::Rejected),
+                let made = match Order::from_metadata(&metadata) {
+                    Err(_) => None,
+                    Ok(order) => match self.create_job(&ns, &order, &ids).await {
+                        Ok(r) => Some(r),
+                        Err(AppError::Revoked(_)) => {
+                            // The refund came first; the upload is the order's only data, unless
+                            // another order consumed it.
+                            self.delete_unclaimed_upload(&ns, &order.upload_id, &ids.order_hash)
+                                .await?;
+                            return Ok(Outcome::RevokedFirst);
+                        }
+                        Err(
+                            AppError::Order(_)
+                            | AppError::Upload(_)
+                            | AppError::UploadNotFound(_)
+                            | AppError::UploadConsumed(_)
+                            | AppError::BadUploadId(_),
+                        ) => None,
+                        Err(e) => return Err(e),
+                    },
                 };
-                let (job, created) = match self.create_job(&ns, &order, &ids).await {
-                    Ok(r) => r,
-                    Err(AppError::Revoked(_)) => {
-                        // The refund came first; the upload is the order's only data, unless
-                        // another order consumed it.
-                        self.delete_unclaimed_upload(&ns, &order.upload_id, &ids.order_hash)
-                            .await?;
-                        return Ok(Outcome::RevokedFirst);
-                    }
-                    Err(
-                        AppError::Order(_)
-                        | AppError::Upload(_)
-                        | AppError::UploadNotFound(_)
-                        | AppError::UploadConsumed(_)
-                        | AppError::BadUploadId(_),
-                    ) => return Ok(Outcome::Rejected),
-                    Err(e) => return Err(e),
+                let Some((job, created)) = made else {
+                    // Paid for, and it can never become a job: the money goes back before the
+                    // event is acknowledged.
+                    return self.refund_rejected(payment_intent.as_deref(), &ids).await;
                 };
                 // Write-then-read: a refund that raced past our tombstone check is seen here.
                 if created && self.revoked(&ns, &ids).await?.is_some() {

@@ -18,9 +18,32 @@ pub struct ApiConfig {
     pub tenants: Vec<Tenant>,
     /// The namespace jobs ordered through the Stripe webhook live in.
     pub stripe_namespace: String,
+    /// Stripe's API, called for refunds.
+    #[serde(default)]
+    pub stripe_api: StripeApi,
     /// Limits.
     #[serde(default)]
     pub limits: Limits,
+}
+
+/// Where Stripe's API is and how long a call may take.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct StripeApi {
+    /// Base URL of the API.
+    pub base_url: String,
+    /// Seconds a call may take before it counts as failed (the webhook then fails, and Stripe
+    /// delivers it again later).
+    pub timeout_seconds: u64,
+}
+
+impl Default for StripeApi {
+    fn default() -> Self {
+        StripeApi {
+            base_url: "https://api.stripe.com".into(),
+            timeout_seconds: 10,
+        }
+    }
 }
 
 /// A plan: what a paid order of this kind is allowed and how long its data lives.

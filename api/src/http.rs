@@ -117,6 +117,14 @@ impl From<AppError> for ApiError {
             AppError::CheckDataset => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "check_interrupted", msg)
             }
+            AppError::Refund(_) => {
+                tracing::error!(error = %safe, "refunding a paid order failed; Stripe will redeliver");
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "refund_failed",
+                    "the order could not be refunded yet; deliver the event again",
+                )
+            }
             AppError::UploadNotFound(_) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "upload_not_found", msg)
             }

@@ -17,6 +17,7 @@ pub mod http;
 pub mod metrics;
 pub mod order;
 pub mod receipt;
+pub mod refunds;
 pub mod stripe;
 
 pub use loraplane_runtime::tls::install_crypto_provider;

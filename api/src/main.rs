@@ -4,12 +4,14 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
 use loraplane_api::app::{App, Secrets};
 use loraplane_api::config::ApiConfig;
 use loraplane_api::http;
 use loraplane_api::metrics::Metrics;
+use loraplane_api::refunds::Stripe;
 use loraplane_crds::platform::PlatformConfig;
 use loraplane_runtime::logging::{self, LogFormat};
 use loraplane_runtime::storage::{S3Credentials, Storage};
@@ -55,6 +57,8 @@ enum StartError {
     Listen(SocketAddr, std::io::Error),
     #[error("serve: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Stripe(#[from] loraplane_api::refunds::RefundError),
 }
 
 fn env(name: &'static str) -> Result<String, StartError> {
@@ -84,6 +88,11 @@ async fn run(args: Args) -> Result<(), StartError> {
     };
     let kube = kube::Client::try_default().await?;
     let validations = App::validation_permits(&config);
+    let stripe = Stripe::new(
+        &config.stripe_api.base_url,
+        &env("STRIPE_API_KEY")?,
+        Duration::from_secs(config.stripe_api.timeout_seconds),
+    )?;
     let app = Arc::new(App {
         kube,
         storage: Storage::new(&platform, &creds),
@@ -92,6 +101,7 @@ async fn run(args: Args) -> Result<(), StartError> {
         secrets,
         metrics: Metrics::new()?,
         validations,
+        stripe,
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

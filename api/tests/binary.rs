@@ -58,6 +58,7 @@ fn command(dir: &Path, h: &Harness, config: &Path, log_format: &str) -> Command 
         .env("KUBECONFIG", &kubeconfig)
         .env("STRIPE_WEBHOOK_SECRET", "whsec_a,whsec_b")
         .env("ID_HASH_KEY", "k")
+        .env("STRIPE_API_KEY", stripe_sim::SECRET_KEY)
         .env("AWS_ACCESS_KEY_ID", h.s3.access_key())
         .env("AWS_SECRET_ACCESS_KEY", h.s3.secret_key())
         .env("POD_NAME", "api-0")
@@ -172,6 +173,15 @@ async fn a_bad_config_exits_non_zero_with_one_line_naming_the_field() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("ID_HASH_KEY"), "{stderr}");
         assert!(!stderr.contains("whsec_"), "{stderr}");
+        let out = command(&dir, &h, &config, "text")
+            .env_remove("STRIPE_API_KEY")
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("STRIPE_API_KEY"), "{stderr}");
+        assert!(!stderr.contains("sk_test"), "{stderr}");
     })
     .await;
 }

@@ -14,6 +14,79 @@ use loraplane_crds::v1alpha1::{ErasureReason, LoRATrainingJob, Residency, Retent
 use loraplane_dataset::testing::dataset;
 use serde_json::json;
 
+#[tokio::test]
+async fn a_paid_order_that_cannot_become_a_job_is_refunded_exactly_once() {
+    within(120, async {
+        let h = Harness::start_with(|c| c.stripe_api.timeout_seconds = 1).await;
+        // One image, where the plan's rules want two: paid for, never trainable.
+        let zip = loraplane_dataset::testing::zip_of(&[(
+            "a.png",
+            loraplane_dataset::testing::png(8, 8, 1),
+        )]);
+        let upload = h.upload(STOREFRONT, "eea", zip).await;
+        let paid = paid_event("cs_bad_1", "pi_bad_1", &upload, "basic");
+
+        // Stripe down twice, then too slow once: each delivery fails, so Stripe delivers again.
+        h.stripe.fail_next(2);
+        for _ in 0..2 {
+            let (s, ack) = h.webhook(&paid, now(), WEBHOOK_SECRET).await;
+            assert_eq!(
+                (s, ack["error"]["code"].as_str()),
+                (StatusCode::BAD_GATEWAY, Some("refund_failed")),
+                "{ack}"
+            );
+        }
+        h.stripe.delay(Some(std::time::Duration::from_secs(2)));
+        let (s, ack) = h.webhook(&paid, now(), WEBHOOK_SECRET).await;
+        assert_eq!(
+            (s, ack["error"]["code"].as_str()),
+            (StatusCode::BAD_GATEWAY, Some("refund_failed")),
+            "{ack}"
+        );
+        h.stripe.delay(None);
+
+        // The slow call did refund; only its answer came after we gave up. A restarted API gets
+        // the next delivery and asks again with the same idempotency key: the same refund
+        // comes back.
+        let replica = h.replica();
+        let (_, event) =
+            loraplane_api::stripe::parse_event(&serde_json::to_vec(&paid).unwrap()).unwrap();
+        assert_eq!(
+            replica.handle_event(event).await.unwrap(),
+            loraplane_api::app::Outcome::Refunded
+        );
+        let (s, ack) = h.webhook(&paid, now(), WEBHOOK_SECRET).await;
+        assert_eq!(
+            (s, ack["outcome"].as_str()),
+            (StatusCode::OK, Some("refunded")),
+            "{ack}"
+        );
+
+        let refunds = h.stripe.refunds();
+        assert_eq!(refunds.len(), 1, "{refunds:?}");
+        let r = &refunds[0];
+        assert_eq!(r.payment_intent, "pi_bad_1");
+        // Our reason and nothing of the customer's goes to Stripe; the key names no Stripe id.
+        assert_eq!(r.metadata.keys().collect::<Vec<_>>(), ["loraplane_reason"]);
+        assert_eq!(r.metadata["loraplane_reason"], "order_rejected");
+        let key = r.idempotency_key.clone().unwrap_or_default();
+        assert!(
+            key.starts_with("loraplane-refund-")
+                && !key.contains("cs_bad")
+                && !key.contains("pi_bad"),
+            "{key}"
+        );
+        assert!(
+            h.stripe.refused().is_empty(),
+            "malformed requests: {:?}",
+            h.stripe.refused()
+        );
+        assert_eq!(h.stripe.requests(), 5);
+        assert!(jobs(&h, "orders").await.is_empty());
+    })
+    .await;
+}
+
 async fn jobs(h: &Harness, ns: &str) -> Vec<LoRATrainingJob> {
     let api: Api<LoRATrainingJob> = Api::namespaced(h.sim.client(), ns);
     api.list(&ListParams::default()).await.unwrap().items
@@ -45,7 +118,18 @@ async fn a_signed_checkout_creates_exactly_one_job_whatever_the_delivery_order()
         let (s, ack) = h.webhook(&other, now(), WEBHOOK_SECRET).await;
         assert_eq!(
             (s, ack["outcome"].as_str()),
-            (StatusCode::OK, Some("rejected"))
+            (StatusCode::OK, Some("refunded"))
+        );
+        let refunded: Vec<String> = h
+            .stripe
+            .refunds()
+            .into_iter()
+            .map(|r| r.payment_intent)
+            .collect();
+        assert_eq!(
+            refunded,
+            ["pi_test_2"],
+            "only the order that cannot be served is refunded"
         );
         let all = jobs(&h, "orders").await;
         assert_eq!(all.len(), 1);

@@ -27,6 +27,7 @@ pub const STOREFRONT: &str = "storefront-token";
 pub struct Harness {
     pub sim: kube_sim::KubeSim,
     pub s3: seaweed::SeaweedFs,
+    pub stripe: stripe_sim::StripeSim,
     pub app: Arc<App>,
     pub base: String,
 }
@@ -88,6 +89,7 @@ dataset:
 fn new_app(
     sim: &kube_sim::KubeSim,
     s3: &seaweed::SeaweedFs,
+    stripe: &stripe_sim::StripeSim,
     config: ApiConfig,
     rules: Option<DatasetRules>,
 ) -> Arc<App> {
@@ -103,6 +105,12 @@ fn new_app(
         },
     );
     let validations = App::validation_permits(&config);
+    let stripe = loraplane_api::refunds::Stripe::new(
+        &stripe.url(),
+        stripe_sim::SECRET_KEY,
+        std::time::Duration::from_secs(config.stripe_api.timeout_seconds),
+    )
+    .unwrap();
     Arc::new(App {
         kube: kube_sim::client_for(&sim.url()).unwrap(),
         storage,
@@ -114,6 +122,7 @@ fn new_app(
         },
         metrics: Metrics::new().unwrap(),
         validations,
+        stripe,
     })
 }
 
@@ -139,7 +148,8 @@ impl Harness {
         }
         let mut config = api_config();
         tweak(&mut config);
-        let app = new_app(&sim, &s3, config, None);
+        let stripe = stripe_sim::StripeSim::start().await.unwrap();
+        let app = new_app(&sim, &s3, &stripe, config, None);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(loraplane_api::http::serve(
@@ -150,6 +160,7 @@ impl Harness {
         Harness {
             sim,
             s3,
+            stripe,
             app,
             base: format!("http://{addr}"),
         }
@@ -158,12 +169,24 @@ impl Harness {
     /// Another replica of the API (same cluster, storage, configuration and secrets, its own
     /// clients and metrics), not serving HTTP.
     pub fn replica(&self) -> Arc<App> {
-        new_app(&self.sim, &self.s3, self.app.config.clone(), None)
+        new_app(
+            &self.sim,
+            &self.s3,
+            &self.stripe,
+            self.app.config.clone(),
+            None,
+        )
     }
 
     /// [`Harness::replica`] with other dataset rules in its platform configuration.
     pub fn replica_with_rules(&self, rules: DatasetRules) -> Arc<App> {
-        new_app(&self.sim, &self.s3, self.app.config.clone(), Some(rules))
+        new_app(
+            &self.sim,
+            &self.s3,
+            &self.stripe,
+            self.app.config.clone(),
+            Some(rules),
+        )
     }
 
     /// An API call with an optional bearer token and JSON body.

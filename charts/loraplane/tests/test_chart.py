@@ -23,7 +23,7 @@ CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos
 
 
 # What an installation must say that the chart cannot default (where its S3 endpoints are).
-REQUIRED = {"networkPolicy": {"s3Cidrs": ["203.0.113.0/24"]}}
+REQUIRED = {"networkPolicy": {"s3Cidrs": ["203.0.113.0/24"], "stripeCidrs": ["198.51.100.0/24"]}}
 
 
 def with_required(values):
@@ -129,7 +129,7 @@ def test_no_secret_material_is_rendered():
     assert not by_kind(objects, "Secret"), "credentials must come from existing Secrets"
     api = next(d for d in by_kind(objects, "Deployment") if d["metadata"]["name"] == "loraplane-api")
     env = {e["name"]: e for e in api["spec"]["template"]["spec"]["containers"][0]["env"]}
-    for name in ("STRIPE_WEBHOOK_SECRET", "ID_HASH_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+    for name in ("STRIPE_WEBHOOK_SECRET", "STRIPE_API_KEY", "ID_HASH_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert "secretKeyRef" in env[name]["valueFrom"], name
 
 
@@ -215,7 +215,7 @@ def test_every_pod_is_selected_by_a_policy(values_file):
 
 @pytest.mark.parametrize("cidrs", [["0.0.0.0/0"], ["169.254.0.0/16", "10.0.0.0/8"]])
 def test_no_policy_lets_a_pod_reach_the_metadata_endpoint(cidrs):
-    objects = render({"networkPolicy": {"s3Cidrs": cidrs}})
+    objects = render({"networkPolicy": {"s3Cidrs": cidrs, "stripeCidrs": cidrs}})
     meta = ipaddress.ip_address("169.254.169.254")
     for p in by_kind(objects, "NetworkPolicy"):
         for rule in p["spec"].get("egress", []):
@@ -227,9 +227,19 @@ def test_no_policy_lets_a_pod_reach_the_metadata_endpoint(cidrs):
         render({"networkPolicy": {"s3Cidrs": ["169.254.169.254/32"]}})
 
 
-def test_s3_egress_has_no_default_and_must_be_given():
+def test_s3_and_stripe_egress_have_no_default_and_must_be_given():
     with pytest.raises(Exception, match="networkPolicy.s3Cidrs is required"):
         render({}, required=False)
+    with pytest.raises(Exception, match="networkPolicy.stripeCidrs is required"):
+        render({"networkPolicy": {"s3Cidrs": ["203.0.113.0/24"]}}, required=False)
+    # Only the API may call Stripe.
+    for policy in by_kind(render(), "NetworkPolicy"):
+        reaches_stripe = any(
+            peer.get("ipBlock", {}).get("cidr") == "198.51.100.0/24"
+            for rule in policy["spec"]["egress"]
+            for peer in rule["to"]
+        )
+        assert reaches_stripe == policy["metadata"]["name"].endswith("-api"), policy["metadata"]["name"]
     objects = render({"networkPolicy": {"enabled": False}}, required=False)
     assert not by_kind(objects, "NetworkPolicy")
     for policy in by_kind(render(), "NetworkPolicy"):

@@ -26,7 +26,7 @@ IMAGES = {s: v["image"] for s, v in VALUES.items() if isinstance(v, dict) and is
 
 def render():
     with helm.Chart.load(str(CHART)) as chart:
-        out = chart.render({"networkPolicy": {"s3Cidrs": ["203.0.113.0/24"]}}, name="loraplane", namespace="loraplane-system")
+        out = chart.render({"networkPolicy": {"s3Cidrs": ["203.0.113.0/24"], "stripeCidrs": ["198.51.100.0/24"]}}, name="loraplane", namespace="loraplane-system")
     return [doc for text in out.values() for doc in yaml.safe_load_all(text) if doc]
 
 

@@ -62,6 +62,9 @@ pub enum StackError {
     /// SeaweedFS did not start.
     #[error("start SeaweedFS: {0}")]
     StartSeaweed(#[from] seaweed::SeaweedError),
+    /// The Stripe simulator did not start.
+    #[error("start the Stripe simulator: {0}")]
+    StartStripe(#[from] stripe_sim::SimError),
     /// A Kubernetes call failed.
     #[error("{action}: {source}")]
     Kube {
@@ -188,6 +191,8 @@ pub struct Stack {
     pub sim: KubeSim,
     /// SeaweedFS.
     pub s3: seaweed::SeaweedFs,
+    /// Stripe's Refunds API, simulated.
+    pub stripe: stripe_sim::StripeSim,
     /// The platform configuration the operator and the API share.
     pub platform: PlatformConfig,
     /// The API's configuration.
@@ -252,6 +257,7 @@ impl Stack {
             tokio::task::spawn_blocking(move || fixtures::write_models(&models))
         };
         let s3 = seaweed::SeaweedFs::start().await?;
+        let stripe = stripe_sim::StripeSim::start().await?;
         for b in config::all_buckets() {
             s3.create_bucket(&b).await?;
         }
@@ -294,6 +300,7 @@ impl Stack {
         let mut stack = Stack {
             sim,
             s3,
+            stripe,
             platform,
             api_config,
             trainer_binary,
@@ -430,6 +437,12 @@ impl Stack {
             metrics: loraplane_api::metrics::Metrics::new()
                 .map_err(|e| StackError::StartApi(e.to_string()))?,
             validations: App::validation_permits(&self.api_config),
+            stripe: loraplane_api::refunds::Stripe::new(
+                &self.stripe.url(),
+                stripe_sim::SECRET_KEY,
+                Duration::from_secs(self.api_config.stripe_api.timeout_seconds),
+            )
+            .map_err(|e| StackError::StartApi(e.to_string()))?,
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

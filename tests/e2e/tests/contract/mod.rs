@@ -123,7 +123,7 @@ limits:
 pub fn chart_values() -> Value {
     let sha = |s: &str| loraplane_api::app::sha256_hex(s.as_bytes());
     json!({
-        "networkPolicy": {"s3Cidrs": ["203.0.113.0/24"]},
+        "networkPolicy": {"s3Cidrs": ["203.0.113.0/24"], "stripeCidrs": ["198.51.100.0/24"]},
         "api": {
             "stripe": {"namespace": ORDERS_NS},
             "tenants": [
@@ -399,6 +399,7 @@ pub async fn run() -> Outcome {
     )
     .await
     .unwrap();
+    let stripe = stripe_sim::StripeSim::start().await.unwrap();
     let s3 = seaweed::SeaweedFs::start()
         .await
         .expect("SeaweedFS starts (`weed` comes from `make bootstrap`)");
@@ -473,6 +474,12 @@ pub async fn run() -> Outcome {
         },
         metrics: loraplane_api::metrics::Metrics::new().unwrap(),
         validations: loraplane_api::app::App::validation_permits(&api_config()),
+        stripe: loraplane_api::refunds::Stripe::new(
+            &stripe.url(),
+            stripe_sim::SECRET_KEY,
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap(),
     });
     let mut background = Vec::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
