@@ -435,11 +435,10 @@ impl App {
         })
         .await
         .map_err(|_| AppError::CheckDataset)?;
-        let sha = match checked {
-            Ok((_, sha)) => sha,
-            Err(CheckError::Invalid(e)) => return Err(e.into()),
-            Err(CheckError::Read(e)) => return Err(e.into()),
-        };
+        let sha = checked.map_err(|e| match e {
+            CheckError::Invalid(e) => AppError::Upload(e),
+            CheckError::Read(e) => AppError::Storage(e),
+        })?;
         // Should the object be replaced between our read and this write, the marker names the
         // old bytes' hash, which the job spec pins and the trainer verifies before unpacking:
         // the replacement is refused at start, never trained on unchecked.

@@ -11,7 +11,7 @@
 
 use std::io::{self, Read, Seek, SeekFrom};
 
-use loraplane_dataset::{DatasetRules, Summary};
+use loraplane_dataset::DatasetRules;
 use loraplane_runtime::storage::{Object, StorageError};
 use sha2::{Digest, Sha256};
 
@@ -37,7 +37,7 @@ pub fn check_object(
     etag: String,
     size: u64,
     rules: &DatasetRules,
-) -> Result<(Summary, String), CheckError> {
+) -> Result<String, CheckError> {
     let mut reader = RangeReader {
         runtime,
         object,
@@ -56,9 +56,8 @@ pub fn check_object(
     if let Some(e) = reader.failed.take() {
         return Err(e.into());
     }
-    let summary = verdict?;
-    let sha = reader.finish()?;
-    Ok((summary, sha))
+    verdict?;
+    Ok(reader.finish()?)
 }
 
 /// A `Read + Seek` over an object's byte ranges.
