@@ -43,8 +43,8 @@ use crate::config::ApiConfig;
 use crate::dataset_check::{self, CheckError};
 use crate::metrics::Metrics;
 use crate::order::{
-    self, ANNOTATION_REQUEST, LABEL_IDEMPOTENCY, LABEL_ORDER, LABEL_PAYMENT, LABEL_PLAN,
-    LABEL_SOURCE, LABEL_TOMBSTONE_OF, Order, OrderError, SpecInputs, UploadId,
+    self, ANNOTATION_REQUEST, Draft, DraftId, LABEL_IDEMPOTENCY, LABEL_ORDER, LABEL_PAYMENT,
+    LABEL_PLAN, LABEL_SOURCE, LABEL_TOMBSTONE_OF, Order, OrderError, SpecInputs, UploadId,
 };
 use crate::receipt;
 use crate::refunds::{RefundError, RefundReason, Stripe};
@@ -182,6 +182,15 @@ pub struct OrderIds {
     pub payment_hash: Option<String>,
     /// Keyed hashes of the Idempotency-Key and the request body.
     pub idempotency: Option<(String, String)>,
+}
+
+/// Why a paid draft cannot be fulfilled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PaidDraft {
+    /// Its id is malformed, or it expired or never existed.
+    Gone,
+    /// The checkout charged another amount or currency than the draft quoted.
+    WrongPrice,
 }
 
 /// What the webhook did with an event (the metric's outcome label).
@@ -618,24 +627,101 @@ impl App {
 
     /// Refunds a paid order that cannot become a job. Without a payment intent (nothing was
     /// charged) there is nothing to give back.
-    async fn refund_rejected(
+    async fn refund(
         &self,
         payment_intent: Option<&str>,
         ids: &OrderIds,
+        reason: RefundReason,
     ) -> Result<Outcome, AppError> {
         let Some(pi) = payment_intent else {
             return Ok(Outcome::Rejected);
         };
-        let state = self
-            .stripe
-            .refund(pi, &ids.order_hash, RefundReason::OrderRejected)
-            .await?;
-        tracing::info!(
-            reason = RefundReason::OrderRejected.as_str(),
-            state = ?state,
-            "paid order refunded"
-        );
+        let state = self.stripe.refund(pi, &ids.order_hash, reason).await?;
+        tracing::info!(reason = reason.as_str(), state = ?state, "paid order refunded");
         Ok(Outcome::Refunded)
+    }
+
+    /// Creates (or finds again) the draft of an order: everything checked as for a job, the
+    /// plan's price quoted, stored in the upload's region. The same Idempotency-Key gives the
+    /// same draft; with another order it is refused.
+    pub async fn create_draft(
+        &self,
+        ns: &str,
+        order: &Order,
+        idempotency_key: &str,
+    ) -> Result<(DraftId, Draft), AppError> {
+        let plan = self
+            .config
+            .plans
+            .get(&order.plan)
+            .ok_or_else(|| OrderError::UnknownPlan(order.plan.clone()))?;
+        let price = plan
+            .price
+            .clone()
+            .ok_or_else(|| OrderError::Unpriced(order.plan.clone()))?;
+        let upload = UploadId::parse(&order.upload_id)
+            .ok_or_else(|| AppError::BadUploadId(order.upload_id.clone()))?;
+        // Everything a job would be refused for is refused now, before the customer pays.
+        self.job_spec(ns, order).await?;
+        let id = DraftId(UploadId {
+            region: upload.region.clone(),
+            token: self.hash(&format!("draft:{ns}"), idempotency_key),
+        });
+        let bucket = self.dataset_bucket(id.region())?;
+        let key = id.key(ns);
+        if let Some(bytes) = self.storage.get_record(&bucket, &key).await? {
+            let stored: Draft =
+                serde_json::from_slice(&bytes).map_err(|_| AppError::IdempotencyMismatch)?;
+            if &stored.order != order {
+                return Err(AppError::IdempotencyMismatch);
+            }
+            return Ok((id, stored));
+        }
+        let draft = Draft {
+            order: order.clone(),
+            price,
+            created_at: Timestamp::now().as_second(),
+        };
+        let bytes = serde_json::to_vec(&draft).map_err(|_| AppError::IdempotencyMismatch)?;
+        self.storage.put_record(&bucket, &key, bytes).await?;
+        Ok((id, draft))
+    }
+
+    /// The order of a paid draft, provided the checkout charged exactly the quoted price.
+    async fn paid_draft(
+        &self,
+        ns: &str,
+        id: &str,
+        amount_total: Option<i64>,
+        currency: Option<&str>,
+    ) -> Result<Result<Order, PaidDraft>, AppError> {
+        let Some(id) = DraftId::parse(id) else {
+            return Ok(Err(PaidDraft::Gone));
+        };
+        let Ok(bucket) = self.dataset_bucket(id.region()) else {
+            return Ok(Err(PaidDraft::Gone));
+        };
+        let Some(bytes) = self.storage.get_record(&bucket, &id.key(ns)).await? else {
+            return Ok(Err(PaidDraft::Gone));
+        };
+        let Ok(draft) = serde_json::from_slice::<Draft>(&bytes) else {
+            return Ok(Err(PaidDraft::Gone));
+        };
+        let paid = amount_total == Some(draft.price.amount)
+            && currency.is_some_and(|c| c.eq_ignore_ascii_case(&draft.price.currency));
+        Ok(if paid {
+            Ok(draft.order)
+        } else {
+            Err(PaidDraft::WrongPrice)
+        })
+    }
+
+    /// The dataset bucket of a region.
+    fn dataset_bucket(&self, region: &str) -> Result<String, AppError> {
+        self.platform
+            .region(region)
+            .map(|r| r.buckets.datasets.clone())
+            .ok_or_else(|| AppError::BadUploadId(region.to_string()))
     }
 
     /// Handles one verified webhook event.
@@ -646,6 +732,8 @@ impl App {
                 session_id,
                 payment_intent,
                 metadata,
+                amount_total,
+                currency,
             } => {
                 let ids = OrderIds {
                     source: "stripe",
@@ -653,31 +741,58 @@ impl App {
                     payment_hash: payment_intent.as_deref().map(|p| self.hash("payment", p)),
                     idempotency: None,
                 };
-                let made = match Order::from_metadata(&metadata) {
-                    Err(_) => None,
-                    Ok(order) => match self.create_job(&ns, &order, &ids).await {
-                        Ok(r) => Some(r),
-                        Err(AppError::Revoked(_)) => {
-                            // The refund came first; the upload is the order's only data, unless
-                            // another order consumed it.
-                            self.delete_unclaimed_upload(&ns, &order.upload_id, &ids.order_hash)
-                                .await?;
-                            return Ok(Outcome::RevokedFirst);
+                let pi = payment_intent.as_deref();
+                let order = match metadata.get("order_id") {
+                    // The draft path: the metadata names a draft, which holds the order.
+                    Some(id) => {
+                        match self
+                            .paid_draft(&ns, id, amount_total, currency.as_deref())
+                            .await?
+                        {
+                            Ok(order) => order,
+                            Err(PaidDraft::Gone) => {
+                                // A redelivery after the draft expired still has its job.
+                                let name = order::job_name(&ids.order_hash);
+                                if self
+                                    .jobs(&ns)
+                                    .get_opt(&name)
+                                    .await
+                                    .map_err(kube_err("get job"))?
+                                    .is_some()
+                                {
+                                    return Ok(Outcome::Duplicate);
+                                }
+                                return self.refund(pi, &ids, RefundReason::OrderRejected).await;
+                            }
+                            Err(PaidDraft::WrongPrice) => {
+                                return self.refund(pi, &ids, RefundReason::PriceMismatch).await;
+                            }
                         }
-                        Err(
-                            AppError::Order(_)
-                            | AppError::Upload(_)
-                            | AppError::UploadNotFound(_)
-                            | AppError::UploadConsumed(_)
-                            | AppError::BadUploadId(_),
-                        ) => None,
-                        Err(e) => return Err(e),
+                    }
+                    None => match Order::from_metadata(&metadata) {
+                        Ok(order) => order,
+                        Err(_) => return self.refund(pi, &ids, RefundReason::OrderRejected).await,
                     },
                 };
-                let Some((job, created)) = made else {
+                let (job, created) = match self.create_job(&ns, &order, &ids).await {
+                    Ok(r) => r,
+                    Err(AppError::Revoked(_)) => {
+                        // The refund came first; the upload is the order's only data, unless
+                        // another order consumed it.
+                        self.delete_unclaimed_upload(&ns, &order.upload_id, &ids.order_hash)
+                            .await?;
+                        return Ok(Outcome::RevokedFirst);
+                    }
                     // Paid for, and it can never become a job: the money goes back before the
                     // event is acknowledged.
-                    return self.refund_rejected(payment_intent.as_deref(), &ids).await;
+                    Err(
+                        AppError::Order(_)
+                        | AppError::Upload(_)
+                        | AppError::UploadNotFound(_)
+                        | AppError::UploadConsumed(_)
+                        | AppError::BadUploadId(_),
+                    ) => return self.refund(pi, &ids, RefundReason::OrderRejected).await,
+                    Err(e) => return Err(e),
                 };
                 // Write-then-read: a refund that raced past our tombstone check is seen here.
                 if created && self.revoked(&ns, &ids).await?.is_some() {

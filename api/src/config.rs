@@ -75,6 +75,20 @@ pub struct Plan {
     /// ([`RESOLUTION_MIN`]..=[`RESOLUTION_MAX`], a multiple of [`RESOLUTION_MULTIPLE`]).
     #[serde(default)]
     pub resolution: Option<i32>,
+    /// What the plan costs. Draft orders quote it, and a paid checkout must match it exactly;
+    /// a plan without a price can be ordered only through `POST /v1/jobs`.
+    #[serde(default)]
+    pub price: Option<Price>,
+}
+
+/// A price as Stripe states amounts: an integer in the currency's smallest unit.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Price {
+    /// In the smallest unit (cents for `eur`).
+    pub amount: i64,
+    /// Three-letter ISO code, lowercase (`eur`).
+    pub currency: String,
 }
 
 // The CRD schema's limits of `spec.training.resolution`, checked at load so a bad plan fails
@@ -233,6 +247,16 @@ impl ApiConfig {
                     ),
                 });
             }
+            if let Some(price) = &p.price
+                && (price.amount < 1
+                    || price.currency.len() != 3
+                    || !price.currency.bytes().all(|b| b.is_ascii_lowercase()))
+            {
+                return Err(bad(
+                    format!("plans.{name}.price"),
+                    "needs a positive amount and a lowercase three-letter currency",
+                ));
+            }
             if p.retention == RetentionMode::ZeroRetention && p.keep_outputs_seconds > 86_400 {
                 return Err(bad(
                     format!("plans.{name}.keepOutputsSeconds"),
@@ -375,6 +399,28 @@ mod tests {
                 config(&format!("maxSteps: 100, resolution: {r}")).is_ok(),
                 "{r}"
             );
+        }
+    }
+
+    #[test]
+    fn a_plan_price_must_be_positive_in_a_lowercase_currency() {
+        let ok = config("maxSteps: 100, price: {amount: 1900, currency: eur}").unwrap();
+        assert_eq!(
+            ok.plans["basic"].price,
+            Some(Price {
+                amount: 1900,
+                currency: "eur".into()
+            })
+        );
+        for bad in [
+            "{amount: 0, currency: eur}",
+            "{amount: 5, currency: EUR}",
+            "{amount: 5, currency: euro}",
+        ] {
+            match config(&format!("maxSteps: 100, price: {bad}")) {
+                Err(ConfigError::Invalid { field, .. }) => assert_eq!(field, "plans.basic.price"),
+                other => panic!("price {bad} was not refused: {other:?}"),
+            }
         }
     }
 

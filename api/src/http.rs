@@ -457,6 +457,68 @@ impl JobView {
     }
 }
 
+/// A draft order: what the storefront puts in the checkout session's metadata (`order_id`,
+/// nothing else of the order) and the price the checkout must charge.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct DraftTicket {
+    /// The draft's id: the checkout session's `metadata.order_id`.
+    pub order_id: String,
+    /// The price the checkout session must charge (`amount_total`, `currency`).
+    pub price: crate::config::Price,
+    /// When an unpaid draft is deleted, with its upload (RFC 3339).
+    pub expires_at: String,
+}
+
+/// Records everything the customer chose, checked as a job would be, before checkout: the
+/// customer's words stay in the upload's region instead of travelling in Stripe's metadata.
+#[utoipa::path(post, path = "/v1/orders", tag = "orders", security(("bearer" = [])),
+    request_body = Order,
+    params(("Idempotency-Key" = String, Header, description = "Required; the same key and order return the same draft")),
+    responses(
+        (status = 201, body = DraftTicket, description = "the draft and its price"),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 422, body = ErrorBody, description = "the order, its plan or its dataset is unusable")))]
+pub async fn create_order(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<DraftTicket>), ApiError> {
+    let tenant = s.tenant(&headers)?;
+    let key = idempotency_key(&headers)?;
+    let bytes = read_body(body, s.app.config.limits.json_max_bytes).await?;
+    let order: Order = parse_json(&bytes)?;
+    let (id, draft) = s.app.create_draft(&tenant.namespace, &order, &key).await?;
+    let expires = draft.created_at
+        + i64::try_from(s.app.platform.defaults.upload_ttl_seconds).unwrap_or(i64::MAX / 2);
+    Ok((
+        StatusCode::CREATED,
+        Json(DraftTicket {
+            order_id: id.to_id(),
+            price: draft.price,
+            expires_at: Timestamp::from_second(expires)
+                .map(|t| t.to_string())
+                .unwrap_or_default(),
+        }),
+    ))
+}
+
+/// The request's Idempotency-Key (1 to 255 characters), required.
+fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
+    headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .filter(|k| !k.is_empty() && k.len() <= 255)
+        .map(str::to_string)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "idempotency_key_required",
+                "an Idempotency-Key header (1 to 255 characters) is required",
+            )
+        })
+}
+
 /// Creates the job of a paid order.
 #[utoipa::path(post, path = "/v1/jobs", tag = "jobs", security(("bearer" = [])),
     request_body = CreateJobRequest,
@@ -473,18 +535,7 @@ pub async fn create_job(
     body: Body,
 ) -> Result<Response, ApiError> {
     let tenant = s.tenant(&headers)?;
-    let key = headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .filter(|k| !k.is_empty() && k.len() <= 255)
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "idempotency_key_required",
-                "an Idempotency-Key header (1 to 255 characters) is required",
-            )
-        })?
-        .to_string();
+    let key = idempotency_key(&headers)?;
     let bytes = read_body(body, s.app.config.limits.json_max_bytes).await?;
     let req: CreateJobRequest = parse_json(&bytes)?;
     if req.order_id.is_empty() || req.order_id.len() > 255 {
@@ -1007,7 +1058,7 @@ impl utoipa::Modify for BearerAuth {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "loraplane API", description = "Paid orders into LoRA training jobs, uploads, downloads and erasure."),
-    paths(stripe_webhook, create_job, get_job, list_jobs, cancel_job, withdraw_consent, erase_job, artifacts, create_upload, validate_upload),
+    paths(stripe_webhook, create_order, create_job, get_job, list_jobs, cancel_job, withdraw_consent, erase_job, artifacts, create_upload, validate_upload),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -1127,6 +1178,7 @@ async fn json_errors(status: StatusCode, resp: &mut Response) -> Option<Response
 /// Every route, for the router and the OpenAPI consistency test.
 pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/webhooks/stripe"),
+    ("post", "/v1/orders"),
     ("post", "/v1/jobs"),
     ("get", "/v1/jobs"),
     ("get", "/v1/jobs/{id}"),
@@ -1220,6 +1272,7 @@ pub async fn serve(
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/v1/webhooks/stripe", post(stripe_webhook))
+        .route("/v1/orders", post(create_order))
         .route("/v1/jobs", post(create_job).get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job).delete(erase_job))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))

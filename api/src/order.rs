@@ -132,6 +132,9 @@ pub enum OrderError {
     /// The upload's region is not allowed for the order.
     #[error("the upload is in region {0:?}, which the order's residency or plan does not allow")]
     RegionNotAllowed(String),
+    /// The plan has no price, so no draft can quote it.
+    #[error("plan {0:?} has no price; order it through POST /v1/jobs")]
+    Unpriced(String),
 }
 
 impl OrderError {
@@ -142,6 +145,7 @@ impl OrderError {
             OrderError::Invalid { .. } => "order_field_invalid",
             OrderError::UnknownPlan(_) => "unknown_plan",
             OrderError::RegionNotAllowed(_) => "region_not_allowed",
+            OrderError::Unpriced(_) => "plan_unpriced",
         }
     }
 }
@@ -218,6 +222,45 @@ impl UploadId {
     pub fn key(&self, namespace: &str) -> String {
         loraplane_crds::layout::upload_key(namespace, &self.token)
     }
+}
+
+/// A draft order's id: like an upload's, the region whose dataset bucket holds it and a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DraftId(pub UploadId);
+
+impl DraftId {
+    /// Parses `REGION.TOKEN`.
+    pub fn parse(s: &str) -> Option<DraftId> {
+        UploadId::parse(s).map(DraftId)
+    }
+
+    /// The id as handed to clients and carried in the checkout's metadata.
+    pub fn to_id(&self) -> String {
+        self.0.to_id()
+    }
+
+    /// The region whose dataset bucket holds the draft.
+    pub fn region(&self) -> &str {
+        &self.0.region
+    }
+
+    /// The object key in the region's dataset bucket.
+    pub fn key(&self, namespace: &str) -> String {
+        loraplane_crds::layout::draft_key(namespace, &self.0.token)
+    }
+}
+
+/// A draft order as stored: what the customer chose and the price quoted for it. Customer
+/// text, so it lives in the upload's region and is never logged.
+#[derive(Serialize, Deserialize, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Draft {
+    /// The order.
+    pub order: Order,
+    /// The plan's price when the draft was made.
+    pub price: crate::config::Price,
+    /// When it was made (Unix seconds).
+    pub created_at: i64,
 }
 
 /// Everything [`build_spec`] needs besides the order.
@@ -411,6 +454,7 @@ families: []
             min_gpu_memory_gib: Some(20),
             max_steps: 500,
             resolution: None,
+            price: None,
         }
     }
 

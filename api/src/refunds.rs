@@ -1,5 +1,6 @@
 //! Money back through Stripe's Refunds API (`POST /v1/refunds`): a paid checkout that cannot
-//! become a job is refunded before its webhook is acknowledged.
+//! become a job, or that charged another price than its draft quoted, is refunded before its
+//! webhook is acknowledged.
 //!
 //! At least once, never twice: the request carries an `Idempotency-Key` derived from the order,
 //! so a retry (the webhook redelivered after a failure or a restart) gets the same refund back
@@ -22,8 +23,11 @@ use hyper_util::rt::TokioExecutor;
 /// Why we give the money back, sent as the refund's `metadata[loraplane_reason]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RefundReason {
-    /// The paid checkout's order is unusable (bad metadata, dataset, plan or upload).
+    /// The paid checkout's order is unusable (bad metadata, dataset, plan or upload, or a
+    /// draft that no longer exists).
     OrderRejected,
+    /// The checkout charged another amount or currency than the draft order quoted.
+    PriceMismatch,
 }
 
 impl RefundReason {
@@ -31,6 +35,7 @@ impl RefundReason {
     pub fn as_str(self) -> &'static str {
         match self {
             RefundReason::OrderRejected => "order_rejected",
+            RefundReason::PriceMismatch => "price_mismatch",
         }
     }
 }

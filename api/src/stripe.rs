@@ -155,8 +155,12 @@ pub enum WebhookEvent {
         session_id: String,
         /// The payment intent (`pi_…`) refunds and disputes refer to.
         payment_intent: Option<String>,
-        /// The session's metadata: the order details.
+        /// The session's metadata: `order_id` (a draft order), or the order details.
         metadata: BTreeMap<String, String>,
+        /// What was charged, in the currency's smallest unit (`amount_total`).
+        amount_total: Option<i64>,
+        /// The currency charged, lowercase.
+        currency: Option<String>,
     },
     /// A completed session whose payment has not arrived yet (delayed methods).
     AwaitingPayment,
@@ -236,6 +240,8 @@ pub fn parse_event(body: &[u8]) -> Result<(String, WebhookEvent), EventError> {
                     session_id: str_field("id").ok_or_else(|| missing("data.object.id"))?,
                     payment_intent: str_field("payment_intent"),
                     metadata,
+                    amount_total: obj.get("amount_total").and_then(|v| v.as_i64()),
+                    currency: str_field("currency"),
                 }
             }
         }
@@ -363,7 +369,7 @@ mod tests {
 
     #[test]
     fn paid_sessions_refunds_and_disputes_parse() {
-        let body = br#"{"id":"evt_1","type":"checkout.session.completed","data":{"object":{"id":"cs_1","payment_status":"paid","payment_intent":"pi_1","metadata":{"plan":"basic"}}}}"#;
+        let body = br#"{"id":"evt_1","type":"checkout.session.completed","data":{"object":{"id":"cs_1","payment_status":"paid","payment_intent":"pi_1","amount_total":1900,"currency":"eur","metadata":{"plan":"basic"}}}}"#;
         let (ty, ev) = parse_event(body).unwrap();
         assert_eq!(ty, "checkout.session.completed");
         assert_eq!(
@@ -372,6 +378,8 @@ mod tests {
                 session_id: "cs_1".into(),
                 payment_intent: Some("pi_1".into()),
                 metadata: BTreeMap::from([("plan".into(), "basic".into())]),
+                amount_total: Some(1900),
+                currency: Some("eur".into()),
             }
         );
         let unpaid = br#"{"type":"checkout.session.completed","data":{"object":{"id":"cs_1","payment_status":"unpaid"}}}"#;

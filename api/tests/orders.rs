@@ -87,6 +87,95 @@ async fn a_paid_order_that_cannot_become_a_job_is_refunded_exactly_once() {
     .await;
 }
 
+#[tokio::test]
+async fn a_draft_order_keeps_the_customers_words_out_of_stripe_and_must_be_paid_its_price() {
+    within(120, async {
+        let h = Harness::start().await;
+        let draft = |upload: &str, trigger: &str| {
+            json!({"family": "sdxl", "conceptType": "object", "triggerWord": trigger,
+                "description": "my red enamel mug", "plan": "basic", "residency": "eea", "uploadId": upload})
+        };
+        let upload = h.upload(STOREFRONT, "eea", dataset(3)).await;
+        let order = draft(&upload, "zxqmug");
+        let (s, _, ticket) = h
+            .call("POST", "/v1/orders", Some(STOREFRONT), &[("idempotency-key", "cart-1")], Some(order.clone()))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{ticket}");
+        assert_eq!(ticket["price"], json!({"amount": 1900, "currency": "eur"}));
+        let id = ticket["orderId"].as_str().unwrap().to_string();
+        assert!(id.starts_with("eu-west."), "the draft lives in the upload's region: {id}");
+        // The same cart again is the same draft; the same key for another order is refused.
+        let (s, _, again) = h
+            .call("POST", "/v1/orders", Some(STOREFRONT), &[("idempotency-key", "cart-1")], Some(order.clone()))
+            .await;
+        assert_eq!((s, again["orderId"].as_str()), (StatusCode::CREATED, Some(id.as_str())));
+        let (s, _, e) = h
+            .call("POST", "/v1/orders", Some(STOREFRONT), &[("idempotency-key", "cart-1")], Some(draft(&upload, "other")))
+            .await;
+        assert_eq!((s, e["error"]["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("idempotency_key_reused")));
+        // A plan without a price cannot be drafted; a bad dataset is refused before payment.
+        let mut unpriced = order.clone();
+        unpriced["plan"] = json!("fast");
+        let (s, _, e) = h
+            .call("POST", "/v1/orders", Some(STOREFRONT), &[("idempotency-key", "cart-x")], Some(unpriced))
+            .await;
+        assert_eq!((s, e["error"]["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("plan_unpriced")));
+        let one_image = loraplane_dataset::testing::zip_of(&[("a.png", loraplane_dataset::testing::png(8, 8, 1))]);
+        let bad = h.upload(STOREFRONT, "eea", one_image).await;
+        let (s, _, e) = h
+            .call("POST", "/v1/orders", Some(STOREFRONT), &[("idempotency-key", "cart-y")], Some(draft(&bad, "zxqmug")))
+            .await;
+        assert_eq!((s, e["error"]["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("upload_image_count")));
+
+        // Checkout carries only the draft's id; paid at the quoted price, it is the job.
+        let paid = paid_draft_event("cs_draft_1", "pi_draft_1", &id, 1900, "eur");
+        let metadata = paid["data"]["object"]["metadata"].to_string();
+        assert!(!metadata.contains("zxqmug") && !metadata.contains("mug"), "{metadata}");
+        let (s, ack) = h.webhook(&paid, now(), WEBHOOK_SECRET).await;
+        assert_eq!((s, ack["outcome"].as_str()), (StatusCode::OK, Some("created")), "{ack}");
+        let all = jobs(&h, "orders").await;
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].spec.concept.trigger_word, "zxqmug");
+        assert_eq!(all[0].spec.concept.description.as_deref(), Some("my red enamel mug"));
+
+        // Another draft, charged the wrong amount: refunded, and no job.
+        let second = h.upload(STOREFRONT, "eea", dataset(3)).await;
+        let (_, _, ticket) = h
+            .call("POST", "/v1/orders", Some(STOREFRONT), &[("idempotency-key", "cart-2")], Some(draft(&second, "zxqmug")))
+            .await;
+        let cheap = paid_draft_event("cs_draft_2", "pi_draft_2", ticket["orderId"].as_str().unwrap(), 100, "eur");
+        let (s, ack) = h.webhook(&cheap, now(), WEBHOOK_SECRET).await;
+        assert_eq!((s, ack["outcome"].as_str()), (StatusCode::OK, Some("refunded")), "{ack}");
+        let wrong_currency = paid_draft_event("cs_draft_3", "pi_draft_3", ticket["orderId"].as_str().unwrap(), 1900, "usd");
+        let (_, ack) = h.webhook(&wrong_currency, now(), WEBHOOK_SECRET).await;
+        assert_eq!(ack["outcome"], "refunded");
+        // A checkout naming no draft we hold is refunded too.
+        let unknown = paid_draft_event("cs_draft_4", "pi_draft_4", "eu-west.00000000000000000000000000000000", 1900, "eur");
+        let (_, ack) = h.webhook(&unknown, now(), WEBHOOK_SECRET).await;
+        assert_eq!(ack["outcome"], "refunded");
+        assert_eq!(jobs(&h, "orders").await.len(), 1);
+        let reasons: Vec<(String, String)> = h
+            .stripe
+            .refunds()
+            .into_iter()
+            .map(|r| (r.payment_intent, r.metadata["loraplane_reason"].clone()))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                ("pi_draft_2".to_string(), "price_mismatch".to_string()),
+                ("pi_draft_3".to_string(), "price_mismatch".to_string()),
+                ("pi_draft_4".to_string(), "order_rejected".to_string()),
+            ]
+        );
+        assert!(h.stripe.refused().is_empty(), "{:?}", h.stripe.refused());
+        // The paid draft redelivered: the same job, whatever became of the draft.
+        let (_, ack) = h.webhook(&paid, now(), WEBHOOK_SECRET).await;
+        assert_eq!(ack["outcome"], "duplicate");
+    })
+    .await;
+}
+
 async fn jobs(h: &Harness, ns: &str) -> Vec<LoRATrainingJob> {
     let api: Api<LoRATrainingJob> = Api::namespaced(h.sim.client(), ns);
     api.list(&ListParams::default()).await.unwrap().items

@@ -62,6 +62,17 @@ pub fn upload_key(namespace: &str, token: &str) -> String {
     format!("{UPLOADS_PREFIX}{namespace}/{token}.zip")
 }
 
+/// Where draft orders (everything a customer chose, before payment) wait in the dataset bucket
+/// of the region their upload is in: `drafts/<namespace>/<token>.json`. Customer text, so in
+/// the residency's region like the upload, and deleted with unconsumed uploads after
+/// `defaults.uploadTtlSeconds`.
+pub const DRAFTS_PREFIX: &str = "drafts/";
+
+/// The key of a draft order in its region's dataset bucket.
+pub fn draft_key(namespace: &str, token: &str) -> String {
+    format!("{DRAFTS_PREFIX}{namespace}/{token}.json")
+}
+
 /// The `s3://bucket/key` form a job's spec and status use for an object (the inverse of
 /// `loraplane_runtime::storage::parse_uri`).
 pub fn s3_uri(bucket: &str, key: &str) -> String {

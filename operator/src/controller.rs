@@ -1057,18 +1057,17 @@ async fn sweep_uploads(ctx: Arc<Context>) {
         }
         let now = lifecycle::now_secs();
         match uploads::sweep(&ctx.storage, &ctx.jobs.state(), now, ttl).await {
-            Ok(swept) if swept.deleted.objects > 0 => {
+            Ok(swept) if !swept.is_empty() => {
                 tracing::info!(
-                    uploads = swept.deleted.objects,
-                    bytes = swept.deleted.bytes,
-                    "deleted uploads no order consumed"
+                    objects = swept.len(),
+                    bytes = swept.iter().map(|o| o.bytes).sum::<u64>(),
+                    "deleted uploads no order consumed and expired drafts"
                 );
-                ctx.metrics.record_deletion(
-                    "upload",
-                    "unordered",
-                    swept.deleted.bytes,
-                    swept.max_lag as f64,
-                );
+                // One deletion each, as a job's data is one deletion.
+                for o in swept {
+                    ctx.metrics
+                        .record_deletion("upload", "unordered", o.bytes, o.lag as f64);
+                }
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "could not sweep unordered uploads"),

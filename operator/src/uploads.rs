@@ -1,7 +1,9 @@
-//! Uploads no order consumed: the API hands out upload slots, and a dataset uploaded but never
-//! ordered is deleted once `defaults.uploadTtlSeconds` (default 24 h) has passed since it was
-//! written. The decision is pure ([`expired`]); [`sweep`] lists each region's `uploads/` prefix
-//! and deletes, under the operator's Lease, on a timer.
+//! Uploads no order consumed, and draft orders: the API hands out upload slots and stores
+//! drafts (the customer's choices before payment), and a dataset uploaded but never ordered,
+//! like every draft, is deleted once `defaults.uploadTtlSeconds` (default 24 h) has passed since
+//! it was written (a paid draft's job holds its own copy of the order). The decision is pure
+//! ([`expired`]); [`sweep`] lists each region's `uploads/` and `drafts/` prefixes and deletes,
+//! under the operator's Lease, on a timer.
 //!
 //! An upload is "ordered" when a job in the operator's cache names it as its dataset; the cache
 //! must have completed its first list before a sweep, or every upload would look unordered.
@@ -9,7 +11,7 @@
 use std::collections::HashSet;
 
 use loraplane_crds::LoRATrainingJob;
-use loraplane_crds::layout::{UPLOADS_PREFIX, s3_uri};
+use loraplane_crds::layout::{DRAFTS_PREFIX, UPLOADS_PREFIX, s3_uri};
 use loraplane_runtime::storage::{Deleted, Listed, Storage, StorageError};
 
 /// The uploads in `bucket` that no job references and that are at least `ttl` seconds old at
@@ -28,30 +30,37 @@ pub fn expired<'l>(
         .collect()
 }
 
-/// What one sweep deleted, and how late (seconds past the TTL) the latest deletion was.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// One object a sweep deleted: its size, and how late (seconds past its TTL) it went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Swept {
-    /// Objects and bytes deleted.
-    pub deleted: Deleted,
-    /// The largest delay past an upload's expiry.
-    pub max_lag: i64,
+    /// Bytes deleted.
+    pub bytes: u64,
+    /// Seconds past the object's expiry.
+    pub lag: i64,
 }
 
-/// Deletes every expired, unordered upload in every region's dataset bucket.
+/// Deletes every expired, unordered upload and every expired draft in every region's dataset
+/// bucket; returns each object deleted.
 pub async fn sweep(
     storage: &Storage,
     jobs: &[std::sync::Arc<LoRATrainingJob>],
     now: i64,
     ttl: i64,
-) -> Result<Swept, StorageError> {
+) -> Result<Vec<Swept>, StorageError> {
     let referenced: HashSet<String> = jobs.iter().map(|j| j.spec.dataset.uri.clone()).collect();
-    let mut swept = Swept::default();
+    let mut swept = Vec::new();
     for (_, region) in storage.all() {
         let bucket = &region.buckets.datasets;
-        let listed = storage.list(bucket, UPLOADS_PREFIX).await?;
-        for upload in expired(&listed, bucket, &referenced, now, ttl) {
-            swept.deleted += storage.delete_object(bucket, &upload.key).await?;
-            swept.max_lag = swept.max_lag.max(now - upload.modified - ttl);
+        // No job names a draft as its dataset: every expired draft goes.
+        for prefix in [UPLOADS_PREFIX, DRAFTS_PREFIX] {
+            let listed = storage.list(bucket, prefix).await?;
+            for object in expired(&listed, bucket, &referenced, now, ttl) {
+                let Deleted { bytes, .. } = storage.delete_object(bucket, &object.key).await?;
+                swept.push(Swept {
+                    bytes,
+                    lag: now - object.modified - ttl,
+                });
+            }
         }
     }
     Ok(swept)

@@ -41,7 +41,7 @@ pub fn api_config() -> ApiConfig {
         r#"
 stripeNamespace: orders
 plans:
-  basic: {{retention: standard, keepInputsSeconds: 3600, keepOutputsSeconds: 7200, maxSteps: 500}}
+  basic: {{retention: standard, keepInputsSeconds: 3600, keepOutputsSeconds: 7200, maxSteps: 500, price: {{amount: 1900, currency: eur}}}}
   fast: {{retention: standard, keepInputsSeconds: 1, keepOutputsSeconds: 2, maxSteps: 100}}
   zero: {{retention: zeroRetention, keepOutputsSeconds: 2, maxSteps: 100, allowedRegions: [eu-west]}}
 tenants:
@@ -377,6 +377,30 @@ pub fn paid_event(session: &str, payment: &str, upload_id: &str, plan: &str) -> 
                 "upload_id": upload_id,
                 "training_consent": "true"
             }
+        }}
+    })
+}
+
+/// A paid checkout of a draft order, as the storefront creates it: only the draft's id in the
+/// metadata, and what Stripe charged.
+pub fn paid_draft_event(
+    session: &str,
+    payment: &str,
+    order_id: &str,
+    amount: i64,
+    currency: &str,
+) -> Value {
+    serde_json::json!({
+        "id": format!("evt_{session}"),
+        "type": "checkout.session.completed",
+        "data": {"object": {
+            "id": session,
+            "object": "checkout.session",
+            "payment_status": "paid",
+            "payment_intent": payment,
+            "amount_total": amount,
+            "currency": currency,
+            "metadata": {"order_id": order_id}
         }}
     })
 }

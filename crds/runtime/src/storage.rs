@@ -519,6 +519,56 @@ impl Storage {
         Ok(Some(size))
     }
 
+    /// Writes a small object (a record, not a dataset) to whichever region owns the bucket.
+    pub async fn put_record(
+        &self,
+        bucket: &str,
+        key: &str,
+        bytes: Vec<u8>,
+    ) -> Result<(), StorageError> {
+        self.store_of(bucket)?
+            .client
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .content_type("application/json")
+            .body(bytes.into())
+            .send()
+            .await
+            .map_err(|e| StorageError::PutObject(err_text(&e)))?;
+        Ok(())
+    }
+
+    /// Reads a small object written by [`Storage::put_record`]; `None` when it does not exist.
+    pub async fn get_record(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        let out = match self
+            .store_of(bucket)?
+            .client
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(o) => o,
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(StorageError::GetObject(err_text(&e))),
+        };
+        let bytes = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| StorageError::GetObject(e.to_string()))?
+            .into_bytes();
+        Ok(Some(bytes.to_vec()))
+    }
+
     fn store_of(&self, bucket: &str) -> Result<&RegionStore, StorageError> {
         self.region_of_bucket(bucket)
             .ok_or_else(|| StorageError::UnknownRegion(bucket.to_string()))

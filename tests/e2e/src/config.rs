@@ -252,8 +252,8 @@ pub fn api_yaml(r: &RetentionKnobs) -> String {
     format!(
         r#"stripeNamespace: {ORDERS_NS}
 plans:
-  standard: {{retention: standard, keepInputsSeconds: {}, keepOutputsSeconds: {}, maxSteps: 400, resolution: {E2E_RESOLUTION}}}
-  zero: {{retention: zeroRetention, keepOutputsSeconds: {}, maxSteps: 400, resolution: {E2E_RESOLUTION}}}
+  standard: {{retention: standard, keepInputsSeconds: {}, keepOutputsSeconds: {}, maxSteps: 400, resolution: {E2E_RESOLUTION}, price: {{amount: 1900, currency: eur}}}}
+  zero: {{retention: zeroRetention, keepOutputsSeconds: {}, maxSteps: 400, resolution: {E2E_RESOLUTION}, price: {{amount: 2900, currency: eur}}}}
 tenants:
   - {{name: storefront, namespace: {ORDERS_NS}, tokenSha256: "{}"}}
 limits:

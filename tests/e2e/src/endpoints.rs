@@ -19,6 +19,17 @@ use crate::config::{self, ORDERS_NS};
 use crate::http::{self, Response};
 use crate::stack::StackError;
 
+/// A draft order as the API answered it: what the checkout session carries and charges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Draft {
+    /// `metadata.order_id` of the checkout session.
+    pub order_id: String,
+    /// `amount_total` to charge.
+    pub amount: i64,
+    /// `currency` to charge.
+    pub currency: String,
+}
+
 /// The product's endpoints and the credentials a scenario uses on them.
 pub struct Endpoints {
     client: kube::Client,
@@ -165,6 +176,37 @@ impl Endpoints {
         match resp.json()["receipt"].as_str() {
             Some(r) if !r.is_empty() => Ok(r.to_string()),
             _ => Err(refused("get a receipt from the dataset check", &resp)),
+        }
+    }
+
+    /// Records a draft order as the storefront does before checkout (`POST /v1/orders`, the
+    /// cart's id as Idempotency-Key); returns the order id and the price to charge.
+    pub async fn draft_order(&self, order: &Value, cart: &str) -> Result<Draft, StackError> {
+        let body = serde_json::to_vec(order).map_err(|e| StackError::StartApi(e.to_string()))?;
+        let resp = http::request(
+            "POST",
+            &format!("{}/v1/orders", self.api_url()?),
+            &[
+                ("authorization", format!("Bearer {}", self.token)),
+                ("content-type", "application/json".into()),
+                ("idempotency-key", cart.to_string()),
+            ],
+            body,
+        )
+        .await?;
+        let v = resp.json();
+        match (
+            resp.status,
+            v["orderId"].as_str(),
+            v["price"]["amount"].as_i64(),
+            v["price"]["currency"].as_str(),
+        ) {
+            (201, Some(id), Some(amount), Some(currency)) => Ok(Draft {
+                order_id: id.to_string(),
+                amount,
+                currency: currency.to_string(),
+            }),
+            _ => Err(refused("record the draft order", &resp)),
         }
     }
 

@@ -11,7 +11,7 @@ use loraplane_crds::v1alpha1::Phase;
 use serde_json::{Value, json};
 
 use crate::config::{ORDERS_NS, REGIONS, SYSTEM_NS};
-use crate::endpoints::Endpoints;
+use crate::endpoints::{Draft, Endpoints};
 use crate::fixtures::{self, LoraFacts};
 use crate::http;
 use crate::stack::{Stack, StackError, job_name_for_session};
@@ -151,8 +151,13 @@ impl OrderSpec {
     }
 }
 
-/// A signed-and-paid `checkout.session.completed` event for an order; `receipt` is the
-/// dataset check's receipt, which a storefront puts in the session's metadata.
+/// The customer's trigger word in every scenario.
+pub const TRIGGER_WORD: &str = "zxqcat";
+/// The customer's concept description in every scenario.
+pub const DESCRIPTION: &str = "my grey cat Mimi, private description";
+
+/// A signed-and-paid `checkout.session.completed` event carrying the whole order in its
+/// metadata (the older path); `receipt` is the dataset check's receipt.
 pub fn paid_event(o: &OrderSpec, upload_id: &str, receipt: Option<&str>) -> Value {
     let mut event = json!({
         "id": format!("evt_{}", o.session),
@@ -166,8 +171,8 @@ pub fn paid_event(o: &OrderSpec, upload_id: &str, receipt: Option<&str>) -> Valu
             "metadata": {
                 "family": o.family,
                 "concept_type": "character",
-                "trigger_word": "zxqcat",
-                "concept": "my grey cat Mimi, private description",
+                "trigger_word": TRIGGER_WORD,
+                "concept": DESCRIPTION,
                 "plan": o.plan,
                 "residency": o.residency,
                 "upload_id": upload_id,
@@ -179,6 +184,41 @@ pub fn paid_event(o: &OrderSpec, upload_id: &str, receipt: Option<&str>) -> Valu
         event["data"]["object"]["metadata"]["dataset_receipt"] = json!(r);
     }
     event
+}
+
+/// The order the storefront records as a draft before checkout: everything the customer chose,
+/// their words included, which never go to Stripe.
+pub fn draft_order(o: &OrderSpec, upload_id: &str, receipt: &str) -> Value {
+    json!({
+        "family": o.family,
+        "conceptType": "character",
+        "triggerWord": TRIGGER_WORD,
+        "description": DESCRIPTION,
+        "plan": o.plan,
+        "residency": o.residency,
+        "uploadId": upload_id,
+        "steps": o.steps,
+        "datasetReceipt": receipt,
+    })
+}
+
+/// A signed-and-paid `checkout.session.completed` of a draft order: the session's metadata
+/// holds only the draft's id, and it charged what the draft quoted.
+pub fn paid_draft_event(o: &OrderSpec, draft: &Draft) -> Value {
+    json!({
+        "id": format!("evt_{}", o.session),
+        "type": "checkout.session.completed",
+        "data": {"object": {
+            "id": o.session,
+            "object": "checkout.session",
+            "payment_status": "paid",
+            "payment_intent": o.payment_intent,
+            "amount_total": draft.amount,
+            "currency": draft.currency,
+            "customer_details": {"email": "customer@example.com"},
+            "metadata": {"order_id": draft.order_id}
+        }}
+    })
 }
 
 /// A full `charge.refunded` event for a payment.
@@ -220,15 +260,31 @@ pub async fn place_order(
         format!("6 images, {size} bytes, presigned PUT to region {region}"),
     );
     // The storefront checks the dataset before checkout and carries the receipt into the
-    // session, so the webhook need not look at S3 (the trainer still verifies the hash).
+    // draft, so neither the draft nor the webhook need look at S3 again (the trainer still
+    // verifies the hash).
     let receipt = stack.validate_upload(&upload_id).await?;
     tl.note(
         "dataset validated",
-        "POST /v1/uploads/{id}/validate → receipt carried in the checkout metadata",
+        "POST /v1/uploads/{id}/validate → receipt carried in the draft order",
     );
-    let outcome = stack
-        .webhook(&paid_event(order, &upload_id, Some(&receipt)))
+    let draft = stack
+        .draft_order(&draft_order(order, &upload_id, &receipt), &order.session)
         .await?;
+    tl.note(
+        "draft order recorded",
+        format!(
+            "POST /v1/orders → {} {} to charge; the customer's words stay in region {region}",
+            draft.amount, draft.currency
+        ),
+    );
+    let paid = paid_draft_event(order, &draft);
+    let stripe_bound = paid["data"]["object"].to_string();
+    check(
+        "checkout metadata",
+        !stripe_bound.contains(TRIGGER_WORD) && !stripe_bound.contains(DESCRIPTION),
+        || format!("the checkout session carries customer text: {stripe_bound}"),
+    )?;
+    let outcome = stack.webhook(&paid).await?;
     check("checkout webhook", outcome == "created", || {
         format!("expected outcome created, got {outcome:?}")
     })?;

@@ -1,5 +1,5 @@
-//! The customer's main journey through the whole stack: a signed Stripe checkout for an
-//! EEA-only SDXL order, the dataset uploaded through the API, the job placed in the EEA, the
+//! The customer's main journey through the whole stack: a draft order and a signed Stripe
+//! checkout that carries only its id, for an EEA-only SDXL order, the dataset uploaded through the API, the job placed in the EEA, the
 //! real trainer running on the CPU, a spot preemption mid-training, the resume in the other EEA
 //! region from the checkpoint, the LoRA downloaded through a presigned URL and checked, and
 //! retention deleting every byte while the audit record stays.
@@ -117,6 +117,9 @@ async fn eea_order_survives_spot_preemption_and_leaves_nothing_after_retention()
             "{private} in the audit record {text}"
         );
     }
+    // Stripe saw the order's id and its price, nothing the customer wrote (the checkout's
+    // metadata is checked in `place_order`), and a fulfilled order asks it for no refund.
+    assert_eq!(stack.stripe.requests(), 0);
     eprintln!("journey wall time: {:.1} s", t0.elapsed().as_secs_f64());
     stack.shutdown().await;
 }
