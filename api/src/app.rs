@@ -742,37 +742,33 @@ impl App {
                     idempotency: None,
                 };
                 let pi = payment_intent.as_deref();
-                let order = match metadata.get("order_id") {
-                    // The draft path: the metadata names a draft, which holds the order.
-                    Some(id) => {
-                        match self
-                            .paid_draft(&ns, id, amount_total, currency.as_deref())
-                            .await?
+                // The checkout names a draft order, which holds everything the customer chose:
+                // their words never travel through Stripe.
+                let Some(id) = metadata.get("order_id") else {
+                    return self.refund(pi, &ids, RefundReason::OrderRejected).await;
+                };
+                let order = match self
+                    .paid_draft(&ns, id, amount_total, currency.as_deref())
+                    .await?
+                {
+                    Ok(order) => order,
+                    Err(PaidDraft::Gone) => {
+                        // A redelivery after the draft expired still has its job.
+                        let name = order::job_name(&ids.order_hash);
+                        let api = self.jobs(&ns);
+                        if api
+                            .get_opt(&name)
+                            .await
+                            .map_err(kube_err("get job"))?
+                            .is_some()
                         {
-                            Ok(order) => order,
-                            Err(PaidDraft::Gone) => {
-                                // A redelivery after the draft expired still has its job.
-                                let name = order::job_name(&ids.order_hash);
-                                if self
-                                    .jobs(&ns)
-                                    .get_opt(&name)
-                                    .await
-                                    .map_err(kube_err("get job"))?
-                                    .is_some()
-                                {
-                                    return Ok(Outcome::Duplicate);
-                                }
-                                return self.refund(pi, &ids, RefundReason::OrderRejected).await;
-                            }
-                            Err(PaidDraft::WrongPrice) => {
-                                return self.refund(pi, &ids, RefundReason::PriceMismatch).await;
-                            }
+                            return Ok(Outcome::Duplicate);
                         }
+                        return self.refund(pi, &ids, RefundReason::OrderRejected).await;
                     }
-                    None => match Order::from_metadata(&metadata) {
-                        Ok(order) => order,
-                        Err(_) => return self.refund(pi, &ids, RefundReason::OrderRejected).await,
-                    },
+                    Err(PaidDraft::WrongPrice) => {
+                        return self.refund(pi, &ids, RefundReason::PriceMismatch).await;
+                    }
                 };
                 let (job, created) = match self.create_job(&ns, &order, &ids).await {
                     Ok(r) => r,

@@ -969,8 +969,8 @@ pub struct UploadCheck {
     pub upload_id: String,
     /// SHA-256 of the zip.
     pub sha256: String,
-    /// Pass this with the order (`dataset_receipt` in the checkout session's metadata or the
-    /// job request): job creation then trusts this check instead of asking S3 again. Valid
+    /// Pass this with the order (`datasetReceipt` in the draft order or the job request): job
+    /// creation then trusts this check instead of asking S3 again. Valid
     /// for 24 hours, for this tenant and upload; re-uploading makes the job fail at start.
     pub receipt: String,
 }

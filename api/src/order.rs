@@ -1,12 +1,10 @@
-//! Orders, the pure part: what a paid order says (from Stripe metadata or the service API's
-//! JSON), how it becomes a `LoRATrainingJobSpec` with the plan's resolved policy, and the
+//! Orders, the pure part: what an order says (a draft order or the service API's job request,
+//! both JSON), how it becomes a `LoRATrainingJobSpec` with the plan's resolved policy, and the
 //! deterministic, non-reversible names that make delivery idempotent.
 //!
 //! Identifiers from the payment world (checkout sessions, payment intents, order ids) never
 //! appear in the cluster in clear: they are keyed-hashed (HMAC-SHA256 with the API's id key),
 //! so names and labels are stable for the same order yet say nothing about the payment.
-
-use std::collections::BTreeMap;
 
 use hmac::{Hmac, Mac};
 use loraplane_crds::platform::PlatformConfig;
@@ -147,40 +145,6 @@ impl OrderError {
             OrderError::RegionNotAllowed(_) => "region_not_allowed",
             OrderError::Unpriced(_) => "plan_unpriced",
         }
-    }
-}
-
-impl Order {
-    /// Reads an order from a checkout session's metadata (Stripe keys are snake_case).
-    pub fn from_metadata(m: &BTreeMap<String, String>) -> Result<Order, OrderError> {
-        let get = |k: &'static str| m.get(k).cloned().ok_or(OrderError::Missing(k));
-        Ok(Order {
-            family: get("family")?,
-            concept_type: get("concept_type")?,
-            trigger_word: get("trigger_word")?,
-            description: m.get("concept").cloned().filter(|s| !s.is_empty()),
-            plan: get("plan")?,
-            residency: m.get("residency").cloned(),
-            upload_id: get("upload_id")?,
-            steps: match m.get("steps") {
-                Some(s) => Some(s.parse().map_err(|_| OrderError::Invalid {
-                    field: "steps",
-                    message: "not an integer".into(),
-                })?),
-                None => None,
-            },
-            dataset_receipt: m.get("dataset_receipt").cloned(),
-            training_consent: match m.get("training_consent").map(String::as_str) {
-                None | Some("false") => false,
-                Some("true") => true,
-                Some(_) => {
-                    return Err(OrderError::Invalid {
-                        field: "training_consent",
-                        message: "must be true or false".into(),
-                    });
-                }
-            },
-        })
     }
 }
 
@@ -366,7 +330,7 @@ pub fn build_spec(order: &Order, inp: &SpecInputs<'_>) -> Result<LoRATrainingJob
     }
     let training = Training {
         steps,
-        // Orders (webhook metadata and the service API's request alike) carry no resolution,
+        // Orders (drafts and the service API's requests alike) carry no resolution,
         // so the plan decides; without one the field stays unset and the family default
         // applies when the operator renders the trainer's config.
         resolution: plan.resolution,
@@ -517,21 +481,6 @@ families: []
                 ..
             })
         ));
-        let mut m = BTreeMap::from([
-            ("family".to_string(), "sdxl".to_string()),
-            ("concept_type".to_string(), "object".to_string()),
-            ("trigger_word".to_string(), "mug".to_string()),
-            ("plan".to_string(), "basic".to_string()),
-            (
-                "upload_id".to_string(),
-                "eu-west.0123456789abcdef0123456789abcdef".to_string(),
-            ),
-        ]);
-        assert!(!Order::from_metadata(&m).unwrap().training_consent);
-        m.insert("training_consent".into(), "true".into());
-        assert!(Order::from_metadata(&m).unwrap().training_consent);
-        m.insert("training_consent".into(), "yes".into());
-        assert!(Order::from_metadata(&m).is_err());
     }
 
     #[test]
@@ -655,11 +604,6 @@ families: []
                 ..
             })
         ));
-        let m = BTreeMap::from([("family".to_string(), "sdxl".to_string())]);
-        assert_eq!(
-            Order::from_metadata(&m),
-            Err(OrderError::Missing("concept_type"))
-        );
     }
 
     #[test]

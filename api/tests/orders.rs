@@ -18,13 +18,15 @@ use serde_json::json;
 async fn a_paid_order_that_cannot_become_a_job_is_refunded_exactly_once() {
     within(120, async {
         let h = Harness::start_with(|c| c.stripe_api.timeout_seconds = 1).await;
-        // One image, where the plan's rules want two: paid for, never trainable.
-        let zip = loraplane_dataset::testing::zip_of(&[(
-            "a.png",
-            loraplane_dataset::testing::png(8, 8, 1),
-        )]);
-        let upload = h.upload(STOREFRONT, "eea", zip).await;
-        let paid = paid_event("cs_bad_1", "pi_bad_1", &upload, "basic");
+        // Paid for, and it can never become a job: the checkout names a draft this API does
+        // not hold (expired, or never made).
+        let paid = paid_draft_event(
+            "cs_bad_1",
+            "pi_bad_1",
+            "eu-west.0123456789abcdef0123456789abcdef",
+            1900,
+            "eur",
+        );
 
         // Stripe down twice, then too slow once: each delivery fails, so Stripe delivers again.
         h.stripe.fail_next(2);
@@ -187,7 +189,9 @@ async fn a_signed_checkout_creates_exactly_one_job_whatever_the_delivery_order()
         let h = Harness::start().await;
         let zip = dataset(3);
         let upload = h.upload(STOREFRONT, "eea", zip.clone()).await;
-        let paid = paid_event("cs_test_1", "pi_test_1", &upload, "basic");
+        let paid = h
+            .paid_draft("cs_test_1", "pi_test_1", &upload, "basic")
+            .await;
         let mut async_paid = paid.clone();
         async_paid["type"] = json!("checkout.session.async_payment_succeeded");
 
@@ -203,7 +207,9 @@ async fn a_signed_checkout_creates_exactly_one_job_whatever_the_delivery_order()
             assert_eq!(ack["outcome"], "duplicate");
         }
         // Another checkout on the same upload: one upload, one order.
-        let other = paid_event("cs_test_2", "pi_test_2", &upload, "basic");
+        let other = h
+            .paid_draft("cs_test_2", "pi_test_2", &upload, "basic")
+            .await;
         let (s, ack) = h.webhook(&other, now(), WEBHOOK_SECRET).await;
         assert_eq!(
             (s, ack["outcome"].as_str()),
@@ -289,7 +295,9 @@ async fn forged_stale_and_oversized_webhooks_are_refused_with_json_errors() {
     within(120, async {
         let h = Harness::start().await;
         let upload = h.upload(STOREFRONT, "eea", dataset(3)).await;
-        let paid = paid_event("cs_forged", "pi_forged", &upload, "basic");
+        let paid = h
+            .paid_draft("cs_forged", "pi_forged", &upload, "basic")
+            .await;
 
         let (s, body) = h.webhook(&paid, now(), b"whsec_wrong").await;
         assert_eq!(s, StatusCode::BAD_REQUEST);
@@ -335,7 +343,7 @@ async fn a_refund_before_the_completion_wins_and_a_dispute_erases_a_job() {
             (s, ack["outcome"].as_str()),
             (StatusCode::OK, Some("tombstoned"))
         );
-        let paid = paid_event("cs_early", "pi_early", &upload, "basic");
+        let paid = h.paid_draft("cs_early", "pi_early", &upload, "basic").await;
         for _ in 0..2 {
             let (_, ack) = h.webhook(&paid, now(), WEBHOOK_SECRET).await;
             assert_eq!(ack["outcome"], "revoked_first");
@@ -345,7 +353,7 @@ async fn a_refund_before_the_completion_wins_and_a_dispute_erases_a_job() {
         // Completion first, then a dispute: the API asks for the job's erasure on its spec
         // (the operator deletes it and its data; the API itself deletes nothing of a job).
         let upload = h.upload(STOREFRONT, "eea", dataset(3)).await;
-        let paid = paid_event("cs_late", "pi_late", &upload, "basic");
+        let paid = h.paid_draft("cs_late", "pi_late", &upload, "basic").await;
         let (_, ack) = h.webhook(&paid, now(), WEBHOOK_SECRET).await;
         assert_eq!(ack["outcome"], "created");
         let job = jobs(&h, "orders").await.remove(0);
@@ -362,11 +370,9 @@ async fn a_refund_before_the_completion_wins_and_a_dispute_erases_a_job() {
         assert_eq!(erasure.reason, ErasureReason::Dispute);
         assert_eq!(after.status, None, "the API never writes status");
         assert_eq!(after.uid(), job.uid());
-        assert_eq!(
-            h.keys("ds-eu").await.len(),
-            1,
-            "the API deletes no job data"
-        );
+        let uploads = h.keys("ds-eu").await;
+        let uploads: Vec<&String> = uploads.iter().filter(|k| k.contains("uploads/")).collect();
+        assert_eq!(uploads.len(), 1, "the API deletes no job data: {uploads:?}");
         // A second dispute delivery changes nothing: the first request stands.
         let (_, ack) = h
             .webhook(&dispute_event("pi_late"), now(), WEBHOOK_SECRET)

@@ -253,6 +253,38 @@ impl Harness {
         ticket["uploadId"].as_str().unwrap().to_string()
     }
 
+    /// Records a draft order of `plan` on `upload` as the storefront does before checkout (the
+    /// session id as the cart's Idempotency-Key) and returns the paid checkout completing it at
+    /// the quoted price.
+    pub async fn paid_draft(
+        &self,
+        session: &str,
+        payment: &str,
+        upload: &str,
+        plan: &str,
+    ) -> Value {
+        let order = serde_json::json!({"family": "sdxl", "conceptType": "character",
+            "triggerWord": "zxq", "description": "my grey cat", "plan": plan, "residency": "eea",
+            "uploadId": upload, "trainingConsent": true});
+        let (s, _, t) = self
+            .call(
+                "POST",
+                "/v1/orders",
+                Some(STOREFRONT),
+                &[("idempotency-key", session)],
+                Some(order),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{t}");
+        paid_draft_event(
+            session,
+            payment,
+            t["orderId"].as_str().unwrap(),
+            t["price"]["amount"].as_i64().unwrap(),
+            t["price"]["currency"].as_str().unwrap(),
+        )
+    }
+
     /// Every object key in a bucket.
     pub async fn keys(&self, bucket: &str) -> Vec<String> {
         let out = self
@@ -357,30 +389,6 @@ pub fn now() -> i64 {
 }
 
 /// A checkout.session.completed event.
-pub fn paid_event(session: &str, payment: &str, upload_id: &str, plan: &str) -> Value {
-    serde_json::json!({
-        "id": format!("evt_{session}"),
-        "type": "checkout.session.completed",
-        "data": {"object": {
-            "id": session,
-            "object": "checkout.session",
-            "payment_status": "paid",
-            "payment_intent": payment,
-            "customer_details": {"email": "someone@example.com"},
-            "metadata": {
-                "family": "sdxl",
-                "concept_type": "character",
-                "trigger_word": "zxq",
-                "concept": "my grey cat",
-                "plan": plan,
-                "residency": "eea",
-                "upload_id": upload_id,
-                "training_consent": "true"
-            }
-        }}
-    })
-}
-
 /// A paid checkout of a draft order, as the storefront creates it: only the draft's id in the
 /// metadata, and what Stripe charged.
 pub fn paid_draft_event(

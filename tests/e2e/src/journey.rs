@@ -156,36 +156,6 @@ pub const TRIGGER_WORD: &str = "zxqcat";
 /// The customer's concept description in every scenario.
 pub const DESCRIPTION: &str = "my grey cat Mimi, private description";
 
-/// A signed-and-paid `checkout.session.completed` event carrying the whole order in its
-/// metadata (the older path); `receipt` is the dataset check's receipt.
-pub fn paid_event(o: &OrderSpec, upload_id: &str, receipt: Option<&str>) -> Value {
-    let mut event = json!({
-        "id": format!("evt_{}", o.session),
-        "type": "checkout.session.completed",
-        "data": {"object": {
-            "id": o.session,
-            "object": "checkout.session",
-            "payment_status": "paid",
-            "payment_intent": o.payment_intent,
-            "customer_details": {"email": "customer@example.com"},
-            "metadata": {
-                "family": o.family,
-                "concept_type": "character",
-                "trigger_word": TRIGGER_WORD,
-                "concept": DESCRIPTION,
-                "plan": o.plan,
-                "residency": o.residency,
-                "upload_id": upload_id,
-                "steps": o.steps.to_string(),
-            }
-        }}
-    });
-    if let Some(r) = receipt {
-        event["data"]["object"]["metadata"]["dataset_receipt"] = json!(r);
-    }
-    event
-}
-
 /// The order the storefront records as a draft before checkout: everything the customer chose,
 /// their words included, which never go to Stripe.
 pub fn draft_order(o: &OrderSpec, upload_id: &str, receipt: &str) -> Value {
@@ -947,18 +917,27 @@ mod tests {
     }
 
     #[test]
-    fn paid_events_carry_the_order_in_stripe_metadata() {
+    fn a_paid_checkout_carries_only_the_drafts_id_and_its_price() {
         let o = OrderSpec::new("x", "standard", "sdxl", "eea", 30);
-        let ev = paid_event(&o, "eu-west.0123", Some("v1.1.ab.cd"));
-        assert_eq!(
-            ev["data"]["object"]["metadata"]["dataset_receipt"],
-            "v1.1.ab.cd"
-        );
+        let draft = Draft {
+            order_id: "eu-west.0123".into(),
+            amount: 1900,
+            currency: "eur".into(),
+        };
+        let ev = paid_draft_event(&o, &draft);
         assert_eq!(ev["type"], "checkout.session.completed");
-        let md = &ev["data"]["object"]["metadata"];
-        assert_eq!(md["residency"], "eea");
-        assert_eq!(md["steps"], "30");
-        assert_eq!(md["upload_id"], "eu-west.0123");
+        let session = &ev["data"]["object"];
+        assert_eq!(session["metadata"], json!({"order_id": "eu-west.0123"}));
+        assert_eq!(
+            (
+                session["amount_total"].as_i64(),
+                session["currency"].as_str()
+            ),
+            (Some(1900), Some("eur"))
+        );
+        let order = draft_order(&o, "eu-west.0123", "v1.1.ab.cd");
+        assert_eq!(order["triggerWord"], TRIGGER_WORD);
+        assert_eq!(order["steps"], 30);
         assert_eq!(jurisdiction("eu-central"), "eea");
         assert_eq!(jurisdiction("us-east"), "us");
     }

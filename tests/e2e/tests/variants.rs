@@ -178,8 +178,17 @@ async fn refund_mid_training_stops_the_trainer_and_erases_the_order() {
         .upload_dataset("eea", loraplane_e2e::fixtures::dataset_zip(6).unwrap())
         .await
         .unwrap();
+    // The same checkout again, on a new draft (a new cart) over a new upload.
+    let receipt = stack.validate_upload(&upload2).await.unwrap();
+    let draft = stack
+        .draft_order(
+            &journey::draft_order(&order, &upload2, &receipt),
+            &format!("{}-again", order.session),
+        )
+        .await
+        .unwrap();
     let replay = stack
-        .webhook(&journey::paid_event(&order, &upload2, None))
+        .webhook(&journey::paid_draft_event(&order, &draft))
         .await
         .unwrap();
     assert_eq!(replay, "revoked_first");

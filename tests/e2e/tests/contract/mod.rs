@@ -100,7 +100,7 @@ fn api_config() -> loraplane_api::config::ApiConfig {
 stripeNamespace: {ORDERS_NS}
 plans:
   basic: {{retention: standard, keepInputsSeconds: 3600, keepOutputsSeconds: 7200, maxSteps: 500}}
-  fast: {{retention: standard, keepInputsSeconds: 1, keepOutputsSeconds: 2, maxSteps: 100}}
+  fast: {{retention: standard, keepInputsSeconds: 1, keepOutputsSeconds: 2, maxSteps: 100, price: {{amount: 500, currency: eur}}}}
 tenants:
   - {{name: acme, namespace: {TENANT_NS}, tokenSha256: "{}"}}
   - {{name: storefront, namespace: {ORDERS_NS}, tokenSha256: "{}"}}
@@ -256,7 +256,7 @@ impl ApiClient {
             }
             None => Vec::new(),
         };
-        if method == "POST" && path == "/v1/jobs" {
+        if method == "POST" && (path == "/v1/jobs" || path == "/v1/orders") {
             headers.push(("idempotency-key", "contract".into()));
         }
         let (status, body) = http(method, &format!("{}{path}", self.base), &headers, bytes).await;
@@ -368,17 +368,17 @@ fn phase(job: &LoRATrainingJob) -> Option<&'static str> {
         .map(|p| p.as_str())
 }
 
-fn paid_event(session: &str, payment: &str, upload_id: &str) -> Value {
+/// The paid checkout of a draft order: only the draft's id in the metadata, the quoted price
+/// charged.
+fn paid_draft_event(session: &str, payment: &str, draft: &Value) -> Value {
     json!({
         "id": format!("evt_{session}"),
         "type": "checkout.session.completed",
         "data": {"object": {
             "id": session, "object": "checkout.session", "payment_status": "paid",
             "payment_intent": payment,
-            "customer_details": {"email": "someone@example.com"},
-            "metadata": {"family": "sdxl", "concept_type": "character", "trigger_word": "zxq",
-                         "concept": "my grey cat", "plan": "fast", "residency": "eea",
-                         "upload_id": upload_id}
+            "amount_total": draft["price"]["amount"], "currency": draft["price"]["currency"],
+            "metadata": {"order_id": draft["orderId"]}
         }}
     })
 }
@@ -496,7 +496,13 @@ pub async fn run() -> Outcome {
     // A paid checkout: the webhook creates job A; it lands on spot, is preempted, resumes
     // elsewhere from its checkpoint and succeeds.
     let upload = api.upload(STOREFRONT).await;
-    let paid = paid_event("cs_contract", "pi_contract", &upload);
+    let order = json!({"family": "sdxl", "conceptType": "character", "triggerWord": "zxq",
+        "description": "my grey cat", "plan": "fast", "residency": "eea", "uploadId": upload});
+    let (status, draft) = api
+        .call("POST", "/v1/orders", STOREFRONT, Some(order))
+        .await;
+    assert_eq!(status, 201, "{draft}");
+    let paid = paid_draft_event("cs_contract", "pi_contract", &draft);
     let ack = api.webhook(&paid).await;
     assert_eq!(ack["outcome"], "created", "{ack}");
     // Stripe delivers at least once: the redelivery finds the order's own upload claim.
