@@ -171,9 +171,18 @@ async fn a_draft_order_keeps_the_customers_words_out_of_stripe_and_must_be_paid_
             ]
         );
         assert!(h.stripe.refused().is_empty(), "{:?}", h.stripe.refused());
-        // The paid draft redelivered: the same job, whatever became of the draft.
+        // The paid draft redelivered: the same job, whatever became of the draft; even once
+        // the sweep deleted it, the job stands and nothing is refunded.
         let (_, ack) = h.webhook(&paid, now(), WEBHOOK_SECRET).await;
         assert_eq!(ack["outcome"], "duplicate");
+        let drafts: Vec<String> = h.keys("ds-eu").await.into_iter().filter(|k| k.starts_with("drafts/")).collect();
+        assert_eq!(drafts.len(), 2, "the two drafts made, in the upload's region: {drafts:?}");
+        for key in &drafts {
+            h.s3.client().delete_object().bucket("ds-eu").key(key).send().await.unwrap();
+        }
+        let (_, ack) = h.webhook(&paid, now(), WEBHOOK_SECRET).await;
+        assert_eq!(ack["outcome"], "duplicate");
+        assert_eq!(h.stripe.refunds().len(), 3);
     })
     .await;
 }
