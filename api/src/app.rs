@@ -382,11 +382,9 @@ impl App {
                 .inc();
             return Ok(sha.to_string());
         }
-        let store = self
-            .storage
-            .region(&upload.region)
-            .map_err(|_| AppError::BadUploadId(upload_id.into()))?;
-        let bucket = store.buckets.datasets.clone();
+        let bucket = self
+            .dataset_bucket(&upload.region)
+            .ok_or_else(|| AppError::BadUploadId(upload_id.into()))?;
         let key = upload.key(ns);
         // An upload is checked once: a passing check leaves a marker on the object, and S3
         // drops it if the object is replaced. The marker costs one small request instead of a
@@ -588,9 +586,7 @@ impl App {
         let upload = UploadId::parse(&order.upload_id)
             .ok_or_else(|| AppError::BadUploadId(order.upload_id.clone()))?;
         let bucket = self
-            .platform
-            .region(&upload.region)
-            .map(|r| r.buckets.datasets.clone())
+            .dataset_bucket(&upload.region)
             .ok_or_else(|| AppError::BadUploadId(order.upload_id.clone()))?;
         // Policy first (cheap), then the dataset (a marker read, or a download and inflate).
         let placeholder = "0".repeat(64);
@@ -667,7 +663,9 @@ impl App {
             region: upload.region.clone(),
             token: self.hash(&format!("draft:{ns}"), idempotency_key),
         });
-        let bucket = self.dataset_bucket(id.region())?;
+        let bucket = self
+            .dataset_bucket(id.region())
+            .ok_or_else(|| AppError::BadUploadId(order.upload_id.clone()))?;
         let key = id.key(ns);
         if let Some(bytes) = self.storage.get_record(&bucket, &key).await? {
             let stored: Draft =
@@ -698,7 +696,7 @@ impl App {
         let Some(id) = DraftId::parse(id) else {
             return Ok(Err(PaidDraft::Gone));
         };
-        let Ok(bucket) = self.dataset_bucket(id.region()) else {
+        let Some(bucket) = self.dataset_bucket(id.region()) else {
             return Ok(Err(PaidDraft::Gone));
         };
         let Some(bytes) = self.storage.get_record(&bucket, &id.key(ns)).await? else {
@@ -716,12 +714,11 @@ impl App {
         })
     }
 
-    /// The dataset bucket of a region.
-    fn dataset_bucket(&self, region: &str) -> Result<String, AppError> {
+    /// The dataset bucket of a region, if the platform has the region.
+    fn dataset_bucket(&self, region: &str) -> Option<String> {
         self.platform
             .region(region)
             .map(|r| r.buckets.datasets.clone())
-            .ok_or_else(|| AppError::BadUploadId(region.to_string()))
     }
 
     /// Handles one verified webhook event.

@@ -120,19 +120,7 @@ pub struct Object {
 impl Object {
     /// Its size and ETag, or `None` when it does not exist.
     pub async fn stat(&self) -> Result<Option<ObjectStat>, StorageError> {
-        let head = self
-            .client
-            .head_object()
-            .bucket(&self.bucket)
-            .key(&self.key);
-        match head.send().await {
-            Ok(h) => Ok(Some(ObjectStat {
-                size: h.content_length().unwrap_or(0).max(0) as u64,
-                etag: h.e_tag().unwrap_or_default().to_string(),
-            })),
-            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(None),
-            Err(e) => Err(StorageError::GetObject(err_text(&e))),
-        }
+        head(&self.client, &self.bucket, &self.key).await
     }
 
     /// Bytes `start..start + len`, provided the object still has `etag`: a replaced object is
@@ -207,24 +195,29 @@ pub struct Listed {
     pub modified: i64,
 }
 
+/// An object's size and ETag, or `None` when it does not exist.
+async fn head(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+) -> Result<Option<ObjectStat>, StorageError> {
+    match client.head_object().bucket(bucket).key(key).send().await {
+        Ok(h) => Ok(Some(ObjectStat {
+            size: h.content_length().unwrap_or(0).max(0) as u64,
+            etag: h.e_tag().unwrap_or_default().to_string(),
+        })),
+        Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(None),
+        Err(e) => Err(StorageError::GetObject(err_text(&e))),
+    }
+}
+
 /// The size of an object, or `None` when it does not exist.
 async fn object_size(
     store: &RegionStore,
     bucket: &str,
     key: &str,
 ) -> Result<Option<u64>, StorageError> {
-    match store
-        .client
-        .head_object()
-        .bucket(bucket)
-        .key(key)
-        .send()
-        .await
-    {
-        Ok(h) => Ok(Some(h.content_length().unwrap_or(0).max(0) as u64)),
-        Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(None),
-        Err(e) => Err(StorageError::GetObject(err_text(&e))),
-    }
+    Ok(head(&store.client, bucket, key).await?.map(|o| o.size))
 }
 
 /// Splits `s3://bucket/key` into bucket and key.
