@@ -35,17 +35,19 @@ use loraplane_crds::platform::PlatformConfig;
 use loraplane_crds::v1alpha1::{
     ErasureReason, ErasureRequest, LoRATrainingJob, LoRATrainingJobSpec,
 };
-use loraplane_runtime::storage::{Marker, Storage, StorageError};
+use loraplane_runtime::storage::{Marker, Storage, StorageError, parse_uri};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::config::ApiConfig;
 use crate::dataset_check::{self, CheckError};
+use crate::ledger::{self, LedgerError};
 use crate::metrics::Metrics;
 use crate::order::{
     self, ANNOTATION_REQUEST, Draft, DraftId, LABEL_IDEMPOTENCY, LABEL_ORDER, LABEL_PAYMENT,
     LABEL_PLAN, LABEL_SOURCE, LABEL_TOMBSTONE_OF, Order, OrderError, SpecInputs, UploadId,
 };
+use crate::outbox;
 use crate::receipt;
 use crate::refunds::{RefundError, RefundReason, Stripe};
 use crate::stripe::{RevokeReason, WebhookEvent};
@@ -58,6 +60,8 @@ pub struct Secrets {
     pub webhook: Vec<Vec<u8>>,
     /// Key for hashing payment and order ids.
     pub id_key: Vec<u8>,
+    /// Notification signing secrets by tenant name (tenants with a notification endpoint).
+    pub notify: BTreeMap<String, Vec<u8>>,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -119,6 +123,9 @@ pub enum AppError {
     /// A paid order could not be refunded (yet): the webhook fails, Stripe delivers it again.
     #[error(transparent)]
     Refund(#[from] RefundError),
+    /// The order's ledger could not be read or written.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
 }
 
 impl AppError {
@@ -130,6 +137,13 @@ impl AppError {
                 action,
                 source: kube::Error::Api(status),
             } => format!("{action}: HTTP {} {}", status.code, status.reason),
+            AppError::Ledger(LedgerError::Kube {
+                action,
+                source: kube::Error::Api(status),
+            }) => format!(
+                "{action} the order ledger: HTTP {} {}",
+                status.code, status.reason
+            ),
             other => other.to_string(),
         }
     }
@@ -517,6 +531,11 @@ impl App {
             )]));
         }
         job.metadata.labels = Some(labels);
+        // What the API owes after the job exists (a refund, notifications) keeps the job
+        // until it is paid out; see `notifier`.
+        if self.owes_after_job(ns, ids) {
+            job.metadata.finalizers = Some(vec![outbox::FINALIZER.to_string()]);
+        }
         match api.create(&PostParams::default(), &job).await {
             Ok(created) => Ok((created, true)),
             Err(e) if is_status(&e, 409) => {
@@ -787,6 +806,9 @@ impl App {
                     ) => return self.refund(pi, &ids, RefundReason::OrderRejected).await,
                     Err(e) => return Err(e),
                 };
+                // What a refund of the job would need, kept before the event is acknowledged
+                // (a redelivery records it again, harmlessly).
+                ledger::record_payment(&self.kube, &job, id, pi, &ids.order_hash).await?;
                 // Write-then-read: a refund that raced past our tombstone check is seen here.
                 if created && self.revoked(&ns, &ids).await?.is_some() {
                     self.erase(&ns, &job.name_any(), ErasureReason::Refund)
@@ -862,6 +884,49 @@ impl App {
         Ok(())
     }
 
+    /// Whether a job of this order can owe something once it exists: a refund (it was paid
+    /// for) or notifications (its tenant has an endpoint).
+    fn owes_after_job(&self, ns: &str, ids: &OrderIds) -> bool {
+        ids.payment_hash.is_some()
+            || self
+                .config
+                .tenants
+                .iter()
+                .any(|t| t.namespace == ns && t.notifications.is_some())
+    }
+
+    /// Presigned links to a job's LoRA files, and when they stop working (Unix seconds). Only
+    /// the job's own files: status is the operator's, but the names in it came from a trainer,
+    /// and a presigned link is a download for whoever holds it.
+    pub async fn downloads(
+        &self,
+        job: &LoRATrainingJob,
+    ) -> Result<(Vec<outbox::Download>, i64), AppError> {
+        let secs = self.config.limits.presign_seconds;
+        let prefix = loraplane_crds::layout::job_prefix(
+            &job.namespace().unwrap_or_default(),
+            &job.name_any(),
+            job.metadata.uid.as_deref().unwrap_or_default(),
+        );
+        let mut links = Vec::new();
+        let artifacts = job.status.iter().flat_map(|s| &s.artifacts);
+        for a in artifacts.filter(|a| self.storage.is_job_output(&a.uri, &prefix)) {
+            let (bucket, key) = parse_uri(&a.uri)?;
+            let url = self
+                .storage
+                .presign_get(bucket, key, std::time::Duration::from_secs(secs))
+                .await?;
+            links.push(outbox::Download {
+                format: a.format.clone(),
+                url,
+                sha256: a.sha256.clone(),
+                bytes: a.bytes,
+            });
+        }
+        let expires = Timestamp::now().as_second() + i64::try_from(secs).unwrap_or(i64::MAX / 2);
+        Ok((links, expires))
+    }
+
     /// Gets a job in a namespace.
     pub async fn get_job(&self, ns: &str, name: &str) -> Result<LoRATrainingJob, AppError> {
         self.jobs(ns)
@@ -910,7 +975,12 @@ impl App {
             .patch(
                 name,
                 &PatchParams::default(),
-                &Patch::Merge(json!({"spec": {"cancel": true}})),
+                // The customer's own cancel owes no refund; one without this mark (a
+                // platform team's) does.
+                &Patch::Merge(json!({
+                    "metadata": {"annotations": {outbox::ANNOTATION_CANCELLED_BY: outbox::CANCELLED_BY_CUSTOMER}},
+                    "spec": {"cancel": true},
+                })),
             )
             .await
             .map_err(kube_err("cancel job"))

@@ -24,6 +24,60 @@ pub struct ApiConfig {
     /// Limits.
     #[serde(default)]
     pub limits: Limits,
+    /// How notifications to storefronts, and refunds of jobs that end badly, are retried.
+    #[serde(default)]
+    pub notifications: Notifications,
+}
+
+/// Delivery of storefront notifications and of refunds owed after a job ended.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Notifications {
+    /// A `job.progress` event at every multiple of this many per cent (0: none).
+    pub progress_every_percent: u8,
+    /// Seconds before the first retry of a failed delivery or refund; each next one doubles.
+    pub retry_base_seconds: u64,
+    /// The longest wait between two retries, in seconds.
+    pub retry_max_seconds: u64,
+    /// Seconds after which an undelivered event is abandoned (Stripe's own: three days).
+    pub give_up_after_seconds: u64,
+    /// Seconds a storefront may take to answer one delivery.
+    pub timeout_seconds: u64,
+}
+
+impl Default for Notifications {
+    fn default() -> Self {
+        Notifications {
+            progress_every_percent: 25,
+            retry_base_seconds: 30,
+            retry_max_seconds: 3600,
+            give_up_after_seconds: 3 * 86_400,
+            timeout_seconds: 10,
+        }
+    }
+}
+
+impl Notifications {
+    /// The delivery policy the pure decisions take.
+    pub fn policy(&self) -> crate::outbox::Policy {
+        let secs = |s: u64| i64::try_from(s).unwrap_or(i64::MAX);
+        crate::outbox::Policy {
+            progress_every: self.progress_every_percent,
+            retry_base: secs(self.retry_base_seconds),
+            retry_max: secs(self.retry_max_seconds),
+            give_up_after: secs(self.give_up_after_seconds),
+        }
+    }
+}
+
+/// Where a tenant's storefront is told about its jobs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TenantNotifications {
+    /// The storefront's webhook endpoint (`https://…`).
+    pub url: String,
+    /// The environment variable holding the signing secret shared with the storefront.
+    pub secret_env: String,
 }
 
 /// Where Stripe's API is and how long a call may take.
@@ -122,6 +176,9 @@ pub struct Tenant {
     /// token as `tokenSha256`, move the old one here, remove it once the clients switched.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub previous_token_sha256s: Vec<String>,
+    /// Where the tenant's storefront receives signed notifications; none when empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notifications: Option<TenantNotifications>,
 }
 
 impl Tenant {
@@ -291,6 +348,12 @@ impl ApiConfig {
                 return Err(bad(field.into(), "must be at least 1"));
             }
         }
+        if self.notifications.progress_every_percent > 50 {
+            return Err(bad(
+                "notifications.progressEveryPercent".into(),
+                "must be from 0 (none) to 50",
+            ));
+        }
         let mut namespaces = std::collections::HashSet::new();
         let mut hashes = std::collections::HashSet::new();
         for (i, t) in self.tenants.iter().enumerate() {
@@ -308,6 +371,26 @@ impl ApiConfig {
                 }
                 if !hashes.insert(h.to_ascii_lowercase()) {
                     return Err(bad(field, "the same token hash is configured twice"));
+                }
+            }
+            if let Some(n) = &t.notifications {
+                let scheme_ok = n.url.starts_with("https://") || n.url.starts_with("http://");
+                if !scheme_ok || n.url.len() > 2048 {
+                    return Err(bad(
+                        format!("tenants[{i}].notifications.url"),
+                        "must be an http(s) URL of at most 2048 characters",
+                    ));
+                }
+                let env_ok = !n.secret_env.is_empty()
+                    && !n.secret_env.starts_with(|c: char| c.is_ascii_digit())
+                    && n.secret_env
+                        .bytes()
+                        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+                if !env_ok {
+                    return Err(bad(
+                        format!("tenants[{i}].notifications.secretEnv"),
+                        "must be an environment variable name (A-Z, 0-9, _)",
+                    ));
                 }
             }
             // The Stripe namespace may have one tenant: the storefront that creates uploads

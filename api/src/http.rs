@@ -30,7 +30,7 @@ use crate::order::{ANNOTATION_REQUEST, Order, UploadId};
 use crate::{client_ip, stripe};
 use loraplane_crds::v1alpha1::ErasureReason;
 use loraplane_dataset::DatasetError;
-use loraplane_runtime::storage::{StorageError, parse_uri};
+use loraplane_runtime::storage::StorageError;
 
 /// An error response.
 #[derive(Debug, Clone)]
@@ -151,6 +151,14 @@ impl From<AppError> for ApiError {
                     StatusCode::BAD_GATEWAY,
                     "cluster_unavailable",
                     format!("{action} failed; retry later"),
+                )
+            }
+            AppError::Ledger(_) => {
+                tracing::error!(error = %safe, "order ledger call failed");
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "cluster_unavailable",
+                    "recording the order failed; retry later",
                 )
             }
             AppError::Storage(_) => {
@@ -818,40 +826,121 @@ pub async fn artifacts(
             "the job has no artifacts yet",
         ));
     }
-    let secs = s.app.config.limits.presign_seconds;
-    let mut links = Vec::new();
-    let prefix = loraplane_crds::layout::job_prefix(
-        &tenant.namespace,
-        &job.name_any(),
-        job.metadata.uid.as_deref().unwrap_or_default(),
-    );
-    // Only the job's own files: status is the operator's, but the names in it came from a
-    // trainer, and a presigned link is a download for whoever holds it.
-    for a in status
-        .artifacts
-        .iter()
-        .filter(|a| s.app.storage.is_job_output(&a.uri, &prefix))
-    {
-        let (bucket, key) = parse_uri(&a.uri).map_err(AppError::from)?;
-        let url = s
-            .app
-            .storage
-            .presign_get(bucket, key, Duration::from_secs(secs))
-            .await
-            .map_err(AppError::from)?;
-        links.push(ArtifactLink {
-            format: a.format.clone(),
-            url,
-            sha256: a.sha256.clone(),
-            bytes: a.bytes,
-        });
-    }
-    let expires = Timestamp::now().as_second() + secs as i64;
+    let (links, expires) = s.app.downloads(&job).await?;
     Ok(Json(Artifacts {
-        artifacts: links,
+        artifacts: links
+            .into_iter()
+            .map(|d| ArtifactLink {
+                format: d.format,
+                url: d.url,
+                sha256: d.sha256,
+                bytes: d.bytes,
+            })
+            .collect(),
         expires_at: Timestamp::from_second(expires)
             .map(|t| t.to_string())
             .unwrap_or_default(),
+    }))
+}
+
+/// One notification of a job and its delivery to the tenant's storefront.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct EventRecord {
+    /// The event id (`evt_…`) the storefront de-duplicates on.
+    pub id: String,
+    /// `job.accepted`, `job.running`, `job.progress`, `job.succeeded`, `job.failed`,
+    /// `job.cancelled`, `job.refunded` or `job.erased`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// When it was recorded (Unix seconds).
+    pub created: i64,
+    /// The threshold crossed (progress events).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u8>,
+    /// The end reason code (failed and cancelled events).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// `pending`, `delivered` or `abandoned` (not delivered within three days).
+    pub delivery: String,
+    /// Delivery attempts so far.
+    pub attempts: u32,
+    /// The storefront's last HTTP status, if it answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_status: Option<u16>,
+    /// When it was delivered (Unix seconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivered_at: Option<i64>,
+}
+
+/// A job's refund, when one was owed after it ended.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct RefundRecord {
+    /// `jobFailed` or `jobCancelled`.
+    pub reason: String,
+    /// `pending` or `succeeded`.
+    pub state: String,
+    /// Calls to Stripe so far.
+    pub attempts: u32,
+}
+
+/// A job's delivery log.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct JobEvents {
+    /// Notifications, oldest first (empty when the tenant has no endpoint).
+    pub events: Vec<EventRecord>,
+    /// The refund, if one was owed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refund: Option<RefundRecord>,
+}
+
+fn enum_str<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// The job's notifications and their delivery to the storefront, and its refund: what the
+/// storefront was told, when, and what is still being retried.
+#[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", security(("bearer" = [])),
+    params(("id" = String, Path)),
+    responses((status = 200, body = JobEvents), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn job_events(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    JobId(id): JobId,
+) -> Result<Json<JobEvents>, ApiError> {
+    let tenant = s.tenant(&headers)?;
+    // The job must be the tenant's; its ledger sits beside it.
+    s.app.get_job(&tenant.namespace, &id).await?;
+    let stored = crate::ledger::read(&s.app.kube, &tenant.namespace, &id)
+        .await
+        .map_err(AppError::from)?;
+    let l = stored.ledger;
+    Ok(Json(JobEvents {
+        events: l
+            .events
+            .iter()
+            .map(|e| EventRecord {
+                id: e.id.clone(),
+                kind: e.kind.as_str().to_string(),
+                created: e.created,
+                percent: e.percent,
+                reason: e.reason.clone(),
+                delivery: enum_str(&e.delivery),
+                attempts: e.attempts,
+                last_status: e.last_status,
+                delivered_at: e.delivered_at,
+            })
+            .collect(),
+        refund: l.refund.map(|r| RefundRecord {
+            reason: enum_str(&r.reason),
+            state: enum_str(&r.state),
+            attempts: r.attempts,
+        }),
     }))
 }
 
@@ -1058,7 +1147,7 @@ impl utoipa::Modify for BearerAuth {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "loraplane API", description = "Paid orders into LoRA training jobs, uploads, downloads and erasure."),
-    paths(stripe_webhook, create_order, create_job, get_job, list_jobs, cancel_job, withdraw_consent, erase_job, artifacts, create_upload, validate_upload),
+    paths(stripe_webhook, create_order, create_job, get_job, list_jobs, cancel_job, withdraw_consent, erase_job, artifacts, job_events, create_upload, validate_upload),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -1278,6 +1367,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/jobs/{id}/consent/withdraw", post(withdraw_consent))
         .route("/v1/jobs/{id}/artifacts", get(artifacts))
+        .route("/v1/jobs/{id}/events", get(job_events))
         .route("/v1/uploads", post(create_upload))
         .route("/v1/uploads/{id}/validate", post(validate_upload))
         .route("/openapi.json", get(openapi_json))

@@ -1,5 +1,6 @@
-//! `loraplane-api`: reads its configuration, connects to Kubernetes and S3 and serves HTTP.
-//! It holds no lease and runs no background loop: every replica is the same.
+//! `loraplane-api`: reads its configuration, connects to Kubernetes and S3, serves HTTP and runs
+//! the notifier (storefront notifications, refunds of jobs that ended badly). It holds no
+//! lease: every replica is the same.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,6 +12,7 @@ use loraplane_api::app::{App, Secrets};
 use loraplane_api::config::ApiConfig;
 use loraplane_api::http;
 use loraplane_api::metrics::Metrics;
+use loraplane_api::notifier::Notifier;
 use loraplane_api::refunds::Stripe;
 use loraplane_crds::platform::PlatformConfig;
 use loraplane_runtime::logging::{self, LogFormat};
@@ -49,6 +51,10 @@ enum StartError {
     PlatformConfig(#[from] loraplane_crds::platform::ConfigError),
     #[error("environment variable {0} is required")]
     MissingEnv(&'static str),
+    #[error("environment variable {0} (a tenant's notification secret) is required")]
+    MissingTenantSecret(String),
+    #[error(transparent)]
+    Notifier(#[from] loraplane_api::notifier::NotifyError),
     #[error("connect to Kubernetes: {0}")]
     Kube(#[from] kube::Error),
     #[error("register metrics: {0}")]
@@ -78,9 +84,21 @@ async fn run(args: Args) -> Result<(), StartError> {
         .split(',')
         .map(|s| s.trim().as_bytes().to_vec())
         .collect();
+    // Each tenant's notification secret comes from the variable its configuration names.
+    let mut notify = std::collections::BTreeMap::new();
+    for t in &config.tenants {
+        if let Some(n) = &t.notifications {
+            let value = std::env::var(&n.secret_env)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| StartError::MissingTenantSecret(n.secret_env.clone()))?;
+            notify.insert(t.name.clone(), value.into_bytes());
+        }
+    }
     let secrets = Secrets {
         webhook,
         id_key: env("ID_HASH_KEY")?.into_bytes(),
+        notify,
     };
     let creds = S3Credentials {
         access_key: env("AWS_ACCESS_KEY_ID")?,
@@ -111,6 +129,9 @@ async fn run(args: Args) -> Result<(), StartError> {
         .local_addr()
         .map_err(|e| StartError::Listen(args.listen, e))?;
     tracing::info!(listen = %bound, "loraplane-api serving");
+    let holder = std::env::var("HOSTNAME").unwrap_or_else(|_| uuid::Uuid::new_v4().to_string());
+    let notifier = Arc::new(Notifier::new(app.clone(), &holder)?);
+    tokio::spawn(notifier.run());
     http::serve(listener, app, async {
         let _ = tokio::signal::ctrl_c().await;
     })

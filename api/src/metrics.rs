@@ -4,7 +4,7 @@
 //! event types and outcomes: never ids.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
 };
 
 /// The API's metrics.
@@ -22,6 +22,12 @@ pub struct Metrics {
     /// Dataset checks by how they were answered: `marker` (an earlier validation of the same
     /// bytes) or `download` (fetched and inflated).
     pub dataset_checks: IntCounterVec,
+    /// Refund calls for jobs that ended badly, by reason and outcome.
+    pub refunds: IntCounterVec,
+    /// Notification delivery attempts by event type and outcome (delivered, retry, abandoned).
+    pub notifications: IntCounterVec,
+    /// Seconds from an event being recorded to its delivery.
+    pub notification_lag: Histogram,
 }
 
 impl Metrics {
@@ -66,6 +72,32 @@ impl Metrics {
             ),
             &["how"],
         )?;
+        let refunds = IntCounterVec::new(
+            Opts::new(
+                "loraplane_api_job_refunds_total",
+                "Refund calls to Stripe for paid jobs that failed or were cancelled by the platform",
+            ),
+            &["reason", "outcome"],
+        )?;
+        let notifications = IntCounterVec::new(
+            Opts::new(
+                "loraplane_api_notifications_total",
+                "Storefront notification delivery attempts by event type and outcome",
+            ),
+            &["type", "outcome"],
+        )?;
+        let notification_lag = Histogram::with_opts(
+            HistogramOpts::new(
+                "loraplane_api_notification_lag_seconds",
+                "Seconds from a job event being recorded to its delivery",
+            )
+            .buckets(vec![
+                1.0, 2.0, 5.0, 30.0, 120.0, 600.0, 3600.0, 21600.0, 86400.0,
+            ]),
+        )?;
+        registry.register(Box::new(refunds.clone()))?;
+        registry.register(Box::new(notifications.clone()))?;
+        registry.register(Box::new(notification_lag.clone()))?;
         registry.register(Box::new(dataset_checks.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
@@ -78,6 +110,9 @@ impl Metrics {
             webhook_events,
             erasure_requests,
             dataset_checks,
+            refunds,
+            notifications,
+            notification_lag,
         })
     }
 

@@ -28,6 +28,10 @@ pub enum RefundReason {
     OrderRejected,
     /// The checkout charged another amount or currency than the draft order quoted.
     PriceMismatch,
+    /// The paid job failed for good.
+    JobFailed,
+    /// The paid job was cancelled by the platform.
+    JobCancelled,
 }
 
 impl RefundReason {
@@ -36,6 +40,8 @@ impl RefundReason {
         match self {
             RefundReason::OrderRejected => "order_rejected",
             RefundReason::PriceMismatch => "price_mismatch",
+            RefundReason::JobFailed => "job_failed",
+            RefundReason::JobCancelled => "job_cancelled",
         }
     }
 }
@@ -136,7 +142,7 @@ pub struct Stripe {
     base: String,
     key: String,
     timeout: Duration,
-    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: HttpsClient,
 }
 
 impl std::fmt::Debug for Stripe {
@@ -147,20 +153,28 @@ impl std::fmt::Debug for Stripe {
     }
 }
 
+/// An HTTP(S) client for the outside world (Stripe, storefronts), trusting the system's roots.
+pub type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Builds an [`HttpsClient`].
+pub fn https_client() -> Result<HttpsClient, RefundError> {
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_native_roots()
+        .map_err(|e| RefundError::SetupClient(e.to_string()))?
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Ok(Client::builder(TokioExecutor::new()).build(https))
+}
+
 impl Stripe {
     /// A client for the API at `base` (`https://api.stripe.com` in production).
     pub fn new(base: &str, key: &str, timeout: Duration) -> Result<Stripe, RefundError> {
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_native_roots()
-            .map_err(|e| RefundError::SetupClient(e.to_string()))?
-            .https_or_http()
-            .enable_http1()
-            .build();
         Ok(Stripe {
             base: base.trim_end_matches('/').to_string(),
             key: key.to_string(),
             timeout,
-            client: Client::builder(TokioExecutor::new()).build(https),
+            client: https_client()?,
         })
     }
 

@@ -24,6 +24,11 @@ pub const LABEL_REGION: &str = "loraplane.io/region";
 pub const LABEL_ORDER: &str = "loraplane.io/order";
 /// Label on a job: the keyed hash of the payment that paid for it.
 pub const LABEL_PAYMENT: &str = "loraplane.io/payment";
+/// Annotation the API keeps on a paid job it refunded after the job ended badly:
+/// `<reason>/<state>` (`jobFailed/pending`, `jobCancelled/succeeded`), no payment ids. The
+/// operator copies it into the job's audit record.
+pub const ANNOTATION_REFUND: &str = "loraplane.io/refund";
+
 /// Label on an audit record: which kind of record it is (see [`AUDIT_RECORD`]).
 pub const LABEL_RECORD: &str = "loraplane.io/record";
 /// Value of [`LABEL_RECORD`] on the audit record a deleted job leaves behind.

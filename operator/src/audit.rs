@@ -13,7 +13,8 @@
 //! operator needs no second schema, and the records live in the operator's namespace, apart
 //! from tenants. It holds the SHA-256 of the job's uid (the uid itself links to logs, the hash
 //! only to someone who already has the uid), the tenant (namespace), the regions the job's
-//! data touched, its times, what was deleted (counts and bytes) and why. Never customer text,
+//! data touched, its times, what was deleted (counts and bytes) and why, and the refund of a
+//! paid job that ended badly (its reason and state, as the API recorded them). Never customer text,
 //! file names, job names or payment ids. Records are deleted once `keepUntil` passes (default
 //! three years).
 
@@ -23,7 +24,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use loraplane_crds::LoRATrainingJob;
-use loraplane_crds::layout::{AUDIT_RECORD, LABEL_MANAGED_BY, LABEL_RECORD};
+use loraplane_crds::layout::{ANNOTATION_REFUND, AUDIT_RECORD, LABEL_MANAGED_BY, LABEL_RECORD};
 use loraplane_runtime::storage::Deleted;
 use sha2::{Digest, Sha256};
 
@@ -77,6 +78,16 @@ pub struct Entry<'a> {
     pub at: Timestamp,
     /// How long the record is kept.
     pub keep: std::time::Duration,
+}
+
+/// The refund the API recorded on a paid job that ended badly ([`ANNOTATION_REFUND`]:
+/// `<reason>/<state>`), if it has the shape the API writes: anything else is not copied.
+pub fn refund(job: &LoRATrainingJob) -> Option<(&str, &str)> {
+    let value = job.metadata.annotations.as_ref()?.get(ANNOTATION_REFUND)?;
+    let (reason, state) = value.split_once('/')?;
+    let word =
+        |s: &str| !s.is_empty() && s.len() <= 32 && s.bytes().all(|b| b.is_ascii_alphabetic());
+    (word(reason) && word(state)).then_some((reason, state))
 }
 
 /// Builds the audit record.
@@ -143,6 +154,10 @@ pub fn record(namespace: &str, e: &Entry<'_>) -> ConfigMap {
     }
     if let Some(er) = &job.spec.erasure {
         data.insert("erasureRequestedAt".into(), er.requested_at.0.to_string());
+    }
+    if let Some((reason, state)) = refund(job) {
+        data.insert("refundReason".into(), reason.to_string());
+        data.insert("refundState".into(), state.to_string());
     }
     data.retain(|_, v| !v.is_empty());
     ConfigMap {
@@ -267,6 +282,33 @@ mod tests {
         assert_eq!(data["bytesDeleted"], "1334");
         assert_eq!(data["corpusKept"], "false");
         assert!(data.contains_key("corpusCopiedAt"));
+    }
+
+    #[test]
+    fn a_refund_the_api_recorded_is_kept_and_anything_else_is_not() {
+        let mut j = job();
+        let data = record("ns", &entry(&j)).data.unwrap();
+        assert!(!data.contains_key("refundState"));
+        j.metadata.annotations = Some(BTreeMap::from([(
+            ANNOTATION_REFUND.to_string(),
+            "jobFailed/succeeded".to_string(),
+        )]));
+        let data = record("ns", &entry(&j)).data.unwrap();
+        assert_eq!(data["refundReason"], "jobFailed");
+        assert_eq!(data["refundState"], "succeeded");
+        for bad in [
+            "pi_123/succeeded",
+            "jobFailed",
+            "a b/c",
+            "jobFailed/succeeded/x",
+        ] {
+            j.metadata.annotations = Some(BTreeMap::from([(
+                ANNOTATION_REFUND.to_string(),
+                bad.to_string(),
+            )]));
+            let data = record("ns", &entry(&j)).data.unwrap();
+            assert!(!data.contains_key("refundReason"), "{bad} was copied");
+        }
     }
 
     #[test]

@@ -20,6 +20,8 @@ use loraplane_runtime::storage::{S3Credentials, Storage};
 use serde_json::Value;
 
 pub const WEBHOOK_SECRET: &[u8] = b"whsec_test_secret";
+/// The secret the storefront tenant's notifications are signed with (when configured).
+pub const NOTIFY_SECRET: &[u8] = b"whsec_storefront_notifications";
 pub const ACME: &str = "acme-token";
 pub const GLOBEX: &str = "globex-token";
 pub const STOREFRONT: &str = "storefront-token";
@@ -105,6 +107,12 @@ fn new_app(
         },
     );
     let validations = App::validation_permits(&config);
+    let notify = config
+        .tenants
+        .iter()
+        .filter(|t| t.notifications.is_some())
+        .map(|t| (t.name.clone(), NOTIFY_SECRET.to_vec()))
+        .collect();
     let stripe = loraplane_api::refunds::Stripe::new(
         &stripe.url(),
         stripe_sim::SECRET_KEY,
@@ -119,6 +127,7 @@ fn new_app(
         secrets: Secrets {
             webhook: vec![WEBHOOK_SECRET.to_vec()],
             id_key: b"test-id-key".to_vec(),
+            notify,
         },
         metrics: Metrics::new().unwrap(),
         validations,
@@ -176,6 +185,13 @@ impl Harness {
             self.app.config.clone(),
             None,
         )
+    }
+
+    /// Starts the notifier of a fresh replica (as a restarted API would); abort the handle to
+    /// stop it.
+    pub fn notifier(&self, holder: &str) -> tokio::task::JoinHandle<()> {
+        let n = loraplane_api::notifier::Notifier::new(self.replica(), holder).unwrap();
+        tokio::spawn(Arc::new(n).run())
     }
 
     /// [`Harness::replica`] with other dataset rules in its platform configuration.

@@ -12,6 +12,11 @@
 //!   late.
 //!
 //! Every refused request is kept with the reason, so a test can insist there were none.
+//!
+//! [`storefront::Storefront`] is the other side: a storefront receiving our signed
+//! notifications.
+
+pub mod storefront;
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;

@@ -1,0 +1,179 @@
+//! A tenant's storefront on loopback, for tests: it receives loraplane's notifications and
+//! verifies each one as a storefront's own code would verify a Stripe event (the
+//! `Loraplane-Signature: t=…,v1=…` header is HMAC-SHA256 over `"{t}.{body}"` with the shared
+//! secret, within five minutes). It can be taken down (answering 503) and brought back.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use hmac::{Hmac, Mac};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use sha2::Sha256;
+
+use crate::SimError;
+
+/// The header notifications are signed in.
+pub const SIGNATURE_HEADER: &str = "loraplane-signature";
+
+#[derive(Default)]
+struct State {
+    received: Vec<Value>,
+    attempts: usize,
+    down: bool,
+    refused: Vec<String>,
+}
+
+/// A running storefront.
+pub struct Storefront {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Storefront {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// Checks a `t=…,v1=…` header against `body` as Stripe's libraries do; the reason when not.
+pub fn verify(secret: &[u8], header: &str, body: &[u8], now: i64) -> Result<(), String> {
+    let mut t = None;
+    let mut v1 = Vec::new();
+    for part in header.split(',') {
+        match part.split_once('=') {
+            Some(("t", v)) => t = v.parse::<i64>().ok(),
+            Some(("v1", v)) => v1.push(v.to_string()),
+            _ => {}
+        }
+    }
+    let t = t.ok_or("no timestamp in the signature header")?;
+    if (now - t).abs() > 300 {
+        return Err(format!("timestamp {t} is outside the tolerance"));
+    }
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).map_err(|e| e.to_string())?;
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(body);
+    let expected = hex::encode(mac.finalize().into_bytes());
+    if v1.iter().any(|s| *s == expected) {
+        Ok(())
+    } else {
+        Err("no v1 signature matches the body".into())
+    }
+}
+
+impl Storefront {
+    /// Starts on a free loopback port, verifying with `secret`.
+    pub async fn start(secret: &[u8]) -> Result<Storefront, SimError> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(SimError::Bind)?;
+        let addr = listener.local_addr().map_err(SimError::Bind)?;
+        let state = Arc::new(Mutex::new(State::default()));
+        let shared = state.clone();
+        let secret = secret.to_vec();
+        let server = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let state = shared.clone();
+                let secret = secret.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        receive(state.clone(), secret.clone(), req)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Ok(Storefront {
+            addr,
+            state,
+            server,
+        })
+    }
+
+    /// The webhook endpoint to configure.
+    pub fn url(&self) -> String {
+        format!("http://{}/webhooks/loraplane", self.addr)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Verified events accepted (answered 200), in the order they arrived, redeliveries included.
+    pub fn events(&self) -> Vec<Value> {
+        self.state().received.clone()
+    }
+
+    /// Deliveries tried, including those answered 503 while down.
+    pub fn attempts(&self) -> usize {
+        self.state().attempts
+    }
+
+    /// Deliveries refused for a bad signature or body, each with the reason.
+    pub fn refused(&self) -> Vec<String> {
+        self.state().refused.clone()
+    }
+
+    /// Takes the storefront down (every delivery answered 503) or brings it back.
+    pub fn set_down(&self, down: bool) {
+        self.state().down = down;
+    }
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+async fn receive(
+    state: Arc<Mutex<State>>,
+    secret: Vec<u8>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let header = req
+        .headers()
+        .get(SIGNATURE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+    st.attempts += 1;
+    let answer = |code: StatusCode| {
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = code;
+        Ok(r)
+    };
+    if st.down {
+        return answer(StatusCode::SERVICE_UNAVAILABLE);
+    }
+    if let Err(why) = verify(&secret, &header, &body, now()) {
+        st.refused.push(why);
+        return answer(StatusCode::BAD_REQUEST);
+    }
+    match serde_json::from_slice::<Value>(&body) {
+        Ok(event) => {
+            st.received.push(event);
+            answer(StatusCode::OK)
+        }
+        Err(e) => {
+            st.refused.push(format!("not JSON: {e}"));
+            answer(StatusCode::BAD_REQUEST)
+        }
+    }
+}
