@@ -1275,6 +1275,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/jobs/{id}/cancel"),
     ("post", "/v1/jobs/{id}/consent/withdraw"),
     ("get", "/v1/jobs/{id}/artifacts"),
+    ("get", "/v1/jobs/{id}/events"),
     ("post", "/v1/uploads"),
     ("post", "/v1/uploads/{id}/validate"),
 ];

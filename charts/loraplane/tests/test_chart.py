@@ -248,6 +248,43 @@ def test_s3_and_stripe_egress_have_no_default_and_must_be_given():
                 assert peer.get("ipBlock", {}).get("cidr") != "0.0.0.0/0", policy["metadata"]["name"]
 
 
+NOTIFIED_TENANT = {
+    "name": "shop",
+    "namespace": "shop",
+    "tokenSha256": "ab" * 32,
+    "notifications": {"url": "https://shop.example.com/hooks", "secretRef": {"name": "shop-hooks", "key": "secret"}},
+}
+
+
+def test_a_tenants_notifications_reach_the_api_with_their_secret_and_egress():
+    with pytest.raises(Exception, match="networkPolicy.storefrontCidrs is required"):
+        render({"api": {"tenants": [NOTIFIED_TENANT]}})
+    objects = render({
+        "api": {"tenants": [{"name": "quiet", "namespace": "quiet", "tokenSha256": "cd" * 32}, NOTIFIED_TENANT]},
+        "networkPolicy": {"storefrontCidrs": ["192.0.2.0/24"]},
+    })
+    config = next(c for c in by_kind(objects, "ConfigMap") if c["metadata"]["name"] == "loraplane-config")
+    tenants = yaml.safe_load(config["data"]["api.yaml"])["tenants"]
+    assert "notifications" not in tenants[0]
+    # The config names the variable; the secret itself never is in the ConfigMap.
+    assert tenants[1]["notifications"] == {"url": "https://shop.example.com/hooks", "secretEnv": "NOTIFY_SECRET_1"}
+    api = next(d for d in by_kind(objects, "Deployment") if d["metadata"]["name"] == "loraplane-api")
+    env = {e["name"]: e for e in api["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["NOTIFY_SECRET_1"]["valueFrom"]["secretKeyRef"] == {"name": "shop-hooks", "key": "secret"}
+    # Only the API reaches the storefronts.
+    for policy in by_kind(objects, "NetworkPolicy"):
+        reaches = any(
+            peer.get("ipBlock", {}).get("cidr") == "192.0.2.0/24"
+            for rule in policy["spec"]["egress"]
+            for peer in rule["to"]
+        )
+        assert reaches == policy["metadata"]["name"].endswith("-api"), policy["metadata"]["name"]
+    # The API's Role lets it keep order ledgers (Secrets) and watch the jobs it notifies on.
+    role = next(r for r in by_kind(objects, "Role") if r["metadata"]["name"] == "loraplane-api" and r["metadata"]["namespace"] == "shop")
+    rules = {(tuple(r["resources"]), tuple(r["verbs"])) for r in role["rules"]}
+    assert (("secrets",), ("get", "create", "update")) in rules
+
+
 def test_monitoring_can_be_switched_off():
     objects = render(values_of(CHART / "ci" / "monitoring-off-values.yaml"))
     kinds = {o["kind"] for o in objects}

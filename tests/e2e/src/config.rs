@@ -248,20 +248,26 @@ pub fn sha256_hex(s: &str) -> String {
 /// Both plans train at [`E2E_RESOLUTION`]: without a plan resolution jobs get the family default
 /// (1024 px for SDXL), where even the tiny test models need gigabytes of attention memory on a
 /// CPU.
-pub fn api_yaml(r: &RetentionKnobs) -> String {
+pub fn api_yaml(r: &RetentionKnobs, storefront: Option<&str>) -> String {
+    // The storefront's notification endpoint (the stack's stub), signed with NOTIFY_SECRET,
+    // retried quickly.
+    let notifications = storefront.map_or(String::new(), |url| {
+        format!(", notifications: {{url: \"{url}\", secretEnv: STOREFRONT_NOTIFY_SECRET}}")
+    });
     format!(
         r#"stripeNamespace: {ORDERS_NS}
 plans:
   standard: {{retention: standard, keepInputsSeconds: {}, keepOutputsSeconds: {}, maxSteps: 400, resolution: {E2E_RESOLUTION}, price: {{amount: 1900, currency: eur}}}}
   zero: {{retention: zeroRetention, keepOutputsSeconds: {}, maxSteps: 400, resolution: {E2E_RESOLUTION}, price: {{amount: 2900, currency: eur}}}}
 tenants:
-  - {{name: storefront, namespace: {ORDERS_NS}, tokenSha256: "{}"}}
+  - {{name: storefront, namespace: {ORDERS_NS}, tokenSha256: "{}"{notifications}}}
 limits:
   webhookMaxBytes: 16384
   jsonMaxBytes: 16384
   presignSeconds: 600
   tenantRps: 1000
   ipRps: 1000
+notifications: {{retryBaseSeconds: 1, retryMaxSeconds: 5}}
 "#,
         r.keep_inputs_seconds,
         r.keep_outputs_seconds,
@@ -270,9 +276,12 @@ limits:
     )
 }
 
-/// The parsed API configuration.
-pub fn api_config(r: &RetentionKnobs) -> Result<ApiConfig, ConfigError> {
-    Ok(ApiConfig::from_yaml(&api_yaml(r))?)
+/// The secret the storefront's notifications are signed with.
+pub const NOTIFY_SECRET: &str = "whsec_e2e_storefront_notifications";
+
+/// The parsed API configuration, notifying the storefront at `storefront` if given.
+pub fn api_config(r: &RetentionKnobs, storefront: Option<&str>) -> Result<ApiConfig, ConfigError> {
+    Ok(ApiConfig::from_yaml(&api_yaml(r, storefront))?)
 }
 
 /// The LoRATrainingJob CRD as the stack installs it: the generated CRD, unchanged.
@@ -326,7 +335,7 @@ mod tests {
 
     #[test]
     fn api_config_has_short_retention_plans_and_the_storefront_tenant() {
-        let c = api_config(&RetentionKnobs::default()).unwrap();
+        let c = api_config(&RetentionKnobs::default(), Some("http://127.0.0.1:9/hooks")).unwrap();
         assert_eq!(c.stripe_namespace, ORDERS_NS);
         assert_eq!(c.plans["standard"].keep_outputs_seconds, 12);
         assert_eq!(
@@ -338,7 +347,7 @@ mod tests {
 
     #[test]
     fn every_plan_trains_at_the_small_e2e_resolution() {
-        let c = api_config(&RetentionKnobs::default()).unwrap();
+        let c = api_config(&RetentionKnobs::default(), Some("http://127.0.0.1:9/hooks")).unwrap();
         assert_eq!(c.plans.len(), 2);
         for (name, plan) in &c.plans {
             assert_eq!(plan.resolution, Some(E2E_RESOLUTION), "{name}");

@@ -139,7 +139,7 @@ pub fn helm_values(s: &RealSettings) -> Result<Value, RealError> {
             f["trainerImage"] = json!("");
         }
     }
-    let api: Value = serde_yaml::from_str(&config::api_yaml(&retention())).map_err(|e| {
+    let api: Value = serde_yaml::from_str(&config::api_yaml(&retention(), None)).map_err(|e| {
         RealError::BuildValues {
             what: "API YAML",
             message: e.to_string(),

@@ -193,6 +193,8 @@ pub struct Stack {
     pub s3: seaweed::SeaweedFs,
     /// Stripe's Refunds API, simulated.
     pub stripe: stripe_sim::StripeSim,
+    /// The storefront: receives the API's signed notifications and verifies them.
+    pub storefront: stripe_sim::storefront::Storefront,
     /// The platform configuration the operator and the API share.
     pub platform: PlatformConfig,
     /// The API's configuration.
@@ -258,6 +260,8 @@ impl Stack {
         };
         let s3 = seaweed::SeaweedFs::start().await?;
         let stripe = stripe_sim::StripeSim::start().await?;
+        let storefront =
+            stripe_sim::storefront::Storefront::start(config::NOTIFY_SECRET.as_bytes()).await?;
         for b in config::all_buckets() {
             s3.create_bucket(&b).await?;
         }
@@ -265,7 +269,7 @@ impl Stack {
             .await
             .map_err(|e| StackError::StartApi(format!("model writer panicked: {e}")))??;
         let platform = config::platform(s3.endpoint(), s3.region(), &models, &opts.platform)?;
-        let api_config = config::api_config(&opts.retention)?;
+        let api_config = config::api_config(&opts.retention, Some(&storefront.url()))?;
         let sim = KubeSim::start(SimConfig {
             topology: Some(config::topology()?),
             kubelet: KubeletConfig {
@@ -301,6 +305,7 @@ impl Stack {
             sim,
             s3,
             stripe,
+            storefront,
             platform,
             api_config,
             trainer_binary,
@@ -433,6 +438,13 @@ impl Stack {
             secrets: Secrets {
                 webhook: vec![WEBHOOK_SECRET.as_bytes().to_vec()],
                 id_key: config::ID_HASH_KEY.as_bytes().to_vec(),
+                notify: self
+                    .api_config
+                    .tenants
+                    .iter()
+                    .filter(|t| t.notifications.is_some())
+                    .map(|t| (t.name.clone(), config::NOTIFY_SECRET.as_bytes().to_vec()))
+                    .collect(),
             },
             metrics: loraplane_api::metrics::Metrics::new()
                 .map_err(|e| StackError::StartApi(e.to_string()))?,
@@ -452,11 +464,17 @@ impl Stack {
             .map_err(|e| StackError::StartApi(e.to_string()))?;
         let svc =
             router(HttpState::new(app.clone())).into_make_service_with_connect_info::<SocketAddr>();
-        let tasks = vec![tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, svc).await {
-                tracing::error!(error = %e, "API replica stopped serving");
-            }
-        })];
+        // As `loraplane-api` runs it: the HTTP surface and the notifier.
+        let notifier = loraplane_api::notifier::Notifier::new(app.clone(), &identity)
+            .map_err(|e| StackError::StartApi(e.to_string()))?;
+        let tasks = vec![
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, svc).await {
+                    tracing::error!(error = %e, "API replica stopped serving");
+                }
+            }),
+            tokio::spawn(Arc::new(notifier).run()),
+        ];
         let url = format!("http://{addr}");
         self.apis.push(ApiReplica {
             identity,

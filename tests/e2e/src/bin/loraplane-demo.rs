@@ -207,7 +207,7 @@ async fn run(args: &Args) -> Result<(), String> {
             "S3: {} (access key {}, plans: {})",
             stack.s3.endpoint(),
             stack.s3.access_key(),
-            config::api_config(&RetentionKnobs::default())
+            config::api_config(&RetentionKnobs::default(), None)
                 .map(|c| c.plans.keys().cloned().collect::<Vec<_>>().join(", "))
                 .unwrap_or_default()
         );

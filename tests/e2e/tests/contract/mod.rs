@@ -93,7 +93,9 @@ fn platform(s3: &str) -> PlatformConfig {
     PlatformConfig::from_yaml(&yaml).unwrap()
 }
 
-fn api_config() -> loraplane_api::config::ApiConfig {
+const NOTIFY_SECRET: &[u8] = b"whsec_contract_notifications";
+
+fn api_config(storefront: &str) -> loraplane_api::config::ApiConfig {
     let sha = |s: &str| loraplane_api::app::sha256_hex(s.as_bytes());
     loraplane_api::config::ApiConfig::from_yaml(&format!(
         r#"
@@ -103,7 +105,8 @@ plans:
   fast: {{retention: standard, keepInputsSeconds: 1, keepOutputsSeconds: 2, maxSteps: 100, price: {{amount: 500, currency: eur}}}}
 tenants:
   - {{name: acme, namespace: {TENANT_NS}, tokenSha256: "{}"}}
-  - {{name: storefront, namespace: {ORDERS_NS}, tokenSha256: "{}"}}
+  - {{name: storefront, namespace: {ORDERS_NS}, tokenSha256: "{}", notifications: {{url: "{storefront}", secretEnv: NOTIFY_SECRET_1}}}}
+notifications: {{retryBaseSeconds: 1, retryMaxSeconds: 2}}
 limits:
   webhookMaxBytes: 8192
   jsonMaxBytes: 8192
@@ -123,12 +126,15 @@ limits:
 pub fn chart_values() -> Value {
     let sha = |s: &str| loraplane_api::app::sha256_hex(s.as_bytes());
     json!({
-        "networkPolicy": {"s3Cidrs": ["203.0.113.0/24"], "stripeCidrs": ["198.51.100.0/24"]},
+        "networkPolicy": {"s3Cidrs": ["203.0.113.0/24"], "stripeCidrs": ["198.51.100.0/24"],
+                          "storefrontCidrs": ["192.0.2.0/24"]},
         "api": {
             "stripe": {"namespace": ORDERS_NS},
             "tenants": [
                 {"name": "acme", "namespace": TENANT_NS, "tokenSha256": sha(ACME)},
-                {"name": "storefront", "namespace": ORDERS_NS, "tokenSha256": sha(STOREFRONT)},
+                {"name": "storefront", "namespace": ORDERS_NS, "tokenSha256": sha(STOREFRONT),
+                 "notifications": {"url": "https://shop.example.com/hooks",
+                                   "secretRef": {"name": "storefront-hooks", "key": "secret"}}},
             ],
         },
     })
@@ -400,6 +406,9 @@ pub async fn run() -> Outcome {
     .await
     .unwrap();
     let stripe = stripe_sim::StripeSim::start().await.unwrap();
+    let storefront = stripe_sim::storefront::Storefront::start(NOTIFY_SECRET)
+        .await
+        .unwrap();
     let s3 = seaweed::SeaweedFs::start()
         .await
         .expect("SeaweedFS starts (`weed` comes from `make bootstrap`)");
@@ -462,18 +471,23 @@ pub async fn run() -> Outcome {
     })
     .await;
 
-    // The API as `loraplane-api` runs it: HTTP only (no lease, no background loop).
+    // The API as `loraplane-api` runs it: HTTP and the notifier (no lease).
+    let config = api_config(&storefront.url());
     let app = Arc::new(loraplane_api::app::App {
         kube: api_client.clone(),
         storage: storage.clone(),
-        config: api_config(),
+        validations: loraplane_api::app::App::validation_permits(&config),
+        config,
         platform: platform.clone(),
         secrets: loraplane_api::app::Secrets {
             webhook: vec![WEBHOOK_SECRET.to_vec()],
             id_key: b"contract-id-key".to_vec(),
+            notify: std::collections::BTreeMap::from([(
+                "storefront".to_string(),
+                NOTIFY_SECRET.to_vec(),
+            )]),
         },
         metrics: loraplane_api::metrics::Metrics::new().unwrap(),
-        validations: loraplane_api::app::App::validation_permits(&api_config()),
         stripe: loraplane_api::refunds::Stripe::new(
             &stripe.url(),
             stripe_sim::SECRET_KEY,
@@ -489,6 +503,8 @@ pub async fn run() -> Outcome {
     background.push(tokio::spawn(async move {
         let _ = axum::serve(listener, svc).await;
     }));
+    let notifier = loraplane_api::notifier::Notifier::new(app.clone(), "api-0").unwrap();
+    background.push(tokio::spawn(Arc::new(notifier).run()));
     let api = ApiClient {
         base: format!("http://{api_addr}"),
     };
@@ -549,6 +565,27 @@ pub async fn run() -> Outcome {
     // deletes the inputs, then the job, purges what is left and writes the audit record (on a
     // loaded machine both can fall in one reconcile, so only the end is waited for).
     wait_gone(&admin, ORDERS_NS, &a).await;
+    // The storefront was told, in order (the notifier let the job go only once it was).
+    let told: Vec<String> = storefront
+        .events()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        told.first().map(String::as_str),
+        Some("job.accepted"),
+        "{told:?}"
+    );
+    assert_eq!(
+        told.last().map(String::as_str),
+        Some("job.succeeded"),
+        "{told:?}"
+    );
+    assert!(
+        storefront.refused().is_empty(),
+        "{:?}",
+        storefront.refused()
+    );
 
     // A service-API order: created, running, cancelled, then erased on request.
     let upload = api.upload(ACME).await;
