@@ -120,6 +120,39 @@ async fn eea_order_survives_spot_preemption_and_leaves_nothing_after_retention()
     // Stripe saw the order's id and its price, nothing the customer wrote (the checkout's
     // metadata is checked in `place_order`), and a fulfilled order asks it for no refund.
     assert_eq!(stack.stripe.requests(), 0);
+
+    // The storefront was told, signed (its stub verifies every delivery as it would a Stripe
+    // event), in order, each event once, with the download links on success and nothing the
+    // customer wrote.
+    let told = stack.storefront.events();
+    let types: Vec<&str> = told.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(types.first(), Some(&"job.accepted"), "{types:?}");
+    assert_eq!(types.get(1), Some(&"job.running"), "{types:?}");
+    assert_eq!(types.last(), Some(&"job.succeeded"), "{types:?}");
+    assert!(
+        stack.storefront.refused().is_empty(),
+        "{:?}",
+        stack.storefront.refused()
+    );
+    let mut ids: Vec<&str> = told.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(
+        ids.len(),
+        told.len(),
+        "an event was delivered twice: {types:?}"
+    );
+    let done = &told.last().unwrap()["data"]["object"];
+    assert_eq!(done["id"], report.placed.job.as_str());
+    assert_eq!(
+        done["downloads"].as_array().map(Vec::len),
+        Some(2),
+        "{done}"
+    );
+    let text = serde_json::to_string(&told).unwrap();
+    for private in ["zxqcat", "Mimi"] {
+        assert!(!text.contains(private), "{private} in a notification");
+    }
     eprintln!("journey wall time: {:.1} s", t0.elapsed().as_secs_f64());
     stack.shutdown().await;
 }

@@ -23,6 +23,7 @@ pub const SIGNATURE_HEADER: &str = "loraplane-signature";
 #[derive(Default)]
 struct State {
     received: Vec<Value>,
+    raw: Vec<(String, Vec<u8>)>,
     attempts: usize,
     down: bool,
     refused: Vec<String>,
@@ -112,6 +113,11 @@ impl Storefront {
         self.state().received.clone()
     }
 
+    /// Accepted deliveries exactly as they came: the signature header and the body.
+    pub fn raw(&self) -> Vec<(String, Vec<u8>)> {
+        self.state().raw.clone()
+    }
+
     /// Deliveries tried, including those answered 503 while down.
     pub fn attempts(&self) -> usize {
         self.state().attempts
@@ -169,6 +175,7 @@ async fn receive(
     match serde_json::from_slice::<Value>(&body) {
         Ok(event) => {
             st.received.push(event);
+            st.raw.push((header, body.to_vec()));
             answer(StatusCode::OK)
         }
         Err(e) => {
