@@ -733,6 +733,17 @@ impl App {
         })
     }
 
+    /// Deletes a draft order (gone already is fine).
+    async fn delete_draft(&self, ns: &str, id: &str) -> Result<(), AppError> {
+        let Some(id) = DraftId::parse(id) else {
+            return Ok(());
+        };
+        if let Some(bucket) = self.dataset_bucket(id.region()) {
+            self.storage.delete_object(&bucket, &id.key(ns)).await?;
+        }
+        Ok(())
+    }
+
     /// The dataset bucket of a region, if the platform has the region.
     fn dataset_bucket(&self, region: &str) -> Option<String> {
         self.platform
@@ -769,7 +780,8 @@ impl App {
                 {
                     Ok(order) => order,
                     Err(PaidDraft::Gone) => {
-                        // A redelivery after the draft expired still has its job.
+                        // A redelivery finds its draft gone (deleted when the job was made, or
+                        // expired) and still has its job.
                         let name = order::job_name(&ids.order_hash);
                         let api = self.jobs(&ns);
                         if api
@@ -780,8 +792,14 @@ impl App {
                         {
                             return Ok(Outcome::Duplicate);
                         }
+                        // Its job was erased, or its payment refunded or disputed: replayed, it
+                        // is neither a job again nor a second refund.
+                        if self.revoked(&ns, &ids).await?.is_some() {
+                            return Ok(Outcome::RevokedFirst);
+                        }
                         return self.refund(pi, &ids, RefundReason::OrderRejected).await;
                     }
+                    // The draft stays: the storefront may still check it out at its price.
                     Err(PaidDraft::WrongPrice) => {
                         return self.refund(pi, &ids, RefundReason::PriceMismatch).await;
                     }
@@ -808,7 +826,10 @@ impl App {
                 };
                 // What a refund of the job would need, kept before the event is acknowledged
                 // (a redelivery records it again, harmlessly).
-                ledger::record_payment(&self.kube, &job, id, pi, &ids.order_hash).await?;
+                ledger::record_payment(&self.kube, &job, id, pi, &ids.order_hash, created).await?;
+                // The job holds the order now: the draft's copy of the customer's words goes at
+                // once rather than with its TTL (a redelivery then finds the job).
+                self.delete_draft(&ns, id).await?;
                 // Write-then-read: a refund that raced past our tombstone check is seen here.
                 if created && self.revoked(&ns, &ids).await?.is_some() {
                     self.erase(&ns, &job.name_any(), ErasureReason::Refund)

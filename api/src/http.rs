@@ -486,6 +486,7 @@ pub struct DraftTicket {
     responses(
         (status = 201, body = DraftTicket, description = "the draft and its price"),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "the tenant is not the Stripe namespace's storefront"),
         (status = 422, body = ErrorBody, description = "the order, its plan or its dataset is unusable")))]
 pub async fn create_order(
     State(s): State<HttpState>,
@@ -493,6 +494,14 @@ pub async fn create_order(
     body: Body,
 ) -> Result<(StatusCode, Json<DraftTicket>), ApiError> {
     let tenant = s.tenant(&headers)?;
+    // Checkouts complete in the Stripe namespace: only its tenant's drafts can ever be paid.
+    if tenant.namespace != s.app.config.stripe_namespace {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "orders_not_enabled",
+            "draft orders are for the storefront tenant that takes payments through Stripe; order with POST /v1/jobs",
+        ));
+    }
     let key = idempotency_key(&headers)?;
     let bytes = read_body(body, s.app.config.limits.json_max_bytes).await?;
     let order: Order = parse_json(&bytes)?;

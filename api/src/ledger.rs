@@ -134,15 +134,34 @@ pub async fn write(
 
 /// Records, once, what a paid order's ledger needs from the checkout: the draft order id the
 /// storefront holds, the payment intent a refund names and the order's hash. Safe to repeat
-/// (a redelivered webhook), and it keeps whatever the notifier recorded meanwhile.
+/// (a redelivered webhook), and it keeps whatever the notifier recorded meanwhile. For a job
+/// just created (`fresh`) the ledger is most likely not there yet: it is created without a
+/// read first, one apiserver call on the hot path.
 pub async fn record_payment(
     client: &kube::Client,
     job: &LoRATrainingJob,
     order_id: &str,
     payment_intent: Option<&str>,
     order_hash: &str,
+    fresh: bool,
 ) -> Result<(), LedgerError> {
     let ns = job.namespace().unwrap_or_default();
+    if fresh {
+        let mut stored = Stored {
+            ledger: Ledger {
+                order_id: Some(order_id.to_string()),
+                payment_intent: payment_intent.map(str::to_string),
+                order_hash: Some(order_hash.to_string()),
+                ..Ledger::default()
+            },
+            version: None,
+        };
+        match write(client, job, &mut stored).await {
+            // The notifier saw the job first: merge into its ledger below.
+            Err(LedgerError::Conflict) => {}
+            other => return other,
+        }
+    }
     for _ in 0..5 {
         let mut stored = read(client, &ns, &job.name_any()).await?;
         let l = &mut stored.ledger;

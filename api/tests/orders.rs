@@ -139,6 +139,13 @@ async fn a_draft_order_keeps_the_customers_words_out_of_stripe_and_must_be_paid_
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].spec.concept.trigger_word, "zxqmug");
         assert_eq!(all[0].spec.concept.description.as_deref(), Some("my red enamel mug"));
+        // The job holds the order: the draft (the customer's words) is gone at once.
+        assert_eq!(drafts(&h).await, Vec::<String>::new());
+        // Only the Stripe namespace's storefront makes drafts: nobody else's could be paid.
+        let (s, _, e) = h
+            .call("POST", "/v1/orders", Some(ACME), &[("idempotency-key", "cart-acme")], Some(order.clone()))
+            .await;
+        assert_eq!((s, e["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("orders_not_enabled")));
 
         // Another draft, charged the wrong amount: refunded, and no job.
         let second = h.upload(STOREFRONT, "eea", dataset(3)).await;
@@ -171,12 +178,12 @@ async fn a_draft_order_keeps_the_customers_words_out_of_stripe_and_must_be_paid_
             ]
         );
         assert!(h.stripe.refused().is_empty(), "{:?}", h.stripe.refused());
-        // The paid draft redelivered: the same job, whatever became of the draft; even once
-        // the sweep deleted it, the job stands and nothing is refunded.
+        // The paid draft redelivered: the same job though its draft is gone, and nothing is
+        // refunded; neither once the sweep deleted the other draft.
         let (_, ack) = h.webhook(&paid, now(), WEBHOOK_SECRET).await;
         assert_eq!(ack["outcome"], "duplicate");
-        let drafts: Vec<String> = h.keys("ds-eu").await.into_iter().filter(|k| k.starts_with("drafts/")).collect();
-        assert_eq!(drafts.len(), 2, "the two drafts made, in the upload's region: {drafts:?}");
+        let drafts = drafts(&h).await;
+        assert_eq!(drafts.len(), 1, "the unpaid draft stays until its TTL: {drafts:?}");
         for key in &drafts {
             h.s3.client().delete_object().bucket("ds-eu").key(key).send().await.unwrap();
         }
@@ -185,6 +192,14 @@ async fn a_draft_order_keeps_the_customers_words_out_of_stripe_and_must_be_paid_
         assert_eq!(h.stripe.refunds().len(), 3);
     })
     .await;
+}
+
+async fn drafts(h: &Harness) -> Vec<String> {
+    h.keys("ds-eu")
+        .await
+        .into_iter()
+        .filter(|k| k.starts_with("drafts/"))
+        .collect()
 }
 
 async fn jobs(h: &Harness, ns: &str) -> Vec<LoRATrainingJob> {
