@@ -1155,7 +1155,18 @@ impl utoipa::Modify for BearerAuth {
 /// The OpenAPI document, generated from the handlers.
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "loraplane API", description = "Paid orders into LoRA training jobs, uploads, downloads and erasure."),
+    info(title = "loraplane API", description = "Paid orders into LoRA training jobs, uploads, downloads and erasure.
+
+The order flow of a storefront: `POST /v1/uploads` and a PUT of the dataset zip to the presigned URL, \
+`POST /v1/uploads/{id}/validate` (a receipt), `POST /v1/orders` (a draft holding everything the customer chose, \
+in the upload's region; answers `orderId` and the `price`), then a Stripe Checkout Session created by the storefront \
+at that price with only `metadata.order_id`. Stripe calls `POST /v1/webhooks/stripe`: the paid draft becomes a job \
+(a wrong price, or an order that cannot be served, is refunded). From then on the tenant's notification endpoint \
+receives `Notification` events (schema below) signed as Stripe signs its own (`Loraplane-Signature: t=…,v1=…`, \
+verifiable with `stripe.Webhook.construct_event`), at least once and in order per job; `GET /v1/jobs/{id}/events` \
+is the delivery log. A paid job that fails, or that the platform cancels, is refunded (`job.refunded`). \
+`GET /v1/jobs/{id}/artifacts` (or the `job.succeeded` event) has the download links."),
+    components(schemas(crate::outbox::Notification)),
     paths(stripe_webhook, create_order, create_job, get_job, list_jobs, cancel_job, withdraw_consent, erase_job, artifacts, job_events, create_upload, validate_upload),
     modifiers(&BearerAuth)
 )]
@@ -1414,6 +1425,10 @@ mod tests {
         routed.sort();
         assert_eq!(documented, routed);
         assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+        // What the storefront receives is documented too, though no route returns it.
+        let schemas = &doc["components"]["schemas"];
+        assert!(schemas["Notification"]["properties"]["data"].is_object(), "{schemas}");
+        assert!(doc["info"]["description"].as_str().unwrap().contains("construct_event"));
     }
 
     #[test]

@@ -436,7 +436,7 @@ pub fn may_deliver(ledger: &Ledger, holder: &str, now: i64) -> bool {
 }
 
 /// A LoRA file's download link, carried by a `job.succeeded` notification.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Download {
     /// `kohya` or `diffusers`.
@@ -449,10 +449,100 @@ pub struct Download {
     pub bytes: i64,
 }
 
-/// The JSON a storefront receives for `event`, shaped as a Stripe event (`id`, `object`,
-/// `type`, `created`, `data.object`) so that its webhook code reads ours too. It names the job
-/// and the order the storefront created, never customer text. Built at each attempt, so the
-/// download links in it are fresh (`downloads_expire_at`: when they stop working).
+/// What a storefront receives at its notification endpoint, shaped as a Stripe event (`id`,
+/// `object`, `type`, `created`, `data.object`) so that its webhook code reads ours too; signed
+/// in the `Loraplane-Signature` header as Stripe signs `Stripe-Signature`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, utoipa::ToSchema)]
+pub struct Notification {
+    /// `evt_…`, the same on every delivery of the event: de-duplicate on it.
+    pub id: String,
+    /// Always `event`.
+    pub object: String,
+    /// `job.accepted`, `job.running`, `job.progress`, `job.succeeded`, `job.failed`,
+    /// `job.cancelled`, `job.refunded` or `job.erased`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// When the event happened (Unix seconds).
+    pub created: i64,
+    /// The job.
+    pub data: NotificationData,
+}
+
+/// The `data` of a [`Notification`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, utoipa::ToSchema)]
+pub struct NotificationData {
+    /// The job the event is about.
+    pub object: NotifiedJob,
+}
+
+/// The job in a [`Notification`]: its id and the storefront's own order id, never customer
+/// text.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, utoipa::ToSchema)]
+pub struct NotifiedJob {
+    /// Always `job`.
+    pub object: String,
+    /// The job id (`GET /v1/jobs/{id}`).
+    pub id: String,
+    /// The draft order id the storefront put in the checkout's metadata.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<String>,
+    /// `job.progress`: the threshold crossed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u8>,
+    /// `job.failed`, `job.cancelled`: the end reason code (`BackoffLimitExceeded`,
+    /// `DeadlineExceeded`, `BadInput`, `CancelRequested`…).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// `job.refunded`: `jobFailed` or `jobCancelled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refund_reason: Option<String>,
+    /// `job.succeeded`: presigned links to the LoRA files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downloads: Option<Vec<Download>>,
+    /// `job.succeeded`: when the links stop working (Unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downloads_expire_at: Option<i64>,
+}
+
+/// The notification a storefront receives for `event`. Built at each attempt, so the download
+/// links in it are fresh.
+pub fn notification(
+    event: &Event,
+    job_name: &str,
+    ledger: &Ledger,
+    downloads: &[Download],
+    downloads_expire_at: Option<i64>,
+) -> Notification {
+    let succeeded = event.kind == EventKind::Succeeded;
+    let refund_reason = ledger
+        .refund
+        .as_ref()
+        .filter(|_| event.kind == EventKind::Refunded)
+        .map(|r| match r.reason {
+            JobRefundReason::JobFailed => "jobFailed".to_string(),
+            JobRefundReason::JobCancelled => "jobCancelled".to_string(),
+        });
+    Notification {
+        id: event.id.clone(),
+        object: "event".into(),
+        kind: event.kind.as_str().into(),
+        created: event.created,
+        data: NotificationData {
+            object: NotifiedJob {
+                object: "job".into(),
+                id: job_name.to_string(),
+                order_id: ledger.order_id.clone(),
+                percent: event.percent,
+                reason: event.reason.clone(),
+                refund_reason,
+                downloads: succeeded.then(|| downloads.to_vec()),
+                downloads_expire_at: downloads_expire_at.filter(|_| succeeded),
+            },
+        },
+    }
+}
+
+/// The bytes of [`notification`], as sent and signed.
 pub fn body(
     event: &Event,
     job_name: &str,
@@ -460,50 +550,8 @@ pub fn body(
     downloads: &[Download],
     downloads_expire_at: Option<i64>,
 ) -> Vec<u8> {
-    let mut object = serde_json::json!({
-        "object": "job",
-        "id": job_name,
-    });
-    let fields = [
-        (
-            "order_id",
-            ledger.order_id.clone().map(serde_json::Value::from),
-        ),
-        ("percent", event.percent.map(serde_json::Value::from)),
-        ("reason", event.reason.clone().map(serde_json::Value::from)),
-        (
-            "refund_reason",
-            (event.kind == EventKind::Refunded)
-                .then(|| ledger.refund.as_ref().map(|r| r.reason))
-                .flatten()
-                .and_then(|r| serde_json::to_value(r).ok()),
-        ),
-        (
-            "downloads",
-            (event.kind == EventKind::Succeeded)
-                .then(|| serde_json::to_value(downloads).ok())
-                .flatten(),
-        ),
-        (
-            "downloads_expire_at",
-            downloads_expire_at
-                .filter(|_| event.kind == EventKind::Succeeded)
-                .map(serde_json::Value::from),
-        ),
-    ];
-    for (key, value) in fields {
-        if let Some(v) = value {
-            object[key] = v;
-        }
-    }
-    let envelope = serde_json::json!({
-        "id": event.id,
-        "object": "event",
-        "type": event.kind.as_str(),
-        "created": event.created,
-        "data": {"object": object},
-    });
-    envelope.to_string().into_bytes()
+    let n = notification(event, job_name, ledger, downloads, downloads_expire_at);
+    serde_json::to_vec(&n).unwrap_or_default()
 }
 
 #[cfg(test)]
