@@ -3,6 +3,7 @@
 //! their metrics). Labels carry only route templates,
 //! event types and outcomes: never ids.
 
+use crate::outbox::EventKind;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
 };
@@ -95,6 +96,27 @@ impl Metrics {
                 1.0, 2.0, 5.0, 30.0, 120.0, 600.0, 3600.0, 21600.0, 86400.0,
             ]),
         )?;
+        // Every series exists from the start (at zero), so alerts on `increase` see the
+        // first failure and dashboards show a flat line rather than nothing.
+        for reason in ["job_failed", "job_cancelled"] {
+            for outcome in ["succeeded", "failed"] {
+                refunds.with_label_values(&[reason, outcome]);
+            }
+        }
+        for kind in [
+            EventKind::Accepted,
+            EventKind::Running,
+            EventKind::Progress,
+            EventKind::Succeeded,
+            EventKind::Failed,
+            EventKind::Cancelled,
+            EventKind::Refunded,
+            EventKind::Erased,
+        ] {
+            for outcome in ["delivered", "retry", "abandoned"] {
+                notifications.with_label_values(&[kind.as_str(), outcome]);
+            }
+        }
         registry.register(Box::new(refunds.clone()))?;
         registry.register(Box::new(notifications.clone()))?;
         registry.register(Box::new(notification_lag.clone()))?;

@@ -153,3 +153,75 @@ def test_the_operator_not_leading_pages(tmp_path):
             ],
         },
     ])
+
+
+def test_refunds_that_keep_failing_page_and_a_retry_that_succeeds_does_not(tmp_path):
+    failed = 'loraplane_api_job_refunds_total{reason="job_failed",outcome="failed",pod="api-0"}'
+    succeeded = 'loraplane_api_job_refunds_total{reason="job_failed",outcome="succeeded",pod="api-0"}'
+    run_rule_tests(tmp_path, [
+        {
+            # Stripe refuses every try (backoff: one more failure every few minutes).
+            "interval": "1m",
+            "input_series": [
+                {"series": failed, "values": "0 1 1 2 2 2 3 3 3 3 4 4 4 4 4 5 5 5 5 5 5 6 6 6 6 6"},
+                {"series": succeeded, "values": "0x25"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "10m", "alertname": "LoraplaneRefundsFailing", "exp_alerts": []},
+                {"eval_time": "20m", "alertname": "LoraplaneRefundsFailing",
+                 "exp_alerts": [{"exp_labels": {"severity": "critical"}, "exp_annotations": {
+                     "summary": "Refunds of failed or platform-cancelled paid jobs keep failing at Stripe",
+                     "description": "Customers are owed money: the API retries each refund with backoff until "
+                     "Stripe accepts it (GET /v1/jobs/{id}/events shows each one's attempts; check the Stripe "
+                     "API key, stripeApi.baseUrl and networkPolicy.stripeCidrs)."}}]},
+            ],
+        },
+        {
+            # Two failures, then Stripe takes it: no page.
+            "interval": "1m",
+            "input_series": [
+                {"series": failed, "values": "0 1 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2"},
+                {"series": succeeded, "values": "0 0 0 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "25m", "alertname": "LoraplaneRefundsFailing", "exp_alerts": []},
+            ],
+        },
+    ])
+
+
+def test_a_storefront_down_warns_and_an_abandoned_notification_warns(tmp_path):
+    retry = 'loraplane_api_notifications_total{type="job.accepted",outcome="retry",pod="api-0"}'
+    delivered = 'loraplane_api_notifications_total{type="job.accepted",outcome="delivered",pod="api-0"}'
+    abandoned = 'loraplane_api_notifications_total{type="job.accepted",outcome="abandoned",pod="api-0"}'
+    run_rule_tests(tmp_path, [
+        {
+            "interval": "5m",
+            "input_series": [
+                {"series": retry, "values": "0+1x30"},
+                {"series": delivered, "values": "0x30"},
+                {"series": abandoned, "values": "0x20 1x10"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "30m", "alertname": "LoraplaneNotificationsNotDelivered", "exp_alerts": []},
+                {"eval_time": "70m", "alertname": "LoraplaneNotificationsNotDelivered",
+                 "exp_alerts": [{"exp_labels": {"severity": "warning"}, "exp_annotations": {
+                     "summary": "No storefront notification was delivered for 30 minutes while deliveries were retried"}}]},
+                {"eval_time": "90m", "alertname": "LoraplaneNotificationsAbandoned", "exp_alerts": []},
+                {"eval_time": "105m", "alertname": "LoraplaneNotificationsAbandoned",
+                 "exp_alerts": [{"exp_labels": {"severity": "warning"}, "exp_annotations": {
+                     "summary": "Storefront notifications were abandoned after three days of failed deliveries"}}]},
+            ],
+        },
+        {
+            # Retries among deliveries (one slow storefront, others fine): quiet.
+            "interval": "5m",
+            "input_series": [
+                {"series": retry, "values": "0+1x30"},
+                {"series": delivered, "values": "0+2x30"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "120m", "alertname": "LoraplaneNotificationsNotDelivered", "exp_alerts": []},
+            ],
+        },
+    ])
