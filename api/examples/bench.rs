@@ -1,7 +1,8 @@
 //! Benchmark: webhook-to-CR throughput and latency of draft orders against kube-sim (with a
 //! real SeaweedFS holding each draft and the dataset it validates) and Stripe signature verification cost (retention
-//! and erasure are the operator's: see `operator-bench`), and the answer to a webhook stuffed
-//! with 100,000 signatures. Prints one JSON object (and writes it to `--json PATH`); no assertions:
+//! and erasure are the operator's: see `operator-bench`), the answer to a webhook stuffed
+//! with 100,000 signatures, and, with the notifier running as in production, the same load
+//! again and the lag from a job's event to the storefront's receipt of its notification. Prints one JSON object (and writes it to `--json PATH`); no assertions:
 //! the goals are in the report for a human or a CI script to compare.
 //!
 //! `cargo run --release -p loraplane-api --example bench -- [ORDERS] [CONCURRENCY] [--low-concurrency N] [--json PATH]`
@@ -14,6 +15,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,6 +31,7 @@ use kube::api::ListParams;
 use loraplane_crds::v1alpha1::LoRATrainingJob;
 use loraplane_dataset::testing::dataset;
 use serde_json::json;
+use stripe_sim::storefront::Storefront;
 
 // glibc malloc was about a quarter of the CPU under load (perf); mimalloc is a drop-in.
 #[global_allocator]
@@ -270,6 +273,17 @@ async fn webhook_load(
     first: usize,
     concurrency: usize,
 ) -> (Vec<f64>, usize, f64) {
+    let (lat, failed, wall, _) = webhook_load_timed(h, drafts, first, concurrency).await;
+    (lat, failed, wall)
+}
+
+/// [`webhook_load`], also returning when each created order was answered, by job name.
+async fn webhook_load_timed(
+    h: &Harness,
+    drafts: Vec<String>,
+    first: usize,
+    concurrency: usize,
+) -> (Vec<f64>, usize, f64, HashMap<String, Instant>) {
     let orders = drafts.len();
     let drafts = Arc::new(drafts);
     let next = Arc::new(AtomicUsize::new(first));
@@ -283,11 +297,12 @@ async fn webhook_load(
         workers.push(tokio::spawn(async move {
             let mut conn = connect(&base).await;
             let mut lat = Vec::new();
+            let mut answered = Vec::new();
             let mut failed = 0usize;
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= end {
-                    return (lat, failed);
+                    return (lat, failed, answered);
                 }
                 let ev = paid_draft_event(
                     &format!("cs_bench_{i}"),
@@ -315,6 +330,7 @@ async fn webhook_load(
                 let ack: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
                 if ok && ack["outcome"] == "created" {
                     lat.push(ms);
+                    answered.push((i, Instant::now()));
                 } else {
                     failed += 1;
                 }
@@ -323,14 +339,50 @@ async fn webhook_load(
     }
     let mut lat = Vec::new();
     let mut failed = 0;
+    let mut at = HashMap::new();
     for w in workers {
-        let (l, f) = w.await.unwrap();
+        let (l, f, a) = w.await.unwrap();
         lat.extend(l);
         failed += f;
+        at.extend(a.into_iter().map(|(i, t)| (job_of(i), t)));
     }
     let wall = started.elapsed().as_secs_f64();
     lat.sort_by(|a, b| a.total_cmp(b));
-    (lat, failed, wall)
+    (lat, failed, wall, at)
+}
+
+/// The job the bench's checkout number `i` becomes.
+fn job_of(i: usize) -> String {
+    let hash = loraplane_api::order::hash_id(b"test-id-key", "session", &format!("cs_bench_{i}"));
+    loraplane_api::order::job_name(&hash)
+}
+
+/// Milliseconds from `since[job]` to the storefront's receipt of that job's `kind` event.
+fn lags(store: &Storefront, kind: &str, since: &HashMap<String, Instant>) -> Vec<f64> {
+    let mut out: Vec<f64> = store
+        .timed()
+        .into_iter()
+        .filter(|(_, e)| e["type"] == kind)
+        .filter_map(|(t, e)| {
+            let job = e["data"]["object"]["id"].as_str()?;
+            let from = since.get(job)?;
+            Some(t.saturating_duration_since(*from).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    out.sort_by(|a, b| a.total_cmp(b));
+    out
+}
+
+/// Waits until the storefront holds `n` events of `kind` (at most `secs`).
+async fn until_told(store: &Storefront, kind: &str, n: usize, secs: u64) -> bool {
+    let deadline = Instant::now() + std::time::Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if store.events().iter().filter(|e| e["type"] == kind).count() >= n {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
 }
 
 /// The Kubernetes part of an order alone, with no API in between: the same four requests (two
@@ -396,9 +448,22 @@ async fn main() {
         .init();
     let verify_us = signature_verify_us();
 
+    // The storefront tenant has a notification endpoint; the notifier starts after the runs
+    // measured without it (below), so both are measured in one process.
+    let store = Storefront::start(NOTIFY_SECRET).await.unwrap();
+    let url = store.url();
     let h = Harness::start_with(|c| {
         c.limits.tenant_rps = 1e9;
         c.limits.ip_rps = 1e9;
+        let t = c
+            .tenants
+            .iter_mut()
+            .find(|t| t.name == "storefront")
+            .unwrap();
+        t.notifications = Some(loraplane_api::config::TenantNotifications {
+            url,
+            secret_env: "STOREFRONT_NOTIFY_SECRET".into(),
+        });
     })
     .await;
     // The storefront uploads and validates the dataset, then records the draft order (with
@@ -471,6 +536,44 @@ async fn main() {
 
     let kube_only_ms = kube_only(&h, args.orders, args.concurrency).await;
 
+    // With the notifier running, as `loraplane-api` runs it: first it tells the storefront
+    // about every job made so far (a backlog, not measured), then the same load again, each
+    // order's `job.accepted` timed from the webhook's answer to the storefront's receipt.
+    let before = warm + 3 * n;
+    let notifier = h.notifier("api-bench");
+    let backlog_t = Instant::now();
+    let drained = until_told(&store, "job.accepted", before, 600).await;
+    let backlog_s = backlog_t.elapsed().as_secs_f64();
+    let uploads = receipted_uploads(&h, &region, &sha, before, n);
+    let ds = drafts(&h, uploads, c).await;
+    let cpu4 = cpu_now();
+    let (nlat, nfailed, nwall, answered) = webhook_load_timed(&h, ds, before, c).await;
+    let cpu5 = cpu_now();
+    let told_all = until_told(&store, "job.accepted", before + n, 600).await;
+    let accepted_lag = lags(&store, "job.accepted", &answered);
+    // A status change (the operator's `Running`) told to the storefront: 200 jobs, at 20 per
+    // second, each timed from its status write to the storefront's receipt.
+    let jobs: Api<LoRATrainingJob> = Api::namespaced(h.sim.client(), "orders");
+    let mut written = HashMap::new();
+    let changes = 200.min(n);
+    for i in before..before + changes {
+        let name = job_of(i);
+        let patch = json!({"apiVersion": "loraplane.io/v1alpha1", "kind": "LoRATrainingJob",
+            "status": {"phase": "Running", "attempts": [{"region": "eu-west", "pool": "p", "node": "n"}]}});
+        written.insert(name.clone(), Instant::now());
+        jobs.patch_status(
+            &name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(patch),
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let running_told = until_told(&store, "job.running", changes, 120).await;
+    let running_lag = lags(&store, "job.running", &written);
+    notifier.abort();
+
     let throughput = args.orders as f64 / wall;
     // Little's law: with `concurrency` orders always in flight, the mean latency is
     // concurrency / throughput; when it matches the measured p50, the latency is queueing.
@@ -509,6 +612,26 @@ async fn main() {
             "goal": {"throughput_orders_per_s": 2000, "p99_ms": 50}
         },
         "webhook_to_cr_low_concurrency": low_report,
+        "webhook_to_cr_with_notifier": {
+            "orders": args.orders,
+            "concurrency": args.concurrency,
+            "created": nlat.len(),
+            "failed": nfailed,
+            "throughput_orders_per_s": round(args.orders as f64 / nwall, 1),
+            "latency_ms": {"p50": round(pct(&nlat, 0.5), 2), "p99": round(pct(&nlat, 0.99), 2), "max": round(pct(&nlat, 1.0), 2)},
+            "cpu_ms_per_order": {"api_kube_sim_and_load_generator": per_order_ms(cpu4.0, cpu5.0), "seaweedfs": per_order_ms(cpu4.1, cpu5.1)},
+            "backlog_jobs_told": before,
+            "backlog_drained": drained,
+            "backlog_seconds": round(backlog_s, 2),
+        },
+        "notification_lag_ms": {
+            "job_accepted_after_webhook_answer": {"events": accepted_lag.len(), "all_told": told_all,
+                "p50": round(pct(&accepted_lag, 0.5), 1), "p99": round(pct(&accepted_lag, 0.99), 1), "max": round(pct(&accepted_lag, 1.0), 1),
+                "note": "under the load above: 32 checkouts in flight"},
+            "job_running_after_status_write": {"events": running_lag.len(), "all_told": running_told,
+                "p50": round(pct(&running_lag, 0.5), 1), "p99": round(pct(&running_lag, 0.99), 1), "max": round(pct(&running_lag, 1.0), 1),
+                "note": "20 status changes per second, nothing else running"},
+        },
         "webhook_to_cr_without_receipt": {
             "orders": args.orders,
             "concurrency": args.concurrency,

@@ -739,7 +739,7 @@ impl App {
             return Ok(());
         };
         if let Some(bucket) = self.dataset_bucket(id.region()) {
-            self.storage.delete_object(&bucket, &id.key(ns)).await?;
+            self.storage.delete_record(&bucket, &id.key(ns)).await?;
         }
         Ok(())
     }

@@ -1427,8 +1427,16 @@ mod tests {
         assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
         // What the storefront receives is documented too, though no route returns it.
         let schemas = &doc["components"]["schemas"];
-        assert!(schemas["Notification"]["properties"]["data"].is_object(), "{schemas}");
-        assert!(doc["info"]["description"].as_str().unwrap().contains("construct_event"));
+        assert!(
+            schemas["Notification"]["properties"]["data"].is_object(),
+            "{schemas}"
+        );
+        assert!(
+            doc["info"]["description"]
+                .as_str()
+                .unwrap()
+                .contains("construct_event")
+        );
     }
 
     #[test]

@@ -20,47 +20,6 @@ use loraplane_dataset::testing::dataset;
 use serde_json::{Value, json};
 use stripe_sim::storefront::Storefront;
 
-/// Runs `stripe.Webhook.construct_event` (the official Python library) on each delivery;
-/// the event types it read, or its error.
-fn stripe_python(deliveries: &[(String, Vec<u8>)], secret: &[u8]) -> Result<Vec<String>, String> {
-    use std::io::Write;
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let python = root.join(".tools/venv/bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run `make bootstrap` (it installs the `stripe` package)",
-        python.display()
-    );
-    let mut child = std::process::Command::new(&python)
-        .arg(root.join("api/tests/verify_with_stripe.py"))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = String::new();
-    for (header, body) in deliveries {
-        let line = json!({"secret": String::from_utf8_lossy(secret), "header": header,
-            "payload": String::from_utf8(body.clone()).unwrap()});
-        input.push_str(&line.to_string());
-        input.push('\n');
-    }
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).to_string());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect())
-}
-
 async fn only_job(h: &Harness) -> LoRATrainingJob {
     let api: Api<LoRATrainingJob> = Api::namespaced(h.sim.client(), "orders");
     let mut all = api.list(&ListParams::default()).await.unwrap().items;
@@ -355,12 +314,15 @@ async fn the_storefront_is_told_in_order_after_it_was_down_signed_and_without_cu
         // The official Stripe library accepts every delivery as a genuine event, and refuses
         // one whose body was altered.
         let raw = store.raw();
-        let types_seen = stripe_python(&raw, NOTIFY_SECRET).unwrap();
+        let types_seen = Storefront::verify_with_stripe_package(&raw, NOTIFY_SECRET).unwrap();
         assert_eq!(types_seen, types);
         let (header, body) = &raw[0];
         let mut forged = body.clone();
         forged.extend_from_slice(b" ");
-        assert!(stripe_python(&[(header.clone(), forged)], NOTIFY_SECRET).is_err());
+        assert!(
+            Storefront::verify_with_stripe_package(&[(header.clone(), forged)], NOTIFY_SECRET)
+                .is_err()
+        );
         let log = events(&h, &name).await;
         assert!(
             log["events"]

@@ -562,6 +562,20 @@ impl Storage {
         Ok(Some(bytes.to_vec()))
     }
 
+    /// Deletes a small object written by [`Storage::put_record`] in one request (S3 answers a
+    /// missing key as deleted); unlike [`Storage::delete_object`] it does not learn the size.
+    pub async fn delete_record(&self, bucket: &str, key: &str) -> Result<(), StorageError> {
+        self.store_of(bucket)?
+            .client
+            .delete_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| StorageError::DeleteObject(err_text(&e)))?;
+        Ok(())
+    }
+
     fn store_of(&self, bucket: &str) -> Result<&RegionStore, StorageError> {
         self.region_of_bucket(bucket)
             .ok_or_else(|| StorageError::UnknownRegion(bucket.to_string()))

@@ -134,6 +134,13 @@ async fn eea_order_survives_spot_preemption_and_leaves_nothing_after_retention()
         "{:?}",
         stack.storefront.refused()
     );
+    // …and the official `stripe` package accepts each one as a genuine event.
+    let read = stripe_sim::storefront::Storefront::verify_with_stripe_package(
+        &stack.storefront.raw(),
+        loraplane_e2e::config::NOTIFY_SECRET.as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(read, types);
     let mut ids: Vec<&str> = told.iter().map(|e| e["id"].as_str().unwrap()).collect();
     ids.sort();
     ids.dedup();

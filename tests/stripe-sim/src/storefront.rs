@@ -24,6 +24,7 @@ pub const SIGNATURE_HEADER: &str = "loraplane-signature";
 struct State {
     received: Vec<Value>,
     raw: Vec<(String, Vec<u8>)>,
+    at: Vec<std::time::Instant>,
     attempts: usize,
     down: bool,
     refused: Vec<String>,
@@ -61,7 +62,7 @@ pub fn verify(secret: &[u8], header: &str, body: &[u8], now: i64) -> Result<(), 
     mac.update(format!("{t}.").as_bytes());
     mac.update(body);
     let expected = hex::encode(mac.finalize().into_bytes());
-    if v1.iter().any(|s| *s == expected) {
+    if v1.contains(&expected) {
         Ok(())
     } else {
         Err("no v1 signature matches the body".into())
@@ -113,9 +114,67 @@ impl Storefront {
         self.state().received.clone()
     }
 
+    /// Verified events with the instant each arrived, in arrival order.
+    pub fn timed(&self) -> Vec<(std::time::Instant, Value)> {
+        let st = self.state();
+        st.at
+            .iter()
+            .copied()
+            .zip(st.received.iter().cloned())
+            .collect()
+    }
+
     /// Accepted deliveries exactly as they came: the signature header and the body.
     pub fn raw(&self) -> Vec<(String, Vec<u8>)> {
         self.state().raw.clone()
+    }
+
+    /// Runs the official `stripe` Python package's `stripe.Webhook.construct_event` on
+    /// `deliveries` (signature header, body), as a storefront's own code would; the event
+    /// types it read, or its error. The interpreter is `.tools/venv/bin/python`, which
+    /// `make bootstrap` installs with the package.
+    pub fn verify_with_stripe_package(
+        deliveries: &[(String, Vec<u8>)],
+        secret: &[u8],
+    ) -> Result<Vec<String>, String> {
+        use std::io::Write;
+        let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let python = here.join("../../.tools/venv/bin/python");
+        if !python.exists() {
+            return Err(format!(
+                "{} is missing: run `make bootstrap` (it installs the `stripe` package)",
+                python.display()
+            ));
+        }
+        let mut child = std::process::Command::new(&python)
+            .arg(here.join("verify_with_stripe.py"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("running {}: {e}", python.display()))?;
+        let mut input = String::new();
+        for (header, body) in deliveries {
+            let line = serde_json::json!({"secret": String::from_utf8_lossy(secret),
+                "header": header, "payload": String::from_utf8_lossy(body)});
+            input.push_str(&line.to_string());
+            input.push('\n');
+        }
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(input.as_bytes())
+                .map_err(|e| format!("writing to the verifier: {e}"))?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| format!("running the verifier: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).to_string());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect())
     }
 
     /// Deliveries tried, including those answered 503 while down.
@@ -176,6 +235,7 @@ async fn receive(
         Ok(event) => {
             st.received.push(event);
             st.raw.push((header, body.to_vec()));
+            st.at.push(std::time::Instant::now());
             answer(StatusCode::OK)
         }
         Err(e) => {

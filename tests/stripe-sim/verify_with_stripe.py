@@ -1,8 +1,8 @@
 """Verifies loraplane notifications with the official `stripe` package, as a storefront would.
 
 Reads one JSON object per line on stdin: {"secret", "header", "payload"}; prints each event's
-type, or exits non-zero with the library's error. Run by api/tests/settlement.rs with the
-interpreter `make bootstrap` installs (.tools/venv)."""
+type, or exits non-zero with the library's error. Run by `Storefront::verify_with_stripe_package`
+with the interpreter `make bootstrap` installs (.tools/venv)."""
 
 import json
 import sys
