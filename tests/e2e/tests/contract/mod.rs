@@ -4,8 +4,10 @@
 //! `kube::Client` whose User-Agent names it in kube-sim's audit log. `run` drives the paths the
 //! chart's RBAC and dashboards are about: a paid webhook order placed on spot, preempted,
 //! resumed elsewhere and finished, then released and deleted by the operator's retention; a
-//! service-API order whose node is lost, then cancelled and erased; an expired audit record
-//! swept; a dispute and a refund leaving tombstones; leader election and hand-over.
+//! service-API order whose node is lost, then cancelled and erased (and a second order on its
+//! upload refused); an expired audit record swept; a dispute and a refund leaving tombstones;
+//! the API's notifier telling a storefront stub about the paid job; leader election and
+//! hand-over.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
@@ -255,6 +257,11 @@ impl ApiClient {
         body: Option<Value>,
     ) -> (u16, Value) {
         let mut headers = vec![("authorization", format!("Bearer {token}"))];
+        // One Idempotency-Key per order.
+        let key = body
+            .as_ref()
+            .and_then(|v| v["orderId"].as_str())
+            .map_or_else(|| "contract".to_string(), |o| format!("contract-{o}"));
         let bytes = match body {
             Some(v) => {
                 headers.push(("content-type", "application/json".into()));
@@ -263,7 +270,7 @@ impl ApiClient {
             None => Vec::new(),
         };
         if method == "POST" && (path == "/v1/jobs" || path == "/v1/orders") {
-            headers.push(("idempotency-key", "contract".into()));
+            headers.push(("idempotency-key", key));
         }
         let (status, body) = http(method, &format!("{}{path}", self.base), &headers, bytes).await;
         (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
@@ -594,6 +601,12 @@ pub async fn run() -> Outcome {
     let (status, job) = api.call("POST", "/v1/jobs", ACME, Some(order)).await;
     assert_eq!(status, 201, "{job}");
     let b = job["id"].as_str().unwrap().to_string();
+    // Another order on the same upload finds it consumed (the claim is read to tell).
+    let again = json!({"orderId": "contract-b2", "family": "sdxl", "conceptType": "object",
+        "triggerWord": "mug", "plan": "basic", "uploadId": upload});
+    let (status, body) = api.call("POST", "/v1/jobs", ACME, Some(again)).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "upload_consumed", "{body}");
     let running = wait_job(&admin, TENANT_NS, &b, "Running", |j| {
         phase(j) == Some("Running")
     })
