@@ -43,6 +43,8 @@ pub struct Notifications {
     pub give_up_after_seconds: u64,
     /// Seconds a storefront may take to answer one delivery.
     pub timeout_seconds: u64,
+    /// Jobs looked after at once per namespace (deliveries and refunds in flight).
+    pub concurrency: u16,
 }
 
 impl Default for Notifications {
@@ -53,6 +55,7 @@ impl Default for Notifications {
             retry_max_seconds: 3600,
             give_up_after_seconds: 3 * 86_400,
             timeout_seconds: 10,
+            concurrency: 16,
         }
     }
 }

@@ -20,11 +20,11 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use loraplane_crds::LoRATrainingJob;
-use loraplane_crds::layout::{ANNOTATION_REFUND, DATA_FINALIZER};
+use loraplane_crds::layout::{ANNOTATION_REFUND, DATA_FINALIZER, LABEL_PAYMENT};
 use loraplane_crds::v1alpha1::Phase;
 use serde_json::json;
 
@@ -70,6 +70,7 @@ pub struct Notifier {
     policy: Policy,
     client: HttpsClient,
     timeout: Duration,
+    concurrency: u16,
 }
 
 impl std::fmt::Debug for Notifier {
@@ -91,6 +92,7 @@ impl Notifier {
         Ok(Notifier {
             policy: n.policy(),
             timeout: Duration::from_secs(n.timeout_seconds.max(1)),
+            concurrency: n.concurrency.max(1),
             holder: holder.to_string(),
             client: https_client()?,
             app,
@@ -114,7 +116,11 @@ impl Notifier {
     pub async fn run(self: Arc<Self>) {
         let controllers = self.namespaces().into_iter().map(|ns| {
             let api: Api<LoRATrainingJob> = Api::namespaced(self.app.kube.clone(), &ns);
+            // A bounded number of jobs at once: a burst (a restart facing thousands of jobs)
+            // must not open thousands of connections to one storefront, whose slowed answers
+            // would time out and be sent again.
             Controller::new(api, watcher::Config::default())
+                .with_config(controller::Config::default().concurrency(self.concurrency))
                 .run(reconcile, error_policy, self.clone())
                 .for_each(|_| async {})
         });
@@ -247,6 +253,16 @@ async fn reconcile(job: Arc<LoRATrainingJob>, n: Arc<Notifier>) -> Result<Action
     if stored.version.is_none() && tenant.is_none() && !ours {
         return Ok(Action::await_change());
     }
+    // A paid job's ledger is first written by the webhook that made the job, with the payment
+    // intent; writing it first here would only make the two collide. Give the webhook a few
+    // seconds (a lost write is made good by the redelivered webhook, or by this after that).
+    let paid = job.labels().contains_key(LABEL_PAYMENT);
+    let age = job
+        .creation_timestamp()
+        .map_or(i64::MAX, |t| now() - t.0.as_second());
+    if stored.version.is_none() && paid && age < 30 {
+        return Ok(Action::requeue(Duration::from_millis(250)));
+    }
     let view = view_of(&job, tenant.is_some());
     let d = outbox::decide(&view, &stored.ledger, now(), &n.policy);
     if d.release {
@@ -278,6 +294,17 @@ async fn reconcile(job: Arc<LoRATrainingJob>, n: Arc<Notifier>) -> Result<Action
         });
         changed = true;
     }
+    // The claim on the deliveries rides on the same write (one apiserver request less per
+    // event on the hot path).
+    let mut claimed = false;
+    if tenant.is_some()
+        && outbox::next_delivery(&stored.ledger, now()).is_some_and(|(_, due)| due)
+        && outbox::may_deliver(&stored.ledger, &n.holder, now())
+        && changed
+    {
+        stored.ledger.claim = Some(claim(&n));
+        claimed = true;
+    }
     if changed {
         ledger::write(&n.app.kube, &job, &mut stored).await?;
     }
@@ -285,7 +312,7 @@ async fn reconcile(job: Arc<LoRATrainingJob>, n: Arc<Notifier>) -> Result<Action
     if let Some((t, secret)) = tenant
         && let Some(endpoint) = &t.notifications
     {
-        deliver(&n, &job, &mut stored, &endpoint.url, secret).await?;
+        deliver(&n, &job, &mut stored, &endpoint.url, secret, claimed).await?;
     }
     // A refund that went through, or a delivery, may owe a next event or the release.
     let next = outbox::decide(&view, &stored.ledger, now(), &n.policy);
@@ -362,24 +389,31 @@ async fn settle_refund(
     Ok(())
 }
 
-/// Delivers the job's due events, oldest first, under a claim on the ledger.
+/// This replica's claim on a job's deliveries, long enough for a few deliveries.
+fn claim(n: &Notifier) -> Claim {
+    Claim {
+        holder: n.holder.clone(),
+        until: now() + i64::try_from(n.timeout.as_secs()).unwrap_or(10) * 4 + 5,
+    }
+}
+
+/// Delivers the job's due events, oldest first, under a claim on the ledger (`claimed`: the
+/// claim is already written).
 async fn deliver(
     n: &Notifier,
     job: &LoRATrainingJob,
     stored: &mut Stored,
     url: &str,
     secret: &[u8],
+    mut claimed: bool,
 ) -> Result<(), NotifyError> {
-    let mut claimed = false;
+    let mut sent = Vec::new();
     while let Some((i, true)) = outbox::next_delivery(&stored.ledger, now()) {
         if !claimed {
             if !outbox::may_deliver(&stored.ledger, &n.holder, now()) {
                 return Ok(());
             }
-            stored.ledger.claim = Some(Claim {
-                holder: n.holder.clone(),
-                until: now() + i64::try_from(n.timeout.as_secs()).unwrap_or(10) * 4 + 5,
-            });
+            stored.ledger.claim = Some(claim(n));
             ledger::write(&n.app.kube, job, stored).await?;
             claimed = true;
         }
@@ -395,6 +429,7 @@ async fn deliver(
         let now = now();
         let e = &mut stored.ledger.events[i];
         outbox::delivered(e, status, now, &n.policy);
+        sent.push(e.clone());
         let outcome = match e.delivery {
             outbox::Delivery::Delivered => "delivered",
             outbox::Delivery::Abandoned => "abandoned",
@@ -418,13 +453,49 @@ async fn deliver(
         if outbox::next_delivery(&stored.ledger, now).is_none() {
             break;
         }
-        ledger::write(&n.app.kube, job, stored).await?;
+        record_sent(n, job, stored, &mut sent).await?;
     }
     if claimed {
         stored.ledger.claim = None;
-        ledger::write(&n.app.kube, job, stored).await?;
+        record_sent(n, job, stored, &mut sent).await?;
     }
     Ok(())
+}
+
+/// Writes the ledger after deliveries. The storefront has the events already: should someone
+/// have written the ledger meanwhile (the webhook recording the payment, a refund), their
+/// outcome is applied to the ledger as it is now rather than lost, which would send them
+/// again.
+async fn record_sent(
+    n: &Notifier,
+    job: &LoRATrainingJob,
+    stored: &mut Stored,
+    sent: &mut Vec<outbox::Event>,
+) -> Result<(), NotifyError> {
+    for _ in 0..5 {
+        match ledger::write(&n.app.kube, job, stored).await {
+            Err(LedgerError::Conflict) => {
+                let claim = stored.ledger.claim.clone();
+                *stored = ledger::read(
+                    &n.app.kube,
+                    &job.namespace().unwrap_or_default(),
+                    &job.name_any(),
+                )
+                .await?;
+                for done in sent.iter() {
+                    if let Some(e) = stored.ledger.events.iter_mut().find(|e| e.id == done.id) {
+                        *e = done.clone();
+                    }
+                }
+                stored.ledger.claim = claim;
+            }
+            other => {
+                sent.clear();
+                return Ok(other?);
+            }
+        }
+    }
+    Err(LedgerError::Conflict.into())
 }
 
 fn error_policy(job: Arc<LoRATrainingJob>, err: &NotifyError, _n: Arc<Notifier>) -> Action {
