@@ -20,6 +20,19 @@ use loraplane_dataset::testing::dataset;
 use serde_json::{Value, json};
 use stripe_sim::storefront::Storefront;
 
+/// Points the storefront tenant's notifications at `url` (signed with [`NOTIFY_SECRET`]).
+fn notify_storefront(c: &mut loraplane_api::config::ApiConfig, url: String) {
+    let t = c
+        .tenants
+        .iter_mut()
+        .find(|t| t.name == "storefront")
+        .unwrap();
+    t.notifications = Some(TenantNotifications {
+        url,
+        secret_env: "STOREFRONT_NOTIFY_SECRET".into(),
+    });
+}
+
 async fn only_job(h: &Harness) -> LoRATrainingJob {
     let api: Api<LoRATrainingJob> = Api::namespaced(h.sim.client(), "orders");
     let mut all = api.list(&ListParams::default()).await.unwrap().items;
@@ -82,7 +95,13 @@ async fn paid_job(h: &Harness, session: &str, payment: &str) -> LoRATrainingJob 
 #[tokio::test]
 async fn a_paid_job_failing_for_good_is_refunded_exactly_once_through_failures_and_a_restart() {
     within(120, async {
-        let h = Harness::start_with(|c| c.notifications.retry_base_seconds = 1).await;
+        let store = Storefront::start(NOTIFY_SECRET).await.unwrap();
+        let url = store.url();
+        let h = Harness::start_with(|c| {
+            c.notifications.retry_base_seconds = 1;
+            notify_storefront(c, url);
+        })
+        .await;
         let job = paid_job(&h, "cs_fail", "pi_fail").await;
         let name = job.name_any();
         // The payment intent is kept beside the job, never on it.
@@ -130,6 +149,14 @@ async fn a_paid_job_failing_for_good_is_refunded_exactly_once_through_failures_a
             refunds[0].idempotency_key.as_deref(),
             Some(format!("loraplane-refund-{order}").as_str())
         );
+        // The storefront hears of the failure, then of the refund (its reason, no payment id).
+        wait_for("job.refunded told", async || store.events().len() >= 3).await;
+        let told = store.events();
+        let types: Vec<&str> = told.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(types, ["job.accepted", "job.failed", "job.refunded"]);
+        assert_eq!(told[1]["data"]["object"]["reason"], "BackoffLimitExceeded");
+        assert_eq!(told[2]["data"]["object"]["refund_reason"], "jobFailed");
+        assert!(!serde_json::to_string(&told).unwrap().contains("pi_fail"));
         let log = events(&h, &name).await;
         assert_eq!(log["refund"]["state"], "succeeded");
         assert_eq!(log["refund"]["reason"], "jobFailed");
@@ -215,15 +242,7 @@ async fn the_storefront_is_told_in_order_after_it_was_down_signed_and_without_cu
         let h = Harness::start_with(|c| {
             c.notifications.retry_base_seconds = 1;
             c.notifications.retry_max_seconds = 2;
-            let t = c
-                .tenants
-                .iter_mut()
-                .find(|t| t.name == "storefront")
-                .unwrap();
-            t.notifications = Some(TenantNotifications {
-                url,
-                secret_env: "STOREFRONT_NOTIFY_SECRET".into(),
-            });
+            notify_storefront(c, url);
         })
         .await;
         store.set_down(true);
@@ -333,6 +352,29 @@ async fn the_storefront_is_told_in_order_after_it_was_down_signed_and_without_cu
         );
         assert!(log["events"][0]["attempts"].as_u64().unwrap() > 1);
         assert!(log.get("refund").is_none());
+
+        // The customer asks for erasure; once the operator has purged the job (here: the job
+        // deleted, no operator finalizer), the storefront is told, and only then does the job go.
+        let (s, _, body) = h
+            .call(
+                "DELETE",
+                &format!("/v1/jobs/{name}"),
+                Some(STOREFRONT),
+                &[],
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{body}");
+        let jobs: Api<LoRATrainingJob> = Api::namespaced(h.sim.client(), "orders");
+        jobs.delete(&name, &DeleteParams::default()).await.unwrap();
+        wait_for("the job to go", async || {
+            jobs.get_opt(&name).await.unwrap().is_none()
+        })
+        .await;
+        let last = store.events().last().cloned().unwrap();
+        assert_eq!(last["type"], "job.erased", "{last}");
+        assert_eq!(store.events().len(), 6);
+        assert!(h.stripe.refunds().is_empty(), "an erasure is no refund");
     })
     .await;
 }
