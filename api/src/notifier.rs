@@ -284,14 +284,7 @@ async fn reconcile(job: Arc<LoRATrainingJob>, n: Arc<Notifier>) -> Result<Action
     let mut changed = !d.append.is_empty();
     stored.ledger.events.extend(d.append);
     if let Some(reason) = d.refund {
-        stored.ledger.refund = Some(Refund {
-            reason,
-            state: RefundProgress::Pending,
-            attempts: 0,
-            next_at: now(),
-            last_error: None,
-            settled_at: None,
-        });
+        stored.ledger.refund = Some(Refund::owed(reason, now()));
         changed = true;
     }
     // The claim on the deliveries rides on the same write (one apiserver request less per

@@ -160,6 +160,20 @@ pub struct Refund {
     pub settled_at: Option<i64>,
 }
 
+impl Refund {
+    /// A refund just found owed, due at `now`.
+    pub fn owed(reason: JobRefundReason, now: i64) -> Refund {
+        Refund {
+            reason,
+            state: RefundProgress::Pending,
+            attempts: 0,
+            next_at: now,
+            last_error: None,
+            settled_at: None,
+        }
+    }
+}
+
 /// A replica's claim on a job's deliveries, so two replicas never send its events at once.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -575,6 +589,10 @@ mod tests {
         ledger.events.extend(d.append.iter().cloned());
     }
 
+    fn pending_refund() -> Refund {
+        Refund::owed(JobRefundReason::JobFailed, 1)
+    }
+
     fn paid() -> Ledger {
         Ledger {
             payment_intent: Some("pi_1".into()),
@@ -653,14 +671,7 @@ mod tests {
         );
         // Once recorded, never again.
         let mut ledger = paid();
-        ledger.refund = Some(Refund {
-            reason: JobRefundReason::JobFailed,
-            state: RefundProgress::Pending,
-            attempts: 0,
-            next_at: 1,
-            last_error: None,
-            settled_at: None,
-        });
+        ledger.refund = Some(pending_refund());
         assert_eq!(decide(&failed, &ledger, 2, &p).refund, None);
     }
 
@@ -715,14 +726,7 @@ mod tests {
         v.purged = true;
         let mut ledger = paid();
         assert!(!decide(&v, &ledger, 1, &p).release);
-        let mut r = Refund {
-            reason: JobRefundReason::JobFailed,
-            state: RefundProgress::Pending,
-            attempts: 0,
-            next_at: 1,
-            last_error: None,
-            settled_at: None,
-        };
+        let mut r = pending_refund();
         refund_tried(&mut r, Some("timeout".into()), 1, &p);
         ledger.refund = Some(r.clone());
         assert!(!decide(&v, &ledger, 2, &p).release);

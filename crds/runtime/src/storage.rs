@@ -418,14 +418,7 @@ impl Storage {
         let Some(size) = object_size(store, bucket, key).await? else {
             return Ok(Deleted::default());
         };
-        store
-            .client
-            .delete_object()
-            .bucket(bucket)
-            .key(key)
-            .send()
-            .await
-            .map_err(|e| StorageError::DeleteObject(err_text(&e)))?;
+        self.delete_record(bucket, key).await?;
         Ok(Deleted {
             objects: 1,
             bytes: size,

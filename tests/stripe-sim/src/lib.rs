@@ -84,23 +84,9 @@ impl Drop for StripeSim {
 impl StripeSim {
     /// Starts on a free loopback port.
     pub async fn start() -> Result<StripeSim, SimError> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(SimError::Bind)?;
-        let addr = listener.local_addr().map_err(SimError::Bind)?;
         let state = Arc::new(Mutex::new(State::default()));
         let shared = state.clone();
-        let server = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let state = shared.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| serve(state.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
+        let (addr, server) = listen(move |req| serve(shared.clone(), req)).await?;
         Ok(StripeSim {
             addr,
             state,
@@ -148,6 +134,32 @@ fn error(status: StatusCode, kind: &str, code: &str, message: &str) -> (StatusCo
         status,
         json!({"error": {"type": kind, "code": code, "message": message}}),
     )
+}
+
+/// Serves HTTP/1.1 on a free loopback port with `handle`; the address and the server task.
+pub(crate) async fn listen<F, Fut>(
+    handle: F,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), SimError>
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(SimError::Bind)?;
+    let addr = listener.local_addr().map_err(SimError::Bind)?;
+    let server = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(handle);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok((addr, server))
 }
 
 async fn serve(

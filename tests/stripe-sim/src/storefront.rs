@@ -11,7 +11,6 @@ use hmac::{Hmac, Mac};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use sha2::Sha256;
 
@@ -72,27 +71,11 @@ pub fn verify(secret: &[u8], header: &str, body: &[u8], now: i64) -> Result<(), 
 impl Storefront {
     /// Starts on a free loopback port, verifying with `secret`.
     pub async fn start(secret: &[u8]) -> Result<Storefront, SimError> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(SimError::Bind)?;
-        let addr = listener.local_addr().map_err(SimError::Bind)?;
         let state = Arc::new(Mutex::new(State::default()));
         let shared = state.clone();
         let secret = secret.to_vec();
-        let server = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let state = shared.clone();
-                let secret = secret.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        receive(state.clone(), secret.clone(), req)
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
+        let (addr, server) =
+            crate::listen(move |req| receive(shared.clone(), secret.clone(), req)).await?;
         Ok(Storefront {
             addr,
             state,
