@@ -58,6 +58,9 @@ pub enum NotifyError {
         #[source]
         source: kube::Error,
     },
+    /// The job changed since it was read (its finalizers were patched at a stale version).
+    #[error("the job changed since it was read")]
+    Stale,
     /// The HTTP client could not be set up.
     #[error(transparent)]
     Client(#[from] RefundError),
@@ -239,6 +242,7 @@ async fn patch_job(
     {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Err(NotifyError::Stale),
         Err(source) => Err(NotifyError::Job { action, source }),
     }
 }
@@ -311,6 +315,11 @@ async fn reconcile(job: Arc<LoRATrainingJob>, n: Arc<Notifier>) -> Result<Action
     let next = outbox::decide(&view, &stored.ledger, now(), &n.policy);
     if !next.append.is_empty() || next.release {
         return Ok(Action::requeue(Duration::from_millis(10)));
+    }
+    // Another replica is delivering this job's events: look again when it should be done,
+    // rather than at the (already due) retry time.
+    if !outbox::may_deliver(&stored.ledger, &n.holder, now()) {
+        return Ok(Action::requeue(Duration::from_secs(1)));
     }
     Ok(match outbox::wake_at(&stored.ledger) {
         Some(at) => Action::requeue(Duration::from_millis(
@@ -492,8 +501,12 @@ async fn record_sent(
 }
 
 fn error_policy(job: Arc<LoRATrainingJob>, err: &NotifyError, _n: Arc<Notifier>) -> Action {
-    // Conflicts are another replica's write: look again at once.
-    if matches!(err, NotifyError::Ledger(LedgerError::Conflict)) {
+    // Conflicts are someone else's write (another replica, the webhook, the operator): look
+    // again at once.
+    if matches!(
+        err,
+        NotifyError::Ledger(LedgerError::Conflict) | NotifyError::Stale
+    ) {
         return Action::requeue(Duration::from_millis(200));
     }
     tracing::warn!(namespace = %job.namespace().unwrap_or_default(), job = %job.name_any(), error = %err, "notifier: will retry");
