@@ -398,431 +398,572 @@ fn condition_true(st: &LoRATrainingJobStatus, type_: &str) -> bool {
         .any(|c| c.type_ == type_ && c.status == "True")
 }
 
-/// Computes the next status and the changes to make.
-pub fn decide(inputs: &Inputs<'_>) -> Plan {
-    let job = inputs.job;
-    let now = inputs.now;
-    let generation = job.metadata.generation;
-    let spec = &job.spec;
-    let old = job.status.clone().unwrap_or_default();
-    let mut plan = Plan {
-        status: old.clone(),
-        ..Plan::default()
-    };
-    let st = &mut plan.status;
-    st.observed_generation = generation;
-    let old_phase = old.phase;
-    if old_phase.is_some_and(Phase::is_terminal) {
-        return plan;
-    }
-    let total_steps = spec.training.steps;
-    let cond = |st: &mut LoRATrainingJobStatus, t: &str, s: bool, r: &str, m: &str| {
-        set_condition(&mut st.conditions, t, s, r, m, generation, now);
-    };
+/// How the open attempt ended: its reason (one of [`reason`]) and a message.
+#[derive(Debug, Clone, PartialEq)]
+struct Ended {
+    reason: &'static str,
+    message: String,
+}
 
-    if let Some(log) = &inputs.log {
-        st.progress = progress::merge(st.progress.as_ref(), log, total_steps, now);
-    }
+/// How the job ends for good: the phase, the condition reason and a message.
+#[derive(Debug, Clone, PartialEq)]
+struct Terminal {
+    phase: Phase,
+    reason: &'static str,
+    message: String,
+}
 
-    // Step 1: what happened to the open attempt (the last one, while it has no end time).
-    let open = st.attempts.last().is_some_and(|a| a.end_time.is_none());
-    // `Some((reason, counts_as_failure, failover))` once the open attempt is over.
-    let mut ended: Option<(&'static str, String)> = None;
-    let mut terminal: Option<(Phase, &'static str, String)> = None;
-    let stop = stop_requested(job);
-    let deadline_hit = spec
-        .active_deadline_seconds
-        .is_some_and(|d| active_seconds(&st.attempts, now) >= d);
+/// What looking at the open attempt's pod found.
+#[derive(Debug, Default)]
+struct Observed {
+    /// The attempt is over.
+    ended: Option<Ended>,
+    /// The job is over.
+    terminal: Option<Terminal>,
+}
 
-    if open {
-        let idx = st.attempts.len() - 1;
-        match &inputs.pod {
-            None if stop.is_some() => {
-                ended = stop.map(|(why, message)| (why, message.to_string()));
-            }
-            None => {
-                ended = Some((
-                    if spec.suspend {
-                        reason::SUSPENDED
-                    } else {
-                        reason::NODE_LOST
-                    },
-                    "the training pod disappeared".into(),
-                ));
-            }
-            Some(pod) => {
-                if let Some(node) = &pod.node {
-                    st.attempts[idx].node = Some(node.clone());
-                    if let Some(p) = st.placement.as_mut() {
-                        p.node = Some(node.clone());
-                    }
-                }
-                // A pod being deleted that we did not delete (its attempt is still open) was
-                // taken by the platform: an eviction, a drain, a reclaimed spot node.
-                let disrupted = pod.disruption.is_some() || !pod.node_exists || pod.deleting;
-                match pod.phase {
-                    PodPhase::Succeeded => {
-                        ended = Some((reason::COMPLETED, "the trainer finished".into()));
-                        if let Some(summary) = &pod.summary {
-                            st.artifacts = summary
-                                .artifacts
-                                .iter()
-                                .filter(|a| inputs.outputs.contains(&a.uri))
-                                .map(|a| Artifact {
-                                    format: a.format.clone(),
-                                    uri: a.uri.clone(),
-                                    sha256: a.sha256.clone(),
-                                    bytes: i64::try_from(a.bytes).unwrap_or(i64::MAX),
-                                })
-                                .collect();
-                        }
-                        let mut p = st.progress.clone().unwrap_or_default();
-                        p.total_steps = total_steps;
-                        p.step = total_steps;
-                        p.eta_seconds = Some(0);
-                        p.summary = Some(progress::summary(p.step, p.total_steps));
-                        st.progress = Some(p);
-                        terminal = Some((
-                            Phase::Succeeded,
-                            "Completed",
-                            "the LoRA was trained and uploaded".into(),
-                        ));
-                    }
-                    // A stop request ends the attempt whatever the pod does, unless the LoRA
-                    // is already written (then the job succeeded; an erasure still follows).
-                    _ if stop.is_some() => {
-                        ended = stop.map(|(why, message)| (why, message.to_string()));
-                    }
-                    _ if disrupted && pod.exit_code != Some(0) => {
-                        let why = disruption_reason(pod);
-                        ended = Some((
-                            why,
-                            format!(
-                                "pod {} was disrupted ({})",
-                                pod.name,
-                                pod.disruption.clone().unwrap_or_else(|| "node gone".into())
-                            ),
-                        ));
-                    }
-                    PodPhase::Failed => {
-                        let code = pod.exit_code;
-                        let detail = pod
-                            .summary
-                            .as_ref()
-                            .and_then(|s| s.error.clone())
-                            .unwrap_or_else(|| "no summary".into());
-                        let bad_input = code == Some(EXIT_BAD_INPUT)
-                            || pod.summary.as_ref().map(|s| s.outcome) == Some(Outcome::BadInput);
-                        if bad_input {
-                            ended = Some((reason::BAD_INPUT, detail.clone()));
-                            terminal = Some((
-                                Phase::Failed,
-                                reason::BAD_INPUT,
-                                format!("the trainer refused its input: {detail}"),
-                            ));
-                        } else {
-                            let failures = st.failures.unwrap_or(0) + 1;
-                            st.failures = Some(failures);
-                            let msg = format!(
-                                "trainer exited with code {} ({detail}); failure {failures} of backoffLimit {}",
-                                code.map_or("?".into(), |c| c.to_string()),
-                                spec.backoff_limit
-                            );
-                            ended = Some((reason::TRAINER_FAILED, msg.clone()));
-                            if failures > spec.backoff_limit {
-                                terminal = Some((Phase::Failed, "BackoffLimitExceeded", msg));
-                            }
-                        }
-                    }
-                    _ if deadline_hit => {
-                        ended = Some((
-                            reason::DEADLINE_EXCEEDED,
-                            "activeDeadlineSeconds reached".into(),
-                        ));
-                    }
-                    _ if spec.suspend => {
-                        ended = Some((reason::SUSPENDED, "the job was suspended".into()));
-                    }
-                    PodPhase::Pending if pod.node.is_none() => {
-                        let waited = pod
-                            .created
-                            .map_or(0, |c| (now.as_second() - c.as_second()).max(0));
-                        let timeout = i64::try_from(inputs.defaults.scheduling_timeout_seconds)
-                            .unwrap_or(i64::MAX);
-                        // A pod the scheduler has not even marked yet counts as unschedulable
-                        // too: what matters to the customer is the wait.
-                        if waited >= timeout {
-                            ended = Some((
-                                reason::UNSCHEDULABLE,
-                                format!(
-                                    "pod {} found no node for {waited}s: {}",
-                                    pod.name,
-                                    pod.unschedulable.clone().unwrap_or_default()
-                                ),
-                            ));
-                        } else {
-                            st.phase = Some(Phase::Scheduling);
-                            // "Pod created for pool P" already says the job waits for a node;
-                            // restating it costs a status write per job for nothing. The
-                            // scheduler's reason, once it gives one, is news.
-                            let just_created = st.conditions.iter().any(|c| {
-                                c.type_ == "Scheduled"
-                                    && c.status == "False"
-                                    && c.reason == "PodCreated"
-                            });
-                            if pod.unschedulable.is_some() || !just_created {
-                                let msg = pod
-                                    .unschedulable
-                                    .clone()
-                                    .unwrap_or_else(|| "waiting for a node".into());
-                                cond(st, "Scheduled", false, "WaitingForNode", &msg);
-                            }
-                            let left = u64::try_from(timeout - waited).unwrap_or(1).max(1);
-                            plan.requeue = Some(Duration::from_secs(left));
-                        }
-                    }
-                    PodPhase::Pending => {
-                        st.phase = Some(Phase::Scheduling);
-                        let msg = format!(
-                            "pod {} bound to node {}",
-                            pod.name,
-                            pod.node.clone().unwrap_or_default()
-                        );
-                        cond(st, "Scheduled", true, "Scheduled", &msg);
-                        cond(
-                            st,
-                            "Running",
-                            false,
-                            "ContainerCreating",
-                            "the trainer is starting",
-                        );
-                        plan.requeue = Some(inputs.progress_interval);
-                    }
-                    PodPhase::Running => {
-                        st.phase = Some(Phase::Running);
-                        let node = pod.node.clone().unwrap_or_default();
-                        cond(
-                            st,
-                            "Scheduled",
-                            true,
-                            "Scheduled",
-                            &format!("pod {} bound to node {node}", pod.name),
-                        );
-                        cond(
-                            st,
-                            "Running",
-                            true,
-                            "TrainerRunning",
-                            &format!("training on node {node}"),
-                        );
-                        if st.start_time.is_none() {
-                            st.start_time = Some(Time(now));
-                            if let Some(created) = job.metadata.creation_timestamp.as_ref() {
-                                let secs = now.duration_since(created.0).as_secs_f64().max(0.0);
-                                plan.signals.push(Signal::FirstRunning(secs));
-                            }
-                        }
-                        let mut requeue = inputs.progress_interval;
-                        if let Some(d) = spec.active_deadline_seconds {
-                            let left = d - active_seconds(&st.attempts, now);
-                            requeue = requeue
-                                .min(Duration::from_secs(u64::try_from(left).unwrap_or(0).max(1)));
-                        }
-                        plan.requeue = Some(requeue);
-                    }
-                }
-            }
-        }
+/// The state one decision works on: the plan being built and what every step reads.
+struct Step<'i, 'a> {
+    inputs: &'i Inputs<'a>,
+    plan: Plan,
+    old_phase: Option<Phase>,
+}
+
+impl Step<'_, '_> {
+    fn spec(&self) -> &loraplane_crds::v1alpha1::LoRATrainingJobSpec {
+        &self.inputs.job.spec
     }
 
-    // Step 2: close the open attempt.
-    if let Some((why, message)) = &ended {
-        let idx = st.attempts.len() - 1;
-        let attempt = &mut st.attempts[idx];
-        attempt.reason = Some((*why).to_string());
-        attempt.end_time = Some(Time(now));
-        let (region, pool) = (attempt.region.clone(), attempt.pool.clone());
-        let gpus = f64::from(spec.resources.gpu.count.max(1));
-        if let Some(start) = &attempt.start_time {
-            let secs = now.duration_since(start.0).as_secs_f64().max(0.0) * gpus;
-            plan.signals.push(Signal::GpuSeconds {
-                region: region.clone(),
-                pool: pool.clone(),
-                seconds: secs,
-            });
-        }
-        if let Some(pod) = &inputs.pod
-            && !pod.deleting
-            && !matches!(pod.phase, PodPhase::Succeeded | PodPhase::Failed)
-        {
-            plan.delete_pod = Some(pod.name.clone());
-        }
-        if matches!(*why, reason::PREEMPTED | reason::NODE_LOST) {
-            plan.signals.push(Signal::Preempted {
-                region: region.clone(),
-                pool: pool.clone(),
-            });
-        }
-        let warning = !matches!(
-            *why,
-            reason::COMPLETED
-                | reason::SUSPENDED
-                | reason::CANCEL_REQUESTED
-                | reason::ERASURE_REQUESTED
+    /// Sets a condition on the status being built, stamped with this decision's time.
+    fn cond(&mut self, type_: &str, status: bool, reason: &str, message: &str) {
+        let generation = self.inputs.job.metadata.generation;
+        set_condition(
+            &mut self.plan.status.conditions,
+            type_,
+            status,
+            reason,
+            message,
+            generation,
+            self.inputs.now,
         );
-        plan.notes.push(Note {
-            warning,
-            reason: format!("Attempt{why}"),
-            message: format!("attempt {idx} in {pool} ({region}) ended: {message}"),
-        });
-        if *why == reason::DEADLINE_EXCEEDED {
-            terminal = Some((
-                Phase::Failed,
-                reason::DEADLINE_EXCEEDED,
-                format!(
-                    "the job ran for its activeDeadlineSeconds ({}s)",
-                    spec.active_deadline_seconds.unwrap_or(0)
-                ),
-            ));
-        }
+    }
+
+    /// The plan, with the phase-transition event added.
+    fn finish(mut self) -> Plan {
+        finish_notes(&mut self.plan, self.old_phase);
+        self.plan
+    }
+}
+
+/// Computes the next status and the changes to make, as named steps: merge the trainer's
+/// progress, observe the open attempt, close it, end the job if something ends it, and
+/// otherwise hold (suspended, running, backing off) or start the next attempt.
+pub fn decide(inputs: &Inputs<'_>) -> Plan {
+    let old = inputs.job.status.clone().unwrap_or_default();
+    let old_phase = old.phase;
+    let mut step = Step {
+        inputs,
+        plan: Plan {
+            status: old,
+            ..Plan::default()
+        },
+        old_phase,
+    };
+    step.plan.status.observed_generation = inputs.job.metadata.generation;
+    if old_phase.is_some_and(Phase::is_terminal) {
+        return step.plan;
+    }
+    if let Some(log) = &inputs.log {
+        let st = &mut step.plan.status;
+        st.progress = progress::merge(
+            st.progress.as_ref(),
+            log,
+            inputs.job.spec.training.steps,
+            inputs.now,
+        );
+    }
+    let deadline_hit = step
+        .spec()
+        .active_deadline_seconds
+        .is_some_and(|d| active_seconds(&step.plan.status.attempts, inputs.now) >= d);
+    let open = step
+        .plan
+        .status
+        .attempts
+        .last()
+        .is_some_and(|a| a.end_time.is_none());
+    let observed = if open {
+        observe_open_attempt(&mut step, deadline_hit)
+    } else {
+        Observed::default()
+    };
+    let mut terminal = observed.terminal;
+    if let Some(ended) = &observed.ended {
+        let deadline = close_attempt(&mut step, ended);
+        terminal = terminal.or(deadline);
     } else if !open && deadline_hit {
-        terminal = Some((
-            Phase::Failed,
-            reason::DEADLINE_EXCEEDED,
-            format!(
-                "the job ran for its activeDeadlineSeconds ({}s)",
-                spec.active_deadline_seconds.unwrap_or(0)
-            ),
-        ));
+        terminal = Some(deadline_exceeded(step.spec().active_deadline_seconds));
     }
+    let terminal = terminal.or_else(|| refused_before_start(&step));
+    if let Some(t) = terminal {
+        return end_job(step, t);
+    }
+    next_attempt(step)
+}
 
-    if terminal.is_none()
-        && let Some((why, message)) = stop
-    {
-        terminal = Some((Phase::Cancelled, why, message.to_string()));
-    }
-    // Data in the wrong place is refused before the first pod could read it.
-    if terminal.is_none()
-        && st.attempts.is_empty()
-        && let Err(rule) = &inputs.data_location
-    {
-        terminal = Some((
-            Phase::Failed,
-            reason::BAD_INPUT,
-            format!("the job's data is not where it may be used: {rule}"),
-        ));
-    }
-
-    // Step 3: terminal outcomes.
-    if let Some((phase, why, message)) = terminal {
-        st.phase = Some(phase);
-        st.completion_time = Some(Time(now));
-        match phase {
-            Phase::Succeeded => {
-                cond(st, "Running", false, "Completed", "the trainer finished");
-                cond(st, "Complete", true, why, &message);
-            }
-            Phase::Cancelled => {
-                cond(st, "Running", false, why, &message);
-                cond(st, "Cancelled", true, why, &message);
-            }
-            _ => {
-                cond(st, "Running", false, why, &message);
-                cond(st, "Failed", true, why, &message);
-            }
+/// Step 1: what happened to the open attempt (the last one, while it has no end time).
+fn observe_open_attempt(step: &mut Step<'_, '_>, deadline_hit: bool) -> Observed {
+    let stop = stop_requested(step.inputs.job);
+    let stopped = || {
+        stop.map(|(reason, message)| Ended {
+            reason,
+            message: message.to_string(),
+        })
+    };
+    let Some(pod) = &step.inputs.pod else {
+        if stop.is_some() {
+            return Observed {
+                ended: stopped(),
+                terminal: None,
+            };
         }
-        plan.requeue = None;
-        finish_notes(&mut plan, old_phase);
-        return plan;
+        let reason = if step.spec().suspend {
+            reason::SUSPENDED
+        } else {
+            reason::NODE_LOST
+        };
+        return ended(reason, "the training pod disappeared".into());
+    };
+    if let Some(node) = &pod.node {
+        let st = &mut step.plan.status;
+        if let Some(a) = st.attempts.last_mut() {
+            a.node = Some(node.clone());
+        }
+        if let Some(p) = st.placement.as_mut() {
+            p.node = Some(node.clone());
+        }
     }
+    // A pod being deleted that we did not delete (its attempt is still open) was taken by
+    // the platform: an eviction, a drain, a reclaimed spot node.
+    let disrupted = pod.disruption.is_some() || !pod.node_exists || pod.deleting;
+    match pod.phase {
+        PodPhase::Succeeded => trainer_succeeded(step, pod),
+        // A stop request ends the attempt whatever the pod does, unless the LoRA is already
+        // written (then the job succeeded; an erasure still follows).
+        _ if stop.is_some() => Observed {
+            ended: stopped(),
+            terminal: None,
+        },
+        _ if disrupted && pod.exit_code != Some(0) => ended(
+            disruption_reason(pod),
+            format!(
+                "pod {} was disrupted ({})",
+                pod.name,
+                pod.disruption.clone().unwrap_or_else(|| "node gone".into())
+            ),
+        ),
+        PodPhase::Failed => trainer_failed(step, pod),
+        _ if deadline_hit => ended(
+            reason::DEADLINE_EXCEEDED,
+            "activeDeadlineSeconds reached".into(),
+        ),
+        _ if step.spec().suspend => ended(reason::SUSPENDED, "the job was suspended".into()),
+        PodPhase::Pending if pod.node.is_none() => waiting_for_node(step, pod),
+        PodPhase::Pending => {
+            step.plan.status.phase = Some(Phase::Scheduling);
+            let msg = format!(
+                "pod {} bound to node {}",
+                pod.name,
+                pod.node.clone().unwrap_or_default()
+            );
+            step.cond("Scheduled", true, "Scheduled", &msg);
+            step.cond(
+                "Running",
+                false,
+                "ContainerCreating",
+                "the trainer is starting",
+            );
+            step.plan.requeue = Some(step.inputs.progress_interval);
+            Observed::default()
+        }
+        PodPhase::Running => {
+            trainer_running(step, pod);
+            Observed::default()
+        }
+    }
+}
 
-    // Step 4: no attempt running: suspend, back off, or start the next attempt.
-    let st = &mut plan.status;
-    let running_attempt = st.attempts.last().is_some_and(|a| a.end_time.is_none());
-    if spec.suspend {
-        cond(
-            st,
+fn ended(reason: &'static str, message: String) -> Observed {
+    Observed {
+        ended: Some(Ended { reason, message }),
+        terminal: None,
+    }
+}
+
+/// The pod exited 0: the granted LoRA files become the job's artifacts and the job succeeds.
+fn trainer_succeeded(step: &mut Step<'_, '_>, pod: &PodView) -> Observed {
+    let total_steps = step.spec().training.steps;
+    let st = &mut step.plan.status;
+    if let Some(summary) = &pod.summary {
+        st.artifacts = summary
+            .artifacts
+            .iter()
+            .filter(|a| step.inputs.outputs.contains(&a.uri))
+            .map(|a| Artifact {
+                format: a.format.clone(),
+                uri: a.uri.clone(),
+                sha256: a.sha256.clone(),
+                bytes: i64::try_from(a.bytes).unwrap_or(i64::MAX),
+            })
+            .collect();
+    }
+    let mut p = st.progress.clone().unwrap_or_default();
+    p.total_steps = total_steps;
+    p.step = total_steps;
+    p.eta_seconds = Some(0);
+    p.summary = Some(progress::summary(p.step, p.total_steps));
+    st.progress = Some(p);
+    Observed {
+        ended: Some(Ended {
+            reason: reason::COMPLETED,
+            message: "the trainer finished".into(),
+        }),
+        terminal: Some(Terminal {
+            phase: Phase::Succeeded,
+            reason: "Completed",
+            message: "the LoRA was trained and uploaded".into(),
+        }),
+    }
+}
+
+/// The trainer exited non-zero: refused input fails the job at once; a crash counts against
+/// `backoffLimit`.
+fn trainer_failed(step: &mut Step<'_, '_>, pod: &PodView) -> Observed {
+    let code = pod.exit_code;
+    let detail = pod
+        .summary
+        .as_ref()
+        .and_then(|s| s.error.clone())
+        .unwrap_or_else(|| "no summary".into());
+    let bad_input = code == Some(EXIT_BAD_INPUT)
+        || pod.summary.as_ref().map(|s| s.outcome) == Some(Outcome::BadInput);
+    if bad_input {
+        return Observed {
+            ended: Some(Ended {
+                reason: reason::BAD_INPUT,
+                message: detail.clone(),
+            }),
+            terminal: Some(Terminal {
+                phase: Phase::Failed,
+                reason: reason::BAD_INPUT,
+                message: format!("the trainer refused its input: {detail}"),
+            }),
+        };
+    }
+    let limit = step.spec().backoff_limit;
+    let st = &mut step.plan.status;
+    let failures = st.failures.unwrap_or(0) + 1;
+    st.failures = Some(failures);
+    let msg = format!(
+        "trainer exited with code {} ({detail}); failure {failures} of backoffLimit {limit}",
+        code.map_or("?".into(), |c| c.to_string()),
+    );
+    Observed {
+        ended: Some(Ended {
+            reason: reason::TRAINER_FAILED,
+            message: msg.clone(),
+        }),
+        terminal: (failures > limit).then_some(Terminal {
+            phase: Phase::Failed,
+            reason: "BackoffLimitExceeded",
+            message: msg,
+        }),
+    }
+}
+
+/// The pod waits for a node: within the scheduling timeout the job is `Scheduling`; past it
+/// the attempt ends `Unschedulable` (and the next one fails over).
+fn waiting_for_node(step: &mut Step<'_, '_>, pod: &PodView) -> Observed {
+    let now = step.inputs.now;
+    let waited = pod
+        .created
+        .map_or(0, |c| (now.as_second() - c.as_second()).max(0));
+    let timeout =
+        i64::try_from(step.inputs.defaults.scheduling_timeout_seconds).unwrap_or(i64::MAX);
+    // A pod the scheduler has not even marked yet counts as unschedulable too: what matters
+    // to the customer is the wait.
+    if waited >= timeout {
+        return ended(
+            reason::UNSCHEDULABLE,
+            format!(
+                "pod {} found no node for {waited}s: {}",
+                pod.name,
+                pod.unschedulable.clone().unwrap_or_default()
+            ),
+        );
+    }
+    step.plan.status.phase = Some(Phase::Scheduling);
+    // "Pod created for pool P" already says the job waits for a node; restating it costs a
+    // status write per job for nothing. The scheduler's reason, once it gives one, is news.
+    let just_created = step
+        .plan
+        .status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Scheduled" && c.status == "False" && c.reason == "PodCreated");
+    if pod.unschedulable.is_some() || !just_created {
+        let msg = pod
+            .unschedulable
+            .clone()
+            .unwrap_or_else(|| "waiting for a node".into());
+        step.cond("Scheduled", false, "WaitingForNode", &msg);
+    }
+    let left = u64::try_from(timeout - waited).unwrap_or(1).max(1);
+    step.plan.requeue = Some(Duration::from_secs(left));
+    Observed::default()
+}
+
+/// The trainer runs: `Running`, the first start recorded, polled for progress (and no later
+/// than the deadline).
+fn trainer_running(step: &mut Step<'_, '_>, pod: &PodView) {
+    let now = step.inputs.now;
+    step.plan.status.phase = Some(Phase::Running);
+    let node = pod.node.clone().unwrap_or_default();
+    step.cond(
+        "Scheduled",
+        true,
+        "Scheduled",
+        &format!("pod {} bound to node {node}", pod.name),
+    );
+    step.cond(
+        "Running",
+        true,
+        "TrainerRunning",
+        &format!("training on node {node}"),
+    );
+    if step.plan.status.start_time.is_none() {
+        step.plan.status.start_time = Some(Time(now));
+        if let Some(created) = step.inputs.job.metadata.creation_timestamp.as_ref() {
+            let secs = now.duration_since(created.0).as_secs_f64().max(0.0);
+            step.plan.signals.push(Signal::FirstRunning(secs));
+        }
+    }
+    let mut requeue = step.inputs.progress_interval;
+    if let Some(d) = step.spec().active_deadline_seconds {
+        let left = d - active_seconds(&step.plan.status.attempts, now);
+        requeue = requeue.min(Duration::from_secs(u64::try_from(left).unwrap_or(0).max(1)));
+    }
+    step.plan.requeue = Some(requeue);
+}
+
+fn deadline_exceeded(deadline: Option<i64>) -> Terminal {
+    Terminal {
+        phase: Phase::Failed,
+        reason: reason::DEADLINE_EXCEEDED,
+        message: format!(
+            "the job ran for its activeDeadlineSeconds ({}s)",
+            deadline.unwrap_or(0)
+        ),
+    }
+}
+
+/// Step 2: close the open attempt: its end, the GPU time it used, its pod, an Event. Returns
+/// the job's end when the attempt ran out the job's deadline.
+fn close_attempt(step: &mut Step<'_, '_>, ended: &Ended) -> Option<Terminal> {
+    let now = step.inputs.now;
+    let gpus = f64::from(step.spec().resources.gpu.count.max(1));
+    let plan = &mut step.plan;
+    let idx = plan.status.attempts.len() - 1;
+    let attempt = &mut plan.status.attempts[idx];
+    attempt.reason = Some(ended.reason.to_string());
+    attempt.end_time = Some(Time(now));
+    let (region, pool) = (attempt.region.clone(), attempt.pool.clone());
+    if let Some(start) = &attempt.start_time {
+        let secs = now.duration_since(start.0).as_secs_f64().max(0.0) * gpus;
+        plan.signals.push(Signal::GpuSeconds {
+            region: region.clone(),
+            pool: pool.clone(),
+            seconds: secs,
+        });
+    }
+    if let Some(pod) = &step.inputs.pod
+        && !pod.deleting
+        && !matches!(pod.phase, PodPhase::Succeeded | PodPhase::Failed)
+    {
+        plan.delete_pod = Some(pod.name.clone());
+    }
+    if matches!(ended.reason, reason::PREEMPTED | reason::NODE_LOST) {
+        plan.signals.push(Signal::Preempted {
+            region: region.clone(),
+            pool: pool.clone(),
+        });
+    }
+    let warning = !matches!(
+        ended.reason,
+        reason::COMPLETED
+            | reason::SUSPENDED
+            | reason::CANCEL_REQUESTED
+            | reason::ERASURE_REQUESTED
+    );
+    plan.notes.push(Note {
+        warning,
+        reason: format!("Attempt{}", ended.reason),
+        message: format!(
+            "attempt {idx} in {pool} ({region}) ended: {}",
+            ended.message
+        ),
+    });
+    (ended.reason == reason::DEADLINE_EXCEEDED)
+        .then(|| deadline_exceeded(step.spec().active_deadline_seconds))
+}
+
+/// A job that ends before (another) attempt: a stop request, or data lying where the job may
+/// not use it (refused before the first pod could read it).
+fn refused_before_start(step: &Step<'_, '_>) -> Option<Terminal> {
+    if let Some((reason, message)) = stop_requested(step.inputs.job) {
+        return Some(Terminal {
+            phase: Phase::Cancelled,
+            reason,
+            message: message.to_string(),
+        });
+    }
+    match &step.inputs.data_location {
+        Err(rule) if step.plan.status.attempts.is_empty() => Some(Terminal {
+            phase: Phase::Failed,
+            reason: reason::BAD_INPUT,
+            message: format!("the job's data is not where it may be used: {rule}"),
+        }),
+        _ => None,
+    }
+}
+
+/// Step 3: the job ends: its phase, completion time and conditions.
+fn end_job(mut step: Step<'_, '_>, t: Terminal) -> Plan {
+    step.plan.status.phase = Some(t.phase);
+    step.plan.status.completion_time = Some(Time(step.inputs.now));
+    match t.phase {
+        Phase::Succeeded => {
+            step.cond("Running", false, "Completed", "the trainer finished");
+            step.cond("Complete", true, t.reason, &t.message);
+        }
+        Phase::Cancelled => {
+            step.cond("Running", false, t.reason, &t.message);
+            step.cond("Cancelled", true, t.reason, &t.message);
+        }
+        _ => {
+            step.cond("Running", false, t.reason, &t.message);
+            step.cond("Failed", true, t.reason, &t.message);
+        }
+    }
+    step.plan.requeue = None;
+    step.finish()
+}
+
+/// Step 4: no attempt ends the job: hold it (suspended, still running, backing off after a
+/// crash) or start the next attempt.
+fn next_attempt(mut step: Step<'_, '_>) -> Plan {
+    let running = step
+        .plan
+        .status
+        .attempts
+        .last()
+        .is_some_and(|a| a.end_time.is_none());
+    if step.spec().suspend {
+        step.cond(
             "Suspended",
             true,
             "JobSuspended",
             "the pod is removed; the claim and checkpoints are kept",
         );
-        if !running_attempt {
-            st.phase = Some(Phase::Pending);
-            cond(st, "Running", false, "JobSuspended", "the job is suspended");
+        if !running {
+            step.plan.status.phase = Some(Phase::Pending);
+            step.cond("Running", false, "JobSuspended", "the job is suspended");
         }
-        finish_notes(&mut plan, old_phase);
-        return plan;
+        return step.finish();
     }
-    if condition_true(st, "Suspended") {
-        cond(
-            st,
+    if condition_true(&step.plan.status, "Suspended") {
+        step.cond(
             "Suspended",
             false,
             "JobResumed",
             "the job resumes from its last checkpoint",
         );
     }
-    if running_attempt {
-        finish_notes(&mut plan, old_phase);
-        return plan;
+    if running || backing_off(&mut step) {
+        return step.finish();
     }
-    if let Some(last) = st.attempts.last()
-        && last.reason.as_deref() == Some(reason::TRAINER_FAILED)
-        && let Some(end) = &last.end_time
-    {
-        let wait = backoff(inputs.defaults, st.failures.unwrap_or(1));
-        let since = now.duration_since(end.0).as_secs_f64().max(0.0);
-        if since < wait.as_secs_f64() {
-            st.phase = Some(Phase::Pending);
-            cond(
-                st,
-                "Running",
-                false,
-                "BackOff",
-                &format!(
-                    "retrying after a trainer failure in {}s",
-                    (wait.as_secs_f64() - since).ceil()
-                ),
-            );
-            plan.requeue = Some(Duration::from_secs_f64(
-                (wait.as_secs_f64() - since).max(0.05),
-            ));
-            finish_notes(&mut plan, old_phase);
-            return plan;
-        }
-    }
-    let candidates = match &inputs.candidates {
+    let candidates = match &step.inputs.candidates {
         Ok(c) => c,
         Err(why) => {
-            st.phase = Some(Phase::Failed);
-            st.completion_time = Some(Time(now));
-            cond(st, "Failed", true, "InvalidSpec", why);
-            finish_notes(&mut plan, old_phase);
-            return plan;
+            step.plan.status.phase = Some(Phase::Failed);
+            step.plan.status.completion_time = Some(Time(step.inputs.now));
+            step.cond("Failed", true, "InvalidSpec", why);
+            return step.finish();
         }
     };
     // The attempt that just ended may have added its pool to the failover round.
-    let tried = tried_pools(Some(st));
+    let tried = tried_pools(Some(&step.plan.status));
     let next = candidates
         .iter()
         .find(|c| !tried.contains(&c.pool))
         .or(candidates.first());
     let Some(next) = next else {
-        st.phase = Some(Phase::Pending);
-        cond(
-            st,
+        step.plan.status.phase = Some(Phase::Pending);
+        step.cond(
             "Scheduled",
             false,
             "NoEligiblePool",
             "no configured node pool satisfies the job's residency, region allow-list, GPU and spot policy",
         );
-        plan.requeue = Some(Duration::from_secs(60));
-        finish_notes(&mut plan, old_phase);
-        return plan;
+        step.plan.requeue = Some(Duration::from_secs(60));
+        return step.finish();
     };
+    start_attempt(&mut step, next);
+    step.finish()
+}
+
+/// After a trainer crash the next attempt waits its backoff; true while it does.
+fn backing_off(step: &mut Step<'_, '_>) -> bool {
+    let st = &step.plan.status;
+    let Some(end) = st
+        .attempts
+        .last()
+        .filter(|a| a.reason.as_deref() == Some(reason::TRAINER_FAILED))
+        .and_then(|a| a.end_time.as_ref())
+    else {
+        return false;
+    };
+    let wait = backoff(step.inputs.defaults, st.failures.unwrap_or(1));
+    let since = step.inputs.now.duration_since(end.0).as_secs_f64().max(0.0);
+    if since >= wait.as_secs_f64() {
+        return false;
+    }
+    step.plan.status.phase = Some(Phase::Pending);
+    step.cond(
+        "Running",
+        false,
+        "BackOff",
+        &format!(
+            "retrying after a trainer failure in {}s",
+            (wait.as_secs_f64() - since).ceil()
+        ),
+    );
+    step.plan.requeue = Some(Duration::from_secs_f64(
+        (wait.as_secs_f64() - since).max(0.05),
+    ));
+    true
+}
+
+/// Starts the next attempt on `next`: resumed from the last checkpoint, a failover Event when
+/// it follows another attempt, `Scheduling` until its pod finds a node.
+fn start_attempt(step: &mut Step<'_, '_>, next: &Candidate) {
+    let now = step.inputs.now;
+    let total_steps = step.spec().training.steps;
+    let job_name = step.inputs.job.metadata.name.as_deref().unwrap_or("job");
+    let plan = &mut step.plan;
+    let st = &mut plan.status;
     let index = st.attempts.len();
-    let name = pod_name(job.metadata.name.as_deref().unwrap_or("job"), index);
+    let name = pod_name(job_name, index);
     let resumed = st
         .progress
         .as_ref()
@@ -858,23 +999,6 @@ pub fn decide(inputs: &Inputs<'_>) -> Plan {
         pod: Some(name.clone()),
     });
     st.phase = Some(Phase::Scheduling);
-    cond(
-        st,
-        "Scheduled",
-        false,
-        "PodCreated",
-        &format!(
-            "pod {name} created for pool {} in {}",
-            next.pool, next.region
-        ),
-    );
-    cond(
-        st,
-        "Running",
-        false,
-        "WaitingForNode",
-        "the trainer has not started yet",
-    );
     if st.progress.is_none() {
         st.progress = Some(loraplane_crds::v1alpha1::Progress {
             step: 0,
@@ -885,15 +1009,28 @@ pub fn decide(inputs: &Inputs<'_>) -> Plan {
     }
     plan.create = Some(NewAttempt {
         index,
-        pod_name: name,
+        pod_name: name.clone(),
         pool: next.pool.clone(),
         region: next.region.clone(),
     });
     plan.requeue = Some(Duration::from_secs(
-        inputs.defaults.scheduling_timeout_seconds.max(1),
+        step.inputs.defaults.scheduling_timeout_seconds.max(1),
     ));
-    finish_notes(&mut plan, old_phase);
-    plan
+    step.cond(
+        "Scheduled",
+        false,
+        "PodCreated",
+        &format!(
+            "pod {name} created for pool {} in {}",
+            next.pool, next.region
+        ),
+    );
+    step.cond(
+        "Running",
+        false,
+        "WaitingForNode",
+        "the trainer has not started yet",
+    );
 }
 
 /// Adds the phase-transition event.
