@@ -421,77 +421,7 @@ async fn reconcile_inner(
         }
     }
     if let Some(next) = &plan.create {
-        let pool = settings
-            .platform
-            .pools
-            .iter()
-            .find(|p| p.name == next.pool)
-            .ok_or_else(|| BuildError::UnknownPool(next.pool.clone()))?;
-        // The next attempt's config is built from the job as it will be after this status
-        // write, so its home region is the one status will record.
-        let mut future_job = job.clone();
-        future_job.status = Some(plan.status.clone());
-        let params = PatchParams::apply(&settings.field_manager).force();
-        // The attempt's whole access to S3: presigned URLs for its own objects, in the
-        // Secret beside the customer's text.
-        let mut trainer = resources::trainer_config(&future_job, &settings.platform, &next.region)?;
-        let family_weights = settings
-            .platform
-            .family(job.spec.base_model.family)
-            .map_or("", |f| f.weights.as_str());
-        let grant_plan = grants::plan(&trainer, family_weights)?;
-        trainer.grants = grants::presign(
-            &ctx.storage,
-            &grant_plan,
-            grants::lifetime(&future_job, now),
-            now,
-        )
-        .await?;
-        let secret = resources::config_secret(&future_job, &trainer)?;
-        Api::<k8s_openapi::api::core::v1::Secret>::namespaced(ctx.client.clone(), &ids.namespace)
-            .patch(
-                &resources::secret_name(&ids.name),
-                &params,
-                &Patch::Apply(&secret),
-            )
-            .await
-            .map_err(ReconcileError::ApplySecret)?;
-        if let Some(claim) =
-            resources::scratch_claim(&future_job, &settings.platform, &next.region)?
-        {
-            let name = claim.name_any();
-            Api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>::namespaced(
-                ctx.client.clone(),
-                &ids.namespace,
-            )
-            .patch(&name, &params, &Patch::Apply(&claim))
-            .await
-            .map_err(ReconcileError::ApplyClaim)?;
-        }
-        let pod = resources::trainer_pod(
-            &future_job,
-            &settings.platform,
-            pool,
-            &next.pod_name,
-            next.index,
-        )?;
-        let created = pods
-            .patch(&next.pod_name, &params, &Patch::Apply(&pod))
-            .await
-            .map_err(|e| ReconcileError::CreatePod(next.pod_name.clone(), e))?;
-        ctx.raise_pod_floor(
-            &ids.uid,
-            &next.pod_name,
-            podcache::resource_version(&created),
-        );
-        if next.index == 0
-            && let Some(created) = job.metadata.creation_timestamp.as_ref()
-        {
-            let secs = now.duration_since(created.0).as_secs_f64().max(0.0);
-            ctx.metrics.creation_to_pod.observe(secs);
-        }
-        tracing::info!(job = %ids.name, namespace = %ids.namespace, pod = %next.pod_name,
-            pool = %next.pool, region = %next.region, attempt = next.index, "started attempt");
+        start_attempt(ctx, job, &ids, &pods, &plan, next, now).await?;
     }
 
     // A pod of this job that is neither the current attempt's nor finished is left over
@@ -506,8 +436,108 @@ async fn reconcile_inner(
     delete_stray_pods(ctx, &pods, &ids, keep, plan.delete_pod.as_deref()).await?;
 
     // Step 4: record.
+    record(ctx, job, &ids, &plan).await?;
+    Ok(match plan.requeue {
+        Some(d) => Action::requeue(d),
+        None => Action::await_change(),
+    })
+}
+
+/// Starts the attempt the decision asked for: its trainer config (with presigned grants) in
+/// the job's Secret, its scratch claim, its pod, all server-side applied, so a repeat is a
+/// no-op.
+async fn start_attempt(
+    ctx: &Context,
+    job: &LoRATrainingJob,
+    ids: &resources::JobIds,
+    pods: &Api<Pod>,
+    plan: &status::Plan,
+    next: &status::NewAttempt,
+    now: Timestamp,
+) -> Result<(), ReconcileError> {
+    let settings = &ctx.settings;
+    let pool = settings
+        .platform
+        .pools
+        .iter()
+        .find(|p| p.name == next.pool)
+        .ok_or_else(|| BuildError::UnknownPool(next.pool.clone()))?;
+    // The next attempt's config is built from the job as it will be after this status
+    // write, so its home region is the one status will record.
+    let mut future_job = job.clone();
+    future_job.status = Some(plan.status.clone());
+    let params = PatchParams::apply(&settings.field_manager).force();
+    // The attempt's whole access to S3: presigned URLs for its own objects, in the
+    // Secret beside the customer's text.
+    let mut trainer = resources::trainer_config(&future_job, &settings.platform, &next.region)?;
+    let family_weights = settings
+        .platform
+        .family(job.spec.base_model.family)
+        .map_or("", |f| f.weights.as_str());
+    let grant_plan = grants::plan(&trainer, family_weights)?;
+    trainer.grants = grants::presign(
+        &ctx.storage,
+        &grant_plan,
+        grants::lifetime(&future_job, now),
+        now,
+    )
+    .await?;
+    let secret = resources::config_secret(&future_job, &trainer)?;
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(ctx.client.clone(), &ids.namespace)
+        .patch(
+            &resources::secret_name(&ids.name),
+            &params,
+            &Patch::Apply(&secret),
+        )
+        .await
+        .map_err(ReconcileError::ApplySecret)?;
+    if let Some(claim) = resources::scratch_claim(&future_job, &settings.platform, &next.region)? {
+        let name = claim.name_any();
+        Api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>::namespaced(
+            ctx.client.clone(),
+            &ids.namespace,
+        )
+        .patch(&name, &params, &Patch::Apply(&claim))
+        .await
+        .map_err(ReconcileError::ApplyClaim)?;
+    }
+    let pod = resources::trainer_pod(
+        &future_job,
+        &settings.platform,
+        pool,
+        &next.pod_name,
+        next.index,
+    )?;
+    let created = pods
+        .patch(&next.pod_name, &params, &Patch::Apply(&pod))
+        .await
+        .map_err(|e| ReconcileError::CreatePod(next.pod_name.clone(), e))?;
+    ctx.raise_pod_floor(
+        &ids.uid,
+        &next.pod_name,
+        podcache::resource_version(&created),
+    );
+    if next.index == 0
+        && let Some(created) = job.metadata.creation_timestamp.as_ref()
+    {
+        let secs = now.duration_since(created.0).as_secs_f64().max(0.0);
+        ctx.metrics.creation_to_pod.observe(secs);
+    }
+    tracing::info!(job = %ids.name, namespace = %ids.namespace, pod = %next.pod_name,
+        pool = %next.pool, region = %next.region, attempt = next.index, "started attempt");
+    Ok(())
+}
+
+/// Writes the decided status if it changed, then what it implies: metrics, Events, the log
+/// line of a phase change (only once the status that records them is stored).
+async fn record(
+    ctx: &Context,
+    job: &LoRATrainingJob,
+    ids: &resources::JobIds,
+    plan: &status::Plan,
+) -> Result<(), ReconcileError> {
     if job.status.as_ref() != Some(&plan.status) {
-        write_status(ctx, job, &ids, &plan.status).await?;
+        write_status(ctx, job, ids, &plan.status).await?;
         ctx.metrics.record(&plan.signals);
         let reference = job.object_ref(&());
         for note in &plan.notes {
@@ -532,10 +562,7 @@ async fn reconcile_inner(
             tracing::info!(job = %ids.name, namespace = %ids.namespace, phase = phase.as_str(), "phase changed");
         }
     }
-    Ok(match plan.requeue {
-        Some(d) => Action::requeue(d),
-        None => Action::await_change(),
-    })
+    Ok(())
 }
 
 /// Server-side applies the job's whole status, as of the job version it was decided from

@@ -22,7 +22,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::Resource;
 use loraplane_crds::LoRATrainingJob;
 use loraplane_crds::layout::s3_uri;
-use loraplane_crds::platform::{PlatformConfig, PoolConfig, RegionConfig};
+use loraplane_crds::platform::{FamilyConfig, PlatformConfig, PoolConfig, RegionConfig};
 use loraplane_crds::trainer::{
     BaseModelSource, ConceptConfig, DatasetSource, Grants, JobRef, TrainerConfig, TrainingConfig,
 };
@@ -340,28 +340,15 @@ fn toleration(t: &loraplane_crds::platform::TolerationConfig) -> Toleration {
     }
 }
 
-/// The training pod of an attempt.
-pub fn trainer_pod(
+/// The attempt's working directory: memory for zero-retention jobs (nothing lands on a
+/// disk), else the job's scratch claim in the pool's region.
+fn work_volume(
     job: &LoRATrainingJob,
     config: &PlatformConfig,
+    ids: &JobIds,
     pool: &PoolConfig,
-    pod_name: &str,
-    attempt: usize,
-) -> Result<Pod, BuildError> {
-    let ids = JobIds::of(job)?;
-    let spec = &job.spec;
-    let family = config
-        .family(spec.base_model.family)
-        .ok_or(BuildError::UnknownFamily(spec.base_model.family.as_str()))?;
-    let mut labels = base_labels(&ids);
-    labels.insert("app.kubernetes.io/name".into(), "loraplane-trainer".into());
-    // What the chart's trainer NetworkPolicy selects (with the managed-by label).
-    labels.insert(LABEL_COMPONENT.into(), TRAINER_COMPONENT.into());
-    labels.insert(LABEL_POOL.into(), label_value(&pool.name));
-    labels.insert(LABEL_REGION.into(), label_value(&pool.region));
-    labels.insert("loraplane.io/attempt".into(), attempt.to_string());
-    let gpus = Quantity(spec.resources.gpu.count.max(1).to_string());
-    let work = if zero_retention(job) {
+) -> Volume {
+    if zero_retention(job) {
         Volume {
             name: "work".into(),
             empty_dir: Some(EmptyDirVolumeSource {
@@ -379,10 +366,16 @@ pub fn trainer_pod(
             }),
             ..Volume::default()
         }
-    };
+    }
+}
+
+/// The trainer container: the family's image and resources (requests equal limits), locked
+/// down, no environment.
+fn trainer_container(family: &FamilyConfig, gpu_count: i32) -> Container {
+    let gpus = Quantity(gpu_count.max(1).to_string());
     let mut args = vec!["--config".to_string(), format!("{CONFIG_DIR}/{CONFIG_KEY}")];
     args.extend(family.trainer_args.iter().cloned());
-    let container = Container {
+    Container {
         name: TRAINER_CONTAINER.into(),
         image: Some(family.trainer_image.clone()),
         args: Some(args),
@@ -440,7 +433,51 @@ pub fn trainer_pod(
         termination_message_path: Some(TERMINATION_MESSAGE_PATH.into()),
         termination_message_policy: Some("File".into()),
         ..Container::default()
-    };
+    }
+}
+
+/// A required node affinity to the nodes of `region`.
+fn in_region(region: &str) -> Affinity {
+    Affinity {
+        node_affinity: Some(NodeAffinity {
+            required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                node_selector_terms: vec![NodeSelectorTerm {
+                    match_expressions: Some(vec![NodeSelectorRequirement {
+                        key: REGION_LABEL.into(),
+                        operator: "In".into(),
+                        values: Some(vec![region.to_string()]),
+                    }]),
+                    match_fields: None,
+                }],
+            }),
+            ..NodeAffinity::default()
+        }),
+        ..Affinity::default()
+    }
+}
+
+/// The training pod of an attempt.
+pub fn trainer_pod(
+    job: &LoRATrainingJob,
+    config: &PlatformConfig,
+    pool: &PoolConfig,
+    pod_name: &str,
+    attempt: usize,
+) -> Result<Pod, BuildError> {
+    let ids = JobIds::of(job)?;
+    let spec = &job.spec;
+    let family = config
+        .family(spec.base_model.family)
+        .ok_or(BuildError::UnknownFamily(spec.base_model.family.as_str()))?;
+    let mut labels = base_labels(&ids);
+    labels.insert("app.kubernetes.io/name".into(), "loraplane-trainer".into());
+    // What the chart's trainer NetworkPolicy selects (with the managed-by label).
+    labels.insert(LABEL_COMPONENT.into(), TRAINER_COMPONENT.into());
+    labels.insert(LABEL_POOL.into(), label_value(&pool.name));
+    labels.insert(LABEL_REGION.into(), label_value(&pool.region));
+    labels.insert("loraplane.io/attempt".into(), attempt.to_string());
+    let work = work_volume(job, config, &ids, pool);
+    let container = trainer_container(family, spec.resources.gpu.count);
     Ok(Pod {
         metadata: ObjectMeta {
             name: Some(pod_name.to_string()),
@@ -455,22 +492,7 @@ pub fn trainer_pod(
             enable_service_links: Some(false),
             node_selector: Some(pool.node_selector.clone()),
             tolerations: Some(pool.tolerations.iter().map(toleration).collect()),
-            affinity: Some(Affinity {
-                node_affinity: Some(NodeAffinity {
-                    required_during_scheduling_ignored_during_execution: Some(NodeSelector {
-                        node_selector_terms: vec![NodeSelectorTerm {
-                            match_expressions: Some(vec![NodeSelectorRequirement {
-                                key: REGION_LABEL.into(),
-                                operator: "In".into(),
-                                values: Some(vec![pool.region.clone()]),
-                            }]),
-                            match_fields: None,
-                        }],
-                    }),
-                    ..NodeAffinity::default()
-                }),
-                ..Affinity::default()
-            }),
+            affinity: Some(in_region(&pool.region)),
             security_context: Some(PodSecurityContext {
                 run_as_non_root: Some(true),
                 run_as_user: Some(TRAINER_UID),
