@@ -634,7 +634,7 @@ async fn record_deletion_failure(
     let mut st = job.status.clone().unwrap_or_default();
     status::set_condition(
         &mut st.conditions,
-        status::condition::DELETING,
+        status::ConditionType::Deleting,
         true,
         "DeletionFailed",
         &format!("{}; retrying", error.log_safe()),
@@ -750,7 +750,7 @@ async fn purge(
     let progress = |st: &mut LoRATrainingJobStatus, message: &str| {
         status::set_condition(
             &mut st.conditions,
-            status::condition::DELETING,
+            status::ConditionType::Deleting,
             true,
             cause.condition_reason(),
             message,

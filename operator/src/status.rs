@@ -30,47 +30,119 @@ use loraplane_crds::v1alpha1::{Artifact, Attempt, LoRATrainingJobStatus, Phase, 
 use crate::placement::Candidate;
 use crate::progress::{self, LogProgress};
 
-/// Attempt end reasons written to `status.attempts[].reason`.
-pub mod reason {
+/// Why an attempt or the job ended: `status.attempts[].reason`, and the reason of the
+/// condition that ends a job (`Complete`, `Failed`, `Cancelled`). Serialised as the CRD
+/// documents them ([`EndReason::as_str`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
     /// The pod waited for a node longer than the scheduling timeout.
-    pub const UNSCHEDULABLE: &str = "Unschedulable";
+    Unschedulable,
     /// The pod was disrupted (spot reclaim, scheduler preemption, eviction).
-    pub const PREEMPTED: &str = "Preempted";
+    Preempted,
     /// The pod's node disappeared or the pod vanished.
-    pub const NODE_LOST: &str = "NodeLost";
+    NodeLost,
     /// The trainer exited non-zero.
-    pub const TRAINER_FAILED: &str = "TrainerFailed";
-    /// The trainer refused its input (exit code 2).
-    pub const BAD_INPUT: &str = "BadInput";
+    TrainerFailed,
+    /// The trainer refused its input (exit code 2), or the data lies where it may not be used.
+    BadInput,
     /// The job was suspended.
-    pub const SUSPENDED: &str = "Suspended";
+    Suspended,
     /// The job ran out of `activeDeadlineSeconds`.
-    pub const DEADLINE_EXCEEDED: &str = "DeadlineExceeded";
+    DeadlineExceeded,
     /// The trainer finished.
-    pub const COMPLETED: &str = "Completed";
+    Completed,
     /// `spec.cancel` was set.
-    pub const CANCEL_REQUESTED: &str = "CancelRequested";
+    CancelRequested,
     /// `spec.erasure` was set.
-    pub const ERASURE_REQUESTED: &str = "ErasureRequested";
+    ErasureRequested,
+    /// More trainer crashes than `backoffLimit` (the job's end only).
+    BackoffLimitExceeded,
 }
 
-/// Condition types the operator writes besides the phase-like ones.
-pub mod condition {
+impl EndReason {
+    /// Every reason, for parsing.
+    const ALL: [EndReason; 11] = [
+        EndReason::Unschedulable,
+        EndReason::Preempted,
+        EndReason::NodeLost,
+        EndReason::TrainerFailed,
+        EndReason::BadInput,
+        EndReason::Suspended,
+        EndReason::DeadlineExceeded,
+        EndReason::Completed,
+        EndReason::CancelRequested,
+        EndReason::ErasureRequested,
+        EndReason::BackoffLimitExceeded,
+    ];
+
+    /// The name in the CRD.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Unschedulable => "Unschedulable",
+            EndReason::Preempted => "Preempted",
+            EndReason::NodeLost => "NodeLost",
+            EndReason::TrainerFailed => "TrainerFailed",
+            EndReason::BadInput => "BadInput",
+            EndReason::Suspended => "Suspended",
+            EndReason::DeadlineExceeded => "DeadlineExceeded",
+            EndReason::Completed => "Completed",
+            EndReason::CancelRequested => "CancelRequested",
+            EndReason::ErasureRequested => "ErasureRequested",
+            EndReason::BackoffLimitExceeded => "BackoffLimitExceeded",
+        }
+    }
+
+    /// The reason a stored attempt names, if it is one of ours.
+    pub fn parse(s: &str) -> Option<EndReason> {
+        EndReason::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+/// The condition types the operator writes on a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConditionType {
+    /// A pod of the current attempt is bound to a node.
+    Scheduled,
+    /// The trainer runs.
+    Running,
+    /// The job succeeded.
+    Complete,
+    /// The job failed for good.
+    Failed,
+    /// The job is suspended.
+    Suspended,
+    /// The job was stopped for good on request.
+    Cancelled,
     /// True while a job being deleted is purged (reason: why; message: what is left), or
     /// while a deletion keeps failing (reason `DeletionFailed`).
-    pub const DELETING: &str = "Deleting";
+    Deleting,
+}
+
+impl ConditionType {
+    /// The name in the CRD.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConditionType::Scheduled => "Scheduled",
+            ConditionType::Running => "Running",
+            ConditionType::Complete => "Complete",
+            ConditionType::Failed => "Failed",
+            ConditionType::Suspended => "Suspended",
+            ConditionType::Cancelled => "Cancelled",
+            ConditionType::Deleting => "Deleting",
+        }
+    }
 }
 
 /// Why the job must stop for good, when its spec asks for it: an erasure request outranks a
 /// cancel (it says more about what follows).
-pub fn stop_requested(job: &LoRATrainingJob) -> Option<(&'static str, &'static str)> {
+pub fn stop_requested(job: &LoRATrainingJob) -> Option<(EndReason, &'static str)> {
     if job.spec.erasure.is_some() {
         Some((
-            reason::ERASURE_REQUESTED,
+            EndReason::ErasureRequested,
             "erasure of the job's data was requested",
         ))
     } else if job.spec.cancel {
-        Some((reason::CANCEL_REQUESTED, "the job was cancelled"))
+        Some((EndReason::CancelRequested, "the job was cancelled"))
     } else {
         None
     }
@@ -180,7 +252,7 @@ impl PodView {
 /// Spot reclaims and scheduler preemptions are `Preempted`; an unreachable or vanished node
 /// (the taint manager's eviction, a pod with no disruption reason whose node is gone) is
 /// `NodeLost`.
-fn disruption_reason(pod: &PodView) -> &'static str {
+fn disruption_reason(pod: &PodView) -> EndReason {
     match pod.disruption.as_deref() {
         Some(
             "TerminationByKubelet"
@@ -191,10 +263,10 @@ fn disruption_reason(pod: &PodView) -> &'static str {
             | "Shutdown"
             | "NodeShutdown"
             | "Evicted",
-        ) => reason::PREEMPTED,
-        Some(_) => reason::NODE_LOST,
-        None if pod.deleting && pod.node_exists => reason::PREEMPTED,
-        None => reason::NODE_LOST,
+        ) => EndReason::Preempted,
+        Some(_) => EndReason::NodeLost,
+        None if pod.deleting && pod.node_exists => EndReason::Preempted,
+        None => EndReason::NodeLost,
     }
 }
 
@@ -319,11 +391,11 @@ pub fn tried_pools(status: Option<&LoRATrainingJobStatus>) -> BTreeSet<String> {
             .rev()
             .skip_while(|a| a.end_time.is_none())
         {
-            match a.reason.as_deref() {
-                Some(reason::UNSCHEDULABLE) => {
+            match a.reason.as_deref().and_then(EndReason::parse) {
+                Some(EndReason::Unschedulable) => {
                     out.insert(a.pool.clone());
                 }
-                Some(reason::PREEMPTED | reason::NODE_LOST) => {
+                Some(EndReason::Preempted | EndReason::NodeLost) => {
                     out.insert(a.pool.clone());
                     break;
                 }
@@ -362,7 +434,7 @@ pub fn backoff(defaults: &Defaults, failures: i32) -> Duration {
 /// Sets a condition, keeping `lastTransitionTime` when the status did not change.
 pub fn set_condition(
     conditions: &mut Vec<Condition>,
-    type_: &str,
+    type_: ConditionType,
     status: bool,
     reason: &str,
     message: &str,
@@ -370,6 +442,7 @@ pub fn set_condition(
     now: Timestamp,
 ) {
     let status = if status { "True" } else { "False" }.to_string();
+    let type_ = type_.as_str();
     let existing = conditions.iter_mut().find(|c| c.type_ == type_);
     match existing {
         Some(c) => {
@@ -392,16 +465,16 @@ pub fn set_condition(
     }
 }
 
-fn condition_true(st: &LoRATrainingJobStatus, type_: &str) -> bool {
+fn condition_true(st: &LoRATrainingJobStatus, type_: ConditionType) -> bool {
     st.conditions
         .iter()
-        .any(|c| c.type_ == type_ && c.status == "True")
+        .any(|c| c.type_ == type_.as_str() && c.status == "True")
 }
 
 /// How the open attempt ended: its reason (one of [`reason`]) and a message.
 #[derive(Debug, Clone, PartialEq)]
 struct Ended {
-    reason: &'static str,
+    reason: EndReason,
     message: String,
 }
 
@@ -409,7 +482,7 @@ struct Ended {
 #[derive(Debug, Clone, PartialEq)]
 struct Terminal {
     phase: Phase,
-    reason: &'static str,
+    reason: EndReason,
     message: String,
 }
 
@@ -435,7 +508,7 @@ impl Step<'_, '_> {
     }
 
     /// Sets a condition on the status being built, stamped with this decision's time.
-    fn cond(&mut self, type_: &str, status: bool, reason: &str, message: &str) {
+    fn cond(&mut self, type_: ConditionType, status: bool, reason: &str, message: &str) {
         let generation = self.inputs.job.metadata.generation;
         set_condition(
             &mut self.plan.status.conditions,
@@ -528,9 +601,9 @@ fn observe_open_attempt(step: &mut Step<'_, '_>, deadline_hit: bool) -> Observed
             };
         }
         let reason = if step.spec().suspend {
-            reason::SUSPENDED
+            EndReason::Suspended
         } else {
-            reason::NODE_LOST
+            EndReason::NodeLost
         };
         return ended(reason, "the training pod disappeared".into());
     };
@@ -564,10 +637,10 @@ fn observe_open_attempt(step: &mut Step<'_, '_>, deadline_hit: bool) -> Observed
         ),
         PodPhase::Failed => trainer_failed(step, pod),
         _ if deadline_hit => ended(
-            reason::DEADLINE_EXCEEDED,
+            EndReason::DeadlineExceeded,
             "activeDeadlineSeconds reached".into(),
         ),
-        _ if step.spec().suspend => ended(reason::SUSPENDED, "the job was suspended".into()),
+        _ if step.spec().suspend => ended(EndReason::Suspended, "the job was suspended".into()),
         PodPhase::Pending if pod.node.is_none() => waiting_for_node(step, pod),
         PodPhase::Pending => {
             step.plan.status.phase = Some(Phase::Scheduling);
@@ -576,9 +649,9 @@ fn observe_open_attempt(step: &mut Step<'_, '_>, deadline_hit: bool) -> Observed
                 pod.name,
                 pod.node.clone().unwrap_or_default()
             );
-            step.cond("Scheduled", true, "Scheduled", &msg);
+            step.cond(ConditionType::Scheduled, true, "Scheduled", &msg);
             step.cond(
-                "Running",
+                ConditionType::Running,
                 false,
                 "ContainerCreating",
                 "the trainer is starting",
@@ -593,7 +666,7 @@ fn observe_open_attempt(step: &mut Step<'_, '_>, deadline_hit: bool) -> Observed
     }
 }
 
-fn ended(reason: &'static str, message: String) -> Observed {
+fn ended(reason: EndReason, message: String) -> Observed {
     Observed {
         ended: Some(Ended { reason, message }),
         terminal: None,
@@ -625,12 +698,12 @@ fn trainer_succeeded(step: &mut Step<'_, '_>, pod: &PodView) -> Observed {
     st.progress = Some(p);
     Observed {
         ended: Some(Ended {
-            reason: reason::COMPLETED,
+            reason: EndReason::Completed,
             message: "the trainer finished".into(),
         }),
         terminal: Some(Terminal {
             phase: Phase::Succeeded,
-            reason: "Completed",
+            reason: EndReason::Completed,
             message: "the LoRA was trained and uploaded".into(),
         }),
     }
@@ -650,12 +723,12 @@ fn trainer_failed(step: &mut Step<'_, '_>, pod: &PodView) -> Observed {
     if bad_input {
         return Observed {
             ended: Some(Ended {
-                reason: reason::BAD_INPUT,
+                reason: EndReason::BadInput,
                 message: detail.clone(),
             }),
             terminal: Some(Terminal {
                 phase: Phase::Failed,
-                reason: reason::BAD_INPUT,
+                reason: EndReason::BadInput,
                 message: format!("the trainer refused its input: {detail}"),
             }),
         };
@@ -670,12 +743,12 @@ fn trainer_failed(step: &mut Step<'_, '_>, pod: &PodView) -> Observed {
     );
     Observed {
         ended: Some(Ended {
-            reason: reason::TRAINER_FAILED,
+            reason: EndReason::TrainerFailed,
             message: msg.clone(),
         }),
         terminal: (failures > limit).then_some(Terminal {
             phase: Phase::Failed,
-            reason: "BackoffLimitExceeded",
+            reason: EndReason::BackoffLimitExceeded,
             message: msg,
         }),
     }
@@ -694,7 +767,7 @@ fn waiting_for_node(step: &mut Step<'_, '_>, pod: &PodView) -> Observed {
     // to the customer is the wait.
     if waited >= timeout {
         return ended(
-            reason::UNSCHEDULABLE,
+            EndReason::Unschedulable,
             format!(
                 "pod {} found no node for {waited}s: {}",
                 pod.name,
@@ -710,13 +783,13 @@ fn waiting_for_node(step: &mut Step<'_, '_>, pod: &PodView) -> Observed {
         .status
         .conditions
         .iter()
-        .any(|c| c.type_ == "Scheduled" && c.status == "False" && c.reason == "PodCreated");
+        .any(|c| c.type_ == ConditionType::Scheduled.as_str() && c.status == "False" && c.reason == "PodCreated");
     if pod.unschedulable.is_some() || !just_created {
         let msg = pod
             .unschedulable
             .clone()
             .unwrap_or_else(|| "waiting for a node".into());
-        step.cond("Scheduled", false, "WaitingForNode", &msg);
+        step.cond(ConditionType::Scheduled, false, "WaitingForNode", &msg);
     }
     let left = u64::try_from(timeout - waited).unwrap_or(1).max(1);
     step.plan.requeue = Some(Duration::from_secs(left));
@@ -730,13 +803,13 @@ fn trainer_running(step: &mut Step<'_, '_>, pod: &PodView) {
     step.plan.status.phase = Some(Phase::Running);
     let node = pod.node.clone().unwrap_or_default();
     step.cond(
-        "Scheduled",
+        ConditionType::Scheduled,
         true,
         "Scheduled",
         &format!("pod {} bound to node {node}", pod.name),
     );
     step.cond(
-        "Running",
+        ConditionType::Running,
         true,
         "TrainerRunning",
         &format!("training on node {node}"),
@@ -759,7 +832,7 @@ fn trainer_running(step: &mut Step<'_, '_>, pod: &PodView) {
 fn deadline_exceeded(deadline: Option<i64>) -> Terminal {
     Terminal {
         phase: Phase::Failed,
-        reason: reason::DEADLINE_EXCEEDED,
+        reason: EndReason::DeadlineExceeded,
         message: format!(
             "the job ran for its activeDeadlineSeconds ({}s)",
             deadline.unwrap_or(0)
@@ -775,7 +848,7 @@ fn close_attempt(step: &mut Step<'_, '_>, ended: &Ended) -> Option<Terminal> {
     let plan = &mut step.plan;
     let idx = plan.status.attempts.len() - 1;
     let attempt = &mut plan.status.attempts[idx];
-    attempt.reason = Some(ended.reason.to_string());
+    attempt.reason = Some(ended.reason.as_str().to_string());
     attempt.end_time = Some(Time(now));
     let (region, pool) = (attempt.region.clone(), attempt.pool.clone());
     if let Some(start) = &attempt.start_time {
@@ -792,7 +865,7 @@ fn close_attempt(step: &mut Step<'_, '_>, ended: &Ended) -> Option<Terminal> {
     {
         plan.delete_pod = Some(pod.name.clone());
     }
-    if matches!(ended.reason, reason::PREEMPTED | reason::NODE_LOST) {
+    if matches!(ended.reason, EndReason::Preempted | EndReason::NodeLost) {
         plan.signals.push(Signal::Preempted {
             region: region.clone(),
             pool: pool.clone(),
@@ -800,20 +873,20 @@ fn close_attempt(step: &mut Step<'_, '_>, ended: &Ended) -> Option<Terminal> {
     }
     let warning = !matches!(
         ended.reason,
-        reason::COMPLETED
-            | reason::SUSPENDED
-            | reason::CANCEL_REQUESTED
-            | reason::ERASURE_REQUESTED
+        EndReason::Completed
+            | EndReason::Suspended
+            | EndReason::CancelRequested
+            | EndReason::ErasureRequested
     );
     plan.notes.push(Note {
         warning,
-        reason: format!("Attempt{}", ended.reason),
+        reason: format!("Attempt{}", ended.reason.as_str()),
         message: format!(
             "attempt {idx} in {pool} ({region}) ended: {}",
             ended.message
         ),
     });
-    (ended.reason == reason::DEADLINE_EXCEEDED)
+    (ended.reason == EndReason::DeadlineExceeded)
         .then(|| deadline_exceeded(step.spec().active_deadline_seconds))
 }
 
@@ -830,7 +903,7 @@ fn refused_before_start(step: &Step<'_, '_>) -> Option<Terminal> {
     match &step.inputs.data_location {
         Err(rule) if step.plan.status.attempts.is_empty() => Some(Terminal {
             phase: Phase::Failed,
-            reason: reason::BAD_INPUT,
+            reason: EndReason::BadInput,
             message: format!("the job's data is not where it may be used: {rule}"),
         }),
         _ => None,
@@ -843,16 +916,16 @@ fn end_job(mut step: Step<'_, '_>, t: Terminal) -> Plan {
     step.plan.status.completion_time = Some(Time(step.inputs.now));
     match t.phase {
         Phase::Succeeded => {
-            step.cond("Running", false, "Completed", "the trainer finished");
-            step.cond("Complete", true, t.reason, &t.message);
+            step.cond(ConditionType::Running, false, "Completed", "the trainer finished");
+            step.cond(ConditionType::Complete, true, t.reason.as_str(), &t.message);
         }
         Phase::Cancelled => {
-            step.cond("Running", false, t.reason, &t.message);
-            step.cond("Cancelled", true, t.reason, &t.message);
+            step.cond(ConditionType::Running, false, t.reason.as_str(), &t.message);
+            step.cond(ConditionType::Cancelled, true, t.reason.as_str(), &t.message);
         }
         _ => {
-            step.cond("Running", false, t.reason, &t.message);
-            step.cond("Failed", true, t.reason, &t.message);
+            step.cond(ConditionType::Running, false, t.reason.as_str(), &t.message);
+            step.cond(ConditionType::Failed, true, t.reason.as_str(), &t.message);
         }
     }
     step.plan.requeue = None;
@@ -870,20 +943,20 @@ fn next_attempt(mut step: Step<'_, '_>) -> Plan {
         .is_some_and(|a| a.end_time.is_none());
     if step.spec().suspend {
         step.cond(
-            "Suspended",
+            ConditionType::Suspended,
             true,
             "JobSuspended",
             "the pod is removed; the claim and checkpoints are kept",
         );
         if !running {
             step.plan.status.phase = Some(Phase::Pending);
-            step.cond("Running", false, "JobSuspended", "the job is suspended");
+            step.cond(ConditionType::Running, false, "JobSuspended", "the job is suspended");
         }
         return step.finish();
     }
-    if condition_true(&step.plan.status, "Suspended") {
+    if condition_true(&step.plan.status, ConditionType::Suspended) {
         step.cond(
-            "Suspended",
+            ConditionType::Suspended,
             false,
             "JobResumed",
             "the job resumes from its last checkpoint",
@@ -897,7 +970,7 @@ fn next_attempt(mut step: Step<'_, '_>) -> Plan {
         Err(why) => {
             step.plan.status.phase = Some(Phase::Failed);
             step.plan.status.completion_time = Some(Time(step.inputs.now));
-            step.cond("Failed", true, "InvalidSpec", why);
+            step.cond(ConditionType::Failed, true, "InvalidSpec", why);
             return step.finish();
         }
     };
@@ -910,7 +983,7 @@ fn next_attempt(mut step: Step<'_, '_>) -> Plan {
     let Some(next) = next else {
         step.plan.status.phase = Some(Phase::Pending);
         step.cond(
-            "Scheduled",
+            ConditionType::Scheduled,
             false,
             "NoEligiblePool",
             "no configured node pool satisfies the job's residency, region allow-list, GPU and spot policy",
@@ -928,7 +1001,7 @@ fn backing_off(step: &mut Step<'_, '_>) -> bool {
     let Some(end) = st
         .attempts
         .last()
-        .filter(|a| a.reason.as_deref() == Some(reason::TRAINER_FAILED))
+        .filter(|a| a.reason.as_deref() == Some(EndReason::TrainerFailed.as_str()))
         .and_then(|a| a.end_time.as_ref())
     else {
         return false;
@@ -940,7 +1013,7 @@ fn backing_off(step: &mut Step<'_, '_>) -> bool {
     }
     step.plan.status.phase = Some(Phase::Pending);
     step.cond(
-        "Running",
+        ConditionType::Running,
         false,
         "BackOff",
         &format!(
@@ -1017,7 +1090,7 @@ fn start_attempt(step: &mut Step<'_, '_>, next: &Candidate) {
         step.inputs.defaults.scheduling_timeout_seconds.max(1),
     ));
     step.cond(
-        "Scheduled",
+        ConditionType::Scheduled,
         false,
         "PodCreated",
         &format!(
@@ -1026,7 +1099,7 @@ fn start_attempt(step: &mut Step<'_, '_>, next: &Candidate) {
         ),
     );
     step.cond(
-        "Running",
+        ConditionType::Running,
         false,
         "WaitingForNode",
         "the trainer has not started yet",
@@ -1366,9 +1439,9 @@ mod tests {
 
     #[test]
     fn a_reclaimed_pool_is_tried_last_in_the_next_round() {
-        let ended = |pool: &str, why: &str| Attempt {
+        let ended = |pool: &str, why: EndReason| Attempt {
             pool: pool.into(),
-            reason: Some(why.into()),
+            reason: Some(why.as_str().into()),
             end_time: Some(Time(Timestamp::UNIX_EPOCH)),
             ..Attempt::default()
         };
@@ -1377,19 +1450,19 @@ mod tests {
             ..LoRATrainingJobStatus::default()
         };
         let names = |s: &[&str]| s.iter().map(|p| p.to_string()).collect::<BTreeSet<_>>();
-        let st = with(vec![ended("spot-a", reason::PREEMPTED)]);
+        let st = with(vec![ended("spot-a", EndReason::Preempted)]);
         assert_eq!(tried_pools(Some(&st)), names(&["spot-a"]));
         let st = with(vec![
-            ended("old", reason::UNSCHEDULABLE),
-            ended("spot-a", reason::NODE_LOST),
-            ended("b", reason::UNSCHEDULABLE),
+            ended("old", EndReason::Unschedulable),
+            ended("spot-a", EndReason::NodeLost),
+            ended("b", EndReason::Unschedulable),
         ]);
         assert_eq!(
             tried_pools(Some(&st)),
             names(&["spot-a", "b"]),
             "the round starts at the reclaimed attempt"
         );
-        let st = with(vec![ended("a", reason::TRAINER_FAILED)]);
+        let st = with(vec![ended("a", EndReason::TrainerFailed)]);
         assert!(
             tried_pools(Some(&st)).is_empty(),
             "a crash says nothing about the pool"
