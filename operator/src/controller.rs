@@ -376,10 +376,9 @@ async fn reconcile_inner(
         }
         view = Some(v);
     }
-    let tried = status::tried_pools(status);
     let capacity = ctx.capacity();
-    let candidates = placement::rank(&job.spec, &settings.platform, &capacity, &tried)
-        .map_err(|e| e.to_string());
+    let candidates =
+        placement::rank(&job.spec, &settings.platform, &capacity).map_err(|e| e.to_string());
 
     let data_location =
         placement::check_data_location(&job.spec, &settings.platform).map_err(|e| e.to_string());

@@ -5,7 +5,7 @@
 //! The pod only gets a pool's nodeSelector, tolerations and a required region affinity: the
 //! kube-scheduler still binds it to a node. Ranking is a hint about where it will bind soonest.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use loraplane_crds::LoRATrainingJobSpec;
@@ -194,14 +194,11 @@ fn eligible(
         && !(pool.spot && placement.spot == SpotPolicy::Never)
 }
 
-/// The pools the job may run on, best first, skipping `excluded` (the pools already tried in
-/// this failover round). When every eligible pool has been tried the round starts over, so a job
-/// keeps cycling through its allowed pools (and waits) rather than ever leaving them.
+/// The pools the job may run on, best first (`status::next_in_round` picks the one it goes to).
 pub fn rank(
     spec: &LoRATrainingJobSpec,
     config: &PlatformConfig,
     capacity: &BTreeMap<String, PoolCapacity>,
-    excluded: &BTreeSet<String>,
 ) -> Result<Vec<Candidate>, PlacementError> {
     let min_memory = required_gpu_memory_gib(spec, config)?;
     let count = i64::from(spec.resources.gpu.count.max(1));
@@ -213,28 +210,21 @@ pub fn rank(
         .map(|p| (p, capacity.get(&p.name).copied().unwrap_or_default()))
         .collect();
     all.sort_by(|(a, ca), (b, cb)| {
-        let fits = |c: &PoolCapacity| c.max_free_on_node < count;
-        let spot_rank = |p: &PoolConfig| spec.placement.spot == SpotPolicy::Preferred && !p.spot;
+        // Each key sorts `false` first: a pool with room, the preferred kind, the data's region.
+        let no_room = |c: &PoolCapacity| c.max_free_on_node < count;
+        let not_preferred =
+            |p: &PoolConfig| spec.placement.spot == SpotPolicy::Preferred && !p.spot;
         let remote = |p: &PoolConfig| dataset_region.is_some_and(|d| d != p.region);
-        fits(ca)
-            .cmp(&fits(cb))
-            .then(spot_rank(a).cmp(&spot_rank(b)))
+        no_room(ca)
+            .cmp(&no_room(cb))
+            .then(not_preferred(a).cmp(&not_preferred(b)))
             .then(remote(a).cmp(&remote(b)))
             .then(a.hourly_price.total_cmp(&b.hourly_price))
             .then(cb.free.cmp(&ca.free))
             .then(a.name.cmp(&b.name))
     });
-    let fresh: Vec<_> = all
+    Ok(all
         .iter()
-        .filter(|(p, _)| !excluded.contains(&p.name))
-        .collect();
-    let chosen: Vec<_> = if fresh.is_empty() {
-        all.iter().collect()
-    } else {
-        fresh
-    };
-    Ok(chosen
-        .into_iter()
         .map(|(p, c)| Candidate {
             pool: p.name.clone(),
             region: p.region.clone(),
@@ -348,6 +338,7 @@ pub(crate) mod tests {
     use loraplane_crds::platform::{Buckets, Defaults, FamilyConfig, Jurisdiction, RegionConfig};
     use loraplane_crds::trainer::S3Endpoint;
     use loraplane_crds::v1alpha1::{GpuProduct, ModelFamily, Residency};
+    use std::collections::BTreeSet;
 
     pub(crate) fn region(name: &str, j: Jurisdiction) -> RegionConfig {
         RegionConfig {
@@ -507,13 +498,13 @@ pub(crate) mod tests {
             ("eu-north-a100".to_string(), cap(2)),
             ("us-east-l4".to_string(), cap(8)),
         ]);
-        let c = rank(&spec(Residency::Eea), &cfg, &capacity, &BTreeSet::new()).unwrap();
+        let c = rank(&spec(Residency::Eea), &cfg, &capacity).unwrap();
         // The spot pool is cheapest but full, so it drops behind the pools that fit.
         assert_eq!(
             names(&c),
             ["eu-west-l4", "eu-north-a100", "eu-west-l4-spot"]
         );
-        let c = rank(&spec(Residency::Any), &cfg, &capacity, &BTreeSet::new()).unwrap();
+        let c = rank(&spec(Residency::Any), &cfg, &capacity).unwrap();
         assert_eq!(c[0].pool, "us-east-l4");
     }
 
@@ -523,26 +514,26 @@ pub(crate) mod tests {
         let capacity: BTreeMap<_, _> = cfg.pools.iter().map(|p| (p.name.clone(), cap(8))).collect();
         let mut s = spec(Residency::Any);
         s.dataset.region = Some("eu-north".into());
-        let c = rank(&s, &cfg, &capacity, &BTreeSet::new()).unwrap();
+        let c = rank(&s, &cfg, &capacity).unwrap();
         assert_eq!(c[0].pool, "eu-north-a100", "data locality beats price");
 
         let mut s = spec(Residency::Eea);
         s.placement.spot = SpotPolicy::Never;
-        let c = rank(&s, &cfg, &capacity, &BTreeSet::new()).unwrap();
+        let c = rank(&s, &cfg, &capacity).unwrap();
         assert!(c.iter().all(|c| !c.spot));
 
         s.placement.spot = SpotPolicy::Preferred;
-        let c = rank(&s, &cfg, &capacity, &BTreeSet::new()).unwrap();
+        let c = rank(&s, &cfg, &capacity).unwrap();
         assert_eq!(c[0].pool, "eu-west-l4-spot");
 
         s.resources.gpu.min_memory_gi_b = Some(40);
-        let c = rank(&s, &cfg, &capacity, &BTreeSet::new()).unwrap();
+        let c = rank(&s, &cfg, &capacity).unwrap();
         assert_eq!(names(&c), ["eu-north-a100"]);
 
         let mut s = spec(Residency::Any);
         s.resources.gpu.products = vec![GpuProduct("NVIDIA-L4".into())];
         s.placement.regions = vec![loraplane_crds::v1alpha1::RegionName("us-east".into())];
-        let c = rank(&s, &cfg, &capacity, &BTreeSet::new()).unwrap();
+        let c = rank(&s, &cfg, &capacity).unwrap();
         assert_eq!(names(&c), ["us-east-l4"]);
     }
 
@@ -552,14 +543,17 @@ pub(crate) mod tests {
         let capacity = BTreeMap::new();
         let mut s = spec(Residency::Eea);
         s.placement.spot = SpotPolicy::Never;
-        let tried = BTreeSet::from(["eu-west-l4".to_string()]);
-        let c = rank(&s, &cfg, &capacity, &tried).unwrap();
-        assert_eq!(names(&c), ["eu-north-a100"]);
-        let tried = BTreeSet::from(["eu-west-l4".to_string(), "eu-north-a100".to_string()]);
-        let c = rank(&s, &cfg, &capacity, &tried).unwrap();
+        let c = rank(&s, &cfg, &capacity).unwrap();
+        assert_eq!(names(&c), ["eu-west-l4", "eu-north-a100"]);
+        let next = |tried: &[&str]| {
+            let tried: BTreeSet<String> = tried.iter().map(|t| t.to_string()).collect();
+            crate::status::next_in_round(&c, &tried).map(|n| n.pool.clone())
+        };
+        assert_eq!(next(&[]).as_deref(), Some("eu-west-l4"));
+        assert_eq!(next(&["eu-west-l4"]).as_deref(), Some("eu-north-a100"));
         assert_eq!(
-            names(&c),
-            ["eu-west-l4", "eu-north-a100"],
+            next(&["eu-west-l4", "eu-north-a100"]).as_deref(),
+            Some("eu-west-l4"),
             "round starts over"
         );
     }
@@ -568,12 +562,7 @@ pub(crate) mod tests {
     fn an_unconfigured_family_is_an_error() {
         let mut cfg = platform();
         cfg.families.retain(|f| f.family != ModelFamily::Sdxl);
-        let err = rank(
-            &spec(Residency::Any),
-            &cfg,
-            &BTreeMap::new(),
-            &BTreeSet::new(),
-        );
+        let err = rank(&spec(Residency::Any), &cfg, &BTreeMap::new());
         assert_eq!(err, Err(PlacementError::UnknownFamily("sdxl")));
     }
 
@@ -678,12 +667,12 @@ pub(crate) mod tests {
                     .iter()
                     .map(|p| (p.name.clone(), cap(rng.below(9) as i64)))
                     .collect();
-                let c = rank(&s, &cfg, &capacity, &excluded).unwrap();
+                let c = rank(&s, &cfg, &capacity).unwrap();
                 for cand in &c {
                     let j = cfg.region(&cand.region).map(|r| r.jurisdiction);
                     assert_eq!(j, Some(Jurisdiction::Eea), "seed {seed}: {cand:?}");
                 }
-                match c.first() {
+                match crate::status::next_in_round(&c, &excluded) {
                     Some(first) => {
                         excluded.insert(first.pool.clone());
                     }

@@ -377,6 +377,19 @@ pub fn pod_name(job_name: &str, index: usize) -> String {
     format!("{}{suffix}", base.trim_end_matches(['-', '.']))
 }
 
+/// The failover round's rule, in one place: the best candidate not yet tried in this round;
+/// once every one has been tried the round starts over, so a job keeps cycling through its
+/// allowed pools (and waits) rather than ever leaving them.
+pub fn next_in_round<'a>(
+    candidates: &'a [Candidate],
+    tried: &BTreeSet<String>,
+) -> Option<&'a Candidate> {
+    candidates
+        .iter()
+        .find(|c| !tried.contains(&c.pool))
+        .or(candidates.first())
+}
+
 /// Pools tried in the current failover round: those whose attempts ended `Unschedulable` since
 /// the last attempt that actually ran, and that attempt's own pool when the platform took it
 /// away (spot reclaim, preemption, lost node): a pool that just lost its capacity is the least
@@ -778,12 +791,11 @@ fn waiting_for_node(step: &mut Step<'_, '_>, pod: &PodView) -> Observed {
     step.plan.status.phase = Some(Phase::Scheduling);
     // "Pod created for pool P" already says the job waits for a node; restating it costs a
     // status write per job for nothing. The scheduler's reason, once it gives one, is news.
-    let just_created = step
-        .plan
-        .status
-        .conditions
-        .iter()
-        .any(|c| c.type_ == ConditionType::Scheduled.as_str() && c.status == "False" && c.reason == "PodCreated");
+    let just_created = step.plan.status.conditions.iter().any(|c| {
+        c.type_ == ConditionType::Scheduled.as_str()
+            && c.status == "False"
+            && c.reason == "PodCreated"
+    });
     if pod.unschedulable.is_some() || !just_created {
         let msg = pod
             .unschedulable
@@ -916,12 +928,22 @@ fn end_job(mut step: Step<'_, '_>, t: Terminal) -> Plan {
     step.plan.status.completion_time = Some(Time(step.inputs.now));
     match t.phase {
         Phase::Succeeded => {
-            step.cond(ConditionType::Running, false, "Completed", "the trainer finished");
+            step.cond(
+                ConditionType::Running,
+                false,
+                "Completed",
+                "the trainer finished",
+            );
             step.cond(ConditionType::Complete, true, t.reason.as_str(), &t.message);
         }
         Phase::Cancelled => {
             step.cond(ConditionType::Running, false, t.reason.as_str(), &t.message);
-            step.cond(ConditionType::Cancelled, true, t.reason.as_str(), &t.message);
+            step.cond(
+                ConditionType::Cancelled,
+                true,
+                t.reason.as_str(),
+                &t.message,
+            );
         }
         _ => {
             step.cond(ConditionType::Running, false, t.reason.as_str(), &t.message);
@@ -950,7 +972,12 @@ fn next_attempt(mut step: Step<'_, '_>) -> Plan {
         );
         if !running {
             step.plan.status.phase = Some(Phase::Pending);
-            step.cond(ConditionType::Running, false, "JobSuspended", "the job is suspended");
+            step.cond(
+                ConditionType::Running,
+                false,
+                "JobSuspended",
+                "the job is suspended",
+            );
         }
         return step.finish();
     }
@@ -976,10 +1003,7 @@ fn next_attempt(mut step: Step<'_, '_>) -> Plan {
     };
     // The attempt that just ended may have added its pool to the failover round.
     let tried = tried_pools(Some(&step.plan.status));
-    let next = candidates
-        .iter()
-        .find(|c| !tried.contains(&c.pool))
-        .or(candidates.first());
+    let next = next_in_round(candidates, &tried);
     let Some(next) = next else {
         step.plan.status.phase = Some(Phase::Pending);
         step.cond(
@@ -1685,9 +1709,8 @@ mod tests {
                         )
                     })
                     .collect();
-                let tried = tried_pools(r.job.status.as_ref());
-                let candidates = placement::rank(&r.job.spec, &cfg, &capacity, &tried)
-                    .map_err(|e| e.to_string());
+                let candidates =
+                    placement::rank(&r.job.spec, &cfg, &capacity).map_err(|e| e.to_string());
                 let open = r
                     .job
                     .status
