@@ -12,6 +12,16 @@
 //! - a pod unschedulable for longer than the scheduling timeout is deleted and the next pool of
 //!   the failover round is tried.
 //!
+//! `decide` is a short sequence of named steps, each a function with a typed outcome: observe
+//! the open attempt (`observe_open_attempt`, one function per thing a pod can be doing), close
+//! it (`close_attempt`), end the job when something ends it (`end_job`), else hold it or start
+//! the next attempt (`next_attempt`: suspended, still running, `backing_off`, `start_attempt`
+//! on the pool `next_in_round` picks). End reasons and condition types are enums
+//! ([`EndReason`], [`ConditionType`]) written as the strings the CRD documents.
+//!
+//! The failover round lives here too: `tried_pools` reads it from the attempts, and
+//! `next_in_round` takes the best candidate not yet tried, starting over once all were.
+//!
 //! Attempts are numbered by their index in `status.attempts` and pods are named after it, so a
 //! repeated decision (a restarted operator, a lost status write) recreates the same pod name and
 //! can never run two pods for one attempt.
