@@ -24,7 +24,7 @@ use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use loraplane_crds::LoRATrainingJob;
-use loraplane_crds::layout::{ANNOTATION_REFUND, DATA_FINALIZER, LABEL_PAYMENT};
+use loraplane_crds::layout::{ANNOTATION_REFUND, DATA_FINALIZER, LABEL_PAYMENT, refund_annotation};
 use loraplane_crds::v1alpha1::Phase;
 use serde_json::json;
 
@@ -203,16 +203,18 @@ fn refund_reason(r: JobRefundReason) -> RefundReason {
     }
 }
 
-fn refund_annotation(r: &Refund) -> String {
-    let reason = match r.reason {
-        JobRefundReason::JobFailed => "jobFailed",
-        JobRefundReason::JobCancelled => "jobCancelled",
-    };
-    let state = match r.state {
-        RefundProgress::Pending => "pending",
-        RefundProgress::Succeeded => "succeeded",
-    };
-    format!("{reason}/{state}")
+/// Records the refund on the job ([`ANNOTATION_REFUND`]), unless it says so already.
+async fn annotate_refund(
+    n: &Notifier,
+    job: &LoRATrainingJob,
+    r: &Refund,
+) -> Result<(), NotifyError> {
+    let value = refund_annotation(r.reason.as_str(), r.state.as_str());
+    if job.annotations().get(ANNOTATION_REFUND) == Some(&value) {
+        return Ok(());
+    }
+    let patch = json!({"metadata": {"annotations": {ANNOTATION_REFUND: value}}});
+    patch_job(n, job, "record the refund on the job", patch).await
 }
 
 fn error_code(e: &RefundError) -> String {
@@ -340,13 +342,9 @@ async fn settle_refund(
     let Some(refund) = stored.ledger.refund.clone() else {
         return Ok(());
     };
-    let annotation =
-        json!({"metadata": {"annotations": {ANNOTATION_REFUND: refund_annotation(&refund)}}});
+    // The job's annotation follows the ledger (also after a write lost to a restart).
+    annotate_refund(n, job, &refund).await?;
     if refund.state == RefundProgress::Succeeded || refund.next_at > now {
-        // Keep the job's annotation in step with the ledger (a write lost to a restart).
-        if job.annotations().get(ANNOTATION_REFUND) != Some(&refund_annotation(&refund)) {
-            patch_job(n, job, "record the refund on the job", annotation).await?;
-        }
         return Ok(());
     }
     let (Some(pi), Some(order)) = (
@@ -355,7 +353,6 @@ async fn settle_refund(
     ) else {
         return Ok(());
     };
-    patch_job(n, job, "record the refund on the job", annotation).await?;
     let reason = refund_reason(refund.reason);
     let outcome = n.app.stripe.refund(&pi, &order, reason).await;
     let error = outcome.as_ref().err().map(error_code);
@@ -384,9 +381,7 @@ async fn settle_refund(
     stored.ledger.refund = Some(refund.clone());
     ledger::write(&n.app.kube, job, stored).await?;
     if refund.state == RefundProgress::Succeeded {
-        let annotation =
-            json!({"metadata": {"annotations": {ANNOTATION_REFUND: refund_annotation(&refund)}}});
-        patch_job(n, job, "record the refund on the job", annotation).await?;
+        annotate_refund(n, job, &refund).await?;
     }
     Ok(())
 }

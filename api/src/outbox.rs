@@ -174,6 +174,37 @@ impl Refund {
     }
 }
 
+impl Delivery {
+    /// The name stored in the ledger and shown in the delivery log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Delivery::Pending => "pending",
+            Delivery::Delivered => "delivered",
+            Delivery::Abandoned => "abandoned",
+        }
+    }
+}
+
+impl JobRefundReason {
+    /// The name stored in the ledger, shown to storefronts and recorded on the job.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobRefundReason::JobFailed => "jobFailed",
+            JobRefundReason::JobCancelled => "jobCancelled",
+        }
+    }
+}
+
+impl RefundProgress {
+    /// The name stored in the ledger and recorded on the job.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefundProgress::Pending => "pending",
+            RefundProgress::Succeeded => "succeeded",
+        }
+    }
+}
+
 /// A replica's claim on a job's deliveries, so two replicas never send its events at once.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -532,10 +563,7 @@ pub fn notification(
         .refund
         .as_ref()
         .filter(|_| event.kind == EventKind::Refunded)
-        .map(|r| match r.reason {
-            JobRefundReason::JobFailed => "jobFailed".to_string(),
-            JobRefundReason::JobCancelled => "jobCancelled".to_string(),
-        });
+        .map(|r| r.reason.as_str().to_string());
     Notification {
         id: event.id.clone(),
         object: "event".into(),
@@ -806,6 +834,19 @@ mod tests {
             "http://s3/x?sig"
         );
         assert_eq!(done["data"]["object"]["downloads_expire_at"], 9);
+    }
+
+    #[test]
+    fn stored_names_are_the_names_shown() {
+        for d in [Delivery::Pending, Delivery::Delivered, Delivery::Abandoned] {
+            assert_eq!(serde_json::to_value(d).unwrap(), d.as_str());
+        }
+        for r in [JobRefundReason::JobFailed, JobRefundReason::JobCancelled] {
+            assert_eq!(serde_json::to_value(r).unwrap(), r.as_str());
+        }
+        for p in [RefundProgress::Pending, RefundProgress::Succeeded] {
+            assert_eq!(serde_json::to_value(p).unwrap(), p.as_str());
+        }
     }
 
     #[test]

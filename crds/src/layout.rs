@@ -29,6 +29,20 @@ pub const LABEL_PAYMENT: &str = "loraplane.io/payment";
 /// operator copies it into the job's audit record.
 pub const ANNOTATION_REFUND: &str = "loraplane.io/refund";
 
+/// The value of [`ANNOTATION_REFUND`] for a refund's reason and state.
+pub fn refund_annotation(reason: &str, state: &str) -> String {
+    format!("{reason}/{state}")
+}
+
+/// The reason and state an [`ANNOTATION_REFUND`] value records, if it has the shape
+/// [`refund_annotation`] writes (two words of letters): anything else is not ours.
+pub fn parse_refund_annotation(value: &str) -> Option<(&str, &str)> {
+    let (reason, state) = value.split_once('/')?;
+    let word =
+        |s: &str| !s.is_empty() && s.len() <= 32 && s.bytes().all(|b| b.is_ascii_alphabetic());
+    (word(reason) && word(state)).then_some((reason, state))
+}
+
 /// Label on an audit record: which kind of record it is (see [`AUDIT_RECORD`]).
 pub const LABEL_RECORD: &str = "loraplane.io/record";
 /// Value of [`LABEL_RECORD`] on the audit record a deleted job leaves behind.
@@ -118,6 +132,15 @@ pub fn output_files(job_name: &str) -> [(&'static str, String); 2] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refund_annotation_reads_back_and_nothing_else_does() {
+        let v = refund_annotation("jobFailed", "pending");
+        assert_eq!(parse_refund_annotation(&v), Some(("jobFailed", "pending")));
+        for bad in ["jobFailed", "pi_1/succeeded", "a/b/c", "/x", "a b/c"] {
+            assert_eq!(parse_refund_annotation(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn the_prefix_keeps_namespace_name_and_uid_apart() {

@@ -24,7 +24,9 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use loraplane_crds::LoRATrainingJob;
-use loraplane_crds::layout::{ANNOTATION_REFUND, AUDIT_RECORD, LABEL_MANAGED_BY, LABEL_RECORD};
+use loraplane_crds::layout::{
+    ANNOTATION_REFUND, AUDIT_RECORD, LABEL_MANAGED_BY, LABEL_RECORD, parse_refund_annotation,
+};
 use loraplane_runtime::storage::Deleted;
 use sha2::{Digest, Sha256};
 
@@ -83,11 +85,7 @@ pub struct Entry<'a> {
 /// The refund the API recorded on a paid job that ended badly ([`ANNOTATION_REFUND`]:
 /// `<reason>/<state>`), if it has the shape the API writes: anything else is not copied.
 pub fn refund(job: &LoRATrainingJob) -> Option<(&str, &str)> {
-    let value = job.metadata.annotations.as_ref()?.get(ANNOTATION_REFUND)?;
-    let (reason, state) = value.split_once('/')?;
-    let word =
-        |s: &str| !s.is_empty() && s.len() <= 32 && s.bytes().all(|b| b.is_ascii_alphabetic());
-    (word(reason) && word(state)).then_some((reason, state))
+    parse_refund_annotation(job.metadata.annotations.as_ref()?.get(ANNOTATION_REFUND)?)
 }
 
 /// Builds the audit record.

@@ -365,13 +365,6 @@ pub struct JobEvents {
     pub refund: Option<RefundRecord>,
 }
 
-pub(super) fn enum_str<T: Serialize>(v: &T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
 /// The job's notifications and their delivery to the storefront, and its refund: what the
 /// storefront was told, when, and what is still being retried.
 #[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", security(("bearer" = [])),
@@ -399,15 +392,15 @@ pub async fn job_events(
                 created: e.created,
                 percent: e.percent,
                 reason: e.reason.clone(),
-                delivery: enum_str(&e.delivery),
+                delivery: e.delivery.as_str().to_string(),
                 attempts: e.attempts,
                 last_status: e.last_status,
                 delivered_at: e.delivered_at,
             })
             .collect(),
         refund: l.refund.map(|r| RefundRecord {
-            reason: enum_str(&r.reason),
-            state: enum_str(&r.state),
+            reason: r.reason.as_str().to_string(),
+            state: r.state.as_str().to_string(),
             attempts: r.attempts,
         }),
     }))
