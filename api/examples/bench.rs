@@ -304,7 +304,7 @@ async fn webhook_load_timed(
                 if i >= end {
                     return (lat, failed, answered);
                 }
-                let ev = paid_draft_event(
+                let ev = paid_draft(
                     &format!("cs_bench_{i}"),
                     &format!("pi_bench_{i}"),
                     &drafts[i - first],

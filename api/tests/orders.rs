@@ -20,7 +20,7 @@ async fn a_paid_order_that_cannot_become_a_job_is_refunded_exactly_once() {
         let h = Harness::start_with(|c| c.stripe_api.timeout_seconds = 1).await;
         // Paid for, and it can never become a job: the checkout names a draft this API does
         // not hold (expired, or never made).
-        let paid = paid_draft_event(
+        let paid = paid_draft(
             "cs_bad_1",
             "pi_bad_1",
             "eu-west.0123456789abcdef0123456789abcdef",
@@ -130,7 +130,7 @@ async fn a_draft_order_keeps_the_customers_words_out_of_stripe_and_must_be_paid_
         assert_eq!((s, e["error"]["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("upload_image_count")));
 
         // Checkout carries only the draft's id; paid at the quoted price, it is the job.
-        let paid = paid_draft_event("cs_draft_1", "pi_draft_1", &id, 1900, "eur");
+        let paid = paid_draft("cs_draft_1", "pi_draft_1", &id, 1900, "eur");
         let metadata = paid["data"]["object"]["metadata"].to_string();
         assert!(!metadata.contains("zxqmug") && !metadata.contains("mug"), "{metadata}");
         let (s, ack) = h.webhook(&paid, now(), WEBHOOK_SECRET).await;
@@ -152,14 +152,14 @@ async fn a_draft_order_keeps_the_customers_words_out_of_stripe_and_must_be_paid_
         let (_, _, ticket) = h
             .call("POST", "/v1/orders", Some(STOREFRONT), &[("idempotency-key", "cart-2")], Some(draft(&second, "zxqmug")))
             .await;
-        let cheap = paid_draft_event("cs_draft_2", "pi_draft_2", ticket["orderId"].as_str().unwrap(), 100, "eur");
+        let cheap = paid_draft("cs_draft_2", "pi_draft_2", ticket["orderId"].as_str().unwrap(), 100, "eur");
         let (s, ack) = h.webhook(&cheap, now(), WEBHOOK_SECRET).await;
         assert_eq!((s, ack["outcome"].as_str()), (StatusCode::OK, Some("refunded")), "{ack}");
-        let wrong_currency = paid_draft_event("cs_draft_3", "pi_draft_3", ticket["orderId"].as_str().unwrap(), 1900, "usd");
+        let wrong_currency = paid_draft("cs_draft_3", "pi_draft_3", ticket["orderId"].as_str().unwrap(), 1900, "usd");
         let (_, ack) = h.webhook(&wrong_currency, now(), WEBHOOK_SECRET).await;
         assert_eq!(ack["outcome"], "refunded");
         // A checkout naming no draft we hold is refunded too.
-        let unknown = paid_draft_event("cs_draft_4", "pi_draft_4", "eu-west.00000000000000000000000000000000", 1900, "eur");
+        let unknown = paid_draft("cs_draft_4", "pi_draft_4", "eu-west.00000000000000000000000000000000", 1900, "eur");
         let (_, ack) = h.webhook(&unknown, now(), WEBHOOK_SECRET).await;
         assert_eq!(ack["outcome"], "refunded");
         assert_eq!(jobs(&h, "orders").await.len(), 1);
@@ -361,7 +361,7 @@ async fn a_refund_before_the_completion_wins_and_a_dispute_erases_a_job() {
         // Refund first, completion second: no job, ever.
         let upload = h.upload(STOREFRONT, "eea", dataset(3)).await;
         let (s, ack) = h
-            .webhook(&refund_event("pi_early"), now(), WEBHOOK_SECRET)
+            .webhook(&refunded("pi_early"), now(), WEBHOOK_SECRET)
             .await;
         assert_eq!(
             (s, ack["outcome"].as_str()),
@@ -382,7 +382,7 @@ async fn a_refund_before_the_completion_wins_and_a_dispute_erases_a_job() {
         assert_eq!(ack["outcome"], "created");
         let job = jobs(&h, "orders").await.remove(0);
         let (_, ack) = h
-            .webhook(&dispute_event("pi_late"), now(), WEBHOOK_SECRET)
+            .webhook(&dispute_created("pi_late"), now(), WEBHOOK_SECRET)
             .await;
         assert_eq!(ack["outcome"], "erased");
         let after = jobs(&h, "orders").await.remove(0);
@@ -399,7 +399,7 @@ async fn a_refund_before_the_completion_wins_and_a_dispute_erases_a_job() {
         assert_eq!(uploads.len(), 1, "the API deletes no job data: {uploads:?}");
         // A second dispute delivery changes nothing: the first request stands.
         let (_, ack) = h
-            .webhook(&dispute_event("pi_late"), now(), WEBHOOK_SECRET)
+            .webhook(&dispute_created("pi_late"), now(), WEBHOOK_SECRET)
             .await;
         assert_eq!(ack["outcome"], "erased");
         let again = jobs(&h, "orders").await.remove(0);

@@ -27,7 +27,7 @@ mod bench_cluster;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use bench_cluster::{percentile, platform_yaml, vm_hwm_kib};
+use bench_cluster::{percentile, vm_hwm_kib};
 use clap::Parser;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
@@ -36,6 +36,7 @@ use kube::runtime::watcher;
 use kube_sim::KubeSim;
 use kube_sim::cluster::{Script, ScriptRule};
 use loraplane_crds::LoRATrainingJob;
+use loraplane_testkit::Family;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -173,9 +174,11 @@ async fn main() {
     // sd15 runs the quick script.
     // Waiting jobs stay where they wait (as under a queue) instead of moving pool every
     // five minutes: the load is 10,000 live jobs, not 10,000 failovers.
-    let platform = platform_yaml(s3.endpoint())
-        + "  - family: sd15\n    minGpuMemoryGib: 8\n    weights: /models/sd15\n    trainerImage: trainer:quick\n"
-        + "defaults:\n  schedulingTimeoutSeconds: 3600\n";
+    let mut spec = bench_cluster::platform(s3.endpoint());
+    spec.families
+        .extend(Family::sdxl_and_sd15("/models", "trainer:quick").pop());
+    spec.defaults = Some(serde_json::json!({"schedulingTimeoutSeconds": 3600}));
+    let platform = bench_cluster::cluster().platform_yaml(&spec);
     let (mut child, pid) = bench_cluster::start_operator(
         &dir,
         &kubeconfig,

@@ -1,13 +1,10 @@
 //! Test harness: a real kube-sim apiserver, a real SeaweedFS and the API served over loopback
 //! HTTP, plus a plain HTTP/1.1 client (hyper, no S3 or Kubernetes library) for presigned URLs.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)] // each test binary uses part of it
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::http::{HeaderMap, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::Api;
 use kube::api::PostParams;
@@ -17,6 +14,9 @@ use loraplane_api::metrics::Metrics;
 use loraplane_crds::platform::PlatformConfig;
 use loraplane_dataset::DatasetRules;
 use loraplane_runtime::storage::{S3Credentials, Storage};
+use loraplane_testkit::api_config as api_fixtures;
+pub use loraplane_testkit::stripe_events::{dispute_created, now, paid_draft, refunded};
+use loraplane_testkit::{Cluster, Platform, Region};
 use serde_json::Value;
 
 pub const WEBHOOK_SECRET: &[u8] = b"whsec_test_secret";
@@ -34,58 +34,58 @@ pub struct Harness {
     pub base: String,
 }
 
-fn sha(s: &str) -> String {
-    loraplane_api::app::sha256_hex(s.as_bytes())
-}
-
 pub fn api_config() -> ApiConfig {
-    ApiConfig::from_yaml(&format!(
-        r#"
-stripeNamespace: orders
-plans:
-  basic: {{retention: standard, keepInputsSeconds: 3600, keepOutputsSeconds: 7200, maxSteps: 500, price: {{amount: 1900, currency: eur}}}}
-  fast: {{retention: standard, keepInputsSeconds: 1, keepOutputsSeconds: 2, maxSteps: 100}}
-  zero: {{retention: zeroRetention, keepOutputsSeconds: 2, maxSteps: 100, allowedRegions: [eu-west]}}
-tenants:
-  - {{name: acme, namespace: acme, tokenSha256: "{}"}}
-  - {{name: globex, namespace: globex, tokenSha256: "{}"}}
-  - {{name: storefront, namespace: orders, tokenSha256: "{}"}}
-limits:
-  webhookMaxBytes: 8192
-  jsonMaxBytes: 8192
-  presignSeconds: 900
-  tenantRps: 1000
-  ipRps: 1000
-"#,
-        sha(ACME),
-        sha(GLOBEX),
-        sha(STOREFRONT)
+    let plans = serde_json::json!({
+        "basic": {"retention": "standard", "keepInputsSeconds": 3600, "keepOutputsSeconds": 7200,
+                  "maxSteps": 500, "price": {"amount": 1900, "currency": "eur"}},
+        "fast": {"retention": "standard", "keepInputsSeconds": 1, "keepOutputsSeconds": 2, "maxSteps": 100},
+        "zero": {"retention": "zeroRetention", "keepOutputsSeconds": 2, "maxSteps": 100,
+                 "allowedRegions": ["eu-west"]},
+    });
+    let tenants = vec![
+        api_fixtures::tenant("acme", "acme", ACME),
+        api_fixtures::tenant("globex", "globex", GLOBEX),
+        api_fixtures::tenant("storefront", "orders", STOREFRONT),
+    ];
+    let limits = api_fixtures::loose_limits(8192, 900);
+    ApiConfig::from_yaml(&api_fixtures::yaml(
+        "orders",
+        plans,
+        tenants,
+        limits,
+        Value::Null,
     ))
     .unwrap()
 }
 
+/// Two regions with short bucket names (`ds-eu`, `out-us`, …), no pools, no families, small
+/// dataset limits.
 pub fn platform(endpoint: &str) -> PlatformConfig {
-    PlatformConfig::from_yaml(&format!(
-        r#"
-regions:
-  - name: eu-west
-    jurisdiction: eea
-    s3: {{endpoint: "{endpoint}", region: us-east-1, forcePathStyle: true}}
-    buckets: {{datasets: ds-eu, checkpoints: ck-eu, outputs: out-eu}}
-  - name: us-east
-    jurisdiction: us
-    s3: {{endpoint: "{endpoint}", region: us-east-1, forcePathStyle: true}}
-    buckets: {{datasets: ds-us, checkpoints: ck-us, outputs: out-us}}
-pools: []
-families: []
-dataset:
-  maxZipBytes: 200000
-  maxTotalBytes: 2000000
-  minImages: 2
-  maxImages: 10
-"#
-    ))
-    .unwrap()
+    let mut p = Platform::new(endpoint);
+    p.s3_region = Some("us-east-1".into());
+    p.buckets = short_bucket;
+    p.pools = false;
+    p.dataset = Some(serde_json::json!({
+        "maxZipBytes": 200000, "maxTotalBytes": 2000000, "minImages": 2, "maxImages": 10,
+    }));
+    let cluster = Cluster {
+        regions: vec![
+            Region::new("eu-west", "eea", vec![]),
+            Region::new("us-east", "us", vec![]),
+        ],
+    };
+    cluster.platform(&p).unwrap()
+}
+
+/// `ds-eu` for the datasets of `eu-west`, `out-us` for the outputs of `us-east`.
+fn short_bucket(kind: &str, region: &str) -> String {
+    let kind = match kind {
+        "datasets" => "ds",
+        "checkpoints" => "ck",
+        _ => "out",
+    };
+    let region = region.split('-').next().unwrap_or(region);
+    format!("{kind}-{region}")
 }
 
 fn new_app(
@@ -292,7 +292,7 @@ impl Harness {
             )
             .await;
         assert_eq!(s, StatusCode::CREATED, "{t}");
-        paid_draft_event(
+        paid_draft(
             session,
             payment,
             t["orderId"].as_str().unwrap(),
@@ -330,7 +330,7 @@ impl Harness {
     }
 }
 
-/// A plain HTTP/1.1 request with hyper (no signing, no S3 or Kubernetes library).
+/// A plain HTTP/1.1 request on a fresh connection (no signing, no S3 or Kubernetes library).
 pub async fn http(
     method: &str,
     url: &str,
@@ -349,100 +349,21 @@ pub async fn http_from(
     headers: &[(String, String)],
     body: Vec<u8>,
 ) -> (StatusCode, HeaderMap, Vec<u8>) {
-    let uri: hyper::Uri = url.parse().unwrap();
-    let host = uri.host().unwrap().to_string();
-    let port = uri.port_u16().unwrap_or(80);
-    let stream = match source {
-        None => tokio::net::TcpStream::connect((host.as_str(), port))
-            .await
-            .unwrap(),
-        Some(ip) => {
-            let socket = tokio::net::TcpSocket::new_v4().unwrap();
-            socket.bind(SocketAddr::from((ip, 0))).unwrap();
-            let addr = tokio::net::lookup_host((host.as_str(), port))
-                .await
-                .unwrap()
-                .find(SocketAddr::is_ipv4)
-                .unwrap();
-            socket.connect(addr).await.unwrap()
-        }
-    };
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let path = uri
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
-    let mut req = Request::builder()
-        .method(Method::from_bytes(method.as_bytes()).unwrap())
-        .uri(path)
-        .header("host", format!("{host}:{port}"));
-    for (k, v) in headers {
-        req = req.header(k.as_str(), v.as_str());
-    }
-    let req = req.body(Full::new(Bytes::from(body))).unwrap();
-    let resp = sender.send_request(req).await.unwrap();
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let body = resp
-        .into_body()
-        .collect()
+    let headers: Vec<(&str, String)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    let resp = loraplane_testkit::http::request_from(source, method, url, &headers, body)
         .await
-        .unwrap()
-        .to_bytes()
-        .to_vec();
-    (status, headers, body)
-}
-
-pub fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
-/// A checkout.session.completed event.
-/// A paid checkout of a draft order, as the storefront creates it: only the draft's id in the
-/// metadata, and what Stripe charged.
-pub fn paid_draft_event(
-    session: &str,
-    payment: &str,
-    order_id: &str,
-    amount: i64,
-    currency: &str,
-) -> Value {
-    serde_json::json!({
-        "id": format!("evt_{session}"),
-        "type": "checkout.session.completed",
-        "data": {"object": {
-            "id": session,
-            "object": "checkout.session",
-            "payment_status": "paid",
-            "payment_intent": payment,
-            "amount_total": amount,
-            "currency": currency,
-            "metadata": {"order_id": order_id}
-        }}
-    })
-}
-
-pub fn refund_event(payment: &str) -> Value {
-    serde_json::json!({
-        "id": format!("evt_refund_{payment}"),
-        "type": "charge.refunded",
-        "data": {"object": {"id": "ch_1", "object": "charge", "refunded": true, "payment_intent": payment}}
-    })
-}
-
-pub fn dispute_event(payment: &str) -> Value {
-    serde_json::json!({
-        "id": format!("evt_dispute_{payment}"),
-        "type": "charge.dispute.created",
-        "data": {"object": {"id": "dp_1", "object": "dispute", "charge": "ch_1", "payment_intent": payment}}
-    })
+        .unwrap();
+    let mut map = HeaderMap::new();
+    for (k, v) in &resp.headers {
+        map.append(
+            axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    (StatusCode::from_u16(resp.status).unwrap(), map, resp.body)
 }
 
 /// Runs a test body with a timeout so a hang fails instead of blocking CI.

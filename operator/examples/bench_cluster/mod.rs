@@ -9,25 +9,44 @@ use std::path::{Path, PathBuf};
 
 use kube_sim::cluster::{KubeletConfig, ScriptRule, Topology};
 use kube_sim::{KubeSim, SimConfig};
+use loraplane_testkit::{Cluster, Family, Platform, Pool, Region};
 
 pub const REGIONS: [(&str, &str); 3] = [("eu-west", "eea"), ("eu-north", "eea"), ("us-east", "us")];
 pub const POOLS_PER_REGION: usize = 2;
 pub const NODES_PER_POOL: usize = 13;
 pub const GPUS_PER_NODE: usize = 8;
 
+/// Three regions of two pools each, every node with 8 L4s; pools of the `i`-th region cost
+/// `1 + i` per GPU-hour.
+pub fn cluster() -> Cluster {
+    let regions = REGIONS
+        .iter()
+        .enumerate()
+        .map(|(i, (region, j))| {
+            let pools = ["a", "b"]
+                .iter()
+                .map(|kind| {
+                    Pool::l4(
+                        &format!("{region}-{kind}"),
+                        NODES_PER_POOL as u32,
+                        1.0 + i as f64,
+                    )
+                    .with_gpus(
+                        "NVIDIA-L4",
+                        24,
+                        GPUS_PER_NODE as u32,
+                        "g6.48xlarge",
+                    )
+                })
+                .collect();
+            Region::new(region, j, pools)
+        })
+        .collect();
+    Cluster { regions }
+}
+
 pub fn topology() -> Topology {
-    let mut yaml = String::from("regions:\n");
-    for (region, j) in REGIONS {
-        yaml.push_str(&format!(
-            "  - name: {region}\n    jurisdiction: {j}\n    pools:\n"
-        ));
-        for kind in ["a", "b"] {
-            yaml.push_str(&format!(
-                "      - name: {region}-{kind}\n        gpuProduct: NVIDIA-L4\n        gpuMemoryGiB: 24\n        gpusPerNode: {GPUS_PER_NODE}\n        instanceType: g6.48xlarge\n        nodes: {NODES_PER_POOL}\n"
-            ));
-        }
-    }
-    Topology::from_yaml(&yaml).unwrap()
+    cluster().topology().unwrap()
 }
 
 /// kube-sim with `topology`, the CRD, and kubelets that run `scripts`.
@@ -57,20 +76,18 @@ pub fn work_dir(name: &str, sim: &KubeSim) -> (PathBuf, PathBuf) {
     (dir, kubeconfig)
 }
 
+/// What the platform configuration adds to [`cluster`]: every region's S3 at `s3_endpoint`,
+/// SDXL trained by `trainer:bench`.
+pub fn platform(s3_endpoint: &str) -> Platform {
+    let mut p = Platform::new(s3_endpoint);
+    p.families = Family::sdxl_and_sd15("/models", "trainer:bench");
+    p.families.truncate(1);
+    p
+}
+
 /// The platform configuration of `topology`, every region's S3 at `s3_endpoint`.
 pub fn platform_yaml(s3_endpoint: &str) -> String {
-    let mut y = String::from("regions:\n");
-    for (region, j) in REGIONS {
-        y.push_str(&format!("  - name: {region}\n    jurisdiction: {j}\n    s3: {{endpoint: \"{s3_endpoint}\", region: {region}, forcePathStyle: true}}\n    buckets: {{datasets: datasets-{region}, checkpoints: checkpoints-{region}, outputs: outputs-{region}}}\n"));
-    }
-    y.push_str("pools:\n");
-    for (i, (region, _)) in REGIONS.iter().enumerate() {
-        for kind in ["a", "b"] {
-            y.push_str(&format!("  - name: {region}-{kind}\n    region: {region}\n    nodeSelector: {{loraplane.io/node-pool: {region}-{kind}}}\n    gpuProduct: NVIDIA-L4\n    gpuMemoryGib: 24\n    hourlyPrice: {}\n", 1.0 + i as f64));
-        }
-    }
-    y.push_str("families:\n  - family: sdxl\n    minGpuMemoryGib: 16\n    weights: /models/sdxl\n    trainerImage: trainer:bench\n");
-    y
+    cluster().platform_yaml(&platform(s3_endpoint))
 }
 
 /// Starts the release operator next to this example against `kubeconfig`, with

@@ -2,7 +2,7 @@
 //! configuration, an in-process operator that can be stopped and restarted, and polling
 //! helpers. Every wait is bounded; a test fails with the job's status when it times out.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)] // each test binary uses part of this harness
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,60 +18,20 @@ use loraplane_operator::config::Settings;
 use loraplane_operator::controller::{self, Health};
 use loraplane_operator::metrics::Metrics;
 use loraplane_runtime::storage::{S3Credentials, Storage};
+use loraplane_testkit::{Cluster, Family, Platform};
+pub use loraplane_testkit::{condition, phase};
 use tokio::sync::watch;
 
 pub const NS: &str = "default";
 
-/// Two EEA regions and one US region. `eu-west-l4` is the cheapest pool; its node carries a
-/// `maintenance` taint the platform config does not tolerate when `tainted_cheap_pool` is set,
-/// so pods sent there stay unschedulable (the capacity-failover scenario).
+/// Two EEA regions and one US region ([`Cluster::three_regions`]). `eu-west-l4` is the
+/// cheapest on-demand pool; its nodes carry a `maintenance` taint the platform does not
+/// tolerate when `tainted_cheap_pool` is set, so pods sent there stay unschedulable (the
+/// capacity-failover scenario).
 pub fn topology(tainted_cheap_pool: bool) -> Topology {
-    let taint = if tainted_cheap_pool {
-        "\n        taints: [{key: maintenance, value: \"true\", effect: NoSchedule}]"
-    } else {
-        ""
-    };
-    let yaml = format!(
-        r#"
-regions:
-  - name: eu-west
-    jurisdiction: eea
-    pools:
-      - name: eu-west-l4
-        gpuProduct: NVIDIA-L4
-        gpuMemoryGiB: 24
-        gpusPerNode: 1
-        instanceType: g6.xlarge
-        nodes: 2{taint}
-      - name: eu-west-l4-spot
-        gpuProduct: NVIDIA-L4
-        gpuMemoryGiB: 24
-        gpusPerNode: 1
-        spot: true
-        instanceType: g6.xlarge
-        taints: [{{key: loraplane.io/spot, value: "true", effect: NoSchedule}}]
-        nodes: 1
-  - name: eu-north
-    jurisdiction: eea
-    pools:
-      - name: eu-north-l4
-        gpuProduct: NVIDIA-L4
-        gpuMemoryGiB: 24
-        gpusPerNode: 1
-        instanceType: g6.xlarge
-        nodes: 2
-  - name: us-east
-    jurisdiction: us
-    pools:
-      - name: us-east-l4
-        gpuProduct: NVIDIA-L4
-        gpuMemoryGiB: 24
-        gpusPerNode: 1
-        instanceType: g6.xlarge
-        nodes: 4
-"#
-    );
-    Topology::from_yaml(&yaml).unwrap()
+    Cluster::three_regions(tainted_cheap_pool)
+        .topology()
+        .unwrap()
 }
 
 /// The platform configuration matching `topology`; `image` is every family's trainer image
@@ -82,43 +42,15 @@ pub fn platform(image: &str, scheduling_timeout: u64) -> PlatformConfig {
 
 /// `platform` with every region's S3 at `endpoint` (a SeaweedFS the test started).
 pub fn platform_with_s3(image: &str, scheduling_timeout: u64, endpoint: &str) -> PlatformConfig {
-    let region = |name: &str, j: &str| {
-        format!(
-            r#"
-  - name: {name}
-    jurisdiction: {j}
-    s3: {{endpoint: "{endpoint}", region: {name}, forcePathStyle: true}}
-    buckets: {{datasets: datasets-{name}, checkpoints: checkpoints-{name}, outputs: outputs-{name}, corpus: corpus-{name}}}"#
-        )
-    };
-    let pool = |name: &str, region: &str, spot: bool, price: f64| {
-        let tol = if spot {
-            "\n    tolerations: [{key: loraplane.io/spot, operator: Equal, value: \"true\", effect: NoSchedule}]"
-        } else {
-            ""
-        };
-        format!(
-            r#"
-  - name: {name}
-    region: {region}
-    nodeSelector: {{loraplane.io/node-pool: {name}}}{tol}
-    gpuProduct: NVIDIA-L4
-    gpuMemoryGib: 24
-    spot: {spot}
-    hourlyPrice: {price}"#
-        )
-    };
-    let yaml = format!(
-        "regions:{}{}{}\npools:{}{}{}{}\nfamilies:\n  - family: sdxl\n    minGpuMemoryGib: 16\n    weights: /models/sdxl\n    trainerImage: {image}\n  - family: sd15\n    minGpuMemoryGib: 8\n    weights: /models/sd15\n    trainerImage: {image}\ndefaults:\n  schedulingTimeoutSeconds: {scheduling_timeout}\n  backoffSeconds: 0\n  checkpointEvery: 10\n",
-        region("eu-west", "eea"),
-        region("eu-north", "eea"),
-        region("us-east", "us"),
-        pool("eu-west-l4", "eu-west", false, 0.5),
-        pool("eu-west-l4-spot", "eu-west", true, 0.2),
-        pool("eu-north-l4", "eu-north", false, 0.9),
-        pool("us-east-l4", "us-east", false, 0.1),
-    );
-    PlatformConfig::from_yaml(&yaml).unwrap()
+    let mut p = Platform::new(endpoint);
+    p.corpus = true;
+    p.families = Family::sdxl_and_sd15("/models", image);
+    p.defaults = Some(serde_json::json!({
+        "schedulingTimeoutSeconds": scheduling_timeout,
+        "backoffSeconds": 0,
+        "checkpointEvery": 10,
+    }));
+    Cluster::three_regions(false).platform(&p).unwrap()
 }
 
 /// A script printing a checkpoint line at start and `steps` progress lines over `duration`.
@@ -267,7 +199,7 @@ pub async fn create_job(client: &Client, job: &LoRATrainingJob) -> LoRATrainingJ
         .unwrap()
 }
 
-/// Polls the job until `pred` holds; panics with its status after `timeout`.
+/// Waits until `pred` holds for job `name` in [`NS`]; panics with its status after `timeout`.
 pub async fn wait_job(
     client: &Client,
     name: &str,
@@ -275,40 +207,7 @@ pub async fn wait_job(
     what: &str,
     pred: impl Fn(&LoRATrainingJob) -> bool,
 ) -> LoRATrainingJob {
-    let api = Api::<LoRATrainingJob>::namespaced(client.clone(), NS);
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut last = None;
-    loop {
-        if let Ok(job) = api.get(name).await {
-            if pred(&job) {
-                return job;
-            }
-            last = Some(job);
-        }
-        if tokio::time::Instant::now() > deadline {
-            panic!(
-                "job {name}: timed out waiting for {what}; status: {}",
-                serde_json::to_string_pretty(&last.and_then(|j| j.status)).unwrap()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-pub fn phase(job: &LoRATrainingJob) -> Option<&'static str> {
-    job.status
-        .as_ref()
-        .and_then(|s| s.phase)
-        .map(|p| p.as_str())
-}
-
-pub fn condition(job: &LoRATrainingJob, t: &str) -> Option<(String, String)> {
-    job.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == t)
-        .map(|c| (c.status.clone(), c.reason.clone()))
+    loraplane_testkit::wait_job(client, NS, name, timeout, what, pred).await
 }
 
 pub async fn pods_of(client: &Client, job: &LoRATrainingJob) -> Vec<Pod> {

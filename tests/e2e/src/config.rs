@@ -12,6 +12,8 @@ use std::path::Path;
 use kube_sim::cluster::Topology;
 use loraplane_api::config::ApiConfig;
 use loraplane_crds::platform::PlatformConfig;
+use loraplane_testkit::api_config as api_fixtures;
+use loraplane_testkit::{Cluster, Family, Platform, Pool, Region};
 use serde_json::Value;
 
 /// The namespace Stripe orders' jobs live in.
@@ -33,58 +35,43 @@ pub const E2E_RESOLUTION: i32 = 256;
 pub const REGIONS: [(&str, &str); 3] =
     [("eu-west", "eea"), ("eu-central", "eea"), ("us-east", "us")];
 
-/// The simulated cluster: two EEA regions and one US region, on-demand and spot pools.
-pub const TOPOLOGY_YAML: &str = r#"
-regions:
-  - name: eu-west
-    jurisdiction: eea
-    zones: [eu-west-a]
-    pools:
-      - name: eu-west-l4-spot
-        gpuProduct: NVIDIA-L4
-        gpuMemoryGiB: 24
-        gpusPerNode: 1
-        spot: true
-        instanceType: g6.xlarge
-        taints: [{key: loraplane.io/spot, value: "true", effect: NoSchedule}]
-        nodes: 1
-  - name: eu-central
-    jurisdiction: eea
-    zones: [eu-central-a]
-    pools:
-      - name: eu-central-a100
-        gpuProduct: NVIDIA-A100-SXM4-80GB
-        gpuMemoryGiB: 80
-        gpusPerNode: 2
-        instanceType: p4d.2xlarge
-        nodes: 1
-      - name: eu-central-a100-spot
-        gpuProduct: NVIDIA-A100-SXM4-80GB
-        gpuMemoryGiB: 80
-        gpusPerNode: 2
-        spot: true
-        instanceType: p4d.2xlarge
-        taints: [{key: loraplane.io/spot, value: "true", effect: NoSchedule}]
-        nodes: 1
-  - name: us-east
-    jurisdiction: us
-    zones: [us-east-1a]
-    pools:
-      - name: us-east-l4
-        gpuProduct: NVIDIA-L4
-        gpuMemoryGiB: 24
-        gpusPerNode: 1
-        instanceType: g6.xlarge
-        nodes: 1
-      - name: us-east-a10g-spot
-        gpuProduct: NVIDIA-A10G
-        gpuMemoryGiB: 24
-        gpusPerNode: 1
-        spot: true
-        instanceType: g5.xlarge
-        taints: [{key: loraplane.io/spot, value: "true", effect: NoSchedule}]
-        nodes: 1
-"#;
+/// The simulated cluster: two EEA regions and one US region, on-demand and spot pools (spot is
+/// cheaper, eu-west cheapest).
+pub fn cluster() -> Cluster {
+    const A100: &str = "NVIDIA-A100-SXM4-80GB";
+    let a100 =
+        |name: &str, price: f64| Pool::l4(name, 1, price).with_gpus(A100, 80, 2, "p4d.2xlarge");
+    Cluster {
+        regions: vec![
+            Region::new(
+                "eu-west",
+                "eea",
+                vec![Pool::l4("eu-west-l4-spot", 1, 0.3).spot()],
+            )
+            .in_zone("eu-west-a"),
+            Region::new(
+                "eu-central",
+                "eea",
+                vec![
+                    a100("eu-central-a100", 2.5),
+                    a100("eu-central-a100-spot", 1.0).spot(),
+                ],
+            )
+            .in_zone("eu-central-a"),
+            Region::new(
+                "us-east",
+                "us",
+                vec![
+                    Pool::l4("us-east-l4", 1, 0.8),
+                    Pool::l4("us-east-a10g-spot", 1, 0.4)
+                        .with_gpus("NVIDIA-A10G", 24, 1, "g5.xlarge")
+                        .spot(),
+                ],
+            )
+            .in_zone("us-east-1a"),
+        ],
+    }
+}
 
 /// Why a configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -105,7 +92,9 @@ pub enum ConfigError {
 
 /// The stack's topology.
 pub fn topology() -> Result<Topology, ConfigError> {
-    Topology::from_yaml(TOPOLOGY_YAML).map_err(|e| ConfigError::ParseTopology(e.to_string()))
+    cluster()
+        .topology()
+        .map_err(|e| ConfigError::ParseTopology(e.to_string()))
 }
 
 /// Names of a region's buckets: (datasets, checkpoints, outputs).
@@ -148,56 +137,16 @@ pub fn platform_yaml(
     models_dir: &Path,
     knobs: &PlatformKnobs,
 ) -> String {
-    let mut y = String::from("regions:\n");
-    for (name, j) in REGIONS {
-        let [d, c, o] = buckets(name);
-        y.push_str(&format!(
-            "  - name: {name}\n    jurisdiction: {j}\n    s3: {{endpoint: \"{s3_endpoint}\", region: {s3_region}, forcePathStyle: true}}\n    buckets: {{datasets: {d}, checkpoints: {c}, outputs: {o}}}\n"
-        ));
-    }
-    y.push_str("pools:\n");
-    // (pool, region, product, memory, spot, price): spot is cheaper, eu-west cheapest.
-    let pools = [
-        ("eu-west-l4-spot", "eu-west", "NVIDIA-L4", 24, true, 0.3),
-        (
-            "eu-central-a100",
-            "eu-central",
-            "NVIDIA-A100-SXM4-80GB",
-            80,
-            false,
-            2.5,
-        ),
-        (
-            "eu-central-a100-spot",
-            "eu-central",
-            "NVIDIA-A100-SXM4-80GB",
-            80,
-            true,
-            1.0,
-        ),
-        ("us-east-l4", "us-east", "NVIDIA-L4", 24, false, 0.8),
-        ("us-east-a10g-spot", "us-east", "NVIDIA-A10G", 24, true, 0.4),
-    ];
-    for (name, region, product, mem, spot, price) in pools {
-        y.push_str(&format!(
-            "  - name: {name}\n    region: {region}\n    nodeSelector: {{loraplane.io/node-pool: {name}}}\n    gpuProduct: {product}\n    gpuMemoryGib: {mem}\n    spot: {spot}\n    hourlyPrice: {price}\n"
-        ));
-        if spot {
-            y.push_str("    tolerations: [{key: loraplane.io/spot, operator: Equal, value: \"true\", effect: NoSchedule}]\n");
-        }
-    }
-    y.push_str("families:\n");
-    for (family, mem) in [("sdxl", 16), ("sd15", 8)] {
-        y.push_str(&format!(
-            "  - family: {family}\n    minGpuMemoryGib: {mem}\n    weights: \"{}\"\n    trainerImage: {TRAINER_IMAGE}\n",
-            models_dir.join(family).display()
-        ));
-    }
-    y.push_str(&format!(
-        "defaults:\n  schedulingTimeoutSeconds: {}\n  backoffSeconds: 1\n  checkpointEvery: {}\n  scratchGib: 1\n",
-        knobs.scheduling_timeout_seconds, knobs.checkpoint_every
-    ));
-    y
+    let mut p = Platform::new(s3_endpoint);
+    p.s3_region = Some(s3_region.into());
+    p.families = Family::sdxl_and_sd15(&models_dir.display().to_string(), TRAINER_IMAGE);
+    p.defaults = Some(serde_json::json!({
+        "schedulingTimeoutSeconds": knobs.scheduling_timeout_seconds,
+        "backoffSeconds": 1,
+        "checkpointEvery": knobs.checkpoint_every,
+        "scratchGib": 1,
+    }));
+    cluster().platform_yaml(&p)
 }
 
 /// The parsed platform configuration.
@@ -236,12 +185,6 @@ impl Default for RetentionKnobs {
     }
 }
 
-/// Lowercase hex SHA-256 of a string.
-pub fn sha256_hex(s: &str) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(s.as_bytes()))
-}
-
 /// The API configuration: a `standard` and a `zero` plan with short retention, the storefront
 /// tenant, small dataset limits, a fast retention resync.
 ///
@@ -249,30 +192,32 @@ pub fn sha256_hex(s: &str) -> String {
 /// (1024 px for SDXL), where even the tiny test models need gigabytes of attention memory on a
 /// CPU.
 pub fn api_yaml(r: &RetentionKnobs, storefront: Option<&str>) -> String {
+    let plans = serde_json::json!({
+        "standard": {"retention": "standard", "keepInputsSeconds": r.keep_inputs_seconds,
+                     "keepOutputsSeconds": r.keep_outputs_seconds, "maxSteps": 400,
+                     "resolution": E2E_RESOLUTION, "price": {"amount": 1900, "currency": "eur"}},
+        "zero": {"retention": "zeroRetention", "keepOutputsSeconds": r.zero_keep_outputs_seconds,
+                 "maxSteps": 400, "resolution": E2E_RESOLUTION,
+                 "price": {"amount": 2900, "currency": "eur"}},
+    });
     // The storefront's notification endpoint (the stack's stub), signed with NOTIFY_SECRET,
     // retried quickly.
-    let notifications = storefront.map_or(String::new(), |url| {
-        format!(", notifications: {{url: \"{url}\", secretEnv: STOREFRONT_NOTIFY_SECRET}}")
-    });
-    format!(
-        r#"stripeNamespace: {ORDERS_NS}
-plans:
-  standard: {{retention: standard, keepInputsSeconds: {}, keepOutputsSeconds: {}, maxSteps: 400, resolution: {E2E_RESOLUTION}, price: {{amount: 1900, currency: eur}}}}
-  zero: {{retention: zeroRetention, keepOutputsSeconds: {}, maxSteps: 400, resolution: {E2E_RESOLUTION}, price: {{amount: 2900, currency: eur}}}}
-tenants:
-  - {{name: storefront, namespace: {ORDERS_NS}, tokenSha256: "{}"{notifications}}}
-limits:
-  webhookMaxBytes: 16384
-  jsonMaxBytes: 16384
-  presignSeconds: 600
-  tenantRps: 1000
-  ipRps: 1000
-notifications: {{retryBaseSeconds: 1, retryMaxSeconds: 5}}
-"#,
-        r.keep_inputs_seconds,
-        r.keep_outputs_seconds,
-        r.zero_keep_outputs_seconds,
-        sha256_hex(STOREFRONT_TOKEN)
+    let storefront = match storefront {
+        Some(url) => api_fixtures::notified_tenant(
+            "storefront",
+            ORDERS_NS,
+            STOREFRONT_TOKEN,
+            url,
+            "STOREFRONT_NOTIFY_SECRET",
+        ),
+        None => api_fixtures::tenant("storefront", ORDERS_NS, STOREFRONT_TOKEN),
+    };
+    api_fixtures::yaml(
+        ORDERS_NS,
+        plans,
+        vec![storefront],
+        api_fixtures::loose_limits(16384, 600),
+        serde_json::json!({"notifications": {"retryBaseSeconds": 1, "retryMaxSeconds": 5}}),
     )
 }
 
@@ -342,7 +287,10 @@ mod tests {
             c.plans["zero"].retention,
             loraplane_crds::v1alpha1::RetentionMode::ZeroRetention
         );
-        assert_eq!(c.tenants[0].token_sha256, sha256_hex(STOREFRONT_TOKEN));
+        assert_eq!(
+            c.tenants[0].token_sha256,
+            api_fixtures::token_sha256(STOREFRONT_TOKEN)
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub mod config;
 pub mod endpoints;
 pub mod fixtures;
 pub mod helm;
-pub mod http;
+pub use loraplane_testkit::http;
 pub mod journey;
 pub mod real;
 pub mod stack;

@@ -444,7 +444,7 @@ mod tests {
         assert_eq!(v["api"]["stripe"]["namespace"], ORDERS_NS);
         assert_eq!(
             v["api"]["tenants"][0]["tokenSha256"],
-            config::sha256_hex(STOREFRONT_TOKEN)
+            loraplane_testkit::api_config::token_sha256(STOREFRONT_TOKEN)
         );
         assert_eq!(v["api"]["plans"]["standard"]["keepOutputsSeconds"], 60);
         assert!(v["s3"].get("trainerSecretName").is_none());

@@ -21,10 +21,12 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use kube_sim::apiserver::audit::AuditRecord;
-use kube_sim::cluster::{KubeletConfig, Script, ScriptRule, Topology};
+use kube_sim::cluster::{KubeletConfig, Script, ScriptRule};
 use kube_sim::{KubeSim, SimConfig};
 use loraplane_crds::LoRATrainingJob;
 use loraplane_crds::platform::PlatformConfig;
+use loraplane_testkit::api_config as api_fixtures;
+use loraplane_testkit::{Cluster, Family, Platform, phase, stripe_events};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
@@ -42,91 +44,56 @@ const STOREFRONT: &str = "storefront-token";
 const ACME: &str = "acme-token";
 const WAIT: Duration = Duration::from_secs(45);
 
-fn topology() -> Topology {
-    Topology::from_yaml(
-        r#"
-regions:
-  - name: eu-west
-    jurisdiction: eea
-    pools:
-      - {name: eu-west-l4, gpuProduct: NVIDIA-L4, gpuMemoryGiB: 24, gpusPerNode: 1, instanceType: g6.xlarge, nodes: 2}
-      - name: eu-west-l4-spot
-        gpuProduct: NVIDIA-L4
-        gpuMemoryGiB: 24
-        gpusPerNode: 1
-        spot: true
-        instanceType: g6.xlarge
-        taints: [{key: loraplane.io/spot, value: "true", effect: NoSchedule}]
-        nodes: 1
-  - name: eu-north
-    jurisdiction: eea
-    pools:
-      - {name: eu-north-l4, gpuProduct: NVIDIA-L4, gpuMemoryGiB: 24, gpusPerNode: 1, instanceType: g6.xlarge, nodes: 2}
-"#,
-    )
-    .unwrap()
+/// Two EEA regions: `eu-west` with an on-demand and a spot L4 pool, `eu-north` with one.
+fn cluster() -> Cluster {
+    Cluster::three_regions(false).without_region("us-east")
 }
 
 /// One platform configuration for the operator and the API, as the chart's ConfigMap shares.
 fn platform(s3: &str) -> PlatformConfig {
-    let region = |name: &str, short: &str| {
-        format!(
-            "\n  - name: {name}\n    jurisdiction: eea\n    s3: {{endpoint: \"{s3}\", region: us-east-1, forcePathStyle: true}}\n    buckets: {{datasets: ds-{short}, checkpoints: ck-{short}, outputs: out-{short}}}"
-        )
-    };
-    let pool = |name: &str, region: &str, spot: bool, price: f64| {
-        let tol = if spot {
-            "\n    tolerations: [{key: loraplane.io/spot, operator: Equal, value: \"true\", effect: NoSchedule}]"
-        } else {
-            ""
-        };
-        format!(
-            "\n  - name: {name}\n    region: {region}\n    nodeSelector: {{loraplane.io/node-pool: {name}}}{tol}\n    gpuProduct: NVIDIA-L4\n    gpuMemoryGib: 24\n    spot: {spot}\n    hourlyPrice: {price}"
-        )
-    };
-    let yaml = format!(
-        "regions:{}{}\npools:{}{}{}\nfamilies:\n  - {{family: sdxl, minGpuMemoryGib: 16, weights: /models/sdxl, trainerImage: {TRAINER_IMAGE}}}\n  - {{family: sd15, minGpuMemoryGib: 8, weights: /models/sd15, trainerImage: {TRAINER_IMAGE}}}\ndefaults:\n  schedulingTimeoutSeconds: 20\n  backoffSeconds: 0\n  checkpointEvery: 10\ndataset:\n  minImages: 2\n",
-        region("eu-west", "ew"),
-        region("eu-north", "en"),
-        pool("eu-west-l4", "eu-west", false, 0.5),
-        pool("eu-west-l4-spot", "eu-west", true, 0.2),
-        pool("eu-north-l4", "eu-north", false, 0.9),
-    );
-    PlatformConfig::from_yaml(&yaml).unwrap()
+    let mut p = Platform::new(s3);
+    p.s3_region = Some("us-east-1".into());
+    p.families = Family::sdxl_and_sd15("/models", TRAINER_IMAGE);
+    p.defaults =
+        Some(json!({"schedulingTimeoutSeconds": 20, "backoffSeconds": 0, "checkpointEvery": 10}));
+    p.dataset = Some(json!({"minImages": 2}));
+    cluster().platform(&p).unwrap()
 }
 
 const NOTIFY_SECRET: &[u8] = b"whsec_contract_notifications";
 
 fn api_config(storefront: &str) -> loraplane_api::config::ApiConfig {
-    let sha = |s: &str| loraplane_api::app::sha256_hex(s.as_bytes());
-    loraplane_api::config::ApiConfig::from_yaml(&format!(
-        r#"
-stripeNamespace: {ORDERS_NS}
-plans:
-  basic: {{retention: standard, keepInputsSeconds: 3600, keepOutputsSeconds: 7200, maxSteps: 500}}
-  fast: {{retention: standard, keepInputsSeconds: 1, keepOutputsSeconds: 2, maxSteps: 100, price: {{amount: 500, currency: eur}}}}
-tenants:
-  - {{name: acme, namespace: {TENANT_NS}, tokenSha256: "{}"}}
-  - {{name: storefront, namespace: {ORDERS_NS}, tokenSha256: "{}", notifications: {{url: "{storefront}", secretEnv: NOTIFY_SECRET_1}}}}
-notifications: {{retryBaseSeconds: 1, retryMaxSeconds: 2}}
-limits:
-  webhookMaxBytes: 8192
-  jsonMaxBytes: 8192
-  presignSeconds: 900
-  tenantRps: 1000
-  ipRps: 1000
-"#,
-        sha(ACME),
-        sha(STOREFRONT)
-    ))
-    .unwrap()
+    let plans = json!({
+        "basic": {"retention": "standard", "keepInputsSeconds": 3600, "keepOutputsSeconds": 7200,
+                  "maxSteps": 500},
+        "fast": {"retention": "standard", "keepInputsSeconds": 1, "keepOutputsSeconds": 2,
+                 "maxSteps": 100, "price": {"amount": 500, "currency": "eur"}},
+    });
+    let tenants = vec![
+        api_fixtures::tenant("acme", TENANT_NS, ACME),
+        api_fixtures::notified_tenant(
+            "storefront",
+            ORDERS_NS,
+            STOREFRONT,
+            storefront,
+            "NOTIFY_SECRET_1",
+        ),
+    ];
+    let yaml = api_fixtures::yaml(
+        ORDERS_NS,
+        plans,
+        tenants,
+        api_fixtures::loose_limits(8192, 900),
+        json!({"notifications": {"retryBaseSeconds": 1, "retryMaxSeconds": 2}}),
+    );
+    loraplane_api::config::ApiConfig::from_yaml(&yaml).unwrap()
 }
 
 /// The chart values the scenario's RBAC is rendered with: the tenants and Stripe namespace of
 /// [`api_config`], so the per-namespace Roles land where the scenario's jobs live (plus the
 /// one value the chart cannot default, the S3 CIDRs of its NetworkPolicies).
 pub fn chart_values() -> Value {
-    let sha = |s: &str| loraplane_api::app::sha256_hex(s.as_bytes());
+    let sha = api_fixtures::token_sha256;
     json!({
         "networkPolicy": {"s3Cidrs": ["203.0.113.0/24"], "stripeCidrs": ["198.51.100.0/24"],
                           "storefrontCidrs": ["192.0.2.0/24"]},
@@ -154,7 +121,7 @@ fn trainer_script() -> ScriptRule {
             log_lines: vec![
                 loraplane_crds::trainer::TrainerEvent::Checkpoint {
                     step: 40,
-                    uri: "s3://ck-ew/orders/job/step-40".into(),
+                    uri: "s3://checkpoints-eu-west/orders/job/step-40".into(),
                 }
                 .to_line(),
             ],
@@ -332,75 +299,22 @@ async fn wait_job(
     what: &str,
     pred: impl Fn(&LoRATrainingJob) -> bool,
 ) -> LoRATrainingJob {
-    let api = Api::<LoRATrainingJob>::namespaced(client.clone(), ns);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let mut last = None;
-    loop {
-        if let Ok(job) = api.get(name).await {
-            if pred(&job) {
-                return job;
-            }
-            last = Some(job);
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "job {ns}/{name}: no {what} within {WAIT:?}; status: {}",
-            serde_json::to_string_pretty(&last.and_then(|j| j.status)).unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    loraplane_testkit::wait_job(client, ns, name, WAIT, what, pred).await
 }
 
 async fn wait_gone(client: &Client, ns: &str, name: &str) {
-    let api = Api::<LoRATrainingJob>::namespaced(client.clone(), ns);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while api.get_opt(name).await.unwrap().is_some() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "job {ns}/{name} was not deleted"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    loraplane_testkit::wait_gone(client, ns, name, WAIT).await
 }
 
-async fn wait_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no {what} within {WAIT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn phase(job: &LoRATrainingJob) -> Option<&'static str> {
-    job.status
-        .as_ref()
-        .and_then(|s| s.phase)
-        .map(|p| p.as_str())
-}
-
-/// The paid checkout of a draft order: only the draft's id in the metadata, the quoted price
-/// charged.
-fn paid_draft_event(session: &str, payment: &str, draft: &Value) -> Value {
-    json!({
-        "id": format!("evt_{session}"),
-        "type": "checkout.session.completed",
-        "data": {"object": {
-            "id": session, "object": "checkout.session", "payment_status": "paid",
-            "payment_intent": payment,
-            "amount_total": draft["price"]["amount"], "currency": draft["price"]["currency"],
-            "metadata": {"order_id": draft["orderId"]}
-        }}
-    })
+async fn wait_until(what: &str, check: impl AsyncFnMut() -> bool) {
+    loraplane_testkit::wait_until(what, WAIT, check).await
 }
 
 /// Runs the whole scenario and returns the audit log and both `/metrics` texts.
 pub async fn run() -> Outcome {
     let sim = KubeSim::start(
         SimConfig {
-            topology: Some(topology()),
+            topology: Some(cluster().topology().unwrap()),
             kubelet: KubeletConfig {
                 scripts: vec![trainer_script()],
                 shutdown_grace_period: Duration::from_millis(200),
@@ -419,8 +333,11 @@ pub async fn run() -> Outcome {
     let s3 = seaweed::SeaweedFs::start()
         .await
         .expect("SeaweedFS starts (`weed` comes from `make bootstrap`)");
-    for b in ["ds-ew", "ck-ew", "out-ew", "ds-en", "ck-en", "out-en"] {
-        s3.create_bucket(b).await.unwrap();
+    for region in &platform(s3.endpoint()).regions {
+        let b = &region.buckets;
+        for bucket in [&b.datasets, &b.checkpoints, &b.outputs] {
+            s3.create_bucket(bucket).await.unwrap();
+        }
     }
     // Set-up as the cluster admin and Helm would do it; these calls are nobody's RBAC.
     let admin = sim.client();
@@ -525,7 +442,7 @@ pub async fn run() -> Outcome {
         .call("POST", "/v1/orders", STOREFRONT, Some(order))
         .await;
     assert_eq!(status, 201, "{draft}");
-    let paid = paid_draft_event("cs_contract", "pi_contract", &draft);
+    let paid = stripe_events::paid_draft_at_its_price("cs_contract", "pi_contract", &draft);
     let ack = api.webhook(&paid).await;
     assert_eq!(ack["outcome"], "created", "{ack}");
     // Stripe delivers at least once: the redelivery finds the order's own upload claim.

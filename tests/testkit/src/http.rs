@@ -1,5 +1,9 @@
 //! A plain HTTP/1.1 client (hyper, no S3 or Kubernetes library): what a customer's browser or
-//! the service's backend does with the API and with presigned URLs.
+//! the service's backend does with the API and with presigned URLs. One fresh connection per
+//! request, optionally from a chosen loopback address (to look like another client to
+//! per-address rate limits).
+
+use std::net::{Ipv4Addr, SocketAddr};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -68,6 +72,17 @@ pub async fn request(
     headers: &[(&str, String)],
     body: Vec<u8>,
 ) -> Result<Response, HttpError> {
+    request_from(None, method, url, headers, body).await
+}
+
+/// [`request`] from `source` (any of 127.0.0.0/8 works on Linux) when given.
+pub async fn request_from(
+    source: Option<Ipv4Addr>,
+    method: &str,
+    url: &str,
+    headers: &[(&str, String)],
+    body: Vec<u8>,
+) -> Result<Response, HttpError> {
     let exchange = |message: String| HttpError::Exchange {
         method: method.to_string(),
         url: strip_query(url),
@@ -87,7 +102,7 @@ pub async fn request(
         })?
         .to_string();
     let port = uri.port_u16().unwrap_or(80);
-    let stream = tokio::net::TcpStream::connect((host.as_str(), port))
+    let stream = connect(source, &host, port)
         .await
         .map_err(|source| HttpError::Connect {
             url: strip_query(url),
@@ -139,6 +154,23 @@ pub async fn request(
         headers,
         body,
     })
+}
+
+async fn connect(
+    source: Option<Ipv4Addr>,
+    host: &str,
+    port: u16,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let Some(ip) = source else {
+        return tokio::net::TcpStream::connect((host, port)).await;
+    };
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from((ip, 0)))?;
+    let addr = tokio::net::lookup_host((host, port))
+        .await?
+        .find(SocketAddr::is_ipv4)
+        .ok_or_else(|| std::io::Error::other(format!("{host} has no IPv4 address")))?;
+    socket.connect(addr).await
 }
 
 /// A URL without its query string (presigned URLs carry signatures there; keep them out of
