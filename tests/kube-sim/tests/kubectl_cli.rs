@@ -182,3 +182,151 @@ async fn kube_sim_binary_serves_a_topology_that_kubectl_lists_by_region() {
     })
     .await;
 }
+
+/// Sends one HTTP/1.1 request over a fresh connection; returns the status code and the body.
+async fn raw_request(
+    addr: std::net::SocketAddr,
+    head: &str,
+    content_type: &str,
+    body: &[u8],
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = format!(
+        "{head} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\nAccept: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    conn.write_all(&req).await.unwrap();
+    let mut resp = Vec::new();
+    conn.read_to_end(&mut resp).await.unwrap();
+    let resp = String::from_utf8_lossy(&resp).into_owned();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, body.to_string())
+}
+
+/// kubectl's imperative `create` commands send the object as Kubernetes protobuf
+/// (`application/vnd.kubernetes.protobuf`), not JSON.
+#[tokio::test]
+async fn kubectl_creates_namespaces_secrets_and_config_maps_imperatively() {
+    within(async {
+        let sim = KubeSim::start(SimConfig::default()).await.unwrap();
+        let k = Kubectl::new(&sim, "imperative");
+        let get = |args: &'static [&'static str]| {
+            let k = &k;
+            async move {
+                let out = k.ok(args).await;
+                serde_json::from_str::<serde_json::Value>(&out).unwrap()
+            }
+        };
+
+        let out = k.ok(&["create", "namespace", "team-a"]).await;
+        assert!(out.contains("namespace/team-a created"), "{out}");
+        let out = k
+            .ok(&[
+                "create",
+                "secret",
+                "generic",
+                "db",
+                "-n",
+                "team-a",
+                "--from-literal=password=s3=cr et",
+            ])
+            .await;
+        assert!(out.contains("secret/db created"), "{out}");
+        let out = k
+            .ok(&[
+                "create",
+                "configmap",
+                "settings",
+                "-n",
+                "team-a",
+                "--from-literal=mode=fast",
+                "--from-literal=level=3",
+            ])
+            .await;
+        assert!(out.contains("configmap/settings created"), "{out}");
+
+        let ns = get(&["get", "namespace", "team-a", "-o", "json"]).await;
+        assert_eq!(ns["metadata"]["name"], "team-a");
+        assert_eq!(ns["status"]["phase"], "Active");
+        // Fields the client left empty stay absent, as if it had sent JSON.
+        assert!(ns["metadata"].get("generateName").is_none(), "{ns}");
+
+        let secret = get(&["get", "secret", "db", "-n", "team-a", "-o", "json"]).await;
+        assert_eq!(secret["metadata"]["name"], "db");
+        assert_eq!(secret["metadata"]["namespace"], "team-a");
+        let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(secret).unwrap();
+        let data = secret.data.unwrap();
+        assert_eq!(data.keys().collect::<Vec<_>>(), ["password"]);
+        assert_eq!(data["password"].0, b"s3=cr et");
+
+        let cm = get(&["get", "configmap", "settings", "-n", "team-a", "-o", "json"]).await;
+        assert_eq!(cm["metadata"]["name"], "settings");
+        assert_eq!(
+            cm["data"],
+            serde_json::json!({"mode": "fast", "level": "3"})
+        );
+        let listed = k
+            .ok(&["get", "secrets,configmaps", "-n", "team-a", "-o", "name"])
+            .await;
+        assert!(
+            listed.contains("secret/db") && listed.contains("configmap/settings"),
+            "{listed}"
+        );
+
+        // A built-in kind kube-sim does not decode from protobuf is refused by name.
+        let svc = k
+            .run(&[
+                "create",
+                "service",
+                "clusterip",
+                "web",
+                "-n",
+                "team-a",
+                "--tcp=80:8080",
+            ])
+            .await;
+        assert!(!svc.ok);
+        assert!(svc.stderr.contains("\"Service\""), "{}", svc.stderr);
+
+        // A broken protobuf body: 400 with a Status, and the server keeps serving.
+        let (code, body) = raw_request(
+            sim.apiserver().addr(),
+            "POST /api/v1/namespaces/team-a/configmaps",
+            "application/vnd.kubernetes.protobuf",
+            b"k8s\0\x0a\xff\xff\xff\xff\x0f garbage",
+        )
+        .await;
+        assert_eq!(code, 400, "{body}");
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(status["kind"], "Status");
+        assert_eq!(status["status"], "Failure");
+        assert_eq!(status["code"], 400);
+        assert!(
+            status["message"].as_str().unwrap().contains("protobuf"),
+            "{status}"
+        );
+        let (code, body) = raw_request(
+            sim.apiserver().addr(),
+            "POST /api/v1/namespaces",
+            "application/vnd.kubernetes.protobuf",
+            b"not even the magic",
+        )
+        .await;
+        assert_eq!(code, 400, "{body}");
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()["kind"],
+            "Status"
+        );
+        assert!(
+            k.ok(&["get", "namespace", "team-a", "-o", "name"])
+                .await
+                .contains("team-a")
+        );
+        sim.shutdown().await;
+    })
+    .await;
+}

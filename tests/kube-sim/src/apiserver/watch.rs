@@ -14,8 +14,8 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
-use super::http::Ctx;
 use super::meta::ApiError;
+use super::ops::ApiState;
 use super::resources::ResourceType;
 use super::selectors::{FieldSelector, LabelSelector};
 use super::store::{Event, EventType, namespace_of, resource_key};
@@ -95,15 +95,19 @@ impl WatchParams {
 
 type Tx = mpsc::Sender<Bytes>;
 
-/// Starts a watch and returns the streaming response.
-pub(crate) fn serve(ctx: &Ctx, params: WatchParams) -> Result<Response, ApiError> {
+/// Starts a watch and returns the streaming response; watchers that asked for bookmarks get
+/// one every `bookmark_every`.
+pub(crate) fn serve(
+    state: &ApiState,
+    bookmark_every: Duration,
+    params: WatchParams,
+) -> Result<Response, ApiError> {
     let key = resource_key(&params.rt.group, &params.rt.plural);
     let (tx, rx) = mpsc::channel::<Bytes>(256);
-    let mut restarts = ctx.state.restarts.subscribe();
-    let bookmark_every = ctx.faults.bookmark_interval();
+    let mut restarts = state.restarts.subscribe();
     // Snapshot and subscription under one lock: nothing falls between them.
     let (backlog, live, start_rv, gone) = {
-        let store = ctx.state.lock();
+        let store = state.lock();
         let live = store.subscribe();
         let start_rv = store.rv();
         let rv: Option<u64> = match params.resource_version.as_deref() {

@@ -1,6 +1,6 @@
-//! The kubelets' rules, without I/O: how a container runs (scripted or as a local process),
-//! the script annotation, the trainer-style lines a script prints, and how a local process's
-//! argv, env and paths are derived from the container spec.
+//! The kubelets' configuration and rules, without I/O: how a container runs (scripted or as
+//! a local process), the script annotation, the trainer-style lines a script prints, and how
+//! a local process's argv, env and paths are derived from the container spec.
 //!
 //! Local-process path rewriting: a process on the host cannot see a container's mount
 //! namespace, so every volumeMount's `mountPath` (and the `terminationMessagePath`) is mapped
@@ -69,6 +69,36 @@ pub struct LocalImage {
     /// container's `args`; when the container sets `command`, its first element (the
     /// executable inside the image) is replaced by `entrypoint[0]` and the rest kept.
     pub entrypoint: Vec<String>,
+}
+
+/// How the simulated kubelets run containers.
+#[derive(Debug, Clone)]
+pub struct KubeletConfig {
+    /// Where per-claim volume directories and local-process working files live
+    /// (`claims/{namespace}/{claim}/{uid}/`, `pods/{uid}/`). Default: a fresh directory under
+    /// the system temp dir, deleted when the cluster is dropped.
+    pub data_dir: Option<PathBuf>,
+    /// Images run as local processes (checked after the script annotation, before `scripts`).
+    pub local_images: Vec<LocalImage>,
+    /// Scripts by image glob; the first match wins.
+    pub scripts: Vec<ScriptRule>,
+    /// The script of containers no rule matches.
+    pub default_script: Script,
+    /// Upper bound of the grace period on spot preemption (a cloud gives about 2 minutes;
+    /// tests want less). Default 5 s.
+    pub shutdown_grace_period: Duration,
+}
+
+impl Default for KubeletConfig {
+    fn default() -> Self {
+        KubeletConfig {
+            data_dir: None,
+            local_images: Vec::new(),
+            scripts: Vec::new(),
+            default_script: Script::default(),
+            shutdown_grace_period: Duration::from_secs(5),
+        }
+    }
 }
 
 /// How one container runs.
@@ -158,7 +188,7 @@ pub fn parse_script(value: &str, base: &Script) -> Result<Script, String> {
 pub fn choose_mode(
     pod: &Pod,
     container: &Container,
-    config: &super::KubeletConfig,
+    config: &KubeletConfig,
 ) -> Result<Mode, String> {
     let image = container.image.as_deref().unwrap_or("");
     let rule_script = config
@@ -310,7 +340,6 @@ impl PathMap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::KubeletConfig;
 
     #[test]
     fn globs() {

@@ -4,9 +4,12 @@
 //! truth.
 //!
 //! - `topology`: the topology file and the Node objects it declares.
-//! - `scheduler`: fit and score (pure); `kubelet`: scripted/local-process rules (pure).
+//! - `scheduler`: fit and score (pure); `kubelet`: [`KubeletConfig`] and the
+//!   scripted/local-process rules (pure).
 //! - `runtime`: the watchers, the scheduling and kubelet loops, and the faults.
 //! - `pod`: one pod's life on a kubelet (status writes, scripts, processes, volumes, env).
+//! - `host`: what a pod task uses of its kubelet (client, config, logs, volumes, processes).
+//! - `error`: [`ClusterError`].
 //!
 //! Faults (methods on [`Cluster`]), and how they differ from a real cluster:
 //! - [`Cluster::lose_node`]: the node's kubelet stops at once (its processes are killed, no
@@ -28,6 +31,8 @@
 //!   taints; a deleted (preempted) node is created again.
 //! - [`Cluster::add_nodes`]: more nodes in a pool, named on from the pool's last index.
 
+mod error;
+mod host;
 mod kubelet;
 mod pod;
 mod quantity;
@@ -39,7 +44,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use kubelet::{ANNOTATION_SCRIPT, LocalImage, Script, ScriptRule};
+pub use error::ClusterError;
+pub use kubelet::{ANNOTATION_SCRIPT, KubeletConfig, LocalImage, Script, ScriptRule};
 pub use topology::{
     ANNOTATION_SIMULATED, LABEL_CAPACITY_TYPE, LABEL_GPU_MEMORY, LABEL_GPU_PRODUCT,
     LABEL_INSTANCE_TYPE, LABEL_POOL, LABEL_REGION, LABEL_ZONE, Pool, RESOURCE_GPU, Region,
@@ -47,103 +53,6 @@ pub use topology::{
 };
 
 use crate::logs::PodLogs;
-
-/// How the simulated kubelets run containers.
-#[derive(Debug, Clone)]
-pub struct KubeletConfig {
-    /// Where per-claim volume directories and local-process working files live
-    /// (`claims/{namespace}/{claim}/{uid}/`, `pods/{uid}/`). Default: a fresh directory under
-    /// the system temp dir, deleted when the cluster is dropped.
-    pub data_dir: Option<PathBuf>,
-    /// Images run as local processes (checked after the script annotation, before `scripts`).
-    pub local_images: Vec<LocalImage>,
-    /// Scripts by image glob; the first match wins.
-    pub scripts: Vec<ScriptRule>,
-    /// The script of containers no rule matches.
-    pub default_script: Script,
-    /// Upper bound of the grace period on spot preemption (a cloud gives about 2 minutes;
-    /// tests want less). Default 5 s.
-    pub shutdown_grace_period: Duration,
-}
-
-impl Default for KubeletConfig {
-    fn default() -> Self {
-        KubeletConfig {
-            data_dir: None,
-            local_images: Vec::new(),
-            scripts: Vec::new(),
-            default_script: Script::default(),
-            shutdown_grace_period: Duration::from_secs(5),
-        }
-    }
-}
-
-/// Errors of the simulated cluster.
-#[derive(Debug, thiserror::Error)]
-pub enum ClusterError {
-    /// The topology file is invalid.
-    #[error("topology: {0}")]
-    ParseTopology(String),
-    /// The topology file cannot be read.
-    #[error("cannot read topology file {path}: {source}")]
-    ReadTopology {
-        /// The file.
-        path: String,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The data directory cannot be created.
-    #[error("cannot create data directory {path}: {source}")]
-    CreateDataDir {
-        /// The directory.
-        path: String,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// Creating a Node failed.
-    #[error("create node {name}: {source}")]
-    CreateNode {
-        /// The node.
-        name: String,
-        /// Why.
-        source: kube::Error,
-    },
-    /// Patching a Node (status or taints) failed.
-    #[error("patch node {name}: {source}")]
-    PatchNode {
-        /// The node.
-        name: String,
-        /// Why.
-        source: kube::Error,
-    },
-    /// Deleting a Node failed.
-    #[error("delete node {name}: {source}")]
-    DeleteNode {
-        /// The node.
-        name: String,
-        /// Why.
-        source: kube::Error,
-    },
-    /// Writing a pod's status failed.
-    #[error("patch status of pod {namespace}/{name}: {source}")]
-    PatchPodStatus {
-        /// Namespace.
-        namespace: String,
-        /// Pod.
-        name: String,
-        /// Why.
-        source: kube::Error,
-    },
-    /// The watches did not sync.
-    #[error("watch {0}: the initial list did not complete")]
-    StartWatch(&'static str),
-    /// No such node in the simulated cluster.
-    #[error("no simulated node named {0}")]
-    UnknownNode(String),
-    /// No such pool in the topology.
-    #[error("no pool named {0} in the topology")]
-    UnknownPool(String),
-}
 
 /// A running simulated cluster. Dropping it stops the scheduler and kubelets (and kills the
 /// local processes).
@@ -155,7 +64,7 @@ pub struct Cluster {
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cluster")
-            .field("data_dir", &self.inner.data_dir)
+            .field("data_dir", &self.inner.host.data_dir)
             .finish_non_exhaustive()
     }
 }
@@ -184,12 +93,12 @@ impl Cluster {
 
     /// The directory holding volumes and working files.
     pub fn data_dir(&self) -> &std::path::Path {
-        &self.inner.data_dir
+        &self.inner.host.data_dir
     }
 
     /// The host directory of a claim, once a local-process pod has mounted it.
     pub fn claim_dir(&self, namespace: &str, claim: &str) -> Option<PathBuf> {
-        self.inner.claim_dir(namespace, claim)
+        self.inner.host.claim_dir(namespace, claim)
     }
 
     /// Names of the nodes this cluster created (and has not lost to preemption).

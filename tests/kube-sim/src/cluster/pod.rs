@@ -26,8 +26,8 @@ use serde_json::json;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
+use super::host::Host;
 use super::kubelet::{self, Mode, PathMap, Script};
-use super::runtime::Shared;
 
 /// A Secret or ConfigMap entry: key (or item path) and content.
 type KeyBytes = (String, Vec<u8>);
@@ -195,7 +195,7 @@ pub(super) fn disrupted_status(
 }
 
 /// Completes the deletion of a terminating pod whose containers are gone.
-pub(super) async fn finalize_delete(shared: &Shared, pod: &Pod) {
+pub(super) async fn finalize_delete(shared: &Host, pod: &Pod) {
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
     let name = pod.metadata.name.clone().unwrap_or_default();
     let api: Api<Pod> = Api::namespaced(shared.client.clone(), &ns);
@@ -224,7 +224,7 @@ struct Ended {
 
 /// Runs a pod on its node until its containers end or `stop` says otherwise.
 pub(super) async fn run(
-    shared: &Arc<Shared>,
+    shared: &Arc<Host>,
     pod: Pod,
     mut stop: watch::Receiver<Option<Stop>>,
 ) -> PodEnd {
@@ -383,7 +383,7 @@ struct LocalRun {
     termination_file: PathBuf,
 }
 
-async fn prepare(shared: &Shared, pod: &Pod) -> Result<Vec<Prepared>, String> {
+async fn prepare(shared: &Host, pod: &Pod) -> Result<Vec<Prepared>, String> {
     let mut modes = Vec::new();
     for c in containers(pod) {
         modes.push((c.clone(), kubelet::choose_mode(pod, c, &shared.config)?));
@@ -415,18 +415,14 @@ fn namespace(pod: &Pod) -> String {
         .unwrap_or_else(|| "default".into())
 }
 
-async fn get_secret(shared: &Shared, ns: &str, name: &str) -> Result<Option<Secret>, String> {
+async fn get_secret(shared: &Host, ns: &str, name: &str) -> Result<Option<Secret>, String> {
     Api::<Secret>::namespaced(shared.client.clone(), ns)
         .get_opt(name)
         .await
         .map_err(|e| format!("get secret {ns}/{name}: {e}"))
 }
 
-async fn get_config_map(
-    shared: &Shared,
-    ns: &str,
-    name: &str,
-) -> Result<Option<ConfigMap>, String> {
+async fn get_config_map(shared: &Host, ns: &str, name: &str) -> Result<Option<ConfigMap>, String> {
     Api::<ConfigMap>::namespaced(shared.client.clone(), ns)
         .get_opt(name)
         .await
@@ -466,7 +462,7 @@ fn io_err(what: &str, path: &Path) -> impl Fn(std::io::Error) -> String {
 
 /// Creates the pod's volume directories, writes Secret/ConfigMap files and returns the
 /// pod-wide path map and the pod directory.
-async fn mount_volumes(shared: &Shared, pod: &Pod) -> Result<(PathMap, PathBuf), String> {
+async fn mount_volumes(shared: &Host, pod: &Pod) -> Result<(PathMap, PathBuf), String> {
     let ns = namespace(pod);
     let uid = pod.metadata.uid.clone().unwrap_or_default();
     let pod_dir = shared.data_dir.join("pods").join(&uid);
@@ -626,7 +622,7 @@ fn termination_file(pod_dir: &Path, c: &Container) -> PathBuf {
 }
 
 async fn resolve_local(
-    shared: &Shared,
+    shared: &Host,
     pod: &Pod,
     c: &Container,
     entrypoint: &[String],
@@ -823,7 +819,7 @@ fn terminated(
 }
 
 async fn run_script(
-    shared: &Shared,
+    shared: &Host,
     pod: &Pod,
     c: &Container,
     script: &Script,
@@ -893,7 +889,7 @@ pub(super) fn kill_group_now(pgid: u32) {
 }
 
 async fn run_local(
-    shared: &Shared,
+    shared: &Host,
     pod: &Pod,
     c: &Container,
     run: LocalRun,

@@ -7,7 +7,6 @@
 //! unschedulable pod is retried once capacity frees.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -21,10 +20,12 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::error::ClusterError;
+use super::host::Host;
+use super::kubelet::KubeletConfig;
 use super::pod::{self, PodEnd, Stop};
 use super::scheduler::{self, Decision, Resources};
 use super::topology::{self, ANNOTATION_SIMULATED, Topology};
-use super::{ClusterError, KubeletConfig};
 use crate::logs::PodLogs;
 
 const UNREACHABLE_TAINT: &str = "node.kubernetes.io/unreachable";
@@ -55,25 +56,19 @@ struct NodeBook {
     deleted: HashSet<String>,
 }
 
-/// State shared by the loops, the pod tasks and the fault methods.
+/// State shared by the loops and the fault methods.
 pub(super) struct Shared {
-    pub client: kube::Client,
-    pub config: KubeletConfig,
-    pub logs: PodLogs,
-    pub data_dir: PathBuf,
-    /// Whether `data_dir` is ours (a fresh temp dir) to delete on teardown.
+    /// What the pod tasks use too.
+    pub(super) host: Arc<Host>,
+    /// Whether `host.data_dir` is ours (a fresh temp dir) to delete on teardown.
     owned_data_dir: bool,
     topology: Topology,
     book: Mutex<NodeBook>,
     pods: Store<Pod>,
     nodes: Store<Node>,
-    claims: Store<PersistentVolumeClaim>,
-    wake: watch::Sender<()>,
     running: Mutex<HashMap<String, Running>>,
     started: Mutex<HashSet<String>>,
     finalizing: Mutex<HashSet<String>>,
-    /// Process groups of live local processes, killed when the cluster is dropped.
-    pub process_groups: Mutex<HashMap<u32, String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -135,20 +130,22 @@ pub(super) async fn start(
     }
     let shared = Arc::new(Shared {
         owned_data_dir: config.data_dir.is_none(),
-        client,
-        config,
-        logs,
-        data_dir,
+        host: Arc::new(Host {
+            client,
+            config,
+            logs,
+            data_dir,
+            claims,
+            wake,
+            process_groups: Mutex::new(HashMap::new()),
+        }),
         topology,
         book: Mutex::new(book),
         pods,
         nodes,
-        claims,
-        wake,
         running: Mutex::new(HashMap::new()),
         started: Mutex::new(HashSet::new()),
         finalizing: Mutex::new(HashSet::new()),
-        process_groups: Mutex::new(HashMap::new()),
     });
     for node in shared.topology.nodes() {
         shared.create_node(node).await?;
@@ -158,7 +155,7 @@ pub(super) async fn start(
         ("nodes", shared.nodes.wait_until_ready().await.is_ok()),
         (
             "persistentvolumeclaims",
-            shared.claims.wait_until_ready().await.is_ok(),
+            shared.host.claims.wait_until_ready().await.is_ok(),
         ),
     ] {
         if !ready {
@@ -181,7 +178,7 @@ pub(super) async fn start(
     }
 
     let s = shared.clone();
-    let mut rx = shared.wake.subscribe();
+    let mut rx = shared.host.wake.subscribe();
     tasks.push(tokio::spawn(async move {
         let mut assumed: HashMap<String, (String, Resources)> = HashMap::new();
         loop {
@@ -191,7 +188,7 @@ pub(super) async fn start(
         }
     }));
     let s = shared.clone();
-    let mut rx = shared.wake.subscribe();
+    let mut rx = shared.host.wake.subscribe();
     tasks.push(tokio::spawn(async move {
         loop {
             let started = tokio::time::Instant::now();
@@ -243,40 +240,6 @@ async fn wait_for_wake(rx: &mut watch::Receiver<()>, last_pass: Duration) {
 }
 
 impl Shared {
-    pub(super) fn wake(&self) {
-        self.wake.send_replace(());
-    }
-
-    pub(super) fn claim_dir(&self, namespace: &str, claim: &str) -> Option<PathBuf> {
-        let pvc = self.claims.state().into_iter().find(|c| {
-            c.metadata.namespace.as_deref() == Some(namespace)
-                && c.metadata.name.as_deref() == Some(claim)
-        })?;
-        let dir = self.claim_path(namespace, claim, pvc.metadata.uid.as_deref()?);
-        dir.exists().then_some(dir)
-    }
-
-    pub(super) fn claim_path(&self, namespace: &str, claim: &str, uid: &str) -> PathBuf {
-        self.data_dir
-            .join("claims")
-            .join(namespace)
-            .join(claim)
-            .join(uid)
-    }
-
-    /// The claim's uid, from the watch cache.
-    pub(super) fn claim_uid(&self, namespace: &str, claim: &str) -> Option<String> {
-        self.claims
-            .state()
-            .into_iter()
-            .find(|c| {
-                c.metadata.namespace.as_deref() == Some(namespace)
-                    && c.metadata.name.as_deref() == Some(claim)
-                    && c.metadata.deletion_timestamp.is_none()
-            })
-            .and_then(|c| c.metadata.uid.clone())
-    }
-
     pub(super) fn node_names(&self) -> Vec<String> {
         let book = lock(&self.book);
         book.nodes
@@ -290,18 +253,18 @@ impl Shared {
         for (_, r) in lock(&self.running).drain() {
             r.handle.abort();
         }
-        for (pgid, _) in lock(&self.process_groups).drain() {
+        for (pgid, _) in lock(&self.host.process_groups).drain() {
             pod::kill_group_now(pgid);
         }
         if self.owned_data_dir {
             // Best effort: a process that outlived SIGKILL's delivery may still hold files.
-            let _ = std::fs::remove_dir_all(&self.data_dir);
+            let _ = std::fs::remove_dir_all(&self.host.data_dir);
         }
     }
 
     async fn create_node(&self, node: Node) -> Result<(), ClusterError> {
         let name = node.metadata.name.clone().unwrap_or_default();
-        let api: Api<Node> = Api::all(self.client.clone());
+        let api: Api<Node> = Api::all(self.host.client.clone());
         match api.create(&PostParams::default(), &node).await {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 409 => {}
@@ -319,7 +282,7 @@ impl Shared {
         book.deleted.remove(&name);
         book.lost.remove(&name);
         drop(book);
-        self.wake();
+        self.host.wake();
         Ok(())
     }
 
@@ -428,7 +391,7 @@ impl Shared {
         }
         let failed: Vec<String> = futures::stream::iter(binds)
             .map(|(ns, name, uid, node)| async move {
-                let ok = bind(&self.client, &ns, &name, &uid, &node).await;
+                let ok = bind(&self.host.client, &ns, &name, &uid, &node).await;
                 (!ok).then_some(uid)
             })
             .buffer_unordered(WRITERS)
@@ -440,7 +403,7 @@ impl Shared {
         }
         futures::stream::iter(patches)
             .for_each_concurrent(WRITERS, |(ns, name, patch)| async move {
-                let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+                let api: Api<Pod> = Api::namespaced(self.host.client.clone(), &ns);
                 // A pod deleted meanwhile is no error; the next pass retries the rest.
                 let _ = api
                     .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
@@ -458,7 +421,7 @@ impl Shared {
             r.stop.send_replace(Some(Stop::Kill));
             let _ = r.handle.await;
         }
-        let api: Api<Node> = Api::all(self.client.clone());
+        let api: Api<Node> = Api::all(self.host.client.clone());
         let now = Time(k8s_openapi::jiff::Timestamp::now());
         let status = json!({"status": {"conditions": topology::ready_conditions(false)}});
         api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
@@ -494,9 +457,9 @@ impl Shared {
                 "DeletionByTaintManager",
                 "Taint manager: deleting due to NoExecute taint",
             );
-            self.patch_pod_status(&pod, &patch).await?;
+            self.host.patch_pod_status(&pod, &patch).await?;
         }
-        self.wake();
+        self.host.wake();
         Ok(())
     }
 
@@ -504,7 +467,7 @@ impl Shared {
         let Some(node) = self.node_from_book(name) else {
             return Err(ClusterError::UnknownNode(name.into()));
         };
-        let api: Api<Node> = Api::all(self.client.clone());
+        let api: Api<Node> = Api::all(self.host.client.clone());
         let exists = api
             .get_opt(name)
             .await
@@ -531,7 +494,7 @@ impl Shared {
                 source,
             })?;
         lock(&self.book).lost.remove(name);
-        self.wake();
+        self.host.wake();
         Ok(())
     }
 
@@ -574,7 +537,7 @@ impl Shared {
     }
 
     async fn current_taints(&self, name: &str) -> Result<Vec<Taint>, ClusterError> {
-        let api: Api<Node> = Api::all(self.client.clone());
+        let api: Api<Node> = Api::all(self.host.client.clone());
         let node = api
             .get(name)
             .await
@@ -586,7 +549,7 @@ impl Shared {
     }
 
     async fn patch_taints(&self, name: &str, taints: Vec<Taint>) -> Result<(), ClusterError> {
-        let api: Api<Node> = Api::all(self.client.clone());
+        let api: Api<Node> = Api::all(self.host.client.clone());
         let patch = json!({"spec": {"taints": taints}});
         api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
@@ -600,7 +563,7 @@ impl Shared {
     /// The node's pods that have not terminated, read from the apiserver (not the cache) so
     /// that a pod bound a moment ago is included.
     async fn pods_on(&self, node: &str) -> Vec<Pod> {
-        let api: Api<Pod> = Api::all(self.client.clone());
+        let api: Api<Pod> = Api::all(self.host.client.clone());
         let listed = api.list(&ListParams::default()).await;
         let pods = match listed {
             Ok(list) => list.items,
@@ -614,29 +577,6 @@ impl Shared {
         pods.into_iter()
             .filter(|p| scheduler::bound_node(p) == Some(node) && !terminal(p))
             .collect()
-    }
-
-    pub(super) async fn patch_pod_status(
-        &self,
-        pod: &Pod,
-        patch: &serde_json::Value,
-    ) -> Result<(), ClusterError> {
-        let ns = pod.metadata.namespace.clone().unwrap_or_default();
-        let name = pod.metadata.name.clone().unwrap_or_default();
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
-        match api
-            .patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
-            .await
-        {
-            Ok(_) => Ok(()),
-            // Deleted meanwhile: nothing left to report on.
-            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-            Err(source) => Err(ClusterError::PatchPodStatus {
-                namespace: ns,
-                name,
-                source,
-            }),
-        }
     }
 }
 
@@ -725,7 +665,7 @@ async fn kubelet_pass(shared: &Arc<Shared>) {
                 if !running && can_finalize && lock(&shared.finalizing).insert(uid.clone()) {
                     let s = shared.clone();
                     let pod = pod.as_ref().clone();
-                    tokio::spawn(async move { pod::finalize_delete(&s, &pod).await });
+                    tokio::spawn(async move { pod::finalize_delete(&s.host, &pod).await });
                 }
                 continue;
             }
@@ -740,7 +680,7 @@ async fn kubelet_pass(shared: &Arc<Shared>) {
             let p = pod.as_ref().clone();
             let u = uid.clone();
             let handle = tokio::spawn(async move {
-                let end = pod::run(&s, p, rx).await;
+                let end = pod::run(&s.host, p, rx).await;
                 // A fault may have taken the handle already; then it reads `end`.
                 lock(&s.running).remove(&u);
                 end
@@ -779,7 +719,7 @@ async fn kubelet_pass(shared: &Arc<Shared>) {
     };
     lock(&shared.finalizing).retain(|u| seen.contains(u.as_str()));
     for u in forgotten {
-        let _ = tokio::fs::remove_dir_all(shared.data_dir.join("pods").join(u)).await;
+        let _ = tokio::fs::remove_dir_all(shared.host.data_dir.join("pods").join(u)).await;
     }
     remove_deleted_claims(shared).await;
 }
@@ -787,12 +727,13 @@ async fn kubelet_pass(shared: &Arc<Shared>) {
 /// Deletes claim directories whose claim no longer exists.
 async fn remove_deleted_claims(shared: &Shared) {
     let live: HashSet<String> = shared
+        .host
         .claims
         .state()
         .iter()
         .filter_map(|c| c.metadata.uid.clone())
         .collect();
-    let root = shared.data_dir.join("claims");
+    let root = shared.host.data_dir.join("claims");
     let Ok(namespaces) = std::fs::read_dir(&root) else {
         return;
     };
@@ -839,8 +780,9 @@ pub(super) async fn preempt_node(
             .collect()
     };
     for (_, r) in &stopping {
-        r.stop
-            .send_replace(Some(Stop::Shutdown(shared.config.shutdown_grace_period)));
+        r.stop.send_replace(Some(Stop::Shutdown(
+            shared.host.config.shutdown_grace_period,
+        )));
     }
     for (u, r) in stopping {
         if let Ok(end) = r.handle.await {
@@ -861,9 +803,9 @@ pub(super) async fn preempt_node(
             "TerminationByKubelet",
             "Pod was terminated in response to imminent node shutdown.",
         );
-        shared.patch_pod_status(&pod, &patch).await?;
+        shared.host.patch_pod_status(&pod, &patch).await?;
     }
-    let api: Api<Node> = Api::all(shared.client.clone());
+    let api: Api<Node> = Api::all(shared.host.client.clone());
     match api.delete(name, &DeleteParams::default()).await {
         Ok(_) => {}
         Err(kube::Error::Api(e)) if e.code == 404 => {}
@@ -875,7 +817,7 @@ pub(super) async fn preempt_node(
         }
     }
     lock(&shared.book).deleted.insert(name.to_string());
-    shared.wake();
+    shared.host.wake();
     if let Some(delay) = recreate_after {
         let s = shared.clone();
         let name = name.to_string();

@@ -13,7 +13,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use loraplane_crds::platform::Jurisdiction;
 use serde::{Deserialize, Serialize};
 
-use super::ClusterError;
+use super::error::ClusterError;
 
 /// Label naming the pool a node belongs to.
 pub const LABEL_POOL: &str = "loraplane.io/node-pool";
