@@ -6,12 +6,13 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TOOLS := .tools
 
-.PHONY: help bootstrap test fmt-check clippy unit chart-test crd-check crdgen demo bench e2e-real
+.PHONY: help bootstrap test fmt-check clippy unit chart-test crd-check crdgen values-schema demo bench e2e-real
 
 help:
 	@echo "make demo   - the customer journey on the local stack (DEMO_ARGS=--keep-running keeps it up)"
-	@echo "make test   - everything CI checks: tools, fmt, clippy, tests, CRD drift"
+	@echo "make test   - everything CI checks: tools, fmt, clippy, tests, CRD and values-schema drift"
 	@echo "make crdgen - regenerate crds/loratrainingjob.yaml from the Rust types"
+	@echo "make values-schema - regenerate charts/loraplane/values.schema.json from the Rust types"
 	@echo "make e2e-real - the journey against a real cluster (KUBECONFIG; see tests/e2e/REAL_CLUSTER.md)"
 	@echo "make bench  - run the benchmarks, write tests/bench/REPORT.md (+ .json); PROFILE=dev for a quicker build"
 
@@ -21,6 +22,7 @@ bootstrap:
 
 # The CRD drift check also runs inside `unit` (crds/tests/crd.rs); `make crd-check` is the
 # standalone version (it rebuilds the crds crate alone, which costs minutes on a cold machine).
+# So does the chart's values schema drift check (crds/tests/values_schema.rs).
 test: bootstrap fmt-check clippy unit chart-test
 	@echo "make test: all checks passed"
 
@@ -52,6 +54,10 @@ chart-test:
 
 crdgen:
 	$(CARGO) run --quiet -p loraplane-crds --bin crdgen -- --write
+
+## The chart's values.schema.json, generated from the Rust types of its values (crds/src/chart_values.rs).
+values-schema:
+	$(CARGO) run --quiet -p loraplane-crds --bin valuesgen -- --write
 
 demo: bootstrap
 	@tests/tools/demo.sh $(DEMO_ARGS)

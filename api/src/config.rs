@@ -1,9 +1,17 @@
 //! The API's own configuration (one YAML file): plans, tenants, the Stripe namespace, limits.
 //! Secrets (the Stripe endpoint secret, the id-hashing key) come from the environment, never
 //! from this file, so the file can live in a ConfigMap.
+//!
+//! The sections the chart copies from its values unchanged (plans, prices, notification policy,
+//! limits) are defined in `loraplane_crds::api_config`, where the chart's values schema is
+//! generated from them; the rules that span sections (`validate`) live here.
 
 use std::collections::BTreeMap;
 
+pub use loraplane_crds::api_config::{
+    EMPTY_TOKEN_SHA256, Limits, Notifications, Plan, Price, RESOLUTION_MAX, RESOLUTION_MIN,
+    RESOLUTION_MULTIPLE,
+};
 use loraplane_crds::v1alpha1::{Residency, RetentionMode};
 use serde::{Deserialize, Serialize};
 
@@ -27,50 +35,6 @@ pub struct ApiConfig {
     /// How notifications to storefronts, and refunds of jobs that end badly, are retried.
     #[serde(default)]
     pub notifications: Notifications,
-}
-
-/// Delivery of storefront notifications and of refunds owed after a job ended.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
-pub struct Notifications {
-    /// A `job.progress` event at every multiple of this many per cent (0: none).
-    pub progress_every_percent: u8,
-    /// Seconds before the first retry of a failed delivery or refund; each next one doubles.
-    pub retry_base_seconds: u64,
-    /// The longest wait between two retries, in seconds.
-    pub retry_max_seconds: u64,
-    /// Seconds after which an undelivered event is abandoned (Stripe's own: three days).
-    pub give_up_after_seconds: u64,
-    /// Seconds a storefront may take to answer one delivery.
-    pub timeout_seconds: u64,
-    /// Jobs looked after at once per namespace (deliveries and refunds in flight).
-    pub concurrency: u16,
-}
-
-impl Default for Notifications {
-    fn default() -> Self {
-        Notifications {
-            progress_every_percent: 25,
-            retry_base_seconds: 30,
-            retry_max_seconds: 3600,
-            give_up_after_seconds: 3 * 86_400,
-            timeout_seconds: 10,
-            concurrency: 16,
-        }
-    }
-}
-
-impl Notifications {
-    /// The delivery policy the pure decisions take.
-    pub fn policy(&self) -> crate::outbox::Policy {
-        let secs = |s: u64| i64::try_from(s).unwrap_or(i64::MAX);
-        crate::outbox::Policy {
-            progress_every: self.progress_every_percent,
-            retry_base: secs(self.retry_base_seconds),
-            retry_max: secs(self.retry_max_seconds),
-            give_up_after: secs(self.give_up_after_seconds),
-        }
-    }
 }
 
 /// Where a tenant's storefront is told about its jobs.
@@ -103,68 +67,6 @@ impl Default for StripeApi {
     }
 }
 
-/// A plan: what a paid order of this kind is allowed and how long its data lives.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Plan {
-    /// `standard` or `zeroRetention`.
-    #[serde(default)]
-    pub retention: RetentionMode,
-    /// Seconds inputs are kept after completion (standard mode).
-    #[serde(default = "default_keep_inputs")]
-    pub keep_inputs_seconds: i64,
-    /// Seconds outputs are kept after completion (at most 86400 for zero retention).
-    #[serde(default = "default_keep_outputs")]
-    pub keep_outputs_seconds: i64,
-    /// Regions the plan may use; empty means every region of the residency.
-    #[serde(default)]
-    pub allowed_regions: Vec<String>,
-    /// Acceptable GPU products; empty accepts any with enough memory.
-    #[serde(default)]
-    pub gpu_products: Vec<String>,
-    /// Minimum GPU memory in GiB.
-    #[serde(default)]
-    pub min_gpu_memory_gib: Option<i32>,
-    /// Maximum training steps an order may ask for; also the default.
-    pub max_steps: i64,
-    /// Training resolution in pixels (the long side of each bucket) of the plan's jobs; when
-    /// empty the job leaves it unset and the family's default applies. Within the CRD's limits
-    /// ([`RESOLUTION_MIN`]..=[`RESOLUTION_MAX`], a multiple of [`RESOLUTION_MULTIPLE`]).
-    #[serde(default)]
-    pub resolution: Option<i32>,
-    /// What the plan costs. Draft orders quote it, and a paid checkout must match it exactly;
-    /// a plan without a price can be ordered only through `POST /v1/jobs`.
-    #[serde(default)]
-    pub price: Option<Price>,
-}
-
-/// A price as Stripe states amounts: an integer in the currency's smallest unit.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Price {
-    /// In the smallest unit (cents for `eur`).
-    pub amount: i64,
-    /// Three-letter ISO code, lowercase (`eur`).
-    pub currency: String,
-}
-
-// The CRD schema's limits of `spec.training.resolution`, checked at load so a bad plan fails
-// at start-up rather than every order on it being refused by the apiserver. A test compares
-// them with the generated CRD.
-/// Smallest training resolution a plan may set.
-pub const RESOLUTION_MIN: i32 = 256;
-/// Largest training resolution a plan may set.
-pub const RESOLUTION_MAX: i32 = 2048;
-/// A plan's training resolution must be a multiple of this.
-pub const RESOLUTION_MULTIPLE: i32 = 64;
-
-fn default_keep_inputs() -> i64 {
-    7 * 86_400
-}
-fn default_keep_outputs() -> i64 {
-    30 * 86_400
-}
-
 /// A tenant of the service API.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -189,77 +91,6 @@ impl Tenant {
     pub fn token_hashes(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.token_sha256.as_str())
             .chain(self.previous_token_sha256s.iter().map(String::as_str))
-    }
-}
-
-/// SHA-256 of the empty string: a tenant whose hash is this would accept an empty token.
-const EMPTY_TOKEN_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
-
-/// Request and data limits.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Limits {
-    /// Largest webhook body accepted.
-    pub webhook_max_bytes: usize,
-    /// Largest JSON request body accepted.
-    pub json_max_bytes: usize,
-    /// Presigned URL lifetime in seconds.
-    pub presign_seconds: u64,
-    /// Requests per second allowed per tenant (burst = 2x).
-    pub tenant_rps: f64,
-    /// Requests per second allowed per client IP (burst = 2x).
-    pub ip_rps: f64,
-    /// Proxies (CIDRs) whose `X-Forwarded-For` is believed: behind an ingress, its addresses,
-    /// so each client gets its own rate-limit bucket. Empty: the socket peer is the client.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub trusted_proxies: Vec<String>,
-    /// Most connections open at once; more wait in the kernel's backlog.
-    #[serde(default = "default_max_connections")]
-    pub max_connections: usize,
-    /// Seconds a connection may take to send a request's headers, counted from its opening
-    /// or from the previous response (slow or idle clients are dropped).
-    #[serde(default = "default_header_timeout_seconds")]
-    pub header_timeout_seconds: u64,
-    /// Seconds a request may take to send its body.
-    #[serde(default = "default_body_timeout_seconds")]
-    pub body_timeout_seconds: u64,
-    /// Dataset checks run at once; more wait their turn. Each holds up to the dataset rules'
-    /// `maxEntryBytes + maxDecodeBytes` (320 MiB by default), so the chart's memory limit
-    /// follows this number.
-    #[serde(default = "default_max_concurrent_validations")]
-    pub max_concurrent_validations: usize,
-}
-
-fn default_max_connections() -> usize {
-    1024
-}
-
-fn default_header_timeout_seconds() -> u64 {
-    10
-}
-
-fn default_body_timeout_seconds() -> u64 {
-    30
-}
-
-fn default_max_concurrent_validations() -> usize {
-    2
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            webhook_max_bytes: 64 * 1024,
-            json_max_bytes: 16 * 1024,
-            presign_seconds: 900,
-            tenant_rps: 50.0,
-            ip_rps: 100.0,
-            trusted_proxies: Vec::new(),
-            max_connections: default_max_connections(),
-            header_timeout_seconds: default_header_timeout_seconds(),
-            body_timeout_seconds: default_body_timeout_seconds(),
-            max_concurrent_validations: default_max_concurrent_validations(),
-        }
     }
 }
 

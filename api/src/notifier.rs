@@ -93,7 +93,7 @@ impl Notifier {
     pub fn new(app: Arc<App>, holder: &str) -> Result<Notifier, NotifyError> {
         let n = &app.config.notifications;
         Ok(Notifier {
-            policy: n.policy(),
+            policy: crate::outbox::Policy::from(n),
             timeout: Duration::from_secs(n.timeout_seconds.max(1)),
             concurrency: n.concurrency.max(1),
             holder: holder.to_string(),

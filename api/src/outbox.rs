@@ -277,6 +277,19 @@ pub struct Policy {
     pub give_up_after: i64,
 }
 
+impl From<&crate::config::Notifications> for Policy {
+    /// The policy a configuration's `notifications` section sets.
+    fn from(n: &crate::config::Notifications) -> Policy {
+        let secs = |s: u64| i64::try_from(s).unwrap_or(i64::MAX);
+        Policy {
+            progress_every: n.progress_every_percent,
+            retry_base: secs(n.retry_base_seconds),
+            retry_max: secs(n.retry_max_seconds),
+            give_up_after: secs(n.give_up_after_seconds),
+        }
+    }
+}
+
 impl Default for Policy {
     fn default() -> Self {
         Policy {

@@ -11,23 +11,31 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct DatasetRules {
     /// Largest zip in bytes (larger uploads are refused and deleted).
+    #[schemars(range(min = 1))]
     pub max_zip_bytes: u64,
     /// Largest inflated size of one entry in bytes.
+    #[schemars(range(min = 1))]
     pub max_entry_bytes: u64,
     /// Largest inflated size of all entries together in bytes.
+    #[schemars(range(min = 1))]
     pub max_total_bytes: u64,
     /// Largest inflated/compressed ratio of an entry of at least `ratioFloorBytes`.
+    #[schemars(range(min = 1))]
     pub max_ratio: u32,
     /// Entries smaller than this skip the ratio check (short captions compress well).
     pub ratio_floor_bytes: u64,
     /// Largest width and height of an image in pixels.
+    #[schemars(range(min = 1))]
     pub max_side: u32,
     /// Most bytes the decoder may allocate for one image (a 16-bit RGBA 50 MP PNG needs 400 MB,
     /// an 8-bit RGB one 150 MB): the memory one check needs besides the entry itself.
+    #[schemars(range(min = 1))]
     pub max_decode_bytes: u64,
     /// Fewest images.
+    #[schemars(range(min = 1))]
     pub min_images: u32,
     /// Most images.
+    #[schemars(range(min = 1))]
     pub max_images: u32,
 }
 

@@ -1,16 +1,23 @@
 //! loraplane's shared contracts: the `LoRATrainingJob` custom resource (`v1alpha1`), the
 //! trainer's config file, progress lines and exit codes (`trainer`), the regions / node pools /
-//! model families configuration (`platform`), the dataset rules (`dataset`), label keys and the S3 layout of a job's data
-//! (`layout`). Only contracts live here; what the services run (S3, Lease, logging, TLS) is in
-//! `loraplane-runtime`. Every crate that writes or reads these uses
-//! the types from here, so the operator, the API and the trainer cannot drift apart.
+//! model families configuration (`platform`), the dataset rules (`dataset`), label keys and the
+//! S3 layout of a job's data (`layout`), and the Helm chart's values (`chart_values`, with the
+//! API config sections the chart passes through in `api_config` and the shared schema
+//! `patterns`), from which the chart's `values.schema.json` is generated. Only contracts live
+//! here; what the services run (S3, Lease, logging, TLS) is in `loraplane-runtime`. Every crate
+//! that writes or reads these uses the types from here, so the operator, the API and the
+//! trainer cannot drift apart.
 
+pub mod api_config;
+pub mod chart_values;
 pub mod dataset;
 pub mod layout;
+pub mod patterns;
 pub mod platform;
 pub mod trainer;
 pub mod v1alpha1;
 
+pub use chart_values::{VALUES_SCHEMA_PATH, values_schema_json};
 pub use v1alpha1::{LoRATrainingJob, LoRATrainingJobSpec, LoRATrainingJobStatus};
 
 use kube::CustomResourceExt;

@@ -7,14 +7,16 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::dataset::DatasetRules;
+use crate::patterns::{BUCKET_PATTERN, DNS_LABEL_PATTERN};
 use crate::trainer::S3Endpoint;
 use crate::v1alpha1::{ModelFamily, Residency};
 
 /// The jurisdiction a region's data centres are in.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum Jurisdiction {
     /// Inside the European Economic Area.
@@ -37,14 +39,16 @@ impl Jurisdiction {
 }
 
 /// The whole platform configuration.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PlatformConfig {
     /// Regions jobs may run in.
+    #[schemars(length(min = 1))]
     pub regions: Vec<RegionConfig>,
     /// GPU node pools, each in one region.
     pub pools: Vec<PoolConfig>,
     /// Model families the platform trains.
+    #[schemars(length(min = 1))]
     pub families: Vec<FamilyConfig>,
     /// Operator defaults.
     #[serde(default)]
@@ -55,10 +59,11 @@ pub struct PlatformConfig {
 }
 
 /// A region: where its nodes are, under which law, and its buckets.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RegionConfig {
     /// Region name, as in the nodes' `topology.kubernetes.io/region` label.
+    #[schemars(pattern(DNS_LABEL_PATTERN))]
     pub name: String,
     /// `eea`, `us` or `other`.
     pub jurisdiction: Jurisdiction,
@@ -69,24 +74,28 @@ pub struct RegionConfig {
 }
 
 /// The buckets of one region.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Buckets {
     /// Uploaded datasets.
+    #[schemars(pattern(BUCKET_PATTERN))]
     pub datasets: String,
     /// Training checkpoints.
+    #[schemars(pattern(BUCKET_PATTERN))]
     pub checkpoints: String,
     /// Trained LoRA files.
+    #[schemars(pattern(BUCKET_PATTERN))]
     pub outputs: String,
     /// The consented corpus: where the dataset and LoRA of a job whose customer consented to
     /// training use are copied when it succeeds. Optional; a region without one copies nothing.
     /// It must lie in the region's jurisdiction, like the other buckets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(BUCKET_PATTERN))]
     pub corpus: Option<String>,
 }
 
 /// A Kubernetes toleration for a pool's taints.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TolerationConfig {
     /// Taint key.
@@ -103,39 +112,47 @@ pub struct TolerationConfig {
 }
 
 /// A GPU node pool.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PoolConfig {
     /// Pool name, unique across regions.
+    #[schemars(pattern(DNS_LABEL_PATTERN))]
     pub name: String,
     /// The region the pool's nodes are in.
+    #[schemars(pattern(DNS_LABEL_PATTERN))]
     pub region: String,
     /// Labels that select the pool's nodes (the pod's nodeSelector).
+    #[schemars(extend("minProperties" = 1))]
     pub node_selector: BTreeMap<String, String>,
     /// Tolerations for the pool's taints.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tolerations: Vec<TolerationConfig>,
     /// GPU product, as in `nvidia.com/gpu.product`.
+    #[schemars(length(min = 1))]
     pub gpu_product: String,
     /// Memory per GPU in GiB.
+    #[schemars(range(min = 1))]
     pub gpu_memory_gib: u32,
     /// Spot (preemptible) capacity.
     #[serde(default)]
     pub spot: bool,
     /// Price per GPU-hour, used to rank otherwise equal pools.
     #[serde(default)]
+    #[schemars(range(min = 0))]
     pub hourly_price: f64,
 }
 
 /// How to train one model family.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FamilyConfig {
     /// `sd15` or `sdxl`.
     pub family: ModelFamily,
     /// Minimum memory per GPU in GiB.
+    #[schemars(range(min = 1))]
     pub min_gpu_memory_gib: u32,
     /// Base weights in the diffusers layout (a path in the trainer image or an `s3://` prefix).
+    #[schemars(length(min = 1))]
     pub weights: String,
     /// Trainer container image.
     pub trainer_image: String,
@@ -144,13 +161,16 @@ pub struct FamilyConfig {
     pub trainer_args: Vec<String>,
     /// CPU cores a trainer pod requests and is limited to.
     #[serde(default = "default_trainer_cpu")]
+    #[schemars(range(min = 1))]
     pub cpu: u32,
     /// Memory a trainer pod requests and is limited to, in GiB (decoding, the model on the
     /// host while it loads, data loading).
     #[serde(default = "default_trainer_memory_gib")]
+    #[schemars(range(min = 1))]
     pub memory_gib: u32,
     /// Size limit of the trainer's `/tmp` emptyDir, in GiB.
     #[serde(default = "default_trainer_tmp_gib")]
+    #[schemars(range(min = 1))]
     pub tmp_gib: u32,
 }
 
@@ -165,23 +185,27 @@ fn default_trainer_tmp_gib() -> u32 {
 }
 
 /// Operator defaults.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Defaults {
     /// Seconds a pod may stay unschedulable before the next candidate pool is tried.
     #[serde(default = "default_scheduling_timeout")]
+    #[schemars(range(min = 1))]
     pub scheduling_timeout_seconds: u64,
     /// Checkpoint interval when the job does not set one.
     #[serde(default = "default_checkpoint_every")]
+    #[schemars(range(min = 1))]
     pub checkpoint_every: u64,
     /// First retry delay after a trainer crash; doubles per failure.
     #[serde(default = "default_backoff_seconds")]
     pub backoff_seconds: u64,
     /// Size of the job's scratch claim in GiB.
     #[serde(default = "default_scratch_gib")]
+    #[schemars(range(min = 1))]
     pub scratch_gib: u32,
     /// Seconds an upload that no order consumed is kept before the operator deletes it.
     #[serde(default = "default_upload_ttl")]
+    #[schemars(range(min = 60))]
     pub upload_ttl_seconds: u64,
 }
 

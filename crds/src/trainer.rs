@@ -212,12 +212,14 @@ impl std::fmt::Debug for Grants {
 }
 
 /// An S3-compatible endpoint.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct S3Endpoint {
     /// Endpoint URL, e.g. `https://s3.eu-west-1.amazonaws.com` or `http://127.0.0.1:8333`.
+    #[schemars(pattern(crate::patterns::HTTP_URL_PATTERN))]
     pub endpoint: String,
     /// Signing region.
+    #[schemars(length(min = 1))]
     pub region: String,
     /// Path-style addressing (`endpoint/bucket/key`), needed by SeaweedFS and MinIO.
     #[serde(default)]
