@@ -240,7 +240,8 @@ impl ApiConfig {
     }
 }
 
-/// Residency parsed from an order's `region` preference: a jurisdiction or `any`.
+/// Residency parsed from an order's or an upload request's `residency` field: `eea`, `us` or
+/// `any` (empty means `any`).
 pub fn parse_residency(s: &str) -> Option<Residency> {
     match s {
         "eea" => Some(Residency::Eea),

@@ -20,8 +20,8 @@ pub struct Metrics {
     pub webhook_events: IntCounterVec,
     /// Erasure requests written on jobs, by reason.
     pub erasure_requests: IntCounterVec,
-    /// Dataset checks by how they were answered: `marker` (an earlier validation of the same
-    /// bytes) or `download` (fetched and inflated).
+    /// Dataset checks by how they were answered: `receipt` (a verified receipt, no request),
+    /// `marker` (an earlier validation of the same bytes) or `download` (fetched and inflated).
     pub dataset_checks: IntCounterVec,
     /// Refund calls for jobs that ended badly, by reason and outcome.
     pub refunds: IntCounterVec,

@@ -152,7 +152,8 @@ pub struct Refund {
     pub attempts: u32,
     /// When the next call is due (Unix seconds).
     pub next_at: i64,
-    /// The last failure's code (`timeout`, `refused_500`...), never a payment id.
+    /// The last failure's code (`timeout`, `refused_500_unknown`, `unreachable`…), never a
+    /// payment id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     /// When Stripe accepted it.

@@ -155,7 +155,8 @@ pub enum WebhookEvent {
         session_id: String,
         /// The payment intent (`pi_…`) refunds and disputes refer to.
         payment_intent: Option<String>,
-        /// The session's metadata: `order_id` (a draft order), or the order details.
+        /// The session's metadata; only `order_id` (the draft order) is read, and a paid
+        /// checkout without one is refunded.
         metadata: BTreeMap<String, String>,
         /// What was charged, in the currency's smallest unit (`amount_total`).
         amount_total: Option<i64>,

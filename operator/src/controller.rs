@@ -2,8 +2,9 @@
 //! own), run only while this replica holds the leader Lease.
 //!
 //! Each reconcile is four named steps:
-//! 1. **observe**: the current attempt's pod (read directly, never from a possibly stale cache,
-//!    since a wrong "pod gone" would start a duplicate), whether its node still exists, the
+//! 1. **observe**: the current attempt's pod (from the pod watch cache when that is at least as
+//!    new as anything this job was last decided on, else read from the API, so an older copy
+//!    never walks the phase back or starts a duplicate), whether its node still exists, the
 //!    tail of the trainer's log (see `progress` for why `pods/log`), and free GPU capacity per
 //!    pool from the Node and Pod caches;
 //! 2. **decide**: `status::decide`, a pure function;

@@ -205,7 +205,7 @@ impl Metrics {
                 "loraplane_retention_deletions_total",
                 "Deletions of a job's inputs (what=inputs), of whole jobs with all their data \
                  (what=job), of a corpus copy (what=corpus, reason=withdrawal) and of uploads \
-                 no order consumed (what=upload, reason=unordered; counted per sweep), by \
+                 no order consumed (what=upload, reason=unordered; one per object), by \
                  reason (retention, customerRequest, refund, dispute, deleted).",
             ),
             &["what", "reason"],

@@ -494,7 +494,7 @@ fn condition_true(st: &LoRATrainingJobStatus, type_: ConditionType) -> bool {
         .any(|c| c.type_ == type_.as_str() && c.status == "True")
 }
 
-/// How the open attempt ended: its reason (one of [`reason`]) and a message.
+/// How the open attempt ended: its reason (an [`EndReason`]) and a message.
 #[derive(Debug, Clone, PartialEq)]
 struct Ended {
     reason: EndReason,

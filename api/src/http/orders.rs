@@ -8,7 +8,8 @@ use super::*;
 pub struct WebhookAck {
     /// Always true for a 2xx.
     pub received: bool,
-    /// What was done: created, duplicate, revoked_first, erased, tombstoned, ignored, rejected.
+    /// What was done: created, duplicate, revoked_first, erased, tombstoned, ignored, rejected,
+    /// refunded.
     pub outcome: String,
 }
 

@@ -15,7 +15,9 @@ use loraplane_crds::platform::PlatformConfig;
 use loraplane_dataset::DatasetRules;
 use loraplane_runtime::storage::{S3Credentials, Storage};
 use loraplane_testkit::api_config as api_fixtures;
-pub use loraplane_testkit::stripe_events::{dispute_created, now, paid_draft, refunded};
+pub use loraplane_testkit::stripe_events::{
+    dispute_created, now, paid_draft, paid_draft_at_its_price, refunded,
+};
 use loraplane_testkit::{Cluster, Platform, Region};
 use serde_json::Value;
 
@@ -292,13 +294,7 @@ impl Harness {
             )
             .await;
         assert_eq!(s, StatusCode::CREATED, "{t}");
-        paid_draft(
-            session,
-            payment,
-            t["orderId"].as_str().unwrap(),
-            t["price"]["amount"].as_i64().unwrap(),
-            t["price"]["currency"].as_str().unwrap(),
-        )
+        paid_draft_at_its_price(session, payment, &t)
     }
 
     /// Every object key in a bucket.
