@@ -449,9 +449,12 @@ pub struct Resources {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GpuRequirements {
-    /// GPUs on one node (the `nvidia.com/gpu` limit).
+    /// GPUs on one node (the `nvidia.com/gpu` limit). The trainer trains on one GPU (there is
+    /// no data-parallel training yet), so a job asks for exactly one: more would be paid for
+    /// and left idle.
     #[serde(default = "default_gpu_count")]
-    #[schemars(range(min = 1, max = 8))]
+    #[schemars(range(min = 1))]
+    #[x_kube(validation = Rule::new("self == 1").message("the trainer trains on one GPU: resources.gpu.count must be 1 (multi-GPU data-parallel training is not supported yet)"))]
     pub count: i32,
 
     /// Minimum memory per GPU in GiB. When empty the model family's configured minimum
@@ -671,7 +674,8 @@ pub struct LoRATrainingJobStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
 
-    /// Standard conditions: Scheduled, Running, Complete, Failed, Suspended, Cancelled. Each
+    /// Standard conditions: Scheduled, Running, Complete, Failed, Suspended, Cancelled, and
+    /// Deleting (while a deleted job's data is purged, or its purge keeps failing). Each
     /// carries a reason, a message and the generation it was computed from.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
