@@ -310,6 +310,24 @@ pub fn named_params(model: &DiffusionModel) -> Vec<(String, candle_core::Var)> {
         .collect()
 }
 
+/// The precision a run computes in, given the one the job asked for and the device.
+///
+/// Every op of the trainer computes in f32 today, on every device: a job asking for `bf16` or
+/// `fp16` gets f32, and the delivered LoRA says so (`ss_mixed_precision`), because that is
+/// what produced its weights.
+pub fn effective_precision(_requested: MixedPrecision, _device: &Device) -> MixedPrecision {
+    MixedPrecision::Fp32
+}
+
+/// The metadata spelling of a precision (kohya's `ss_mixed_precision`, with `fp32` for "no").
+fn precision_name(p: MixedPrecision) -> &'static str {
+    match p {
+        MixedPrecision::Fp32 => "fp32",
+        MixedPrecision::Fp16 => "fp16",
+        MixedPrecision::Bf16 => "bf16",
+    }
+}
+
 fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -489,6 +507,15 @@ pub fn run_tracking(
     };
     let model = model::load(&model_dir, config.base_model.family, spec, &opts.device)
         .map_err(TrainError::LoadModel)?;
+    let precision = effective_precision(t.mixed_precision, model.device());
+    if precision != t.mixed_precision {
+        tracing::warn!(
+            requested = precision_name(t.mixed_precision),
+            running = precision_name(precision),
+            "this trainer computes in {} on this device; the LoRA's metadata says so",
+            precision_name(precision)
+        );
+    }
     let sched = scheduler_of(&model)?;
     let cache = cache_samples(&model, &samples, t.resolution, &config.dataset.rules)?;
     tracing::info!(
@@ -593,12 +620,7 @@ pub fn run_tracking(
         seed: t.seed,
         num_images: samples.len(),
         batch_size: t.batch_size,
-        mixed_precision: match t.mixed_precision {
-            MixedPrecision::Fp32 => "fp32",
-            MixedPrecision::Fp16 => "fp16",
-            MixedPrecision::Bf16 => "bf16",
-        }
-        .into(),
+        mixed_precision: precision_name(precision).into(),
         noise_offset: t.noise_offset,
         min_snr_gamma: t.min_snr_gamma,
         prediction_type: match sched.prediction {

@@ -7,7 +7,7 @@ mod pipeline_support;
 
 use candle_core::Device;
 use loraplane_crds::trainer::Outcome;
-use loraplane_crds::v1alpha1::ModelFamily;
+use loraplane_crds::v1alpha1::{MixedPrecision, ModelFamily};
 use loraplane_trainer::model::{self, LoraSpec};
 use loraplane_trainer::optim::{AdamW, AdamWParams};
 use loraplane_trainer::rng::Rng;
@@ -120,6 +120,25 @@ fn sd15_run_writes_kohya_and_peft_files_with_metadata() {
         "captions stay out of metadata"
     );
     assert_eq!(peft.metadata["ss_network_dim"], "4");
+}
+
+#[test]
+fn the_metadata_states_the_precision_that_ran_not_the_one_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(dir.path(), ModelFamily::Sd15);
+    let run = dir.path().join("run");
+    let mut cfg = config(&s, &run, 1, 1);
+    cfg.training.mixed_precision = MixedPrecision::Bf16;
+    let report = train::run(&cfg, &opts()).unwrap();
+    assert_eq!(report.summary.outcome, Outcome::Succeeded);
+    for a in &report.summary.artifacts {
+        let file = read(std::path::Path::new(&a.uri));
+        assert_eq!(
+            file.metadata["ss_mixed_precision"], "fp32",
+            "{}: bf16 was asked for, f32 ran on the CPU",
+            a.uri
+        );
+    }
 }
 
 #[test]
