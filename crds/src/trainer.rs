@@ -166,6 +166,10 @@ pub struct TrainingConfig {
     pub checkpoint_every: u64,
     /// `fp32`, `fp16` or `bf16` (CPU runs compute in fp32 whatever is asked).
     pub mixed_precision: MixedPrecision,
+    /// Gradient checkpointing of the UNet's blocks; absent: the trainer's default for the
+    /// family and device (on for SDXL on a GPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gradient_checkpointing: Option<bool>,
     /// Noise offset (0 disables it).
     #[serde(default)]
     pub noise_offset: f64,

@@ -389,6 +389,12 @@ pub struct Training {
     #[serde(default)]
     pub mixed_precision: MixedPrecision,
 
+    /// Recompute each UNet block's activations in the backward pass instead of keeping them:
+    /// much less GPU memory for about a third more compute. When empty: on for SDXL on a GPU,
+    /// off otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gradient_checkpointing: Option<bool>,
+
     /// Noise offset (0 disables it); helps very dark or bright images.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0, max = 1.0))]
@@ -430,6 +436,7 @@ impl Default for Training {
             seed: None,
             checkpoint_every: None,
             mixed_precision: MixedPrecision::default(),
+            gradient_checkpointing: None,
             noise_offset: None,
             min_snr_gamma: None,
         }

@@ -230,7 +230,11 @@ fn started_job_spec_is_immutable_except_suspend_and_placement() {
         ("concept", "triggerWord", Value::from("other")),
         ("dataset", "sha256", Value::from("0".repeat(64))),
         ("training", "steps", Value::from(10)),
-        ("resources", "gpu", serde_json::json!({"count": 1, "minMemoryGiB": 40})),
+        (
+            "resources",
+            "gpu",
+            serde_json::json!({"count": 1, "minMemoryGiB": 40}),
+        ),
     ] {
         let mut changed = old.clone();
         changed["spec"][block][field] = value;

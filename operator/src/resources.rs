@@ -258,6 +258,7 @@ pub fn trainer_config(
                 .map(non_negative)
                 .unwrap_or(config.defaults.checkpoint_every),
             mixed_precision: t.mixed_precision,
+            gradient_checkpointing: t.gradient_checkpointing,
             noise_offset: t.noise_offset.unwrap_or(0.0),
             min_snr_gamma: t.min_snr_gamma,
         },

@@ -16,10 +16,44 @@
 //! Elsewhere than glibc on Linux it is the system allocator unchanged. The cost of keeping
 //! freed memory is a higher resting RSS between steps, not a higher peak: the step's peak is
 //! live tensors either way (measured: +1 % peak RSS).
+//!
+//! It also counts the bytes it has handed out and not taken back, and their peak
+//! ([`peak_bytes`], [`reset_peak`]): what the program itself holds, unlike the RSS, which
+//! the kept free memory above blurs. Two relaxed atomic operations per call.
 
 #![allow(unsafe_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Bytes handed out and not yet freed.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+/// The highest `LIVE` since the start or the last [`reset_peak`].
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+fn count_alloc(size: usize) {
+    let live = LIVE.fetch_add(size, Ordering::Relaxed) + size;
+    PEAK.fetch_max(live, Ordering::Relaxed);
+}
+
+fn count_free(size: usize) {
+    LIVE.fetch_sub(size, Ordering::Relaxed);
+}
+
+/// Bytes the program holds now (when [`TrainerAllocator`] is its global allocator).
+pub fn live_bytes() -> usize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+/// The most bytes the program held at once since the start or the last [`reset_peak`].
+pub fn peak_bytes() -> usize {
+    PEAK.load(Ordering::Relaxed)
+}
+
+/// Starts a new peak from what is held now.
+pub fn reset_peak() {
+    PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
+}
 
 /// The system allocator with the tuning above; declare it as the `#[global_allocator]` of
 /// a binary that trains.
@@ -78,6 +112,9 @@ unsafe impl GlobalAlloc for TrainerAllocator {
         tuning::once();
         // SAFETY: forwarded with the caller's layout, which meets `alloc`'s contract.
         let ptr = unsafe { System.alloc(layout) };
+        if !ptr.is_null() {
+            count_alloc(layout.size());
+        }
         tuning::advise(ptr, layout.size());
         ptr
     }
@@ -86,6 +123,9 @@ unsafe impl GlobalAlloc for TrainerAllocator {
         tuning::once();
         // SAFETY: as for `alloc`.
         let ptr = unsafe { System.alloc_zeroed(layout) };
+        if !ptr.is_null() {
+            count_alloc(layout.size());
+        }
         tuning::advise(ptr, layout.size());
         ptr
     }
@@ -93,11 +133,16 @@ unsafe impl GlobalAlloc for TrainerAllocator {
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: `ptr` came from this allocator, i.e. from `System`, with `layout`.
         unsafe { System.dealloc(ptr, layout) }
+        count_free(layout.size());
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: as for `dealloc`; `new_size` meets `realloc`'s contract (the caller's).
         let new = unsafe { System.realloc(ptr, layout, new_size) };
+        if !new.is_null() {
+            count_free(layout.size());
+            count_alloc(new_size);
+        }
         tuning::advise(new, new_size);
         new
     }

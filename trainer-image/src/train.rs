@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use candle_core::{DType, Device, Tensor};
 use loraplane_crds::layout::CHECKPOINT_FILE;
 use loraplane_crds::trainer::{ArtifactInfo, Outcome, TrainerConfig, TrainerEvent, TrainerSummary};
-use loraplane_crds::v1alpha1::{LrScheduler, MixedPrecision};
+use loraplane_crds::v1alpha1::{LrScheduler, MixedPrecision, ModelFamily};
 use sha2::{Digest, Sha256};
 
 use crate::checkpoint::{self, Checkpoint, CheckpointError};
@@ -319,6 +319,17 @@ pub fn effective_precision(_requested: MixedPrecision, _device: &Device) -> Mixe
     MixedPrecision::Fp32
 }
 
+/// Whether the UNet's blocks are checkpointed: as the job says, else on where memory is
+/// tight and compute plentiful (SDXL on a GPU), off on the CPU, where memory is plentiful
+/// and recomputation costs a third more of the scarce compute.
+pub fn gradient_checkpointing(
+    requested: Option<bool>,
+    family: ModelFamily,
+    device: &Device,
+) -> bool {
+    requested.unwrap_or(family == ModelFamily::Sdxl && device.is_cuda())
+}
+
 /// The metadata spelling of a precision (kohya's `ss_mixed_precision`, with `fp32` for "no").
 fn precision_name(p: MixedPrecision) -> &'static str {
     match p {
@@ -505,8 +516,13 @@ pub fn run_tracking(
         rank: t.rank as usize,
         alpha: t.alpha,
     };
-    let model = model::load(&model_dir, config.base_model.family, spec, &opts.device)
+    let mut model = model::load(&model_dir, config.base_model.family, spec, &opts.device)
         .map_err(TrainError::LoadModel)?;
+    model.set_gradient_checkpointing(gradient_checkpointing(
+        t.gradient_checkpointing,
+        config.base_model.family,
+        model.device(),
+    ));
     let precision = effective_precision(t.mixed_precision, model.device());
     if precision != t.mixed_precision {
         tracing::warn!(
@@ -566,7 +582,7 @@ pub fn run_tracking(
         if !loss_value.is_finite() {
             return Err(TrainError::Diverged { step: step + 1 });
         }
-        let grads = loss.backward()?;
+        let grads = model.backward(&loss)?;
         let lr = schedule::learning_rate(
             t.learning_rate,
             t.lr_scheduler,
@@ -728,6 +744,37 @@ fn save_checkpoint(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checkpointing_follows_the_job_else_sdxl_on_a_gpu_only() {
+        let cpu = Device::Cpu;
+        assert!(!gradient_checkpointing(None, ModelFamily::Sdxl, &cpu));
+        assert!(!gradient_checkpointing(None, ModelFamily::Sd15, &cpu));
+        assert!(gradient_checkpointing(Some(true), ModelFamily::Sd15, &cpu));
+        assert!(!gradient_checkpointing(
+            Some(false),
+            ModelFamily::Sdxl,
+            &cpu
+        ));
+        if let Ok(gpu) = Device::new_cuda(0) {
+            assert!(gradient_checkpointing(None, ModelFamily::Sdxl, &gpu));
+            assert!(!gradient_checkpointing(None, ModelFamily::Sd15, &gpu));
+        }
+    }
+
+    #[test]
+    fn precision_is_f32_until_a_device_computes_in_less() {
+        for asked in [
+            MixedPrecision::Fp32,
+            MixedPrecision::Fp16,
+            MixedPrecision::Bf16,
+        ] {
+            assert_eq!(
+                effective_precision(asked, &Device::Cpu),
+                MixedPrecision::Fp32
+            );
+        }
+    }
 
     #[test]
     fn batches_cover_each_epoch_once_and_are_stable() {

@@ -10,6 +10,7 @@
 //! checkpoints in the exact diffusers layout for tests and demos.
 
 mod attention;
+mod checkpoint;
 pub mod clip;
 mod conv;
 mod fused;
@@ -26,6 +27,7 @@ mod weights;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use serde::Deserialize;
 
@@ -361,6 +363,21 @@ impl DiffusionModel {
             }
         };
         Ok(self.unet.forward(noisy, timesteps, &cond.hidden, added)?)
+    }
+
+    /// Turns gradient checkpointing of the UNet's blocks on or off (see `checkpoint`):
+    /// less memory for one more forward of each block in the backward pass.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.unet.set_gradient_checkpointing(on);
+    }
+
+    /// The gradients of `loss` for every trainable variable. Always use this rather than
+    /// `loss.backward()`: with checkpointing on, the adapters inside checkpointed blocks get
+    /// their gradients from the recomputation, outside candle's own store.
+    pub fn backward(&self, loss: &Tensor) -> candle_core::Result<GradStore> {
+        let mut grads = loss.backward()?;
+        self.unet.merge_checkpointed_grads(&mut grads)?;
+        Ok(grads)
     }
 
     /// Every LoRA adapter with its diffusers module path, e.g.

@@ -6,10 +6,14 @@
 //! All ops on this path are differentiable (see `ops`); tensor names follow diffusers
 //! exactly, so `load` reads any conforming checkpoint.
 
+use std::sync::Arc;
+
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use serde::Deserialize;
 
 use super::ModelError;
+use super::checkpoint::{Collector, checkpoint};
 use super::lora::{Adapter, LoraLinear, LoraSpec};
 use super::ops::{self, Conv2d, GroupNorm, LayerNorm, Linear};
 use super::weights::Weights;
@@ -499,7 +503,12 @@ impl Transformer2DModel {
         })
     }
 
-    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        checkpointing: Option<&Arc<Collector>>,
+    ) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let tokens = self
             .norm
@@ -508,7 +517,25 @@ impl Transformer2DModel {
             .reshape((b, h * w, c))?;
         let mut t = self.proj_in.forward(&tokens)?;
         for block in &self.blocks {
-            t = block.forward(&t, context)?;
+            t = match checkpointing {
+                None => block.forward(&t, context)?,
+                Some(collector) => {
+                    let mut adapters = Vec::new();
+                    block.adapters(&mut adapters);
+                    let params = adapters
+                        .into_iter()
+                        .flat_map(|(_, a)| [a.down, a.up])
+                        .collect();
+                    let (block, ctx) = (block.clone(), context.clone());
+                    checkpoint(
+                        &t,
+                        &[context],
+                        params,
+                        collector,
+                        Box::new(move |x| block.forward(x, &ctx)),
+                    )?
+                }
+            };
         }
         let t = self.proj_out.forward(&t)?;
         let out = t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?;
@@ -566,6 +593,9 @@ pub struct UNet2DConditionModel {
     up_blocks: Vec<Block>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
+    /// When set, resnet and transformer blocks recompute their activations in the backward
+    /// pass (gradient checkpointing); their LoRA gradients are gathered here.
+    checkpointing: Option<Arc<Collector>>,
 }
 
 fn is_cross_attn(block_type: &str, path: &str) -> std::result::Result<bool, ModelError> {
@@ -764,6 +794,7 @@ impl UNet2DConditionModel {
             up_blocks,
             conv_norm_out: GroupNorm::load(&vb.pp("conv_norm_out"), groups, boc[0], eps)?,
             conv_out: Conv2d::load(&vb.pp("conv_out"), boc[0], cfg.out_channels, 3, 1, 1)?,
+            checkpointing: None,
         })
     }
 
@@ -819,14 +850,15 @@ impl UNet2DConditionModel {
             (None, _) => {}
         }
         let context = context.to_dtype(dtype)?;
+        let ck = self.checkpointing.as_ref();
 
         let mut h = self.conv_in.forward(x)?;
         let mut skips = vec![h.clone()];
         for block in &self.down_blocks {
             for (j, resnet) in block.resnets.iter().enumerate() {
-                h = resnet.forward(&h, Some(&emb))?;
+                h = self.resnet(resnet, &h, &emb)?;
                 if let Some(attn) = block.attentions.get(j) {
-                    h = attn.forward(&h, &context)?;
+                    h = attn.forward(&h, &context, ck)?;
                 }
                 skips.push(h.clone());
             }
@@ -836,9 +868,9 @@ impl UNet2DConditionModel {
             }
         }
 
-        h = self.mid_block.resnet0.forward(&h, Some(&emb))?;
-        h = self.mid_block.attention.forward(&h, &context)?;
-        h = self.mid_block.resnet1.forward(&h, Some(&emb))?;
+        h = self.resnet(&self.mid_block.resnet0, &h, &emb)?;
+        h = self.mid_block.attention.forward(&h, &context, ck)?;
+        h = self.resnet(&self.mid_block.resnet1, &h, &emb)?;
 
         for block in &self.up_blocks {
             for (j, resnet) in block.resnets.iter().enumerate() {
@@ -847,9 +879,9 @@ impl UNet2DConditionModel {
                     None => candle_core::bail!("UNet skip connections exhausted"),
                 };
                 h = Tensor::cat(&[&h, &skip], 1)?;
-                h = resnet.forward(&h, Some(&emb))?;
+                h = self.resnet(resnet, &h, &emb)?;
                 if let Some(attn) = block.attentions.get(j) {
-                    h = attn.forward(&h, &context)?;
+                    h = attn.forward(&h, &context, ck)?;
                 }
             }
             if let Some(up) = &block.resample {
@@ -859,6 +891,39 @@ impl UNet2DConditionModel {
 
         let h = ops::silu(&self.conv_norm_out.forward(&h)?)?;
         self.conv_out.forward(&h)
+    }
+
+    /// A resnet block's forward, checkpointed when gradient checkpointing is on.
+    fn resnet(&self, resnet: &ResnetBlock2D, h: &Tensor, emb: &Tensor) -> Result<Tensor> {
+        match &self.checkpointing {
+            None => resnet.forward(h, Some(emb)),
+            Some(collector) => {
+                let (resnet, temb) = (resnet.clone(), emb.clone());
+                checkpoint(
+                    h,
+                    &[emb],
+                    Vec::new(),
+                    collector,
+                    Box::new(move |x| resnet.forward(x, Some(&temb))),
+                )
+            }
+        }
+    }
+
+    /// Turns gradient checkpointing on or off: on, the backward pass recomputes each resnet
+    /// and transformer block's activations instead of keeping them, and the gradients of
+    /// their LoRA parameters arrive through [`UNet2DConditionModel::merge_checkpointed_grads`].
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on.then(|| Arc::new(Collector::default()));
+    }
+
+    /// Adds the LoRA gradients gathered inside checkpointed blocks to `grads` (a no-op when
+    /// checkpointing is off). Call after every `backward`.
+    pub fn merge_checkpointed_grads(&self, grads: &mut GradStore) -> Result<()> {
+        match &self.checkpointing {
+            Some(collector) => collector.merge_into(grads),
+            None => Ok(()),
+        }
     }
 
     /// Every adapter with its diffusers module path, in module order.
