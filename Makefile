@@ -23,7 +23,7 @@ bootstrap:
 # The CRD drift check also runs inside `unit` (crds/tests/crd.rs); `make crd-check` is the
 # standalone version (it rebuilds the crds crate alone, which costs minutes on a cold machine).
 # So does the chart's values schema drift check (crds/tests/values_schema.rs).
-test: bootstrap fmt-check clippy unit chart-test
+test: bootstrap fmt-check clippy unit chart-test cuda-check
 	@echo "make test: all checks passed"
 
 fmt-check:
@@ -48,6 +48,16 @@ crd-check:
 	  diff -u $$f "$$generated" || { echo "$$f is stale: run 'make crdgen' and commit it"; exit 1; }; \
 	done
 	@echo "crd-check: the checked-in CRDs match the types"
+
+# The trainer's CUDA build compiles, links and passes clippy on every run, with no GPU: NVIDIA's
+# CUDA 13.0 compiler and libraries come from PyPI (tests/tools/cuda-toolkit.sh, into .tools/cuda).
+# Its own target dir, so the CPU build's trainer binary (which the e2e tests run) stays as it is.
+cuda-check:
+	@eval "$$(tests/tools/cuda-toolkit.sh --env)" && \
+	target_dir=$$($(CARGO) metadata --format-version 1 --no-deps --locked | grep -o '"target_directory":"[^"]*"' | cut -d'"' -f4)/cuda && \
+	CARGO_TARGET_DIR="$$target_dir" $(CARGO) build -p loraplane-trainer --bins --features cuda --locked && \
+	CARGO_TARGET_DIR="$$target_dir" $(CARGO) clippy -p loraplane-trainer --all-targets --features cuda --locked -- -D warnings
+	@echo "cuda-check: the trainer's CUDA build compiles and links"
 
 chart-test:
 	$(TOOLS)/venv/bin/python -m pytest -q -p no:cacheprovider charts/loraplane/tests

@@ -7,7 +7,7 @@
 //! - forward: the block runs on a detached copy of its input, its output is detached (the
 //!   block's graph, and every intermediate it holds, is dropped at once), and a custom op
 //!   node `out = Checkpointed(x)` carries that output into the graph: its forward hands the
-//!   precomputed output over (one copy), its backward reruns the block on `x` with the graph on,
+//!   precomputed output over (`ops::Precomputed`, on any device), its backward reruns the block on `x` with the graph on,
 //!   back-propagates `grad_out` through it and returns the input's gradient;
 //! - the block's LoRA parameters are not inputs of the node, so their gradients from that inner
 //!   backward go to a [`Collector`] the model shares, and [`Collector::merge_into`] adds them
@@ -21,7 +21,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, TensorId, Var};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, Layout, MetalStorage, Result, Shape, Tensor, TensorId, Var,
+};
+
+use super::ops::{Precomputed, on_cpu, on_cuda, on_metal};
 
 /// Gradients of parameters inside checkpointed blocks, gathered during a backward pass.
 #[derive(Debug, Default)]
@@ -75,9 +79,10 @@ pub fn checkpoint(
     if !x.track_op() || side.iter().any(|t| t.track_op()) {
         return f(x);
     }
-    let y = f(&x.detach())?.detach();
+    // A fresh contiguous tensor, as the hand-over needs (a no-op when it already is one).
+    let y = f(&x.detach())?.detach().contiguous()?;
     let op = Checkpointed {
-        output: Mutex::new(Some(y)),
+        output: Precomputed::new(y, "checkpointed block output"),
         f,
         params,
         collector: collector.clone(),
@@ -86,21 +91,11 @@ pub fn checkpoint(
 }
 
 struct Checkpointed {
-    /// The block's output, computed without a graph; taken by the node's forward.
-    output: Mutex<Option<Tensor>>,
+    /// The block's output, computed without a graph; handed over by the node's forward.
+    output: Precomputed,
     f: BlockFn,
     params: Vec<Var>,
     collector: Arc<Collector>,
-}
-
-impl Checkpointed {
-    fn take_output(&self) -> Result<Tensor> {
-        self.output
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("checkpointed output taken twice".into()))
-    }
 }
 
 impl CustomOp1 for Checkpointed {
@@ -109,28 +104,15 @@ impl CustomOp1 for Checkpointed {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = self.take_output()?.contiguous()?;
-        let shape = y.shape().clone();
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cpu(cpu) => Ok((slice_of(cpu, layout)?, shape)),
-            _ => candle_core::bail!("checkpointed block: output not on the CPU"),
-        }
+        self.output.hand_over(on_cpu)
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let y = self.take_output()?.contiguous()?;
-        let shape = y.shape().clone();
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cuda(cuda) => Ok((cuda.try_clone(layout)?, shape)),
-            _ => candle_core::bail!("checkpointed block: output not on the GPU"),
-        }
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.output.hand_over(on_cuda)
+    }
+
+    fn metal_fwd(&self, _: &MetalStorage, _: &Layout) -> Result<(MetalStorage, Shape)> {
+        self.output.hand_over(on_metal)
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -144,18 +126,4 @@ impl CustomOp1 for Checkpointed {
         }
         Ok(grads.get(x.as_tensor()).cloned())
     }
-}
-
-/// The elements `layout` (contiguous) selects from `storage`, as a new storage.
-fn slice_of(storage: &CpuStorage, layout: &Layout) -> Result<CpuStorage> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("checkpointed block: output not contiguous")
-    };
-    Ok(match storage {
-        CpuStorage::F32(v) => CpuStorage::F32(v[start..end].to_vec()),
-        CpuStorage::F64(v) => CpuStorage::F64(v[start..end].to_vec()),
-        CpuStorage::BF16(v) => CpuStorage::BF16(v[start..end].to_vec()),
-        CpuStorage::F16(v) => CpuStorage::F16(v[start..end].to_vec()),
-        _ => candle_core::bail!("checkpointed block: unsupported dtype"),
-    })
 }

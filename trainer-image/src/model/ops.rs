@@ -645,13 +645,13 @@ struct FrozenGrad {
 /// An op's output computed before the op joins the graph, handed over (once) as the op's
 /// forward result, so one implementation serves every device and the graph does not hold it
 /// a second time.
-struct Precomputed {
+pub(super) struct Precomputed {
     value: std::sync::Mutex<Option<Tensor>>,
     what: &'static str,
 }
 
 impl Precomputed {
-    fn new(value: Tensor, what: &'static str) -> Self {
+    pub(super) fn new(value: Tensor, what: &'static str) -> Self {
         Self {
             value: std::sync::Mutex::new(Some(value)),
             what,
@@ -660,7 +660,7 @@ impl Precomputed {
 
     /// The output's storage, on the device `on_device` picks; it must be a fresh contiguous
     /// tensor, since the storage is handed over whole.
-    fn hand_over<S: BackendStorage>(
+    pub(super) fn hand_over<S: BackendStorage>(
         &self,
         on_device: fn(&Storage) -> Option<&S>,
     ) -> Result<(S, Shape)> {
@@ -682,21 +682,21 @@ impl Precomputed {
     }
 }
 
-fn on_cpu(s: &Storage) -> Option<&CpuStorage> {
+pub(super) fn on_cpu(s: &Storage) -> Option<&CpuStorage> {
     match s {
         Storage::Cpu(s) => Some(s),
         _ => None,
     }
 }
 
-fn on_cuda(s: &Storage) -> Option<&CudaStorage> {
+pub(super) fn on_cuda(s: &Storage) -> Option<&CudaStorage> {
     match s {
         Storage::Cuda(s) => Some(s),
         _ => None,
     }
 }
 
-fn on_metal(s: &Storage) -> Option<&MetalStorage> {
+pub(super) fn on_metal(s: &Storage) -> Option<&MetalStorage> {
     match s {
         Storage::Metal(s) => Some(s),
         _ => None,
