@@ -5,19 +5,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
+use common::workspace_root;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube_sim::schema::{Schema, structural_problems};
 use loraplane_crds::v1alpha1::{Concept, ConceptType};
 use serde_json::Value;
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 fn generated_crd() -> CustomResourceDefinition {
     let yaml = loraplane_crds::crd_yaml().unwrap();
