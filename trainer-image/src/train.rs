@@ -280,23 +280,26 @@ pub fn make_batch(
     };
     Ok(Batch {
         noisy: Tensor::cat(&noisy, 0)?.to_dtype(dtype)?,
-        target: Tensor::cat(&target, 0)?.to_dtype(dtype)?,
+        target: Tensor::cat(&target, 0)?,
         timesteps: Tensor::from_vec(ts, b, dev)?,
         cond,
         time_ids,
-        weights: Tensor::from_vec(weights, b, dev)?.to_dtype(dtype)?,
+        weights: Tensor::from_vec(weights, b, dev)?,
     })
 }
 
 /// The (weighted) mean squared error of the model on a batch, differentiable w.r.t. the
 /// adapters.
 pub fn batch_loss(model: &DiffusionModel, batch: &Batch) -> Result<Tensor, TrainError> {
-    let pred = model.predict(
-        &batch.noisy,
-        &batch.timesteps,
-        &batch.cond,
-        batch.time_ids.as_ref(),
-    )?;
+    let pred = model
+        .predict(
+            &batch.noisy,
+            &batch.timesteps,
+            &batch.cond,
+            batch.time_ids.as_ref(),
+        )?
+        // The loss in f32 whatever the model computes in.
+        .to_dtype(DType::F32)?;
     let per_sample = (pred - &batch.target)?.sqr()?.flatten_from(1)?.mean(1)?;
     Ok((per_sample * &batch.weights)?.mean_all()?)
 }
@@ -310,13 +313,29 @@ pub fn named_params(model: &DiffusionModel) -> Vec<(String, candle_core::Var)> {
         .collect()
 }
 
-/// The precision a run computes in, given the one the job asked for and the device.
+/// The precision a run computes in, given the one the job asked for and the device; the
+/// delivered LoRA's `ss_mixed_precision` states it, because that is what produced its weights.
 ///
-/// Every op of the trainer computes in f32 today, on every device: a job asking for `bf16` or
-/// `fp16` gets f32, and the delivered LoRA says so (`ss_mixed_precision`), because that is
-/// what produced its weights.
-pub fn effective_precision(_requested: MixedPrecision, _device: &Device) -> MixedPrecision {
-    MixedPrecision::Fp32
+/// - `bf16` on a GPU: frozen base weights and activations in bf16 (cuBLAS accumulates in
+///   f32), LoRA parameters, optimizer state and the loss in f32.
+/// - `fp16`: f32. Half-precision gradients underflow without loss scaling, which this trainer
+///   does not do; bf16 has f32's range and needs none.
+/// - On the CPU: f32. candle's CPU backend has no bf16 matmul, and f32 is what its kernels
+///   (and ours) are fast at.
+pub fn effective_precision(requested: MixedPrecision, device: &Device) -> MixedPrecision {
+    match requested {
+        MixedPrecision::Bf16 if device.is_cuda() => MixedPrecision::Bf16,
+        _ => MixedPrecision::Fp32,
+    }
+}
+
+/// The dtype the frozen weights and activations are held in at `precision`.
+fn compute_dtype(precision: MixedPrecision) -> DType {
+    match precision {
+        MixedPrecision::Fp32 => DType::F32,
+        MixedPrecision::Fp16 => DType::F16,
+        MixedPrecision::Bf16 => DType::BF16,
+    }
 }
 
 /// Whether the UNet's blocks are checkpointed: as the job says, else on where memory is
@@ -516,14 +535,20 @@ pub fn run_tracking(
         rank: t.rank as usize,
         alpha: t.alpha,
     };
-    let mut model = model::load(&model_dir, config.base_model.family, spec, &opts.device)
-        .map_err(TrainError::LoadModel)?;
+    let precision = effective_precision(t.mixed_precision, &opts.device);
+    let mut model = model::load_with_dtype(
+        &model_dir,
+        config.base_model.family,
+        spec,
+        &opts.device,
+        compute_dtype(precision),
+    )
+    .map_err(TrainError::LoadModel)?;
     model.set_gradient_checkpointing(gradient_checkpointing(
         t.gradient_checkpointing,
         config.base_model.family,
         model.device(),
     ));
-    let precision = effective_precision(t.mixed_precision, model.device());
     if precision != t.mixed_precision {
         tracing::warn!(
             requested = precision_name(t.mixed_precision),
@@ -763,16 +788,23 @@ mod tests {
     }
 
     #[test]
-    fn precision_is_f32_until_a_device_computes_in_less() {
-        for asked in [
+    fn precision_is_f32_on_the_cpu_and_for_fp16_and_bf16_only_on_a_gpu() {
+        let every = [
             MixedPrecision::Fp32,
             MixedPrecision::Fp16,
             MixedPrecision::Bf16,
-        ] {
+        ];
+        for asked in every {
             assert_eq!(
                 effective_precision(asked, &Device::Cpu),
                 MixedPrecision::Fp32
             );
+        }
+        if let Ok(gpu) = Device::new_cuda(0) {
+            let on_gpu = |p| effective_precision(p, &gpu);
+            assert_eq!(on_gpu(MixedPrecision::Bf16), MixedPrecision::Bf16);
+            assert_eq!(on_gpu(MixedPrecision::Fp16), MixedPrecision::Fp32);
+            assert_eq!(on_gpu(MixedPrecision::Fp32), MixedPrecision::Fp32);
         }
     }
 
