@@ -6,7 +6,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TOOLS := .tools
 
-.PHONY: help bootstrap test fmt-check clippy unit chart-test crd-check crdgen values-schema demo bench e2e-real
+.PHONY: help bootstrap test fmt-check clippy code-shape unit chart-test crd-check crdgen values-schema demo bench e2e-real
 
 help:
 	@echo "make demo   - the customer journey on the local stack (DEMO_ARGS=--keep-running keeps it up)"
@@ -23,7 +23,7 @@ bootstrap:
 # The CRD drift check also runs inside `unit` (crds/tests/crd.rs); `make crd-check` is the
 # standalone version (it rebuilds the crds crate alone, which costs minutes on a cold machine).
 # So does the chart's values schema drift check (crds/tests/values_schema.rs).
-test: bootstrap fmt-check clippy unit chart-test cuda-check
+test: bootstrap fmt-check clippy code-shape unit chart-test cuda-check
 	@echo "make test: all checks passed"
 
 fmt-check:
@@ -31,6 +31,11 @@ fmt-check:
 
 clippy:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+# No import circle between a crate's modules; no function over 150 lines in the operator and
+# the API (tests/tools/code_shape.py says where).
+code-shape:
+	python3 tests/tools/code_shape.py
 
 # The e2e tests run the trainer binary that this same workspace build produces (the trainer's own
 # CLI tests make cargo build it). Naming it here keeps the tests from calling cargo themselves: a
