@@ -40,7 +40,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 use super::gemm::{Cores, gemm_into};
-use super::ops::{contiguous_f32, read_f32};
+use super::storage::{contiguous_f32, fusable, read_f32};
 
 /// Elements (f32) of `cols` or `dcols` one GEMM works on: 8 MiB. Large enough that the GEMMs
 /// stay efficient (a 320-channel 3x3 convolution at 64x64 gets 11 output rows per band),
@@ -185,7 +185,7 @@ impl Geometry {
 /// Whether the CPU kernels here apply: f32 input and kernel on the CPU. (The UNet's
 /// convolutions all have groups = 1 and dilation = 1, which is all `ops::Conv2d` expresses.)
 pub(crate) fn applicable(x: &Tensor, weight: &Tensor) -> bool {
-    super::fused::fusable(x) && super::fused::fusable(weight)
+    fusable(x) && fusable(weight)
 }
 
 /// A frozen convolution of an f32 CPU tensor (B, C, H, W) with `weight` (O, C, KH, KW) and an

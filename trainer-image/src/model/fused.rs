@@ -21,8 +21,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::ops::contiguous_f32;
 use super::simd;
+use super::storage::contiguous_f32;
 
 /// How a row's elements map to the affine parameters.
 #[derive(Debug, Clone, Copy)]
@@ -247,11 +247,6 @@ impl CustomOp2 for FusedNormGrad {
 fn input_gradient(arg: &Tensor, grad: &Tensor, op: &impl CustomOp2) -> Result<Option<Tensor>> {
     let grad = grad.contiguous()?;
     Ok(Some(arg.apply_op2_no_bwd(&grad, op)?))
-}
-
-/// Whether the fused kernels apply to this tensor (f32 on the CPU).
-pub(crate) fn fusable(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32
 }
 
 /// The scale and shift as plain vectors, refused unless each has `len` entries (the kernels
@@ -568,6 +563,7 @@ mod tests {
     use super::*;
     use crate::model::ops::tests::max_diff;
     use crate::model::ops::{GroupNorm, LayerNorm};
+    use crate::model::storage::fusable;
     use candle_core::{Device, Module, Var};
 
     /// Deterministic, uneven data: offsets per position so every row has its own mean.

@@ -18,6 +18,7 @@ mod gemm;
 pub mod lora;
 pub mod ops;
 mod simd;
+mod storage;
 pub mod tiny;
 pub mod tokenizer;
 pub mod unet;

@@ -17,15 +17,15 @@
 //! `conv2d` stay for other devices and dtypes, and as the reference those kernels are tested
 //! against.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, CustomOp3, D, DType, Layout, MetalStorage, Module, Result,
-    Shape, Storage, Tensor,
+    Shape, Tensor,
 };
 
 use super::ModelError;
 use super::attention;
 use super::gemm::{Cores, gemm_into};
+use super::storage::{Precomputed, fusable, on_cpu, on_cuda, on_metal, read_f32};
 use super::weights::Weights;
 
 /// The forward passes (every device) of a three-operand graph node whose output was computed
@@ -88,7 +88,7 @@ fn normalize_last_dim(x: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    if super::fused::fusable(x) {
+    if fusable(x) {
         return super::fused::silu(x);
     }
     x.silu()
@@ -96,7 +96,7 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 
 /// Exact (erf) GELU, as PyTorch's default `F.gelu`.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    if super::fused::fusable(x) {
+    if fusable(x) {
         return super::fused::gelu_erf(x);
     }
     x.gelu_erf()
@@ -104,7 +104,7 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 
 /// GEGLU over the last dimension: its first half times the exact GELU of its second half.
 pub fn geglu(x: &Tensor) -> Result<Tensor> {
-    if super::fused::fusable(x) {
+    if fusable(x) {
         return super::fused::geglu(x);
     }
     let half = x.dim(D::Minus1)? / 2;
@@ -151,7 +151,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if super::fused::fusable(x) {
+        if fusable(x) {
             return super::fused::layer_norm(x, &self.weight, &self.bias, self.eps);
         }
         self.forward_composed(x)
@@ -221,7 +221,7 @@ impl GroupNorm {
 
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if super::fused::fusable(x) {
+        if fusable(x) {
             return super::fused::group_norm(x, self.groups, &self.weight, &self.bias, self.eps);
         }
         self.forward_composed(x)
@@ -312,7 +312,6 @@ impl Linear {
 
     /// `output` plus `h · upᵀ` for a LoRA branch's middle `h` (..., rank), when given.
     fn output_with(&self, x: &Tensor, branch: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
-        use super::fused::fusable;
         let on_cpu = fusable(x)
             && fusable(&self.weight)
             && self.bias.as_ref().is_none_or(fusable)
@@ -452,10 +451,7 @@ impl CustomOp3 for Adapted {
         let d_down = g.t()?.matmul(&xa)?;
         let dx = if !x.track_op() {
             None
-        } else if [dz, &self.weight, &g, &down]
-            .iter()
-            .all(|t| super::fused::fusable(t))
-        {
+        } else if [dz, &self.weight, &g, &down].iter().all(|t| fusable(t)) {
             // dz · W and g · down into one buffer.
             let mut dx = vec![0f32; rows * in_dim];
             let (dz, w) = (
@@ -642,67 +638,6 @@ struct FrozenGrad {
     value: Precomputed,
 }
 
-/// An op's output computed before the op joins the graph, handed over (once) as the op's
-/// forward result, so one implementation serves every device and the graph does not hold it
-/// a second time.
-pub(super) struct Precomputed {
-    value: std::sync::Mutex<Option<Tensor>>,
-    what: &'static str,
-}
-
-impl Precomputed {
-    pub(super) fn new(value: Tensor, what: &'static str) -> Self {
-        Self {
-            value: std::sync::Mutex::new(Some(value)),
-            what,
-        }
-    }
-
-    /// The output's storage, on the device `on_device` picks; it must be a fresh contiguous
-    /// tensor, since the storage is handed over whole.
-    pub(super) fn hand_over<S: BackendStorage>(
-        &self,
-        on_device: fn(&Storage) -> Option<&S>,
-    ) -> Result<(S, Shape)> {
-        let what = self.what;
-        let value = self
-            .value
-            .lock()
-            .map_err(|_| candle_core::Error::Msg(format!("{what}: lock poisoned")))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg(format!("{what}: already taken")))?;
-        let (storage, layout) = value.storage_and_layout();
-        let Some(s) = on_device(&storage) else {
-            candle_core::bail!("{what} is on another device");
-        };
-        if !layout.is_contiguous() || layout.start_offset() != 0 {
-            candle_core::bail!("{what} is not contiguous");
-        }
-        Ok((s.try_clone(layout)?, layout.shape().clone()))
-    }
-}
-
-pub(super) fn on_cpu(s: &Storage) -> Option<&CpuStorage> {
-    match s {
-        Storage::Cpu(s) => Some(s),
-        _ => None,
-    }
-}
-
-pub(super) fn on_cuda(s: &Storage) -> Option<&CudaStorage> {
-    match s {
-        Storage::Cuda(s) => Some(s),
-        _ => None,
-    }
-}
-
-pub(super) fn on_metal(s: &Storage) -> Option<&MetalStorage> {
-    match s {
-        Storage::Metal(s) => Some(s),
-        _ => None,
-    }
-}
-
 impl CustomOp1 for FrozenGrad {
     fn name(&self) -> &'static str {
         "frozen-weight"
@@ -809,7 +744,7 @@ pub(crate) fn attention_in_chunks(
 ) -> Result<Tensor> {
     let (b, _, c) = q.dims3()?;
     let scale = 1.0 / ((c / heads) as f64).sqrt();
-    if [q, k, v].iter().all(|t| super::fused::fusable(t)) {
+    if [q, k, v].iter().all(|t| fusable(t)) {
         return flash_attention(q, k, v, heads, scale as f32, rows);
     }
     let q = split_heads(&(q * scale)?, heads)?;
@@ -922,50 +857,6 @@ impl CustomOp3 for FlashAttention {
             Some(Tensor::from_vec(dv, v.shape(), dev)?),
         ))
     }
-}
-
-/// The elements of contiguous f32 CPU storage with layout `l`; `what` names the operand in
-/// the error (e.g. "conv2d GEMM result"). Shared by every CPU kernel.
-pub(super) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("{what} must be f32, got {:?}", s.dtype());
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{what} must be contiguous, got strides {:?}", l.stride()),
-    }
-}
-
-/// Read access to the elements of a contiguous f32 CPU tensor, without a copy.
-pub(super) struct ReadF32<G> {
-    /// The tensor's storage lock guard, held while the slice is in use.
-    storage: G,
-    range: std::ops::Range<usize>,
-}
-
-impl<G: std::ops::Deref<Target = Storage>> ReadF32<G> {
-    pub(super) fn slice(&self) -> &[f32] {
-        match &*self.storage {
-            Storage::Cpu(CpuStorage::F32(v)) => &v[self.range.clone()],
-            // `read_f32` only builds a `ReadF32` over f32 CPU storage.
-            _ => &[],
-        }
-    }
-}
-
-/// `t`'s elements as a slice (see `ReadF32`), refused unless `t` is a contiguous f32 CPU
-/// tensor; `what` names it in the error.
-pub(super) fn read_f32<'a>(
-    t: &'a Tensor,
-    what: &str,
-) -> Result<ReadF32<impl std::ops::Deref<Target = Storage> + 'a>> {
-    let (storage, layout) = t.storage_and_layout();
-    let Some(cpu) = on_cpu(&storage) else {
-        candle_core::bail!("{what} must be on the CPU");
-    };
-    let start = layout.start_offset();
-    let range = start..start + contiguous_f32(cpu, layout, what)?.len();
-    Ok(ReadF32 { storage, range })
 }
 
 /// Query-row ranges of at most `chunk` rows covering `0..n`.
