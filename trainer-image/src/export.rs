@@ -79,8 +79,10 @@ pub struct ExportInfo {
     pub num_images: usize,
     /// Batch size.
     pub batch_size: u32,
-    /// `fp32`/`fp16`/`bf16`.
+    /// `fp32`/`fp16`/`bf16`: what the run computed in.
     pub mixed_precision: String,
+    /// Whether the UNet's blocks were checkpointed.
+    pub gradient_checkpointing: bool,
     /// Noise offset.
     pub noise_offset: f64,
     /// Min-SNR gamma.
@@ -216,6 +218,15 @@ pub fn metadata(info: &ExportInfo) -> BTreeMap<String, String> {
         ("ss_num_train_images", info.num_images.to_string()),
         ("ss_batch_size_per_device", info.batch_size.to_string()),
         ("ss_mixed_precision", info.mixed_precision.clone()),
+        (
+            "ss_gradient_checkpointing",
+            if info.gradient_checkpointing {
+                "True"
+            } else {
+                "False"
+            }
+            .into(),
+        ),
         ("ss_noise_offset", info.noise_offset.to_string()),
         (
             "ss_min_snr_gamma",

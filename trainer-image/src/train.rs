@@ -544,11 +544,12 @@ pub fn run_tracking(
         compute_dtype(precision),
     )
     .map_err(TrainError::LoadModel)?;
-    model.set_gradient_checkpointing(gradient_checkpointing(
+    let checkpointing = gradient_checkpointing(
         t.gradient_checkpointing,
         config.base_model.family,
         model.device(),
-    ));
+    );
+    model.set_gradient_checkpointing(checkpointing);
     if precision != t.mixed_precision {
         tracing::warn!(
             requested = precision_name(t.mixed_precision),
@@ -662,6 +663,7 @@ pub fn run_tracking(
         num_images: samples.len(),
         batch_size: t.batch_size,
         mixed_precision: precision_name(precision).into(),
+        gradient_checkpointing: checkpointing,
         noise_offset: t.noise_offset,
         min_snr_gamma: t.min_snr_gamma,
         prediction_type: match sched.prediction {

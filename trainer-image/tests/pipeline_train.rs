@@ -138,6 +138,39 @@ fn the_metadata_states_the_precision_that_ran_not_the_one_asked_for() {
             "{}: bf16 was asked for, f32 ran on the CPU",
             a.uri
         );
+        assert_eq!(
+            file.metadata["ss_gradient_checkpointing"], "False",
+            "{}: checkpointing is off by default on the CPU",
+            a.uri
+        );
+    }
+}
+
+#[test]
+fn a_checkpointed_run_trains_the_same_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(dir.path(), ModelFamily::Sdxl);
+    let run_with = |on: bool| {
+        let mut cfg = config(&s, &dir.path().join(format!("run-{on}")), 3, 3);
+        cfg.training.gradient_checkpointing = Some(on);
+        train::run(&cfg, &opts()).unwrap()
+    };
+    let (plain, checkpointed) = (run_with(false), run_with(true));
+    assert_eq!(plain.losses.len(), 3);
+    for (step, (a, b)) in plain.losses.iter().zip(&checkpointed.losses).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+            "step {}: loss {a} without checkpointing, {b} with",
+            step + 1
+        );
+    }
+    for a in &checkpointed.summary.artifacts {
+        let file = read(std::path::Path::new(&a.uri));
+        assert_eq!(
+            file.metadata["ss_gradient_checkpointing"], "True",
+            "{}",
+            a.uri
+        );
     }
 }
 
