@@ -2,28 +2,33 @@
 //! architecture comes from each component's `config.json`, the weights from its safetensors,
 //! so any conforming SD1.5 or SDXL checkpoint loads, full size or tiny.
 //!
-//! Only the UNet is on the training path. It is written from differentiable candle ops
-//! (`ops`): candle's fused softmax/layer-norm/rms-norm kernels have no backward pass and would
-//! silently cut the graph. The text encoders and the VAE encoder are frozen and forward-only.
+//! Read it from the bottom up:
+//! - `kernels/`: the hand-written CPU kernels (attention, convolution, fused norms and
+//!   activations, GEMM and SIMD helpers) and the storage plumbing every custom op shares;
+//!   each applies to f32 CPU tensors only, so other devices never reach them;
+//! - `layers/`: the differentiable layers the families are built from (`ops`: linear, conv,
+//!   norms, activations, attention, each handing over to a kernel where one applies and
+//!   composed from candle ops elsewhere; `lora`: the LoRA adapter; `checkpoint`: gradient
+//!   checkpointing). candle's own fused softmax/layer-norm/rms-norm have no backward pass and
+//!   would silently cut the graph, so none is used;
+//! - `sd/`: the Stable Diffusion family (SD1.5 and SDXL): UNet, VAE encoder, CLIP text
+//!   encoders and tokenizer, each with its `Config` from the diffusers `config.json` and a
+//!   `load` per block;
+//! - here: `DiffusionModel`, the facade the training loop calls (encode prompts and images,
+//!   predict, list adapters, backward), `weights` (safetensors by diffusers name) and `tiny`
+//!   (small random checkpoints in the exact diffusers layout, for tests and demos).
 //!
-//! `DiffusionModel` is the facade the training pipeline calls; `tiny` writes small random
-//! checkpoints in the exact diffusers layout for tests and demos.
+//! Only the UNet is on the training path; the text encoders and the VAE encoder are frozen
+//! and forward-only.
 
-mod attention;
-mod checkpoint;
-pub mod clip;
-mod conv;
-mod fused;
-mod gemm;
-pub mod lora;
-pub mod ops;
-mod simd;
-mod storage;
+mod kernels;
+pub mod layers;
+pub mod sd;
 pub mod tiny;
-pub mod tokenizer;
-pub mod unet;
-pub mod vae;
 mod weights;
+
+pub use layers::{lora, ops};
+pub use sd::{clip, tokenizer, unet, vae};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

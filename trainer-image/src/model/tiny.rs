@@ -15,10 +15,10 @@ use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
 use serde_json::{Value, json};
 
-use super::lora::{LoraSpec, SplitMix64, fnv1a};
-use super::tokenizer::{BpeVocab, EOS, write, write_err};
 use super::weights::Weights;
 use super::{ModelError, ModelFamily, clip, read_config, unet, vae};
+use crate::model::layers::lora::{LoraSpec, SplitMix64, fnv1a};
+use crate::model::sd::tokenizer::{BpeVocab, EOS, write, write_err};
 
 /// Words the tiny tokenizer's merges are learnt from (typical caption vocabulary).
 const CORPUS: &[&str] = &[

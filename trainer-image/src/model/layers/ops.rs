@@ -5,28 +5,28 @@
 //! Some backward passes are written by hand. `ChunkedAttention` computes attention a block of
 //! query rows at a time and recomputes the probabilities in the backward pass, so no
 //! sequence-squared score matrix outlives its chunk (SD1.5 at 512 px has 4096 tokens);
-//! `FlashAttention` does the same through `attention.rs`'s kernels. `FrozenGrad`, for frozen
+//! `FlashAttention` does the same through `kernels/attention.rs`. `FrozenGrad`, for frozen
 //! linear/conv layers, returns the input gradient only, because candle's stock matmul/conv
 //! backward also computes a weight gradient (as much work as the forward pass, and
 //! model-sized memory) that frozen base weights never use; `Adapted` is a frozen linear with
 //! its LoRA branch as one node. The finite-difference tests check them all.
 //!
-//! On the CPU in f32, the norms and activations here hand over to `fused.rs` (one kernel each
-//! way, parallel) and the frozen convolutions to `conv.rs` (GEMMs in NCHW: one per kernel tap
-//! on large planes, im2col and one GEMM otherwise); the composed versions and candle's
-//! `conv2d` stay for other devices and dtypes, and as the reference those kernels are tested
-//! against.
+//! On the CPU in f32, the norms and activations here hand over to `kernels/fused.rs` (one
+//! kernel each way, parallel) and the frozen convolutions to `kernels/conv.rs` (GEMMs in NCHW:
+//! one per kernel tap on large planes, im2col and one GEMM otherwise); the composed versions
+//! and candle's `conv2d` stay for other devices and dtypes, and as the reference those
+//! kernels are tested against.
 
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, CustomOp3, D, DType, Layout, MetalStorage, Module, Result,
     Shape, Tensor,
 };
 
-use super::ModelError;
-use super::attention;
-use super::gemm::{Cores, gemm_into};
-use super::storage::{Precomputed, fusable, on_cpu, on_cuda, on_metal, read_f32};
-use super::weights::Weights;
+use crate::model::ModelError;
+use crate::model::kernels::gemm::{Cores, gemm_into};
+use crate::model::kernels::storage::{Precomputed, fusable, on_cpu, on_cuda, on_metal, read_f32};
+use crate::model::kernels::{attention, conv, fused};
+use crate::model::weights::Weights;
 
 /// The forward passes (every device) of a three-operand graph node whose output was computed
 /// beforehand: they hand over the `Precomputed` field named.
@@ -89,7 +89,7 @@ fn normalize_last_dim(x: &Tensor, eps: f64) -> Result<Tensor> {
 
 pub fn silu(x: &Tensor) -> Result<Tensor> {
     if fusable(x) {
-        return super::fused::silu(x);
+        return fused::silu(x);
     }
     x.silu()
 }
@@ -97,7 +97,7 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 /// Exact (erf) GELU, as PyTorch's default `F.gelu`.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     if fusable(x) {
-        return super::fused::gelu_erf(x);
+        return fused::gelu_erf(x);
     }
     x.gelu_erf()
 }
@@ -105,7 +105,7 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 /// GEGLU over the last dimension: its first half times the exact GELU of its second half.
 pub fn geglu(x: &Tensor) -> Result<Tensor> {
     if fusable(x) {
-        return super::fused::geglu(x);
+        return fused::geglu(x);
     }
     let half = x.dim(D::Minus1)? / 2;
     let hidden = x.narrow(D::Minus1, 0, half)?;
@@ -152,7 +152,7 @@ impl LayerNorm {
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if fusable(x) {
-            return super::fused::layer_norm(x, &self.weight, &self.bias, self.eps);
+            return fused::layer_norm(x, &self.weight, &self.bias, self.eps);
         }
         self.forward_composed(x)
     }
@@ -222,7 +222,7 @@ impl GroupNorm {
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if fusable(x) {
-            return super::fused::group_norm(x, self.groups, &self.weight, &self.bias, self.eps);
+            return fused::group_norm(x, self.groups, &self.weight, &self.bias, self.eps);
         }
         self.forward_composed(x)
     }
@@ -552,8 +552,8 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if super::conv::applicable(x, &self.weight) {
-            return super::conv::conv2d(
+        if conv::applicable(x, &self.weight) {
+            return conv::conv2d(
                 x,
                 &self.weight,
                 self.bias.as_ref(),
@@ -567,7 +567,7 @@ impl Module for Conv2d {
 
 impl Conv2d {
     /// The same convolution through candle's `conv2d` (any device or dtype; the reference the
-    /// CPU kernels in `conv.rs` are tested and benchmarked against).
+    /// CPU kernels in `kernels/conv.rs` are tested and benchmarked against).
     pub fn forward_candle(&self, x: &Tensor) -> Result<Tensor> {
         // The bias joins before the graph does, as in `Linear::forward`.
         let y = x
@@ -776,7 +776,7 @@ pub(crate) fn chunked_attention(
     )
 }
 
-/// Attention on f32 CPU tensors (B, N, C) through the fused kernels of `attention.rs`, which
+/// Attention on f32 CPU tensors (B, N, C) through the fused kernels of `kernels/attention.rs`, which
 /// split the heads into head-major copies and merge them back themselves; `rows` query rows
 /// per block (`None`: by its score budget). The
 /// graph keeps the output and one log-sum-exp per query row and head for the backward pass.

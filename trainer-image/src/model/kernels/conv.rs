@@ -588,7 +588,7 @@ impl InplaceOp2 for Col2Im {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ops::tests::max_diff;
+    use crate::model::layers::ops::tests::max_diff;
     use candle_core::{Device, Var};
 
     /// Deterministic, uneven data in [-1, 1].
@@ -761,7 +761,7 @@ mod tests {
     /// second layer after it so the gradient arriving at the first is not trivial.
     #[test]
     fn conv2d_layer_gradient_matches_the_candle_path() {
-        use crate::model::ops::Conv2d;
+        use crate::model::layers::ops::Conv2d;
         use candle_core::Module;
         // Square inputs: the candle path's stride-2 gradient assumes height and width share
         // their parity (the UNet's latents are square).

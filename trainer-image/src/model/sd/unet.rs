@@ -12,11 +12,11 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use serde::Deserialize;
 
-use super::ModelError;
-use super::checkpoint::{Collector, checkpoint};
-use super::lora::{Adapter, LoraLinear, LoraSpec};
-use super::ops::{self, Conv2d, GroupNorm, LayerNorm, Linear};
-use super::weights::Weights;
+use crate::model::ModelError;
+use crate::model::layers::checkpoint::{Collector, checkpoint};
+use crate::model::layers::lora::{Adapter, LoraLinear, LoraSpec};
+use crate::model::layers::ops::{self, Conv2d, GroupNorm, LayerNorm, Linear};
+use crate::model::weights::Weights;
 
 /// A config value diffusers accepts either as one number or as one per block.
 #[derive(Debug, Clone, PartialEq, Deserialize)]

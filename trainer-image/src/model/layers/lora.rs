@@ -4,8 +4,8 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 
-use super::ModelError;
 use super::ops::Linear;
+use crate::model::ModelError;
 
 /// Rank and alpha of the adapters. The `down` initialisation is seeded from each module's
 /// path, so it is reproducible; `DiffusionModel::reseed_adapters` draws it from another seed.

@@ -5,10 +5,10 @@
 use candle_core::{Module, Result, Tensor};
 use serde::Deserialize;
 
-use super::ModelError;
-use super::ops::{self, Conv2d, GroupNorm, Linear};
 use super::unet::ResnetBlock2D;
-use super::weights::Weights;
+use crate::model::ModelError;
+use crate::model::layers::ops::{self, Conv2d, GroupNorm, Linear};
+use crate::model::weights::Weights;
 
 /// The keys of diffusers' `AutoencoderKL` config the encoder uses.
 #[derive(Debug, Clone, Deserialize)]

@@ -7,8 +7,9 @@
 //! - forward: the block runs on a detached copy of its input, its output is detached (the
 //!   block's graph, and every intermediate it holds, is dropped at once), and a custom op
 //!   node `out = Checkpointed(x)` carries that output into the graph: its forward hands the
-//!   precomputed output over (`storage::Precomputed`, on any device), its backward reruns the block on `x` with the graph on,
-//!   back-propagates `grad_out` through it and returns the input's gradient;
+//!   precomputed output over (`storage::Precomputed`, on any device), its backward reruns
+//!   the block on `x` with the graph on, back-propagates `grad_out` through it and returns
+//!   the input's gradient;
 //! - the block's LoRA parameters are not inputs of the node, so their gradients from that inner
 //!   backward go to a [`Collector`] the model shares, and [`Collector::merge_into`] adds them
 //!   to the outer backward's store.
@@ -25,7 +26,7 @@ use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, Layout, MetalStorage, Result, Shape, Tensor, TensorId, Var,
 };
 
-use super::storage::{Precomputed, on_cpu, on_cuda, on_metal};
+use crate::model::kernels::storage::{Precomputed, on_cpu, on_cuda, on_metal};
 
 /// Gradients of parameters inside checkpointed blocks, gathered during a backward pass.
 #[derive(Debug, Default)]

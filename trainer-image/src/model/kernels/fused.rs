@@ -1,7 +1,7 @@
 //! Fused CPU kernels with hand-written backward passes: GroupNorm and LayerNorm with a frozen
 //! affine, the SiLU and exact-GELU activations, and the GEGLU feed-forward gate.
 //!
-//! The composed norms in `ops.rs` (mean, subtract, square, mean, add, sqrt, divide, scale,
+//! The composed norms in `layers/ops.rs` (mean, subtract, square, mean, add, sqrt, divide, scale,
 //! shift) are differentiable by candle but keep about four input-sized intermediates per norm
 //! alive for the backward pass and walk the data nine times, single-threaded. A full SD1.5
 //! UNet at 512 px has 61 GroupNorms and 48 LayerNorms on tensors of up to 5 MiB each, so those
@@ -561,9 +561,9 @@ pub(crate) fn geglu(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ops::tests::max_diff;
-    use crate::model::ops::{GroupNorm, LayerNorm};
-    use crate::model::storage::fusable;
+    use crate::model::kernels::storage::fusable;
+    use crate::model::layers::ops::tests::max_diff;
+    use crate::model::layers::ops::{GroupNorm, LayerNorm};
     use candle_core::{Device, Module, Var};
 
     /// Deterministic, uneven data: offsets per position so every row has its own mean.

@@ -5,9 +5,9 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use serde::Deserialize;
 
-use super::ModelError;
-use super::ops::{self, LayerNorm, Linear};
-use super::weights::Weights;
+use crate::model::ModelError;
+use crate::model::layers::ops::{self, LayerNorm, Linear};
+use crate::model::weights::Weights;
 
 /// The keys of transformers' `CLIPTextConfig` this encoder uses.
 #[derive(Debug, Clone, Deserialize)]
