@@ -39,7 +39,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "${wheels[*]}" ]; then
     ln -sf "$(realpath "$file")" "$root/lib/lib$lib.so"
   done
 
-  # The driver API stub: every function cudarc's driver bindings name.
+  # The driver API stub: every function cudarc's driver bindings name (cudarc is an optional
+  # dependency no other build needs, so its source may not be downloaded yet).
+  cargo fetch --locked >&2 || die "cargo fetch failed (needs crates.io)"
   sys=$(cargo metadata --format-version 1 --locked --all-features 2>/dev/null \
     | python3 -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"]=="cudarc"))' \
     | sed 's|Cargo.toml$|src/driver/sys/mod.rs|') || die "cudarc not in Cargo.lock (run 'cargo fetch')"
