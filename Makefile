@@ -10,7 +10,8 @@ TOOLS := .tools
 
 help:
 	@echo "make demo   - the customer journey on the local stack (DEMO_ARGS=--keep-running keeps it up)"
-	@echo "make test   - everything CI checks: tools, fmt, clippy, tests, CRD and values-schema drift"
+	@echo "make test   - everything CI checks: tools, fmt, clippy, code shape, tests, CRD and values-schema drift, the CUDA build"
+	@echo "make cuda-check - compile, link and clippy the trainer's CUDA build (no GPU needed; CUDA 13.0 wheels from PyPI)"
 	@echo "make crdgen - regenerate crds/loratrainingjob.yaml from the Rust types"
 	@echo "make values-schema - regenerate charts/loraplane/values.schema.json from the Rust types"
 	@echo "make e2e-real - the journey against a real cluster (KUBECONFIG; see tests/e2e/REAL_CLUSTER.md)"
