@@ -370,7 +370,8 @@ pub fn write_random_model(
         seed,
         |vb, path| {
             let cfg: vae::VaeConfig = read_config(path)?;
-            vae::VaeEncoder::load(vb, &cfg).map(|_| ())
+            vae::VaeEncoder::load(vb, &cfg)?;
+            vae::VaeDecoder::load(vb, &cfg).map(|_| ())
         },
     )?;
     Ok(())
@@ -673,5 +674,14 @@ mod tests {
         let (params, _) = count(|vb| vae::VaeEncoder::load(vb, &cfg).map(|_| ()));
         // AutoencoderKL's encoder (34,163,592) plus quant_conv (72).
         assert_eq!(params, 34_163_664);
+    }
+
+    #[test]
+    fn full_size_vae_decoder_has_the_published_parameter_count() {
+        let cfg: vae::VaeConfig = serde_json::from_str(FULL_VAE).unwrap();
+        let (params, _) = count(|vb| vae::VaeDecoder::load(vb, &cfg).map(|_| ()));
+        // AutoencoderKL's decoder plus post_quant_conv (20): with the encoder and quant_conv,
+        // the 83,653,863 parameters of the published SD VAE.
+        assert_eq!(params + 34_163_664, 83_653_863);
     }
 }

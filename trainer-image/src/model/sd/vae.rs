@@ -1,6 +1,8 @@
-//! The encoder half of diffusers' `AutoencoderKL`, built from `vae/config.json`: images in
-//! [-1, 1] to the latent posterior mean times `scaling_factor`. Frozen, forward only (the
-//! decoder is not needed for training and is not loaded).
+//! diffusers' `AutoencoderKL`, built from `vae/config.json`, frozen and forward only:
+//! - the encoder ([`VaeEncoder`]): images in [-1, 1] to the latent posterior mean, shifted by
+//!   `shift_factor` and times `scaling_factor` (what training caches);
+//! - the decoder ([`VaeDecoder`]): such latents back to images in [-1, 1] (what previews
+//!   render). It is loaded only by whoever renders images, not for training.
 
 use candle_core::{Module, Result, Tensor};
 use serde::Deserialize;
@@ -32,6 +34,12 @@ pub struct VaeConfig {
     pub mid_block_add_attention: bool,
     #[serde(default = "yes")]
     pub use_quant_conv: bool,
+    #[serde(default = "yes")]
+    pub use_post_quant_conv: bool,
+    #[serde(default = "three")]
+    pub out_channels: usize,
+    #[serde(default)]
+    pub up_block_types: Vec<String>,
 }
 
 fn three() -> usize {
@@ -231,5 +239,148 @@ impl VaeEncoder {
             None => mean,
         };
         shifted * self.config.scaling_factor
+    }
+}
+
+#[derive(Debug, Clone)]
+struct UpDecoderBlock {
+    resnets: Vec<ResnetBlock2D>,
+    upsample: Option<Conv2d>,
+}
+
+/// The decoder's middle: resnet, optional single-head attention, resnet (as the encoder's).
+#[derive(Debug, Clone)]
+struct MidBlock {
+    resnet0: ResnetBlock2D,
+    attention: Option<VaeAttention>,
+    resnet1: ResnetBlock2D,
+}
+
+impl MidBlock {
+    fn load(vb: &Weights, c: usize, cfg: &VaeConfig) -> std::result::Result<Self, ModelError> {
+        let g = cfg.norm_num_groups;
+        Ok(Self {
+            resnet0: ResnetBlock2D::load(&vb.pp("resnets").pp(0), c, c, None, g, 1e-6)?,
+            attention: if cfg.mid_block_add_attention {
+                Some(VaeAttention::load(&vb.pp("attentions").pp(0), c, g)?)
+            } else {
+                None
+            },
+            resnet1: ResnetBlock2D::load(&vb.pp("resnets").pp(1), c, c, None, g, 1e-6)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = self.resnet0.forward(x, None)?;
+        if let Some(a) = &self.attention {
+            h = a.forward(&h)?;
+        }
+        self.resnet1.forward(&h, None)
+    }
+}
+
+/// `post_quant_conv` + `AutoencoderKL.decoder`.
+#[derive(Debug, Clone)]
+pub struct VaeDecoder {
+    config: VaeConfig,
+    post_quant_conv: Option<Conv2d>,
+    conv_in: Conv2d,
+    mid: MidBlock,
+    blocks: Vec<UpDecoderBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl VaeDecoder {
+    pub(crate) fn load(vb: &Weights, cfg: &VaeConfig) -> std::result::Result<Self, ModelError> {
+        let unsupported = |reason: String| ModelError::UnsupportedConfig {
+            path: "vae/config.json".into(),
+            reason,
+        };
+        let boc = &cfg.block_out_channels;
+        let (Some(&first), Some(&last)) = (boc.first(), boc.last()) else {
+            return Err(unsupported("block_out_channels is empty".into()));
+        };
+        if let Some(t) = cfg
+            .up_block_types
+            .iter()
+            .find(|t| t.as_str() != "UpDecoderBlock2D")
+        {
+            return Err(unsupported(format!("up block type {t:?} is not supported")));
+        }
+        let g = cfg.norm_num_groups;
+        let dec = vb.pp("decoder");
+        let mut blocks = Vec::new();
+        let mut in_c = last;
+        // diffusers' up blocks run from the deepest channel count back to the first; each
+        // has one resnet more than an encoder block, and all but the last upsample.
+        for (i, &out_c) in boc.iter().rev().enumerate() {
+            let bvb = dec.pp("up_blocks").pp(i);
+            let mut resnets = Vec::new();
+            for j in 0..=cfg.layers_per_block {
+                let rin = if j == 0 { in_c } else { out_c };
+                resnets.push(ResnetBlock2D::load(
+                    &bvb.pp("resnets").pp(j),
+                    rin,
+                    out_c,
+                    None,
+                    g,
+                    1e-6,
+                )?);
+            }
+            let upsample = if i + 1 < boc.len() {
+                Some(Conv2d::load(
+                    &bvb.pp("upsamplers").pp(0).pp("conv"),
+                    out_c,
+                    out_c,
+                    3,
+                    1,
+                    1,
+                )?)
+            } else {
+                None
+            };
+            blocks.push(UpDecoderBlock { resnets, upsample });
+            in_c = out_c;
+        }
+        let l = cfg.latent_channels;
+        Ok(Self {
+            config: cfg.clone(),
+            post_quant_conv: if cfg.use_post_quant_conv {
+                Some(Conv2d::load(&vb.pp("post_quant_conv"), l, l, 1, 1, 0)?)
+            } else {
+                None
+            },
+            conv_in: Conv2d::load(&dec.pp("conv_in"), l, last, 3, 1, 1)?,
+            mid: MidBlock::load(&dec.pp("mid_block"), last, cfg)?,
+            blocks,
+            conv_norm_out: GroupNorm::load(&dec.pp("conv_norm_out"), g, first, 1e-6)?,
+            conv_out: Conv2d::load(&dec.pp("conv_out"), first, cfg.out_channels, 3, 1, 1)?,
+        })
+    }
+
+    /// (B, latent_channels, h, w) latents as the encoder gives them (scaled, shifted) ->
+    /// (B, out_channels, h·f, w·f) images, nominally in [-1, 1] (not clamped).
+    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        let z = (z / self.config.scaling_factor)?;
+        let z = match self.config.shift_factor {
+            Some(s) => (z + s)?,
+            None => z,
+        };
+        let z = match &self.post_quant_conv {
+            Some(c) => c.forward(&z)?,
+            None => z,
+        };
+        let mut h = self.mid.forward(&self.conv_in.forward(&z)?)?;
+        for block in &self.blocks {
+            for r in &block.resnets {
+                h = r.forward(&h, None)?;
+            }
+            if let Some(up) = &block.upsample {
+                h = up.forward(&ops::upsample_nearest_2x(&h)?)?;
+            }
+        }
+        self.conv_out
+            .forward(&ops::silu(&self.conv_norm_out.forward(&h)?)?)
     }
 }
