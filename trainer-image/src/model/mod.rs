@@ -129,6 +129,18 @@ pub struct SchedulerConfig {
     /// `epsilon` or `v_prediction`; anything else fails loading with the field named.
     #[serde(default)]
     pub prediction_type: PredictionType,
+    /// The scheduler the model was published with (`_class_name`): picks the preview sampler.
+    #[serde(default, rename = "_class_name")]
+    pub class_name: Option<String>,
+    /// How inference timesteps are spread (`leading`, `trailing`, `linspace`).
+    #[serde(default)]
+    pub timestep_spacing: Option<String>,
+    /// Added to `leading` inference timesteps.
+    #[serde(default)]
+    pub steps_offset: usize,
+    /// DDIM's last step lands on a clean sample (ᾱ = 1) rather than on timestep 0.
+    #[serde(default)]
+    pub set_alpha_to_one: bool,
 }
 
 /// What the UNet predicts (`prediction_type` in `scheduler_config.json`).
@@ -163,6 +175,10 @@ impl Default for SchedulerConfig {
             beta_end: default_beta_end(),
             beta_schedule: default_beta_schedule(),
             prediction_type: PredictionType::default(),
+            class_name: None,
+            timestep_spacing: None,
+            steps_offset: 0,
+            set_alpha_to_one: false,
         }
     }
 }
@@ -250,6 +266,14 @@ pub fn load_with_dtype(
         vae,
         scheduler,
     })
+}
+
+/// The VAE decoder of a diffusers folder, in f32 on `device` (for rendering images; training
+/// never loads it).
+pub fn load_vae_decoder(dir: &Path, device: &Device) -> Result<vae::VaeDecoder, ModelError> {
+    let cfg: vae::VaeConfig = read_config(&dir.join("vae").join("config.json"))?;
+    let vb = weights::Weights::from_dir(&dir.join("vae"), "vae", DType::F32, device)?;
+    vae::VaeDecoder::load(&vb, &cfg)
 }
 
 fn check_family(dir: &Path, family: ModelFamily, cfg: &unet::UNetConfig) -> Result<(), ModelError> {

@@ -1,0 +1,128 @@
+//! Rendering a preview image with the model as it stands (base weights plus the LoRA trained
+//! so far): classifier-free guidance over the empty prompt, the sampler the model's scheduler
+//! config names (`sampler`), the VAE decoder, a PNG.
+//!
+//! Forward only: each step's graph (the adapters are variables, so candle records one) is
+//! dropped before the next step.
+
+use candle_core::{DType, Tensor};
+
+use crate::model::vae::VaeDecoder;
+use crate::model::{DiffusionModel, ModelError, ModelFamily, TextConditioning};
+use crate::rng::Rng;
+use crate::sampler::{self, PlanConfig};
+use crate::schedule::{NoiseSchedule, ScheduleError};
+
+/// How to render one image.
+#[derive(Debug, Clone, Copy)]
+pub struct RenderOptions {
+    /// Sampler steps.
+    pub steps: usize,
+    /// Classifier-free guidance scale (1: the prompt's prediction alone).
+    pub guidance: f64,
+    /// Seed of the initial noise.
+    pub seed: u64,
+    /// Image side in pixels (a multiple of the VAE's scale factor).
+    pub resolution: usize,
+}
+
+/// Why an image could not be rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    /// The resolution does not divide into latents.
+    #[error("resolution {resolution} is not a positive multiple of {factor}")]
+    CheckResolution {
+        /// Asked.
+        resolution: usize,
+        /// The VAE's scale factor.
+        factor: usize,
+    },
+    /// The model's scheduler config cannot drive a sampler.
+    #[error(transparent)]
+    BuildSchedule(#[from] ScheduleError),
+    /// Running the text encoders, the UNet or the decoder failed.
+    #[error("rendering: {0}")]
+    Run(#[from] ModelError),
+    /// A tensor operation failed.
+    #[error("rendering: {0}")]
+    Compute(#[from] candle_core::Error),
+    /// The image could not be encoded as PNG.
+    #[error("encoding the preview as PNG: {0}")]
+    EncodePng(String),
+}
+
+/// Renders `prompt` with `model` and `decoder`: a PNG of `resolution`² pixels.
+pub fn render(
+    model: &DiffusionModel,
+    decoder: &VaeDecoder,
+    prompt: &str,
+    o: &RenderOptions,
+) -> Result<Vec<u8>, RenderError> {
+    let factor = model.vae_scale_factor();
+    if o.resolution == 0 || !o.resolution.is_multiple_of(factor) {
+        return Err(RenderError::CheckResolution {
+            resolution: o.resolution,
+            factor,
+        });
+    }
+    let (dev, dtype) = (model.device(), model.dtype());
+    let schedule = NoiseSchedule::new(&model.scheduler_config())?;
+    let plan = sampler::plan(
+        &schedule,
+        &PlanConfig::for_model(&model.scheduler_config(), o.steps),
+    );
+    // Row 0 unconditional (the empty prompt), row 1 the prompt, as diffusers batches them.
+    let cond = model.encode_prompts(&[String::new(), prompt.to_string()])?;
+    let cond = cond.to_dtype(dtype)?;
+    let side = o.resolution / factor;
+    let shape = (1, model.latent_channels(), side, side);
+    let n = shape.1 * side * side;
+    let noise = Tensor::from_vec(Rng::new(o.seed, 0).normals(n), shape, dev)?;
+    let mut x = (noise * plan.init_noise_sigma)?;
+    let r = o.resolution as f32;
+    let time_ids = match model.family() {
+        ModelFamily::Sdxl => Some(Tensor::new(&[[r, r, 0., 0., r, r]; 2], dev)?.to_dtype(dtype)?),
+        ModelFamily::Sd15 => None,
+    };
+    for step in &plan.steps {
+        let input = (&x * step.input_scale)?.to_dtype(dtype)?;
+        let input = Tensor::cat(&[&input, &input], 0)?;
+        let t = Tensor::new(&[step.timestep as f32; 2], dev)?;
+        let out = predict(model, &input, &t, &cond, time_ids.as_ref())?;
+        let (uncond, text) = (out.narrow(0, 0, 1)?, out.narrow(0, 1, 1)?);
+        let guided = (&uncond + ((text - &uncond)? * o.guidance)?)?;
+        x = ((&x * step.x_coef)? + (guided * step.out_coef)?)?.detach();
+    }
+    let image = decoder.decode(&x)?;
+    png(&image)
+}
+
+fn predict(
+    model: &DiffusionModel,
+    input: &Tensor,
+    t: &Tensor,
+    cond: &TextConditioning,
+    time_ids: Option<&Tensor>,
+) -> Result<Tensor, RenderError> {
+    Ok(model
+        .predict(input, t, cond, time_ids)?
+        .to_dtype(DType::F32)?
+        .detach())
+}
+
+/// A (1, 3, H, W) image in [-1, 1] as PNG bytes.
+fn png(image: &Tensor) -> Result<Vec<u8>, RenderError> {
+    let (_, _, h, w) = image.dims4()?;
+    let pixels: Vec<u8> = ((image.squeeze(0)?.permute((1, 2, 0))? + 1.0)? * 127.5)?
+        .clamp(0.0, 255.0)?
+        .round()?
+        .to_dtype(DType::U8)?
+        .flatten_all()?
+        .to_vec1()?;
+    let img = image::RgbImage::from_raw(w as u32, h as u32, pixels)
+        .ok_or_else(|| RenderError::EncodePng("pixel buffer of the wrong size".into()))?;
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)
+        .map_err(|e| RenderError::EncodePng(e.to_string()))?;
+    Ok(out.into_inner())
+}
