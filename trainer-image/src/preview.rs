@@ -1,6 +1,7 @@
 //! Rendering a preview image with the model as it stands (base weights plus the LoRA trained
-//! so far): classifier-free guidance over the empty prompt, the sampler the model's scheduler
-//! config names (`sampler`), the VAE decoder, a PNG.
+//! so far): classifier-free guidance (over the empty prompt for SD1.5, over zeros for SDXL,
+//! as diffusers' pipelines do), the sampler the model's scheduler config names (`sampler`),
+//! the VAE decoder, a PNG.
 //!
 //! Forward only: each step's graph (the adapters are variables, so candle records one) is
 //! dropped before the next step.
@@ -10,12 +11,14 @@ use candle_core::{DType, Tensor};
 use crate::model::vae::VaeDecoder;
 use crate::model::{DiffusionModel, ModelError, ModelFamily, TextConditioning};
 use crate::rng::Rng;
-use crate::sampler::{self, PlanConfig};
+use crate::sampler::{self, PlanConfig, Sampler};
 use crate::schedule::{NoiseSchedule, ScheduleError};
 
 /// How to render one image.
 #[derive(Debug, Clone, Copy)]
 pub struct RenderOptions {
+    /// The sampler; `None`: the one the model's scheduler config names (Euler otherwise).
+    pub sampler: Option<Sampler>,
     /// Sampler steps.
     pub steps: usize,
     /// Classifier-free guidance scale (1: the prompt's prediction alone).
@@ -51,34 +54,49 @@ pub enum RenderError {
     EncodePng(String),
 }
 
-/// Renders `prompt` with `model` and `decoder`: a PNG of `resolution`² pixels.
+/// Renders `prompt` with `model` and `decoder`: a PNG of `resolution`² pixels, from noise
+/// drawn with `seed`.
 pub fn render(
     model: &DiffusionModel,
     decoder: &VaeDecoder,
     prompt: &str,
     o: &RenderOptions,
 ) -> Result<Vec<u8>, RenderError> {
+    let shape = latent_shape(model, o.resolution)?;
+    let n = shape.iter().product();
+    let noise = Tensor::from_vec(Rng::new(o.seed, 0).normals(n), &shape[..], model.device())?;
+    png(&render_image(model, decoder, prompt, &noise, o)?)
+}
+
+/// The shape of the latents of a `resolution`² image.
+pub fn latent_shape(model: &DiffusionModel, resolution: usize) -> Result<[usize; 4], RenderError> {
     let factor = model.vae_scale_factor();
-    if o.resolution == 0 || !o.resolution.is_multiple_of(factor) {
-        return Err(RenderError::CheckResolution {
-            resolution: o.resolution,
-            factor,
-        });
+    if resolution == 0 || !resolution.is_multiple_of(factor) {
+        return Err(RenderError::CheckResolution { resolution, factor });
     }
+    let side = resolution / factor;
+    Ok([1, model.latent_channels(), side, side])
+}
+
+/// The image (1, 3, H, W), nominally in [-1, 1], rendered from standard normal `noise` of
+/// [`latent_shape`] (the sampler scales it): what diffusers' pipelines give for the same
+/// `latents=`.
+pub fn render_image(
+    model: &DiffusionModel,
+    decoder: &VaeDecoder,
+    prompt: &str,
+    noise: &Tensor,
+    o: &RenderOptions,
+) -> Result<Tensor, RenderError> {
     let (dev, dtype) = (model.device(), model.dtype());
     let schedule = NoiseSchedule::new(&model.scheduler_config())?;
-    let plan = sampler::plan(
-        &schedule,
-        &PlanConfig::for_model(&model.scheduler_config(), o.steps),
-    );
-    // Row 0 unconditional (the empty prompt), row 1 the prompt, as diffusers batches them.
-    let cond = model.encode_prompts(&[String::new(), prompt.to_string()])?;
-    let cond = cond.to_dtype(dtype)?;
-    let side = o.resolution / factor;
-    let shape = (1, model.latent_channels(), side, side);
-    let n = shape.1 * side * side;
-    let noise = Tensor::from_vec(Rng::new(o.seed, 0).normals(n), shape, dev)?;
-    let mut x = (noise * plan.init_noise_sigma)?;
+    let mut config = PlanConfig::for_model(&model.scheduler_config(), o.steps);
+    if let Some(sampler) = o.sampler {
+        config.sampler = sampler;
+    }
+    let plan = sampler::plan(&schedule, &config);
+    let cond = guidance_conditioning(model, prompt)?.to_dtype(dtype)?;
+    let mut x = (noise.to_dtype(DType::F32)? * plan.init_noise_sigma)?;
     let r = o.resolution as f32;
     let time_ids = match model.family() {
         ModelFamily::Sdxl => Some(Tensor::new(&[[r, r, 0., 0., r, r]; 2], dev)?.to_dtype(dtype)?),
@@ -93,8 +111,28 @@ pub fn render(
         let guided = (&uncond + ((text - &uncond)? * o.guidance)?)?;
         x = ((&x * step.x_coef)? + (guided * step.out_coef)?)?.detach();
     }
-    let image = decoder.decode(&x)?;
-    png(&image)
+    Ok(decoder.decode(&x)?)
+}
+
+/// Row 0 the unconditional input, row 1 the prompt's, as diffusers batches them. The
+/// unconditional input is the empty prompt's encoding for SD1.5, and zeros for SDXL (its
+/// pipeline's `force_zeros_for_empty_prompt`).
+fn guidance_conditioning(
+    model: &DiffusionModel,
+    prompt: &str,
+) -> Result<TextConditioning, RenderError> {
+    let both = model.encode_prompts(&[String::new(), prompt.to_string()])?;
+    if model.family() == ModelFamily::Sd15 {
+        return Ok(both);
+    }
+    let zero_first = |t: &Tensor| -> candle_core::Result<Tensor> {
+        let text = t.narrow(0, 1, 1)?;
+        Tensor::cat(&[&text.zeros_like()?, &text], 0)
+    };
+    Ok(TextConditioning {
+        hidden: zero_first(&both.hidden)?,
+        pooled: both.pooled.as_ref().map(zero_first).transpose()?,
+    })
 }
 
 fn predict(

@@ -17,6 +17,7 @@ fn renders_deterministic_pngs(family: ModelFamily) {
     let m = model::load(dir.path(), family, lora, &Device::Cpu).unwrap();
     let decoder = model::load_vae_decoder(dir.path(), &Device::Cpu).unwrap();
     let opts = RenderOptions {
+        sampler: None,
         steps: 3,
         guidance: 5.0,
         seed: 1,

@@ -11,6 +11,9 @@
 //! `trainer-bench --attention-micro [--steps N]` times the UNet's attention shapes (forward,
 //! and forward + gradients of q, k, v).
 //!
+//! `trainer-bench --write-tiny-model DIR --family sd15|sdxl --seed N` writes the tiny random
+//! model the tests build from that seed (for the diffusers reference scripts in `bench/`).
+//!
 //! `trainer-bench --unet-configs DIR` writes the UNet configs it measures
 //! (`tiny-sd15.json`, `tiny-sdxl.json`, `full-sd15.json`) for the PyTorch reference in
 //! `trainer-image/bench/`.
@@ -463,6 +466,18 @@ fn main() -> ExitCode {
     let full_steps: usize = arg("--full-steps")
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
+    if let Some(dir) = arg("--write-tiny-model") {
+        let family = match arg("--family").map(String::as_str) {
+            Some("sdxl") => ModelFamily::Sdxl,
+            _ => ModelFamily::Sd15,
+        };
+        let seed = arg("--seed").and_then(|s| s.parse().ok()).unwrap_or(0);
+        return finish(
+            tiny::write_tiny_model(Path::new(dir), family, seed)
+                .map(|()| String::new())
+                .map_err(|e| e.to_string()),
+        );
+    }
     if let Some(dir) = arg("--unet-configs") {
         return finish(write_unet_configs(Path::new(dir)).map(|()| String::new()));
     }
