@@ -3,21 +3,16 @@
 //! backward pass starts from a smaller live set, because the blocks' activations were not kept.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod model_support;
+
 use candle_core::{DType, Device, Tensor};
 use loraplane_trainer::alloc::{self, TrainerAllocator};
 use loraplane_trainer::model::{self, DiffusionModel, LoraSpec, ModelFamily, tiny};
+use model_support::wave;
 
 // Counts the bytes the test holds (`alloc::peak_bytes`).
 #[global_allocator]
 static ALLOCATOR: TrainerAllocator = TrainerAllocator;
-
-fn wave(shape: &[usize], phase: f64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|i| (i as f64 * 0.731 + phase).sin() as f32)
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
 
 /// The model with every adapter's `up` set off zero (LoRA starts at zero, where `down` would
 /// get no gradient and the comparison would prove nothing for it).
@@ -30,7 +25,8 @@ fn model(dir: &std::path::Path) -> DiffusionModel {
     let m = model::load_with_dtype(dir, ModelFamily::Sdxl, lora, &Device::Cpu, DType::F32).unwrap();
     for (i, (_, a)) in m.adapters().iter().enumerate() {
         let dims = a.up.as_tensor().dims().to_vec();
-        a.up.set(&(wave(&dims, i as f64) * 0.05).unwrap()).unwrap();
+        a.up.set(&(wave(&dims, 0.731, i as f64, 1.0) * 0.05).unwrap())
+            .unwrap();
     }
     m
 }
@@ -53,8 +49,8 @@ fn run(m: &DiffusionModel) -> (Memory, Vec<AdapterGrads>) {
     let dev = Device::Cpu;
     let captions = vec!["a photo of sks dog".to_string(), "red car".to_string()];
     let cond = m.encode_prompts(&captions).unwrap();
-    let noisy = wave(&[2, 4, 32, 32], 0.3);
-    let target = wave(&[2, 4, 32, 32], 1.7);
+    let noisy = wave(&[2, 4, 32, 32], 0.731, 0.3, 1.0);
+    let target = wave(&[2, 4, 32, 32], 0.731, 1.7, 1.0);
     let t = Tensor::new(&[37f32, 611.0], &dev).unwrap();
     let ids = Tensor::new(&[[256f32, 256., 0., 0., 256., 256.]; 2], &dev).unwrap();
     let before = alloc::live_bytes();

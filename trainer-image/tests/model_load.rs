@@ -3,11 +3,14 @@
 //! broken checkpoints fail naming the tensor.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod model_support;
+
 use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use loraplane_trainer::model::{self, LoraSpec, ModelError, ModelFamily, tiny};
+use model_support::max_abs_diff;
 
 const LORA: LoraSpec = LoraSpec {
     rank: 4,
@@ -19,19 +22,6 @@ fn tiny_model(family: ModelFamily) -> (tempfile::TempDir, model::DiffusionModel)
     tiny::write_tiny_model(dir.path(), family, 1).unwrap();
     let m = model::load(dir.path(), family, LORA, &Device::Cpu).unwrap();
     (dir, m)
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn pixels(b: usize, seed: f64) -> Tensor {

@@ -8,24 +8,21 @@
 //! same code (half-precision weights, f32 adapters and loss).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod model_support;
+
 use candle_core::{DType, Device, Tensor};
 use loraplane_trainer::model::{self, DiffusionModel, LoraSpec, ModelFamily, tiny};
-
-fn wave(shape: &[usize], phase: f64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|i| (i as f64 * 0.731 + phase).sin() as f32)
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
+use model_support::wave;
 
 /// The loss of one fixed batch and the gradient of every adapter's `up`, flattened.
 fn loss_and_grads(m: &DiffusionModel) -> (f32, Vec<Vec<f32>>) {
     let dev = Device::Cpu;
     let captions = vec!["a photo of sks dog".to_string(), "red car".to_string()];
     let cond = m.encode_prompts(&captions).unwrap();
-    let noisy = wave(&[2, 4, 16, 16], 0.3).to_dtype(m.dtype()).unwrap();
-    let target = wave(&[2, 4, 16, 16], 1.7);
+    let noisy = wave(&[2, 4, 16, 16], 0.731, 0.3, 1.0)
+        .to_dtype(m.dtype())
+        .unwrap();
+    let target = wave(&[2, 4, 16, 16], 0.731, 1.7, 1.0);
     let t = Tensor::new(&[37f32, 611.0], &dev).unwrap();
     let ids = Tensor::new(&[[128f32, 128., 0., 0., 128., 128.]; 2], &dev).unwrap();
     let time_ids = (m.family() == ModelFamily::Sdxl).then_some(&ids);

@@ -5,6 +5,8 @@
 //! from the same `latents=`, must match them. f32 on the CPU.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod model_support;
+
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -12,38 +14,21 @@ use candle_core::{DType, Device, Tensor};
 use loraplane_trainer::model::{self, LoraSpec, ModelFamily, tiny};
 use loraplane_trainer::preview::{RenderOptions, render_image};
 use loraplane_trainer::sampler::Sampler;
+use model_support::{max_abs_diff, wave};
 
 // As in bench/make_preview_fixtures.py.
 const SEED: u64 = 9;
 const PROMPT: &str = "a photo of zxq dog";
 const LATENT: [usize; 4] = [1, 4, 8, 8];
 
-/// scale·sin(a·i + b) over the flat index i, as the fixture script computes it.
-fn wave(a: f64, b: f64, scale: f64) -> Tensor {
-    let n = LATENT.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|i| ((a * i as f64 + b).sin() * scale) as f32)
-        .collect();
-    Tensor::from_vec(v, &LATENT[..], &Device::Cpu).unwrap()
+/// The fixture script's inputs: `scale·sin(a·i + b)` in the latents' shape.
+fn latents(a: f64, b: f64, scale: f64) -> Tensor {
+    wave(&LATENT, a, b, scale)
 }
 
 fn fixtures() -> HashMap<String, Tensor> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/previews.safetensors");
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn matches_diffusers(family: ModelFamily) {
@@ -58,7 +43,7 @@ fn matches_diffusers(family: ModelFamily) {
     let m = model::load(dir.path(), family, lora, &Device::Cpu).unwrap();
     let decoder = model::load_vae_decoder(dir.path(), &Device::Cpu).unwrap();
 
-    let decoded = decoder.decode(&wave(0.37, 0.5, 1.2)).unwrap();
+    let decoded = decoder.decode(&latents(0.37, 0.5, 1.2)).unwrap();
     let diff = max_abs_diff(&decoded, &want[&format!("{name}.vae_decode")]);
     println!("{name} VAE decoder: max abs difference {diff}");
     assert!(
@@ -74,7 +59,7 @@ fn matches_diffusers(family: ModelFamily) {
             seed: 0,
             resolution: 64,
         };
-        let image = render_image(&m, &decoder, PROMPT, &wave(0.61, 0.3, 1.1), &opts).unwrap();
+        let image = render_image(&m, &decoder, PROMPT, &latents(0.61, 0.3, 1.1), &opts).unwrap();
         // diffusers' `output_type="pt"`: (x / 2 + 0.5) clamped to [0, 1].
         let image = ((image + 1.0).unwrap() * 0.5)
             .unwrap()
