@@ -40,6 +40,14 @@ pub enum RenderError {
         /// The VAE's scale factor.
         factor: usize,
     },
+    /// The initial noise does not have the latents' shape for the resolution.
+    #[error("initial noise of shape {got:?} for latents of shape {expected:?}")]
+    CheckNoise {
+        /// What the resolution needs.
+        expected: [usize; 4],
+        /// What was given.
+        got: Vec<usize>,
+    },
     /// The model's scheduler config cannot drive a sampler.
     #[error(transparent)]
     BuildSchedule(#[from] ScheduleError),
@@ -88,6 +96,13 @@ pub fn render_image(
     noise: &Tensor,
     o: &RenderOptions,
 ) -> Result<Tensor, RenderError> {
+    let expected = latent_shape(model, o.resolution)?;
+    if noise.dims() != expected {
+        return Err(RenderError::CheckNoise {
+            expected,
+            got: noise.dims().to_vec(),
+        });
+    }
     let (dev, dtype) = (model.device(), model.dtype());
     let schedule = NoiseSchedule::new(&model.scheduler_config())?;
     let mut config = PlanConfig::for_model(&model.scheduler_config(), o.steps);

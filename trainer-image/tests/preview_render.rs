@@ -5,7 +5,7 @@
 
 use candle_core::Device;
 use loraplane_trainer::model::{self, LoraSpec, ModelFamily, tiny};
-use loraplane_trainer::preview::{RenderError, RenderOptions, render};
+use loraplane_trainer::preview::{RenderError, RenderOptions, render, render_image};
 
 fn renders_deterministic_pngs(family: ModelFamily) {
     let dir = tempfile::tempdir().unwrap();
@@ -66,6 +66,10 @@ fn renders_deterministic_pngs(family: ModelFamily) {
         matches!(err, RenderError::CheckResolution { factor: 8, .. }),
         "{err}"
     );
+    let small =
+        candle_core::Tensor::zeros((1, 4, 4, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let err = render_image(&m, &decoder, "x", &small, &opts).unwrap_err();
+    assert!(matches!(err, RenderError::CheckNoise { .. }), "{err}");
 }
 
 #[test]
