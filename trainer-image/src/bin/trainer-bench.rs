@@ -11,6 +11,10 @@
 //! `trainer-bench --attention-micro [--steps N]` times the UNet's attention shapes (forward,
 //! and forward + gradients of q, k, v).
 //!
+//! `trainer-bench --sampling [--full-sd15] [--images N] [--sample-steps N]` times preview
+//! rendering (seconds per image) for the tiny models and, with `--full-sd15`, the full-size
+//! SD1.5 at 512 px.
+//!
 //! `trainer-bench --write-tiny-model DIR --family sd15|sdxl --seed N` writes the tiny random
 //! model the tests build from that seed (for the diffusers reference scripts in `bench/`).
 //!
@@ -235,6 +239,72 @@ fn measure_full_sd15(steps: usize) -> Result<serde_json::Value, String> {
         "wall_seconds_per_step": wall,
         "peak_rss_mib": peak_rss_mib(),
         "random_init_seconds": build_seconds,
+    }))
+}
+
+/// Wall seconds per preview image (text encoders, `steps` guided sampler steps, VAE decoder):
+/// the tiny SD1.5 and SDXL at 64 px, and with `full` the full-size SD1.5 (random weights) at
+/// 512 px.
+fn measure_sampling(full: bool, images: usize, steps: usize) -> Result<serde_json::Value, String> {
+    use loraplane_trainer::preview::{RenderOptions, render};
+    let mut cases = vec![
+        (ModelFamily::Sd15, ModelSize::Tiny, 64usize),
+        (ModelFamily::Sdxl, ModelSize::Tiny, 64),
+    ];
+    if full {
+        cases.push((ModelFamily::Sd15, ModelSize::Full, 512));
+    }
+    let mut rows = Vec::new();
+    for (family, size, resolution) in cases {
+        let name = format!(
+            "{}-{}",
+            if size == ModelSize::Full {
+                "full"
+            } else {
+                "tiny"
+            },
+            family.as_str()
+        );
+        let dir = std::env::temp_dir().join(format!("trainer-bench-{name}-{}", std::process::id()));
+        tiny::write_random_model(&dir, family, size, 7).map_err(|e| e.to_string())?;
+        let lora = LoraSpec {
+            rank: RANK,
+            alpha: RANK as f64,
+        };
+        let loaded = model::load(&dir, family, lora, &Device::Cpu)
+            .and_then(|m| Ok((m, model::load_vae_decoder(&dir, &Device::Cpu)?)));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (m, decoder) = loaded.map_err(|e| e.to_string())?;
+        let opts = |seed| RenderOptions {
+            sampler: None,
+            steps,
+            guidance: 7.5,
+            seed,
+            resolution,
+        };
+        // A warm-up image for the tiny models, whose figures first-touch allocations would
+        // swamp; a full-size image takes minutes, so it is measured from the first.
+        if size == ModelSize::Tiny {
+            render(&m, &decoder, "bench, a photo", &opts(0)).map_err(|e| e.to_string())?;
+        }
+        let (cpu0, wall0) = (cpu_seconds(), Instant::now());
+        for seed in 1..=images as u64 {
+            render(&m, &decoder, "bench, a photo", &opts(seed)).map_err(|e| e.to_string())?;
+        }
+        let n = images.max(1) as f64;
+        rows.push(serde_json::json!({
+            "config": name,
+            "resolution": resolution,
+            "sampler_steps": steps,
+            "images_measured": images,
+            "wall_seconds_per_image": wall0.elapsed().as_secs_f64() / n,
+            "cpu_seconds_per_image": (cpu_seconds() - cpu0) / n,
+        }));
+    }
+    Ok(serde_json::json!({
+        "implementation": "loraplane-trainer previews (candle, cpu, f32, classifier-free guidance)",
+        "threads": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "results": rows,
     }))
 }
 
@@ -476,6 +546,16 @@ fn main() -> ExitCode {
             tiny::write_tiny_model(Path::new(dir), family, seed)
                 .map(|()| String::new())
                 .map_err(|e| e.to_string()),
+        );
+    }
+    if flag("--sampling") {
+        let images = arg("--images").and_then(|s| s.parse().ok()).unwrap_or(3);
+        let sample_steps = arg("--sample-steps")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(20);
+        return finish(
+            measure_sampling(flag("--full-sd15"), images, sample_steps)
+                .map(|v| serde_json::to_string_pretty(&v).unwrap_or_default()),
         );
     }
     if let Some(dir) = arg("--unet-configs") {
