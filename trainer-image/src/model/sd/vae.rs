@@ -102,6 +102,22 @@ impl VaeAttention {
     }
 }
 
+/// `count` resnets of a VAE block: the first from `in_c` channels, all to `out_c`.
+fn resnet_stack(
+    vb: &Weights,
+    count: usize,
+    in_c: usize,
+    out_c: usize,
+    groups: usize,
+) -> std::result::Result<Vec<ResnetBlock2D>, ModelError> {
+    (0..count)
+        .map(|j| {
+            let rin = if j == 0 { in_c } else { out_c };
+            ResnetBlock2D::load(&vb.pp("resnets").pp(j), rin, out_c, None, groups, 1e-6)
+        })
+        .collect()
+}
+
 #[derive(Debug, Clone)]
 struct DownEncoderBlock {
     resnets: Vec<ResnetBlock2D>,
@@ -114,9 +130,7 @@ pub struct VaeEncoder {
     config: VaeConfig,
     conv_in: Conv2d,
     blocks: Vec<DownEncoderBlock>,
-    mid_resnet0: ResnetBlock2D,
-    mid_attention: Option<VaeAttention>,
-    mid_resnet1: ResnetBlock2D,
+    mid: MidBlock,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     quant_conv: Option<Conv2d>,
@@ -147,18 +161,7 @@ impl VaeEncoder {
         let mut in_c = boc[0];
         for (i, &out_c) in boc.iter().enumerate() {
             let bvb = enc.pp("down_blocks").pp(i);
-            let mut resnets = Vec::new();
-            for j in 0..cfg.layers_per_block {
-                let rin = if j == 0 { in_c } else { out_c };
-                resnets.push(ResnetBlock2D::load(
-                    &bvb.pp("resnets").pp(j),
-                    rin,
-                    out_c,
-                    None,
-                    g,
-                    1e-6,
-                )?);
-            }
+            let resnets = resnet_stack(&bvb, cfg.layers_per_block, in_c, out_c, g)?;
             let downsample = if i + 1 < boc.len() {
                 Some(Conv2d::load(
                     &bvb.pp("downsamplers").pp(0).pp("conv"),
@@ -178,19 +181,12 @@ impl VaeEncoder {
             in_c = out_c;
         }
         let last = boc[boc.len() - 1];
-        let mid = enc.pp("mid_block");
         let two_l = 2 * cfg.latent_channels;
         Ok(Self {
             config: cfg.clone(),
             conv_in: Conv2d::load(&enc.pp("conv_in"), cfg.in_channels, boc[0], 3, 1, 1)?,
             blocks,
-            mid_resnet0: ResnetBlock2D::load(&mid.pp("resnets").pp(0), last, last, None, g, 1e-6)?,
-            mid_attention: if cfg.mid_block_add_attention {
-                Some(VaeAttention::load(&mid.pp("attentions").pp(0), last, g)?)
-            } else {
-                None
-            },
-            mid_resnet1: ResnetBlock2D::load(&mid.pp("resnets").pp(1), last, last, None, g, 1e-6)?,
+            mid: MidBlock::load(&enc.pp("mid_block"), last, cfg)?,
             conv_norm_out: GroupNorm::load(&enc.pp("conv_norm_out"), g, last, 1e-6)?,
             conv_out: Conv2d::load(&enc.pp("conv_out"), last, two_l, 3, 1, 1)?,
             quant_conv: if cfg.use_quant_conv {
@@ -222,11 +218,7 @@ impl VaeEncoder {
                 h = d.forward(&h.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)?;
             }
         }
-        h = self.mid_resnet0.forward(&h, None)?;
-        if let Some(a) = &self.mid_attention {
-            h = a.forward(&h)?;
-        }
-        h = self.mid_resnet1.forward(&h, None)?;
+        h = self.mid.forward(&h)?;
         h = self
             .conv_out
             .forward(&ops::silu(&self.conv_norm_out.forward(&h)?)?)?;
@@ -248,7 +240,8 @@ struct UpDecoderBlock {
     upsample: Option<Conv2d>,
 }
 
-/// The decoder's middle: resnet, optional single-head attention, resnet (as the encoder's).
+/// The middle of the encoder and of the decoder: resnet, optional single-head attention,
+/// resnet.
 #[derive(Debug, Clone)]
 struct MidBlock {
     resnet0: ResnetBlock2D,
@@ -316,18 +309,7 @@ impl VaeDecoder {
         // has one resnet more than an encoder block, and all but the last upsample.
         for (i, &out_c) in boc.iter().rev().enumerate() {
             let bvb = dec.pp("up_blocks").pp(i);
-            let mut resnets = Vec::new();
-            for j in 0..=cfg.layers_per_block {
-                let rin = if j == 0 { in_c } else { out_c };
-                resnets.push(ResnetBlock2D::load(
-                    &bvb.pp("resnets").pp(j),
-                    rin,
-                    out_c,
-                    None,
-                    g,
-                    1e-6,
-                )?);
-            }
+            let resnets = resnet_stack(&bvb, cfg.layers_per_block + 1, in_c, out_c, g)?;
             let upsample = if i + 1 < boc.len() {
                 Some(Conv2d::load(
                     &bvb.pp("upsamplers").pp(0).pp("conv"),
