@@ -330,7 +330,7 @@ pub fn effective_precision(requested: MixedPrecision, device: &Device) -> MixedP
 }
 
 /// The dtype the frozen weights and activations are held in at `precision`.
-fn compute_dtype(precision: MixedPrecision) -> DType {
+pub fn compute_dtype(precision: MixedPrecision) -> DType {
     match precision {
         MixedPrecision::Fp32 => DType::F32,
         MixedPrecision::Fp16 => DType::F16,

@@ -223,11 +223,10 @@ pub fn load_with_dtype(
     device: &Device,
     dtype: DType,
 ) -> Result<DiffusionModel, ModelError> {
+    // The family is checked before gigabytes of weights are read.
     let unet_cfg: unet::UNetConfig = read_config(&dir.join("unet").join("config.json"))?;
     check_family(dir, family, &unet_cfg)?;
-    let unet_vb = weights::Weights::from_dir(&dir.join("unet"), "unet", dtype, device)?;
-    let unet = unet::UNet2DConditionModel::load(&unet_vb, &unet_cfg, Some(&lora))?;
-    drop(unet_vb);
+    let unet = load_unet(dir, lora, device, dtype)?;
 
     let mut text_encoders = Vec::new();
     let names: &[(&str, &str)] = match family {
@@ -266,6 +265,19 @@ pub fn load_with_dtype(
         vae,
         scheduler,
     })
+}
+
+/// The UNet of a diffusers folder (`unet/`) with LoRA adapters, every weight in `dtype` on
+/// `device`: the trained part alone, as the GPU check benchmarks it.
+pub fn load_unet(
+    dir: &Path,
+    lora: LoraSpec,
+    device: &Device,
+    dtype: DType,
+) -> Result<unet::UNet2DConditionModel, ModelError> {
+    let cfg: unet::UNetConfig = read_config(&dir.join("unet").join("config.json"))?;
+    let vb = weights::Weights::from_dir(&dir.join("unet"), "unet", dtype, device)?;
+    unet::UNet2DConditionModel::load(&vb, &cfg, Some(&lora))
 }
 
 /// The VAE decoder of a diffusers folder, in f32 on `device` (for rendering images; training

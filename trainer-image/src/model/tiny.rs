@@ -326,18 +326,7 @@ pub fn write_random_model(
         )?;
     }
 
-    let unet_cfg = unet_config(family, size).map_err(|e| write_err(dir, e))?;
-    write_component(
-        dir,
-        "unet",
-        "diffusion_pytorch_model.safetensors",
-        &unet_cfg,
-        seed,
-        |vb, path| {
-            let cfg: unet::UNetConfig = read_config(path)?;
-            unet::UNet2DConditionModel::load(vb, &cfg, None).map(|_| ())
-        },
-    )?;
+    write_random_unet(dir, family, size, seed)?;
 
     let mut vae_cfg = json!({
         "_class_name": "AutoencoderKL",
@@ -375,6 +364,29 @@ pub fn write_random_model(
         },
     )?;
     Ok(())
+}
+
+/// Writes only the `unet/` folder of the random model [`write_random_model`] writes (config
+/// and seeded weights, the same tensors for the same seed): what a UNet benchmark loads, and
+/// what a reference implementation can load too.
+pub fn write_random_unet(
+    dir: &Path,
+    family: ModelFamily,
+    size: ModelSize,
+    seed: u64,
+) -> Result<(), ModelError> {
+    let unet_cfg = unet_config(family, size).map_err(|e| write_err(dir, e))?;
+    write_component(
+        dir,
+        "unet",
+        "diffusion_pytorch_model.safetensors",
+        &unet_cfg,
+        seed,
+        |vb, path| {
+            let cfg: unet::UNetConfig = read_config(path)?;
+            unet::UNet2DConditionModel::load(vb, &cfg, None).map(|_| ())
+        },
+    )
 }
 
 /// The `unet/config.json` of a random model of `family` and `size` (the tiny ones are

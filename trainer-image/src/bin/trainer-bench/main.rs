@@ -18,9 +18,14 @@
 //! `trainer-bench --write-tiny-model DIR --family sd15|sdxl --seed N` writes the tiny random
 //! model the tests build from that seed (for the diffusers reference scripts in `bench/`).
 //!
+//! `trainer-bench --gpu-check-inputs DIR ...` and `--gpu-check-steps DIR ...` are loraplane's
+//! side of `bench/gpu-check.sh` (see `gpu_check.rs`).
+//!
 //! `trainer-bench --unet-configs DIR` writes the UNet configs it measures
 //! (`tiny-sd15.json`, `tiny-sdxl.json`, `full-sd15.json`) for the PyTorch reference in
 //! `trainer-image/bench/`.
+
+mod gpu_check;
 
 use std::io::{Cursor, Write};
 use std::path::Path;
@@ -536,17 +541,57 @@ fn main() -> ExitCode {
     let full_steps: usize = arg("--full-steps")
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
+    let family = || match arg("--family").map(String::as_str) {
+        Some("sdxl") => Ok(ModelFamily::Sdxl),
+        Some("sd15") => Ok(ModelFamily::Sd15),
+        other => Err(format!("--family {other:?}: expected sd15 or sdxl")),
+    };
     if let Some(dir) = arg("--write-tiny-model") {
-        let family = match arg("--family").map(String::as_str) {
-            Some("sdxl") => ModelFamily::Sdxl,
-            _ => ModelFamily::Sd15,
-        };
         let seed = arg("--seed").and_then(|s| s.parse().ok()).unwrap_or(0);
-        return finish(
+        return finish(family().and_then(|family| {
             tiny::write_tiny_model(Path::new(dir), family, seed)
                 .map(|()| String::new())
-                .map_err(|e| e.to_string()),
+                .map_err(|e| e.to_string())
+        }));
+    }
+    if let Some(dir) = arg("--gpu-check-inputs") {
+        let spec = || -> Result<gpu_check::InputSpec, String> {
+            let number = |name: &str, default: u64| {
+                arg(name).map_or(Ok(default), |v| {
+                    v.parse()
+                        .map_err(|_| format!("{name} {v}: expected a number"))
+                })
+            };
+            Ok(gpu_check::InputSpec {
+                family: family()?,
+                size: match arg("--size").map(String::as_str) {
+                    Some("full") => ModelSize::Full,
+                    Some("tiny") => ModelSize::Tiny,
+                    other => return Err(format!("--size {other:?}: expected tiny or full")),
+                },
+                resolution: number("--resolution", 64)? as usize,
+                steps: number("--steps", 5)? as usize,
+                seed: number("--seed", 0)?,
+            })
+        };
+        return finish(
+            spec()
+                .and_then(|s| gpu_check::write_inputs(Path::new(dir), &s).map(|()| String::new())),
         );
+    }
+    if let Some(dir) = arg("--gpu-check-steps") {
+        let report = gpu_check::device(arg("--device").map_or("cpu", String::as_str))
+            .and_then(|dev| gpu_check::run_steps(Path::new(dir), &dev, flag("--checkpointing")))
+            .and_then(|v| {
+                let text = serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?;
+                match arg("--json") {
+                    Some(path) => std::fs::write(path, &text)
+                        .map(|()| String::new())
+                        .map_err(|e| format!("writing {path}: {e}")),
+                    None => Ok(text),
+                }
+            });
+        return finish(report);
     }
     if flag("--sampling") {
         let images = arg("--images").and_then(|s| s.parse().ok()).unwrap_or(3);

@@ -660,6 +660,88 @@ mod tests {
         assert_matches_reference(&ours, &reference);
     }
 
+    /// Off the CPU-f32 kernels (other devices, other dtypes) the norms are one lean graph node
+    /// each (`ops::lean_norm`); in f64 it must agree with the composed ops to rounding, and in
+    /// bf16 (statistics in f32) to bf16's precision.
+    #[test]
+    fn lean_norms_match_the_composed_reference_value_and_gradient() {
+        let (shape, groups, eps) = ([2usize, 6, 5, 7], 3usize, 1e-5);
+        let gamma: Vec<f64> = (0..6).map(|c| 0.5 + c as f64 * 0.25).collect();
+        let beta: Vec<f64> = (0..6).map(|c| c as f64 * 0.1 - 0.2).collect();
+        let group = |dtype| {
+            GroupNorm::from_parts(
+                tensor(&gamma, &[6], dtype),
+                tensor(&beta, &[6], dtype),
+                groups,
+                eps,
+            )
+        };
+        // The layer norm normalises the last dimension, 7 wide.
+        let (gamma7, beta7): (Vec<f64>, Vec<f64>) = (0..7)
+            .map(|i| (1.0 + i as f64 * 0.05, i as f64 * -0.03))
+            .unzip();
+        let layer = |dtype| {
+            LayerNorm::from_parts(
+                tensor(&gamma7, &[7], dtype),
+                tensor(&beta7, &[7], dtype),
+                eps,
+            )
+        };
+        let (x, r) = (data(&shape, 0.3), data(&shape, 1.7));
+        type Norm<'a> = Box<dyn Fn(DType, &Tensor, bool) -> Tensor + 'a>;
+        let norms: [(&str, Norm); 2] = [
+            (
+                "group",
+                Box::new(move |d, t, lean| {
+                    let n = group(d);
+                    if lean {
+                        n.forward(t)
+                    } else {
+                        n.forward_composed(t)
+                    }
+                    .unwrap()
+                }),
+            ),
+            (
+                "layer",
+                Box::new(move |d, t, lean| {
+                    let n = layer(d);
+                    if lean {
+                        n.forward(t)
+                    } else {
+                        n.forward_composed(t)
+                    }
+                    .unwrap()
+                }),
+            ),
+        ];
+        for (name, norm) in norms {
+            let reference =
+                value_and_grad(&x, &r, &shape, DType::F64, |t| norm(DType::F64, t, false));
+            let lean = value_and_grad(&x, &r, &shape, DType::F64, |t| {
+                assert!(!fusable(t));
+                norm(DType::F64, t, true)
+            });
+            let (value, grad) = (
+                max_rel_diff(&lean.0, &reference.0),
+                max_rel_diff(&lean.1, &reference.1),
+            );
+            assert!(
+                value < 1e-12 && grad < 1e-10,
+                "{name} f64: value {value}, gradient {grad}"
+            );
+            let half = value_and_grad(&x, &r, &shape, DType::BF16, |t| norm(DType::BF16, t, true));
+            let (value, grad) = (
+                max_rel_diff(&half.0, &reference.0),
+                max_rel_diff(&half.1, &reference.1),
+            );
+            assert!(
+                value < 2e-2 && grad < 5e-2,
+                "{name} bf16: value {value}, gradient {grad}"
+            );
+        }
+    }
+
     #[test]
     fn fused_activations_match_candles_value_and_gradient() {
         // Wider than one parallel chunk, so chunk edges are crossed.

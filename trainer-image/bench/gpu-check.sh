@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The GPU check: loraplane's LoRA training steps against diffusers + PEFT on one GPU, one JSON
+# report (gpu_check.py says what is measured and how). Three ways to run it:
+#
+#   gpu-check.sh --prepare [CARRY]   here: builds the release CUDA trainer-bench, stripped, and
+#                                    downloads diffusers as a wheel into CARRY (default
+#                                    trainer-image/bench/gpu-carry, git-ignored; < 64 MiB)
+#   gpu-check.sh --out DIR [CARRY]   on the GPU machine (driver, PyTorch with peft, no network,
+#                                    no Rust): installs the carried wheel into a temporary folder,
+#                                    runs the check within 8 minutes, writes DIR/gpu-check.json
+#   gpu-check.sh --dry-run --bench-bin BIN --out DIR
+#                                    anywhere, no GPU or PyTorch: the same plumbing on tiny models
+#                                    on the CPU (the reference only checks its inputs); `make test`
+#                                    runs it (trainer-image/tests/gpu_check.rs)
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+die() { echo "gpu-check: $*" >&2; exit 1; }
+
+mode=run out="" bench_bin="" carry="$here/gpu-carry"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --prepare) mode=prepare ;;
+    --dry-run) mode=dry-run ;;
+    --out) out="${2:?--out needs a folder}"; shift ;;
+    --bench-bin) bench_bin="${2:?--bench-bin needs a path}"; shift ;;
+    -*) die "unknown option $1 (see the comment at the top of $0)" ;;
+    *) carry="$1" ;;
+  esac
+  shift
+done
+
+# The diffusers release the trainer's reference scripts use (bench/venv.sh).
+diffusers_pin="diffusers==0.42.1"
+
+if [ "$mode" = prepare ]; then
+  mkdir -p "$carry/wheels"
+  eval "$("$root/tests/tools/cuda-toolkit.sh" --env)"
+  target="$(cd "$root" && cargo metadata --format-version 1 --no-deps --locked \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/cuda"
+  (cd "$root" && CARGO_TARGET_DIR="$target" cargo build --release --locked -p loraplane-trainer \
+    --features cuda --bin trainer-bench) || die "the CUDA build of trainer-bench failed"
+  strip -o "$carry/trainer-bench" "$target/release/trainer-bench"
+  rm -f "$carry"/wheels/*.whl
+  python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+    -d "$carry/wheels" "$diffusers_pin" || die "pip could not download $diffusers_pin (needs PyPI)"
+  du -ch "$carry/trainer-bench" "$carry"/wheels/*.whl | tail -n1 | sed 's/^/gpu-check: carry /'
+  echo "gpu-check: prepared $carry; on the GPU machine run: bash trainer-image/bench/gpu-check.sh --out \$OUT"
+  exit 0
+fi
+
+[ -n "$out" ] || die "--out DIR is required"
+mkdir -p "$out"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+command -v python3 >/dev/null || die "python3 not found"
+
+if [ "$mode" = dry-run ]; then
+  [ -x "$bench_bin" ] || die "--dry-run needs --bench-bin pointing at a built trainer-bench"
+  exec python3 "$here/gpu_check.py" check --dry-run --bench-bin "$bench_bin" \
+    --work "$work" --json "$out/gpu-check.json"
+fi
+
+bench_bin="${bench_bin:-$carry/trainer-bench}"
+[ -x "$bench_bin" ] || die "no trainer-bench at $bench_bin: run 'gpu-check.sh --prepare' here and carry $carry"
+command -v nvidia-smi >/dev/null || die "nvidia-smi not found: this is not a GPU machine"
+wheel=$(ls "$carry"/wheels/diffusers-*.whl 2>/dev/null | head -n1)
+[ -n "$wheel" ] || die "no diffusers wheel in $carry/wheels: run 'gpu-check.sh --prepare' here"
+python3 -m pip install --quiet --disable-pip-version-check --no-index --no-deps \
+  --target "$work/py" "$wheel" || die "could not install $wheel"
+export PYTHONPATH="$work/py${PYTHONPATH:+:$PYTHONPATH}"
+
+# candle loads the CUDA runtime, cuBLAS, NVRTC and cuRAND that PyTorch's NVIDIA wheels ship
+# (the driver's libcuda is on the loader's path already).
+nvidia_libs=$(python3 - <<'EOF'
+import glob, os
+try:
+    import nvidia
+except ImportError:
+    raise SystemExit(0)
+dirs = {os.path.dirname(p) for base in nvidia.__path__ for p in glob.glob(os.path.join(base, "**", "lib*.so*"), recursive=True)}
+print(":".join(sorted(dirs)))
+EOF
+)
+export LD_LIBRARY_PATH="${nvidia_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+python3 "$here/gpu_check.py" check --bench-bin "$bench_bin" --work "$work" \
+  --json "$out/gpu-check.json" --budget 450
