@@ -129,6 +129,41 @@ pub fn output_files(job_name: &str) -> [(&'static str, String); 2] {
     ]
 }
 
+/// The sample image of prompt `prompt` (0-based) in the set of training step `step` (0: the
+/// base model), under a job's outputs prefix: `samples/step-000250-1.png`. Zero-padded, so the
+/// files list in training order.
+pub fn sample_file(step: u64, prompt: usize) -> String {
+    format!("samples/step-{step:06}-{prompt}.png")
+}
+
+/// The contact sheet of every sample set so far, under a job's outputs prefix; each set
+/// replaces it (a PUT is atomic, so it is always a whole sheet).
+pub const CONTACT_SHEET_FILE: &str = "samples/contact-sheet.png";
+
+/// The training steps a run of `total` steps renders sample sets at: 0 (the base model, before
+/// training), every `every` steps (0: none between), and `total`.
+pub fn sample_steps(total: u64, every: u64) -> Vec<u64> {
+    let mut steps = vec![0];
+    if every > 0 {
+        steps.extend((1..).map(|k| k * every).take_while(|s| *s < total));
+    }
+    if total > 0 {
+        steps.push(total);
+    }
+    steps
+}
+
+/// Every sample file of a run (each image, then the contact sheet), as
+/// [`sample_steps`] and [`sample_file`] name them.
+pub fn sample_files(total: u64, every: u64, prompts: usize) -> Vec<String> {
+    let mut files: Vec<String> = sample_steps(total, every)
+        .into_iter()
+        .flat_map(|step| (0..prompts).map(move |p| sample_file(step, p)))
+        .collect();
+    files.push(CONTACT_SHEET_FILE.to_string());
+    files
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,6 +175,27 @@ mod tests {
         for bad in ["jobFailed", "pi_1/succeeded", "a/b/c", "/x", "a b/c"] {
             assert_eq!(parse_refund_annotation(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn sample_sets_are_the_base_every_interval_and_the_end() {
+        assert_eq!(sample_steps(1000, 250), [0, 250, 500, 750, 1000]);
+        assert_eq!(sample_steps(900, 400), [0, 400, 800, 900]);
+        assert_eq!(sample_steps(300, 0), [0, 300]);
+        assert_eq!(sample_steps(200, 200), [0, 200]);
+        let files = sample_files(200, 100, 2);
+        assert_eq!(
+            files,
+            [
+                "samples/step-000000-0.png",
+                "samples/step-000000-1.png",
+                "samples/step-000100-0.png",
+                "samples/step-000100-1.png",
+                "samples/step-000200-0.png",
+                "samples/step-000200-1.png",
+                CONTACT_SHEET_FILE,
+            ]
+        );
     }
 
     #[test]

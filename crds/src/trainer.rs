@@ -63,6 +63,117 @@ pub struct TrainerConfig {
     /// Print a progress line every this many steps.
     #[serde(default = "default_log_every")]
     pub log_every: u32,
+    /// Sample images rendered while training (none when absent).
+    #[serde(default, skip_serializing_if = "SamplesConfig::is_never")]
+    pub samples: SamplesConfig,
+}
+
+/// Which sample images a run renders, fully resolved: the trainer renders a set (one image per
+/// prompt) at each step [`crate::layout::sample_steps`] names, writes them under the output
+/// location ([`crate::layout::sample_file`]) with a contact sheet of every set so far
+/// ([`crate::layout::CONTACT_SHEET_FILE`]), and reports each set in a progress line.
+#[derive(Serialize, Deserialize, Clone, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SamplesConfig {
+    /// Whether sets are rendered at all.
+    pub when: SampleWhen,
+    /// The prompts, one image each (customer text: never logged).
+    #[serde(default)]
+    pub prompts: Vec<String>,
+    /// Seed of the first prompt's initial noise; prompt `i` uses `seed + i`.
+    #[serde(default)]
+    pub seed: u64,
+    /// Sampler steps per image.
+    #[serde(default = "default_sample_steps")]
+    pub steps: u32,
+    /// Classifier-free guidance scale.
+    #[serde(default = "default_guidance")]
+    pub guidance: f64,
+    /// Image side in pixels (0: the training resolution).
+    #[serde(default)]
+    pub resolution: u32,
+    /// A set every this many training steps (a multiple of the checkpoint interval), besides
+    /// the base model's before training and the final one.
+    #[serde(default)]
+    pub every: u64,
+}
+
+impl SamplesConfig {
+    /// Whether no set is rendered.
+    pub fn is_never(&self) -> bool {
+        self.when == SampleWhen::Never
+    }
+
+    /// The prompts a set renders: the configured ones, else two built from the trigger word
+    /// (one close, one in a scene) so the images show whether the LoRA learnt it. The trainer
+    /// renders them and the operator grants a file for each, so both count them here.
+    pub fn prompts_for(&self, concept: ConceptType, trigger_word: &str) -> Vec<String> {
+        if !self.prompts.is_empty() {
+            return self.prompts.clone();
+        }
+        let t = trigger_word;
+        match concept {
+            ConceptType::Character => vec![
+                format!("a photo of {t}, portrait, looking at the camera"),
+                format!("{t} walking in a park, full body"),
+            ],
+            ConceptType::Style => vec![
+                format!("a mountain landscape at sunset, {t} style"),
+                format!("a portrait of an old man, {t} style"),
+            ],
+            ConceptType::Object => vec![
+                format!("a photo of {t} on a wooden table"),
+                format!("{t} on a city street, daylight"),
+            ],
+        }
+    }
+}
+
+impl Default for SamplesConfig {
+    fn default() -> Self {
+        SamplesConfig {
+            when: SampleWhen::Never,
+            prompts: Vec::new(),
+            seed: 0,
+            steps: default_sample_steps(),
+            guidance: default_guidance(),
+            resolution: 0,
+            every: 0,
+        }
+    }
+}
+
+impl std::fmt::Debug for SamplesConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SamplesConfig")
+            .field("when", &self.when)
+            .field("prompts", &self.prompts.len())
+            .field("seed", &self.seed)
+            .field("steps", &self.steps)
+            .field("guidance", &self.guidance)
+            .field("resolution", &self.resolution)
+            .field("every", &self.every)
+            .finish()
+    }
+}
+
+/// When a run renders sample sets.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum SampleWhen {
+    /// No samples.
+    #[default]
+    Never,
+    /// Before training (the base model), every `every` steps, and at the end.
+    Checkpoints,
+}
+
+fn default_sample_steps() -> u32 {
+    20
+}
+
+fn default_guidance() -> f64 {
+    7.5
 }
 
 impl std::fmt::Debug for TrainerConfig {
@@ -78,6 +189,7 @@ impl std::fmt::Debug for TrainerConfig {
             .field("output", &self.output)
             .field("grants", &self.grants)
             .field("work_dir", &self.work_dir)
+            .field("samples", &self.samples)
             .finish_non_exhaustive()
     }
 }
@@ -256,6 +368,17 @@ pub enum TrainerEvent {
         /// Where it is.
         uri: String,
     },
+    /// A set of sample images was rendered and written (its files are named by the step:
+    /// [`crate::layout::sample_file`]).
+    #[serde(rename_all = "camelCase")]
+    Samples {
+        /// The training step the set shows (0: the base model).
+        step: u64,
+        /// Images in the set (one per prompt).
+        images: u32,
+        /// Seconds the set took to render and write.
+        seconds: f64,
+    },
     /// Training resumed from a checkpoint.
     #[serde(rename_all = "camelCase")]
     Resumed {
@@ -326,6 +449,29 @@ pub struct ArtifactInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_sample_prompts_use_the_trigger_word_and_given_ones_win() {
+        let never = SamplesConfig::default();
+        for concept in [
+            ConceptType::Character,
+            ConceptType::Style,
+            ConceptType::Object,
+        ] {
+            let prompts = never.prompts_for(concept, "zxq person");
+            assert_eq!(prompts.len(), 2);
+            assert!(
+                prompts.iter().all(|p| p.contains("zxq person")),
+                "{prompts:?}"
+            );
+            assert_ne!(prompts[0], prompts[1]);
+        }
+        let given = SamplesConfig {
+            prompts: vec!["one".into()],
+            ..SamplesConfig::default()
+        };
+        assert_eq!(given.prompts_for(ConceptType::Style, "t"), ["one"]);
+    }
 
     #[test]
     fn event_lines_round_trip_and_ignore_other_output() {

@@ -1,6 +1,7 @@
 //! What an attempt's trainer may touch in S3, and the presigned URLs that grant it: GET of its
 //! dataset, of the platform's base weights when they lie in S3 and of its own checkpoint; PUT
-//! of its own checkpoint and LoRA files. Nothing else: the pod holds no credential, so a
+//! of its own checkpoint and LoRA files; both of its sample images, when it renders any.
+//! Nothing else: the pod holds no credential, so a
 //! compromised trainer can reach no other job's data and no other region.
 //!
 //! [`plan`] and [`lifetime`] are pure; [`presign`] signs with the operator's credentials (and
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::{self, Timestamp};
 use loraplane_crds::LoRATrainingJob;
-use loraplane_crds::layout::{CHECKPOINT_FILE, object_in, output_files, s3_uri};
+use loraplane_crds::layout::{CHECKPOINT_FILE, object_in, output_files, s3_uri, sample_files};
 use loraplane_crds::trainer::{Grants, TrainerConfig};
 use loraplane_runtime::storage::{Storage, StorageError, parse_uri};
 
@@ -64,6 +65,21 @@ pub fn plan(config: &TrainerConfig, family_weights: &str) -> Result<GrantPlan, G
         let uri = object_in(&config.output, &file);
         if uri.starts_with("s3://") {
             plan.put.push(uri);
+        }
+    }
+    if !config.samples.is_never() {
+        let concept = &config.concept;
+        let prompts = config
+            .samples
+            .prompts_for(concept.concept_type, &concept.trigger_word)
+            .len();
+        for file in sample_files(config.training.steps, config.samples.every, prompts) {
+            let uri = object_in(&config.output, &file);
+            if uri.starts_with("s3://") {
+                // Read too: a resumed attempt puts the earlier sets back on its contact sheet.
+                plan.get.push(uri.clone());
+                plan.put.push(uri);
+            }
         }
     }
     let weights = &config.base_model.path;
@@ -175,6 +191,39 @@ mod tests {
                 "{uri} is outside the job's layout"
             );
         }
+    }
+
+    #[test]
+    fn a_trainer_that_renders_samples_is_granted_each_sample_file_in_its_outputs() {
+        use loraplane_crds::trainer::{SampleWhen, SamplesConfig};
+        let mut c = config();
+        let without = plan(&c, "/models/sdxl").unwrap();
+        c.training.steps = 200;
+        c.samples = SamplesConfig {
+            when: SampleWhen::Checkpoints,
+            every: 100,
+            ..SamplesConfig::default()
+        };
+        let with = plan(&c, "/models/sdxl").unwrap();
+        let out = c.output.clone();
+        let added: Vec<&String> = with
+            .put
+            .iter()
+            .filter(|u| !without.put.contains(u))
+            .collect();
+        // Base, step 100 and step 200, two default prompts each, and the contact sheet.
+        assert_eq!(added.len(), 3 * 2 + 1, "{added:?}");
+        assert!(
+            added
+                .iter()
+                .all(|u| u.starts_with(&format!("{out}samples/"))),
+            "{added:?}"
+        );
+        assert!(added.contains(&&format!("{out}samples/step-000100-1.png")));
+        assert!(
+            added.iter().all(|u| with.get.contains(u)),
+            "sample files are readable back"
+        );
     }
 
     #[test]

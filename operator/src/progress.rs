@@ -28,6 +28,8 @@ pub struct LogProgress {
     pub checkpoint: Option<u64>,
     /// The step the run resumed from, if it said so.
     pub resumed_from: Option<u64>,
+    /// The newest sample set's step seen (0: the base model's).
+    pub samples: Option<u64>,
 }
 
 /// Parses a log tail; lines that are not trainer events are ignored.
@@ -46,6 +48,9 @@ pub fn parse_log(text: &str) -> LogProgress {
                 out.checkpoint = Some(out.checkpoint.map_or(step, |c| c.max(step)));
             }
             Some(TrainerEvent::Resumed { step }) => out.resumed_from = Some(step),
+            Some(TrainerEvent::Samples { step, .. }) => {
+                out.samples = Some(out.samples.map_or(step, |s| s.max(step)));
+            }
             None => {}
         }
     }

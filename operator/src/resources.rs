@@ -24,7 +24,8 @@ use loraplane_crds::LoRATrainingJob;
 use loraplane_crds::layout::s3_uri;
 use loraplane_crds::platform::{FamilyConfig, PlatformConfig, PoolConfig, RegionConfig};
 use loraplane_crds::trainer::{
-    BaseModelSource, ConceptConfig, DatasetSource, Grants, JobRef, TrainerConfig, TrainingConfig,
+    BaseModelSource, ConceptConfig, DatasetSource, Grants, JobRef, SamplesConfig, TrainerConfig,
+    TrainingConfig,
 };
 use loraplane_crds::v1alpha1::RetentionMode;
 
@@ -268,6 +269,9 @@ pub fn trainer_config(
         work_dir: WORK_DIR.to_string(),
         termination_message_path: TERMINATION_MESSAGE_PATH.to_string(),
         log_every: 10,
+        // No job asks for samples yet: the CRD field, their place in status and their
+        // retention come with the rest of the previews work.
+        samples: SamplesConfig::default(),
     })
 }
 

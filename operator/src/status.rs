@@ -1428,6 +1428,7 @@ mod tests {
             latest: Some((130, 1000, 0.3, 100)),
             checkpoint: Some(100),
             resumed_from: None,
+            samples: None,
         };
         r.step(10, Some(pod("order-1-a0", PodPhase::Running)), Some(log));
         let mut p = pod("order-1-a0", PodPhase::Failed);
@@ -1563,6 +1564,7 @@ mod tests {
             latest: Some((250, 1000, 0.3, 100)),
             checkpoint: Some(200),
             resumed_from: None,
+            samples: None,
         };
         r.step(10, Some(pod("order-1-a0", PodPhase::Running)), Some(log));
         r.job.spec.suspend = true;

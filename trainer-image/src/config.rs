@@ -6,7 +6,9 @@
 
 use std::path::Path;
 
-use loraplane_crds::layout::{CHECKPOINT_FILE, object_in, output_files};
+use loraplane_crds::layout::{
+    CHECKPOINT_FILE, object_in, output_files, sample_files, sample_steps,
+};
 use loraplane_crds::trainer::TrainerConfig;
 
 /// Why a config file was rejected.
@@ -191,6 +193,64 @@ pub fn check(c: &TrainerConfig) -> Result<(), ConfigError> {
     if model.starts_with("s3://") && !c.grants.get.keys().any(|k| k.starts_with(&model)) {
         return bad("baseModel.path", "no object under it is granted".into());
     }
+    check_samples(c)
+}
+
+/// The most prompts a sample set may have (each is one image per set).
+pub const MAX_SAMPLE_PROMPTS: usize = 8;
+/// The most sample sets a run may render (each file needs its own grant).
+pub const MAX_SAMPLE_SETS: usize = 100;
+
+/// The sample settings when samples are on: a few non-empty prompts, a sampler that ends, a
+/// resolution the model takes, and for an `s3://` output a PUT grant for every sample file.
+fn check_samples(c: &TrainerConfig) -> Result<(), ConfigError> {
+    let s = &c.samples;
+    if s.is_never() {
+        return Ok(());
+    }
+    let bad = |key: &'static str, message: String| Err(ConfigError::CheckValue { key, message });
+    if s.prompts.len() > MAX_SAMPLE_PROMPTS || s.prompts.iter().any(|p| p.trim().is_empty()) {
+        return bad(
+            "samples.prompts",
+            format!("must be at most {MAX_SAMPLE_PROMPTS} non-empty prompts"),
+        );
+    }
+    if s.steps == 0 || s.steps > 150 {
+        return bad("samples.steps", format!("must be 1..=150, got {}", s.steps));
+    }
+    if !(s.guidance.is_finite() && (1.0..=30.0).contains(&s.guidance)) {
+        return bad(
+            "samples.guidance",
+            format!("must be in [1, 30], got {}", s.guidance),
+        );
+    }
+    if s.resolution != 0
+        && (s.resolution < 64 || s.resolution > 2048 || !s.resolution.is_multiple_of(64))
+    {
+        return bad(
+            "samples.resolution",
+            format!(
+                "must be 0 (the training resolution) or a multiple of 64 in 64..=2048, got {}",
+                s.resolution
+            ),
+        );
+    }
+    let sets = sample_steps(c.training.steps, s.every).len();
+    if sets > MAX_SAMPLE_SETS {
+        return bad(
+            "samples.every",
+            format!("gives {sets} sample sets, at most {MAX_SAMPLE_SETS}"),
+        );
+    }
+    let prompts = s
+        .prompts_for(c.concept.concept_type, &c.concept.trigger_word)
+        .len();
+    for file in sample_files(c.training.steps, s.every, prompts) {
+        let uri = object_in(&c.output, &file);
+        if uri.starts_with("s3://") && !c.grants.put.contains_key(&uri) {
+            return bad("samples", format!("{uri} has no PUT grant"));
+        }
+    }
     Ok(())
 }
 
@@ -282,5 +342,35 @@ workDir: /work
         let e = err_of(&SAMPLE.replace("type: character", "type: 5"));
         assert!(e.contains("concept.type"), "{e}");
         assert!(!e.contains("zqxperson") && !e.contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn sample_settings_are_checked_and_every_sample_file_needs_its_grant() {
+        let on = format!("{SAMPLE}samples: {{when: checkpoints, every: 5}}\n");
+        assert_eq!(err_of(&on), "");
+        for (bad, key) in [
+            ("prompts: [\"\"]", "samples.prompts"),
+            ("steps: 0", "samples.steps"),
+            ("guidance: 0.5", "samples.guidance"),
+            ("resolution: 100", "samples.resolution"),
+            ("prompts: [a, b, c, d, e, f, g, h, i]", "samples.prompts"),
+        ] {
+            let text = on.replace("every: 5}", &format!("every: 5, {bad}}}"));
+            let e = err_of(&text);
+            assert!(e.contains(key), "{bad}: {e}");
+            assert!(!e.contains("zqxperson"), "{e}");
+        }
+        let many = on
+            .replace("steps: 10\n", "steps: 1000\n")
+            .replace("every: 5", "every: 1");
+        assert!(err_of(&many).contains("samples.every"), "{}", err_of(&many));
+        // An s3:// output with the LoRA granted but not the samples.
+        let s3 = on.replace("output: /work/out", "output: s3://b/out/")
+            + "grants:\n  put:\n    s3://b/out/j1.safetensors: http://s3/one\n    s3://b/out/pytorch_lora_weights.safetensors: http://s3/two\n";
+        let e = err_of(&s3);
+        assert!(
+            e.contains("s3://b/out/samples/step-000000-0.png has no PUT grant"),
+            "{e}"
+        );
     }
 }

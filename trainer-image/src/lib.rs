@@ -27,6 +27,7 @@ pub mod preview;
 pub mod progress;
 pub mod rng;
 pub mod sampler;
+pub mod samples;
 pub mod schedule;
 pub mod storage;
 pub mod tensors;

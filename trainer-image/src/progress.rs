@@ -29,6 +29,10 @@ pub struct Tracker {
     loss_n: u64,
     since: Instant,
     since_step: u64,
+    /// Seconds since the last line spent on other work (sample sets), not on steps.
+    excluded: f64,
+    /// Seconds of other work still to come (the sample sets left), added to the ETA.
+    overhead_left: f64,
 }
 
 impl Tracker {
@@ -41,13 +45,23 @@ impl Tracker {
             loss_n: 0,
             since: Instant::now(),
             since_step: start,
+            excluded: 0.0,
+            overhead_left: 0.0,
         }
+    }
+
+    /// Takes `seconds` of work that was not training steps (a sample set) out of the
+    /// throughput, and counts `left` seconds of such work still to come into the ETA.
+    pub fn exclude(&mut self, seconds: f64, left: f64) {
+        self.excluded += seconds;
+        self.overhead_left = left;
     }
 
     /// Records the loss of step `step` (1-based count of completed steps); returns the
     /// progress event when one is due (every `every` steps and at the last step).
     pub fn record(&mut self, step: u64, loss: f64) -> Option<TrainerEvent> {
-        self.record_at(step, loss, self.since.elapsed().as_secs_f64())
+        let elapsed = (self.since.elapsed().as_secs_f64() - self.excluded).max(0.0);
+        self.record_at(step, loss, elapsed)
     }
 
     fn record_at(&mut self, step: u64, loss: f64, elapsed: f64) -> Option<TrainerEvent> {
@@ -62,7 +76,7 @@ impl Tracker {
         let steps_per_second = if elapsed > 0.0 { done / elapsed } else { 0.0 };
         let left = self.total.saturating_sub(step) as f64;
         let eta_seconds = if steps_per_second > 0.0 {
-            (left / steps_per_second).ceil() as u64
+            (left / steps_per_second + self.overhead_left).ceil() as u64
         } else {
             0
         };
@@ -75,6 +89,7 @@ impl Tracker {
         self.loss_n = 0;
         self.since = Instant::now();
         self.since_step = step;
+        self.excluded = 0.0;
         Some(TrainerEvent::Progress {
             step,
             total_steps: self.total,

@@ -24,6 +24,7 @@ use crate::model::{self, DiffusionModel, LoraSpec, ModelError, TextConditioning}
 use crate::optim::{AdamW, AdamWParams, OptimError};
 use crate::progress::{self, Tracker};
 use crate::rng::Rng;
+use crate::samples::SampleSets;
 use crate::schedule::{self, NoiseSchedule, PredictionType, ScheduleError};
 use crate::storage::{Location, Storage, StorageError};
 use crate::tensors::{HostTensor, TensorFile, TensorFileError};
@@ -565,6 +566,9 @@ pub fn run_tracking(
         "model loaded, inputs cached"
     );
 
+    let mut sets = SampleSets::new(config, &model_dir, model.device(), &work)
+        .map_err(TrainError::LoadModel)?;
+
     let params = named_params(&model);
     let mut opt = AdamW::new(params, AdamWParams::default())?;
     let mut rng = Rng::new(t.seed, 0);
@@ -590,6 +594,10 @@ pub fn run_tracking(
     }
 
     let mut tracker = Tracker::new(t.steps, config.log_every, start);
+    match sets.as_mut() {
+        Some(s) if start > 0 => s.restore(start, &storage),
+        _ => sample_set(&mut sets, &model, 0, &storage, &mut tracker, &emit),
+    }
     let mut losses = Vec::new();
     let n = cache.len();
     for step in start..t.steps {
@@ -635,6 +643,9 @@ pub fn run_tracking(
                 &remote_ck,
             )?;
             emit(TrainerEvent::Checkpoint { step: done, uri });
+        }
+        if done < t.steps {
+            sample_set(&mut sets, &model, done, &storage, &mut tracker, &emit);
         }
         if opts.stop_after == Some(done) {
             return Err(TrainError::Interrupted { step: done });
@@ -694,6 +705,8 @@ pub fn run_tracking(
             bytes: bytes.len() as u64,
         });
     }
+    // The final set once the LoRA is safe: samples show it, they are not what was paid for.
+    sample_set(&mut sets, &model, t.steps, &storage, &mut tracker, &emit);
     Ok(RunReport {
         summary: TrainerSummary {
             outcome: Outcome::Succeeded,
@@ -704,6 +717,32 @@ pub fn run_tracking(
         resumed_from,
         losses,
     })
+}
+
+/// Renders the sample set due after `step` (0: before training), if one is. A set that fails
+/// is logged and skipped: samples show how training goes, the LoRA is what was paid for.
+fn sample_set(
+    sets: &mut Option<SampleSets>,
+    model: &DiffusionModel,
+    step: u64,
+    storage: &Storage,
+    tracker: &mut Tracker,
+    emit: &impl Fn(TrainerEvent),
+) {
+    let Some(s) = sets.as_mut().filter(|s| s.due(step)) else {
+        return;
+    };
+    match s.render(model, step, storage) {
+        Ok((images, seconds)) => {
+            tracker.exclude(seconds, s.left_after(step) as f64 * seconds);
+            emit(TrainerEvent::Samples {
+                step,
+                images,
+                seconds,
+            });
+        }
+        Err(e) => tracing::warn!(step, error = %e, "sample set failed; training goes on"),
+    }
 }
 
 /// The adapters on the host, for export.

@@ -365,3 +365,66 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn a_run_with_samples_writes_the_base_each_set_and_a_contact_sheet() {
+    use loraplane_crds::layout::{CONTACT_SHEET_FILE, sample_file};
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), ModelFamily::Sd15);
+    let (zip, sha) = write_zip(dir.path(), &dataset_entries(5));
+    let s = Setup {
+        model,
+        zip,
+        sha,
+        family: ModelFamily::Sd15,
+    };
+    let run = dir.path().join("run");
+    let mut cfg = serde_json::to_value(config(&s, &run, 4, 2)).unwrap();
+    // Two prompts built from the trigger word (customer text), a set every 2 steps.
+    cfg["samples"] =
+        serde_json::json!({"when": "checkpoints", "every": 2, "steps": 4, "guidance": 3.0});
+    let out = trainer(&write_config(dir.path(), &cfg, false));
+    assert_eq!(
+        out.status.code(),
+        Some(EXIT_OK),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    no_secrets(&out);
+    let sets: Vec<(u64, u32)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(TrainerEvent::parse_line)
+        .filter_map(|e| match e {
+            TrainerEvent::Samples {
+                step,
+                images,
+                seconds,
+            } if seconds > 0.0 => Some((step, images)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sets, [(0, 2), (2, 2), (4, 2)]);
+    let outputs = run.join("out");
+    let image = |step, prompt| {
+        let path = outputs.join(sample_file(step, prompt));
+        image::open(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .to_rgb8()
+    };
+    for step in [0, 2, 4] {
+        for prompt in [0, 1] {
+            assert_eq!(
+                image(step, prompt).dimensions(),
+                (64, 64),
+                "training resolution"
+            );
+        }
+    }
+    // Before and after: the trained LoRA changes the picture; the two prompts differ.
+    assert_ne!(image(0, 0), image(4, 0));
+    assert_ne!(image(4, 0), image(4, 1));
+    let sheet = image::open(outputs.join(CONTACT_SHEET_FILE)).unwrap();
+    let (w, h) = (sheet.width(), sheet.height());
+    assert!(w > 2 * 256 && w < 3 * 256, "two columns: {w}");
+    assert!(h > 3 * 256 && h < 4 * 256, "three rows: {h}");
+}

@@ -293,6 +293,55 @@ fn resumed_run_equals_uninterrupted_run() {
     assert!(max_diff <= 1e-6, "resumed adapters differ by {max_diff}");
 }
 
+#[test]
+fn a_resumed_run_puts_the_earlier_sample_sets_back_on_its_contact_sheet() {
+    use loraplane_crds::layout::CONTACT_SHEET_FILE;
+    use loraplane_crds::trainer::{SampleWhen, SamplesConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(dir.path(), ModelFamily::Sd15);
+    let with_samples = |run: &std::path::Path| {
+        let mut cfg = config(&s, run, 4, 2);
+        cfg.samples = SamplesConfig {
+            when: SampleWhen::Checkpoints,
+            every: 2,
+            steps: 3,
+            ..SamplesConfig::default()
+        };
+        cfg
+    };
+    let whole = dir.path().join("whole");
+    train::run(&with_samples(&whole), &opts()).unwrap();
+
+    let split = dir.path().join("split");
+    let cfg = with_samples(&split);
+    let stop = RunOptions {
+        stop_after: Some(3),
+        ..opts()
+    };
+    train::run(&cfg, &stop).unwrap_err();
+    // On a fresh node the base and step-2 sets come back from the output location.
+    std::fs::remove_dir_all(split.join("work")).unwrap();
+    let report = train::run(&cfg, &opts()).unwrap();
+    assert_eq!(report.resumed_from, Some(2));
+
+    let sheet = |run: &std::path::Path| {
+        image::open(run.join("out").join(CONTACT_SHEET_FILE))
+            .unwrap()
+            .to_rgb8()
+    };
+    let (a, b) = (sheet(&whole), sheet(&split));
+    assert_eq!(a.dimensions(), b.dimensions(), "the same three rows");
+    // The resumed adapters match to 1e-6, so the last row may differ by a rounding step.
+    let worst = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap();
+    assert!(worst <= 2, "sheets differ by {worst} levels");
+}
+
 type Entries = Vec<(String, Vec<u8>)>;
 
 #[test]
