@@ -60,11 +60,11 @@ impl Tracker {
     /// Records the loss of step `step` (1-based count of completed steps); returns the
     /// progress event when one is due (every `every` steps and at the last step).
     pub fn record(&mut self, step: u64, loss: f64) -> Option<TrainerEvent> {
-        let elapsed = (self.since.elapsed().as_secs_f64() - self.excluded).max(0.0);
-        self.record_at(step, loss, elapsed)
+        self.record_at(step, loss, self.since.elapsed().as_secs_f64())
     }
 
-    fn record_at(&mut self, step: u64, loss: f64, elapsed: f64) -> Option<TrainerEvent> {
+    /// `record` with the wall seconds since the last line given.
+    fn record_at(&mut self, step: u64, loss: f64, wall: f64) -> Option<TrainerEvent> {
         if loss.is_finite() {
             self.loss_sum += loss;
             self.loss_n += 1;
@@ -72,6 +72,7 @@ impl Tracker {
         if !step.is_multiple_of(self.every) && step != self.total {
             return None;
         }
+        let elapsed = (wall - self.excluded).max(0.0);
         let done = step.saturating_sub(self.since_step) as f64;
         let steps_per_second = if elapsed > 0.0 { done / elapsed } else { 0.0 };
         let left = self.total.saturating_sub(step) as f64;
@@ -158,6 +159,28 @@ mod tests {
         // The last step reports even off the interval.
         let mut t = Tracker::new(15, 10, 10);
         assert!(t.record_at(15, 0.5, 1.0).is_some());
+    }
+
+    #[test]
+    fn sample_time_is_not_training_throughput_and_sets_to_come_count_in_the_eta() {
+        let mut t = Tracker::new(100, 10, 0);
+        // 30 s of wall time, 20 of them rendering a set; two more sets of 15 s to come.
+        t.exclude(20.0, 30.0);
+        let Some(TrainerEvent::Progress {
+            steps_per_second,
+            eta_seconds,
+            ..
+        }) = t.record_at(10, 1.0, 30.0)
+        else {
+            panic!("no progress line at step 10");
+        };
+        assert_eq!(steps_per_second, 1.0);
+        assert_eq!(eta_seconds, 90 + 30);
+        // The exclusion ends with its line; the sets to come stay in the estimate.
+        let Some(TrainerEvent::Progress { eta_seconds, .. }) = t.record_at(20, 1.0, 10.0) else {
+            panic!("no progress line at step 20");
+        };
+        assert_eq!(eta_seconds, 80 + 30);
     }
 
     #[test]
