@@ -4,7 +4,7 @@ gpu-check.sh runs this with the GPU machine's python3 (which has torch, peft and
 diffusers comes carried as a wheel). The orchestration uses the standard library only, so
 `--dry-run` works with any python3 and no torch: it is what `make test` runs.
 
-    gpu_check.py check --bench-bin TRAINER_BENCH --work DIR --json OUT [--dry-run] [--budget S]
+    gpu_check.py check --bench-bin TRAINER_BENCH --work DIR --json OUT [--dry-run | --cpu] [--budget S]
     gpu_check.py reference DIR --device cuda|cpu [--checkpointing] [--dry-run] --json OUT
 
 `check`, for each case (SD1.5 at 512 px; SDXL at 1024 px with gradient checkpointing on both
@@ -22,6 +22,10 @@ sides, as the trainer defaults to on a GPU; tiny models at 64 px on the CPU with
 The report has, per case, both sides' step times (median after the first step), peak memory,
 losses, and the ratios. A case that fails or runs out of time is reported with its error and
 the next one still runs, so a lent machine's minutes always give a report.
+
+`check --cpu` runs the tiny cases with both sides training for real on the CPU in f32, where a
+machine has torch and diffusers but no GPU (`.tools/bench-venv`, from bench/venv.sh): there the
+two implementations' losses agree to f32 rounding, which checks the reference's code path too.
 
 `reference --dry-run` imports no torch: it checks what a real run would read (the batch's
 shapes against the UNet config, and that PEFT's target list selects exactly the modules
@@ -50,7 +54,7 @@ GPU_CASES = [
     ("sd15-512", "sd15", "full", 512, False, 8),
     ("sdxl-1024", "sdxl", "full", 1024, True, 6),
 ]
-DRY_RUN_CASES = [
+TINY_CASES = [
     ("tiny-sd15-64", "sd15", "tiny", 64, False, 3),
     ("tiny-sdxl-64", "sdxl", "tiny", 64, True, 3),
 ]
@@ -281,7 +285,8 @@ def run_case(args, case, deadline):
     name, family, size, resolution, checkpointing, steps = case
     work = os.path.join(args.work, name)
     os.makedirs(work, exist_ok=True)
-    device = "cpu" if args.dry_run else "cuda"
+    device = "cpu" if args.dry_run or args.cpu else "cuda"
+    sample_gpu = device == "cuda"
     left = lambda: max(1.0, deadline - time.monotonic())  # noqa: E731
     result = {"name": name, "family": family, "size": size, "resolution": resolution, "rank": RANK,
               "batch_size": 1, "steps": steps, "gradient_checkpointing": checkpointing}
@@ -292,7 +297,7 @@ def run_case(args, case, deadline):
     ours_json = os.path.join(work, "loraplane.json")
     cmd = bench + ["--gpu-check-steps", work, "--family", family, "--device", device,
                    "--json", ours_json] + (["--checkpointing"] if checkpointing else [])
-    peak = run_measured(cmd, left(), not args.dry_run)
+    peak = run_measured(cmd, left(), sample_gpu)
     with open(ours_json) as f:
         result["loraplane"] = json.load(f)
     result["loraplane"]["peak_gpu_memory_mib"] = peak
@@ -301,7 +306,7 @@ def run_case(args, case, deadline):
     cmd = [sys.executable, os.path.abspath(__file__), "reference", work, "--device", device,
            "--resolution", str(resolution), "--json", theirs_json]
     cmd += (["--checkpointing"] if checkpointing else []) + (["--dry-run"] if args.dry_run else [])
-    peak = run_measured(cmd, left(), not args.dry_run)
+    peak = run_measured(cmd, left(), sample_gpu)
     with open(theirs_json) as f:
         result["diffusers"] = json.load(f)
     result["diffusers"]["peak_gpu_memory_mib"] = peak
@@ -314,18 +319,20 @@ def run_case(args, case, deadline):
     result["step_time_ratio"] = ratio(ours["median_step_seconds"], theirs.get("median_step_seconds"))
     result["peak_memory_ratio"] = ratio(ours["peak_gpu_memory_mib"], theirs["peak_gpu_memory_mib"])
     if theirs.get("losses"):
-        first = theirs["losses"][0]
-        result["first_loss_relative_difference"] = abs(ours["losses"][0] - first) / max(abs(first), 1e-12)
+        rel = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(ours["losses"], theirs["losses"])]
+        result["first_loss_relative_difference"] = rel[0]
+        result["loss_max_relative_difference"] = max(rel)
     return result
 
 
-def environment(dry_run):
+def environment(args):
     env = {"python": sys.version.split()[0]}
-    if dry_run:
+    if args.dry_run:
         return env
-    out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
-                          "--format=csv,noheader", "--id=0"], capture_output=True, text=True)
-    env["gpu"] = out.stdout.strip()
+    if not args.cpu:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                              "--format=csv,noheader", "--id=0"], capture_output=True, text=True)
+        env["gpu"] = out.stdout.strip()
     probe = ("import torch, diffusers, peft; "
              "print(torch.__version__, diffusers.__version__, peft.__version__)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
@@ -337,9 +344,9 @@ def environment(dry_run):
 
 def check(args):
     deadline = time.monotonic() + args.budget
-    report = {"check": "loraplane gpu-check", "dry_run": args.dry_run,
-              "environment": environment(args.dry_run), "cases": []}
-    for case in DRY_RUN_CASES if args.dry_run else GPU_CASES:
+    report = {"check": "loraplane gpu-check", "dry_run": args.dry_run, "cpu": args.cpu,
+              "environment": environment(args), "cases": []}
+    for case in TINY_CASES if args.dry_run or args.cpu else GPU_CASES:
         start = time.monotonic()
         try:
             result = run_case(args, case, deadline)
@@ -366,7 +373,9 @@ def main():
     c.add_argument("--bench-bin", required=True)
     c.add_argument("--work", required=True)
     c.add_argument("--json", required=True)
-    c.add_argument("--dry-run", action="store_true")
+    mode = c.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true")
+    mode.add_argument("--cpu", action="store_true", help="tiny cases, both sides for real on the CPU")
     c.add_argument("--budget", type=float, default=480.0, help="seconds for all cases")
     r = sub.add_parser("reference")
     r.add_argument("work")
