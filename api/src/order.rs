@@ -341,6 +341,8 @@ pub fn build_spec(order: &Order, inp: &SpecInputs<'_>) -> Result<LoRATrainingJob
     resources.gpu.min_memory_gi_b = plan.min_gpu_memory_gib;
     resources.gpu.products = plan.gpu_products.iter().cloned().map(GpuProduct).collect();
     Ok(LoRATrainingJobSpec {
+        // Orders render no samples until the API serves them (`GET /v1/jobs/{id}/samples`).
+        samples: None,
         base_model: BaseModel {
             family,
             weights: None,

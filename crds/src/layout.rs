@@ -153,6 +153,11 @@ pub fn sample_steps(total: u64, every: u64) -> Vec<u64> {
     steps
 }
 
+/// The most sample sets a job may have (the CRD refuses an interval that gives more): each
+/// image is granted by its own presigned URL in the trainer's config Secret, whose size is
+/// capped at 1 MiB.
+pub const MAX_SAMPLE_SETS: usize = 50;
+
 /// Every sample file of a run (each image, then the contact sheet), as
 /// [`sample_steps`] and [`sample_file`] name them.
 pub fn sample_files(total: u64, every: u64, prompts: usize) -> Vec<String> {

@@ -104,6 +104,13 @@ impl SamplesConfig {
         self.when == SampleWhen::Never
     }
 
+    /// The interval between sets when a job names none: the checkpoint interval, widened to a
+    /// multiple of it so that at most three sets fall between the base's and the last one.
+    pub fn default_every(total_steps: u64, checkpoint_every: u64) -> u64 {
+        let interval = checkpoint_every.max(1);
+        total_steps.div_ceil(4).div_ceil(interval).max(1) * interval
+    }
+
     /// The prompts a set renders: the configured ones, else two built from the trigger word
     /// (one close, one in a scene) so the images show whether the LoRA learnt it. The trainer
     /// renders them and the operator grants a file for each, so both count them here.
@@ -449,6 +456,22 @@ pub struct ArtifactInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_sample_interval_is_a_checkpoint_multiple_with_at_most_three_sets_between() {
+        use crate::layout::sample_steps;
+        for (total, every, want) in [
+            (1000, 100, 300),
+            (1000, 250, 250),
+            (100, 100, 100),
+            (2000, 1, 500),
+            (7, 2, 2),
+        ] {
+            let got = SamplesConfig::default_every(total, every);
+            assert_eq!(got, want, "{total} steps, checkpoints every {every}");
+            assert!(sample_steps(total, got).len() <= 5);
+        }
+    }
 
     #[test]
     fn default_sample_prompts_use_the_trigger_word_and_given_ones_win() {

@@ -51,6 +51,10 @@ pub const VERSION: &str = "v1alpha1";
     validation = Rule::new("!has(oldSelf.erasure) || (has(self.erasure) && self.erasure == oldSelf.erasure)")
         .message("spec.erasure cannot be changed or withdrawn once requested")
 )]
+#[x_kube(
+    validation = Rule::new("!has(self.samples) || !has(self.samples.every) || !has(self.training) || self.training.steps / self.samples.every <= 48")
+        .message("spec.samples.every is too small for spec.training.steps: at most 50 sample sets per job")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct LoRATrainingJobSpec {
     /// The base model the LoRA is trained against. Immutable.
@@ -70,6 +74,14 @@ pub struct LoRATrainingJobSpec {
     #[serde(default)]
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.training is immutable"))]
     pub training: Training,
+
+    /// Sample images rendered while training, so the customer sees the LoRA at work before
+    /// downloading it: a set of one image per prompt before training (the base model, for
+    /// before and after), every `every` steps and at the end, each with a contact sheet of
+    /// all sets so far. Omit for none. Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.samples is immutable"))]
+    pub samples: Option<Samples>,
 
     /// GPU requirements of the training pod. Immutable.
     #[serde(default)]
@@ -225,6 +237,59 @@ pub enum ConceptType {
     Style,
     /// A thing.
     Object,
+}
+
+/// The sample images of a job (`spec.samples`); every field has a default.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Samples {
+    /// The prompts, one image each. Empty: two built from the trigger word and concept type.
+    /// Sensitive customer text, like the concept: it reaches only the trainer's config file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8), inner(length(min = 1, max = 500)))]
+    pub prompts: Vec<String>,
+
+    /// A set every this many training steps, besides the first and the last. Default: the
+    /// checkpoint interval, widened to a multiple of it so that at most three sets fall
+    /// between, which keeps sampling a small share of the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100_000))]
+    pub every: Option<i64>,
+
+    /// Sampler steps per image. Default 20.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 150))]
+    pub steps: Option<i32>,
+
+    /// Classifier-free guidance scale. Default 7.5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1.0, max = 30.0))]
+    pub guidance: Option<f64>,
+
+    /// Seed of the first prompt's noise (prompt i uses seed + i, the same in every set).
+    /// Default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub seed: Option<i64>,
+
+    /// Image side in pixels, a multiple of 64. Default: the training resolution.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 64, max = 2048), extend("multipleOf" = 64))]
+    pub resolution: Option<i32>,
+}
+
+impl std::fmt::Debug for Samples {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The prompts are customer text.
+        f.debug_struct("Samples")
+            .field("prompts", &self.prompts.len())
+            .field("every", &self.every)
+            .field("steps", &self.steps)
+            .field("guidance", &self.guidance)
+            .field("seed", &self.seed)
+            .field("resolution", &self.resolution)
+            .finish()
+    }
 }
 
 /// What the LoRA teaches. Sensitive: never logged, never in labels, annotations or env.
@@ -711,6 +776,12 @@ pub struct LoRATrainingJobStatus {
     #[schemars(extend("x-kubernetes-list-type" = "atomic"))]
     pub artifacts: Vec<Artifact>,
 
+    /// The sample images rendered so far (`spec.samples`), in training order, and their
+    /// contact sheet. No prompt text: a prompt is named by its index.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "atomic"))]
+    pub samples: Vec<SampleArtifact>,
+
     /// When the job's data was or will be deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<RetentionStatus>,
@@ -807,6 +878,36 @@ pub struct Artifact {
     pub sha256: String,
     /// Size in bytes.
     pub bytes: i64,
+}
+
+/// A sample image, or the contact sheet of them all.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SampleArtifact {
+    /// `image` or `contactSheet`.
+    pub kind: SampleKind,
+    /// The training step the image shows (0: the base model, before training); for the
+    /// contact sheet, the newest set's.
+    pub step: i64,
+    /// The prompt's index in `spec.samples.prompts` (or the default prompts); absent for the
+    /// contact sheet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<i32>,
+    /// Where the PNG is, as `s3://BUCKET/KEY`.
+    pub uri: String,
+}
+
+/// What a [`SampleArtifact`] is.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum SampleKind {
+    /// One prompt's image in one set.
+    #[default]
+    Image,
+    /// Every set so far side by side.
+    ContactSheet,
 }
 
 /// When the job's data was or will be deleted. When the outputs are deleted the job object goes

@@ -226,6 +226,7 @@ fn started_job_spec_is_immutable_except_suspend_and_placement() {
         ("concept", "triggerWord", Value::from("other")),
         ("dataset", "sha256", Value::from("0".repeat(64))),
         ("training", "steps", Value::from(10)),
+        ("samples", "every", Value::from(250)),
         (
             "resources",
             "gpu",

@@ -11,8 +11,9 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
+use loraplane_crds::layout::{CONTACT_SHEET_FILE, object_in, sample_file};
 use loraplane_crds::trainer::TrainerEvent;
-use loraplane_crds::v1alpha1::Progress;
+use loraplane_crds::v1alpha1::{Progress, SampleArtifact, SampleKind};
 
 /// Lines read from the end of a running trainer's log on each poll. The trainer prints a
 /// progress line every `logEvery` (10) steps and checkpoints every 100 steps by default, so
@@ -28,8 +29,8 @@ pub struct LogProgress {
     pub checkpoint: Option<u64>,
     /// The step the run resumed from, if it said so.
     pub resumed_from: Option<u64>,
-    /// The newest sample set's step seen (0: the base model's).
-    pub samples: Option<u64>,
+    /// The sample sets seen, as (step, images), in the order they were reported.
+    pub samples: Vec<(u64, u32)>,
 }
 
 /// Parses a log tail; lines that are not trainer events are ignored.
@@ -48,9 +49,7 @@ pub fn parse_log(text: &str) -> LogProgress {
                 out.checkpoint = Some(out.checkpoint.map_or(step, |c| c.max(step)));
             }
             Some(TrainerEvent::Resumed { step }) => out.resumed_from = Some(step),
-            Some(TrainerEvent::Samples { step, .. }) => {
-                out.samples = Some(out.samples.map_or(step, |s| s.max(step)));
-            }
+            Some(TrainerEvent::Samples { step, images, .. }) => out.samples.push((step, images)),
             None => {}
         }
     }
@@ -107,12 +106,129 @@ pub fn merge(
     Some(p)
 }
 
+/// The job's sample artifacts after a log tail: `previous` plus each image of the sets the
+/// tail reports that are not recorded yet (named by the shared layout under `output_prefix`,
+/// where the trainer wrote them), and the contact sheet at the newest set. `None` when nothing
+/// is new, so a poll alone writes no status.
+pub fn merge_samples(
+    previous: &[SampleArtifact],
+    sets: &[(u64, u32)],
+    output_prefix: &str,
+) -> Option<Vec<SampleArtifact>> {
+    let recorded = |step: i64| {
+        previous
+            .iter()
+            .any(|a| a.kind == SampleKind::Image && a.step == step)
+    };
+    let mut images: Vec<SampleArtifact> = previous
+        .iter()
+        .filter(|a| a.kind == SampleKind::Image)
+        .cloned()
+        .collect();
+    let mut sheet = previous
+        .iter()
+        .find(|a| a.kind == SampleKind::ContactSheet)
+        .cloned();
+    let mut changed = false;
+    for &(step, count) in sets {
+        let at = to_i64(step);
+        if recorded(at) {
+            continue;
+        }
+        changed = true;
+        images.extend((0..count).map(|i| SampleArtifact {
+            kind: SampleKind::Image,
+            step: at,
+            prompt: i32::try_from(i).ok(),
+            uri: object_in(output_prefix, &sample_file(step, i as usize)),
+        }));
+        if sheet.as_ref().is_none_or(|s| s.step <= at) {
+            sheet = Some(SampleArtifact {
+                kind: SampleKind::ContactSheet,
+                step: at,
+                prompt: None,
+                uri: object_in(output_prefix, CONTACT_SHEET_FILE),
+            });
+        }
+    }
+    if !changed {
+        return None;
+    }
+    images.sort_by_key(|a| (a.step, a.prompt));
+    images.extend(sheet);
+    Some(images)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn line(ev: TrainerEvent) -> String {
         ev.to_line()
+    }
+
+    fn set(step: u64) -> String {
+        line(TrainerEvent::Samples {
+            step,
+            images: 2,
+            seconds: 1.5,
+        })
+    }
+
+    #[test]
+    fn sample_sets_become_images_by_step_and_prompt_and_one_contact_sheet() {
+        let prefix = "s3://outputs-eu/ns/job-uid";
+        let log = parse_log(&format!("{}\nnoise\n{}\n", set(0), set(100)));
+        assert_eq!(log.samples, [(0, 2), (100, 2)]);
+        let first = merge_samples(&[], &log.samples, prefix).unwrap();
+        let names: Vec<(SampleKind, i64, Option<i32>, &str)> = first
+            .iter()
+            .map(|a| (a.kind, a.step, a.prompt, a.uri.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                (
+                    SampleKind::Image,
+                    0,
+                    Some(0),
+                    "s3://outputs-eu/ns/job-uid/samples/step-000000-0.png"
+                ),
+                (
+                    SampleKind::Image,
+                    0,
+                    Some(1),
+                    "s3://outputs-eu/ns/job-uid/samples/step-000000-1.png"
+                ),
+                (
+                    SampleKind::Image,
+                    100,
+                    Some(0),
+                    "s3://outputs-eu/ns/job-uid/samples/step-000100-0.png"
+                ),
+                (
+                    SampleKind::Image,
+                    100,
+                    Some(1),
+                    "s3://outputs-eu/ns/job-uid/samples/step-000100-1.png"
+                ),
+                (
+                    SampleKind::ContactSheet,
+                    100,
+                    None,
+                    "s3://outputs-eu/ns/job-uid/samples/contact-sheet.png"
+                ),
+            ]
+        );
+        // The same tail again: nothing new, no status write.
+        assert_eq!(merge_samples(&first, &log.samples, prefix), None);
+        // The next tail has scrolled past the first sets; they stay recorded.
+        let next = parse_log(&set(200));
+        let second = merge_samples(&first, &next.samples, prefix).unwrap();
+        assert_eq!(second.len(), 6 + 1);
+        assert_eq!(second[4].step, 200);
+        let sheet = second.last().unwrap();
+        assert_eq!((sheet.kind, sheet.step), (SampleKind::ContactSheet, 200));
     }
 
     #[test]

@@ -24,10 +24,10 @@ use loraplane_crds::LoRATrainingJob;
 use loraplane_crds::layout::s3_uri;
 use loraplane_crds::platform::{FamilyConfig, PlatformConfig, PoolConfig, RegionConfig};
 use loraplane_crds::trainer::{
-    BaseModelSource, ConceptConfig, DatasetSource, Grants, JobRef, SamplesConfig, TrainerConfig,
-    TrainingConfig,
+    BaseModelSource, ConceptConfig, DatasetSource, Grants, JobRef, SampleWhen, SamplesConfig,
+    TrainerConfig, TrainingConfig,
 };
-use loraplane_crds::v1alpha1::RetentionMode;
+use loraplane_crds::v1alpha1::{RetentionMode, Samples};
 
 use crate::placement::GPU_RESOURCE;
 
@@ -214,6 +214,31 @@ pub fn trainer_config(
         home_region(job, config, region).ok_or_else(|| BuildError::UnknownPool(region.into()))?;
     let prefix = loraplane_crds::layout::job_prefix(&ids.namespace, &ids.name, &ids.uid);
     let t = &spec.training;
+    let training = TrainingConfig {
+        steps: non_negative(t.steps),
+        rank: u32::try_from(t.rank).unwrap_or(1),
+        alpha: t.alpha,
+        learning_rate: t.learning_rate,
+        lr_scheduler: t.lr_scheduler,
+        lr_warmup_steps: non_negative(t.lr_warmup_steps.unwrap_or(0)),
+        batch_size: u32::try_from(t.batch_size).unwrap_or(1),
+        resolution: t
+            .resolution
+            .and_then(|r| u32::try_from(r).ok())
+            .unwrap_or_else(|| spec.base_model.family.default_resolution()),
+        seed: t
+            .seed
+            .map(non_negative)
+            .unwrap_or_else(|| derived_seed(&ids.uid)),
+        checkpoint_every: t
+            .checkpoint_every
+            .map(non_negative)
+            .unwrap_or(config.defaults.checkpoint_every),
+        mixed_precision: t.mixed_precision,
+        gradient_checkpointing: t.gradient_checkpointing,
+        noise_offset: t.noise_offset.unwrap_or(0.0),
+        min_snr_gamma: t.min_snr_gamma,
+    };
     Ok(TrainerConfig {
         job: JobRef {
             namespace: ids.namespace.clone(),
@@ -238,41 +263,42 @@ pub fn trainer_config(
             trigger_word: spec.concept.trigger_word.clone(),
             description: spec.concept.description.clone(),
         },
-        training: TrainingConfig {
-            steps: non_negative(t.steps),
-            rank: u32::try_from(t.rank).unwrap_or(1),
-            alpha: t.alpha,
-            learning_rate: t.learning_rate,
-            lr_scheduler: t.lr_scheduler,
-            lr_warmup_steps: non_negative(t.lr_warmup_steps.unwrap_or(0)),
-            batch_size: u32::try_from(t.batch_size).unwrap_or(1),
-            resolution: t
-                .resolution
-                .and_then(|r| u32::try_from(r).ok())
-                .unwrap_or_else(|| spec.base_model.family.default_resolution()),
-            seed: t
-                .seed
-                .map(non_negative)
-                .unwrap_or_else(|| derived_seed(&ids.uid)),
-            checkpoint_every: t
-                .checkpoint_every
-                .map(non_negative)
-                .unwrap_or(config.defaults.checkpoint_every),
-            mixed_precision: t.mixed_precision,
-            gradient_checkpointing: t.gradient_checkpointing,
-            noise_offset: t.noise_offset.unwrap_or(0.0),
-            min_snr_gamma: t.min_snr_gamma,
-        },
         checkpoints: s3_uri(&home.buckets.checkpoints, &prefix),
         output: s3_uri(&home.buckets.outputs, &prefix),
         grants: Grants::default(),
         work_dir: WORK_DIR.to_string(),
         termination_message_path: TERMINATION_MESSAGE_PATH.to_string(),
         log_every: 10,
-        // No job asks for samples yet: the CRD field, their place in status and their
-        // retention come with the rest of the previews work.
-        samples: SamplesConfig::default(),
+        samples: samples_config(spec.samples.as_ref(), &training),
+        training,
     })
+}
+
+/// The trainer's sample settings for a job's `spec.samples` (none when absent), with the
+/// defaults filled in against its resolved training settings.
+fn samples_config(samples: Option<&Samples>, t: &TrainingConfig) -> SamplesConfig {
+    let Some(s) = samples else {
+        return SamplesConfig::default();
+    };
+    let defaults = SamplesConfig::default();
+    SamplesConfig {
+        when: SampleWhen::Checkpoints,
+        prompts: s.prompts.clone(),
+        seed: s.seed.map_or(0, non_negative),
+        steps: s
+            .steps
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(defaults.steps),
+        guidance: s.guidance.unwrap_or(defaults.guidance),
+        resolution: s
+            .resolution
+            .and_then(|r| u32::try_from(r).ok())
+            .unwrap_or(0),
+        every: s.every.map_or_else(
+            || SamplesConfig::default_every(t.steps, t.checkpoint_every),
+            non_negative,
+        ),
+    }
 }
 
 /// The Secret holding the trainer's config file (with its grants: presigned URLs are bearer
@@ -561,6 +587,41 @@ pub(crate) mod tests {
             "pi_secret123".into(),
         )]));
         j
+    }
+
+    #[test]
+    fn a_jobs_samples_reach_the_trainer_with_defaults_filled_in() {
+        use loraplane_crds::v1alpha1::Samples;
+        let platform = crate::placement::tests::platform();
+        let mut j = job(false);
+        let none = trainer_config(&j, &platform, "eu-west").unwrap();
+        assert!(none.samples.is_never(), "no spec.samples, no samples");
+        j.spec.training.steps = 1000;
+        j.spec.training.checkpoint_every = Some(100);
+        j.spec.samples = Some(Samples {
+            prompts: vec!["a red zxq".into()],
+            ..Samples::default()
+        });
+        let c = trainer_config(&j, &platform, "eu-west").unwrap();
+        assert_eq!(c.samples.when, SampleWhen::Checkpoints);
+        assert_eq!(c.samples.prompts, ["a red zxq"]);
+        assert_eq!((c.samples.steps, c.samples.guidance), (20, 7.5));
+        assert_eq!(
+            c.samples.every, 300,
+            "at most three sets between base and end"
+        );
+        assert_eq!(c.samples.resolution, 0, "the training resolution");
+        j.spec.samples = Some(Samples {
+            every: Some(200),
+            steps: Some(8),
+            resolution: Some(512),
+            ..Samples::default()
+        });
+        let c = trainer_config(&j, &platform, "eu-west").unwrap();
+        assert_eq!(
+            (c.samples.every, c.samples.steps, c.samples.resolution),
+            (200, 8, 512)
+        );
     }
 
     /// Every string anywhere in a JSON value.

@@ -296,7 +296,8 @@ pub struct Inputs<'a> {
     /// a job whose data does not fails as bad input before any pod.
     pub data_location: Result<(), String>,
     /// The `s3://` names of the LoRA files the trainer was granted (`resources::output_uris`):
-    /// the only artifacts recorded, whatever else a trainer reports.
+    /// the only artifacts recorded, whatever else a trainer reports. Its sample images are
+    /// recorded under the same prefix.
     pub outputs: &'a [String],
     /// Platform defaults.
     pub defaults: &'a Defaults,
@@ -577,6 +578,13 @@ pub fn decide(inputs: &Inputs<'_>) -> Plan {
             inputs.job.spec.training.steps,
             inputs.now,
         );
+        // The LoRA files lie directly under the attempt's output prefix, as its samples do.
+        let prefix = inputs.outputs.first().and_then(|u| u.rsplit_once('/'));
+        if let Some((prefix, _)) = prefix
+            && let Some(samples) = progress::merge_samples(&st.samples, &log.samples, prefix)
+        {
+            st.samples = samples;
+        }
     }
     let deadline_hit = step
         .spec()
@@ -1428,7 +1436,7 @@ mod tests {
             latest: Some((130, 1000, 0.3, 100)),
             checkpoint: Some(100),
             resumed_from: None,
-            samples: None,
+            samples: Vec::new(),
         };
         r.step(10, Some(pod("order-1-a0", PodPhase::Running)), Some(log));
         let mut p = pod("order-1-a0", PodPhase::Failed);
@@ -1564,7 +1572,7 @@ mod tests {
             latest: Some((250, 1000, 0.3, 100)),
             checkpoint: Some(200),
             resumed_from: None,
-            samples: None,
+            samples: Vec::new(),
         };
         r.step(10, Some(pod("order-1-a0", PodPhase::Running)), Some(log));
         r.job.spec.suspend = true;

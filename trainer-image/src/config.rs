@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use loraplane_crds::layout::{
-    CHECKPOINT_FILE, object_in, output_files, sample_files, sample_steps,
+    CHECKPOINT_FILE, MAX_SAMPLE_SETS, object_in, output_files, sample_files, sample_steps,
 };
 use loraplane_crds::trainer::TrainerConfig;
 
@@ -198,8 +198,6 @@ pub fn check(c: &TrainerConfig) -> Result<(), ConfigError> {
 
 /// The most prompts a sample set may have (each is one image per set).
 pub const MAX_SAMPLE_PROMPTS: usize = 8;
-/// The most sample sets a run may render (each file needs its own grant).
-pub const MAX_SAMPLE_SETS: usize = 100;
 
 /// The sample settings when samples are on: a few non-empty prompts, a sampler that ends, a
 /// resolution the model takes, and for an `s3://` output a PUT grant for every sample file.
