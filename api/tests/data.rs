@@ -78,6 +78,60 @@ async fn presigned_urls_work_with_a_plain_http_client_and_expire() {
 }
 
 #[tokio::test]
+async fn sample_links_are_the_jobs_own_pngs_for_its_tenant_and_close_on_erasure() {
+    within(120, async {
+        let h = Harness::start().await;
+        let upload = h.upload(ACME, "eea", dataset(2)).await;
+        let order = json!({"orderId": "smp", "family": "sdxl", "conceptType": "object",
+            "triggerWord": "mug", "plan": "basic", "residency": "eea", "uploadId": upload});
+        let (s, _, job) = h.call("POST", "/v1/jobs", Some(ACME), &[("idempotency-key", "smp")], Some(order)).await;
+        assert_eq!(s, StatusCode::CREATED, "{job}");
+        let id = job["id"].as_str().unwrap();
+        let path = format!("/v1/jobs/{id}/samples");
+        let (s, _, e) = h.call("GET", &path, Some(ACME), &[], None).await;
+        assert_eq!((s, e["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("samples_not_ready")));
+
+        let api: Api<LoRATrainingJob> = Api::namespaced(h.sim.client(), "acme");
+        let uid = api.get(id).await.unwrap().metadata.uid.unwrap();
+        let image = format!("acme/{id}-{uid}/samples/step-000000-0.png");
+        let sheet = format!("acme/{id}-{uid}/samples/contact-sheet.png");
+        h.put("out-eu", &image, b"PNG-BASE").await;
+        h.put("out-eu", &sheet, b"PNG-SHEET").await;
+        // The operator's record, plus a name outside the job's layout (a lying trainer's).
+        api.patch_status(id, &PatchParams::default(), &Patch::Merge(json!({"status": {
+            "phase": "Running",
+            "samples": [
+                {"kind": "image", "step": 0, "prompt": 0, "uri": format!("s3://out-eu/{image}")},
+                {"kind": "image", "step": 0, "prompt": 1, "uri": "s3://out-eu/acme/other-job-uid/samples/step-000000-1.png"},
+                {"kind": "contactSheet", "step": 0, "uri": format!("s3://out-eu/{sheet}")},
+            ]
+        }}))).await.unwrap();
+        let (s, _, links) = h.call("GET", &path, Some(ACME), &[], None).await;
+        assert_eq!(s, StatusCode::OK, "{links}");
+        let samples = links["samples"].as_array().unwrap();
+        let shape: Vec<(&str, i64, Option<i64>)> = samples
+            .iter()
+            .map(|l| (l["kind"].as_str().unwrap(), l["step"].as_i64().unwrap(), l["prompt"].as_i64()))
+            .collect();
+        assert_eq!(shape, [("image", 0, Some(0)), ("contactSheet", 0, None)]);
+        for (link, bytes) in samples.iter().zip([b"PNG-BASE".as_slice(), b"PNG-SHEET"]) {
+            let (s, _, body) = http("GET", link["url"].as_str().unwrap(), &[], Vec::new()).await;
+            assert_eq!((s, body.as_slice()), (StatusCode::OK, bytes));
+        }
+        assert!(links["expiresAt"].as_str().is_some_and(|t| !t.is_empty()));
+        // Another tenant does not see the job at all.
+        let (s, _, _) = h.call("GET", &path, Some(GLOBEX), &[], None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        // Erasure closes the links at once, before the operator has deleted anything.
+        let (s, _, body) = h.call("DELETE", &format!("/v1/jobs/{id}"), Some(ACME), &[], None).await;
+        assert!(s.is_success(), "{s}: {body}");
+        let (s, _, e) = h.call("GET", &path, Some(ACME), &[], None).await;
+        assert_eq!((s, e["error"]["code"].as_str()), (StatusCode::GONE, Some("samples_deleted")));
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn bad_datasets_are_refused_with_precise_errors_before_any_job_exists() {
     within(120, async {
         let h = Harness::start().await;

@@ -1,7 +1,8 @@
 //! Intent on a tenant's jobs: read, list, cancel, withdraw consent, erase; and the
-//! download links of a finished job.
+//! download links of a finished job's LoRA files and of its sample images.
 
 use super::*;
+use loraplane_crds::v1alpha1::SampleArtifact;
 
 impl App {
     /// Presigned links to a job's LoRA files, and when they stop working (Unix seconds). Only
@@ -11,29 +12,59 @@ impl App {
         &self,
         job: &LoRATrainingJob,
     ) -> Result<(Vec<outbox::Download>, i64), AppError> {
-        let secs = self.config.limits.presign_seconds;
+        let mut links = Vec::new();
+        for a in job.status.iter().flat_map(|s| &s.artifacts) {
+            if let Some(url) = self.presign_output(job, &a.uri).await? {
+                links.push(outbox::Download {
+                    format: a.format.clone(),
+                    url,
+                    sha256: a.sha256.clone(),
+                    bytes: a.bytes,
+                });
+            }
+        }
+        Ok((links, self.link_expiry()))
+    }
+
+    /// Presigned links to a job's sample images and their contact sheet (`status.samples`,
+    /// in training order), and when they stop working; like [`App::downloads`], only the
+    /// job's own files.
+    pub async fn sample_links(
+        &self,
+        job: &LoRATrainingJob,
+    ) -> Result<(Vec<(SampleArtifact, String)>, i64), AppError> {
+        let mut links = Vec::new();
+        for a in job.status.iter().flat_map(|s| &s.samples) {
+            if let Some(url) = self.presign_output(job, &a.uri).await? {
+                links.push((a.clone(), url));
+            }
+        }
+        Ok((links, self.link_expiry()))
+    }
+
+    /// A presigned GET of `uri` when it is one of the job's own outputs, else `None`.
+    async fn presign_output(
+        &self,
+        job: &LoRATrainingJob,
+        uri: &str,
+    ) -> Result<Option<String>, AppError> {
         let prefix = loraplane_crds::layout::job_prefix(
             &job.namespace().unwrap_or_default(),
             &job.name_any(),
             job.metadata.uid.as_deref().unwrap_or_default(),
         );
-        let mut links = Vec::new();
-        let artifacts = job.status.iter().flat_map(|s| &s.artifacts);
-        for a in artifacts.filter(|a| self.storage.is_job_output(&a.uri, &prefix)) {
-            let (bucket, key) = parse_uri(&a.uri)?;
-            let url = self
-                .storage
-                .presign_get(bucket, key, std::time::Duration::from_secs(secs))
-                .await?;
-            links.push(outbox::Download {
-                format: a.format.clone(),
-                url,
-                sha256: a.sha256.clone(),
-                bytes: a.bytes,
-            });
+        if !self.storage.is_job_output(uri, &prefix) {
+            return Ok(None);
         }
-        let expires = Timestamp::now().as_second() + i64::try_from(secs).unwrap_or(i64::MAX / 2);
-        Ok((links, expires))
+        let (bucket, key) = parse_uri(uri)?;
+        let lifetime = std::time::Duration::from_secs(self.config.limits.presign_seconds);
+        Ok(Some(self.storage.presign_get(bucket, key, lifetime).await?))
+    }
+
+    /// When links presigned now stop working (Unix seconds).
+    fn link_expiry(&self) -> i64 {
+        let secs = self.config.limits.presign_seconds;
+        Timestamp::now().as_second() + i64::try_from(secs).unwrap_or(i64::MAX / 2)
     }
 
     /// Gets a job in a namespace.

@@ -2,6 +2,7 @@
 //! notification log, with the DTOs beside their routes.
 
 use super::*;
+use loraplane_crds::v1alpha1::SampleKind;
 
 /// A job as tenants see it: no customer text.
 #[derive(Serialize, Deserialize, ToSchema, Debug, PartialEq)]
@@ -304,6 +305,83 @@ pub async fn artifacts(
                 url: d.url,
                 sha256: d.sha256,
                 bytes: d.bytes,
+            })
+            .collect(),
+        expires_at: Timestamp::from_second(expires)
+            .map(|t| t.to_string())
+            .unwrap_or_default(),
+    }))
+}
+
+/// A sample image, or the contact sheet of them all.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct SampleLink {
+    /// `image` or `contactSheet`.
+    pub kind: String,
+    /// The training step it shows (0: the base model, before training); for the contact
+    /// sheet, the newest set's.
+    pub step: i64,
+    /// The prompt's index; absent for the contact sheet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<i32>,
+    /// Presigned GET URL of the PNG.
+    pub url: String,
+}
+
+/// The job's sample images so far.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct Samples {
+    /// Links, in training order, the contact sheet last.
+    pub samples: Vec<SampleLink>,
+    /// When the links stop working (RFC 3339).
+    pub expires_at: String,
+}
+
+/// Presigned links to the images the trainer rendered while training (the job's
+/// `spec.samples`): one per prompt before training and at each sampled step, and the contact
+/// sheet of them all. They are the job's outputs: retention and erasure delete them with the
+/// LoRA files.
+#[utoipa::path(get, path = "/v1/jobs/{id}/samples", tag = "jobs", security(("bearer" = [])),
+    params(("id" = String, Path)),
+    responses((status = 200, body = Samples), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "the job has rendered no samples yet"),
+        (status = 410, body = ErrorBody, description = "erasure of the job was requested")))]
+pub async fn samples(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    JobId(id): JobId,
+) -> Result<Json<Samples>, ApiError> {
+    let tenant = s.tenant(&headers)?;
+    let job = s.app.get_job(&tenant.namespace, &id).await?;
+    if job.spec.erasure.is_some() {
+        return Err(ApiError::new(
+            StatusCode::GONE,
+            "samples_deleted",
+            "erasure of the job was requested: its files are being deleted",
+        ));
+    }
+    let (links, expires) = s.app.sample_links(&job).await?;
+    if links.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "samples_not_ready",
+            "the job has rendered no samples yet",
+        ));
+    }
+    Ok(Json(Samples {
+        samples: links
+            .into_iter()
+            .map(|(a, url)| SampleLink {
+                kind: match a.kind {
+                    SampleKind::Image => "image",
+                    SampleKind::ContactSheet => "contactSheet",
+                }
+                .into(),
+                step: a.step,
+                prompt: a.prompt,
+                url,
             })
             .collect(),
         expires_at: Timestamp::from_second(expires)

@@ -228,7 +228,7 @@ verifiable with `stripe.Webhook.construct_event`), at least once and in order pe
 is the delivery log. A paid job that fails, or that the platform cancels, is refunded (`job.refunded`). \
 `GET /v1/jobs/{id}/artifacts` (or the `job.succeeded` event) has the download links."),
     components(schemas(crate::outbox::Notification)),
-    paths(stripe_webhook, create_order, create_job, get_job, list_jobs, cancel_job, withdraw_consent, erase_job, artifacts, job_events, create_upload, validate_upload),
+    paths(stripe_webhook, create_order, create_job, get_job, list_jobs, cancel_job, withdraw_consent, erase_job, artifacts, samples, job_events, create_upload, validate_upload),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -356,6 +356,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/jobs/{id}/cancel"),
     ("post", "/v1/jobs/{id}/consent/withdraw"),
     ("get", "/v1/jobs/{id}/artifacts"),
+    ("get", "/v1/jobs/{id}/samples"),
     ("get", "/v1/jobs/{id}/events"),
     ("post", "/v1/uploads"),
     ("post", "/v1/uploads/{id}/validate"),
@@ -449,6 +450,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/jobs/{id}/consent/withdraw", post(withdraw_consent))
         .route("/v1/jobs/{id}/artifacts", get(artifacts))
+        .route("/v1/jobs/{id}/samples", get(samples))
         .route("/v1/jobs/{id}/events", get(job_events))
         .route("/v1/uploads", post(create_upload))
         .route("/v1/uploads/{id}/validate", post(validate_upload))
