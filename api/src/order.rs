@@ -10,7 +10,7 @@ use hmac::{Hmac, Mac};
 use loraplane_crds::platform::PlatformConfig;
 use loraplane_crds::v1alpha1::{
     BaseModel, Concept, ConceptType, DataUse, Dataset, GpuProduct, LoRATrainingJobSpec,
-    ModelFamily, Placement, RegionName, Resources, Retention, RetentionMode, Training,
+    ModelFamily, Placement, RegionName, Resources, Retention, RetentionMode, Samples, Training,
 };
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
@@ -341,8 +341,13 @@ pub fn build_spec(order: &Order, inp: &SpecInputs<'_>) -> Result<LoRATrainingJob
     resources.gpu.min_memory_gi_b = plan.min_gpu_memory_gib;
     resources.gpu.products = plan.gpu_products.iter().cloned().map(GpuProduct).collect();
     Ok(LoRATrainingJobSpec {
-        // Orders render no samples until the API serves them (`GET /v1/jobs/{id}/samples`).
-        samples: None,
+        // The customer sees the LoRA at work before the download (`GET /v1/jobs/{id}/samples`),
+        // unless the plan turns samples off.
+        samples: (plan.samples.steps > 0).then(|| Samples {
+            steps: Some(plan.samples.steps),
+            resolution: plan.samples.resolution,
+            ..Samples::default()
+        }),
         base_model: BaseModel {
             family,
             weights: None,
@@ -421,6 +426,7 @@ families: []
             max_steps: 500,
             resolution: None,
             price: None,
+            samples: Default::default(),
         }
     }
 
@@ -502,6 +508,22 @@ families: []
         // The spec serialises into something the CRD schema accepts.
         let job = loraplane_crds::v1alpha1::LoRATrainingJob::new("x", spec);
         assert!(serde_json::to_value(&job).is_ok());
+    }
+
+    #[test]
+    fn orders_render_the_plans_samples_unless_it_turns_them_off() {
+        let mut p = plan();
+        let s = build(&order(), &p)
+            .unwrap()
+            .samples
+            .expect("samples by default");
+        assert_eq!((s.steps, s.resolution), (Some(20), None));
+        assert!(
+            s.prompts.is_empty(),
+            "the trainer's prompts from the trigger word"
+        );
+        p.samples.steps = 0;
+        assert!(build(&order(), &p).unwrap().samples.is_none());
     }
 
     #[test]

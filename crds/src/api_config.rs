@@ -68,6 +68,31 @@ pub struct Plan {
     /// a plan without a price can be ordered only through `POST /v1/jobs`.
     #[serde(default)]
     pub price: Option<Price>,
+    /// The sample images the plan's jobs render while training (the job's `spec.samples`,
+    /// with its defaults for everything not named here).
+    #[serde(default)]
+    pub samples: PlanSamples,
+}
+
+/// The sample images of a plan's jobs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct PlanSamples {
+    /// Sampler steps per image; 0: the plan's jobs render no samples.
+    #[schemars(range(min = 0, max = 150))]
+    pub steps: i32,
+    /// Image side in pixels; empty: the training resolution.
+    #[schemars(range(min = 64, max = RESOLUTION_MAX), extend("multipleOf" = RESOLUTION_MULTIPLE))]
+    pub resolution: Option<i32>,
+}
+
+impl Default for PlanSamples {
+    fn default() -> Self {
+        PlanSamples {
+            steps: 20,
+            resolution: None,
+        }
+    }
 }
 
 fn default_keep_inputs() -> i64 {

@@ -190,15 +190,18 @@ impl Default for RetentionKnobs {
 ///
 /// Both plans train at [`E2E_RESOLUTION`]: without a plan resolution jobs get the family default
 /// (1024 px for SDXL), where even the tiny test models need gigabytes of attention memory on a
-/// CPU.
+/// CPU. Their samples are small and quick for the same reason: 64 px, 3 sampler steps (the
+/// default 20 steps at the training resolution would take longer than the 20-step runs).
 pub fn api_yaml(r: &RetentionKnobs, storefront: Option<&str>) -> String {
+    let samples = serde_json::json!({"steps": 3, "resolution": 64});
     let plans = serde_json::json!({
         "standard": {"retention": "standard", "keepInputsSeconds": r.keep_inputs_seconds,
                      "keepOutputsSeconds": r.keep_outputs_seconds, "maxSteps": 400,
-                     "resolution": E2E_RESOLUTION, "price": {"amount": 1900, "currency": "eur"}},
+                     "resolution": E2E_RESOLUTION, "price": {"amount": 1900, "currency": "eur"},
+                     "samples": samples},
         "zero": {"retention": "zeroRetention", "keepOutputsSeconds": r.zero_keep_outputs_seconds,
                  "maxSteps": 400, "resolution": E2E_RESOLUTION,
-                 "price": {"amount": 2900, "currency": "eur"}},
+                 "price": {"amount": 2900, "currency": "eur"}, "samples": samples},
     });
     // The storefront's notification endpoint (the stack's stub), signed with NOTIFY_SECRET,
     // retried quickly.

@@ -535,6 +535,75 @@ pub async fn wait_succeeded(
     Ok(j)
 }
 
+/// The job's sample images as the API serves them.
+#[derive(Debug, Clone)]
+pub struct SampleDownload {
+    /// (kind, step, prompt index) of every link, in the API's order.
+    pub links: Vec<(String, i64, Option<i64>)>,
+    /// The contact sheet's PNG.
+    pub contact_sheet: Vec<u8>,
+}
+
+/// Asks the API for the job's sample links and fetches the contact sheet with a plain GET,
+/// checking it is a PNG.
+pub async fn download_samples(
+    stack: &Endpoints,
+    job: &str,
+    tl: &mut Timeline,
+) -> Result<SampleDownload, JourneyError> {
+    let r = stack
+        .api("GET", &format!("/v1/jobs/{job}/samples"), None)
+        .await?;
+    check("samples", r.status == 200, || {
+        format!(
+            "GET samples answered {}: {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        )
+    })?;
+    let body = r.json();
+    let list = body["samples"].as_array().cloned().unwrap_or_default();
+    let links: Vec<(String, i64, Option<i64>)> = list
+        .iter()
+        .map(|l| {
+            (
+                l["kind"].as_str().unwrap_or_default().to_string(),
+                l["step"].as_i64().unwrap_or(-1),
+                l["prompt"].as_i64(),
+            )
+        })
+        .collect();
+    let sheet = list
+        .iter()
+        .find(|l| l["kind"] == "contactSheet")
+        .and_then(|l| l["url"].as_str())
+        .unwrap_or_default();
+    check("samples", !sheet.is_empty(), || {
+        "no contact sheet link".into()
+    })?;
+    let got = http::request("GET", sheet, &[], Vec::new())
+        .await
+        .map_err(StackError::from)?;
+    check(
+        "samples",
+        got.status == 200 && got.body.starts_with(b"\x89PNG"),
+        || format!("the contact sheet answered {} (not a PNG)", got.status),
+    )?;
+    let images = links.iter().filter(|l| l.0 == "image").count();
+    let steps: std::collections::BTreeSet<i64> = links.iter().map(|l| l.1).collect();
+    tl.note(
+        "samples",
+        format!(
+            "{images} images at steps {steps:?}; contact sheet {} bytes",
+            got.body.len()
+        ),
+    );
+    Ok(SampleDownload {
+        links,
+        contact_sheet: got.body,
+    })
+}
+
 /// One downloaded LoRA file.
 #[derive(Debug, Clone)]
 pub struct Download {
@@ -807,6 +876,10 @@ pub struct JourneyReport {
     pub kubectl_running: String,
     /// Downloads.
     pub downloads: Vec<Download>,
+    /// The sample images and their contact sheet.
+    pub samples: SampleDownload,
+    /// The API's answer for the samples after retention (404: the job is gone).
+    pub samples_status_after_retention: u16,
     /// Objects of the job right after success (before retention).
     pub objects_after_success: Vec<String>,
     /// Claims right after success.
@@ -855,6 +928,7 @@ pub async fn happy_journey(
         .job_objects(&placed.job, &placed.uid, Some(&placed.dataset_key))
         .await?;
     let downloads = download_loras(stack, &placed.job, tl).await?;
+    let samples = download_samples(stack, &placed.job, tl).await?;
     let view = stack
         .api("GET", &format!("/v1/jobs/{}", placed.job), None)
         .await?;
@@ -882,6 +956,9 @@ pub async fn happy_journey(
     let gone = stack
         .api("GET", &format!("/v1/jobs/{}/artifacts", placed.job), None)
         .await?;
+    let samples_gone = stack
+        .api("GET", &format!("/v1/jobs/{}/samples", placed.job), None)
+        .await?;
     Ok(JourneyReport {
         attempts: attempts(&done),
         placed,
@@ -889,6 +966,8 @@ pub async fn happy_journey(
         checkpoint_before_preemption: ckpt,
         kubectl_running,
         downloads,
+        samples,
+        samples_status_after_retention: samples_gone.status,
         objects_after_success,
         claims_after_success,
         after_retention: after,

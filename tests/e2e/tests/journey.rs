@@ -58,6 +58,22 @@ async fn eea_order_survives_spot_preemption_and_leaves_nothing_after_retention()
     assert_eq!(report.api_view["phase"], "Succeeded");
     assert_eq!(report.api_view["region"], "eu-central");
 
+    // The sample sets through the API: images by step and prompt index (the base model's at
+    // step 0 unless it was rendered in the region the job left), the final step's, and the
+    // contact sheet, a PNG.
+    let links = &report.samples.links;
+    let images: Vec<_> = links.iter().filter(|l| l.0 == "image").collect();
+    assert!(
+        images.iter().any(|l| l.1 == 20) && images.iter().all(|l| l.2.is_some()),
+        "{links:?}"
+    );
+    assert_eq!(
+        links.iter().filter(|l| l.0 == "contactSheet").count(),
+        1,
+        "{links:?}"
+    );
+    assert!(report.samples.contact_sheet.len() > 1000);
+
     // Before retention the data existed (so "gone" below means deleted, not never written).
     assert!(!report.claims_after_success.is_empty());
     let objs = &report.objects_after_success;
@@ -89,6 +105,7 @@ async fn eea_order_survives_spot_preemption_and_leaves_nothing_after_retention()
     assert!(left.claims.is_empty(), "{:?}", left.claims);
     assert!(left.objects.is_empty(), "{:?}", left.objects);
     assert_eq!(report.artifacts_status_after_retention, 404);
+    assert_eq!(report.samples_status_after_retention, 404);
     let record = &report.audit_record;
     assert_eq!(record["reason"], "retention");
     assert_eq!(record["tenant"], "orders");

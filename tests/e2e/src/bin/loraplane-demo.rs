@@ -106,6 +106,18 @@ async fn run(args: &Args) -> Result<(), String> {
     let result = journey::happy_journey(&stack, &order, &mut tl).await;
     let outcome = match result {
         Ok(report) => {
+            // The contact sheet the customer saw, saved for a look (`xdg-open`, any image viewer).
+            let sheet = std::env::temp_dir().join("loraplane-demo-contact-sheet.png");
+            match std::fs::write(&sheet, &report.samples.contact_sheet) {
+                Ok(()) => println!(
+                    "\nsample contact sheet (rows: base model, then each sampled step; columns: prompts): {}",
+                    sheet.display()
+                ),
+                Err(e) => println!(
+                    "\ncould not save the contact sheet to {}: {e}",
+                    sheet.display()
+                ),
+            }
             rule("what an auditor sees afterwards");
             let left = &report.after_retention;
             let gone = |exists: bool| if exists { "LEFT" } else { "gone" };
@@ -138,6 +150,10 @@ async fn run(args: &Args) -> Result<(), String> {
             println!(
                 "artifact links      HTTP {}",
                 report.artifacts_status_after_retention
+            );
+            println!(
+                "sample links        HTTP {}",
+                report.samples_status_after_retention
             );
             let field = |k: &str| {
                 report
