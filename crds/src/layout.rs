@@ -153,10 +153,13 @@ pub fn sample_steps(total: u64, every: u64) -> Vec<u64> {
     steps
 }
 
-/// The most sample sets a job may have (the CRD refuses an interval that gives more): each
-/// image is granted by its own presigned URL in the trainer's config Secret, whose size is
-/// capped at 1 MiB.
+/// The most sample sets a job may have (the CRD refuses an interval that gives more). Each
+/// sample file gets a presigned PUT and GET in the trainer's config Secret, whose size is
+/// capped at 1 MiB: 50 sets of [`MAX_SAMPLE_PROMPTS`] images are about 800 URLs, 0.6 MB.
 pub const MAX_SAMPLE_SETS: usize = 50;
+
+/// The most prompts (images per set) a job's samples may have.
+pub const MAX_SAMPLE_PROMPTS: usize = 8;
 
 /// Every sample file of a run (each image, then the contact sheet), as
 /// [`sample_steps`] and [`sample_file`] name them.

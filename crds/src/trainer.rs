@@ -92,8 +92,8 @@ pub struct SamplesConfig {
     /// Image side in pixels (0: the training resolution).
     #[serde(default)]
     pub resolution: u32,
-    /// A set every this many training steps (a multiple of the checkpoint interval), besides
-    /// the base model's before training and the final one.
+    /// A set every this many training steps (0: none between), besides the base model's
+    /// before training and the final one.
     #[serde(default)]
     pub every: u64,
 }

@@ -52,7 +52,7 @@ pub const VERSION: &str = "v1alpha1";
         .message("spec.erasure cannot be changed or withdrawn once requested")
 )]
 #[x_kube(
-    validation = Rule::new("!has(self.samples) || !has(self.samples.every) || !has(self.training) || self.training.steps / self.samples.every <= 48")
+    validation = Rule::new("!has(self.samples) || !has(self.samples.every) || !has(self.training) || (self.training.steps - 1) / self.samples.every <= 48")
         .message("spec.samples.every is too small for spec.training.steps: at most 50 sample sets per job")
 )]
 #[serde(rename_all = "camelCase")]
@@ -246,7 +246,7 @@ pub struct Samples {
     /// The prompts, one image each. Empty: two built from the trigger word and concept type.
     /// Sensitive customer text, like the concept: it reaches only the trainer's config file.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 8), inner(length(min = 1, max = 500)))]
+    #[schemars(length(max = crate::layout::MAX_SAMPLE_PROMPTS), inner(length(min = 1, max = 500)))]
     pub prompts: Vec<String>,
 
     /// A set every this many training steps, besides the first and the last. Default: the

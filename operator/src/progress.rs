@@ -11,7 +11,9 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use loraplane_crds::layout::{CONTACT_SHEET_FILE, object_in, sample_file};
+use loraplane_crds::layout::{
+    CONTACT_SHEET_FILE, MAX_SAMPLE_PROMPTS, MAX_SAMPLE_SETS, object_in, sample_file,
+};
 use loraplane_crds::trainer::TrainerEvent;
 use loraplane_crds::v1alpha1::{Progress, SampleArtifact, SampleKind};
 
@@ -109,11 +111,14 @@ pub fn merge(
 /// The job's sample artifacts after a log tail: `previous` plus each image of the sets the
 /// tail reports that are not recorded yet (named by the shared layout under `output_prefix`,
 /// where the trainer wrote them), and the contact sheet at the newest set. `None` when nothing
-/// is new, so a poll alone writes no status.
+/// is new, so a poll alone writes no status. What a trainer reports is bounded like anything
+/// else it says: steps beyond `total_steps`, more images than a set can have and sets beyond
+/// the most a job can have are not recorded.
 pub fn merge_samples(
     previous: &[SampleArtifact],
     sets: &[(u64, u32)],
     output_prefix: &str,
+    total_steps: i64,
 ) -> Option<Vec<SampleArtifact>> {
     let recorded = |step: i64| {
         previous
@@ -130,11 +135,17 @@ pub fn merge_samples(
         .find(|a| a.kind == SampleKind::ContactSheet)
         .cloned();
     let mut changed = false;
+    let mut recorded_sets = previous
+        .iter()
+        .filter(|a| a.kind == SampleKind::Image && a.prompt == Some(0))
+        .count();
     for &(step, count) in sets {
         let at = to_i64(step);
-        if recorded(at) {
+        if recorded(at) || at > total_steps || recorded_sets >= MAX_SAMPLE_SETS {
             continue;
         }
+        recorded_sets += 1;
+        let count = count.min(MAX_SAMPLE_PROMPTS as u32);
         changed = true;
         images.extend((0..count).map(|i| SampleArtifact {
             kind: SampleKind::Image,
@@ -180,7 +191,7 @@ mod tests {
         let prefix = "s3://outputs-eu/ns/job-uid";
         let log = parse_log(&format!("{}\nnoise\n{}\n", set(0), set(100)));
         assert_eq!(log.samples, [(0, 2), (100, 2)]);
-        let first = merge_samples(&[], &log.samples, prefix).unwrap();
+        let first = merge_samples(&[], &log.samples, prefix, 1000).unwrap();
         let names: Vec<(SampleKind, i64, Option<i32>, &str)> = first
             .iter()
             .map(|a| (a.kind, a.step, a.prompt, a.uri.as_str()))
@@ -221,14 +232,22 @@ mod tests {
             ]
         );
         // The same tail again: nothing new, no status write.
-        assert_eq!(merge_samples(&first, &log.samples, prefix), None);
+        assert_eq!(merge_samples(&first, &log.samples, prefix, 1000), None);
         // The next tail has scrolled past the first sets; they stay recorded.
         let next = parse_log(&set(200));
-        let second = merge_samples(&first, &next.samples, prefix).unwrap();
+        let second = merge_samples(&first, &next.samples, prefix, 1000).unwrap();
         assert_eq!(second.len(), 6 + 1);
         assert_eq!(second[4].step, 200);
         let sheet = second.last().unwrap();
         assert_eq!((sheet.kind, sheet.step), (SampleKind::ContactSheet, 200));
+        // A trainer claiming a step past the end, or a set of a billion images, is bounded.
+        let lies = [(5000, 2), (300, u32::MAX)];
+        let bounded = merge_samples(&second, &lies, prefix, 1000).unwrap();
+        assert_eq!(
+            bounded.len(),
+            second.len() + MAX_SAMPLE_PROMPTS,
+            "{bounded:?}"
+        );
     }
 
     #[test]

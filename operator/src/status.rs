@@ -581,7 +581,12 @@ pub fn decide(inputs: &Inputs<'_>) -> Plan {
         // The LoRA files lie directly under the attempt's output prefix, as its samples do.
         let prefix = inputs.outputs.first().and_then(|u| u.rsplit_once('/'));
         if let Some((prefix, _)) = prefix
-            && let Some(samples) = progress::merge_samples(&st.samples, &log.samples, prefix)
+            && let Some(samples) = progress::merge_samples(
+                &st.samples,
+                &log.samples,
+                prefix,
+                inputs.job.spec.training.steps,
+            )
         {
             st.samples = samples;
         }

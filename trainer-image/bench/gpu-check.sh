@@ -35,7 +35,8 @@ diffusers_pin="diffusers==0.42.1"
 
 if [ "$mode" = prepare ]; then
   mkdir -p "$carry/wheels"
-  eval "$("$root/tests/tools/cuda-toolkit.sh" --env)"
+  cuda_env=$("$root/tests/tools/cuda-toolkit.sh" --env) || die "the CUDA toolkit could not be installed"
+  eval "$cuda_env"
   target="$(cd "$root" && cargo metadata --format-version 1 --no-deps --locked \
     | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/cuda"
   (cd "$root" && CARGO_TARGET_DIR="$target" cargo build --release --locked -p loraplane-trainer \
@@ -57,15 +58,18 @@ command -v python3 >/dev/null || die "python3 not found"
 
 if [ "$mode" = dry-run ]; then
   [ -x "$bench_bin" ] || die "--dry-run needs --bench-bin pointing at a built trainer-bench"
-  exec python3 "$here/gpu_check.py" check --dry-run --bench-bin "$bench_bin" \
+  python3 "$here/gpu_check.py" check --dry-run --bench-bin "$bench_bin" \
     --work "$work" --json "$out/gpu-check.json"
+  exit
 fi
 
 bench_bin="${bench_bin:-$carry/trainer-bench}"
 [ -x "$bench_bin" ] || die "no trainer-bench at $bench_bin: run 'gpu-check.sh --prepare' here and carry $carry"
 command -v nvidia-smi >/dev/null || die "nvidia-smi not found: this is not a GPU machine"
-wheel=$(ls "$carry"/wheels/diffusers-*.whl 2>/dev/null | head -n1)
-[ -n "$wheel" ] || die "no diffusers wheel in $carry/wheels: run 'gpu-check.sh --prepare' here"
+shopt -s nullglob
+wheels=("$carry"/wheels/diffusers-*.whl)
+[ ${#wheels[@]} -gt 0 ] || die "no diffusers wheel in $carry/wheels: run 'gpu-check.sh --prepare' here"
+wheel=${wheels[0]}
 python3 -m pip install --quiet --disable-pip-version-check --no-index --no-deps \
   --target "$work/py" "$wheel" || die "could not install $wheel"
 export PYTHONPATH="$work/py${PYTHONPATH:+:$PYTHONPATH}"
@@ -82,6 +86,7 @@ dirs = {os.path.dirname(p) for base in nvidia.__path__ for p in glob.glob(os.pat
 print(":".join(sorted(dirs)))
 EOF
 )
-export LD_LIBRARY_PATH="${nvidia_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# Never an empty entry: that would put the current directory on the library path.
+export LD_LIBRARY_PATH="${nvidia_libs}${nvidia_libs:+${LD_LIBRARY_PATH:+:}}${LD_LIBRARY_PATH:-}"
 python3 "$here/gpu_check.py" check --bench-bin "$bench_bin" --work "$work" \
   --json "$out/gpu-check.json" --budget 450

@@ -246,7 +246,8 @@ def gpu_memory_used_mib():
 
 
 def run_measured(cmd, timeout, sample_gpu):
-    """Runs one side as its own process; returns (its JSON, peak GPU MiB over the baseline)."""
+    """Runs one side as its own process (which writes its own JSON); returns its peak GPU
+    memory in MiB over the baseline when `sample_gpu`, else None."""
     peak = [None]
     stop = threading.Event()
     if sample_gpu:
@@ -295,7 +296,7 @@ def run_case(args, case, deadline):
                           "--resolution", str(resolution), "--steps", str(steps), "--seed", "7"],
                  left(), False)
     ours_json = os.path.join(work, "loraplane.json")
-    cmd = bench + ["--gpu-check-steps", work, "--family", family, "--device", device,
+    cmd = bench + ["--gpu-check-steps", work, "--device", device,
                    "--json", ours_json] + (["--checkpointing"] if checkpointing else [])
     peak = run_measured(cmd, left(), sample_gpu)
     with open(ours_json) as f:
@@ -345,7 +346,16 @@ def environment(args):
 def check(args):
     deadline = time.monotonic() + args.budget
     report = {"check": "loraplane gpu-check", "dry_run": args.dry_run, "cpu": args.cpu,
-              "environment": environment(args), "cases": []}
+              "cases": []}
+    try:
+        report["environment"] = environment(args)
+    except (CheckError, OSError) as e:
+        # Still a report: it says what is missing.
+        report["environment"] = {"error": str(e)}
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"gpu-check: {e}", file=sys.stderr)
+        return 1
     for case in TINY_CASES if args.dry_run or args.cpu else GPU_CASES:
         start = time.monotonic()
         try:

@@ -7,7 +7,8 @@
 use std::path::Path;
 
 use loraplane_crds::layout::{
-    CHECKPOINT_FILE, MAX_SAMPLE_SETS, object_in, output_files, sample_files, sample_steps,
+    CHECKPOINT_FILE, MAX_SAMPLE_PROMPTS, MAX_SAMPLE_SETS, object_in, output_files, sample_files,
+    sample_steps,
 };
 use loraplane_crds::trainer::TrainerConfig;
 
@@ -195,9 +196,6 @@ pub fn check(c: &TrainerConfig) -> Result<(), ConfigError> {
     }
     check_samples(c)
 }
-
-/// The most prompts a sample set may have (each is one image per set).
-pub const MAX_SAMPLE_PROMPTS: usize = 8;
 
 /// The sample settings when samples are on: a few non-empty prompts, a sampler that ends, a
 /// resolution the model takes, and for an `s3://` output a PUT grant for every sample file.

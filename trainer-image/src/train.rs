@@ -566,8 +566,12 @@ pub fn run_tracking(
         "model loaded, inputs cached"
     );
 
-    let mut sets = SampleSets::new(config, &model_dir, model.device(), &work)
-        .map_err(TrainError::LoadModel)?;
+    // Samples show how training goes; the LoRA is what was paid for, so a decoder that will
+    // not load costs the samples, not the run.
+    let mut sets = SampleSets::new(config, &model_dir, model.device(), &work).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "samples off: the VAE decoder did not load");
+        None
+    });
 
     let params = named_params(&model);
     let mut opt = AdamW::new(params, AdamWParams::default())?;
@@ -631,6 +635,11 @@ pub fn run_tracking(
         if let Some(ev) = tracker.record(done, loss_value) {
             emit(ev);
         }
+        // Before the checkpoint: a pod lost while rendering resumes from the checkpoint before
+        // and renders this set again, instead of resuming past a set nobody rendered.
+        if done < t.steps {
+            sample_set(&mut sets, &model, done, &storage, &mut tracker, &emit);
+        }
         if done.is_multiple_of(t.checkpoint_every) && done < t.steps {
             let uri = save_checkpoint(
                 &storage,
@@ -643,9 +652,6 @@ pub fn run_tracking(
                 &remote_ck,
             )?;
             emit(TrainerEvent::Checkpoint { step: done, uri });
-        }
-        if done < t.steps {
-            sample_set(&mut sets, &model, done, &storage, &mut tracker, &emit);
         }
         if opts.stop_after == Some(done) {
             return Err(TrainError::Interrupted { step: done });

@@ -345,7 +345,8 @@ pub struct Samples {
 /// LoRA files.
 #[utoipa::path(get, path = "/v1/jobs/{id}/samples", tag = "jobs", security(("bearer" = [])),
     params(("id" = String, Path)),
-    responses((status = 200, body = Samples), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+    responses((status = 200, body = Samples), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody, description = "no such job, or it renders no samples (`samples_off`)"),
         (status = 409, body = ErrorBody, description = "the job has rendered no samples yet"),
         (status = 410, body = ErrorBody, description = "erasure of the job was requested")))]
 pub async fn samples(
@@ -360,6 +361,13 @@ pub async fn samples(
             StatusCode::GONE,
             "samples_deleted",
             "erasure of the job was requested: its files are being deleted",
+        ));
+    }
+    if job.spec.samples.is_none() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "samples_off",
+            "the job renders no samples (its plan turns them off)",
         ));
     }
     let (links, expires) = s.app.sample_links(&job).await?;

@@ -50,8 +50,9 @@ pub struct SampleSets {
     /// The steps that get a set.
     due: Vec<u64>,
     decoder: VaeDecoder,
+    /// Every set so far, its images already at sheet size (a run keeps up to 50 sets).
     rows: Vec<SheetRow>,
-    /// Where the files are written first (`<work>/samples`'s parent).
+    /// Where the files are written first (`<work>/sample-sets`, then the layout's names).
     local: PathBuf,
     /// The output location they are uploaded under.
     remote: Location,
@@ -120,7 +121,10 @@ impl SampleSets {
             };
             let png = preview::render(model, &self.decoder, prompt, &options)?;
             self.publish(&sample_file(step, i), &png, storage)?;
-            images.push(image::load_from_memory(&png)?.to_rgb8());
+            images.push(sheet::cell(
+                &image::load_from_memory(&png)?.to_rgb8(),
+                SHEET_CELL,
+            ));
         }
         let count = images.len() as u32;
         self.rows.push(SheetRow { step, images });
@@ -141,9 +145,8 @@ impl SampleSets {
                     let bytes = std::fs::read(self.local.join(&name))
                         .ok()
                         .or_else(|| storage.read(&self.remote.join(&name)).ok())?;
-                    image::load_from_memory(&bytes)
-                        .ok()
-                        .map(|img| img.to_rgb8())
+                    let img = image::load_from_memory(&bytes).ok()?.to_rgb8();
+                    Some(sheet::cell(&img, SHEET_CELL))
                 })
                 .collect();
             if let Some(images) = images {

@@ -32,6 +32,14 @@ pub fn row_label(step: u64) -> String {
     }
 }
 
+/// `img` scaled to a `cell` × `cell` sheet cell (a copy when it already is one).
+pub fn cell(img: &RgbImage, cell: u32) -> RgbImage {
+    if img.dimensions() == (cell, cell) {
+        return img.clone();
+    }
+    imageops::resize(img, cell, cell, FilterType::Triangle)
+}
+
 /// The contact sheet of `rows`, each image scaled to `cell` × `cell` pixels.
 pub fn contact_sheet(rows: &[SheetRow], cell: u32) -> RgbImage {
     let cols = rows.iter().map(|r| r.images.len()).max().unwrap_or(0) as u32;
@@ -48,7 +56,7 @@ pub fn contact_sheet(rows: &[SheetRow], cell: u32) -> RgbImage {
     for (r, row) in rows.iter().enumerate() {
         let top = MARGIN + r as u32 * row_height;
         for (c, img) in row.images.iter().enumerate() {
-            let scaled = imageops::resize(img, cell, cell, FilterType::Triangle);
+            let scaled = self::cell(img, cell);
             let left = MARGIN + c as u32 * (cell + MARGIN);
             imageops::replace(&mut sheet, &scaled, i64::from(left), i64::from(top));
         }

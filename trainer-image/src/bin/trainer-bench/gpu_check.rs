@@ -7,7 +7,7 @@
 //!   diffusers loads as they are) and `DIR/batch.safetensors`: one latent, its text
 //!   conditioning (and SDXL's pooled embedding and size ids), and for each step the noise and
 //!   the timestep, so both sides see the same batches.
-//! - `--gpu-check-steps DIR --family F --device cpu|cuda [--checkpointing] [--json FILE]` loads
+//! - `--gpu-check-steps DIR --device cpu|cuda [--checkpointing] [--json FILE]` loads
 //!   the UNet with rank-16 adapters in the precision the trainer would run in on that device
 //!   (bf16 base weights on CUDA, f32 on the CPU), writes its adapters' initial down matrices to
 //!   `DIR/lora_init.safetensors` (PEFT's `lora_A` names, so the reference starts from the same
@@ -29,10 +29,9 @@ use loraplane_trainer::schedule::{NoiseSchedule, SchedulerConfig};
 use loraplane_trainer::train;
 use serde_json::{Value, json};
 
-/// The adapters' rank and alpha (scale 1), as in the CPU benchmark and the reference.
-const RANK: usize = 16;
-/// Tokens of a CLIP text conditioning.
-const TEXT_TOKENS: usize = 77;
+// The adapters' rank (alpha the same: scale 1) and the text conditioning's length, as in the
+// CPU benchmark and the reference.
+use super::{RANK, TEXT_TOKENS};
 /// min-SNR-γ weighting of the loss, as the trainer's default.
 const MIN_SNR_GAMMA: f64 = 5.0;
 /// The learning rate of every step.
