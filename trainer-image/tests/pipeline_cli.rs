@@ -53,14 +53,7 @@ fn no_secrets(out: &Output) {
 #[test]
 fn successful_run_prints_progress_and_writes_summary() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), ModelFamily::Sd15);
-    let (zip, sha) = write_zip(dir.path(), &dataset_entries(5));
-    let s = Setup {
-        model,
-        zip,
-        sha,
-        family: ModelFamily::Sd15,
-    };
+    let s = setup(dir.path(), ModelFamily::Sd15, 5);
     let run = dir.path().join("run");
     let cfg = serde_json::to_value(config(&s, &run, 3, 2)).unwrap();
     let out = trainer(&write_config(dir.path(), &cfg, true));
@@ -370,14 +363,7 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 fn a_run_with_samples_writes_the_base_each_set_and_a_contact_sheet() {
     use loraplane_crds::layout::{CONTACT_SHEET_FILE, sample_file};
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), ModelFamily::Sd15);
-    let (zip, sha) = write_zip(dir.path(), &dataset_entries(5));
-    let s = Setup {
-        model,
-        zip,
-        sha,
-        family: ModelFamily::Sd15,
-    };
+    let s = setup(dir.path(), ModelFamily::Sd15, 5);
     let run = dir.path().join("run");
     let mut cfg = serde_json::to_value(config(&s, &run, 4, 2)).unwrap();
     // Two prompts built from the trigger word (customer text), a set every 2 steps.

@@ -23,17 +23,6 @@ fn opts() -> RunOptions {
     }
 }
 
-fn setup(dir: &std::path::Path, family: ModelFamily) -> Setup {
-    let model = tiny_model(dir, family);
-    let (zip, sha) = write_zip(dir, &dataset_entries(6));
-    Setup {
-        model,
-        zip,
-        sha,
-        family,
-    }
-}
-
 fn read(path: &std::path::Path) -> TensorFile {
     TensorFile::read(path).unwrap()
 }
@@ -41,7 +30,7 @@ fn read(path: &std::path::Path) -> TensorFile {
 #[test]
 fn sd15_run_writes_kohya_and_peft_files_with_metadata() {
     let dir = tempfile::tempdir().unwrap();
-    let s = setup(dir.path(), ModelFamily::Sd15);
+    let s = setup(dir.path(), ModelFamily::Sd15, 6);
     let run = dir.path().join("run");
     let cfg = config(&s, &run, 3, 2);
     let report = train::run(&cfg, &opts()).unwrap();
@@ -125,7 +114,7 @@ fn sd15_run_writes_kohya_and_peft_files_with_metadata() {
 #[test]
 fn the_metadata_states_the_precision_that_ran_not_the_one_asked_for() {
     let dir = tempfile::tempdir().unwrap();
-    let s = setup(dir.path(), ModelFamily::Sd15);
+    let s = setup(dir.path(), ModelFamily::Sd15, 6);
     let run = dir.path().join("run");
     let mut cfg = config(&s, &run, 1, 1);
     cfg.training.mixed_precision = MixedPrecision::Bf16;
@@ -149,7 +138,7 @@ fn the_metadata_states_the_precision_that_ran_not_the_one_asked_for() {
 #[test]
 fn a_checkpointed_run_trains_the_same_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
-    let s = setup(dir.path(), ModelFamily::Sdxl);
+    let s = setup(dir.path(), ModelFamily::Sdxl, 6);
     let run_with = |on: bool| {
         let mut cfg = config(&s, &dir.path().join(format!("run-{on}")), 3, 3);
         cfg.training.gradient_checkpointing = Some(on);
@@ -177,7 +166,7 @@ fn a_checkpointed_run_trains_the_same_and_says_so() {
 #[test]
 fn sdxl_run_names_kohya_modules_in_sgm_layout() {
     let dir = tempfile::tempdir().unwrap();
-    let s = setup(dir.path(), ModelFamily::Sdxl);
+    let s = setup(dir.path(), ModelFamily::Sdxl, 6);
     let run = dir.path().join("run");
     let cfg = config(&s, &run, 2, 5);
     let report = train::run(&cfg, &opts()).unwrap();
@@ -223,7 +212,7 @@ fn sdxl_run_names_kohya_modules_in_sgm_layout() {
 #[test]
 fn loss_decreases_on_a_fixed_batch() {
     let dir = tempfile::tempdir().unwrap();
-    let s = setup(dir.path(), ModelFamily::Sd15);
+    let s = setup(dir.path(), ModelFamily::Sd15, 6);
     let m = model::load(
         &s.model,
         s.family,
@@ -256,7 +245,7 @@ fn loss_decreases_on_a_fixed_batch() {
 #[test]
 fn resumed_run_equals_uninterrupted_run() {
     let dir = tempfile::tempdir().unwrap();
-    let s = setup(dir.path(), ModelFamily::Sd15);
+    let s = setup(dir.path(), ModelFamily::Sd15, 6);
     let whole = dir.path().join("whole");
     train::run(&config(&s, &whole, 5, 2), &opts()).unwrap();
 
@@ -298,7 +287,7 @@ fn a_resumed_run_puts_the_earlier_sample_sets_back_on_its_contact_sheet() {
     use loraplane_crds::layout::CONTACT_SHEET_FILE;
     use loraplane_crds::trainer::{SampleWhen, SamplesConfig};
     let dir = tempfile::tempdir().unwrap();
-    let s = setup(dir.path(), ModelFamily::Sd15);
+    let s = setup(dir.path(), ModelFamily::Sd15, 6);
     let with_samples = |run: &std::path::Path| {
         let mut cfg = config(&s, run, 4, 2);
         cfg.samples = SamplesConfig {

@@ -88,6 +88,18 @@ pub struct Setup {
     pub family: ModelFamily,
 }
 
+/// A tiny model of `family` and a dataset of `images` images, written into `dir`.
+pub fn setup(dir: &Path, family: ModelFamily, images: u32) -> Setup {
+    let model = tiny_model(dir, family);
+    let (zip, sha) = write_zip(dir, &dataset_entries(images));
+    Setup {
+        model,
+        zip,
+        sha,
+        family,
+    }
+}
+
 /// A config for a run in `run_dir` (work dir, checkpoints and output all inside it).
 pub fn config(s: &Setup, run_dir: &Path, steps: u64, checkpoint_every: u64) -> TrainerConfig {
     let v = serde_json::json!({

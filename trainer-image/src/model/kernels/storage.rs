@@ -121,3 +121,37 @@ pub(crate) fn read_f32<'a>(
 pub(crate) fn fusable(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
+
+/// The forward passes (every device) of a one-operand graph node whose output was computed
+/// beforehand: they hand over the [`Precomputed`] field named.
+macro_rules! hand_over_forward {
+    ($field:ident) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            self.$field
+                .hand_over($crate::model::kernels::storage::on_cpu)
+        }
+
+        fn cuda_fwd(
+            &self,
+            _: &candle_core::CudaStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            self.$field
+                .hand_over($crate::model::kernels::storage::on_cuda)
+        }
+
+        fn metal_fwd(
+            &self,
+            _: &candle_core::MetalStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::MetalStorage, candle_core::Shape)> {
+            self.$field
+                .hand_over($crate::model::kernels::storage::on_metal)
+        }
+    };
+}
+pub(crate) use hand_over_forward;

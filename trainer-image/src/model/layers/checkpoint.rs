@@ -22,11 +22,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::backprop::GradStore;
-use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, Layout, MetalStorage, Result, Shape, Tensor, TensorId, Var,
-};
+use candle_core::{CustomOp1, Result, Tensor, TensorId, Var};
 
-use crate::model::kernels::storage::{Precomputed, on_cpu, on_cuda, on_metal};
+use crate::model::kernels::storage::{Precomputed, hand_over_forward};
 
 /// Gradients of parameters inside checkpointed blocks, gathered during a backward pass.
 #[derive(Debug, Default)]
@@ -104,17 +102,7 @@ impl CustomOp1 for Checkpointed {
         "checkpointed-block"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.output.hand_over(on_cpu)
-    }
-
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
-        self.output.hand_over(on_cuda)
-    }
-
-    fn metal_fwd(&self, _: &MetalStorage, _: &Layout) -> Result<(MetalStorage, Shape)> {
-        self.output.hand_over(on_metal)
-    }
+    hand_over_forward!(output);
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let x = Var::from_tensor(&arg.detach())?;

@@ -24,7 +24,9 @@ use candle_core::{
 
 use crate::model::ModelError;
 use crate::model::kernels::gemm::{Cores, gemm_into};
-use crate::model::kernels::storage::{Precomputed, fusable, on_cpu, on_cuda, on_metal, read_f32};
+use crate::model::kernels::storage::{
+    Precomputed, fusable, hand_over_forward, on_cpu, on_cuda, on_metal, read_f32,
+};
 use crate::model::kernels::{attention, conv, fused};
 use crate::model::weights::Weights;
 
@@ -316,17 +318,7 @@ impl CustomOp1 for LeanNorm {
         "lean-norm"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.value.hand_over(on_cpu)
-    }
-
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
-        self.value.hand_over(on_cuda)
-    }
-
-    fn metal_fwd(&self, _: &MetalStorage, _: &Layout) -> Result<(MetalStorage, Shape)> {
-        self.value.hand_over(on_metal)
-    }
+    hand_over_forward!(value);
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         let rows = self.mean.dim(0)?;
@@ -736,17 +728,7 @@ impl CustomOp1 for FrozenGrad {
         "frozen-weight"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.value.hand_over(on_cpu)
-    }
-
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
-        self.value.hand_over(on_cuda)
-    }
-
-    fn metal_fwd(&self, _: &MetalStorage, _: &Layout) -> Result<(MetalStorage, Shape)> {
-        self.value.hand_over(on_metal)
-    }
+    hand_over_forward!(value);
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let g = match &self.kind {
