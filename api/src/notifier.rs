@@ -25,7 +25,7 @@ use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use loraplane_crds::LoRATrainingJob;
 use loraplane_crds::layout::{ANNOTATION_REFUND, DATA_FINALIZER, LABEL_PAYMENT, refund_annotation};
-use loraplane_crds::v1alpha1::Phase;
+use loraplane_crds::v1alpha1::{Phase, SampleKind};
 use serde_json::json;
 
 use crate::app::{App, AppError};
@@ -415,13 +415,21 @@ async fn deliver(
             claimed = true;
         }
         let event = stored.ledger.events[i].clone();
-        let (downloads, expires) = if event.kind == outbox::EventKind::Succeeded {
-            let (d, e) = n.app.downloads(job).await?;
-            (d, Some(e))
+        let links = if event.kind == outbox::EventKind::Succeeded {
+            let (downloads, expire_at) = n.app.downloads(job).await?;
+            let (samples, _) = n.app.sample_links(job).await?;
+            outbox::Links {
+                downloads,
+                contact_sheet: samples
+                    .into_iter()
+                    .find(|(a, _)| a.kind == SampleKind::ContactSheet)
+                    .map(|(_, url)| url),
+                expire_at: Some(expire_at),
+            }
         } else {
-            (Vec::new(), None)
+            outbox::Links::default()
         };
-        let body = outbox::body(&event, &job.name_any(), &stored.ledger, &downloads, expires);
+        let body = outbox::body(&event, &job.name_any(), &stored.ledger, &links);
         let status = n.post(url, secret, body).await;
         let now = now();
         let e = &mut stored.ledger.events[i];

@@ -561,17 +561,27 @@ pub struct NotifiedJob {
     /// `job.succeeded`: when the links stop working (Unix seconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downloads_expire_at: Option<i64>,
+    /// `job.succeeded`: a presigned link to the contact sheet of the sample images rendered
+    /// while training (the base model's, then each sampled step's), when the job rendered
+    /// any; every image is at `GET /v1/jobs/{id}/samples`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contact_sheet: Option<String>,
+}
+
+/// The presigned links a `job.succeeded` notification carries, made fresh at each attempt.
+#[derive(Debug, Clone, Default)]
+pub struct Links {
+    /// The LoRA files.
+    pub downloads: Vec<Download>,
+    /// The samples' contact sheet, when the job rendered any.
+    pub contact_sheet: Option<String>,
+    /// When the links stop working (Unix seconds).
+    pub expire_at: Option<i64>,
 }
 
 /// The notification a storefront receives for `event`. Built at each attempt, so the download
 /// links in it are fresh.
-pub fn notification(
-    event: &Event,
-    job_name: &str,
-    ledger: &Ledger,
-    downloads: &[Download],
-    downloads_expire_at: Option<i64>,
-) -> Notification {
+pub fn notification(event: &Event, job_name: &str, ledger: &Ledger, links: &Links) -> Notification {
     let succeeded = event.kind == EventKind::Succeeded;
     let refund_reason = ledger
         .refund
@@ -591,22 +601,17 @@ pub fn notification(
                 percent: event.percent,
                 reason: event.reason.clone(),
                 refund_reason,
-                downloads: succeeded.then(|| downloads.to_vec()),
-                downloads_expire_at: downloads_expire_at.filter(|_| succeeded),
+                downloads: succeeded.then(|| links.downloads.clone()),
+                downloads_expire_at: links.expire_at.filter(|_| succeeded),
+                contact_sheet: links.contact_sheet.clone().filter(|_| succeeded),
             },
         },
     }
 }
 
 /// The bytes of [`notification`], as sent and signed.
-pub fn body(
-    event: &Event,
-    job_name: &str,
-    ledger: &Ledger,
-    downloads: &[Download],
-    downloads_expire_at: Option<i64>,
-) -> Vec<u8> {
-    let n = notification(event, job_name, ledger, downloads, downloads_expire_at);
+pub fn body(event: &Event, job_name: &str, ledger: &Ledger, links: &Links) -> Vec<u8> {
+    let n = notification(event, job_name, ledger, links);
     serde_json::to_vec(&n).unwrap_or_default()
 }
 
@@ -826,28 +831,37 @@ mod tests {
         let mut ledger = paid();
         ledger.order_id = Some("ord_x".into());
         let d = decide(&view(Phase::Succeeded), &ledger, 7, &Policy::default());
-        let links = [Download {
-            format: "kohya".into(),
-            url: "http://s3/x?sig".into(),
-            sha256: "ab".into(),
-            bytes: 3,
-        }];
+        let links = Links {
+            downloads: vec![Download {
+                format: "kohya".into(),
+                url: "http://s3/x?sig".into(),
+                sha256: "ab".into(),
+                bytes: 3,
+            }],
+            contact_sheet: Some("http://s3/sheet?sig".into()),
+            expire_at: Some(9),
+        };
         let accepted: serde_json::Value =
-            serde_json::from_slice(&body(&d.append[0], "job-1", &ledger, &links, Some(9))).unwrap();
+            serde_json::from_slice(&body(&d.append[0], "job-1", &ledger, &links)).unwrap();
         assert_eq!(accepted["object"], "event");
         assert_eq!(accepted["type"], "job.accepted");
         assert_eq!(accepted["id"], d.append[0].id);
         assert_eq!(accepted["data"]["object"]["order_id"], "ord_x");
         assert!(accepted["data"]["object"].get("downloads").is_none());
+        assert!(accepted["data"]["object"].get("contact_sheet").is_none());
         assert!(!accepted.to_string().contains("pi_1"));
         let done: serde_json::Value =
-            serde_json::from_slice(&body(&d.append[1], "job-1", &ledger, &links, Some(9))).unwrap();
+            serde_json::from_slice(&body(&d.append[1], "job-1", &ledger, &links)).unwrap();
         assert_eq!(done["type"], "job.succeeded");
         assert_eq!(
             done["data"]["object"]["downloads"][0]["url"],
             "http://s3/x?sig"
         );
         assert_eq!(done["data"]["object"]["downloads_expire_at"], 9);
+        assert_eq!(
+            done["data"]["object"]["contact_sheet"],
+            "http://s3/sheet?sig"
+        );
     }
 
     #[test]

@@ -173,6 +173,13 @@ async fn eea_order_survives_spot_preemption_and_leaves_nothing_after_retention()
         Some(2),
         "{done}"
     );
+    // The storefront can show the samples with the success: their contact sheet's link.
+    assert!(
+        done["contact_sheet"]
+            .as_str()
+            .is_some_and(|u| u.contains("samples/contact-sheet.png")),
+        "{done}"
+    );
     let text = serde_json::to_string(&told).unwrap();
     for private in ["zxqcat", "Mimi"] {
         assert!(!text.contains(private), "{private} in a notification");
