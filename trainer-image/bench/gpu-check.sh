@@ -2,9 +2,9 @@
 # The GPU check: loraplane's LoRA training steps against diffusers + PEFT on one GPU, one JSON
 # report (gpu_check.py says what is measured and how). Three ways to run it:
 #
-#   gpu-check.sh --prepare [CARRY]   here: builds the release CUDA trainer-bench, stripped, and
-#                                    downloads diffusers as a wheel into CARRY (default
-#                                    trainer-image/bench/gpu-carry, git-ignored; < 64 MiB)
+#   gpu-check.sh --prepare [CARRY]   here: builds the release CUDA trainer-bench, stripped and
+#                                    gzipped, and downloads diffusers as a wheel into CARRY
+#                                    (default trainer-image/bench/gpu-carry, git-ignored; 22 MB)
 #   gpu-check.sh --out DIR [CARRY]   on the GPU machine (driver, PyTorch with peft, no network,
 #                                    no Rust): installs the carried wheel into a temporary folder,
 #                                    runs the check within 8 minutes, writes DIR/gpu-check.json
@@ -41,11 +41,16 @@ if [ "$mode" = prepare ]; then
     | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/cuda"
   (cd "$root" && CARGO_TARGET_DIR="$target" cargo build --release --locked -p loraplane-trainer \
     --features cuda --bin trainer-bench) || die "the CUDA build of trainer-bench failed"
-  strip -o "$carry/trainer-bench" "$target/release/trainer-bench"
+  # Compressed: the stripped binary is 59 MB, and what travels to the GPU machine (this
+  # working tree and the carried files) may be 64 MiB in all; gzipped it is 15 MB.
+  rm -f "$carry/trainer-bench"
+  strip -o "$carry/trainer-bench.stripped" "$target/release/trainer-bench"
+  gzip -c -6 "$carry/trainer-bench.stripped" > "$carry/trainer-bench.gz"
+  rm -f "$carry/trainer-bench.stripped"
   rm -f "$carry"/wheels/*.whl
   python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
     -d "$carry/wheels" "$diffusers_pin" || die "pip could not download $diffusers_pin (needs PyPI)"
-  du -ch "$carry/trainer-bench" "$carry"/wheels/*.whl | tail -n1 | sed 's/^/gpu-check: carry /'
+  du -ch "$carry/trainer-bench.gz" "$carry"/wheels/*.whl | tail -n1 | sed 's/^/gpu-check: carry /'
   echo "gpu-check: prepared $carry; on the GPU machine run: bash trainer-image/bench/gpu-check.sh --out \$OUT"
   exit 0
 fi
@@ -63,8 +68,13 @@ if [ "$mode" = dry-run ]; then
   exit
 fi
 
-bench_bin="${bench_bin:-$carry/trainer-bench}"
-[ -x "$bench_bin" ] || die "no trainer-bench at $bench_bin: run 'gpu-check.sh --prepare' here and carry $carry"
+if [ -z "$bench_bin" ]; then
+  [ -f "$carry/trainer-bench.gz" ] || die "no trainer-bench.gz in $carry: run 'gpu-check.sh --prepare' here and carry $carry"
+  bench_bin="$work/trainer-bench"
+  gzip -dc "$carry/trainer-bench.gz" > "$bench_bin" && chmod +x "$bench_bin" \
+    || die "could not unpack $carry/trainer-bench.gz"
+fi
+[ -x "$bench_bin" ] || die "no trainer-bench at $bench_bin"
 command -v nvidia-smi >/dev/null || die "nvidia-smi not found: this is not a GPU machine"
 shopt -s nullglob
 wheels=("$carry"/wheels/diffusers-*.whl)
