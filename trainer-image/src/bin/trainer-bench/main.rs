@@ -13,7 +13,9 @@
 //!
 //! `trainer-bench --sampling [--full-sd15] [--images N] [--sample-steps N]` times preview
 //! rendering (seconds per image) for the tiny models and, with `--full-sd15`, the full-size
-//! SD1.5 at 512 px.
+//! SD1.5 at 512 px, times a training step of the same model, and reports the share of a
+//! run's wall time the default sample sets take (runs of 500, 1000 and 2000 steps,
+//! checkpoints every 100).
 //!
 //! `trainer-bench --write-tiny-model DIR --family sd15|sdxl --seed N` writes the tiny random
 //! model the tests build from that seed (for the diffusers reference scripts in `bench/`).
@@ -297,13 +299,33 @@ fn measure_sampling(full: bool, images: usize, steps: usize) -> Result<serde_jso
             render(&m, &decoder, "bench, a photo", &opts(seed)).map_err(|e| e.to_string())?;
         }
         let n = images.max(1) as f64;
+        let (per_image, cpu_per_image) = (
+            wall0.elapsed().as_secs_f64() / n,
+            (cpu_seconds() - cpu0) / n,
+        );
+        drop((m, decoder));
+        // A training step of the same model at the same resolution, for the share below.
+        let step = match size {
+            ModelSize::Tiny => measure(family, 5, resolution as u32, 1)?,
+            ModelSize::Full => measure_full_sd15(1)?,
+        };
+        let per_step = step["wall_seconds_per_step"].as_f64().unwrap_or(f64::NAN);
+        let share: serde_json::Map<String, serde_json::Value> = [500u64, 1000, 2000]
+            .into_iter()
+            .map(|total| {
+                let share = sampling_share(per_image, per_step, total, 100, DEFAULT_PROMPTS);
+                (total.to_string(), share.into())
+            })
+            .collect();
         rows.push(serde_json::json!({
             "config": name,
             "resolution": resolution,
             "sampler_steps": steps,
             "images_measured": images,
-            "wall_seconds_per_image": wall0.elapsed().as_secs_f64() / n,
-            "cpu_seconds_per_image": (cpu_seconds() - cpu0) / n,
+            "wall_seconds_per_image": per_image,
+            "cpu_seconds_per_image": cpu_per_image,
+            "training_wall_seconds_per_step": per_step,
+            "sampling_share_of_wall_time_by_run_steps": share,
         }));
     }
     Ok(serde_json::json!({
@@ -311,6 +333,26 @@ fn measure_sampling(full: bool, images: usize, steps: usize) -> Result<serde_jso
         "threads": std::thread::available_parallelism().map_or(0, |n| n.get()),
         "results": rows,
     }))
+}
+
+/// Prompts of a job's default sample sets (`SamplesConfig::prompts_for` with none given).
+const DEFAULT_PROMPTS: usize = 2;
+
+/// The share of a run's wall time its default sample sets take: a run of `total` steps with
+/// checkpoints every `checkpoint_every` renders the sets `layout::sample_steps` names at the
+/// default interval, `prompts` images each.
+fn sampling_share(
+    per_image: f64,
+    per_step: f64,
+    total: u64,
+    checkpoint_every: u64,
+    prompts: usize,
+) -> f64 {
+    use loraplane_crds::layout::sample_steps;
+    use loraplane_crds::trainer::SamplesConfig;
+    let every = SamplesConfig::default_every(total, checkpoint_every);
+    let sampling = (sample_steps(total, every).len() * prompts) as f64 * per_image;
+    sampling / (sampling + total as f64 * per_step)
 }
 
 /// `var` itself (`graph`: the op builds its backward graph) or detached from it.
