@@ -50,25 +50,28 @@ fn no_secrets(out: &Output) {
     }
 }
 
-#[test]
-fn successful_run_prints_progress_and_writes_summary() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = setup(dir.path(), ModelFamily::Sd15, 5);
-    let run = dir.path().join("run");
-    let cfg = serde_json::to_value(config(&s, &run, 3, 2)).unwrap();
-    let out = trainer(&write_config(dir.path(), &cfg, true));
+/// The event lines of a run that must have succeeded without printing customer text.
+fn succeeded(out: &Output) -> Vec<TrainerEvent> {
     assert_eq!(
         out.status.code(),
         Some(EXIT_OK),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    no_secrets(&out);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let events: Vec<TrainerEvent> = stdout
+    no_secrets(out);
+    String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(TrainerEvent::parse_line)
-        .collect();
+        .collect()
+}
+
+#[test]
+fn successful_run_prints_progress_and_writes_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(dir.path(), ModelFamily::Sd15, 5);
+    let run = dir.path().join("run");
+    let cfg = serde_json::to_value(config(&s, &run, 3, 2)).unwrap();
+    let events = succeeded(&trainer(&write_config(dir.path(), &cfg, true)));
     let steps: Vec<u64> = events
         .iter()
         .filter_map(|e| match e {
@@ -369,17 +372,8 @@ fn a_run_with_samples_writes_the_base_each_set_and_a_contact_sheet() {
     // Two prompts built from the trigger word (customer text), a set every 2 steps.
     cfg["samples"] =
         serde_json::json!({"when": "checkpoints", "every": 2, "steps": 4, "guidance": 3.0});
-    let out = trainer(&write_config(dir.path(), &cfg, false));
-    assert_eq!(
-        out.status.code(),
-        Some(EXIT_OK),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    no_secrets(&out);
-    let sets: Vec<(u64, u32)> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(TrainerEvent::parse_line)
+    let sets: Vec<(u64, u32)> = succeeded(&trainer(&write_config(dir.path(), &cfg, false)))
+        .into_iter()
         .filter_map(|e| match e {
             TrainerEvent::Samples {
                 step,

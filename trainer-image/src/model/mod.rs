@@ -226,7 +226,7 @@ pub fn load_with_dtype(
     // The family is checked before gigabytes of weights are read.
     let unet_cfg: unet::UNetConfig = read_config(&dir.join("unet").join("config.json"))?;
     check_family(dir, family, &unet_cfg)?;
-    let unet = load_unet(dir, lora, device, dtype)?;
+    let unet = load_unet_with(dir, &unet_cfg, lora, device, dtype)?;
 
     let mut text_encoders = Vec::new();
     let names: &[(&str, &str)] = match family {
@@ -276,8 +276,19 @@ pub fn load_unet(
     dtype: DType,
 ) -> Result<unet::UNet2DConditionModel, ModelError> {
     let cfg: unet::UNetConfig = read_config(&dir.join("unet").join("config.json"))?;
+    load_unet_with(dir, &cfg, lora, device, dtype)
+}
+
+/// `load_unet` with its config already read.
+fn load_unet_with(
+    dir: &Path,
+    cfg: &unet::UNetConfig,
+    lora: LoraSpec,
+    device: &Device,
+    dtype: DType,
+) -> Result<unet::UNet2DConditionModel, ModelError> {
     let vb = weights::Weights::from_dir(&dir.join("unet"), "unet", dtype, device)?;
-    unet::UNet2DConditionModel::load(&vb, &cfg, Some(&lora))
+    unet::UNet2DConditionModel::load(&vb, cfg, Some(&lora))
 }
 
 /// The VAE decoder of a diffusers folder, in f32 on `device` (for rendering images; training
