@@ -21,6 +21,7 @@
 //! Only the UNet is on the training path; the text encoders and the VAE encoder are frozen
 //! and forward-only.
 
+pub mod flux;
 mod kernels;
 pub mod layers;
 pub mod sd;
@@ -289,6 +290,21 @@ fn load_unet_with(
 ) -> Result<unet::UNet2DConditionModel, ModelError> {
     let vb = weights::Weights::from_dir(&dir.join("unet"), "unet", dtype, device)?;
     unet::UNet2DConditionModel::load(&vb, cfg, Some(&lora))
+}
+
+/// The FLUX.1 transformer of a diffusers folder (`transformer/`), every weight in `dtype` on
+/// `device`, with LoRA adapters (when `lora` is given) on the layers `targets` names.
+pub fn load_flux_transformer(
+    dir: &Path,
+    lora: Option<&LoraSpec>,
+    targets: &flux::transformer::LoraTargets,
+    device: &Device,
+    dtype: DType,
+) -> Result<flux::transformer::FluxTransformer, ModelError> {
+    let folder = dir.join("transformer");
+    let cfg: flux::transformer::FluxConfig = read_config(&folder.join("config.json"))?;
+    let vb = weights::Weights::from_dir(&folder, "transformer", dtype, device)?;
+    flux::transformer::FluxTransformer::load(&vb, &cfg, lora, targets)
 }
 
 /// The VAE decoder of a diffusers folder, in f32 on `device` (for rendering images; training

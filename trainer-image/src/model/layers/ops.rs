@@ -116,6 +116,12 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
     hidden * gelu(&gate)?
 }
 
+/// GELU with the tanh approximation (PyTorch's `gelu(approximate="tanh")`), as FLUX.1's
+/// feed-forwards use.
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    x.gelu()
+}
+
 /// CLIP's `quick_gelu`: x * sigmoid(1.702 x).
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     let s = ((x * -1.702)?.exp()? + 1.0)?.recip()?;
@@ -139,6 +145,23 @@ impl LayerNorm {
         Ok(Self {
             weight: vb.get(dim, "weight")?,
             bias: vb.get(dim, "bias")?,
+            eps,
+        })
+    }
+}
+
+impl LayerNorm {
+    /// A norm without learned affine (`elementwise_affine=False`): weight one, bias zero, so
+    /// it runs through the same kernels as every other layer norm.
+    pub(crate) fn without_affine(
+        dim: usize,
+        eps: f64,
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: Tensor::ones(dim, dtype, device)?,
+            bias: Tensor::zeros(dim, dtype, device)?,
             eps,
         })
     }
@@ -174,6 +197,40 @@ impl LayerNorm {
             .to_dtype(dtype)?
             .broadcast_mul(&self.weight)?
             .broadcast_add(&self.bias)
+    }
+}
+
+/// RMSNorm over the last dimension with a learned scale (PyTorch's `nn.RMSNorm`, T5's
+/// `T5LayerNorm`): `x / sqrt(mean(x²) + eps) · weight`, statistics in f32 at least. Composed
+/// from elementary ops, so it is differentiable on every device; it normalises small vectors
+/// (FLUX.1's per-head queries and keys, T5's hidden states), where a kernel would not pay.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub(crate) fn load(
+        vb: &Weights,
+        dim: usize,
+        eps: f64,
+    ) -> std::result::Result<Self, ModelError> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            eps,
+        })
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = upcast(x)?;
+        let rms = (xf.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?;
+        xf.broadcast_div(&rms)?
+            .to_dtype(dtype)?
+            .broadcast_mul(&self.weight)
     }
 }
 

@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use crate::model::ModelError;
 use crate::model::layers::checkpoint::{Collector, checkpoint};
+use crate::model::layers::embed::{TimestepEmbedding, timestep_embedding};
 use crate::model::layers::lora::{Adapter, LoraLinear, LoraSpec};
 use crate::model::layers::ops::{self, Conv2d, GroupNorm, LayerNorm, Linear};
 use crate::model::weights::Weights;
@@ -240,56 +241,6 @@ fn lora_linear(
         ctx.dtype,
         ctx.device,
     )
-}
-
-/// Sinusoidal timestep features as diffusers' `get_timestep_embedding` (max period 10000).
-pub fn timestep_embedding(
-    timesteps: &Tensor,
-    dim: usize,
-    flip_sin_to_cos: bool,
-    downscale_freq_shift: f64,
-) -> Result<Tensor> {
-    let half = dim / 2;
-    let t = timesteps.to_dtype(DType::F32)?.flatten_all()?;
-    let exponent: Vec<f32> = (0..half)
-        .map(|i| (-(10000f64.ln()) * i as f64 / (half as f64 - downscale_freq_shift)).exp() as f32)
-        .collect();
-    let freqs = Tensor::from_vec(exponent, (1, half), t.device())?;
-    let args = t.unsqueeze(1)?.broadcast_mul(&freqs)?;
-    let (sin, cos) = (args.sin()?, args.cos()?);
-    let emb = if flip_sin_to_cos {
-        Tensor::cat(&[cos, sin], 1)?
-    } else {
-        Tensor::cat(&[sin, cos], 1)?
-    };
-    if dim % 2 == 1 {
-        emb.pad_with_zeros(1, 0, 1)
-    } else {
-        Ok(emb)
-    }
-}
-
-/// `TimestepEmbedding`: linear_1, SiLU, linear_2.
-#[derive(Debug, Clone)]
-struct TimestepEmbedding {
-    linear_1: Linear,
-    linear_2: Linear,
-}
-
-impl TimestepEmbedding {
-    fn load(vb: &Weights, in_dim: usize, out_dim: usize) -> std::result::Result<Self, ModelError> {
-        Ok(Self {
-            linear_1: Linear::load(&vb.pp("linear_1"), in_dim, out_dim, true)?,
-            linear_2: Linear::load(&vb.pp("linear_2"), out_dim, out_dim, true)?,
-        })
-    }
-}
-
-impl Module for TimestepEmbedding {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.linear_2
-            .forward(&ops::silu(&self.linear_1.forward(x)?)?)
-    }
 }
 
 /// `ResnetBlock2D` (also used by the VAE, without the time embedding projection).
