@@ -98,7 +98,7 @@ pub enum TrainError {
 
 impl From<candle_core::Error> for TrainError {
     fn from(e: candle_core::Error) -> Self {
-        TrainError::Compute(e.to_string())
+        TrainError::Compute(model::one_line(e).to_string())
     }
 }
 

@@ -1,9 +1,10 @@
 //! The trainer's FLUX.1 transformer computes what diffusers computes, and trains.
 //!
-//! `bench/make_flux_fixtures.py` had diffusers make a tiny random `FluxTransformer2DModel`
-//! (saved in `fixtures/flux/transformer`) and run it on fixed inputs
-//! (`fixtures/flux/reference.safetensors`); the trainer loads the same folder through its own
-//! loader and must reproduce the outputs (f32 on the CPU). Every adapter then gets a gradient
+//! `bench/make_flux_fixtures.py` had diffusers and transformers make a tiny random FLUX.1-dev
+//! pipeline (saved in `fixtures/flux/` as current libraries save it) and run its parts on fixed
+//! inputs (`fixtures/flux/reference.safetensors`); the trainer loads the same folder through its
+//! own loader and must reproduce the outputs (f32 on the CPU): tokenizers, T5, CLIP's pooled
+//! output, the 16-channel VAE both ways, the transformer. Every adapter then gets a gradient
 //! that agrees with finite differences (f64), with and without gradient checkpointing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,6 +14,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use loraplane_trainer::model::flux::pipeline::{self, FluxModel, FluxOptions};
 use loraplane_trainer::model::flux::transformer::{self, FluxInputs, LoraTargets};
 use loraplane_trainer::model::{self, LoraSpec};
 use model_support::max_abs_diff;
@@ -38,6 +40,107 @@ fn positions(r: &HashMap<String, Tensor>) -> Vec<Vec<f64>> {
     let mut out = rows("transformer.txt_ids");
     out.extend(rows("transformer.img_ids"));
     out
+}
+
+// As in bench/make_flux_fixtures.py.
+const PROMPTS: [&str; 2] = [
+    "a photo of zxq dog",
+    "red car in the  snow, portrait style!",
+];
+const T5_MAX_LENGTH: usize = 16;
+
+fn pipeline() -> FluxModel {
+    let opts = FluxOptions {
+        lora: None,
+        targets: LoraTargets::default(),
+        t5_max_length: T5_MAX_LENGTH,
+    };
+    FluxModel::load(&fixture_dir(), &opts, &Device::Cpu, DType::F32).unwrap()
+}
+
+fn ids(t: &Tensor) -> Vec<Vec<u32>> {
+    t.to_vec2::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.into_iter().map(|v| v as u32).collect())
+        .collect()
+}
+
+#[test]
+fn text_encoders_match_transformers_through_their_tokenizers() {
+    let r = reference();
+    let dir = fixture_dir();
+    // Both tokenizers read tokenizer.json, the only form transformers 5 writes.
+    let t5 = loraplane_trainer::model::flux::tokenizer::T5Tokenizer::from_dir(
+        &dir.join("tokenizer_2"),
+        T5_MAX_LENGTH,
+    )
+    .unwrap();
+    let t5_ids: Vec<Vec<u32>> = PROMPTS
+        .iter()
+        .map(|p| t5.encode_padded(p).unwrap())
+        .collect();
+    assert_eq!(t5_ids, ids(&r["t5.ids"]), "T5 token ids");
+    let clip = loraplane_trainer::model::tokenizer::ClipTokenizer::from_dir(&dir.join("tokenizer"))
+        .unwrap();
+    let clip_ids: Vec<Vec<u32>> = PROMPTS.iter().map(|p| clip.encode_padded(p).0).collect();
+    assert_eq!(clip_ids, ids(&r["clip.ids"]), "CLIP token ids");
+
+    // text_encoder was saved by transformers 5: no `text_model.` prefix on its keys.
+    let captions: Vec<String> = PROMPTS.iter().map(|p| p.to_string()).collect();
+    let cond = pipeline().encode_prompts(&captions).unwrap();
+    let t5_diff = max_abs_diff(&cond.hidden, &r["t5.hidden"]);
+    let clip_diff = max_abs_diff(cond.pooled.as_ref().unwrap(), &r["clip.pooled"]);
+    println!("T5 encoder: max abs difference {t5_diff}; CLIP pooled: {clip_diff}");
+    assert!(t5_diff < 1e-4, "T5 differs from transformers' by {t5_diff}");
+    assert!(
+        clip_diff < 1e-4,
+        "CLIP's pooled output differs by {clip_diff}"
+    );
+}
+
+#[test]
+fn sixteen_channel_vae_matches_diffusers_both_ways() {
+    let r = reference();
+    let m = pipeline();
+    assert_eq!((m.latent_channels(), m.vae_scale_factor()), (16, 8));
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture_dir().join("vae/config.json")).unwrap(),
+    )
+    .unwrap();
+    let (shift, scale) = (
+        cfg["shift_factor"].as_f64().unwrap(),
+        cfg["scaling_factor"].as_f64().unwrap(),
+    );
+    // The encoder gives (mean − shift) · scale, what training caches.
+    let latent = m.encode_images(&r["vae.image"]).unwrap();
+    let want = ((&r["vae.latent"] - shift).unwrap() * scale).unwrap();
+    let enc = max_abs_diff(&latent, &want);
+    let decoder = model::load_vae_decoder(&fixture_dir(), &Device::Cpu).unwrap();
+    let z = ((&r["vae.z"] - shift).unwrap() * scale).unwrap();
+    let dec = max_abs_diff(&decoder.decode(&z).unwrap(), &r["vae.decoded"]);
+    println!("16-channel VAE: encoder max abs difference {enc}, decoder {dec}");
+    assert!(
+        (enc as f64) < 1e-4 * scale,
+        "the encoder differs from diffusers' by {enc}"
+    );
+    assert!(dec < 1e-4, "the decoder differs from diffusers' by {dec}");
+}
+
+#[test]
+fn packing_is_diffusers_2x2_patch_order_and_unpacks_exactly() {
+    // One latent (1, 2, 2, 4): channel c, row y, column x holds 100c + 10y + x.
+    let v: Vec<f32> = (0..2)
+        .flat_map(|c| (0..2).flat_map(move |y| (0..4).map(move |x| (100 * c + 10 * y + x) as f32)))
+        .collect();
+    let latent = Tensor::from_vec(v, (1, 2, 2, 4), &Device::Cpu).unwrap();
+    let tokens = pipeline::pack(&latent).unwrap();
+    assert_eq!(tokens.dims(), &[1, 2, 8]);
+    // Token 1 is the patch at columns 2..4; its channels run (c, dy, dx).
+    let second: Vec<f32> = tokens.get(0).unwrap().get(1).unwrap().to_vec1().unwrap();
+    assert_eq!(second, [2., 3., 12., 13., 102., 103., 112., 113.]);
+    let back = pipeline::unpack(&tokens, 2, 4).unwrap();
+    assert_eq!(max_abs_diff(&back, &latent), 0.0);
 }
 
 #[test]

@@ -235,11 +235,39 @@ fn adapters_round_trip_through_load_adapters() {
     assert!(err.contains("mid_block.attentions.0.proj_out.up"), "{err}");
 }
 
-fn rewrite_unet(dir: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
-    let path = dir.join("unet/diffusion_pytorch_model.safetensors");
+fn rewrite(dir: &Path, file: &str, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
+    let path = dir.join(file);
     let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
     edit(&mut tensors);
     candle_core::safetensors::save(&tensors, &path).unwrap();
+}
+
+fn rewrite_unet(dir: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
+    rewrite(dir, "unet/diffusion_pytorch_model.safetensors", edit);
+}
+
+/// transformers 5 saves `CLIPTextModel` without the `text_model.` prefix (SD1.5's encoder and
+/// SDXL's first); `CLIPTextModelWithProjection` (SDXL's second) keeps it. Such folders load
+/// and condition exactly as the old layout does.
+#[test]
+fn text_encoders_saved_by_transformers_5_load_the_same() {
+    for family in [ModelFamily::Sd15, ModelFamily::Sdxl] {
+        let (dir, old) = tiny_model(family);
+        rewrite(dir.path(), "text_encoder/model.safetensors", |t| {
+            let keys: Vec<String> = t.keys().cloned().collect();
+            for k in keys {
+                let v = t.remove(&k).unwrap();
+                t.insert(k.trim_start_matches("text_model.").to_string(), v);
+            }
+        });
+        let new = model::load(dir.path(), family, LORA, &Device::Cpu).unwrap();
+        let captions = vec!["a photo of sks dog".to_string()];
+        let (a, b) = (
+            old.encode_prompts(&captions).unwrap(),
+            new.encode_prompts(&captions).unwrap(),
+        );
+        assert_eq!(max_abs_diff(&a.hidden, &b.hidden), 0.0, "{family:?}");
+    }
 }
 
 #[test]

@@ -185,6 +185,45 @@ fn invalid_dataset_exits_2_and_crash_exits_1() {
     assert_eq!(sum.step, 1, "the summary says how far the run got");
 }
 
+/// A base model that lacks a tensor is bad input (exit 2), reported on one line naming the
+/// component and the tensor, even with `RUST_BACKTRACE` set (candle then captures a backtrace
+/// into its errors, which must not reach stderr's last line or the job's status).
+#[test]
+fn a_model_missing_a_tensor_fails_on_one_line_naming_it_even_with_backtraces_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), ModelFamily::Sd15);
+    let missing = "mid_block.attentions.0.proj_in.weight";
+    let weights = model.join("unet/diffusion_pytorch_model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
+    assert!(tensors.remove(missing).is_some());
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    let (zip, sha) = write_zip(dir.path(), &dataset_entries(5));
+    let s = Setup {
+        model,
+        zip,
+        sha,
+        family: ModelFamily::Sd15,
+    };
+    let run = dir.path().join("run");
+    let cfg = serde_json::to_value(config(&s, &run, 2, 1)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_loraplane-trainer"))
+        .arg("--config")
+        .arg(write_config(dir.path(), &cfg, false))
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(EXIT_BAD_INPUT));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("unet") && last.contains(missing),
+        "last line of stderr: {last}\n{stderr}"
+    );
+    assert!(!stderr.contains("backtrace"), "{stderr}");
+    let error = summary(&run.join("termination-log")).error.unwrap();
+    assert!(!error.contains('\n') && error.contains(missing), "{error}");
+}
+
 /// Dataset, base model, checkpoints and outputs all in a real S3 (SeaweedFS on loopback),
 /// reached only through presigned URLs (no credential in the trainer's environment); a second
 /// run on a fresh work dir resumes from the bucket and produces the same adapters; a grant

@@ -88,7 +88,23 @@ pub enum ModelError {
 
 impl From<candle_core::Error> for ModelError {
     fn from(e: candle_core::Error) -> Self {
-        ModelError::Forward(Box::new(e))
+        ModelError::Forward(Box::new(one_line(e)))
+    }
+}
+
+/// candle's error without the backtrace it captures when `RUST_BACKTRACE` is set, on one
+/// line: a failed run reports its error as the last line of stderr and in the termination
+/// summary, and a backtrace there would bury the tensor name a user needs.
+pub(crate) fn one_line(e: candle_core::Error) -> candle_core::Error {
+    use candle_core::Error;
+    match e {
+        Error::WithBacktrace { inner, .. } => one_line(*inner),
+        Error::WithPath { inner, path } => Error::WithPath {
+            inner: Box::new(one_line(*inner)),
+            path,
+        },
+        Error::Context { inner, context } => Error::Msg(format!("{context}: {}", one_line(*inner))),
+        other => other,
     }
 }
 

@@ -40,7 +40,7 @@ impl<'a> Weights<'a> {
             let loaded = candle_core::safetensors::load(&file, &Device::Cpu).map_err(|source| {
                 ModelError::ReadWeights {
                     path: file.clone(),
-                    source: Box::new(source),
+                    source: Box::new(super::one_line(source)),
                 }
             })?;
             tensors.extend(loaded);
@@ -64,7 +64,7 @@ impl<'a> Weights<'a> {
             .map_err(|source| ModelError::LoadTensor {
                 component: self.component.clone(),
                 tensor: self.path(name),
-                source: Box::new(source),
+                source: Box::new(super::one_line(source)),
             })
     }
 

@@ -431,7 +431,7 @@ impl Linear {
             .map_err(|source| ModelError::LoadTensor {
                 component: "conv".into(),
                 tensor: vb.path("weight"),
-                source: Box::new(source),
+                source: Box::new(crate::model::one_line(source)),
             })?;
         let bias = Some(vb.get(out_dim, "bias")?);
         Ok(Self { weight, bias })

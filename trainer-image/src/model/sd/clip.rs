@@ -62,7 +62,10 @@ pub struct ClipOutput {
     pub last_hidden: Tensor,
     /// Output of the second-to-last layer, no final norm (what SDXL conditions on).
     pub penultimate_hidden: Tensor,
-    /// `text_projection` of the final-normed state at the EOS token (with projection only).
+    /// The final-normed state at each row's EOS token, (B, hidden): transformers'
+    /// `pooler_output`, what FLUX.1 conditions on.
+    pub pooled: Tensor,
+    /// `text_projection` of `pooled` (with projection only; what SDXL conditions on).
     pub text_embeds: Option<Tensor>,
 }
 
@@ -104,7 +107,13 @@ impl ClipTextModel {
                 ),
             });
         }
-        let tm = vb.pp("text_model");
+        // transformers 5 saves `CLIPTextModel` without the `text_model.` prefix (4.x, and
+        // `CLIPTextModelWithProjection` in both, keep it): both layouts load.
+        let tm = if vb.contains("text_model.embeddings.token_embedding.weight") {
+            vb.pp("text_model")
+        } else {
+            vb.clone()
+        };
         let emb = tm.pp("embeddings");
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
@@ -167,20 +176,20 @@ impl ClipTextModel {
             x = self.layer_forward(layer, &x, &mask)?;
         }
         let last_hidden = self.final_layer_norm.forward(&x)?;
+        let rows = eos
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| last_hidden.get(i)?.get(p.min(t - 1)))
+            .collect::<Result<Vec<_>>>()?;
+        let pooled = Tensor::stack(&rows, 0)?;
         let text_embeds = match &self.text_projection {
             None => None,
-            Some(proj) => {
-                let rows = eos
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &p)| last_hidden.get(i)?.get(p.min(t - 1)))
-                    .collect::<Result<Vec<_>>>()?;
-                Some(proj.forward(&Tensor::stack(&rows, 0)?)?)
-            }
+            Some(proj) => Some(proj.forward(&pooled)?),
         };
         Ok(ClipOutput {
             last_hidden,
             penultimate_hidden: penultimate,
+            pooled,
             text_embeds,
         })
     }

@@ -1,0 +1,180 @@
+//! A FLUX.1 checkpoint as the training loop and the renderer use it: captions to T5 states and
+//! a pooled CLIP vector, images to 16-channel latents, and the transformer's prediction on
+//! latents in the (B, C, h, w) layout every family shares (packed into 2x2 patch tokens and
+//! back here, as diffusers' `_pack_latents` / `_unpack_latents`).
+
+use std::path::Path;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Result, Tensor};
+
+use super::t5::{T5Config, T5Encoder};
+use super::tokenizer::T5Tokenizer;
+use super::transformer::{self, FluxConfig, FluxInputs, FluxTransformer, LoraTargets};
+use crate::model::layers::lora::{Adapter, LoraSpec};
+use crate::model::sd::clip::{ClipTextConfig, ClipTextModel};
+use crate::model::sd::tokenizer::ClipTokenizer;
+use crate::model::sd::vae::{VaeConfig, VaeEncoder};
+use crate::model::weights::Weights;
+use crate::model::{ModelError, TextConditioning, read_config};
+
+/// How a FLUX.1 folder is loaded.
+#[derive(Debug, Clone)]
+pub struct FluxOptions {
+    /// Adapters on the transformer (none: the base model only).
+    pub lora: Option<LoraSpec>,
+    pub targets: LoraTargets,
+    /// T5 tokens per caption (FLUX.1-dev was trained with 512, schnell with 256).
+    pub t5_max_length: usize,
+}
+
+/// The loaded FLUX.1 components.
+pub struct FluxModel {
+    transformer: FluxTransformer,
+    clip: (ClipTokenizer, ClipTextModel),
+    t5: (T5Tokenizer, T5Encoder),
+    vae: VaeEncoder,
+    device: Device,
+}
+
+impl FluxModel {
+    /// Loads `transformer/`, `text_encoder/` + `tokenizer/` (CLIP), `text_encoder_2/` +
+    /// `tokenizer_2/` (T5) and `vae/` from a diffusers folder, every weight in `dtype`.
+    pub fn load(
+        dir: &Path,
+        opts: &FluxOptions,
+        device: &Device,
+        dtype: DType,
+    ) -> std::result::Result<Self, ModelError> {
+        let component = |name: &str| Weights::from_dir(&dir.join(name), name, dtype, device);
+        let cfg: FluxConfig = read_config(&dir.join("transformer").join("config.json"))?;
+        let transformer = FluxTransformer::load(
+            &component("transformer")?,
+            &cfg,
+            opts.lora.as_ref(),
+            &opts.targets,
+        )?;
+        let clip_cfg: ClipTextConfig = read_config(&dir.join("text_encoder").join("config.json"))?;
+        let clip = (
+            ClipTokenizer::from_dir(&dir.join("tokenizer"))?,
+            ClipTextModel::load(&component("text_encoder")?, &clip_cfg, false)?,
+        );
+        let t5_cfg: T5Config = read_config(&dir.join("text_encoder_2").join("config.json"))?;
+        let t5 = (
+            T5Tokenizer::from_dir(&dir.join("tokenizer_2"), opts.t5_max_length)?,
+            T5Encoder::load(&component("text_encoder_2")?, &t5_cfg)?,
+        );
+        let vae_cfg: VaeConfig = read_config(&dir.join("vae").join("config.json"))?;
+        let vae = VaeEncoder::load(&component("vae")?, &vae_cfg)?;
+        Ok(Self {
+            transformer,
+            clip,
+            t5,
+            vae,
+            device: device.clone(),
+        })
+    }
+
+    pub fn transformer(&self) -> &FluxTransformer {
+        &self.transformer
+    }
+
+    /// T5's last hidden state (`hidden`, (B, t5_max_length, joint_attention_dim)) and CLIP's
+    /// pooled output (`pooled`, (B, hidden)), as `FluxPipeline.encode_prompt`. Frozen.
+    pub fn encode_prompts(
+        &self,
+        captions: &[String],
+    ) -> std::result::Result<TextConditioning, ModelError> {
+        let (t5_tok, t5) = &self.t5;
+        let rows = captions
+            .iter()
+            .map(|c| t5_tok.encode_padded(c))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let hidden = t5.forward(&rows, &self.device)?;
+        let (clip_tok, clip) = &self.clip;
+        let (ids, eos): (Vec<_>, Vec<_>) =
+            captions.iter().map(|c| clip_tok.encode_padded(c)).unzip();
+        let pooled = clip.forward(&ids, &eos, &self.device)?.pooled.detach();
+        Ok(TextConditioning {
+            hidden,
+            pooled: Some(pooled),
+        })
+    }
+
+    /// Images (B, 3, H, W) in [-1, 1] to shifted, scaled latents (B, 16, H/8, W/8). Frozen.
+    pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor> {
+        Ok(self.vae.encode(pixels)?.detach())
+    }
+
+    pub fn latent_channels(&self) -> usize {
+        self.vae.config().latent_channels
+    }
+
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.scale_factor()
+    }
+
+    /// The velocity (ε − x₀) for noisy latents (B, C, h, w) at `sigmas` (B,) in [0, 1], with
+    /// `guidance` (B,) for guidance-distilled (dev) models; the result in the latents' layout.
+    pub fn predict(
+        &self,
+        noisy: &Tensor,
+        sigmas: &Tensor,
+        cond: &TextConditioning,
+        guidance: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (_, _, h, w) = noisy.dims4()?;
+        if h % 2 != 0 || w % 2 != 0 {
+            candle_core::bail!("FLUX.1 latents need even sides, got {h}x{w}");
+        }
+        let pooled = cond
+            .pooled
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("FLUX.1 needs pooled CLIP embeddings".into()))?;
+        let text_len = cond.hidden.dim(1)?;
+        let cfg = self.transformer.config();
+        let positions = transformer::positions(text_len, h / 2, w / 2);
+        let rope = transformer::rope_tables(cfg, &positions, noisy.dtype(), noisy.device())?;
+        let guidance_needed = cfg.guidance_embeds.then_some(guidance).flatten();
+        let out = self.transformer.forward(&FluxInputs {
+            image: &pack(noisy)?,
+            text: &cond.hidden,
+            pooled,
+            sigma: sigmas,
+            guidance: guidance_needed,
+            rope: &rope,
+        })?;
+        unpack(&out, h, w)
+    }
+
+    pub fn adapters(&self) -> Vec<(String, Adapter)> {
+        self.transformer.adapters()
+    }
+
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.transformer.set_gradient_checkpointing(on);
+    }
+
+    pub fn merge_checkpointed_grads(&self, grads: &mut GradStore) -> Result<()> {
+        self.transformer.merge_checkpointed_grads(grads)
+    }
+}
+
+/// (B, C, h, w) latents to (B, h/2 · w/2, 4C) tokens of 2x2 patches, row by row.
+pub fn pack(latents: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = latents.dims4()?;
+    latents
+        .reshape((b, c, h / 2, 2, w / 2, 2))?
+        .permute((0, 2, 4, 1, 3, 5))?
+        .reshape((b, (h / 2) * (w / 2), c * 4))
+}
+
+/// The inverse of [`pack`] for an (h, w) latent.
+pub fn unpack(tokens: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+    let (b, _, c4) = tokens.dims3()?;
+    let c = c4 / 4;
+    tokens
+        .reshape((b, h / 2, w / 2, c, 2, 2))?
+        .permute((0, 3, 1, 4, 2, 5))?
+        .reshape((b, c, h, w))
+}

@@ -1,0 +1,88 @@
+//! T5's tokenizer for FLUX.1's `tokenizer_2/`: SentencePiece Unigram with its normaliser
+//! (`Precompiled` charsmap in the published checkpoints), `▁` word boundaries and `</s>`
+//! appended, read from `tokenizer.json` by the `tokenizers` crate (which candle already
+//! builds). Rows are truncated and padded to a fixed length as FLUX.1's pipeline does
+//! (`padding="max_length"`, `truncation=True`).
+
+use std::path::{Path, PathBuf};
+
+use tokenizers::{
+    PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer, TruncationDirection,
+    TruncationParams, TruncationStrategy,
+};
+
+use crate::model::ModelError;
+
+/// A T5 tokenizer producing fixed-length rows.
+#[derive(Clone)]
+pub struct T5Tokenizer {
+    inner: Tokenizer,
+    max_length: usize,
+}
+
+impl std::fmt::Debug for T5Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("T5Tokenizer")
+            .field("max_length", &self.max_length)
+            .finish_non_exhaustive()
+    }
+}
+
+impl T5Tokenizer {
+    /// Loads `dir/tokenizer.json`; rows will hold `max_length` ids (FLUX.1-dev: 512,
+    /// schnell: 256).
+    pub fn from_dir(dir: &Path, max_length: usize) -> Result<Self, ModelError> {
+        let path = dir.join("tokenizer.json");
+        let fail = |reason: String| ModelError::LoadTokenizer {
+            path: path.clone(),
+            reason,
+        };
+        if !path.is_file() {
+            let hint = if dir.join("spiece.model").is_file() {
+                "only spiece.model is there: save it as tokenizer.json with transformers \
+                 (T5TokenizerFast.from_pretrained(dir).save_pretrained(dir))"
+            } else {
+                "no tokenizer.json"
+            };
+            return Err(fail(hint.to_string()));
+        }
+        let mut inner = Tokenizer::from_file(&path).map_err(|e| fail(e.to_string()))?;
+        let pad_token = "<pad>";
+        let pad_id = inner
+            .token_to_id(pad_token)
+            .ok_or_else(|| fail(format!("no {pad_token} token")))?;
+        inner
+            .with_truncation(Some(TruncationParams {
+                max_length,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                direction: TruncationDirection::Right,
+            }))
+            .map_err(|e| fail(e.to_string()))?;
+        inner.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::Fixed(max_length),
+            direction: PaddingDirection::Right,
+            pad_to_multiple_of: None,
+            pad_id,
+            pad_type_id: 0,
+            pad_token: pad_token.to_string(),
+        }));
+        Ok(Self { inner, max_length })
+    }
+
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+
+    /// The ids of `text`: its pieces, `</s>`, then padding, `max_length` in all.
+    pub fn encode_padded(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        let encoding = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| ModelError::LoadTokenizer {
+                path: PathBuf::from("tokenizer_2/tokenizer.json"),
+                reason: format!("encoding a caption: {e}"),
+            })?;
+        Ok(encoding.get_ids().to_vec())
+    }
+}
