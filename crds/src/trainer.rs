@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::dataset::DatasetRules;
-use crate::v1alpha1::{ConceptType, LrScheduler, MixedPrecision, ModelFamily};
+use crate::v1alpha1::{ConceptType, LrScheduler, MixedPrecision, ModelFamily, TimestepSampling};
 
 /// Exit code of a successful run.
 pub const EXIT_OK: i32 = 0;
@@ -292,9 +292,15 @@ pub struct TrainingConfig {
     /// Noise offset (0 disables it).
     #[serde(default)]
     pub noise_offset: f64,
-    /// Min-SNR gamma; absent disables the weighting.
+    /// Min-SNR gamma; absent disables the weighting (SD families only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_snr_gamma: Option<f64>,
+    /// How flow-matching models draw the training noise level (flux1 only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestep_sampling: Option<TimestepSampling>,
+    /// The guidance value guidance-distilled (dev) models train with; absent: 3.5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance_scale: Option<f64>,
 }
 
 /// Presigned URLs: the trainer's whole access to S3. Keys are the `s3://bucket/key` names the

@@ -55,6 +55,14 @@ pub const VERSION: &str = "v1alpha1";
     validation = Rule::new("!has(self.samples) || !has(self.samples.every) || !has(self.training) || (self.training.steps - 1) / self.samples.every <= 48")
         .message("spec.samples.every is too small for spec.training.steps: at most 50 sample sets per job")
 )]
+#[x_kube(
+    validation = Rule::new("!has(self.training) || self.baseModel.family == 'flux1' || (!has(self.training.timestepSampling) && !has(self.training.guidanceScale))")
+        .message("spec.training.timestepSampling and guidanceScale apply to flux1 only")
+)]
+#[x_kube(
+    validation = Rule::new("!has(self.training) || self.baseModel.family != 'flux1' || !has(self.training.minSnrGamma)")
+        .message("spec.training.minSnrGamma applies to the SD families only: flux1 weights every noise level alike")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct LoRATrainingJobSpec {
     /// The base model the LoRA is trained against. Immutable.
@@ -191,6 +199,11 @@ pub enum ModelFamily {
     /// Stable Diffusion XL 1.0 (and fine-tunes sharing its architecture).
     #[serde(rename = "sdxl")]
     Sdxl,
+    /// FLUX.1 (dev, schnell and fine-tunes sharing their architecture); the variant comes from
+    /// the weights (dev embeds guidance). FLUX.1-dev's licence is non-commercial unless the
+    /// service holds a commercial licence: see the platform's `families[].licence`.
+    #[serde(rename = "flux1")]
+    Flux1,
 }
 
 impl ModelFamily {
@@ -199,6 +212,7 @@ impl ModelFamily {
         match self {
             ModelFamily::Sd15 => "sd15",
             ModelFamily::Sdxl => "sdxl",
+            ModelFamily::Flux1 => "flux1",
         }
     }
 
@@ -206,7 +220,7 @@ impl ModelFamily {
     pub fn default_resolution(self) -> u32 {
         match self {
             ModelFamily::Sd15 => 512,
-            ModelFamily::Sdxl => 1024,
+            ModelFamily::Sdxl | ModelFamily::Flux1 => 1024,
         }
     }
 }
@@ -366,6 +380,25 @@ pub enum LrScheduler {
     Cosine,
 }
 
+/// How a flow-matching model's training noise level σ is drawn (FLUX.1; SD families ignore
+/// nothing here, they refuse it).
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum TimestepSampling {
+    /// σ uniform over the scheduler's training sigmas (diffusers' `weighting_scheme=none`,
+    /// the default of its FLUX.1 LoRA script).
+    #[default]
+    Uniform,
+    /// σ = sigmoid(u), u ~ N(0, 1) (diffusers' `logit_normal`; SD3's choice): more steps at
+    /// middle noise levels.
+    LogitNormal,
+    /// σ = sigmoid(u), u ~ N(0, 1), shifted toward noise by the resolution-dependent μ the
+    /// model's scheduler uses at inference (kohya's `flux_shift`).
+    FluxShift,
+}
+
 /// Arithmetic precision of the forward and backward passes.
 #[derive(
     Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
@@ -433,7 +466,7 @@ pub struct Training {
     pub batch_size: i32,
 
     /// Training resolution in pixels (the long side of each bucket), a multiple of 64. When
-    /// empty, 512 for sd15 and 1024 for sdxl.
+    /// empty, 512 for sd15 and 1024 for sdxl and flux1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 256, max = 2048), extend("multipleOf" = 64))]
     pub resolution: Option<i32>,
@@ -465,10 +498,23 @@ pub struct Training {
     #[schemars(range(min = 0.0, max = 1.0))]
     pub noise_offset: Option<f64>,
 
-    /// Min-SNR loss weighting gamma (5 is the usual choice); empty disables it.
+    /// Min-SNR loss weighting gamma (5 is the usual choice); empty disables it. SD families
+    /// only: flow-matching models (flux1) weight every noise level alike.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.1, max = 100.0))]
     pub min_snr_gamma: Option<f64>,
+
+    /// flux1 only: how the training noise level is drawn (`uniform`, `logitNormal`,
+    /// `fluxShift`). When empty: `uniform`, as diffusers' FLUX.1 LoRA script.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestep_sampling: Option<TimestepSampling>,
+
+    /// flux1 dev models only: the guidance value the transformer is conditioned on while
+    /// training (guidance-distilled models embed it). When empty: 3.5, as diffusers' and
+    /// kohya's FLUX.1 scripts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 30.0))]
+    pub guidance_scale: Option<f64>,
 }
 
 fn default_steps() -> i64 {
@@ -504,6 +550,8 @@ impl Default for Training {
             gradient_checkpointing: None,
             noise_offset: None,
             min_snr_gamma: None,
+            timestep_sampling: None,
+            guidance_scale: None,
         }
     }
 }

@@ -238,6 +238,8 @@ pub fn trainer_config(
         gradient_checkpointing: t.gradient_checkpointing,
         noise_offset: t.noise_offset.unwrap_or(0.0),
         min_snr_gamma: t.min_snr_gamma,
+        timestep_sampling: t.timestep_sampling,
+        guidance_scale: t.guidance_scale,
     };
     Ok(TrainerConfig {
         job: JobRef {

@@ -11,6 +11,7 @@ use loraplane_crds::layout::{
     sample_steps,
 };
 use loraplane_crds::trainer::TrainerConfig;
+use loraplane_crds::v1alpha1::ModelFamily;
 
 /// Why a config file was rejected.
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +152,31 @@ pub fn check(c: &TrainerConfig) -> Result<(), ConfigError> {
         && !(g.is_finite() && g > 0.0)
     {
         return bad("training.minSnrGamma", format!("must be > 0, got {g}"));
+    }
+    // Each noise process has its own knobs; one asked of the other family is a mistake.
+    let flow = c.base_model.family == ModelFamily::Flux1;
+    if flow && t.min_snr_gamma.is_some() {
+        return bad(
+            "training.minSnrGamma",
+            "applies to the SD families only (flux1 weights every noise level alike)".into(),
+        );
+    }
+    if !flow && t.timestep_sampling.is_some() {
+        return bad(
+            "training.timestepSampling",
+            "applies to flux1 only (SD families draw DDPM timesteps)".into(),
+        );
+    }
+    if let Some(g) = t.guidance_scale
+        && !(flow && g.is_finite() && (0.0..=30.0).contains(&g))
+    {
+        return bad(
+            "training.guidanceScale",
+            format!(
+                "flux1 only, in [0, 30]; got {g} for {}",
+                c.base_model.family.as_str()
+            ),
+        );
     }
     if c.log_every == 0 {
         return bad("logEvery", "must be at least 1".into());
@@ -322,6 +348,20 @@ workDir: /work
         assert!(e.contains("training.rank"), "{e}");
         let e = err_of(&SAMPLE.replace("family: sd15", "family: sd3"));
         assert!(e.contains("baseModel.family"), "{e}");
+        let e = err_of(&SAMPLE.replace("lrWarmupSteps: 2", "lrWarmupSteps: 10"));
+        assert!(e.contains("training.lrWarmupSteps"), "{e}");
+        let e = err_of(&SAMPLE.replace(
+            "lrWarmupSteps: 2",
+            "lrWarmupSteps: 2\n  timestepSampling: fluxShift",
+        ));
+        assert!(e.contains("training.timestepSampling"), "{e}");
+        let e =
+            err_of(&SAMPLE.replace("lrWarmupSteps: 2", "lrWarmupSteps: 2\n  guidanceScale: 3.5"));
+        assert!(e.contains("training.guidanceScale"), "{e}");
+        let flux = SAMPLE.replace("family: sd15", "family: flux1");
+        assert!(parse(&flux).is_ok());
+        let e = err_of(&flux.replace("lrWarmupSteps: 2", "lrWarmupSteps: 2\n  minSnrGamma: 5"));
+        assert!(e.contains("training.minSnrGamma"), "{e}");
         let e = err_of(&SAMPLE.replace("lrWarmupSteps: 2", "lrWarmupSteps: 10"));
         assert!(e.contains("training.lrWarmupSteps"), "{e}");
         let e = err_of(&SAMPLE.replace("sha256: \"0000", "sha256: \"ABCD"));

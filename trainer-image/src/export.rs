@@ -4,8 +4,13 @@
 //!
 //! Module names: kohya files for SD1.5 use diffusers module paths with `_` for `.`; for SDXL
 //! they use the SGM ("ldm") UNet naming, `input_blocks.N.1` / `middle_block.1` /
-//! `output_blocks.N.1`, which [`diffusers_to_sgm`] derives from the block layout. PEFT files
-//! cannot carry alpha per module, so alpha/rank is folded into `lora_B` there.
+//! `output_blocks.N.1`, which [`diffusers_to_sgm`] derives from the block layout. For FLUX.1
+//! they use Black Forest Labs' names (`double_blocks_N_img_attn_qkv`, `single_blocks_N_linear1`,
+//! ...), where q, k and v (and, in single blocks, the MLP input) are one fused linear: sd-scripts
+//! writes such a module as one adapter of rank parts × r whose `lora_up` is block-diagonal, which
+//! is what ComfyUI applies as is and diffusers splits back ([`flux_kohya_module`]).
+//! PEFT files cannot carry alpha per module, so alpha/rank is folded into `lora_B` there; their
+//! keys start with the trained network (`unet.` or `transformer.`).
 
 use std::collections::BTreeMap;
 
@@ -87,8 +92,39 @@ pub struct ExportInfo {
     pub noise_offset: f64,
     /// Min-SNR gamma.
     pub min_snr_gamma: Option<f64>,
-    /// `epsilon` or `v`.
+    /// `epsilon`, `v` or `flow`.
     pub prediction_type: String,
+    /// FLUX.1 only: which variant was trained (architecture name and licence in the metadata).
+    pub flux_variant: Option<FluxVariant>,
+    /// FLUX.1-dev only: the guidance value trained with.
+    pub guidance_scale: Option<f64>,
+    /// FLUX.1 only: how σ was drawn (`uniform`, `logitNormal`, `fluxShift`).
+    pub timestep_sampling: Option<String>,
+}
+
+/// The FLUX.1 variants, told apart by their weights (dev embeds guidance).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FluxVariant {
+    /// Guidance-distilled; non-commercial licence unless the service holds a commercial one.
+    Dev,
+    /// Timestep-distilled; Apache-2.0.
+    Schnell,
+}
+
+impl FluxVariant {
+    fn architecture(self) -> &'static str {
+        match self {
+            FluxVariant::Dev => "flux-1-dev/lora",
+            FluxVariant::Schnell => "flux-1-schnell/lora",
+        }
+    }
+
+    fn licence(self) -> &'static str {
+        match self {
+            FluxVariant::Dev => "flux-1-dev-non-commercial-license",
+            FluxVariant::Schnell => "apache-2.0",
+        }
+    }
 }
 
 /// Maps a diffusers UNet module path inside an attention block to its SGM name.
@@ -122,8 +158,123 @@ pub fn kohya_name(
         ModelFamily::Sd15 => path.to_string(),
         ModelFamily::Sdxl => diffusers_to_sgm(path, layers_per_block)
             .ok_or_else(|| ExportError::MapModuleName(path.to_string()))?,
+        ModelFamily::Flux1 => {
+            let (module, _, _) = flux_kohya_module(path)
+                .ok_or_else(|| ExportError::MapModuleName(path.to_string()))?;
+            module
+        }
     };
     Ok(format!("lora_unet_{}", module.replace('.', "_")))
+}
+
+/// A FLUX.1 diffusers module path as Black Forest Labs names it: (module, the adapter's part
+/// in that module, the module's part count). Fused modules list their parts in output order:
+/// `img_attn_qkv` = (q, k, v), `single_blocks.N.linear1` = (q, k, v, MLP input).
+pub fn flux_kohya_module(path: &str) -> Option<(String, usize, usize)> {
+    let parts: Vec<&str> = path.splitn(3, '.').collect();
+    let (kind, n, rest) = match parts.as_slice() {
+        [kind, n, rest] => (*kind, n.parse::<usize>().ok()?, *rest),
+        _ => return None,
+    };
+    let (name, part, count) = match (kind, rest) {
+        ("transformer_blocks", r) => {
+            let (name, part, count) = match r {
+                "attn.to_q" => ("img_attn.qkv", 0, 3),
+                "attn.to_k" => ("img_attn.qkv", 1, 3),
+                "attn.to_v" => ("img_attn.qkv", 2, 3),
+                "attn.add_q_proj" => ("txt_attn.qkv", 0, 3),
+                "attn.add_k_proj" => ("txt_attn.qkv", 1, 3),
+                "attn.add_v_proj" => ("txt_attn.qkv", 2, 3),
+                "attn.to_out.0" => ("img_attn.proj", 0, 1),
+                "attn.to_add_out" => ("txt_attn.proj", 0, 1),
+                "ff.net.0.proj" => ("img_mlp.0", 0, 1),
+                "ff.net.2" => ("img_mlp.2", 0, 1),
+                "ff_context.net.0.proj" => ("txt_mlp.0", 0, 1),
+                "ff_context.net.2" => ("txt_mlp.2", 0, 1),
+                _ => return None,
+            };
+            (format!("double_blocks.{n}.{name}"), part, count)
+        }
+        ("single_transformer_blocks", r) => {
+            let (name, part, count) = match r {
+                "attn.to_q" => ("linear1", 0, 4),
+                "attn.to_k" => ("linear1", 1, 4),
+                "attn.to_v" => ("linear1", 2, 4),
+                "proj_mlp" => ("linear1", 3, 4),
+                "proj_out" => ("linear2", 0, 1),
+                _ => return None,
+            };
+            (format!("single_blocks.{n}.{name}"), part, count)
+        }
+        _ => return None,
+    };
+    Some((name, part, count))
+}
+
+/// FLUX.1 adapters grouped into Black Forest Labs' modules: one adapter of rank parts × r per
+/// module, `lora_down` the parts' rows stacked, `lora_up` block-diagonal (a part that was not
+/// trained contributes zeros), alpha scaled by the part count so alpha/rank stays each part's.
+fn fuse_flux(adapters: &[ExportAdapter], rank: u32) -> Result<Vec<ExportAdapter>, ExportError> {
+    let r = rank as usize;
+    // module -> (part count, input width, parts: (out width, adapter))
+    let mut modules: BTreeMap<String, (usize, usize, Vec<Option<&ExportAdapter>>)> =
+        BTreeMap::new();
+    for a in adapters {
+        let (module, part, count) =
+            flux_kohya_module(&a.path).ok_or_else(|| ExportError::MapModuleName(a.path.clone()))?;
+        let entry = modules
+            .entry(module)
+            .or_insert_with(|| (count, a.down.shape[1], vec![None; count]));
+        entry.2[part] = Some(a);
+    }
+    let mut out = Vec::with_capacity(modules.len());
+    for (module, (count, in_dim, parts)) in modules {
+        if count == 1 {
+            if let Some(a) = parts[0] {
+                out.push(ExportAdapter {
+                    path: module,
+                    ..a.clone()
+                });
+            }
+            continue;
+        }
+        // Untrained parts have the fused linear's widths: q, k, v the model width, the
+        // single blocks' MLP input 4x.
+        let widths: Vec<usize> = (0..count)
+            .map(|i| parts[i].map_or(if i == 3 { 4 * in_dim } else { in_dim }, |a| a.up.shape[0]))
+            .collect();
+        let total: usize = widths.iter().sum();
+        let fused_rank = count * r;
+        let mut down = vec![0f32; fused_rank * in_dim];
+        let mut up = vec![0f32; total * fused_rank];
+        let mut row = 0;
+        let mut alpha = 0.0;
+        for (i, part) in parts.iter().enumerate() {
+            if let Some(a) = part {
+                down[i * r * in_dim..(i + 1) * r * in_dim].copy_from_slice(&a.down.data);
+                for o in 0..widths[i] {
+                    let dst = (row + o) * fused_rank + i * r;
+                    up[dst..dst + r].copy_from_slice(&a.up.data[o * r..(o + 1) * r]);
+                }
+                alpha = a.alpha;
+            }
+            row += widths[i];
+        }
+        out.push(ExportAdapter {
+            path: module,
+            down: HostTensor {
+                shape: vec![fused_rank, in_dim],
+                data: down,
+            },
+            up: HostTensor {
+                shape: vec![total, fused_rank],
+                data: up,
+            },
+            alpha: alpha * count as f64,
+            conv1x1: false,
+        });
+    }
+    Ok(out)
 }
 
 fn check(a: &ExportAdapter, rank: u32) -> Result<(), ExportError> {
@@ -186,12 +337,17 @@ pub fn iso8601(unix: u64) -> String {
 
 /// `ss_*` and `modelspec.*` metadata shared by both files.
 pub fn metadata(info: &ExportInfo) -> BTreeMap<String, String> {
-    let (base, arch, implementation) = match info.family {
-        ModelFamily::Sd15 => ("sd_v1", "stable-diffusion-v1/lora", "diffusers"),
-        ModelFamily::Sdxl => (
+    let (base, arch, implementation) = match (info.family, info.flux_variant) {
+        (ModelFamily::Sd15, _) => ("sd_v1", "stable-diffusion-v1/lora", "diffusers"),
+        (ModelFamily::Sdxl, _) => (
             "sdxl_base_v1-0",
             "stable-diffusion-xl-v1-base/lora",
             "https://github.com/Stability-AI/generative-models",
+        ),
+        (ModelFamily::Flux1, variant) => (
+            "flux1",
+            variant.unwrap_or(FluxVariant::Dev).architecture(),
+            "https://github.com/black-forest-labs/flux",
         ),
     };
     let r = info.resolution;
@@ -243,7 +399,20 @@ pub fn metadata(info: &ExportInfo) -> BTreeMap<String, String> {
         ("modelspec.prediction_type", info.prediction_type.clone()),
         ("modelspec.trigger_phrase", info.trigger_word.clone()),
     ];
-    pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    let mut out: BTreeMap<String, String> =
+        pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    if let Some(variant) = info.flux_variant {
+        out.insert("modelspec.license".into(), variant.licence().into());
+        out.insert("ss_network_args".into(), "{}".into());
+        if let Some(g) = info.guidance_scale {
+            out.insert("ss_guidance_scale".into(), g.to_string());
+        }
+        if let Some(t) = &info.timestep_sampling {
+            out.insert("ss_timestep_sampling".into(), t.clone());
+        }
+        out.insert("ss_model_prediction_type".into(), "raw".into());
+    }
+    out
 }
 
 /// The kohya-format file.
@@ -254,7 +423,22 @@ pub fn kohya(adapters: &[ExportAdapter], info: &ExportInfo) -> Result<TensorFile
     };
     for a in adapters {
         check(a, info.rank)?;
-        let name = kohya_name(&a.path, info.family, info.layers_per_block)?;
+    }
+    let fused;
+    let named: Vec<(String, &ExportAdapter)> = if info.family == ModelFamily::Flux1 {
+        // Fused modules already carry Black Forest Labs' names.
+        fused = fuse_flux(adapters, info.rank)?;
+        fused
+            .iter()
+            .map(|a| (format!("lora_unet_{}", a.path.replace('.', "_")), a))
+            .collect()
+    } else {
+        adapters
+            .iter()
+            .map(|a| Ok((kohya_name(&a.path, info.family, info.layers_per_block)?, a)))
+            .collect::<Result<_, ExportError>>()?
+    };
+    for (name, a) in named {
         f.tensors.insert(
             format!("{name}.lora_down.weight"),
             with_conv_dims(&a.down, a.conv1x1),
@@ -274,25 +458,30 @@ pub fn kohya(adapters: &[ExportAdapter], info: &ExportInfo) -> Result<TensorFile
     Ok(f)
 }
 
-/// The diffusers/PEFT-format file (`unet.<path>.lora_A.weight` / `lora_B.weight`), with
-/// alpha/rank folded into `lora_B` because PEFT assumes alpha = rank when loading.
+/// The diffusers/PEFT-format file (`unet.<path>.lora_A.weight` / `lora_B.weight`, FLUX.1:
+/// `transformer.<path>…`), with alpha/rank folded into `lora_B` because PEFT assumes
+/// alpha = rank when loading.
 pub fn peft(adapters: &[ExportAdapter], info: &ExportInfo) -> Result<TensorFile, ExportError> {
     let mut f = TensorFile {
         metadata: metadata(info),
         ..TensorFile::default()
     };
     f.metadata.insert("format".into(), "pt".into());
+    let network = match info.family {
+        ModelFamily::Flux1 => "transformer",
+        ModelFamily::Sd15 | ModelFamily::Sdxl => "unet",
+    };
     for a in adapters {
         check(a, info.rank)?;
         let scale = (a.alpha / f64::from(info.rank)) as f32;
         let mut up = with_conv_dims(&a.up, a.conv1x1);
         up.data.iter_mut().for_each(|x| *x *= scale);
         f.tensors.insert(
-            format!("unet.{}.lora_A.weight", a.path),
+            format!("{network}.{}.lora_A.weight", a.path),
             with_conv_dims(&a.down, a.conv1x1),
         );
         f.tensors
-            .insert(format!("unet.{}.lora_B.weight", a.path), up);
+            .insert(format!("{network}.{}.lora_B.weight", a.path), up);
     }
     Ok(f)
 }

@@ -1,11 +1,14 @@
 //! loraplane-trainer as a library: the binary in `main.rs` is a thin wrapper, and tests and
 //! benchmarks drive the same code.
 //!
-//! - `model`: the diffusion model (UNet with LoRA adapters, text encoders, VAE encoder) built
-//!   from diffusers `config.json` files and safetensors, with differentiable ops throughout.
+//! - `model`: the diffusion models (SD1.5/SDXL's UNet, FLUX.1's transformer, with LoRA
+//!   adapters; their text encoders and VAE) built from diffusers `config.json` files and
+//!   safetensors, with differentiable ops throughout.
 //! - `config`: the job's config file, checked key by key.
 //! - `dataset`: zip validation, captions, centre crop.
-//! - `schedule`: DDPM noise schedule, targets, min-SNR weights, learning-rate schedule.
+//! - `schedule`: DDPM noise schedule, targets, min-SNR weights, learning-rate schedule;
+//!   `flow`: flow matching's noise levels (FLUX.1); `objective`: what one training sample
+//!   draws from either.
 //! - `optim`: AdamW with saveable state and gradient clipping.
 //! - `rng`: the seeded, saveable random source.
 //! - `checkpoint`, `tensors`: checkpoint files and safetensors with metadata.
@@ -21,7 +24,9 @@ pub mod checkpoint;
 pub mod config;
 pub mod dataset;
 pub mod export;
+pub mod flow;
 pub mod model;
+pub mod objective;
 pub mod optim;
 pub mod preview;
 pub mod progress;

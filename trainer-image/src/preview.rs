@@ -1,13 +1,17 @@
 //! Rendering a preview image with the model as it stands (base weights plus the LoRA trained
-//! so far): classifier-free guidance (over the empty prompt for SD1.5, over zeros for SDXL,
-//! as diffusers' pipelines do), the sampler the model's scheduler config names (`sampler`),
-//! the VAE decoder, a PNG.
+//! so far): for SD, classifier-free guidance (over the empty prompt for SD1.5, over zeros for
+//! SDXL, as diffusers' pipelines do) and the sampler the model's scheduler config names
+//! (`sampler`); for FLUX.1, flow matching's Euler steps with the guidance value embedded (dev)
+//! as `FluxPipeline` runs them; then the VAE decoder and a PNG.
 //!
 //! Forward only: each step's graph (the adapters are variables, so candle records one) is
 //! dropped before the next step.
 
 use candle_core::{DType, Tensor};
 
+use loraplane_crds::v1alpha1::TimestepSampling;
+
+use crate::flow::FlowMatching;
 use crate::model::vae::VaeDecoder;
 use crate::model::{DiffusionModel, ModelError, ModelFamily, TextConditioning};
 use crate::rng::Rng;
@@ -21,7 +25,8 @@ pub struct RenderOptions {
     pub sampler: Option<Sampler>,
     /// Sampler steps.
     pub steps: usize,
-    /// Classifier-free guidance scale (1: the prompt's prediction alone).
+    /// Classifier-free guidance scale (1: the prompt's prediction alone); for FLUX.1-dev the
+    /// guidance value the transformer embeds (schnell ignores it).
     pub guidance: f64,
     /// Seed of the initial noise.
     pub seed: u64,
@@ -103,6 +108,9 @@ pub fn render_image(
             got: noise.dims().to_vec(),
         });
     }
+    if model.family() == ModelFamily::Flux1 {
+        return render_flow(model, decoder, prompt, noise, o);
+    }
     let (dev, dtype) = (model.device(), model.dtype());
     let schedule = NoiseSchedule::new(&model.scheduler_config())?;
     let mut config = PlanConfig::for_model(&model.scheduler_config(), o.steps);
@@ -115,7 +123,7 @@ pub fn render_image(
     let r = o.resolution as f32;
     let time_ids = match model.family() {
         ModelFamily::Sdxl => Some(Tensor::new(&[[r, r, 0., 0., r, r]; 2], dev)?.to_dtype(dtype)?),
-        ModelFamily::Sd15 => None,
+        ModelFamily::Sd15 | ModelFamily::Flux1 => None,
     };
     for step in &plan.steps {
         let input = (&x * step.input_scale)?.to_dtype(dtype)?;
@@ -125,6 +133,33 @@ pub fn render_image(
         let (uncond, text) = (out.narrow(0, 0, 1)?, out.narrow(0, 1, 1)?);
         let guided = (&uncond + ((text - &uncond)? * o.guidance)?)?;
         x = ((&x * step.x_coef)? + (guided * step.out_coef)?)?.detach();
+    }
+    Ok(decoder.decode(&x)?)
+}
+
+/// FLUX.1: Euler steps of the velocity from σ = 1 (the noise itself) to 0 over the shifted
+/// sigmas of `FlowMatchEulerDiscreteScheduler`; no unconditional pass (dev embeds the
+/// guidance value instead, schnell needs none).
+fn render_flow(
+    model: &DiffusionModel,
+    decoder: &VaeDecoder,
+    prompt: &str,
+    noise: &Tensor,
+    o: &RenderOptions,
+) -> Result<Tensor, RenderError> {
+    let (dev, dtype) = (model.device(), model.dtype());
+    let flow = FlowMatching::new(&model.scheduler_config(), TimestepSampling::Uniform)?;
+    let (_, _, h, w) = noise.dims4()?;
+    let sigmas = flow.inference_sigmas(o.steps, h * w / 4);
+    let cond = model
+        .encode_prompts(&[prompt.to_string()])?
+        .to_dtype(dtype)?;
+    let guidance = Tensor::new(&[o.guidance as f32], dev)?;
+    let mut x = noise.to_dtype(DType::F32)?;
+    for pair in sigmas.windows(2) {
+        let sigma = Tensor::new(&[pair[0] as f32], dev)?;
+        let v = predict(model, &x.to_dtype(dtype)?, &sigma, &cond, Some(&guidance))?;
+        x = (&x + (v * (pair[1] - pair[0]))?)?.detach();
     }
     Ok(decoder.decode(&x)?)
 }

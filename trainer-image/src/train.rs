@@ -13,14 +13,17 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use candle_core::{DType, Device, Tensor};
 use loraplane_crds::layout::CHECKPOINT_FILE;
+use loraplane_crds::trainer::TrainingConfig;
 use loraplane_crds::trainer::{ArtifactInfo, Outcome, TrainerConfig, TrainerEvent, TrainerSummary};
-use loraplane_crds::v1alpha1::{LrScheduler, MixedPrecision, ModelFamily};
+use loraplane_crds::v1alpha1::{LrScheduler, MixedPrecision, ModelFamily, TimestepSampling};
 use sha2::{Digest, Sha256};
 
 use crate::checkpoint::{self, Checkpoint, CheckpointError};
 use crate::dataset::{self, Sample};
-use crate::export::{self, ExportAdapter, ExportError, ExportInfo};
+use crate::export::{self, ExportAdapter, ExportError, ExportInfo, FluxVariant};
+use crate::flow::FlowMatching;
 use crate::model::{self, DiffusionModel, LoraSpec, ModelError, TextConditioning};
+use crate::objective::Objective;
 use crate::optim::{AdamW, AdamWParams, OptimError};
 use crate::progress::{self, Tracker};
 use crate::rng::Rng;
@@ -215,19 +218,21 @@ pub struct Batch {
     target: Tensor,
     timesteps: Tensor,
     cond: TextConditioning,
-    time_ids: Option<Tensor>,
+    /// The family's extra conditioning (SDXL's size ids, FLUX.1's guidance value).
+    extra: Option<Tensor>,
     weights: Tensor,
 }
 
-/// Draws timesteps and noise for the given samples and builds the noisy inputs and targets.
+/// Draws noise levels and noise for the given samples and builds the noisy inputs and
+/// targets. `guidance` is the value guidance-distilled FLUX.1 models are conditioned on.
 pub fn make_batch(
     model: &DiffusionModel,
     cache: &[Cached],
     indices: &[usize],
-    sched: &NoiseSchedule,
+    objective: &Objective,
     rng: &mut Rng,
     noise_offset: f64,
-    min_snr_gamma: Option<f64>,
+    guidance: f64,
 ) -> Result<Batch, TrainError> {
     let dev = model.device();
     let dtype = model.dtype();
@@ -243,7 +248,8 @@ pub fn make_batch(
         let x0 = c.latent.to_dtype(DType::F32)?;
         let dims = x0.dims().to_vec();
         let (ch, plane) = (dims[1], dims[2] * dims[3]);
-        let t = rng.below(sched.len() as u64) as usize;
+        // FLUX.1's shift depends on the packed (2x2) token count.
+        let draw = objective.draw(rng, plane / 4);
         let mut noise = rng.normals(ch * plane);
         if noise_offset > 0.0 {
             for c in 0..ch {
@@ -254,12 +260,12 @@ pub fn make_batch(
             }
         }
         let noise = Tensor::from_vec(noise, dims.as_slice(), dev)?;
-        let (sa, sb) = sched.coefficients(t);
-        noisy.push((x0.affine(sa, 0.0)? + noise.affine(sb, 0.0)?)?);
-        let (ea, xb) = sched.target_coefficients(t);
-        target.push((noise.affine(ea, 0.0)? + x0.affine(xb, 0.0)?)?);
-        ts.push(t as f32);
-        weights.push(min_snr_gamma.map_or(1.0, |g| sched.min_snr_weight(t, g)) as f32);
+        let (xa, nb) = draw.input;
+        noisy.push((x0.affine(xa, 0.0)? + noise.affine(nb, 0.0)?)?);
+        let (na, xb) = draw.target;
+        target.push((noise.affine(na, 0.0)? + x0.affine(xb, 0.0)?)?);
+        ts.push(draw.model_time);
+        weights.push(draw.weight as f32);
         hidden.push(c.cond.hidden.clone());
         if let Some(p) = &c.cond.pooled {
             pooled.push(p.clone());
@@ -275,8 +281,9 @@ pub fn make_batch(
             Some(Tensor::cat(&pooled, 0)?)
         },
     };
-    let time_ids = match model.family() {
+    let extra = match model.family() {
         model::ModelFamily::Sdxl => Some(Tensor::from_vec(ids, (b, 6), dev)?.to_dtype(dtype)?),
+        model::ModelFamily::Flux1 => Some(Tensor::full(guidance as f32, b, dev)?),
         model::ModelFamily::Sd15 => None,
     };
     Ok(Batch {
@@ -284,7 +291,7 @@ pub fn make_batch(
         target: Tensor::cat(&target, 0)?,
         timesteps: Tensor::from_vec(ts, b, dev)?,
         cond,
-        time_ids,
+        extra,
         weights: Tensor::from_vec(weights, b, dev)?,
     })
 }
@@ -297,7 +304,7 @@ pub fn batch_loss(model: &DiffusionModel, batch: &Batch) -> Result<Tensor, Train
             &batch.noisy,
             &batch.timesteps,
             &batch.cond,
-            batch.time_ids.as_ref(),
+            batch.extra.as_ref(),
         )?
         // The loss in f32 whatever the model computes in.
         .to_dtype(DType::F32)?;
@@ -377,6 +384,20 @@ fn mkdir(path: &Path) -> Result<(), TrainError> {
         path: path.display().to_string(),
         source,
     })
+}
+
+/// dev when the transformer embeds guidance, schnell otherwise.
+fn flux_variant(model_dir: &Path) -> FluxVariant {
+    let guidance = std::fs::read_to_string(model_dir.join("transformer").join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["guidance_embeds"].as_bool())
+        .unwrap_or(false);
+    if guidance {
+        FluxVariant::Dev
+    } else {
+        FluxVariant::Schnell
+    }
 }
 
 fn layers_per_block(model_dir: &Path) -> usize {
@@ -468,9 +489,25 @@ fn usable_checkpoint(path: &Path, name: &str, fingerprint: &str) -> Option<Check
     Some(ck)
 }
 
-fn scheduler_of(model: &DiffusionModel) -> Result<NoiseSchedule, TrainError> {
-    Ok(NoiseSchedule::new(&model.scheduler_config())?)
+/// The noise process the model was trained with: flow matching for FLUX.1 (σ drawn as the
+/// job asks), DDPM with the job's min-SNR-γ otherwise.
+pub fn objective_of(model: &DiffusionModel, t: &TrainingConfig) -> Result<Objective, TrainError> {
+    let config = model.scheduler_config();
+    Ok(match model.family() {
+        model::ModelFamily::Flux1 => Objective::Flow(FlowMatching::new(
+            &config,
+            t.timestep_sampling.unwrap_or_default(),
+        )?),
+        model::ModelFamily::Sd15 | model::ModelFamily::Sdxl => Objective::Ddpm {
+            schedule: NoiseSchedule::new(&config)?,
+            min_snr_gamma: t.min_snr_gamma,
+        },
+    })
 }
+
+/// The guidance value FLUX.1-dev trains with when the job names none (diffusers' and kohya's
+/// scripts).
+pub const DEFAULT_FLUX_GUIDANCE: f64 = 3.5;
 
 /// Everything a finished run produced.
 #[derive(Debug)]
@@ -559,7 +596,8 @@ pub fn run_tracking(
             precision_name(precision)
         );
     }
-    let sched = scheduler_of(&model)?;
+    let objective = objective_of(&model, t)?;
+    let guidance = t.guidance_scale.unwrap_or(DEFAULT_FLUX_GUIDANCE);
     let cache = cache_samples(&model, &samples, t.resolution, &config.dataset.rules)?;
     tracing::info!(
         adapters = model.adapters().len(),
@@ -610,10 +648,10 @@ pub fn run_tracking(
             &model,
             &cache,
             &idx,
-            &sched,
+            &objective,
             &mut rng,
             t.noise_offset,
-            t.min_snr_gamma,
+            guidance,
         )?;
         let loss = batch_loss(&model, &batch)?;
         let loss_value = f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
@@ -683,10 +721,26 @@ pub fn run_tracking(
         gradient_checkpointing: checkpointing,
         noise_offset: t.noise_offset,
         min_snr_gamma: t.min_snr_gamma,
-        prediction_type: match sched.prediction {
-            PredictionType::Epsilon => "epsilon".into(),
-            PredictionType::VPrediction => "v".into(),
+        prediction_type: match &objective {
+            Objective::Ddpm { schedule, .. } => match schedule.prediction {
+                PredictionType::Epsilon => "epsilon".into(),
+                PredictionType::VPrediction => "v".into(),
+            },
+            Objective::Flow(_) => "flow".into(),
         },
+        flux_variant: (config.base_model.family == ModelFamily::Flux1)
+            .then(|| flux_variant(&model_dir)),
+        guidance_scale: (config.base_model.family == ModelFamily::Flux1
+            && flux_variant(&model_dir) == FluxVariant::Dev)
+            .then_some(guidance),
+        timestep_sampling: (config.base_model.family == ModelFamily::Flux1).then(|| {
+            match t.timestep_sampling.unwrap_or_default() {
+                TimestepSampling::Uniform => "uniform",
+                TimestepSampling::LogitNormal => "logitNormal",
+                TimestepSampling::FluxShift => "fluxShift",
+            }
+            .to_string()
+        }),
     };
     let out_loc = Location::parse(&config.output);
     let mut artifacts = Vec::new();

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use loraplane_trainer::model::flux::pipeline::{self, FluxModel, FluxOptions};
 use loraplane_trainer::model::flux::transformer::{self, FluxInputs, LoraTargets};
-use loraplane_trainer::model::{self, LoraSpec};
+use loraplane_trainer::model::{self, FamilyModel, LoraSpec};
 use model_support::max_abs_diff;
 
 fn fixture_dir() -> PathBuf {

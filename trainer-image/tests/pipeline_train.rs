@@ -1,6 +1,7 @@
-//! End-to-end training on tiny generated models and datasets (CPU): both families train and
-//! write loadable LoRA files, loss falls on a fixed batch, a resumed run equals an
-//! uninterrupted one, and invalid datasets are refused before anything is written.
+//! End-to-end training on tiny generated models and datasets (CPU): every family trains and
+//! writes loadable LoRA files, loss falls on a fixed batch, a resumed run equals an
+//! uninterrupted one (SD1.5 and FLUX.1), and invalid datasets are refused before anything is
+//! written.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod pipeline_support;
@@ -227,9 +228,20 @@ fn loss_decreases_on_a_fixed_batch() {
     let rules = Default::default();
     let samples = loraplane_trainer::dataset::validate(&zip, TRIGGER, None, &rules).unwrap();
     let cache = train::cache_samples(&m, &samples, 64, &rules).unwrap();
-    let sched = loraplane_trainer::schedule::NoiseSchedule::new(&Default::default()).unwrap();
-    let batch =
-        train::make_batch(&m, &cache, &[0, 1], &sched, &mut Rng::new(3, 0), 0.0, None).unwrap();
+    let objective = loraplane_trainer::objective::Objective::Ddpm {
+        schedule: loraplane_trainer::schedule::NoiseSchedule::new(&Default::default()).unwrap(),
+        min_snr_gamma: None,
+    };
+    let batch = train::make_batch(
+        &m,
+        &cache,
+        &[0, 1],
+        &objective,
+        &mut Rng::new(3, 0),
+        0.0,
+        1.0,
+    )
+    .unwrap();
     let mut opt = AdamW::new(train::named_params(&m), AdamWParams::default()).unwrap();
     let mut losses = Vec::new();
     for _ in 0..12 {
@@ -242,10 +254,88 @@ fn loss_decreases_on_a_fixed_batch() {
     assert!(last < first * 0.9, "loss did not fall: {losses:?}");
 }
 
+/// FLUX.1 (the tiny dev pipeline diffusers made) trains with flow matching and exports both
+/// files: PEFT keys on `transformer.`, and Black Forest Labs' modules in the kohya file with
+/// q, k, v (and the single blocks' MLP input) fused into one block-diagonal adapter.
+#[test]
+fn flux1_run_writes_bfl_and_peft_files_with_fused_qkv() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(dir.path(), ModelFamily::Flux1, 5);
+    let run = dir.path().join("run");
+    let report = train::run(&config(&s, &run, 3, 5), &opts()).unwrap();
+    assert_eq!(report.losses.len(), 3);
+    assert!(report.losses.iter().all(|l| l.is_finite() && *l > 0.0));
+    let kohya = read(&run.join("out/job-1.safetensors"));
+    let peft = read(&run.join("out/pytorch_lora_weights.safetensors"));
+    let md = &kohya.metadata;
+    assert_eq!(md["modelspec.architecture"], "flux-1-dev/lora");
+    assert_eq!(md["modelspec.license"], "flux-1-dev-non-commercial-license");
+    assert_eq!(md["modelspec.prediction_type"], "flow");
+    assert_eq!(md["ss_base_model_version"], "flux1");
+    assert_eq!(md["ss_guidance_scale"], "3.5");
+    assert_eq!(md["ss_timestep_sampling"], "fluxShift");
+
+    // PEFT: every adapted layer of the transformer, rank 4, alpha/rank folded into lora_B.
+    let q = &peft.tensors["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"];
+    assert_eq!(q.shape, vec![4, 16]);
+    assert_eq!(peft.tensors.len(), 2 * (2 * 12 + 2 * 5));
+    assert!(peft.tensors.keys().all(|k| k.starts_with("transformer.")));
+
+    // kohya: img/txt qkv fused at rank 12 (3 x 4), alpha 3 x 2; linear1 at rank 16.
+    let qkv = "lora_unet_double_blocks_0_img_attn_qkv";
+    assert_eq!(
+        kohya.tensors[&format!("{qkv}.lora_down.weight")].shape,
+        vec![12, 16]
+    );
+    assert_eq!(
+        kohya.tensors[&format!("{qkv}.lora_up.weight")].shape,
+        vec![48, 12]
+    );
+    assert_eq!(kohya.tensors[&format!("{qkv}.alpha")].data, vec![6.0]);
+    let l1 = "lora_unet_single_blocks_1_linear1";
+    assert_eq!(
+        kohya.tensors[&format!("{l1}.lora_up.weight")].shape,
+        vec![3 * 16 + 64, 16]
+    );
+    for m in [
+        "double_blocks_1_txt_attn_proj",
+        "double_blocks_0_img_mlp_2",
+        "single_blocks_0_linear2",
+    ] {
+        assert!(
+            kohya.tensors.contains_key(&format!("lora_unet_{m}.alpha")),
+            "{m}"
+        );
+    }
+    // Both files hold the same update: the fused down rows are the PEFT parts' A matrices,
+    // and the fused up is block-diagonal with the parts' B (unfolded: alpha/rank is 0.5).
+    let down = &kohya.tensors[&format!("{qkv}.lora_down.weight")];
+    let k_a = &peft.tensors["transformer.transformer_blocks.0.attn.to_k.lora_A.weight"];
+    assert_eq!(&down.data[4 * 16..8 * 16], &k_a.data[..]);
+    let up = &kohya.tensors[&format!("{qkv}.lora_up.weight")];
+    let v_b = &peft.tensors["transformer.transformer_blocks.0.attn.to_v.lora_B.weight"];
+    for o in 0..16 {
+        let row = &up.data[(32 + o) * 12..(33 + o) * 12];
+        assert!(
+            row[..8].iter().all(|x| *x == 0.0),
+            "off-diagonal block not zero"
+        );
+        for j in 0..4 {
+            assert!((row[8 + j] * 0.5 - v_b.data[o * 4 + j]).abs() < 1e-7);
+        }
+    }
+}
+
 #[test]
 fn resumed_run_equals_uninterrupted_run() {
+    for family in [ModelFamily::Sd15, ModelFamily::Flux1] {
+        resumed_run_equals_uninterrupted(family);
+    }
+}
+
+fn resumed_run_equals_uninterrupted(family: ModelFamily) {
     let dir = tempfile::tempdir().unwrap();
-    let s = setup(dir.path(), ModelFamily::Sd15, 6);
+    let s = setup(dir.path(), family, 6);
     let whole = dir.path().join("whole");
     train::run(&config(&s, &whole, 5, 2), &opts()).unwrap();
 
@@ -279,7 +369,10 @@ fn resumed_run_equals_uninterrupted_run() {
             max_diff = max_diff.max((x - y).abs());
         }
     }
-    assert!(max_diff <= 1e-6, "resumed adapters differ by {max_diff}");
+    assert!(
+        max_diff <= 1e-6,
+        "{family:?}: resumed adapters differ by {max_diff}"
+    );
 }
 
 #[test]

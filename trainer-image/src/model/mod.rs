@@ -158,6 +158,25 @@ pub struct SchedulerConfig {
     /// DDIM's last step lands on a clean sample (ᾱ = 1) rather than on timestep 0.
     #[serde(default)]
     pub set_alpha_to_one: bool,
+    /// Flow matching (FLUX.1): the static shift of the noise levels.
+    #[serde(default = "one")]
+    pub shift: f64,
+    /// Flow matching: shift by μ from the image's token count instead of `shift`.
+    #[serde(default)]
+    pub use_dynamic_shifting: bool,
+    /// Flow matching: μ at `base_image_seq_len` tokens.
+    #[serde(default = "default_base_shift")]
+    pub base_shift: f64,
+    /// Flow matching: μ at `max_image_seq_len` tokens.
+    #[serde(default = "default_max_shift")]
+    pub max_shift: f64,
+    #[serde(default = "default_base_seq_len")]
+    pub base_image_seq_len: usize,
+    #[serde(default = "default_max_seq_len")]
+    pub max_image_seq_len: usize,
+    /// Flow matching: how μ shifts σ (`exponential`, the only kind supported).
+    #[serde(default)]
+    pub time_shift_type: Option<String>,
 }
 
 /// What the UNet predicts (`prediction_type` in `scheduler_config.json`).
@@ -183,6 +202,21 @@ fn default_beta_end() -> f64 {
 fn default_beta_schedule() -> String {
     "scaled_linear".to_string()
 }
+fn one() -> f64 {
+    1.0
+}
+fn default_base_shift() -> f64 {
+    0.5
+}
+fn default_max_shift() -> f64 {
+    1.15
+}
+fn default_base_seq_len() -> usize {
+    256
+}
+fn default_max_seq_len() -> usize {
+    4096
+}
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
@@ -196,18 +230,62 @@ impl Default for SchedulerConfig {
             timestep_spacing: None,
             steps_offset: 0,
             set_alpha_to_one: false,
+            shift: one(),
+            use_dynamic_shifting: false,
+            base_shift: default_base_shift(),
+            max_shift: default_max_shift(),
+            base_image_seq_len: default_base_seq_len(),
+            max_image_seq_len: default_max_seq_len(),
+            time_shift_type: None,
         }
     }
 }
 
-/// A loaded base model with LoRA adapters on its UNet.
+/// What the training loop and the renderer ask of a model family. Each family folder
+/// implements it once (`sd::model::SdModel`, `flux::pipeline::FluxModel`); adding a family is
+/// a folder with its components and one more implementation.
+pub trait FamilyModel: Send + Sync {
+    /// Tokenizes and encodes captions. Frozen: the result carries no gradient.
+    fn encode_prompts(&self, captions: &[String]) -> Result<TextConditioning, ModelError>;
+
+    /// Encodes images (B, 3, H, W) in [-1, 1] to the latents training caches (the
+    /// posterior mean, shifted and scaled). Frozen.
+    fn encode_images(&self, pixels: &Tensor) -> candle_core::Result<Tensor>;
+
+    /// The model's output for noisy latents (B, C, h, w) at per-sample `timesteps` (B,):
+    /// DDPM timesteps for SD, σ for flow matching. `extra` is the family's extra
+    /// conditioning (SDXL: size and crop ids (B, 6); FLUX.1-dev: the guidance value (B,)).
+    fn predict(
+        &self,
+        noisy: &Tensor,
+        timesteps: &Tensor,
+        cond: &TextConditioning,
+        extra: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor>;
+
+    /// Every LoRA adapter with its diffusers module path, in a stable order.
+    fn adapters(&self) -> Vec<(String, Adapter)>;
+
+    /// Gradient checkpointing of the trained network's blocks on or off.
+    fn set_gradient_checkpointing(&mut self, on: bool);
+
+    /// Adds the gradients gathered inside checkpointed blocks to `grads`.
+    fn merge_checkpointed_grads(&self, grads: &mut GradStore) -> candle_core::Result<()>;
+
+    /// Latent channels (4 for SD, 16 for FLUX.1).
+    fn latent_channels(&self) -> usize;
+
+    /// Pixel-to-latent downscale factor of the VAE (8 for real checkpoints).
+    fn vae_scale_factor(&self) -> usize;
+}
+
+/// A loaded base model with LoRA adapters on the network it trains (SD's UNet, FLUX.1's
+/// transformer), and the noise schedule it was trained with.
 pub struct DiffusionModel {
     family: ModelFamily,
     dtype: DType,
     device: Device,
-    unet: unet::UNet2DConditionModel,
-    text_encoders: Vec<(tokenizer::ClipTokenizer, clip::ClipTextModel)>,
-    vae: vae::VaeEncoder,
+    inner: Box<dyn FamilyModel>,
     scheduler: SchedulerConfig,
 }
 
@@ -216,7 +294,7 @@ impl std::fmt::Debug for DiffusionModel {
         f.debug_struct("DiffusionModel")
             .field("family", &self.family)
             .field("dtype", &self.dtype)
-            .field("adapters", &self.unet.adapters().len())
+            .field("adapters", &self.inner.adapters().len())
             .finish_non_exhaustive()
     }
 }
@@ -232,7 +310,8 @@ pub fn load(
 }
 
 /// Loads a diffusers folder with every weight and adapter in `dtype` (f64 for gradient
-/// checks, f16/bf16 on GPUs).
+/// checks, f16/bf16 on GPUs). FLUX.1 gets adapters on every block layer and T5 rows of the
+/// length its variant was trained with (see [`load_flux`] to choose).
 pub fn load_with_dtype(
     dir: &Path,
     family: ModelFamily,
@@ -240,73 +319,52 @@ pub fn load_with_dtype(
     device: &Device,
     dtype: DType,
 ) -> Result<DiffusionModel, ModelError> {
-    // The family is checked before gigabytes of weights are read.
-    let unet_cfg: unet::UNetConfig = read_config(&dir.join("unet").join("config.json"))?;
-    check_family(dir, family, &unet_cfg)?;
-    let unet = load_unet_with(dir, &unet_cfg, lora, device, dtype)?;
-
-    let mut text_encoders = Vec::new();
-    let names: &[(&str, &str)] = match family {
-        ModelFamily::Sd15 => &[("text_encoder", "tokenizer")],
-        ModelFamily::Sdxl => &[
-            ("text_encoder", "tokenizer"),
-            ("text_encoder_2", "tokenizer_2"),
-        ],
-    };
-    for (enc, tok) in names {
-        let tokenizer = tokenizer::ClipTokenizer::from_dir(&dir.join(tok))?;
-        let cfg: clip::ClipTextConfig = read_config(&dir.join(enc).join("config.json"))?;
-        let vb = weights::Weights::from_dir(&dir.join(enc), enc, dtype, device)?;
-        let with_projection = family == ModelFamily::Sdxl && *enc == "text_encoder_2";
-        let model = clip::ClipTextModel::load(&vb, &cfg, with_projection)?;
-        text_encoders.push((tokenizer, model));
+    match family {
+        ModelFamily::Sd15 | ModelFamily::Sdxl => {
+            let inner = sd::model::SdModel::load(dir, family, lora, device, dtype)?;
+            with_scheduler(dir, family, dtype, device, Box::new(inner))
+        }
+        ModelFamily::Flux1 => {
+            let opts = flux::pipeline::FluxOptions::for_checkpoint(dir, Some(lora))?;
+            load_flux(dir, &opts, device, dtype)
+        }
     }
+}
 
-    let vae_cfg: vae::VaeConfig = read_config(&dir.join("vae").join("config.json"))?;
-    let vae_vb = weights::Weights::from_dir(&dir.join("vae"), "vae", dtype, device)?;
-    let vae = vae::VaeEncoder::load(&vae_vb, &vae_cfg)?;
+/// Loads a FLUX.1 folder with the given options.
+pub fn load_flux(
+    dir: &Path,
+    opts: &flux::pipeline::FluxOptions,
+    device: &Device,
+    dtype: DType,
+) -> Result<DiffusionModel, ModelError> {
+    let inner = flux::pipeline::FluxModel::load(dir, opts, device, dtype)?;
+    with_scheduler(dir, ModelFamily::Flux1, dtype, device, Box::new(inner))
+}
 
+fn with_scheduler(
+    dir: &Path,
+    family: ModelFamily,
+    dtype: DType,
+    device: &Device,
+    inner: Box<dyn FamilyModel>,
+) -> Result<DiffusionModel, ModelError> {
     let sched_path = dir.join("scheduler").join("scheduler_config.json");
     let scheduler = if sched_path.exists() {
         read_config(&sched_path)?
     } else {
         SchedulerConfig::default()
     };
-
     Ok(DiffusionModel {
         family,
         dtype,
         device: device.clone(),
-        unet,
-        text_encoders,
-        vae,
+        inner,
         scheduler,
     })
 }
 
-/// The UNet of a diffusers folder (`unet/`) with LoRA adapters, every weight in `dtype` on
-/// `device`: the trained part alone, as the GPU check benchmarks it.
-pub fn load_unet(
-    dir: &Path,
-    lora: LoraSpec,
-    device: &Device,
-    dtype: DType,
-) -> Result<unet::UNet2DConditionModel, ModelError> {
-    let cfg: unet::UNetConfig = read_config(&dir.join("unet").join("config.json"))?;
-    load_unet_with(dir, &cfg, lora, device, dtype)
-}
-
-/// `load_unet` with its config already read.
-fn load_unet_with(
-    dir: &Path,
-    cfg: &unet::UNetConfig,
-    lora: LoraSpec,
-    device: &Device,
-    dtype: DType,
-) -> Result<unet::UNet2DConditionModel, ModelError> {
-    let vb = weights::Weights::from_dir(&dir.join("unet"), "unet", dtype, device)?;
-    unet::UNet2DConditionModel::load(&vb, cfg, Some(&lora))
-}
+pub use sd::model::load_unet;
 
 /// The FLUX.1 transformer of a diffusers folder (`transformer/`), every weight in `dtype` on
 /// `device`, with LoRA adapters (when `lora` is given) on the layers `targets` names.
@@ -329,20 +387,6 @@ pub fn load_vae_decoder(dir: &Path, device: &Device) -> Result<vae::VaeDecoder, 
     let cfg: vae::VaeConfig = read_config(&dir.join("vae").join("config.json"))?;
     let vb = weights::Weights::from_dir(&dir.join("vae"), "vae", DType::F32, device)?;
     vae::VaeDecoder::load(&vb, &cfg)
-}
-
-fn check_family(dir: &Path, family: ModelFamily, cfg: &unet::UNetConfig) -> Result<(), ModelError> {
-    let is_xl = cfg.addition_embed_type.as_deref() == Some("text_time");
-    if is_xl != (family == ModelFamily::Sdxl) {
-        return Err(ModelError::UnsupportedConfig {
-            path: dir.join("unet").join("config.json"),
-            reason: format!(
-                "family {family:?} does not match the UNet (addition_embed_type {:?})",
-                cfg.addition_embed_type
-            ),
-        });
-    }
-    Ok(())
 }
 
 pub(crate) fn read_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ModelError> {
@@ -369,91 +413,43 @@ impl DiffusionModel {
         &self.device
     }
 
-    /// Number of latent channels the UNet expects.
+    /// Number of latent channels the trained network expects.
     pub fn latent_channels(&self) -> usize {
-        self.unet.config().in_channels
+        self.inner.latent_channels()
     }
 
     /// Pixel-to-latent downscale factor of the VAE (8 for real checkpoints).
     pub fn vae_scale_factor(&self) -> usize {
-        self.vae.scale_factor()
+        self.inner.vae_scale_factor()
     }
 
-    /// Token sequence length of the text encoders (77).
-    pub fn max_token_length(&self) -> usize {
-        self.text_encoders
-            .first()
-            .map(|(t, _)| t.max_length())
-            .unwrap_or(77)
-    }
-
-    /// Tokenizes and encodes captions: SD1.5 uses the last hidden state of `text_encoder`;
-    /// SDXL concatenates the penultimate hidden states of both encoders and adds the pooled
-    /// projection of `text_encoder_2`. Frozen: the result carries no gradient.
+    /// Tokenizes and encodes captions (see [`FamilyModel::encode_prompts`]).
     pub fn encode_prompts(&self, captions: &[String]) -> Result<TextConditioning, ModelError> {
-        let mut hiddens = Vec::new();
-        let mut pooled = None;
-        for (tokenizer, encoder) in &self.text_encoders {
-            let mut ids = Vec::with_capacity(captions.len());
-            let mut eos = Vec::with_capacity(captions.len());
-            for caption in captions {
-                let (row, eos_pos) = tokenizer.encode_padded(caption);
-                ids.push(row);
-                eos.push(eos_pos);
-            }
-            let out = encoder.forward(&ids, &eos, &self.device)?;
-            match self.family {
-                ModelFamily::Sd15 => hiddens.push(out.last_hidden),
-                ModelFamily::Sdxl => {
-                    hiddens.push(out.penultimate_hidden);
-                    if out.text_embeds.is_some() {
-                        pooled = out.text_embeds;
-                    }
-                }
-            }
-        }
-        let hidden = Tensor::cat(&hiddens, 2)?.detach();
-        Ok(TextConditioning {
-            hidden,
-            pooled: pooled.map(|p| p.detach()),
-        })
+        self.inner.encode_prompts(captions)
     }
 
     /// Encodes images (B, 3, H, W) in [-1, 1] to scaled latents (the posterior mean, not a
     /// sample, so caching is deterministic). Frozen: the result carries no gradient.
     pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor, ModelError> {
         let pixels = pixels.to_dtype(self.dtype)?.to_device(&self.device)?;
-        Ok(self.vae.encode(&pixels)?.detach())
+        Ok(self.inner.encode_images(&pixels)?)
     }
 
-    /// Predicts noise (or v) for noisy latents (B, C, h, w) at per-sample timesteps (B,).
-    /// SDXL needs `cond.pooled` and `time_ids` (B, 6): original size, crop top-left, target
-    /// size, as in diffusers.
+    /// The prediction for noisy latents (see [`FamilyModel::predict`]).
     pub fn predict(
         &self,
         noisy: &Tensor,
         timesteps: &Tensor,
         cond: &TextConditioning,
-        time_ids: Option<&Tensor>,
+        extra: Option<&Tensor>,
     ) -> Result<Tensor, ModelError> {
-        let added = match self.family {
-            ModelFamily::Sd15 => None,
-            ModelFamily::Sdxl => {
-                let pooled = cond.pooled.as_ref().ok_or_else(|| {
-                    candle_core::Error::Msg("SDXL needs pooled text embeddings".into())
-                })?;
-                let ids = time_ids
-                    .ok_or_else(|| candle_core::Error::Msg("SDXL needs time ids (B, 6)".into()))?;
-                Some((pooled, ids))
-            }
-        };
-        Ok(self.unet.forward(noisy, timesteps, &cond.hidden, added)?)
+        Ok(self.inner.predict(noisy, timesteps, cond, extra)?)
     }
 
-    /// Turns gradient checkpointing of the UNet's blocks on or off (see `checkpoint`):
-    /// less memory for one more forward of each block in the backward pass.
+    /// Turns gradient checkpointing of the trained network's blocks on or off (see
+    /// `checkpoint`): less memory for one more forward of each block in the backward pass.
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
-        self.unet.set_gradient_checkpointing(on);
+        self.inner.set_gradient_checkpointing(on);
     }
 
     /// The gradients of `loss` for every trainable variable. Always use this rather than
@@ -461,14 +457,14 @@ impl DiffusionModel {
     /// their gradients from the recomputation, outside candle's own store.
     pub fn backward(&self, loss: &Tensor) -> candle_core::Result<GradStore> {
         let mut grads = loss.backward()?;
-        self.unet.merge_checkpointed_grads(&mut grads)?;
+        self.inner.merge_checkpointed_grads(&mut grads)?;
         Ok(grads)
     }
 
     /// Every LoRA adapter with its diffusers module path, e.g.
     /// `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`, in a stable order.
     pub fn adapters(&self) -> Vec<(String, Adapter)> {
-        self.unet.adapters()
+        self.inner.adapters()
     }
 
     /// The trainable variables (every adapter's `down` and `up`), for the optimizer.

@@ -77,8 +77,29 @@ pub fn write_zip(dir: &Path, entries: &[(String, Vec<u8>)]) -> (PathBuf, String)
 /// A tiny model of `family` under `dir/model-<family>`.
 pub fn tiny_model(dir: &Path, family: ModelFamily) -> PathBuf {
     let p = dir.join(format!("model-{}", family.as_str()));
-    write_tiny_model(&p, family, 1234).unwrap();
+    if family == ModelFamily::Flux1 {
+        // The tiny FLUX.1-dev pipeline diffusers itself made (bench/make_flux_fixtures.py).
+        copy_dir(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux"),
+            &p,
+        );
+    } else {
+        write_tiny_model(&p, family, 1234).unwrap();
+    }
     p
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let dest = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &dest);
+        } else {
+            std::fs::copy(entry.path(), dest).unwrap();
+        }
+    }
 }
 
 pub struct Setup {
@@ -102,7 +123,7 @@ pub fn setup(dir: &Path, family: ModelFamily, images: u32) -> Setup {
 
 /// A config for a run in `run_dir` (work dir, checkpoints and output all inside it).
 pub fn config(s: &Setup, run_dir: &Path, steps: u64, checkpoint_every: u64) -> TrainerConfig {
-    let v = serde_json::json!({
+    let mut v = serde_json::json!({
         "job": {"namespace": "ns", "name": "job-1", "uid": "u-1"},
         "baseModel": {"family": s.family.as_str(), "path": s.model},
         "dataset": {"uri": s.zip, "sha256": s.sha},
@@ -119,5 +140,12 @@ pub fn config(s: &Setup, run_dir: &Path, steps: u64, checkpoint_every: u64) -> T
         "terminationMessagePath": run_dir.join("termination-log"),
         "logEvery": 1
     });
+    if s.family == ModelFamily::Flux1 {
+        // Flow matching has its own knobs: σ drawn with the resolution shift, dev's guidance.
+        let t = &mut v["training"];
+        t.as_object_mut().unwrap().remove("minSnrGamma");
+        t["timestepSampling"] = "fluxShift".into();
+        t["guidanceScale"] = 3.5.into();
+    }
     loraplane_trainer::config::parse(&v.to_string()).unwrap()
 }

@@ -37,6 +37,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use loraplane_trainer::model::tiny::{self, ModelSize};
 use loraplane_trainer::model::{self, LoraSpec, ModelFamily, ops};
+use loraplane_trainer::objective::Objective;
 use loraplane_trainer::optim::{AdamW, AdamWParams};
 use loraplane_trainer::rng::Rng;
 use loraplane_trainer::schedule::{NoiseSchedule, SchedulerConfig};
@@ -127,13 +128,16 @@ fn measure(
     let rules = loraplane_dataset::DatasetRules::default();
     let cache =
         train::cache_samples(&m, &samples, resolution, &rules).map_err(|e| e.to_string())?;
-    let sched = NoiseSchedule::new(&SchedulerConfig::default()).map_err(|e| e.to_string())?;
+    let objective = Objective::Ddpm {
+        schedule: NoiseSchedule::new(&SchedulerConfig::default()).map_err(|e| e.to_string())?,
+        min_snr_gamma: Some(5.0),
+    };
     let mut opt =
         AdamW::new(train::named_params(&m), AdamWParams::default()).map_err(|e| e.to_string())?;
     let mut rng = Rng::new(1, 0);
     let mut step = |i: u64| -> Result<(), String> {
         let idx = train::batch_indices(i, cache.len(), batch, 1);
-        let b = train::make_batch(&m, &cache, &idx, &sched, &mut rng, 0.0, Some(5.0))
+        let b = train::make_batch(&m, &cache, &idx, &objective, &mut rng, 0.0, 1.0)
             .map_err(|e| e.to_string())?;
         let loss = train::batch_loss(&m, &b).map_err(|e| e.to_string())?;
         let grads = loss.backward().map_err(|e| e.to_string())?;

@@ -16,7 +16,7 @@ use crate::model::sd::clip::{ClipTextConfig, ClipTextModel};
 use crate::model::sd::tokenizer::ClipTokenizer;
 use crate::model::sd::vae::{VaeConfig, VaeEncoder};
 use crate::model::weights::Weights;
-use crate::model::{ModelError, TextConditioning, read_config};
+use crate::model::{FamilyModel, ModelError, TextConditioning, read_config};
 
 /// How a FLUX.1 folder is loaded.
 #[derive(Debug, Clone)]
@@ -26,6 +26,22 @@ pub struct FluxOptions {
     pub targets: LoraTargets,
     /// T5 tokens per caption (FLUX.1-dev was trained with 512, schnell with 256).
     pub t5_max_length: usize,
+}
+
+impl FluxOptions {
+    /// Adapters on every block layer, and T5 rows as long as the variant was trained with:
+    /// 512 tokens for guidance-distilled (dev) checkpoints, 256 for schnell.
+    pub fn for_checkpoint(
+        dir: &Path,
+        lora: Option<LoraSpec>,
+    ) -> std::result::Result<Self, ModelError> {
+        let cfg: FluxConfig = read_config(&dir.join("transformer").join("config.json"))?;
+        Ok(Self {
+            lora,
+            targets: LoraTargets::default(),
+            t5_max_length: if cfg.guidance_embeds { 512 } else { 256 },
+        })
+    }
 }
 
 /// The loaded FLUX.1 components.
@@ -78,10 +94,12 @@ impl FluxModel {
     pub fn transformer(&self) -> &FluxTransformer {
         &self.transformer
     }
+}
 
+impl FamilyModel for FluxModel {
     /// T5's last hidden state (`hidden`, (B, t5_max_length, joint_attention_dim)) and CLIP's
     /// pooled output (`pooled`, (B, hidden)), as `FluxPipeline.encode_prompt`. Frozen.
-    pub fn encode_prompts(
+    fn encode_prompts(
         &self,
         captions: &[String],
     ) -> std::result::Result<TextConditioning, ModelError> {
@@ -102,21 +120,21 @@ impl FluxModel {
     }
 
     /// Images (B, 3, H, W) in [-1, 1] to shifted, scaled latents (B, 16, H/8, W/8). Frozen.
-    pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor> {
+    fn encode_images(&self, pixels: &Tensor) -> Result<Tensor> {
         Ok(self.vae.encode(pixels)?.detach())
     }
 
-    pub fn latent_channels(&self) -> usize {
+    fn latent_channels(&self) -> usize {
         self.vae.config().latent_channels
     }
 
-    pub fn vae_scale_factor(&self) -> usize {
+    fn vae_scale_factor(&self) -> usize {
         self.vae.scale_factor()
     }
 
     /// The velocity (ε − x₀) for noisy latents (B, C, h, w) at `sigmas` (B,) in [0, 1], with
     /// `guidance` (B,) for guidance-distilled (dev) models; the result in the latents' layout.
-    pub fn predict(
+    fn predict(
         &self,
         noisy: &Tensor,
         sigmas: &Tensor,
@@ -147,15 +165,15 @@ impl FluxModel {
         unpack(&out, h, w)
     }
 
-    pub fn adapters(&self) -> Vec<(String, Adapter)> {
+    fn adapters(&self) -> Vec<(String, Adapter)> {
         self.transformer.adapters()
     }
 
-    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+    fn set_gradient_checkpointing(&mut self, on: bool) {
         self.transformer.set_gradient_checkpointing(on);
     }
 
-    pub fn merge_checkpointed_grads(&self, grads: &mut GradStore) -> Result<()> {
+    fn merge_checkpointed_grads(&self, grads: &mut GradStore) -> Result<()> {
         self.transformer.merge_checkpointed_grads(grads)
     }
 }
