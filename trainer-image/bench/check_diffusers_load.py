@@ -1,9 +1,11 @@
-"""Trains a tiny SD1.5 and a tiny SDXL LoRA with the real `loraplane-trainer` binary and loads
-both output files into a diffusers pipeline with `load_lora_weights`, as a customer would.
+"""Trains a tiny SD1.5, SDXL and FLUX.1-dev LoRA with the real `loraplane-trainer` binary and
+loads both output files into a diffusers pipeline with `load_lora_weights`, as a customer
+would (FLUX.1: `FluxPipeline`, whose loader converts the kohya file's Black Forest Labs names
+and splits its fused q/k/v back).
 
 Fails (exit 1, one line per problem) when diffusers reports unexpected or missing LoRA keys,
-when a file does not load, or when loading leaves the UNet's output unchanged (the adapters
-did not land on any layer). Run through `check_diffusers_load.sh`, which builds the binaries
+when a file does not load, or when loading leaves the trained network's output unchanged (the
+adapters did not land on any layer). Run through `check_diffusers_load.sh`, which builds the binaries
 and the venv.
 
     python check_diffusers_load.py --trainer BIN --models DIR --work DIR
@@ -25,7 +27,7 @@ from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from transformers.utils import logging as transformers_logging
 
-FAMILIES = {"sd15": 64, "sdxl": 64}
+FAMILIES = {"sd15": 64, "sdxl": 64, "flux1": 64}
 
 
 def dataset(path: Path) -> str:
@@ -90,10 +92,14 @@ def key_problem(message: str) -> bool:
     m = message.lower()
     if "unexpected key" in m or "missing key" in m:
         return True
-    return m.startswith("no lora keys associated to") and "unet" in m
+    trained = "unet" in m or "transformer" in m
+    return m.startswith("no lora keys associated to") and trained
 
 
-def unet_output(pipe, family: str) -> torch.Tensor:
+def network_output(pipe, family: str) -> torch.Tensor:
+    """The trained network's output (UNet, or FLUX.1's transformer) on fixed random inputs."""
+    if family == "flux1":
+        return transformer_output(pipe)
     unet = pipe.unet
     cfg = unet.config
     torch.manual_seed(0)
@@ -113,8 +119,42 @@ def unet_output(pipe, family: str) -> torch.Tensor:
         return unet(sample, 500, encoder_hidden_states=text, **kwargs).sample
 
 
+def transformer_output(pipe) -> torch.Tensor:
+    t = pipe.transformer
+    cfg = t.config
+    torch.manual_seed(0)
+    tokens, text = 16, 5
+    ids = torch.zeros(tokens, 3)
+    ids[:, 1] = torch.arange(tokens) // 4
+    ids[:, 2] = torch.arange(tokens) % 4
+    with torch.no_grad():
+        return t(hidden_states=torch.randn(1, tokens, cfg.in_channels),
+                 encoder_hidden_states=torch.randn(1, text, cfg.joint_attention_dim),
+                 pooled_projections=torch.randn(1, cfg.pooled_projection_dim),
+                 timestep=torch.tensor([0.5]), img_ids=ids, txt_ids=torch.zeros(text, 3),
+                 guidance=torch.tensor([3.5]) if cfg.guidance_embeds else None).sample
+
+
+def sized_kohya_flux_converter(inner_dim: int):
+    """diffusers' converter of kohya FLUX.1 files hard-codes the published model's widths for
+    the single blocks' fused linear1 (3072 x 3, 12288); a tiny model has other widths. This is
+    the same converter with those two numbers set to the tiny model's, nothing else changed,
+    so its splitting of the fused, block-diagonal adapters is what the check exercises."""
+    import inspect
+
+    from diffusers.loaders import lora_conversion_utils as lcu
+
+    src = inspect.getsource(lcu._convert_kohya_flux_lora_to_diffusers)
+    src = src.replace("dims=[3072, 3072, 3072, 12288]",
+                      f"dims=[{inner_dim}, {inner_dim}, {inner_dim}, {4 * inner_dim}]")
+    namespace = dict(vars(lcu))
+    exec(src, namespace)  # noqa: S102 - diffusers' own source, two constants changed
+    return namespace["_convert_kohya_flux_lora_to_diffusers"]
+
+
 def check(family: str, model: Path, out: Path) -> list[str]:
     problems = []
+    outputs = {}
     files = {
         "diffusers": out / "pytorch_lora_weights.safetensors",
         "kohya": next(
@@ -129,7 +169,13 @@ def check(family: str, model: Path, out: Path) -> list[str]:
         diffusers_logging.set_verbosity_error()
         pipe = DiffusionPipeline.from_pretrained(str(model), torch_dtype=torch.float32)
         diffusers_logging.set_verbosity_warning()
-        before = unet_output(pipe, family)
+        before = network_output(pipe, family)
+        if family == "flux1" and fmt == "kohya":
+            from diffusers.loaders import lora_pipeline
+
+            t = pipe.transformer.config
+            lora_pipeline._convert_kohya_flux_lora_to_diffusers = sized_kohya_flux_converter(
+                t.num_attention_heads * t.attention_head_dim)
         sink = Collect()
         loggers = [logging.getLogger(n) for n in ("diffusers", "peft")]
         for lg in loggers:
@@ -145,12 +191,19 @@ def check(family: str, model: Path, out: Path) -> list[str]:
         keys = [m for m in sink.messages if key_problem(m)]
         if keys:
             problems.append(f"{family}/{fmt}: diffusers reported: {' | '.join(keys)[:400]}")
-        after = unet_output(pipe, family)
+        after = network_output(pipe, family)
+        outputs[fmt] = after
         delta = (after - before).abs().max().item()
         if not delta > 0:
-            problems.append(f"{family}/{fmt}: loading changed nothing in the UNet's output")
+            problems.append(f"{family}/{fmt}: loading changed nothing in the network's output")
         print(f"{family}/{fmt}: {path.name} loaded with load_lora_weights, "
-              f"{len(sink.messages)} warnings, UNet output moved by {delta:.3g}")
+              f"{len(sink.messages)} warnings, network output moved by {delta:.3g}")
+    if len(outputs) == 2:
+        # Both files carry the same update: the network must compute the same with either.
+        gap = (outputs["kohya"] - outputs["diffusers"]).abs().max().item()
+        print(f"{family}: kohya and diffusers files give outputs {gap:.3g} apart")
+        if gap > 1e-4:
+            problems.append(f"{family}: the two files change the network differently ({gap:.3g})")
     return problems
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Trains tiny SD1.5 and SDXL LoRAs with the real trainer binary and loads both output files
+# Trains tiny SD1.5, SDXL and FLUX.1 LoRAs with the real trainer binary and loads both output files
 # (kohya and diffusers/PEFT) with diffusers' `load_lora_weights`: exit 1 with one line per
 # problem when keys are unexpected or missing or the UNet does not change. Not part of
 # `make test`: it needs the PyTorch venv (see venv.sh).
@@ -18,5 +18,8 @@ work=${1:-$(mktemp -d)}
 target=$(cd "$root" && cargo metadata --format-version 1 --no-deps --locked \
   | grep -o '"target_directory":"[^"]*"' | cut -d'"' -f4)
 "$target/debug/loraplane-e2e-real" models "$work/models" >/dev/null
+# FLUX.1: the tiny pipeline diffusers itself made (make_flux_fixtures.py).
+rm -rf "$work/models/flux1"
+cp -r "$root/trainer-image/tests/fixtures/flux" "$work/models/flux1"
 exec "$python" "$root/trainer-image/bench/check_diffusers_load.py" \
   --trainer "$target/debug/loraplane-trainer" --models "$work/models" --work "$work/runs"
