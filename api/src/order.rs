@@ -133,6 +133,12 @@ pub enum OrderError {
     /// The plan has no price, so no draft can quote it.
     #[error("plan {0:?} has no price; order it through POST /v1/jobs")]
     Unpriced(String),
+    /// The platform has no trainer for the family.
+    #[error("this service does not train {0} models")]
+    FamilyNotOffered(&'static str),
+    /// The family's licence is not cleared for commercial use in the platform config.
+    #[error("{0} is not licensed for commercial use on this service")]
+    FamilyNotLicensed(&'static str),
 }
 
 impl OrderError {
@@ -144,6 +150,8 @@ impl OrderError {
             OrderError::UnknownPlan(_) => "unknown_plan",
             OrderError::RegionNotAllowed(_) => "region_not_allowed",
             OrderError::Unpriced(_) => "plan_unpriced",
+            OrderError::FamilyNotOffered(_) => "family_not_offered",
+            OrderError::FamilyNotLicensed(_) => "family_not_licensed",
         }
     }
 }
@@ -249,13 +257,21 @@ pub fn build_spec(order: &Order, inp: &SpecInputs<'_>) -> Result<LoRATrainingJob
     let family = match order.family.as_str() {
         "sd15" => ModelFamily::Sd15,
         "sdxl" => ModelFamily::Sdxl,
+        "flux1" => ModelFamily::Flux1,
         _ => {
             return Err(OrderError::Invalid {
                 field: "family",
-                message: "must be sd15 or sdxl".into(),
+                message: "must be sd15, sdxl or flux1".into(),
             });
         }
     };
+    match inp.platform.family(family) {
+        None => return Err(OrderError::FamilyNotOffered(family.as_str())),
+        Some(f) if !f.cleared_for_sale() => {
+            return Err(OrderError::FamilyNotLicensed(family.as_str()));
+        }
+        Some(_) => {}
+    }
     let concept_type = match order.concept_type.as_str() {
         "character" => ConceptType::Character,
         "style" => ConceptType::Style,
@@ -409,7 +425,9 @@ regions:
     s3: {endpoint: "http://127.0.0.1:1", region: us-east-1, forcePathStyle: true}
     buckets: {datasets: ds-us, checkpoints: ck-us, outputs: out-us}
 pools: []
-families: []
+families:
+  - {family: sd15, minGpuMemoryGib: 16, weights: /models/sd15, trainerImage: t}
+  - {family: sdxl, minGpuMemoryGib: 24, weights: /models/sdxl, trainerImage: t}
 "#,
         )
         .unwrap()
@@ -446,7 +464,14 @@ families: []
     }
 
     fn build(order: &Order, plan: &Plan) -> Result<LoRATrainingJobSpec, OrderError> {
-        let platform = platform();
+        build_on(order, plan, &platform())
+    }
+
+    fn build_on(
+        order: &Order,
+        plan: &Plan,
+        platform: &PlatformConfig,
+    ) -> Result<LoRATrainingJobSpec, OrderError> {
         let upload = UploadId::parse(&order.upload_id).unwrap();
         let bucket = platform
             .region(&upload.region)
@@ -456,7 +481,7 @@ families: []
             order,
             &SpecInputs {
                 plan,
-                platform: &platform,
+                platform,
                 upload: &upload,
                 dataset_bucket: &bucket,
                 namespace: "orders",
@@ -628,6 +653,44 @@ families: []
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn flux1_is_sold_only_when_its_licence_is_cleared() {
+        let mut o = order();
+        o.family = "flux1".into();
+        let p = plan();
+        // Not configured at all: not offered.
+        let mut platform = platform();
+        platform.families.retain(|f| f.family != ModelFamily::Flux1);
+        let built = build_on(&o, &p, &platform);
+        assert!(
+            matches!(built, Err(OrderError::FamilyNotOffered("flux1"))),
+            "{built:?}"
+        );
+        // Configured without a licence: FLUX.1-dev's terms are non-commercial.
+        let mut flux = platform.families[0].clone();
+        flux.family = ModelFamily::Flux1;
+        platform.families.push(flux);
+        let built = build_on(&o, &p, &platform);
+        assert!(
+            matches!(built, Err(OrderError::FamilyNotLicensed("flux1"))),
+            "{built:?}"
+        );
+        assert_eq!(built.unwrap_err().code(), "family_not_licensed");
+        // A licence the service holds for commercial use (or schnell's Apache-2.0) clears it.
+        if let Some(f) = platform
+            .families
+            .iter_mut()
+            .find(|f| f.family == ModelFamily::Flux1)
+        {
+            f.licence = Some(loraplane_crds::platform::Licence {
+                name: "apache-2.0".into(),
+                commercial_use: true,
+            });
+        }
+        let spec = build_on(&o, &p, &platform).unwrap();
+        assert_eq!(spec.base_model.family, ModelFamily::Flux1);
     }
 
     #[test]

@@ -146,8 +146,15 @@ pub struct PoolConfig {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FamilyConfig {
-    /// `sd15` or `sdxl`.
+    /// `sd15`, `sdxl` or `flux1`.
     pub family: ModelFamily,
+    /// The base weights' licence as this service holds it. When empty: the SD families are
+    /// cleared for commercial use (CreativeML OpenRAIL-M and OpenRAIL++-M allow it) and flux1
+    /// is not (FLUX.1-dev's licence is non-commercial; state schnell's Apache-2.0, or a
+    /// commercial FLUX.1-dev licence the service holds, here). The API refuses orders for a
+    /// family that is not cleared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub licence: Option<Licence>,
     /// Minimum memory per GPU in GiB.
     #[schemars(range(min = 1))]
     pub min_gpu_memory_gib: u32,
@@ -172,6 +179,29 @@ pub struct FamilyConfig {
     #[serde(default = "default_trainer_tmp_gib")]
     #[schemars(range(min = 1))]
     pub tmp_gib: u32,
+}
+
+/// A base model's licence.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Licence {
+    /// Its name, as the weights' model card gives it (e.g. `apache-2.0`,
+    /// `flux-1-dev-non-commercial-license`).
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// Whether LoRAs trained on it may be sold: the licence allows commercial use, or the
+    /// service holds a commercial licence.
+    pub commercial_use: bool,
+}
+
+impl FamilyConfig {
+    /// Whether paid orders may train on this family (see `licence`).
+    pub fn cleared_for_sale(&self) -> bool {
+        match &self.licence {
+            Some(l) => l.commercial_use,
+            None => self.family != ModelFamily::Flux1,
+        }
+    }
 }
 
 fn default_trainer_cpu() -> u32 {

@@ -399,6 +399,7 @@ pub(crate) mod tests {
                     cpu: 4,
                     memory_gib: 32,
                     tmp_gib: 1,
+                    licence: None,
                 },
                 FamilyConfig {
                     family: ModelFamily::Sd15,
@@ -409,6 +410,18 @@ pub(crate) mod tests {
                     cpu: 4,
                     memory_gib: 32,
                     tmp_gib: 1,
+                    licence: None,
+                },
+                FamilyConfig {
+                    family: ModelFamily::Flux1,
+                    min_gpu_memory_gib: 40,
+                    weights: "/models/flux1".into(),
+                    trainer_image: "trainer:test".into(),
+                    trainer_args: vec![],
+                    cpu: 4,
+                    memory_gib: 64,
+                    tmp_gib: 1,
+                    licence: None,
                 },
             ],
             defaults: Defaults::default(),
@@ -527,6 +540,12 @@ pub(crate) mod tests {
         assert_eq!(c[0].pool, "eu-west-l4-spot");
 
         s.resources.gpu.min_memory_gi_b = Some(40);
+        let c = rank(&s, &cfg, &capacity).unwrap();
+        assert_eq!(names(&c), ["eu-north-a100"]);
+
+        // FLUX.1's weights alone fill a 24 GiB card: the family's minimum sizes the pools.
+        let mut s = spec(Residency::Any);
+        s.base_model.family = ModelFamily::Flux1;
         let c = rank(&s, &cfg, &capacity).unwrap();
         assert_eq!(names(&c), ["eu-north-a100"]);
 

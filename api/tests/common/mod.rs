@@ -18,7 +18,7 @@ use loraplane_testkit::api_config as api_fixtures;
 pub use loraplane_testkit::stripe_events::{
     dispute_created, now, paid_draft, paid_draft_at_its_price, refunded,
 };
-use loraplane_testkit::{Cluster, Platform, Region};
+use loraplane_testkit::{Cluster, Family, Platform, Region};
 use serde_json::Value;
 
 pub const WEBHOOK_SECRET: &[u8] = b"whsec_test_secret";
@@ -60,13 +60,14 @@ pub fn api_config() -> ApiConfig {
     .unwrap()
 }
 
-/// Two regions with short bucket names (`ds-eu`, `out-us`, …), no pools, no families, small
-/// dataset limits.
+/// Two regions with short bucket names (`ds-eu`, `out-us`, …), no pools, the SD families (the
+/// API sells only families the platform trains), small dataset limits.
 pub fn platform(endpoint: &str) -> PlatformConfig {
     let mut p = Platform::new(endpoint);
     p.s3_region = Some("us-east-1".into());
     p.buckets = short_bucket;
     p.pools = false;
+    p.families = Family::sdxl_and_sd15("/models", "trainer:t");
     p.dataset = Some(serde_json::json!({
         "maxZipBytes": 200000, "maxTotalBytes": 2000000, "minImages": 2, "maxImages": 10,
     }));

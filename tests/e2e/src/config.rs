@@ -130,7 +130,8 @@ impl Default for PlatformKnobs {
 }
 
 /// The platform configuration text: regions on the given S3 endpoint, the topology's pools,
-/// both model families with weights under `models_dir/<family>`.
+/// every model family with weights under `models_dir/<family>` (FLUX.1's licence cleared, as a
+/// service holding a commercial licence states it).
 pub fn platform_yaml(
     s3_endpoint: &str,
     s3_region: &str,
@@ -139,7 +140,9 @@ pub fn platform_yaml(
 ) -> String {
     let mut p = Platform::new(s3_endpoint);
     p.s3_region = Some(s3_region.into());
-    p.families = Family::sdxl_and_sd15(&models_dir.display().to_string(), TRAINER_IMAGE);
+    let models = models_dir.display().to_string();
+    p.families = Family::sdxl_and_sd15(&models, TRAINER_IMAGE);
+    p.families.push(Family::flux1(&models, TRAINER_IMAGE));
     p.defaults = Some(serde_json::json!({
         "schedulingTimeoutSeconds": knobs.scheduling_timeout_seconds,
         "backoffSeconds": 1,

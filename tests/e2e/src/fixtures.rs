@@ -1,6 +1,7 @@
 //! What the customer and the platform bring, generated on the spot (no downloads): tiny random
-//! SD1.5 and SDXL base models in the diffusers layout (the trainer's own generator), a small
-//! image dataset zip with captions, and the checks a customer runs on the LoRA they receive.
+//! SD1.5 and SDXL base models in the diffusers layout (the trainer's own generator), the tiny
+//! FLUX.1-dev pipeline diffusers made for the trainer's tests (committed), a small image dataset
+//! zip with captions, and the checks a customer runs on the LoRA they receive.
 
 use std::io::{Cursor, Write};
 use std::path::Path;
@@ -33,8 +34,15 @@ pub enum FixtureError {
     CheckLora(String),
 }
 
-/// Writes tiny SDXL and SD1.5 models to `models_dir/sdxl` and `models_dir/sd15`.
+/// Writes tiny SDXL, SD1.5 and FLUX.1 models to `models_dir/sdxl`, `/sd15` and `/flux1`.
 pub fn write_models(models_dir: &Path) -> Result<(), FixtureError> {
+    let flux =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../trainer-image/tests/fixtures/flux");
+    copy_dir(&flux, &models_dir.join("flux1")).map_err(|e| FixtureError::WriteModel {
+        family: "flux1",
+        dir: models_dir.join("flux1").display().to_string(),
+        message: e.to_string(),
+    })?;
     for family in [ModelFamily::Sdxl, ModelFamily::Sd15] {
         let dir = models_dir.join(family.as_str());
         loraplane_trainer::model::tiny::write_tiny_model(&dir, family, 20_261_122).map_err(
@@ -44,6 +52,20 @@ pub fn write_models(models_dir: &Path) -> Result<(), FixtureError> {
                 message: e.to_string(),
             },
         )?;
+    }
+    Ok(())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let dest = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &dest)?;
+        } else {
+            std::fs::copy(entry.path(), dest)?;
+        }
     }
     Ok(())
 }
@@ -98,6 +120,8 @@ pub struct LoraFacts {
     pub base_model_version: Option<String>,
     /// `ss_max_train_steps` from the metadata.
     pub steps: Option<String>,
+    /// The tensor names.
+    pub names: Vec<String>,
 }
 
 /// Checks a downloaded LoRA: its SHA-256 is the one the API announced and it parses as
@@ -121,6 +145,7 @@ pub fn check_lora(bytes: &[u8], expected_sha256: &str) -> Result<LoraFacts, Fixt
     }
     let md = meta.metadata().clone().unwrap_or_default();
     Ok(LoraFacts {
+        names: names.iter().map(|n| n.to_string()).collect(),
         tensors: names.len(),
         base_model_version: md.get("ss_base_model_version").cloned(),
         steps: md.get("ss_max_train_steps").cloned(),

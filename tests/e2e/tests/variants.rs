@@ -417,3 +417,49 @@ async fn api_replica_crash_loses_no_order_and_retention_still_runs() {
     report("api_replica_crash", t0);
     stack.shutdown().await;
 }
+
+/// A FLUX.1 order (the tiny dev pipeline diffusers made) goes the whole way: the API sells it
+/// because the platform states a commercial licence, the operator places it only on a pool
+/// with the family's 40 GiB, the real trainer trains it with flow matching, and the customer
+/// downloads both files: Black Forest Labs' module names with fused q/k/v in the kohya file,
+/// `transformer.` keys in the diffusers one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flux1_order_trains_on_a_large_gpu_and_delivers_both_files() {
+    let t0 = Instant::now();
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let mut tl = Timeline::new(true);
+    let order = OrderSpec::new("flux", "standard", "flux1", "eea", 4);
+    let placed = journey::place_order(&stack, &order, &mut tl).await.unwrap();
+    let done = journey::wait_succeeded(&stack, &placed.job, &mut tl)
+        .await
+        .unwrap();
+    let (_, pool, _) = journey::placement(&done).unwrap();
+    assert!(
+        pool.contains("a100"),
+        "FLUX.1 ran on {pool}, a pool under 40 GiB"
+    );
+    let downloads = journey::download_loras(&stack, &placed.job, &mut tl)
+        .await
+        .unwrap();
+    assert_eq!(downloads.len(), 2);
+    let kohya = downloads.iter().find(|d| d.format == "kohya").unwrap();
+    assert_eq!(kohya.facts.base_model_version.as_deref(), Some("flux1"));
+    assert!(
+        kohya
+            .facts
+            .names
+            .iter()
+            .any(|n| n == "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"),
+        "{:?}",
+        kohya.facts.names
+    );
+    let peft = downloads.iter().find(|d| d.format != "kohya").unwrap();
+    assert!(
+        peft.facts
+            .names
+            .iter()
+            .all(|n| n.starts_with("transformer."))
+    );
+    report("flux1", t0);
+    stack.shutdown().await;
+}

@@ -131,9 +131,23 @@ pub struct Family {
     pub weights: String,
     /// Trainer image.
     pub trainer_image: String,
+    /// The licence as the platform states it: (name, cleared for commercial use).
+    pub licence: Option<(&'static str, bool)>,
 }
 
 impl Family {
+    /// FLUX.1 (40 GiB), weights under `models_dir/flux1`, its licence cleared for sale (as a
+    /// service holding a commercial licence states it).
+    pub fn flux1(models_dir: &str, image: &str) -> Family {
+        Family {
+            family: "flux1",
+            min_gpu_memory_gib: 40,
+            weights: format!("{models_dir}/flux1"),
+            trainer_image: image.into(),
+            licence: Some(("flux-1-dev-commercial", true)),
+        }
+    }
+
     /// SDXL (16 GiB) and SD1.5 (8 GiB), weights under `models_dir/<family>`, one image.
     pub fn sdxl_and_sd15(models_dir: &str, image: &str) -> Vec<Family> {
         [("sdxl", 16), ("sd15", 8)]
@@ -143,6 +157,7 @@ impl Family {
                 min_gpu_memory_gib,
                 weights: format!("{models_dir}/{family}"),
                 trainer_image: image.into(),
+                licence: None,
             })
             .collect()
     }
@@ -247,8 +262,12 @@ impl Cluster {
             .families
             .iter()
             .map(|f| {
-                json!({"family": f.family, "minGpuMemoryGib": f.min_gpu_memory_gib,
-                       "weights": f.weights, "trainerImage": f.trainer_image})
+                let mut family = json!({"family": f.family, "minGpuMemoryGib": f.min_gpu_memory_gib,
+                       "weights": f.weights, "trainerImage": f.trainer_image});
+                if let Some((name, commercial_use)) = f.licence {
+                    family["licence"] = json!({"name": name, "commercialUse": commercial_use});
+                }
+                family
             })
             .collect();
         let mut config = json!({"regions": regions, "pools": pools, "families": families});
