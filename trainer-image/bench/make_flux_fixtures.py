@@ -18,7 +18,10 @@ References (`reference.safetensors`):
 - `t5.ids`, `t5.hidden`: tokenizer_2's padded ids for PROMPTS and T5's last hidden state;
 - `clip.ids`, `clip.pooled`: the CLIP tokenizer's ids and CLIPTextModel's pooler output;
 - `vae.image`, `vae.latent`, `vae.z`, `vae.decoded`: the encoder's posterior mean for an
-  image and the decoder's output for latents (unscaled, as the VAE sees them).
+  image and the decoder's output for latents (unscaled, as the VAE sees them);
+- `render.noise`, `render.image`: FluxPipeline's image (in [0, 1]) for PROMPTS[0] from
+  `latents=` (the noise packed), RENDER_STEPS flow-matching Euler steps, guidance 3.5,
+  RENDER_SIZE pixels, T5 rows of T5_MAX_LENGTH tokens.
 
     .tools/bench-venv/bin/python trainer-image/bench/make_flux_fixtures.py
 
@@ -38,6 +41,8 @@ SEED = 20
 # Must match tests/model_flux.rs.
 PROMPTS = ["a photo of zxq dog", "red car in the  snow, portrait style!"]
 T5_MAX_LENGTH = 16
+RENDER_STEPS = 3
+RENDER_SIZE = 32
 LATENT_CHANNELS = 16
 TRANSFORMER = dict(
     patch_size=1,
@@ -187,6 +192,18 @@ def references(pipe):
     z = torch.randn(1, LATENT_CHANNELS, 4, 4, generator=g)
     out["vae.z"] = z
     out["vae.decoded"] = pipe.vae.decode(z).sample
+
+    # The whole render, as the trainer's previews do it.
+    side = RENDER_SIZE // 8
+    noise = torch.randn(1, LATENT_CHANNELS, side, side, generator=g)
+    packed = noise.view(1, LATENT_CHANNELS, side // 2, 2, side // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    packed = packed.reshape(1, (side // 2) ** 2, LATENT_CHANNELS * 4)
+    pipe.set_progress_bar_config(disable=True)
+    out["render.noise"] = noise
+    out["render.image"] = pipe(
+        prompt=PROMPTS[0], height=RENDER_SIZE, width=RENDER_SIZE,
+        num_inference_steps=RENDER_STEPS, guidance_scale=3.5, latents=packed,
+        max_sequence_length=T5_MAX_LENGTH, output_type="pt").images
     return out
 
 

@@ -75,10 +75,32 @@ pub fn render(
     prompt: &str,
     o: &RenderOptions,
 ) -> Result<Vec<u8>, RenderError> {
+    render_with(model, decoder, &conditioning(model, prompt)?, o)
+}
+
+/// [`render`] from a prompt's [`conditioning`] encoded beforehand (training releases the text
+/// encoders once its inputs and the sample prompts are encoded).
+pub fn render_with(
+    model: &DiffusionModel,
+    decoder: &VaeDecoder,
+    cond: &TextConditioning,
+    o: &RenderOptions,
+) -> Result<Vec<u8>, RenderError> {
     let shape = latent_shape(model, o.resolution)?;
     let n = shape.iter().product();
     let noise = Tensor::from_vec(Rng::new(o.seed, 0).normals(n), &shape[..], model.device())?;
-    png(&render_image(model, decoder, prompt, &noise, o)?)
+    png(&render_conditioned(model, decoder, cond, &noise, o)?)
+}
+
+/// What the renderer conditions on for `prompt`: for SD the unconditional and the prompt's
+/// encodings (classifier-free guidance), for FLUX.1 the prompt's alone.
+pub fn conditioning(model: &DiffusionModel, prompt: &str) -> Result<TextConditioning, RenderError> {
+    let cond = if model.family() == ModelFamily::Flux1 {
+        model.encode_prompts(&[prompt.to_string()])?
+    } else {
+        guidance_conditioning(model, prompt)?
+    };
+    Ok(cond.to_dtype(model.dtype())?)
 }
 
 /// The shape of the latents of a `resolution`² image.
@@ -101,6 +123,17 @@ pub fn render_image(
     noise: &Tensor,
     o: &RenderOptions,
 ) -> Result<Tensor, RenderError> {
+    render_conditioned(model, decoder, &conditioning(model, prompt)?, noise, o)
+}
+
+/// [`render_image`] from a prompt's [`conditioning`].
+pub fn render_conditioned(
+    model: &DiffusionModel,
+    decoder: &VaeDecoder,
+    cond: &TextConditioning,
+    noise: &Tensor,
+    o: &RenderOptions,
+) -> Result<Tensor, RenderError> {
     let expected = latent_shape(model, o.resolution)?;
     if noise.dims() != expected {
         return Err(RenderError::CheckNoise {
@@ -109,7 +142,7 @@ pub fn render_image(
         });
     }
     if model.family() == ModelFamily::Flux1 {
-        return render_flow(model, decoder, prompt, noise, o);
+        return render_flow(model, decoder, cond, noise, o);
     }
     let (dev, dtype) = (model.device(), model.dtype());
     let schedule = NoiseSchedule::new(&model.scheduler_config())?;
@@ -118,7 +151,6 @@ pub fn render_image(
         config.sampler = sampler;
     }
     let plan = sampler::plan(&schedule, &config);
-    let cond = guidance_conditioning(model, prompt)?.to_dtype(dtype)?;
     let mut x = (noise.to_dtype(DType::F32)? * plan.init_noise_sigma)?;
     let r = o.resolution as f32;
     let time_ids = match model.family() {
@@ -129,7 +161,7 @@ pub fn render_image(
         let input = (&x * step.input_scale)?.to_dtype(dtype)?;
         let input = Tensor::cat(&[&input, &input], 0)?;
         let t = Tensor::new(&[step.timestep as f32; 2], dev)?;
-        let out = predict(model, &input, &t, &cond, time_ids.as_ref())?;
+        let out = predict(model, &input, &t, cond, time_ids.as_ref())?;
         let (uncond, text) = (out.narrow(0, 0, 1)?, out.narrow(0, 1, 1)?);
         let guided = (&uncond + ((text - &uncond)? * o.guidance)?)?;
         x = ((&x * step.x_coef)? + (guided * step.out_coef)?)?.detach();
@@ -143,7 +175,7 @@ pub fn render_image(
 fn render_flow(
     model: &DiffusionModel,
     decoder: &VaeDecoder,
-    prompt: &str,
+    cond: &TextConditioning,
     noise: &Tensor,
     o: &RenderOptions,
 ) -> Result<Tensor, RenderError> {
@@ -151,14 +183,11 @@ fn render_flow(
     let flow = FlowMatching::new(&model.scheduler_config(), TimestepSampling::Uniform)?;
     let (_, _, h, w) = noise.dims4()?;
     let sigmas = flow.inference_sigmas(o.steps, h * w / 4);
-    let cond = model
-        .encode_prompts(&[prompt.to_string()])?
-        .to_dtype(dtype)?;
     let guidance = Tensor::new(&[o.guidance as f32], dev)?;
     let mut x = noise.to_dtype(DType::F32)?;
     for pair in sigmas.windows(2) {
         let sigma = Tensor::new(&[pair[0] as f32], dev)?;
-        let v = predict(model, &x.to_dtype(dtype)?, &sigma, &cond, Some(&guidance))?;
+        let v = predict(model, &x.to_dtype(dtype)?, &sigma, cond, Some(&guidance))?;
         x = (&x + (v * (pair[1] - pair[0]))?)?.detach();
     }
     Ok(decoder.decode(&x)?)

@@ -610,6 +610,14 @@ pub fn run_tracking(
         tracing::warn!(error = %e, "samples off: the VAE decoder did not load");
         None
     });
+    if let Some(s) = sets.as_mut()
+        && let Err(e) = s.prepare(&model)
+    {
+        tracing::warn!(error = %e, "samples off: the sample prompts could not be encoded");
+        sets = None;
+    }
+    // Inputs and prompts are encoded: only the trained network stays in memory.
+    model.release_encoders();
 
     let params = named_params(&model);
     let mut opt = AdamW::new(params, AdamWParams::default())?;

@@ -17,6 +17,7 @@ use candle_core::{DType, Device, Tensor};
 use loraplane_trainer::model::flux::pipeline::{self, FluxModel, FluxOptions};
 use loraplane_trainer::model::flux::transformer::{self, FluxInputs, LoraTargets};
 use loraplane_trainer::model::{self, FamilyModel, LoraSpec};
+use loraplane_trainer::preview::{self, RenderOptions};
 use model_support::max_abs_diff;
 
 fn fixture_dir() -> PathBuf {
@@ -368,4 +369,55 @@ fn every_adapter_gets_the_finite_difference_gradient_with_and_without_checkpoint
             );
         }
     }
+}
+
+/// The trainer's FLUX.1 preview is FluxPipeline's image: the same flow-matching Euler steps
+/// (sigmas shifted by μ from the image's token count), the guidance value embedded, the
+/// 16-channel decoder, from the same `latents=`. The conditioning is encoded before the text
+/// encoders are released, as training does, and the released model refuses to encode.
+#[test]
+fn preview_render_matches_flux_pipeline_and_survives_releasing_the_encoders() {
+    let r = reference();
+    let opts = FluxOptions {
+        lora: Some(LoraSpec {
+            rank: 2,
+            alpha: 2.0,
+        }),
+        targets: LoraTargets::default(),
+        t5_max_length: T5_MAX_LENGTH,
+    };
+    let mut m = model::load_flux(&fixture_dir(), &opts, &Device::Cpu, DType::F32).unwrap();
+    let decoder = model::load_vae_decoder(&fixture_dir(), &Device::Cpu).unwrap();
+    let cond = preview::conditioning(&m, PROMPTS[0]).unwrap();
+    m.release_encoders();
+    let err = m.encode_prompts(&[PROMPTS[0].to_string()]).unwrap_err();
+    assert!(
+        matches!(err, model::ModelError::EncoderReleased(_)),
+        "{err}"
+    );
+
+    let o = RenderOptions {
+        sampler: None,
+        steps: 3,
+        guidance: 3.5,
+        seed: 0,
+        resolution: 32,
+    };
+    let image = preview::render_conditioned(&m, &decoder, &cond, &r["render.noise"], &o).unwrap();
+    // FluxPipeline's `output_type="pt"`: (x / 2 + 0.5) clamped to [0, 1].
+    let ours = ((image / 2.0).unwrap() + 0.5)
+        .unwrap()
+        .clamp(0f32, 1f32)
+        .unwrap();
+    let diff = max_abs_diff(&ours, &r["render.image"]);
+    println!(
+        "FLUX.1 preview (3 Euler steps, guidance 3.5, 32 px): max abs pixel difference {diff}"
+    );
+    assert!(
+        diff < 1e-4,
+        "the preview differs from FluxPipeline's by {diff}"
+    );
+    // And as the sample sets write it: a PNG.
+    let png = preview::render_with(&m, &decoder, &cond, &o).unwrap();
+    assert!(png.starts_with(b"\x89PNG"));
 }

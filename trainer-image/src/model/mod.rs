@@ -81,6 +81,9 @@ pub enum ModelError {
     /// A tensor computation failed (shape mismatch in the inputs, out of memory, ...).
     #[error("model computation failed: {0}")]
     Forward(Box<candle_core::Error>),
+    /// The text encoders or the VAE encoder were asked for after training released them.
+    #[error("the {0} was released after the inputs were cached")]
+    EncoderReleased(&'static str),
     /// Writing a (tiny) model to disk failed.
     #[error("writing {path}: {reason}")]
     WriteModel { path: PathBuf, reason: String },
@@ -250,7 +253,7 @@ pub trait FamilyModel: Send + Sync {
 
     /// Encodes images (B, 3, H, W) in [-1, 1] to the latents training caches (the
     /// posterior mean, shifted and scaled). Frozen.
-    fn encode_images(&self, pixels: &Tensor) -> candle_core::Result<Tensor>;
+    fn encode_images(&self, pixels: &Tensor) -> Result<Tensor, ModelError>;
 
     /// The model's output for noisy latents (B, C, h, w) at per-sample `timesteps` (B,):
     /// DDPM timesteps for SD, σ for flow matching. `extra` is the family's extra
@@ -277,6 +280,11 @@ pub trait FamilyModel: Send + Sync {
 
     /// Pixel-to-latent downscale factor of the VAE (8 for real checkpoints).
     fn vae_scale_factor(&self) -> usize;
+
+    /// Drops the text encoders and the VAE encoder: training needs them only to cache its
+    /// inputs, and FLUX.1's T5 alone is 9.5 GB in bf16. Encoding afterwards fails with
+    /// [`ModelError::EncoderReleased`].
+    fn release_encoders(&mut self);
 }
 
 /// A loaded base model with LoRA adapters on the network it trains (SD's UNet, FLUX.1's
@@ -432,7 +440,7 @@ impl DiffusionModel {
     /// sample, so caching is deterministic). Frozen: the result carries no gradient.
     pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor, ModelError> {
         let pixels = pixels.to_dtype(self.dtype)?.to_device(&self.device)?;
-        Ok(self.inner.encode_images(&pixels)?)
+        self.inner.encode_images(&pixels)
     }
 
     /// The prediction for noisy latents (see [`FamilyModel::predict`]).
@@ -444,6 +452,11 @@ impl DiffusionModel {
         extra: Option<&Tensor>,
     ) -> Result<Tensor, ModelError> {
         Ok(self.inner.predict(noisy, timesteps, cond, extra)?)
+    }
+
+    /// Drops the text encoders and the VAE encoder (see [`FamilyModel::release_encoders`]).
+    pub fn release_encoders(&mut self) {
+        self.inner.release_encoders();
     }
 
     /// Turns gradient checkpointing of the trained network's blocks on or off (see

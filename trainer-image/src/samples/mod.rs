@@ -15,7 +15,7 @@ use loraplane_crds::layout::{CONTACT_SHEET_FILE, sample_file, sample_steps};
 use loraplane_crds::trainer::TrainerConfig;
 
 use crate::model::vae::VaeDecoder;
-use crate::model::{self, DiffusionModel, ModelError};
+use crate::model::{self, DiffusionModel, ModelError, TextConditioning};
 use crate::preview::{self, RenderError, RenderOptions};
 use crate::storage::{Location, Storage, StorageError};
 use sheet::SheetRow;
@@ -46,6 +46,9 @@ pub enum SampleError {
 /// The sample sets of one run.
 pub struct SampleSets {
     prompts: Vec<String>,
+    /// Each prompt's conditioning, encoded once by [`SampleSets::prepare`] (the text encoders
+    /// are released afterwards).
+    conditioning: Vec<TextConditioning>,
     options: RenderOptions,
     /// The steps that get a set.
     due: Vec<u64>,
@@ -79,6 +82,7 @@ impl SampleSets {
         };
         Ok(Some(SampleSets {
             prompts,
+            conditioning: Vec::new(),
             options: RenderOptions {
                 sampler: None,
                 steps: s.steps as usize,
@@ -92,6 +96,17 @@ impl SampleSets {
             local: work.join("sample-sets"),
             remote: Location::parse(&config.output),
         }))
+    }
+
+    /// Encodes every prompt's conditioning with `model`'s text encoders, before training
+    /// releases them.
+    pub fn prepare(&mut self, model: &DiffusionModel) -> Result<(), SampleError> {
+        self.conditioning = self
+            .prompts
+            .iter()
+            .map(|p| preview::conditioning(model, p))
+            .collect::<Result<_, _>>()?;
+        Ok(())
     }
 
     /// Whether a set is due after `step` training steps (0: before training).
@@ -119,7 +134,10 @@ impl SampleSets {
                 seed: self.options.seed.wrapping_add(i as u64),
                 ..self.options
             };
-            let png = preview::render(model, &self.decoder, prompt, &options)?;
+            let png = match self.conditioning.get(i) {
+                Some(cond) => preview::render_with(model, &self.decoder, cond, &options)?,
+                None => preview::render(model, &self.decoder, prompt, &options)?,
+            };
             self.publish(&sample_file(step, i), &png, storage)?;
             images.push(sheet::cell(
                 &image::load_from_memory(&png)?.to_rgb8(),

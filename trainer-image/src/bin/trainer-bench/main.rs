@@ -17,6 +17,9 @@
 //! run's wall time the default sample sets take (runs of 500, 1000 and 2000 steps,
 //! checkpoints every 100).
 //!
+//! `trainer-bench --flux DIR [--steps N] [--resolution PX] [--text-tokens N]` times LoRA
+//! training steps of a FLUX.1 transformer beside `bench/flux_ref.py` (see `flux.rs`).
+//!
 //! `trainer-bench --write-tiny-model DIR --family sd15|sdxl --seed N` writes the tiny random
 //! model the tests build from that seed (for the diffusers reference scripts in `bench/`).
 //!
@@ -27,6 +30,7 @@
 //! (`tiny-sd15.json`, `tiny-sdxl.json`, `full-sd15.json`) for the PyTorch reference in
 //! `trainer-image/bench/`.
 
+mod flux;
 mod gpu_check;
 
 use std::io::{Cursor, Write};
@@ -646,6 +650,18 @@ fn main() -> ExitCode {
             .unwrap_or(20);
         return finish(
             measure_sampling(flag("--full-sd15"), images, sample_steps)
+                .map(|v| serde_json::to_string_pretty(&v).unwrap_or_default()),
+        );
+    }
+    if let Some(dir) = arg("--flux") {
+        let resolution = arg("--resolution")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(256);
+        let text_tokens = arg("--text-tokens")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(512);
+        return finish(
+            flux::measure(Path::new(dir), steps, resolution, text_tokens)
                 .map(|v| serde_json::to_string_pretty(&v).unwrap_or_default()),
         );
     }

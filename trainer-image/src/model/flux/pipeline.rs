@@ -47,10 +47,18 @@ impl FluxOptions {
 /// The loaded FLUX.1 components.
 pub struct FluxModel {
     transformer: FluxTransformer,
+    /// The encoders, `None` once released.
+    encoders: Option<Encoders>,
+    latent_channels: usize,
+    vae_scale_factor: usize,
+    device: Device,
+}
+
+/// What only caching needs.
+struct Encoders {
     clip: (ClipTokenizer, ClipTextModel),
     t5: (T5Tokenizer, T5Encoder),
     vae: VaeEncoder,
-    device: Device,
 }
 
 impl FluxModel {
@@ -84,9 +92,9 @@ impl FluxModel {
         let vae = VaeEncoder::load(&component("vae")?, &vae_cfg)?;
         Ok(Self {
             transformer,
-            clip,
-            t5,
-            vae,
+            latent_channels: vae_cfg.latent_channels,
+            vae_scale_factor: vae.scale_factor(),
+            encoders: Some(Encoders { clip, t5, vae }),
             device: device.clone(),
         })
     }
@@ -103,13 +111,17 @@ impl FamilyModel for FluxModel {
         &self,
         captions: &[String],
     ) -> std::result::Result<TextConditioning, ModelError> {
-        let (t5_tok, t5) = &self.t5;
+        let enc = self
+            .encoders
+            .as_ref()
+            .ok_or(ModelError::EncoderReleased("text encoders"))?;
+        let (t5_tok, t5) = &enc.t5;
         let rows = captions
             .iter()
             .map(|c| t5_tok.encode_padded(c))
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let hidden = t5.forward(&rows, &self.device)?;
-        let (clip_tok, clip) = &self.clip;
+        let (clip_tok, clip) = &enc.clip;
         let (ids, eos): (Vec<_>, Vec<_>) =
             captions.iter().map(|c| clip_tok.encode_padded(c)).unzip();
         let pooled = clip.forward(&ids, &eos, &self.device)?.pooled.detach();
@@ -120,16 +132,24 @@ impl FamilyModel for FluxModel {
     }
 
     /// Images (B, 3, H, W) in [-1, 1] to shifted, scaled latents (B, 16, H/8, W/8). Frozen.
-    fn encode_images(&self, pixels: &Tensor) -> Result<Tensor> {
-        Ok(self.vae.encode(pixels)?.detach())
+    fn encode_images(&self, pixels: &Tensor) -> std::result::Result<Tensor, ModelError> {
+        let enc = self
+            .encoders
+            .as_ref()
+            .ok_or(ModelError::EncoderReleased("VAE encoder"))?;
+        Ok(enc.vae.encode(pixels)?.detach())
     }
 
     fn latent_channels(&self) -> usize {
-        self.vae.config().latent_channels
+        self.latent_channels
     }
 
     fn vae_scale_factor(&self) -> usize {
-        self.vae.scale_factor()
+        self.vae_scale_factor
+    }
+
+    fn release_encoders(&mut self) {
+        self.encoders = None;
     }
 
     /// The velocity (ε − x₀) for noisy latents (B, C, h, w) at `sigmas` (B,) in [0, 1], with

@@ -108,11 +108,13 @@ impl ClipTextModel {
             });
         }
         // transformers 5 saves `CLIPTextModel` without the `text_model.` prefix (4.x, and
-        // `CLIPTextModelWithProjection` in both, keep it): both layouts load.
-        let tm = if vb.contains("text_model.embeddings.token_embedding.weight") {
-            vb.pp("text_model")
-        } else {
+        // `CLIPTextModelWithProjection` in both, keep it): both layouts load. The prefixed one
+        // is the default, so a builder that holds no tensors yet (the tiny-model writer) writes
+        // the layout every library reads.
+        let tm = if vb.contains("embeddings.token_embedding.weight") {
             vb.clone()
+        } else {
+            vb.pp("text_model")
         };
         let emb = tm.pp("embeddings");
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);

@@ -15,8 +15,11 @@ use crate::model::{FamilyModel, ModelError, ModelFamily, TextConditioning, read_
 pub struct SdModel {
     family: ModelFamily,
     unet: unet::UNet2DConditionModel,
+    /// Empty once released.
     text_encoders: Vec<(tokenizer::ClipTokenizer, clip::ClipTextModel)>,
-    vae: vae::VaeEncoder,
+    /// `None` once released.
+    vae: Option<vae::VaeEncoder>,
+    vae_scale_factor: usize,
     device: Device,
 }
 
@@ -55,11 +58,13 @@ impl SdModel {
 
         let vae_cfg: vae::VaeConfig = read_config(&dir.join("vae").join("config.json"))?;
         let vae_vb = Weights::from_dir(&dir.join("vae"), "vae", dtype, device)?;
+        let vae = vae::VaeEncoder::load(&vae_vb, &vae_cfg)?;
         Ok(Self {
             family,
             unet,
             text_encoders,
-            vae: vae::VaeEncoder::load(&vae_vb, &vae_cfg)?,
+            vae_scale_factor: vae.scale_factor(),
+            vae: Some(vae),
             device: device.clone(),
         })
     }
@@ -72,6 +77,9 @@ impl FamilyModel for SdModel {
         &self,
         captions: &[String],
     ) -> std::result::Result<TextConditioning, ModelError> {
+        if self.text_encoders.is_empty() {
+            return Err(ModelError::EncoderReleased("text encoders"));
+        }
         let mut hiddens = Vec::new();
         let mut pooled = None;
         for (tokenizer, encoder) in &self.text_encoders {
@@ -93,8 +101,12 @@ impl FamilyModel for SdModel {
         })
     }
 
-    fn encode_images(&self, pixels: &Tensor) -> Result<Tensor> {
-        Ok(self.vae.encode(pixels)?.detach())
+    fn encode_images(&self, pixels: &Tensor) -> std::result::Result<Tensor, ModelError> {
+        let vae = self
+            .vae
+            .as_ref()
+            .ok_or(ModelError::EncoderReleased("VAE encoder"))?;
+        Ok(vae.encode(pixels)?.detach())
     }
 
     /// `extra`: SDXL's size and crop ids (B, 6) (original size, crop top-left, target size).
@@ -136,7 +148,12 @@ impl FamilyModel for SdModel {
     }
 
     fn vae_scale_factor(&self) -> usize {
-        self.vae.scale_factor()
+        self.vae_scale_factor
+    }
+
+    fn release_encoders(&mut self) {
+        self.text_encoders.clear();
+        self.vae = None;
     }
 }
 

@@ -1,0 +1,103 @@
+//! `trainer-bench --flux DIR [--steps N] [--resolution PX] [--text-tokens N]`: CPU seconds per
+//! LoRA training step and peak RSS of a FLUX.1 transformer (the tiny diffusers-made one in
+//! `tests/fixtures/flux`, or any diffusers FLUX.1 folder), with the step `bench/flux_ref.py`
+//! times in diffusers + PEFT: σ drawn as kohya's `flux_shift`, x_σ on cached packed latents,
+//! the velocity predicted from cached T5 states and pooled CLIP vector (guidance 3.5), MSE
+//! against ε − x₀, backward, clipping and AdamW. Every adapter target, rank 16, batch 1, fp32.
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use loraplane_crds::v1alpha1::TimestepSampling;
+use loraplane_trainer::flow::{self, FlowMatching};
+use loraplane_trainer::model::flux::transformer::{self, FluxInputs, LoraTargets};
+use loraplane_trainer::model::{self, LoraSpec, SchedulerConfig};
+use loraplane_trainer::optim::{AdamW, AdamWParams};
+use loraplane_trainer::rng::Rng;
+
+use super::{RANK, cpu_seconds, peak_rss_mib};
+
+/// Times `steps` training steps (after one warm-up) of the FLUX.1 transformer in `dir`.
+pub fn measure(
+    dir: &Path,
+    steps: usize,
+    resolution: usize,
+    text_tokens: usize,
+) -> Result<serde_json::Value, String> {
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let dev = Device::Cpu;
+    let spec = LoraSpec {
+        rank: RANK,
+        alpha: RANK as f64,
+    };
+    let t =
+        model::load_flux_transformer(dir, Some(&spec), &LoraTargets::default(), &dev, DType::F32)
+            .map_err(|e| err(&e))?;
+    let cfg = t.config().clone();
+    let side = resolution / 16; // latent side / 2: packed tokens per side
+    let tokens = side * side;
+    let mut rng = Rng::new(1, 0);
+    let mut normals = |shape: &[usize]| {
+        let n = shape.iter().product();
+        Tensor::from_vec(rng.normals(n), shape, &dev)
+    };
+    let latents = normals(&[1, tokens, cfg.in_channels]).map_err(|e| err(&e))?;
+    let text = normals(&[1, text_tokens, cfg.joint_attention_dim]).map_err(|e| err(&e))?;
+    let pooled = normals(&[1, cfg.pooled_projection_dim]).map_err(|e| err(&e))?;
+    let rope = transformer::rope_tables(
+        &cfg,
+        &transformer::positions(text_tokens, side, side),
+        DType::F32,
+        &dev,
+    )
+    .map_err(|e| err(&e))?;
+    let guidance = Tensor::new(&[3.5f32], &dev).map_err(|e| err(&e))?;
+    let flow = FlowMatching::new(&SchedulerConfig::default(), TimestepSampling::FluxShift)
+        .map_err(|e| err(&e))?;
+    let params = t
+        .adapters()
+        .into_iter()
+        .flat_map(|(p, a)| [(format!("{p}.down"), a.down), (format!("{p}.up"), a.up)])
+        .collect();
+    let mut opt = AdamW::new(params, AdamWParams::default()).map_err(|e| err(&e))?;
+    let mut rng = Rng::new(2, 0);
+    let mut step = || -> candle_core::Result<()> {
+        let sigma = flow.sample_sigma(&mut rng, tokens);
+        let noise = Tensor::from_vec(rng.normals(latents.elem_count()), latents.shape(), &dev)?;
+        let (xa, nb) = flow::input_coefficients(sigma);
+        let noisy = ((&latents * xa)? + (&noise * nb)?)?;
+        let pred = t.forward(&FluxInputs {
+            image: &noisy,
+            text: &text,
+            pooled: &pooled,
+            sigma: &Tensor::new(&[sigma as f32], &dev)?,
+            guidance: Some(&guidance),
+            rope: &rope,
+        })?;
+        let loss = (pred - (&noise - &latents)?)?.sqr()?.mean_all()?;
+        let grads = loss.backward()?;
+        opt.step(&grads, 1e-4)
+            .map(|_| ())
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+    };
+    step().map_err(|e| err(&e))?; // warm-up: first-touch allocations
+    let (cpu0, wall0) = (cpu_seconds(), Instant::now());
+    for _ in 0..steps {
+        step().map_err(|e| err(&e))?;
+    }
+    Ok(serde_json::json!({
+        "implementation": "loraplane-trainer (candle, cpu, fp32)",
+        "config": dir.display().to_string(),
+        "resolution": resolution,
+        "image_tokens": tokens,
+        "text_tokens": text_tokens,
+        "batch_size": 1,
+        "rank": RANK,
+        "adapters": t.adapters().len(),
+        "steps_measured": steps,
+        "cpu_seconds_per_step": (cpu_seconds() - cpu0) / steps as f64,
+        "wall_seconds_per_step": wall0.elapsed().as_secs_f64() / steps as f64,
+        "peak_rss_mib": peak_rss_mib(),
+    }))
+}
