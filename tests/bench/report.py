@@ -174,7 +174,9 @@ def headlines(benches: dict) -> list[dict]:
         rows.append({"bench": bench, "figure": label, "key": key, "value": value, "unit": unit,
                      "goal": goal, "met": met})
     trainer = benches.get("trainer") or {}
-    for r in trainer.get("results", []):
+    flux = benches.get("trainer-flux")
+    flux_rows = [dict(flux, config="tiny-flux1")] if isinstance(flux, dict) else []
+    for r in trainer.get("results", []) + flux_rows:
         if not isinstance(r, dict):
             continue
         name = r.get("config", "?")

@@ -56,6 +56,9 @@ wants dataset && run dataset "$target/examples/dataset-bench"
 if wants trainer; then
   echo "== trainer: $target/trainer-bench --steps $TRAINER_STEPS"
   "$target/trainer-bench" --steps "$TRAINER_STEPS" --out "$results/trainer.json" >/dev/null
+  echo "== trainer: $target/trainer-bench --flux (the tiny FLUX.1-dev fixture)"
+  "$target/trainer-bench" --flux trainer-image/tests/fixtures/flux --steps "$TRAINER_STEPS" \
+    > "$results/trainer-flux.json"
 fi
 
 export OPERATOR_JOBS LIFECYCLE_LIVE_JOBS API_ORDERS API_CONCURRENCY TRAINER_STEPS
