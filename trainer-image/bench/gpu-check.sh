@@ -7,7 +7,9 @@
 #                                    (default trainer-image/bench/gpu-carry, git-ignored; 22 MB)
 #   gpu-check.sh --out DIR [CARRY]   on the GPU machine (driver, PyTorch with peft, no network,
 #                                    no Rust): installs the carried wheel into a temporary folder,
-#                                    runs the check within 8 minutes, writes DIR/gpu-check.json
+#                                    runs the check within 8 minutes, writes DIR/gpu-check.json,
+#                                    then FLUX.1-dev's full architecture within 4 minutes
+#                                    (DIR/gpu-check-flux.json; peak GPU memory in its .err)
 #   gpu-check.sh --dry-run --bench-bin BIN --out DIR
 #                                    anywhere, no GPU or PyTorch: the same plumbing on tiny models
 #                                    on the CPU (the reference only checks its inputs); `make test`
@@ -100,3 +102,18 @@ EOF
 export LD_LIBRARY_PATH="${nvidia_libs}${nvidia_libs:+${LD_LIBRARY_PATH:+:}}${LD_LIBRARY_PATH:-}"
 python3 "$here/gpu_check.py" check --bench-bin "$bench_bin" --work "$work" \
   --json "$out/gpu-check.json" --budget 450
+
+# FLUX.1-dev's full architecture (random weights, bf16 base, checkpointing, 1024 px, 512 T5
+# tokens): loraplane's side only (no diffusers reference at this size). GPU memory is sampled
+# every 100 ms while it runs; the report keeps the peak.
+nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 \
+  > "$work/flux-memory.csv" 2>/dev/null &
+sampler=$!
+if timeout 240 "$bench_bin" --full-flux --device cuda --steps 3 \
+    > "$out/gpu-check-flux.json" 2> "$out/gpu-check-flux.err"; then
+  echo "gpu-check: FLUX.1 case written to $out/gpu-check-flux.json"
+else
+  echo "gpu-check: FLUX.1 case failed or ran past 240 s (see $out/gpu-check-flux.err)" >&2
+fi
+kill "$sampler" 2>/dev/null || true
+sort -n "$work/flux-memory.csv" | tail -n1 | sed 's/^/peak GPU memory MiB: /' >> "$out/gpu-check-flux.err"

@@ -5,6 +5,11 @@
 //! Weights are produced by running the real loaders against a recording backend that
 //! invents a seeded random tensor for every name and shape asked for, so the written files
 //! contain precisely the tensors a loader of this architecture reads.
+//!
+//! FLUX.1 has no writer here: its tiny pipeline is made by diffusers itself
+//! (`bench/make_flux_fixtures.py`, committed under `tests/fixtures/flux`). Its full-size
+//! transformer is built in memory with random weights for the GPU check
+//! ([`random_flux_transformer`]).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,6 +20,7 @@ use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
 use serde_json::{Value, json};
 
+use super::flux::transformer::{FluxConfig, FluxTransformer, LoraTargets};
 use super::weights::Weights;
 use super::{ModelError, ModelFamily, clip, read_config, unet, vae};
 use crate::model::layers::lora::{LoraSpec, SplitMix64, fnv1a};
@@ -215,6 +221,14 @@ pub fn write_random_model(
     size: ModelSize,
     seed: u64,
 ) -> Result<(), ModelError> {
+    if family == ModelFamily::Flux1 {
+        return Err(ModelError::UnsupportedConfig {
+            path: dir.to_path_buf(),
+            reason: "no tiny FLUX.1 writer: the tiny FLUX.1 pipeline is tests/fixtures/flux, \
+                     made by diffusers (bench/make_flux_fixtures.py)"
+                .into(),
+        });
+    }
     let full = size == ModelSize::Full;
     std::fs::create_dir_all(dir).map_err(|e| write_err(dir, e))?;
     let xl = family == ModelFamily::Sdxl;
@@ -588,6 +602,67 @@ impl SimpleBackend for SharedBackend {
         _dev: &Device,
     ) -> candle_core::Result<Tensor> {
         candle_core::bail!("tiny model writer needs a shape for {name}")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        false
+    }
+}
+
+/// FLUX.1's transformer for `cfg` with random weights and LoRA adapters, built directly on
+/// `device` in `dtype` (no host copy, nothing on disk): the full-size model of the GPU check
+/// (`trainer-bench --full-flux`) is 12 B parameters.
+pub fn random_flux_transformer(
+    cfg: &FluxConfig,
+    lora: &LoraSpec,
+    device: &Device,
+    dtype: DType,
+) -> Result<FluxTransformer, ModelError> {
+    let vb = VarBuilder::from_backend(Box::new(DeviceRandom), dtype, device.clone());
+    FluxTransformer::load(
+        &Weights::new(vb, "transformer"),
+        cfg,
+        Some(lora),
+        &LoraTargets::default(),
+    )
+}
+
+/// Random tensors drawn where they will live: norm scales near one, matrices with fan-in
+/// scaling, biases small.
+struct DeviceRandom;
+
+impl SimpleBackend for DeviceRandom {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let dims = s.dims().to_vec();
+        let norm_scale = dims.len() == 1 && name.contains("norm") && name.ends_with("weight");
+        let t = if norm_scale {
+            Tensor::ones(s, DType::F32, dev)?
+        } else {
+            let fan_in: usize = dims.get(1..).map_or(1, |d| d.iter().product());
+            let std = if dims.len() == 1 {
+                0.02
+            } else {
+                1.0 / (fan_in.max(1) as f64).sqrt()
+            };
+            Tensor::randn(0f32, std as f32, s, dev)?
+        };
+        t.to_dtype(dtype)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights need a shape for {name}")
     }
 
     fn contains_tensor(&self, _name: &str) -> bool {

@@ -18,7 +18,9 @@
 //! checkpoints every 100).
 //!
 //! `trainer-bench --flux DIR [--steps N] [--resolution PX] [--text-tokens N]` times LoRA
-//! training steps of a FLUX.1 transformer beside `bench/flux_ref.py` (see `flux.rs`).
+//! training steps of a FLUX.1 transformer beside `bench/flux_ref.py`, and `--full-flux
+//! [--device cpu|cuda] [--blocks D,S]` the published FLUX.1-dev architecture with random
+//! weights (see `flux.rs`).
 //!
 //! `trainer-bench --write-tiny-model DIR --family sd15|sdxl --seed N` writes the tiny random
 //! model the tests build from that seed (for the diffusers reference scripts in `bench/`).
@@ -653,15 +655,29 @@ fn main() -> ExitCode {
                 .map(|v| serde_json::to_string_pretty(&v).unwrap_or_default()),
         );
     }
+    let flux_shape = |resolution| flux::Shape {
+        resolution: arg("--resolution")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(resolution),
+        text_tokens: arg("--text-tokens")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(512),
+        steps,
+    };
     if let Some(dir) = arg("--flux") {
-        let resolution = arg("--resolution")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(256);
-        let text_tokens = arg("--text-tokens")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(512);
         return finish(
-            flux::measure(Path::new(dir), steps, resolution, text_tokens)
+            flux::measure(Path::new(dir), &flux_shape(256))
+                .map(|v| serde_json::to_string_pretty(&v).unwrap_or_default()),
+        );
+    }
+    if flag("--full-flux") {
+        let blocks = arg("--blocks").and_then(|b| {
+            let (d, s) = b.split_once(',')?;
+            Some((d.parse().ok()?, s.parse().ok()?))
+        });
+        let device = arg("--device").map_or("cpu", String::as_str);
+        return finish(
+            flux::measure_full(device, blocks, &flux_shape(1024))
                 .map(|v| serde_json::to_string_pretty(&v).unwrap_or_default()),
         );
     }

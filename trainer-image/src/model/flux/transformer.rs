@@ -605,6 +605,11 @@ impl FluxTransformer {
         &self.config
     }
 
+    /// The dtype of the base weights (the adapters stay f32 under half precision).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     /// The velocity prediction (ε − x₀ in flow matching) per image token, (B, N, out_channels).
     pub fn forward(&self, inputs: &FluxInputs) -> Result<Tensor> {
         let dtype = self.dtype;
