@@ -12,6 +12,10 @@ embedding), `vae` (AutoencoderKL, 16 latent channels, shift and scaling factors 
 `text_encoder_2` (T5EncoderModel, gated GELU) with a small Unigram `tokenizer_2`, and
 `scheduler` (FlowMatchEulerDiscreteScheduler as FLUX.1-dev's config). Random weights.
 
+Beside the pipeline, `spiece/spiece.model`: tokenizer_2's vocabulary as the SentencePiece
+protobuf older T5 folders ship instead of `tokenizer.json` (written here field by field, as
+the sentencepiece package is not in the venv), which must tokenize alike.
+
 References (`reference.safetensors`):
 - `transformer.*`: the transformer on packed latents, T5 states and a pooled vector, at two
   sigmas and guidance values (batch 2); `rope.*`: FluxPosEmbed's tables for its ids;
@@ -74,15 +78,53 @@ def img_ids(h, w):
     return ids.reshape(-1, 3)
 
 
+def t5_vocab():
+    """(piece, score) of the small Unigram vocabulary: pad, eos, unk, then the pieces."""
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+    vocab += [("\u2581" + w, -2.0 - 0.1 * i) for i, w in enumerate(WORDS)]
+    vocab += [(p, -5.0 - 0.05 * i) for i, p in enumerate(["og", "ph", "ot", "zx", "st", "yle"])]
+    vocab += [(c, -8.0) for c in CHARS] + [("\u2581" + c, -7.0) for c in CHARS[:26]]
+    return vocab
+
+
+def spiece_model(vocab):
+    """`sentencepiece_model.proto`'s ModelProto for `vocab`: pieces (1) with piece (1), score
+    (2) and type (3: 2 unknown, 3 control, 1 normal), trainer_spec (2) with model_type (3:
+    Unigram) and unk_id (40), normalizer_spec (3) named nmt_nfkc with no charsmap."""
+    import struct
+
+    def varint(n):
+        out = bytearray()
+        while True:
+            b = n & 0x7F
+            n >>= 7
+            out.append(b | (0x80 if n else 0))
+            if not n:
+                return bytes(out)
+
+    def field(tag, wire, payload):
+        key = varint(tag << 3 | wire)
+        if wire == 2:
+            return key + varint(len(payload)) + payload
+        return key + payload
+
+    out = b""
+    for piece, score in vocab:
+        kind = {"<unk>": 2, "<pad>": 3, "</s>": 3}.get(piece, 1)
+        body = (field(1, 2, piece.encode()) + field(2, 5, struct.pack("<f", score))
+                + field(3, 0, varint(kind)))
+        out += field(1, 2, body)
+    out += field(2, 2, field(3, 0, varint(1)) + field(40, 0, varint(2)))
+    out += field(3, 2, field(1, 2, b"nmt_nfkc"))
+    return out
+
+
 def t5_tokenizer():
     """A small SentencePiece-style Unigram tokenizer shaped as T5's (Metaspace, `</s>`)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import T5TokenizerFast
 
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
-    vocab += [("\u2581" + w, -2.0 - 0.1 * i) for i, w in enumerate(WORDS)]
-    vocab += [(p, -5.0 - 0.05 * i) for i, p in enumerate(["og", "ph", "ot", "zx", "st", "yle"])]
-    vocab += [(c, -8.0) for c in CHARS] + [("\u2581" + c, -7.0) for c in CHARS[:26]]
+    vocab = t5_vocab()
     tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
     tok.normalizer = normalizers.Sequence([normalizers.Replace(Regex(" {2,}"), " ")])
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
@@ -218,6 +260,9 @@ def main():
         pipe = build(tmp)
         shutil.rmtree(OUT, ignore_errors=True)
         pipe.save_pretrained(OUT)
+        os.makedirs(os.path.join(OUT, "spiece"))
+        with open(os.path.join(OUT, "spiece", "spiece.model"), "wb") as f:
+            f.write(spiece_model(t5_vocab()))
         tensors = references(pipe)
     save_file({k: v.contiguous().float() for k, v in tensors.items()},
               os.path.join(OUT, "reference.safetensors"),

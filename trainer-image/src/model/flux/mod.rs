@@ -6,6 +6,7 @@
 //! block, so a tiny checkpoint and the published one load through the same code.
 
 pub mod pipeline;
+mod spiece;
 pub mod t5;
 pub mod tokenizer;
 pub mod transformer;

@@ -1,7 +1,7 @@
 //! T5's tokenizer for FLUX.1's `tokenizer_2/`: SentencePiece Unigram with its normaliser
 //! (`Precompiled` charsmap in the published checkpoints), `▁` word boundaries and `</s>`
-//! appended, read from `tokenizer.json` by the `tokenizers` crate (which candle already
-//! builds). Rows are truncated and padded to a fixed length as FLUX.1's pipeline does
+//! appended, run by the `tokenizers` crate (which candle already builds), from `tokenizer.json`
+//! or, in folders that only have it, SentencePiece's `spiece.model` (`spiece.rs`). Rows are truncated and padded to a fixed length as FLUX.1's pipeline does
 //! (`padding="max_length"`, `truncation=True`).
 
 use std::path::{Path, PathBuf};
@@ -37,16 +37,20 @@ impl T5Tokenizer {
             path: path.clone(),
             reason,
         };
-        if !path.is_file() {
-            let hint = if dir.join("spiece.model").is_file() {
-                "only spiece.model is there: save it as tokenizer.json with transformers \
-                 (T5TokenizerFast.from_pretrained(dir).save_pretrained(dir))"
-            } else {
-                "no tokenizer.json"
-            };
-            return Err(fail(hint.to_string()));
-        }
-        let mut inner = Tokenizer::from_file(&path).map_err(|e| fail(e.to_string()))?;
+        let mut inner = if path.is_file() {
+            Tokenizer::from_file(&path).map_err(|e| fail(e.to_string()))?
+        } else {
+            let spiece = dir.join("spiece.model");
+            let bytes = std::fs::read(&spiece).map_err(|_| {
+                fail("neither tokenizer.json nor spiece.model is there".to_string())
+            })?;
+            super::spiece::unigram_tokenizer(&bytes).map_err(|reason| {
+                ModelError::LoadTokenizer {
+                    path: spiece.clone(),
+                    reason,
+                }
+            })?
+        };
         let pad_token = "<pad>";
         let pad_id = inner
             .token_to_id(pad_token)
