@@ -82,6 +82,28 @@ fn text_encoders_match_transformers_through_their_tokenizers() {
         .map(|p| t5.encode_padded(p).unwrap())
         .collect();
     assert_eq!(t5_ids, ids(&r["t5.ids"]), "T5 token ids");
+    // The same vocabulary as SentencePiece's spiece.model, the form older folders ship.
+    let spm = loraplane_trainer::model::flux::tokenizer::T5Tokenizer::from_dir(
+        &dir.join("spiece"),
+        T5_MAX_LENGTH,
+    )
+    .unwrap();
+    let spm_ids: Vec<Vec<u32>> = PROMPTS
+        .iter()
+        .map(|p| spm.encode_padded(p).unwrap())
+        .collect();
+    assert_eq!(
+        spm_ids, t5_ids,
+        "spiece.model tokenizes as tokenizer.json does"
+    );
+    let empty = tempfile::tempdir().unwrap();
+    let err = loraplane_trainer::model::flux::tokenizer::T5Tokenizer::from_dir(empty.path(), 8)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("neither tokenizer.json nor spiece.model"),
+        "{err}"
+    );
     let clip = loraplane_trainer::model::tokenizer::ClipTokenizer::from_dir(&dir.join("tokenizer"))
         .unwrap();
     let clip_ids: Vec<Vec<u32>> = PROMPTS.iter().map(|p| clip.encode_padded(p).0).collect();
