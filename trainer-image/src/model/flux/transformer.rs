@@ -15,16 +15,14 @@
 //! Gradient checkpointing recomputes each block: a block's two streams travel through the
 //! checkpoint as one (text, image) sequence.
 
-use std::sync::Arc;
-
 use candle_core::backprop::GradStore;
 use candle_core::{D, DType, Device, Module, Result, Tensor, Var};
 use serde::Deserialize;
 
 use crate::model::ModelError;
-use crate::model::layers::checkpoint::{Collector, checkpoint};
+use crate::model::layers::checkpoint::{BlockFn, Checkpointing};
 use crate::model::layers::embed::{TimestepEmbedding, timestep_embedding};
-use crate::model::layers::lora::{Adapter, LoraLinear, LoraSpec};
+use crate::model::layers::lora::{self, Adapter, LoraLinear, LoraSpec};
 use crate::model::layers::ops::{self, LayerNorm, Linear, RmsNorm};
 use crate::model::layers::rope::RopeTables;
 use crate::model::weights::Weights;
@@ -530,7 +528,7 @@ pub struct FluxTransformer {
     norm_out: LayerNorm,
     proj_out: Linear,
     dtype: DType,
-    checkpointing: Option<Arc<Collector>>,
+    checkpointing: Checkpointing,
 }
 
 impl FluxTransformer {
@@ -596,7 +594,7 @@ impl FluxTransformer {
             norm_out: ctx.plain_norm(dim)?,
             proj_out: Linear::load(&vb.pp("proj_out"), dim, cfg.out_channels(), true)?,
             dtype: ctx.dtype,
-            checkpointing: None,
+            checkpointing: Checkpointing::default(),
             config: cfg.clone(),
         })
     }
@@ -626,25 +624,20 @@ impl FluxTransformer {
         let temb_act = ops::silu(&temb)?;
         let text_len = text.dim(1)?;
         let mut joint = Tensor::cat(&[&text, &image], 1)?;
+        // A block's two streams go through a checkpoint as one (text, image) sequence.
         for block in &self.double_blocks {
-            let (block, temb, rope) = (block.clone(), temb_act.clone(), inputs.rope.clone());
-            let params = block.params();
-            joint = self.block(
-                &joint,
-                &temb_act,
-                params,
-                Box::new(move |x| block.forward(x, text_len, &temb, &rope)),
-            )?;
+            let (owned, temb, rope) = (block.clone(), temb_act.clone(), inputs.rope.clone());
+            let f: BlockFn = Box::new(move |x| owned.forward(x, text_len, &temb, &rope));
+            joint = self
+                .checkpointing
+                .run(&joint, &[&temb_act], || block.params(), f)?;
         }
         for block in &self.single_blocks {
-            let (block, temb, rope) = (block.clone(), temb_act.clone(), inputs.rope.clone());
-            let params = block.params();
-            joint = self.block(
-                &joint,
-                &temb_act,
-                params,
-                Box::new(move |x| block.forward(x, &temb, &rope)),
-            )?;
+            let (owned, temb, rope) = (block.clone(), temb_act.clone(), inputs.rope.clone());
+            let f: BlockFn = Box::new(move |x| owned.forward(x, &temb, &rope));
+            joint = self
+                .checkpointing
+                .run(&joint, &[&temb_act], || block.params(), f)?;
         }
         let n = joint.dim(1)? - text_len;
         let image = joint.narrow(1, text_len, n)?;
@@ -654,31 +647,14 @@ impl FluxTransformer {
         self.proj_out.forward(&normed)
     }
 
-    /// One block's forward, checkpointed when gradient checkpointing is on.
-    fn block(
-        &self,
-        joint: &Tensor,
-        temb: &Tensor,
-        params: Vec<Var>,
-        f: crate::model::layers::checkpoint::BlockFn,
-    ) -> Result<Tensor> {
-        match &self.checkpointing {
-            None => f(joint),
-            Some(collector) => checkpoint(joint, &[temb], params, collector, f),
-        }
-    }
-
     /// Turns gradient checkpointing of every block on or off (see `layers::checkpoint`).
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
-        self.checkpointing = on.then(|| Arc::new(Collector::default()));
+        self.checkpointing = Checkpointing::new(on);
     }
 
     /// Adds the LoRA gradients gathered inside checkpointed blocks to `grads`.
     pub fn merge_checkpointed_grads(&self, grads: &mut GradStore) -> Result<()> {
-        match &self.checkpointing {
-            Some(collector) => collector.merge_into(grads),
-            None => Ok(()),
-        }
+        self.checkpointing.merge_into(grads)
     }
 
     /// Every adapter with its diffusers module path, in module order.
@@ -701,10 +677,7 @@ trait Adapted {
     fn params(&self) -> Vec<Var> {
         let mut adapters = Vec::new();
         self.adapters(&mut adapters);
-        adapters
-            .into_iter()
-            .flat_map(|(_, a)| [a.down, a.up])
-            .collect()
+        lora::variables(adapters)
     }
 }
 

@@ -62,13 +62,48 @@ impl Collector {
     }
 }
 
+/// A model's gradient-checkpointing switch: off, or on with the collector its checkpointed
+/// blocks' adapter gradients go to. Every family holds one.
+#[derive(Debug, Clone, Default)]
+pub struct Checkpointing(Option<Arc<Collector>>);
+
+impl Checkpointing {
+    pub fn new(on: bool) -> Self {
+        Self(on.then(|| Arc::new(Collector::default())))
+    }
+
+    /// `f(x)`: through [`checkpoint`] when on (`params` are the block's trainable variables,
+    /// `side` its other inputs), directly when off.
+    pub fn run(
+        &self,
+        x: &Tensor,
+        side: &[&Tensor],
+        params: impl FnOnce() -> Vec<Var>,
+        f: BlockFn,
+    ) -> Result<Tensor> {
+        match &self.0 {
+            None => f(x),
+            Some(collector) => checkpoint(x, side, params(), collector, f),
+        }
+    }
+
+    /// Adds the adapter gradients gathered inside checkpointed blocks to `store` (a no-op
+    /// when off). Call after every `backward`.
+    pub fn merge_into(&self, store: &mut GradStore) -> Result<()> {
+        match &self.0 {
+            Some(collector) => collector.merge_into(store),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A block's forward on its input, owning what it needs (weights and side inputs are
 /// reference-counted tensors: cloning them copies nothing).
 pub type BlockFn = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
 
 /// `f(x)`, with the block's activations recomputed in the backward pass instead of kept.
 /// `params` are the block's trainable parameters, `side` its other inputs.
-pub fn checkpoint(
+fn checkpoint(
     x: &Tensor,
     side: &[&Tensor],
     params: Vec<Var>,

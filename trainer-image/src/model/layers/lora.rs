@@ -35,6 +35,14 @@ impl Adapter {
     }
 }
 
+/// The trainable variables (`down`, `up`) of `adapters`, in order.
+pub fn variables(adapters: Vec<(String, Adapter)>) -> Vec<Var> {
+    adapters
+        .into_iter()
+        .flat_map(|(_, a)| [a.down, a.up])
+        .collect()
+}
+
 /// A frozen linear layer with an optional LoRA adapter.
 #[derive(Debug, Clone)]
 pub struct LoraLinear {

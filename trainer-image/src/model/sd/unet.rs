@@ -6,16 +6,14 @@
 //! All ops on this path are differentiable (see `ops`); tensor names follow diffusers
 //! exactly, so `load` reads any conforming checkpoint.
 
-use std::sync::Arc;
-
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use serde::Deserialize;
 
 use crate::model::ModelError;
-use crate::model::layers::checkpoint::{Collector, checkpoint};
+use crate::model::layers::checkpoint::Checkpointing;
 use crate::model::layers::embed::{TimestepEmbedding, timestep_embedding};
-use crate::model::layers::lora::{Adapter, LoraLinear, LoraSpec};
+use crate::model::layers::lora::{self, Adapter, LoraLinear, LoraSpec};
 use crate::model::layers::ops::{self, Conv2d, GroupNorm, LayerNorm, Linear};
 use crate::model::weights::Weights;
 
@@ -458,7 +456,7 @@ impl Transformer2DModel {
         &self,
         x: &Tensor,
         context: &Tensor,
-        checkpointing: Option<&Arc<Collector>>,
+        checkpointing: &Checkpointing,
     ) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let tokens = self
@@ -468,25 +466,17 @@ impl Transformer2DModel {
             .reshape((b, h * w, c))?;
         let mut t = self.proj_in.forward(&tokens)?;
         for block in &self.blocks {
-            t = match checkpointing {
-                None => block.forward(&t, context)?,
-                Some(collector) => {
+            let (owned, ctx) = (block.clone(), context.clone());
+            t = checkpointing.run(
+                &t,
+                &[context],
+                || {
                     let mut adapters = Vec::new();
                     block.adapters(&mut adapters);
-                    let params = adapters
-                        .into_iter()
-                        .flat_map(|(_, a)| [a.down, a.up])
-                        .collect();
-                    let (block, ctx) = (block.clone(), context.clone());
-                    checkpoint(
-                        &t,
-                        &[context],
-                        params,
-                        collector,
-                        Box::new(move |x| block.forward(x, &ctx)),
-                    )?
-                }
-            };
+                    lora::variables(adapters)
+                },
+                Box::new(move |x| owned.forward(x, &ctx)),
+            )?;
         }
         let t = self.proj_out.forward(&t)?;
         let out = t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?;
@@ -546,7 +536,7 @@ pub struct UNet2DConditionModel {
     conv_out: Conv2d,
     /// When set, resnet and transformer blocks recompute their activations in the backward
     /// pass (gradient checkpointing); their LoRA gradients are gathered here.
-    checkpointing: Option<Arc<Collector>>,
+    checkpointing: Checkpointing,
 }
 
 fn is_cross_attn(block_type: &str, path: &str) -> std::result::Result<bool, ModelError> {
@@ -745,7 +735,7 @@ impl UNet2DConditionModel {
             up_blocks,
             conv_norm_out: GroupNorm::load(&vb.pp("conv_norm_out"), groups, boc[0], eps)?,
             conv_out: Conv2d::load(&vb.pp("conv_out"), boc[0], cfg.out_channels, 3, 1, 1)?,
-            checkpointing: None,
+            checkpointing: Checkpointing::default(),
         })
     }
 
@@ -801,7 +791,7 @@ impl UNet2DConditionModel {
             (None, _) => {}
         }
         let context = context.to_dtype(dtype)?;
-        let ck = self.checkpointing.as_ref();
+        let ck = &self.checkpointing;
 
         let mut h = self.conv_in.forward(x)?;
         let mut skips = vec![h.clone()];
@@ -846,35 +836,26 @@ impl UNet2DConditionModel {
 
     /// A resnet block's forward, checkpointed when gradient checkpointing is on.
     fn resnet(&self, resnet: &ResnetBlock2D, h: &Tensor, emb: &Tensor) -> Result<Tensor> {
-        match &self.checkpointing {
-            None => resnet.forward(h, Some(emb)),
-            Some(collector) => {
-                let (resnet, temb) = (resnet.clone(), emb.clone());
-                checkpoint(
-                    h,
-                    &[emb],
-                    Vec::new(),
-                    collector,
-                    Box::new(move |x| resnet.forward(x, Some(&temb))),
-                )
-            }
-        }
+        let (resnet, temb) = (resnet.clone(), emb.clone());
+        self.checkpointing.run(
+            h,
+            &[emb],
+            Vec::new,
+            Box::new(move |x| resnet.forward(x, Some(&temb))),
+        )
     }
 
     /// Turns gradient checkpointing on or off: on, the backward pass recomputes each resnet
     /// and transformer block's activations instead of keeping them, and the gradients of
     /// their LoRA parameters arrive through [`UNet2DConditionModel::merge_checkpointed_grads`].
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
-        self.checkpointing = on.then(|| Arc::new(Collector::default()));
+        self.checkpointing = Checkpointing::new(on);
     }
 
     /// Adds the LoRA gradients gathered inside checkpointed blocks to `grads` (a no-op when
     /// checkpointing is off). Call after every `backward`.
     pub fn merge_checkpointed_grads(&self, grads: &mut GradStore) -> Result<()> {
-        match &self.checkpointing {
-            Some(collector) => collector.merge_into(grads),
-            None => Ok(()),
-        }
+        self.checkpointing.merge_into(grads)
     }
 
     /// Every adapter with its diffusers module path, in module order.
