@@ -86,7 +86,8 @@ pub struct SamplesConfig {
     /// Sampler steps per image.
     #[serde(default = "default_sample_steps")]
     pub steps: u32,
-    /// Classifier-free guidance scale.
+    /// Guidance: SD's classifier-free scale, or the value FLUX.1-dev's transformer embeds
+    /// (see [`SamplesConfig::default_guidance`]).
     #[serde(default = "default_guidance")]
     pub guidance: f64,
     /// Image side in pixels (0: the training resolution).
@@ -102,6 +103,15 @@ impl SamplesConfig {
     /// Whether no set is rendered.
     pub fn is_never(&self) -> bool {
         self.when == SampleWhen::Never
+    }
+
+    /// The guidance a family's samples get when a job names none: diffusers' pipeline defaults,
+    /// 7.5 (classifier-free) for SD, 3.5 (embedded) for FLUX.1-dev, what it trains with.
+    pub fn default_guidance(family: ModelFamily) -> f64 {
+        match family {
+            ModelFamily::Flux1 => 3.5,
+            ModelFamily::Sd15 | ModelFamily::Sdxl => default_guidance(),
+        }
     }
 
     /// The interval between sets when a job names none: the checkpoint interval, widened to a
@@ -225,10 +235,15 @@ pub struct JobRef {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BaseModelSource {
-    /// `sd15` or `sdxl`.
+    /// `sd15`, `sdxl` or `flux1`.
     pub family: ModelFamily,
-    /// Folder with `model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`...
+    /// Folder with `model_index.json`, `unet/` or `transformer/`, `vae/`, `text_encoder/`,
+    /// `tokenizer/`...
     pub path: String,
+    /// The weights' licence as the platform states it (`families[].licence.name`), written
+    /// into the LoRA's `modelspec.license`; absent: the family's published licence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub licence: Option<String>,
 }
 
 /// The dataset zip.
@@ -283,10 +298,11 @@ pub struct TrainingConfig {
     pub seed: u64,
     /// Checkpoint every this many steps.
     pub checkpoint_every: u64,
-    /// `fp32`, `fp16` or `bf16` (CPU runs compute in fp32 whatever is asked).
+    /// `fp32`, `fp16` or `bf16` (CPU runs compute in fp32 whatever is asked, flux1 on a GPU
+    /// in bf16).
     pub mixed_precision: MixedPrecision,
-    /// Gradient checkpointing of the UNet's blocks; absent: the trainer's default for the
-    /// family and device (on for SDXL on a GPU).
+    /// Gradient checkpointing of the trained network's blocks; absent: the trainer's default
+    /// for the family and device (on for SDXL and flux1 on a GPU).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gradient_checkpointing: Option<bool>,
     /// Noise offset (0 disables it).

@@ -275,7 +275,8 @@ pub struct Samples {
     #[schemars(range(min = 1, max = 150))]
     pub steps: Option<i32>,
 
-    /// Classifier-free guidance scale. Default 7.5.
+    /// Guidance: the classifier-free scale for SD (default 7.5), the value FLUX.1-dev's
+    /// transformer embeds for flux1 (default 3.5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1.0, max = 30.0))]
     pub guidance: Option<f64>,
@@ -380,8 +381,8 @@ pub enum LrScheduler {
     Cosine,
 }
 
-/// How a flow-matching model's training noise level σ is drawn (FLUX.1; SD families ignore
-/// nothing here, they refuse it).
+/// How a flow-matching model's training noise level σ is drawn (flux1 only; the SD families
+/// refuse it).
 #[derive(
     Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
 )]
@@ -483,13 +484,15 @@ pub struct Training {
     #[schemars(range(min = 1, max = 100_000))]
     pub checkpoint_every: Option<i64>,
 
-    /// Arithmetic precision: `fp32`, `fp16` or `bf16`.
+    /// Arithmetic precision: `fp32`, `fp16` or `bf16`. What runs is recorded in the LoRA:
+    /// fp32 on the CPU, bf16 only when asked on a GPU (fp16 runs as fp32), and bf16 for flux1
+    /// on a GPU whatever is asked (its transformer does not fit in fp32).
     #[serde(default)]
     pub mixed_precision: MixedPrecision,
 
-    /// Recompute each UNet block's activations in the backward pass instead of keeping them:
-    /// much less GPU memory for about a third more compute. When empty: on for SDXL on a GPU,
-    /// off otherwise.
+    /// Recompute each block's activations (UNet or FLUX.1 transformer) in the backward pass
+    /// instead of keeping them: much less GPU memory for about a third more compute. When
+    /// empty: on for SDXL and flux1 on a GPU, off otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gradient_checkpointing: Option<bool>,
 

@@ -27,7 +27,7 @@ use loraplane_crds::trainer::{
     BaseModelSource, ConceptConfig, DatasetSource, Grants, JobRef, SampleWhen, SamplesConfig,
     TrainerConfig, TrainingConfig,
 };
-use loraplane_crds::v1alpha1::{RetentionMode, Samples};
+use loraplane_crds::v1alpha1::{ModelFamily, RetentionMode, Samples};
 
 use crate::placement::GPU_RESOURCE;
 
@@ -254,6 +254,7 @@ pub fn trainer_config(
                 .weights
                 .clone()
                 .unwrap_or_else(|| family.weights.clone()),
+            licence: family.licence.as_ref().map(|l| l.name.clone()),
         },
         dataset: DatasetSource {
             uri: spec.dataset.uri.clone(),
@@ -271,14 +272,18 @@ pub fn trainer_config(
         work_dir: WORK_DIR.to_string(),
         termination_message_path: TERMINATION_MESSAGE_PATH.to_string(),
         log_every: 10,
-        samples: samples_config(spec.samples.as_ref(), &training),
+        samples: samples_config(spec.samples.as_ref(), &training, spec.base_model.family),
         training,
     })
 }
 
 /// The trainer's sample settings for a job's `spec.samples` (none when absent), with the
 /// defaults filled in against its resolved training settings.
-fn samples_config(samples: Option<&Samples>, t: &TrainingConfig) -> SamplesConfig {
+fn samples_config(
+    samples: Option<&Samples>,
+    t: &TrainingConfig,
+    family: ModelFamily,
+) -> SamplesConfig {
     let Some(s) = samples else {
         return SamplesConfig::default();
     };
@@ -291,7 +296,9 @@ fn samples_config(samples: Option<&Samples>, t: &TrainingConfig) -> SamplesConfi
             .steps
             .and_then(|n| u32::try_from(n).ok())
             .unwrap_or(defaults.steps),
-        guidance: s.guidance.unwrap_or(defaults.guidance),
+        guidance: s
+            .guidance
+            .unwrap_or_else(|| SamplesConfig::default_guidance(family)),
         resolution: s
             .resolution
             .and_then(|r| u32::try_from(r).ok())
@@ -623,6 +630,27 @@ pub(crate) mod tests {
         assert_eq!(
             (c.samples.every, c.samples.steps, c.samples.resolution),
             (200, 8, 512)
+        );
+        // FLUX.1-dev's samples get the guidance it trains with, its pipeline's default; the
+        // platform's licence name travels to the LoRA's metadata.
+        j.spec.base_model.family = ModelFamily::Flux1;
+        j.spec.samples = Some(Samples::default());
+        let mut platform = platform;
+        if let Some(f) = platform
+            .families
+            .iter_mut()
+            .find(|f| f.family == ModelFamily::Flux1)
+        {
+            f.licence = Some(loraplane_crds::platform::Licence {
+                name: "flux-1-dev-commercial".into(),
+                commercial_use: true,
+            });
+        }
+        let c = trainer_config(&j, &platform, "eu-west").unwrap();
+        assert_eq!(c.samples.guidance, 3.5);
+        assert_eq!(
+            c.base_model.licence.as_deref(),
+            Some("flux-1-dev-commercial")
         );
     }
 

@@ -17,9 +17,7 @@ work=${1:-$(mktemp -d)}
   || die "cargo build failed (needs the Rust toolchain: https://rustup.rs)"
 target=$(cd "$root" && cargo metadata --format-version 1 --no-deps --locked \
   | grep -o '"target_directory":"[^"]*"' | cut -d'"' -f4)
+# SD1.5 and SDXL from the trainer's writer, FLUX.1 the tiny pipeline diffusers made.
 "$target/debug/loraplane-e2e-real" models "$work/models" >/dev/null
-# FLUX.1: the tiny pipeline diffusers itself made (make_flux_fixtures.py).
-rm -rf "$work/models/flux1"
-cp -r "$root/trainer-image/tests/fixtures/flux" "$work/models/flux1"
 exec "$python" "$root/trainer-image/bench/check_diffusers_load.py" \
   --trainer "$target/debug/loraplane-trainer" --models "$work/models" --work "$work/runs"

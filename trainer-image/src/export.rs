@@ -21,8 +21,9 @@ use crate::tensors::{HostTensor, TensorFile};
 /// Why an export failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    /// A module path has no SGM equivalent (the adapter is not in an attention block).
-    #[error("adapter {0} has no SGM module name")]
+    /// A module path has no kohya equivalent (SDXL: not in an attention block; FLUX.1: not a
+    /// block layer Black Forest Labs' names cover).
+    #[error("adapter {0} has no kohya module name")]
     MapModuleName(String),
     /// An adapter's tensors have inconsistent shapes.
     #[error("adapter {path}: {reason}")]
@@ -96,9 +97,11 @@ pub struct ExportInfo {
     pub prediction_type: String,
     /// FLUX.1 only: which variant was trained (architecture name and licence in the metadata).
     pub flux_variant: Option<FluxVariant>,
+    /// The base weights' licence as the platform states it; absent: the variant's published one.
+    pub licence: Option<String>,
     /// FLUX.1-dev only: the guidance value trained with.
     pub guidance_scale: Option<f64>,
-    /// FLUX.1 only: how σ was drawn (`uniform`, `logitNormal`, `fluxShift`).
+    /// FLUX.1 only: how σ was drawn, in kohya's words (`uniform`, `sigmoid`, `flux_shift`).
     pub timestep_sampling: Option<String>,
 }
 
@@ -402,7 +405,8 @@ pub fn metadata(info: &ExportInfo) -> BTreeMap<String, String> {
     let mut out: BTreeMap<String, String> =
         pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     if let Some(variant) = info.flux_variant {
-        out.insert("modelspec.license".into(), variant.licence().into());
+        let licence = info.licence.as_deref().unwrap_or(variant.licence());
+        out.insert("modelspec.license".into(), licence.into());
         out.insert("ss_network_args".into(), "{}".into());
         if let Some(g) = info.guidance_scale {
             out.insert("ss_guidance_scale".into(), g.to_string());

@@ -314,25 +314,29 @@ pub fn batch_loss(model: &DiffusionModel, batch: &Batch) -> Result<Tensor, Train
 
 /// The optimiser's view of the adapters: `{path}.down` / `{path}.up`.
 pub fn named_params(model: &DiffusionModel) -> Vec<(String, candle_core::Var)> {
-    model
-        .adapters()
-        .into_iter()
-        .flat_map(|(p, a)| [(format!("{p}.down"), a.down), (format!("{p}.up"), a.up)])
-        .collect()
+    model::lora::named_variables(model.adapters())
 }
 
-/// The precision a run computes in, given the one the job asked for and the device; the
-/// delivered LoRA's `ss_mixed_precision` states it, because that is what produced its weights.
+/// The precision a run of `family` computes in on a GPU (`on_gpu`) or the CPU, whatever was
+/// asked: the delivered LoRA's `ss_mixed_precision` states it, because that is what produced
+/// its weights.
 ///
 /// - `bf16` on a GPU: frozen base weights and activations in bf16 (cuBLAS accumulates in
 ///   f32), LoRA parameters, optimizer state and the loss in f32.
 /// - `fp16`: f32. Half-precision gradients underflow without loss scaling, which this trainer
 ///   does not do; bf16 has f32's range and needs none.
+/// - FLUX.1 on a GPU: bf16 whatever was asked. Its transformer is 47.6 GB in f32, beyond the
+///   GPUs its family is placed on, and fp16 overflows in its activations.
 /// - On the CPU: f32. candle's CPU backend has no bf16 matmul, and f32 is what its kernels
 ///   (and ours) are fast at.
-pub fn effective_precision(requested: MixedPrecision, device: &Device) -> MixedPrecision {
+pub fn effective_precision(
+    requested: MixedPrecision,
+    family: ModelFamily,
+    on_gpu: bool,
+) -> MixedPrecision {
     match requested {
-        MixedPrecision::Bf16 if device.is_cuda() => MixedPrecision::Bf16,
+        _ if on_gpu && family == ModelFamily::Flux1 => MixedPrecision::Bf16,
+        MixedPrecision::Bf16 if on_gpu => MixedPrecision::Bf16,
         _ => MixedPrecision::Fp32,
     }
 }
@@ -346,15 +350,12 @@ pub fn compute_dtype(precision: MixedPrecision) -> DType {
     }
 }
 
-/// Whether the UNet's blocks are checkpointed: as the job says, else on where memory is
-/// tight and compute plentiful (SDXL on a GPU), off on the CPU, where memory is plentiful
-/// and recomputation costs a third more of the scarce compute.
-pub fn gradient_checkpointing(
-    requested: Option<bool>,
-    family: ModelFamily,
-    device: &Device,
-) -> bool {
-    requested.unwrap_or(family == ModelFamily::Sdxl && device.is_cuda())
+/// Whether the trained network's blocks are checkpointed: as the job says, else on where
+/// memory is tight and compute plentiful (SDXL and FLUX.1 on a GPU: FLUX.1's memory plan
+/// counts on it), off on the CPU, where memory is plentiful and recomputation costs a third
+/// more of the scarce compute.
+pub fn gradient_checkpointing(requested: Option<bool>, family: ModelFamily, on_gpu: bool) -> bool {
+    requested.unwrap_or(on_gpu && matches!(family, ModelFamily::Sdxl | ModelFamily::Flux1))
 }
 
 /// The metadata spelling of a precision (kohya's `ss_mixed_precision`, with `fp32` for "no").
@@ -384,20 +385,6 @@ fn mkdir(path: &Path) -> Result<(), TrainError> {
         path: path.display().to_string(),
         source,
     })
-}
-
-/// dev when the transformer embeds guidance, schnell otherwise.
-fn flux_variant(model_dir: &Path) -> FluxVariant {
-    let guidance = std::fs::read_to_string(model_dir.join("transformer").join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v["guidance_embeds"].as_bool())
-        .unwrap_or(false);
-    if guidance {
-        FluxVariant::Dev
-    } else {
-        FluxVariant::Schnell
-    }
 }
 
 fn layers_per_block(model_dir: &Path) -> usize {
@@ -573,7 +560,8 @@ pub fn run_tracking(
         rank: t.rank as usize,
         alpha: t.alpha,
     };
-    let precision = effective_precision(t.mixed_precision, &opts.device);
+    let on_gpu = opts.device.is_cuda();
+    let precision = effective_precision(t.mixed_precision, config.base_model.family, on_gpu);
     let mut model = model::load_with_dtype(
         &model_dir,
         config.base_model.family,
@@ -582,11 +570,8 @@ pub fn run_tracking(
         compute_dtype(precision),
     )
     .map_err(TrainError::LoadModel)?;
-    let checkpointing = gradient_checkpointing(
-        t.gradient_checkpointing,
-        config.base_model.family,
-        model.device(),
-    );
+    let checkpointing =
+        gradient_checkpointing(t.gradient_checkpointing, config.base_model.family, on_gpu);
     model.set_gradient_checkpointing(checkpointing);
     if precision != t.mixed_precision {
         tracing::warn!(
@@ -598,6 +583,16 @@ pub fn run_tracking(
     }
     let objective = objective_of(&model, t)?;
     let guidance = t.guidance_scale.unwrap_or(DEFAULT_FLUX_GUIDANCE);
+    let flux_variant = (config.base_model.family == ModelFamily::Flux1).then(|| {
+        if model.guidance_distilled() {
+            FluxVariant::Dev
+        } else {
+            FluxVariant::Schnell
+        }
+    });
+    if flux_variant == Some(FluxVariant::Schnell) && t.guidance_scale.is_some() {
+        tracing::warn!("guidanceScale is ignored: this FLUX.1 checkpoint embeds no guidance");
+    }
     let cache = cache_samples(&model, &samples, t.resolution, &config.dataset.rules)?;
     tracing::info!(
         adapters = model.adapters().len(),
@@ -736,16 +731,15 @@ pub fn run_tracking(
             },
             Objective::Flow(_) => "flow".into(),
         },
-        flux_variant: (config.base_model.family == ModelFamily::Flux1)
-            .then(|| flux_variant(&model_dir)),
-        guidance_scale: (config.base_model.family == ModelFamily::Flux1
-            && flux_variant(&model_dir) == FluxVariant::Dev)
-            .then_some(guidance),
-        timestep_sampling: (config.base_model.family == ModelFamily::Flux1).then(|| {
+        flux_variant,
+        guidance_scale: (flux_variant == Some(FluxVariant::Dev)).then_some(guidance),
+        licence: config.base_model.licence.clone(),
+        timestep_sampling: flux_variant.map(|_| {
+            // kohya's `--timestep_sampling` names for the same draws.
             match t.timestep_sampling.unwrap_or_default() {
                 TimestepSampling::Uniform => "uniform",
-                TimestepSampling::LogitNormal => "logitNormal",
-                TimestepSampling::FluxShift => "fluxShift",
+                TimestepSampling::LogitNormal => "sigmoid",
+                TimestepSampling::FluxShift => "flux_shift",
             }
             .to_string()
         }),
@@ -880,40 +874,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn checkpointing_follows_the_job_else_sdxl_on_a_gpu_only() {
-        let cpu = Device::Cpu;
-        assert!(!gradient_checkpointing(None, ModelFamily::Sdxl, &cpu));
-        assert!(!gradient_checkpointing(None, ModelFamily::Sd15, &cpu));
-        assert!(gradient_checkpointing(Some(true), ModelFamily::Sd15, &cpu));
-        assert!(!gradient_checkpointing(
-            Some(false),
-            ModelFamily::Sdxl,
-            &cpu
-        ));
-        if let Ok(gpu) = Device::new_cuda(0) {
-            assert!(gradient_checkpointing(None, ModelFamily::Sdxl, &gpu));
-            assert!(!gradient_checkpointing(None, ModelFamily::Sd15, &gpu));
+    fn checkpointing_follows_the_job_else_sdxl_and_flux1_on_a_gpu_only() {
+        use ModelFamily::{Flux1, Sd15, Sdxl};
+        for family in [Sd15, Sdxl, Flux1] {
+            assert!(!gradient_checkpointing(None, family, false), "{family:?}");
+            assert!(gradient_checkpointing(Some(true), family, false));
+            assert!(!gradient_checkpointing(Some(false), family, true));
         }
+        assert!(gradient_checkpointing(None, Sdxl, true));
+        assert!(gradient_checkpointing(None, Flux1, true));
+        assert!(!gradient_checkpointing(None, Sd15, true));
     }
 
     #[test]
-    fn precision_is_f32_on_the_cpu_and_for_fp16_and_bf16_only_on_a_gpu() {
-        let every = [
-            MixedPrecision::Fp32,
-            MixedPrecision::Fp16,
-            MixedPrecision::Bf16,
-        ];
-        for asked in every {
-            assert_eq!(
-                effective_precision(asked, &Device::Cpu),
-                MixedPrecision::Fp32
-            );
+    fn precision_is_f32_on_the_cpu_bf16_when_asked_on_a_gpu_and_always_for_flux1_there() {
+        use MixedPrecision::{Bf16, Fp16, Fp32};
+        use ModelFamily::{Flux1, Sd15, Sdxl};
+        for family in [Sd15, Sdxl, Flux1] {
+            for asked in [Fp32, Fp16, Bf16] {
+                assert_eq!(effective_precision(asked, family, false), Fp32);
+            }
         }
-        if let Ok(gpu) = Device::new_cuda(0) {
-            let on_gpu = |p| effective_precision(p, &gpu);
-            assert_eq!(on_gpu(MixedPrecision::Bf16), MixedPrecision::Bf16);
-            assert_eq!(on_gpu(MixedPrecision::Fp16), MixedPrecision::Fp32);
-            assert_eq!(on_gpu(MixedPrecision::Fp32), MixedPrecision::Fp32);
+        for family in [Sd15, Sdxl] {
+            assert_eq!(effective_precision(Bf16, family, true), Bf16);
+            assert_eq!(effective_precision(Fp16, family, true), Fp32);
+            assert_eq!(effective_precision(Fp32, family, true), Fp32);
+        }
+        for asked in [Fp32, Fp16, Bf16] {
+            assert_eq!(effective_precision(asked, Flux1, true), Bf16);
         }
     }
 

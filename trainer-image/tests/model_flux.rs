@@ -443,3 +443,37 @@ fn preview_render_matches_flux_pipeline_and_survives_releasing_the_encoders() {
     let png = preview::render_with(&m, &decoder, &cond, &o).unwrap();
     assert!(png.starts_with(b"\x89PNG"));
 }
+
+/// A folder mixing parts of different models is refused at load, naming both sides, before
+/// any weight is read (rather than after caching every input, at the first prediction).
+#[test]
+fn mismatched_components_are_refused_naming_both_sides() {
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["transformer", "text_encoder", "text_encoder_2", "vae"] {
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        std::fs::copy(
+            fixture_dir().join(sub).join("config.json"),
+            dir.path().join(sub).join("config.json"),
+        )
+        .unwrap();
+    }
+    let path = dir.path().join("transformer/config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg["pooled_projection_dim"] = 12.into();
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let opts = FluxOptions {
+        lora: None,
+        targets: LoraTargets::default(),
+        t5_max_length: T5_MAX_LENGTH,
+    };
+    // No weights in the folder at all: the configs alone must fail it.
+    let err = match FluxModel::load(dir.path(), &opts, &Device::Cpu, DType::F32) {
+        Ok(_) => panic!("a mismatched folder loaded"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("pooled_projection_dim 12") && err.contains("hidden_size 16"),
+        "{err}"
+    );
+}

@@ -273,7 +273,7 @@ fn flux1_run_writes_bfl_and_peft_files_with_fused_qkv() {
     assert_eq!(md["modelspec.prediction_type"], "flow");
     assert_eq!(md["ss_base_model_version"], "flux1");
     assert_eq!(md["ss_guidance_scale"], "3.5");
-    assert_eq!(md["ss_timestep_sampling"], "fluxShift");
+    assert_eq!(md["ss_timestep_sampling"], "flux_shift");
 
     // PEFT: every adapted layer of the transformer, rank 4, alpha/rank folded into lora_B.
     let q = &peft.tensors["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"];

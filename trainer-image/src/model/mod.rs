@@ -1,6 +1,6 @@
-//! The diffusion model the trainer trains through, built from a diffusers folder: the
+//! The diffusion models the trainer trains through, built from a diffusers folder: the
 //! architecture comes from each component's `config.json`, the weights from its safetensors,
-//! so any conforming SD1.5 or SDXL checkpoint loads, full size or tiny.
+//! so any conforming SD1.5, SDXL or FLUX.1 checkpoint loads, full size or tiny.
 //!
 //! Read it from the bottom up:
 //! - `kernels/`: the hand-written CPU kernels (attention, convolution, fused norms and
@@ -8,18 +8,23 @@
 //!   each applies to f32 CPU tensors only, so other devices never reach them;
 //! - `layers/`: the differentiable layers the families are built from (`ops`: linear, conv,
 //!   norms, activations, attention, each handing over to a kernel where one applies and
-//!   composed from candle ops elsewhere; `lora`: the LoRA adapter; `checkpoint`: gradient
-//!   checkpointing). candle's own fused softmax/layer-norm/rms-norm have no backward pass and
-//!   would silently cut the graph, so none is used;
-//! - `sd/`: the Stable Diffusion family (SD1.5 and SDXL): UNet, VAE encoder, CLIP text
-//!   encoders and tokenizer, each with its `Config` from the diffusers `config.json` and a
-//!   `load` per block;
-//! - here: `DiffusionModel`, the facade the training loop calls (encode prompts and images,
-//!   predict, list adapters, backward), `weights` (safetensors by diffusers name) and `tiny`
-//!   (small random checkpoints in the exact diffusers layout, for tests and demos).
+//!   composed from candle ops elsewhere; `lora`: the LoRA adapter; `rope`, `embed`;
+//!   `checkpoint`: gradient checkpointing). candle's own fused softmax/layer-norm/rms-norm
+//!   have no backward pass and would silently cut the graph, so none is used;
+//! - `sd/`: the Stable Diffusion family (SD1.5 and SDXL): UNet, VAE, CLIP text encoders and
+//!   tokenizer, each with its `Config` from the diffusers `config.json` and a `load` per block;
+//!   `sd/model.rs` puts them together;
+//! - `flux/`: FLUX.1: the transformer, T5 and its tokenizer; `flux/pipeline.rs` puts them
+//!   together with CLIP and the autoencoder from `sd/`;
+//! - here: [`FamilyModel`], what the training loop and the renderer ask of a family (encode
+//!   prompts and images, predict, adapters, checkpointing), and [`DiffusionModel`], which loads
+//!   the family's implementation and adds the noise schedule and `backward`; `weights`
+//!   (safetensors by diffusers name) and `tiny` (small random checkpoints in the exact
+//!   diffusers layout, for tests and demos).
 //!
-//! Only the UNet is on the training path; the text encoders and the VAE encoder are frozen
-//! and forward-only.
+//! Only the trained network (SD's UNet, FLUX.1's transformer) is on the training path; the
+//! text encoders and the VAE encoder are frozen, forward-only, and released once training has
+//! cached what it needs from them.
 
 pub mod flux;
 mod kernels;
@@ -111,12 +116,14 @@ pub(crate) fn one_line(e: candle_core::Error) -> candle_core::Error {
     }
 }
 
-/// Text conditioning for the UNet.
+/// Text conditioning for the trained network.
 #[derive(Debug, Clone)]
 pub struct TextConditioning {
-    /// Per-token hidden states, (B, 77, cross_attention_dim).
+    /// Per-token hidden states: CLIP's (B, 77, cross_attention_dim) for SD, T5's (B, 512 or
+    /// 256, joint_attention_dim) for FLUX.1.
     pub hidden: Tensor,
-    /// SDXL only: pooled, projected embedding of `text_encoder_2`, (B, projection_dim).
+    /// A pooled vector: SDXL's projected `text_encoder_2` embedding (B, projection_dim),
+    /// FLUX.1's CLIP pooler output (B, hidden); none for SD1.5.
     pub pooled: Option<Tensor>,
 }
 
@@ -280,6 +287,11 @@ pub trait FamilyModel: Send + Sync {
 
     /// Pixel-to-latent downscale factor of the VAE (8 for real checkpoints).
     fn vae_scale_factor(&self) -> usize;
+
+    /// Whether the trained network embeds a guidance value (FLUX.1-dev: guidance-distilled).
+    fn guidance_distilled(&self) -> bool {
+        false
+    }
 
     /// Drops the text encoders and the VAE encoder: training needs them only to cache its
     /// inputs, and FLUX.1's T5 alone is 9.5 GB in bf16. Encoding afterwards fails with
@@ -454,6 +466,11 @@ impl DiffusionModel {
         Ok(self.inner.predict(noisy, timesteps, cond, extra)?)
     }
 
+    /// Whether the model embeds a guidance value (FLUX.1-dev; schnell and SD do not).
+    pub fn guidance_distilled(&self) -> bool {
+        self.inner.guidance_distilled()
+    }
+
     /// Drops the text encoders and the VAE encoder (see [`FamilyModel::release_encoders`]).
     pub fn release_encoders(&mut self) {
         self.inner.release_encoders();
@@ -482,10 +499,7 @@ impl DiffusionModel {
 
     /// The trainable variables (every adapter's `down` and `up`), for the optimizer.
     pub fn trainable_vars(&self) -> Vec<Var> {
-        self.adapters()
-            .into_iter()
-            .flat_map(|(_, a)| [a.down, a.up])
-            .collect()
+        lora::variables(self.adapters())
     }
 
     /// Overwrites adapter weights (resume from a checkpoint). Keys are

@@ -2,7 +2,7 @@
 //! `tests/e2e/REAL_CLUSTER.md` describes; `make e2e-real` runs it). Subcommands:
 //!
 //! - `values`: prints the Helm values that make the chart look like the local stack.
-//! - `models DIR`: writes the tiny SD1.5/SDXL models the trainer image carries under `/models`.
+//! - `models DIR`: writes the tiny SD1.5/SDXL/FLUX.1 models the trainer image carries under `/models`.
 //! - `prepare`: namespaces, Secrets, buckets and GPU-looking worker nodes (idempotent).
 //! - `run`: an EEA-only SDXL order through the installed API, a spot reclaim of its node
 //!   (cordon + eviction), resume in the other EEA region, the checked download, retention.
@@ -56,7 +56,7 @@ enum Command {
         #[arg(long, default_value = "dev")]
         tag: String,
     },
-    /// Write the tiny models into DIR (`DIR/sd15`, `DIR/sdxl`).
+    /// Write the tiny models into DIR (`DIR/sd15`, `DIR/sdxl`, `DIR/flux1`).
     Models {
         /// Target directory.
         dir: PathBuf,

@@ -126,11 +126,7 @@ fn time_steps(
     let guidance = Tensor::new(&[3.5f32], &dev).map_err(|e| err(&e))?;
     let flow = FlowMatching::new(&SchedulerConfig::default(), TimestepSampling::FluxShift)
         .map_err(|e| err(&e))?;
-    let params = t
-        .adapters()
-        .into_iter()
-        .flat_map(|(p, a)| [(format!("{p}.down"), a.down), (format!("{p}.up"), a.up)])
-        .collect();
+    let params = model::lora::named_variables(t.adapters());
     let mut opt = AdamW::new(params, AdamWParams::default()).map_err(|e| err(&e))?;
     let mut rng = Rng::new(2, 0);
     let mut step = || -> candle_core::Result<()> {

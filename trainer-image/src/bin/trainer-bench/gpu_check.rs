@@ -168,7 +168,11 @@ pub fn device(name: &str) -> Result<Device, String> {
 /// Trains the UNet in `dir` for one step per batch entry and reports the figures.
 pub fn run_steps(dir: &Path, device: &Device, checkpointing: bool) -> Result<Value, String> {
     let err = |e: candle_core::Error| e.to_string();
-    let dtype = train::compute_dtype(train::effective_precision(MixedPrecision::Bf16, device));
+    let dtype = train::compute_dtype(train::effective_precision(
+        MixedPrecision::Bf16,
+        ModelFamily::Sd15,
+        device.is_cuda(),
+    ));
     let lora = LoraSpec {
         rank: RANK,
         alpha: RANK as f64,

@@ -71,24 +71,27 @@ impl FluxModel {
         dtype: DType,
     ) -> std::result::Result<Self, ModelError> {
         let component = |name: &str| Weights::from_dir(&dir.join(name), name, dtype, device);
-        let cfg: FluxConfig = read_config(&dir.join("transformer").join("config.json"))?;
+        let config = |name: &str| dir.join(name).join("config.json");
+        // Every config first: a mismatch is found before gigabytes of weights are read.
+        let cfg: FluxConfig = read_config(&config("transformer"))?;
+        let clip_cfg: ClipTextConfig = read_config(&config("text_encoder"))?;
+        let t5_cfg: T5Config = read_config(&config("text_encoder_2"))?;
+        let vae_cfg: VaeConfig = read_config(&config("vae"))?;
+        check_components(dir, &cfg, &clip_cfg, &t5_cfg, &vae_cfg)?;
         let transformer = FluxTransformer::load(
             &component("transformer")?,
             &cfg,
             opts.lora.as_ref(),
             &opts.targets,
         )?;
-        let clip_cfg: ClipTextConfig = read_config(&dir.join("text_encoder").join("config.json"))?;
         let clip = (
             ClipTokenizer::from_dir(&dir.join("tokenizer"))?,
             ClipTextModel::load(&component("text_encoder")?, &clip_cfg, false)?,
         );
-        let t5_cfg: T5Config = read_config(&dir.join("text_encoder_2").join("config.json"))?;
         let t5 = (
             T5Tokenizer::from_dir(&dir.join("tokenizer_2"), opts.t5_max_length)?,
             T5Encoder::load(&component("text_encoder_2")?, &t5_cfg)?,
         );
-        let vae_cfg: VaeConfig = read_config(&dir.join("vae").join("config.json"))?;
         let vae = VaeEncoder::load(&component("vae")?, &vae_cfg)?;
         Ok(Self {
             transformer,
@@ -152,6 +155,10 @@ impl FamilyModel for FluxModel {
         self.encoders = None;
     }
 
+    fn guidance_distilled(&self) -> bool {
+        self.transformer.config().guidance_embeds
+    }
+
     /// The velocity (ε − x₀) for noisy latents (B, C, h, w) at `sigmas` (B,) in [0, 1], with
     /// `guidance` (B,) for guidance-distilled (dev) models; the result in the latents' layout.
     fn predict(
@@ -172,7 +179,12 @@ impl FamilyModel for FluxModel {
         let text_len = cond.hidden.dim(1)?;
         let cfg = self.transformer.config();
         let positions = transformer::positions(text_len, h / 2, w / 2);
-        let rope = transformer::rope_tables(cfg, &positions, noisy.dtype(), noisy.device())?;
+        // The rotation in f32 at least, as diffusers applies it (`x.float() * cos + …`).
+        let table_dtype = match noisy.dtype() {
+            DType::F16 | DType::BF16 => DType::F32,
+            other => other,
+        };
+        let rope = transformer::rope_tables(cfg, &positions, table_dtype, noisy.device())?;
         let guidance_needed = cfg.guidance_embeds.then_some(guidance).flatten();
         let out = self.transformer.forward(&FluxInputs {
             image: &pack(noisy)?,
@@ -196,6 +208,47 @@ impl FamilyModel for FluxModel {
     fn merge_checkpointed_grads(&self, grads: &mut GradStore) -> Result<()> {
         self.transformer.merge_checkpointed_grads(grads)
     }
+}
+
+/// The components must fit together (a folder mixing parts of different models would load,
+/// cache every input and only then fail on a shape): the transformer's inputs are 2x2 patches
+/// of the VAE's latents, T5's states and CLIP's pooled vector.
+fn check_components(
+    dir: &Path,
+    cfg: &FluxConfig,
+    clip: &ClipTextConfig,
+    t5: &T5Config,
+    vae: &VaeConfig,
+) -> std::result::Result<(), ModelError> {
+    let pairs = [
+        (
+            "in_channels",
+            cfg.in_channels,
+            "4 x vae latent_channels",
+            4 * vae.latent_channels,
+        ),
+        (
+            "joint_attention_dim",
+            cfg.joint_attention_dim,
+            "text_encoder_2 d_model",
+            t5.d_model,
+        ),
+        (
+            "pooled_projection_dim",
+            cfg.pooled_projection_dim,
+            "text_encoder hidden_size",
+            clip.hidden_size,
+        ),
+    ];
+    for (key, have, other, want) in pairs {
+        if have != want {
+            return Err(ModelError::UnsupportedConfig {
+                path: dir.join("transformer").join("config.json"),
+                reason: format!("{key} {have} does not match {other} {want}"),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// (B, C, h, w) latents to (B, h/2 · w/2, 4C) tokens of 2x2 patches, row by row.

@@ -18,6 +18,8 @@ use crate::model::ModelError;
 pub struct T5Tokenizer {
     inner: Tokenizer,
     max_length: usize,
+    /// The file it was read from, for errors.
+    path: PathBuf,
 }
 
 impl std::fmt::Debug for T5Tokenizer {
@@ -29,27 +31,30 @@ impl std::fmt::Debug for T5Tokenizer {
 }
 
 impl T5Tokenizer {
-    /// Loads `dir/tokenizer.json`; rows will hold `max_length` ids (FLUX.1-dev: 512,
-    /// schnell: 256).
+    /// Loads `dir/tokenizer.json` (or `dir/spiece.model` where that is all there is); rows will
+    /// hold `max_length` ids (FLUX.1-dev: 512, schnell: 256).
     pub fn from_dir(dir: &Path, max_length: usize) -> Result<Self, ModelError> {
-        let path = dir.join("tokenizer.json");
+        let json = dir.join("tokenizer.json");
+        let spiece = dir.join("spiece.model");
+        let path = if json.is_file() || !spiece.is_file() {
+            json
+        } else {
+            spiece
+        };
         let fail = |reason: String| ModelError::LoadTokenizer {
             path: path.clone(),
             reason,
         };
-        let mut inner = if path.is_file() {
+        let mut inner = if path.extension().is_some_and(|e| e == "json") {
+            if !path.is_file() {
+                return Err(fail(
+                    "neither tokenizer.json nor spiece.model is there".to_string(),
+                ));
+            }
             Tokenizer::from_file(&path).map_err(|e| fail(e.to_string()))?
         } else {
-            let spiece = dir.join("spiece.model");
-            let bytes = std::fs::read(&spiece).map_err(|_| {
-                fail("neither tokenizer.json nor spiece.model is there".to_string())
-            })?;
-            super::spiece::unigram_tokenizer(&bytes).map_err(|reason| {
-                ModelError::LoadTokenizer {
-                    path: spiece.clone(),
-                    reason,
-                }
-            })?
+            let bytes = std::fs::read(&path).map_err(|e| fail(e.to_string()))?;
+            super::spiece::unigram_tokenizer(&bytes).map_err(fail)?
         };
         let pad_token = "<pad>";
         let pad_id = inner
@@ -71,7 +76,11 @@ impl T5Tokenizer {
             pad_type_id: 0,
             pad_token: pad_token.to_string(),
         }));
-        Ok(Self { inner, max_length })
+        Ok(Self {
+            inner,
+            max_length,
+            path,
+        })
     }
 
     pub fn max_length(&self) -> usize {
@@ -84,7 +93,7 @@ impl T5Tokenizer {
             .inner
             .encode(text, true)
             .map_err(|e| ModelError::LoadTokenizer {
-                path: PathBuf::from("tokenizer_2/tokenizer.json"),
+                path: self.path.clone(),
                 reason: format!("encoding a caption: {e}"),
             })?;
         Ok(encoding.get_ids().to_vec())

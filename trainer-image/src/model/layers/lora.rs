@@ -43,6 +43,15 @@ pub fn variables(adapters: Vec<(String, Adapter)>) -> Vec<Var> {
         .collect()
 }
 
+/// The trainable variables of `adapters` named as optimizer state and checkpoints key them:
+/// `{module path}.down` / `{module path}.up`.
+pub fn named_variables(adapters: Vec<(String, Adapter)>) -> Vec<(String, Var)> {
+    adapters
+        .into_iter()
+        .flat_map(|(p, a)| [(format!("{p}.down"), a.down), (format!("{p}.up"), a.up)])
+        .collect()
+}
+
 /// A frozen linear layer with an optional LoRA adapter.
 #[derive(Debug, Clone)]
 pub struct LoraLinear {

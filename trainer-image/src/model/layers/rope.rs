@@ -54,8 +54,11 @@ impl RopeTables {
     }
 
     /// Rotates `x` (B, S, H, head_dim): each channel pair (a, b) becomes
-    /// (a·cos − b·sin, b·cos + a·sin).
+    /// (a·cos − b·sin, b·cos + a·sin), computed in the tables' dtype (f32 for half-precision
+    /// models, as diffusers does) and returned in `x`'s.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(self.cos.dtype())?;
         let (b, s, h, d) = x.dims4()?;
         let pairs = x.reshape((b, s, h, d / 2, 2))?;
         let real = pairs.narrow(D::Minus1, 0, 1)?;
@@ -63,7 +66,7 @@ impl RopeTables {
         let rotated = Tensor::cat(&[&imag.neg()?, &real], D::Minus1)?.reshape((b, s, h, d))?;
         let cos = self.cos.reshape((1, s, 1, d))?;
         let sin = self.sin.reshape((1, s, 1, d))?;
-        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+        (x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?.to_dtype(dtype)
     }
 }
 
