@@ -317,6 +317,10 @@ pub struct TrainingConfig {
     /// The guidance value guidance-distilled (dev) models train with; absent: 3.5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guidance_scale: Option<f64>,
+    /// flux1 only: the block layers that get adapters (`v1alpha1::FLUX_LORA_TARGETS` names);
+    /// absent: all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_targets: Option<Vec<String>>,
 }
 
 /// Presigned URLs: the trainer's whole access to S3. Keys are the `s3://bucket/key` names the

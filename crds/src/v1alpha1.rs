@@ -56,8 +56,8 @@ pub const VERSION: &str = "v1alpha1";
         .message("spec.samples.every is too small for spec.training.steps: at most 50 sample sets per job")
 )]
 #[x_kube(
-    validation = Rule::new("!has(self.training) || self.baseModel.family == 'flux1' || (!has(self.training.timestepSampling) && !has(self.training.guidanceScale))")
-        .message("spec.training.timestepSampling and guidanceScale apply to flux1 only")
+    validation = Rule::new("!has(self.training) || self.baseModel.family == 'flux1' || (!has(self.training.timestepSampling) && !has(self.training.guidanceScale) && !has(self.training.loraTargets))")
+        .message("spec.training.timestepSampling, guidanceScale and loraTargets apply to flux1 only")
 )]
 #[x_kube(
     validation = Rule::new("!has(self.training) || self.baseModel.family != 'flux1' || !has(self.training.minSnrGamma)")
@@ -381,6 +381,26 @@ pub enum LrScheduler {
     Cosine,
 }
 
+/// FLUX.1's block layers that can carry LoRA adapters (module-path suffixes, as PEFT's
+/// `target_modules`): the image and context attention projections, both feed-forwards, and
+/// the single blocks' MLP input and fused output. Every one by default.
+pub const FLUX_LORA_TARGETS: [&str; 14] = [
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+    "proj_mlp",
+    "proj_out",
+];
+
 /// How a flow-matching model's training noise level σ is drawn (flux1 only; the SD families
 /// refuse it).
 #[derive(
@@ -512,6 +532,13 @@ pub struct Training {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timestep_sampling: Option<TimestepSampling>,
 
+    /// flux1 only: which of the transformer's block layers get adapters, as PEFT's
+    /// `target_modules` names them (`attn.to_q`, `attn.add_k_proj`, `ff.net.2`, `proj_mlp`,
+    /// ...; see [`FLUX_LORA_TARGETS`]). When empty: all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 14))]
+    pub lora_targets: Option<Vec<String>>,
+
     /// flux1 dev models only: the guidance value the transformer is conditioned on while
     /// training (guidance-distilled models embed it). When empty: 3.5, as diffusers' and
     /// kohya's FLUX.1 scripts.
@@ -555,6 +582,7 @@ impl Default for Training {
             min_snr_gamma: None,
             timestep_sampling: None,
             guidance_scale: None,
+            lora_targets: None,
         }
     }
 }

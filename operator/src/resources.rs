@@ -240,6 +240,7 @@ pub fn trainer_config(
         min_snr_gamma: t.min_snr_gamma,
         timestep_sampling: t.timestep_sampling,
         guidance_scale: t.guidance_scale,
+        lora_targets: t.lora_targets.clone(),
     };
     Ok(TrainerConfig {
         job: JobRef {

@@ -11,7 +11,7 @@ use loraplane_crds::layout::{
     sample_steps,
 };
 use loraplane_crds::trainer::TrainerConfig;
-use loraplane_crds::v1alpha1::ModelFamily;
+use loraplane_crds::v1alpha1::{FLUX_LORA_TARGETS, ModelFamily};
 
 /// Why a config file was rejected.
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +160,32 @@ pub fn check(c: &TrainerConfig) -> Result<(), ConfigError> {
             "training.minSnrGamma",
             "applies to the SD families only (flux1 weights every noise level alike)".into(),
         );
+    }
+    if let Some(targets) = &t.lora_targets {
+        if !flow {
+            return bad(
+                "training.loraTargets",
+                "applies to flux1 only (the SD families adapt a fixed set of layers)".into(),
+            );
+        }
+        if targets.is_empty() {
+            return bad(
+                "training.loraTargets",
+                "must name at least one layer".into(),
+            );
+        }
+        if let Some(unknown) = targets
+            .iter()
+            .find(|t| !FLUX_LORA_TARGETS.contains(&t.as_str()))
+        {
+            return bad(
+                "training.loraTargets",
+                format!(
+                    "{unknown:?} is not a FLUX.1 block layer (one of {})",
+                    FLUX_LORA_TARGETS.join(", ")
+                ),
+            );
+        }
     }
     if !flow && t.timestep_sampling.is_some() {
         return bad(
@@ -360,6 +386,15 @@ workDir: /work
         assert!(e.contains("training.guidanceScale"), "{e}");
         let flux = SAMPLE.replace("family: sd15", "family: flux1");
         assert!(parse(&flux).is_ok());
+        let targets = |list: &str| format!("lrWarmupSteps: 2\n  loraTargets: [{list}]");
+        assert!(parse(&flux.replace("lrWarmupSteps: 2", &targets("attn.to_q, proj_mlp"))).is_ok());
+        let e = err_of(&flux.replace("lrWarmupSteps: 2", &targets("attn.to_qq")));
+        assert!(
+            e.contains("training.loraTargets") && e.contains("attn.to_qq"),
+            "{e}"
+        );
+        let e = err_of(&SAMPLE.replace("lrWarmupSteps: 2", &targets("attn.to_q")));
+        assert!(e.contains("flux1 only"), "{e}");
         let e = err_of(&flux.replace("lrWarmupSteps: 2", "lrWarmupSteps: 2\n  minSnrGamma: 5"));
         assert!(e.contains("training.minSnrGamma"), "{e}");
         let e = err_of(&SAMPLE.replace("lrWarmupSteps: 2", "lrWarmupSteps: 10"));

@@ -22,6 +22,7 @@ use crate::checkpoint::{self, Checkpoint, CheckpointError};
 use crate::dataset::{self, Sample};
 use crate::export::{self, ExportAdapter, ExportError, ExportInfo, FluxVariant};
 use crate::flow::FlowMatching;
+use crate::model::flux::pipeline::FluxOptions;
 use crate::model::{self, DiffusionModel, LoraSpec, ModelError, TextConditioning};
 use crate::objective::Objective;
 use crate::optim::{AdamW, AdamWParams, OptimError};
@@ -562,13 +563,14 @@ pub fn run_tracking(
     };
     let on_gpu = opts.device.is_cuda();
     let precision = effective_precision(t.mixed_precision, config.base_model.family, on_gpu);
-    let mut model = model::load_with_dtype(
-        &model_dir,
-        config.base_model.family,
-        spec,
-        &opts.device,
-        compute_dtype(precision),
-    )
+    let dtype = compute_dtype(precision);
+    let mut model = match config.base_model.family {
+        ModelFamily::Flux1 => {
+            FluxOptions::for_checkpoint(&model_dir, Some(spec), t.lora_targets.as_deref())
+                .and_then(|o| model::load_flux(&model_dir, &o, &opts.device, dtype))
+        }
+        family => model::load_with_dtype(&model_dir, family, spec, &opts.device, dtype),
+    }
     .map_err(TrainError::LoadModel)?;
     let checkpointing =
         gradient_checkpointing(t.gradient_checkpointing, config.base_model.family, on_gpu);

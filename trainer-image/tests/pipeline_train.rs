@@ -326,6 +326,42 @@ fn flux1_run_writes_bfl_and_peft_files_with_fused_qkv() {
     }
 }
 
+/// FLUX.1 with adapters on some layers only (`loraTargets`): the PEFT file has just those, and
+/// the kohya file still writes each fused module whole, the untrained parts as zero blocks.
+#[test]
+fn flux1_lora_targets_choose_the_adapted_layers() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(dir.path(), ModelFamily::Flux1, 5);
+    let run = dir.path().join("run");
+    let mut cfg = config(&s, &run, 1, 5);
+    cfg.training.lora_targets = Some(vec!["attn.to_q".into(), "proj_mlp".into()]);
+    train::run(&cfg, &opts()).unwrap();
+    let peft = read(&run.join("out/pytorch_lora_weights.safetensors"));
+    let mut modules: Vec<&str> = peft
+        .tensors
+        .keys()
+        .filter_map(|k| k.strip_suffix(".lora_A.weight"))
+        .collect();
+    modules.sort();
+    assert_eq!(
+        modules,
+        [
+            "transformer.single_transformer_blocks.0.attn.to_q",
+            "transformer.single_transformer_blocks.0.proj_mlp",
+            "transformer.single_transformer_blocks.1.attn.to_q",
+            "transformer.single_transformer_blocks.1.proj_mlp",
+            "transformer.transformer_blocks.0.attn.to_q",
+            "transformer.transformer_blocks.1.attn.to_q",
+        ]
+    );
+    let kohya = read(&run.join("out/job-1.safetensors"));
+    let down = &kohya.tensors["lora_unet_single_blocks_0_linear1.lora_down.weight"];
+    assert_eq!(down.shape, vec![16, 16], "q, k, v, MLP parts of rank 4");
+    // k's and v's rows are zero: nothing trained them.
+    assert!(down.data[4 * 16..12 * 16].iter().all(|x| *x == 0.0));
+    assert!(down.data[..4 * 16].iter().any(|x| *x != 0.0));
+}
+
 #[test]
 fn resumed_run_equals_uninterrupted_run() {
     for family in [ModelFamily::Sd15, ModelFamily::Flux1] {

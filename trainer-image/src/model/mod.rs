@@ -345,7 +345,7 @@ pub fn load_with_dtype(
             with_scheduler(dir, family, dtype, device, Box::new(inner))
         }
         ModelFamily::Flux1 => {
-            let opts = flux::pipeline::FluxOptions::for_checkpoint(dir, Some(lora))?;
+            let opts = flux::pipeline::FluxOptions::for_checkpoint(dir, Some(lora), None)?;
             load_flux(dir, &opts, device, dtype)
         }
     }

@@ -29,16 +29,17 @@ pub struct FluxOptions {
 }
 
 impl FluxOptions {
-    /// Adapters on every block layer, and T5 rows as long as the variant was trained with:
-    /// 512 tokens for guidance-distilled (dev) checkpoints, 256 for schnell.
+    /// Adapters on `targets` (`None`: every block layer), and T5 rows as long as the variant
+    /// was trained with: 512 tokens for guidance-distilled (dev) checkpoints, 256 for schnell.
     pub fn for_checkpoint(
         dir: &Path,
         lora: Option<LoraSpec>,
+        targets: Option<&[String]>,
     ) -> std::result::Result<Self, ModelError> {
         let cfg: FluxConfig = read_config(&dir.join("transformer").join("config.json"))?;
         Ok(Self {
             lora,
-            targets: LoraTargets::default(),
+            targets: targets.map_or_else(LoraTargets::default, |t| LoraTargets(t.to_vec())),
             t5_max_length: if cfg.guidance_embeds { 512 } else { 256 },
         })
     }

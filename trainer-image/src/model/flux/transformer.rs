@@ -19,6 +19,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{D, DType, Device, Module, Result, Tensor, Var};
 use serde::Deserialize;
 
+use loraplane_crds::v1alpha1::FLUX_LORA_TARGETS;
+
 use crate::model::ModelError;
 use crate::model::layers::checkpoint::{BlockFn, Checkpointing};
 use crate::model::layers::embed::{TimestepEmbedding, timestep_embedding};
@@ -132,32 +134,13 @@ impl FluxConfig {
 pub struct LoraTargets(pub Vec<String>);
 
 impl Default for LoraTargets {
-    /// Every linear layer of both block kinds: the image and context attention projections,
-    /// both feed-forwards, and the single blocks' `proj_mlp`/`proj_out` (as ai-toolkit and
-    /// kohya's defaults train them; diffusers' example script leaves the single blocks' MLP
-    /// out). Embedders and modulation layers are never adapted.
+    /// Every linear layer of both block kinds (`v1alpha1::FLUX_LORA_TARGETS`): the image and
+    /// context attention projections, both feed-forwards, and the single blocks'
+    /// `proj_mlp`/`proj_out` (as ai-toolkit and kohya's defaults train them; diffusers'
+    /// example script leaves the single blocks' MLP out). Embedders and modulation layers are
+    /// never adapted.
     fn default() -> Self {
-        Self(
-            [
-                "attn.to_q",
-                "attn.to_k",
-                "attn.to_v",
-                "attn.to_out.0",
-                "attn.add_q_proj",
-                "attn.add_k_proj",
-                "attn.add_v_proj",
-                "attn.to_add_out",
-                "ff.net.0.proj",
-                "ff.net.2",
-                "ff_context.net.0.proj",
-                "ff_context.net.2",
-                "proj_mlp",
-                "proj_out",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-        )
+        Self(FLUX_LORA_TARGETS.iter().map(|s| s.to_string()).collect())
     }
 }
 
