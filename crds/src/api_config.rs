@@ -89,7 +89,7 @@ pub struct PlanSamples {
 impl Default for PlanSamples {
     fn default() -> Self {
         PlanSamples {
-            steps: 20,
+            steps: crate::trainer::SamplesConfig::default().steps as i32,
             resolution: None,
         }
     }

@@ -264,13 +264,13 @@ pub struct Samples {
     pub prompts: Vec<String>,
 
     /// A set every this many training steps, besides the first and the last. Default: the
-    /// checkpoint interval, widened to a multiple of it so that at most three sets fall
+    /// checkpoint interval, widened to a multiple of it so that at most two sets fall
     /// between, which keeps sampling a small share of the run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100_000))]
     pub every: Option<i64>,
 
-    /// Sampler steps per image. Default 20.
+    /// Sampler steps per image. Default 12 (a small share of the run's time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 150))]
     pub steps: Option<i32>,

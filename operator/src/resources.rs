@@ -615,10 +615,10 @@ pub(crate) mod tests {
         let c = trainer_config(&j, &platform, "eu-west").unwrap();
         assert_eq!(c.samples.when, SampleWhen::Checkpoints);
         assert_eq!(c.samples.prompts, ["a red zxq"]);
-        assert_eq!((c.samples.steps, c.samples.guidance), (20, 7.5));
+        assert_eq!((c.samples.steps, c.samples.guidance), (12, 7.5));
         assert_eq!(
-            c.samples.every, 300,
-            "at most three sets between base and end"
+            c.samples.every, 400,
+            "at most two sets between base and end"
         );
         assert_eq!(c.samples.resolution, 0, "the training resolution");
         j.spec.samples = Some(Samples {

@@ -649,7 +649,7 @@ fn main() -> ExitCode {
         let images = arg("--images").and_then(|s| s.parse().ok()).unwrap_or(3);
         let sample_steps = arg("--sample-steps")
             .and_then(|s| s.parse().ok())
-            .unwrap_or(20);
+            .unwrap_or(loraplane_crds::trainer::SamplesConfig::default().steps as usize);
         return finish(
             measure_sampling(flag("--full-sd15"), images, sample_steps)
                 .map(|v| serde_json::to_string_pretty(&v).unwrap_or_default()),
