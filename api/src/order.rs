@@ -542,7 +542,7 @@ families:
             .unwrap()
             .samples
             .expect("samples by default");
-        assert_eq!((s.steps, s.resolution), (Some(20), None));
+        assert_eq!((s.steps, s.resolution), (Some(12), None));
         assert!(
             s.prompts.is_empty(),
             "the trainer's prompts from the trigger word"
