@@ -191,19 +191,12 @@ fn invalid_dataset_exits_2_and_crash_exits_1() {
 #[test]
 fn a_model_missing_a_tensor_fails_on_one_line_naming_it_even_with_backtraces_on() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), ModelFamily::Sd15);
+    let s = setup(dir.path(), ModelFamily::Sd15, 5);
     let missing = "mid_block.attentions.0.proj_in.weight";
-    let weights = model.join("unet/diffusion_pytorch_model.safetensors");
+    let weights = s.model.join("unet/diffusion_pytorch_model.safetensors");
     let mut tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
     assert!(tensors.remove(missing).is_some());
     candle_core::safetensors::save(&tensors, &weights).unwrap();
-    let (zip, sha) = write_zip(dir.path(), &dataset_entries(5));
-    let s = Setup {
-        model,
-        zip,
-        sha,
-        family: ModelFamily::Sd15,
-    };
     let run = dir.path().join("run");
     let cfg = serde_json::to_value(config(&s, &run, 2, 1)).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_loraplane-trainer"))
