@@ -420,8 +420,8 @@ async fn api_replica_crash_loses_no_order_and_retention_still_runs() {
 
 /// A FLUX.1 order (the tiny dev pipeline diffusers made) goes the whole way: the API sells it
 /// because the platform states a commercial licence, the operator places it only on a pool
-/// with the family's 40 GiB, the real trainer trains it with flow matching, and the customer
-/// downloads both files: Black Forest Labs' module names with fused q/k/v in the kohya file,
+/// with the family's 40 GiB, the real trainer trains it with flow matching and renders the
+/// plan's samples, and the customer downloads both files: Black Forest Labs' module names with fused q/k/v in the kohya file,
 /// `transformer.` keys in the diffusers one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flux1_order_trains_on_a_large_gpu_and_delivers_both_files() {
@@ -437,6 +437,12 @@ async fn flux1_order_trains_on_a_large_gpu_and_delivers_both_files() {
     assert!(
         pool.contains("a100"),
         "FLUX.1 ran on {pool}, a pool under 40 GiB"
+    );
+    // The plan's samples, rendered with flow-matching Euler: the base set and the last at least.
+    let samples = &done.status.as_ref().unwrap().samples;
+    assert!(
+        samples.iter().any(|s| s.step == 0) && samples.iter().any(|s| s.step == 4),
+        "{samples:?}"
     );
     let downloads = journey::download_loras(&stack, &placed.job, &mut tl)
         .await
