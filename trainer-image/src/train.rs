@@ -566,8 +566,8 @@ pub fn run_tracking(
     let dtype = compute_dtype(precision);
     let mut model = match config.base_model.family {
         ModelFamily::Flux1 => {
-            FluxOptions::for_checkpoint(&model_dir, Some(spec), t.lora_targets.as_deref())
-                .and_then(|o| model::load_flux(&model_dir, &o, &opts.device, dtype))
+            let o = FluxOptions::new(Some(spec), t.lora_targets.as_deref());
+            model::load_flux(&model_dir, &o, &opts.device, dtype)
         }
         family => model::load_with_dtype(&model_dir, family, spec, &opts.device, dtype),
     }

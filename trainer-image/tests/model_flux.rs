@@ -54,7 +54,7 @@ fn pipeline() -> FluxModel {
     let opts = FluxOptions {
         lora: None,
         targets: LoraTargets::default(),
-        t5_max_length: T5_MAX_LENGTH,
+        t5_max_length: Some(T5_MAX_LENGTH),
     };
     FluxModel::load(&fixture_dir(), &opts, &Device::Cpu, DType::F32).unwrap()
 }
@@ -406,7 +406,7 @@ fn preview_render_matches_flux_pipeline_and_survives_releasing_the_encoders() {
             alpha: 2.0,
         }),
         targets: LoraTargets::default(),
-        t5_max_length: T5_MAX_LENGTH,
+        t5_max_length: Some(T5_MAX_LENGTH),
     };
     let mut m = model::load_flux(&fixture_dir(), &opts, &Device::Cpu, DType::F32).unwrap();
     let decoder = model::load_vae_decoder(&fixture_dir(), &Device::Cpu).unwrap();
@@ -465,7 +465,7 @@ fn mismatched_components_are_refused_naming_both_sides() {
     let opts = FluxOptions {
         lora: None,
         targets: LoraTargets::default(),
-        t5_max_length: T5_MAX_LENGTH,
+        t5_max_length: Some(T5_MAX_LENGTH),
     };
     // No weights in the folder at all: the configs alone must fail it.
     let err = match FluxModel::load(dir.path(), &opts, &Device::Cpu, DType::F32) {

@@ -344,10 +344,12 @@ pub fn load_with_dtype(
             let inner = sd::model::SdModel::load(dir, family, lora, device, dtype)?;
             with_scheduler(dir, family, dtype, device, Box::new(inner))
         }
-        ModelFamily::Flux1 => {
-            let opts = flux::pipeline::FluxOptions::for_checkpoint(dir, Some(lora), None)?;
-            load_flux(dir, &opts, device, dtype)
-        }
+        ModelFamily::Flux1 => load_flux(
+            dir,
+            &flux::pipeline::FluxOptions::new(Some(lora), None),
+            device,
+            dtype,
+        ),
     }
 }
 

@@ -24,24 +24,19 @@ pub struct FluxOptions {
     /// Adapters on the transformer (none: the base model only).
     pub lora: Option<LoraSpec>,
     pub targets: LoraTargets,
-    /// T5 tokens per caption (FLUX.1-dev was trained with 512, schnell with 256).
-    pub t5_max_length: usize,
+    /// T5 tokens per caption; `None`: as long as the variant was trained with, 512 for
+    /// guidance-distilled (dev) checkpoints, 256 for schnell.
+    pub t5_max_length: Option<usize>,
 }
 
 impl FluxOptions {
-    /// Adapters on `targets` (`None`: every block layer), and T5 rows as long as the variant
-    /// was trained with: 512 tokens for guidance-distilled (dev) checkpoints, 256 for schnell.
-    pub fn for_checkpoint(
-        dir: &Path,
-        lora: Option<LoraSpec>,
-        targets: Option<&[String]>,
-    ) -> std::result::Result<Self, ModelError> {
-        let cfg: FluxConfig = read_config(&dir.join("transformer").join("config.json"))?;
-        Ok(Self {
+    /// Adapters on `targets` (`None`: every block layer), T5 rows as the variant's.
+    pub fn new(lora: Option<LoraSpec>, targets: Option<&[String]>) -> Self {
+        Self {
             lora,
             targets: targets.map_or_else(LoraTargets::default, |t| LoraTargets(t.to_vec())),
-            t5_max_length: if cfg.guidance_embeds { 512 } else { 256 },
-        })
+            t5_max_length: None,
+        }
     }
 }
 
@@ -90,7 +85,11 @@ impl FluxModel {
             ClipTextModel::load(&component("text_encoder")?, &clip_cfg, false)?,
         );
         let t5 = (
-            T5Tokenizer::from_dir(&dir.join("tokenizer_2"), opts.t5_max_length)?,
+            T5Tokenizer::from_dir(
+                &dir.join("tokenizer_2"),
+                opts.t5_max_length
+                    .unwrap_or(if cfg.guidance_embeds { 512 } else { 256 }),
+            )?,
             T5Encoder::load(&component("text_encoder_2")?, &t5_cfg)?,
         );
         let vae = VaeEncoder::load(&component("vae")?, &vae_cfg)?;
